@@ -1,0 +1,26 @@
+# Set-up from nothing: a virtual environment in .venv, torch pinned to the local CPU build when
+# no torch is importable, then the package (with test extras). Every target depends on it.
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.dmquant-installed
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/dmquant demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -x --timeout=600
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,1 @@
+"""Reference models and datasets that ship with dmquant."""
