@@ -1,0 +1,200 @@
+"""The public entry points: ``quantize``, ``save``, ``load``, and the sampling hooks a quantized model needs."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from torch import nn
+
+from . import __version__
+from .calib.record import CalibrationSet
+from .calibrate import calibrate_activations, calibrate_weights, name_quantizers
+from .checkpoint import read_checkpoint, restore_weights, state_for_saving, write_checkpoint
+from .config import QuantConfig, load_recipe
+from .core.attach import QuantReport, attach_quantizers, find_shortcut_splits
+from .core.quantizer import quantizers, set_step
+from .denoiser import Denoiser
+from .errors import CalibrationError, CheckpointError, ModelError
+from .sampling import StepContext, StepHook
+
+INFO_ATTRIBUTE = "dmquant_info"
+
+
+@dataclass
+class QuantizationInfo:
+    """What ``quantize`` did to a model; kept on it as ``model.dmquant_info`` and saved with it."""
+
+    config: QuantConfig
+    report: QuantReport
+    splits: dict[str, int]
+    num_steps: int
+    source: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def info(model: nn.Module) -> QuantizationInfo:
+    """The quantization info of a model returned by :func:`quantize` or :func:`load`."""
+    found = getattr(model, INFO_ATTRIBUTE, None)
+    if found is None:
+        raise ModelError("this model was not quantized by dmquant (no dmquant_info)")
+    return found
+
+
+def quantize(
+    model: nn.Module,
+    config: QuantConfig | str | Path,
+    calibration: CalibrationSet,
+    *,
+    inplace: bool = False,
+    batch_size: int = 32,
+    progress: bool = True,
+    source: str | None = None,
+) -> nn.Module:
+    """Quantize ``model`` after training.
+
+    ``config`` is a :class:`~dmquant.config.QuantConfig` or a recipe name/path; ``calibration``
+    holds (x_t, t, conditioning) recorded from the FP model's own trajectories (see
+    :func:`dmquant.calib.record_calibration`). Steps: find split shortcuts, attach quantizers
+    (rules decide per layer), set weight ranges, then activation ranges on the calibration data.
+    Returns the quantized model (a copy unless ``inplace``), with ``model.dmquant_info``.
+    """
+    if isinstance(config, (str, Path)):
+        config = load_recipe(config)
+    if len(calibration) == 0:
+        raise CalibrationError("the calibration set is empty: record at least one sample")
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    splits: dict[str, int] = {}
+    if config.split_shortcut:
+        x, t, cond, _ = next(calibration.batches(min(batch_size, 2)))
+        denoiser = Denoiser(model)
+        with torch.no_grad():
+            splits = find_shortcut_splits(model, lambda: denoiser(x, t, cond))
+    num_steps = calibration.num_inference_steps if config.per_step_activations else 1
+    report = attach_quantizers(model, config, splits=splits, num_steps=num_steps)
+    if report.num_quantized == 0:
+        raise ModelError(f"{type(model).__name__} has no Linear, Conv2d or attention layer left to quantize")
+    name_quantizers(model)
+    calibrate_weights(model)
+    calibrate_activations(model, calibration, batch_size=batch_size, progress=progress)
+    setattr(model, INFO_ATTRIBUTE, QuantizationInfo(config, report, splits, num_steps, source=source))
+    return model
+
+
+class StepSelector(StepHook):
+    """Selects each sampling step's activation parameters in a per-step quantized model."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def begin_step(self, ctx: StepContext) -> None:
+        set_step(self.model, ctx.step_index)
+
+
+def sampling_hooks(model: nn.Module) -> list[StepHook]:
+    """The step hooks that sampling with ``model`` needs (none for an FP model)."""
+    found = getattr(model, INFO_ATTRIBUTE, None)
+    if found is None or found.num_steps == 1:
+        return []
+    return [StepSelector(model)]
+
+
+def _json_roundtrip(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _base_description(model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    if isinstance(model, diffusers.ModelMixin) and config is not None:
+        return {"library": "diffusers", "class": type(model).__name__, "config": _json_roundtrip(dict(config))}
+    return {"library": None, "class": type(model).__name__, "config": None}
+
+
+def save(model: nn.Module, directory: str | Path, *, overwrite: bool = False) -> Path:
+    """Save a quantized model to ``directory`` (atomically; refuses an existing one unless ``overwrite``)."""
+    quant = info(model)
+    tensors, layout = state_for_saving(model)
+    manifest = {
+        "dmquant_version": __version__,
+        "torch_version": torch.__version__,
+        "base": _base_description(model),
+        "recipe": quant.config.to_dict(),
+        "splits": quant.splits,
+        "num_steps": quant.num_steps,
+        "report": quant.report.rows(),
+        "unmatched_rules": quant.report.unmatched_rules,
+        "weight_codes": layout,
+        "source": quant.source,
+        "extra": quant.extra,
+    }
+    return write_checkpoint(directory, tensors, manifest, overwrite=overwrite)
+
+
+def _build_base(manifest: dict[str, Any], model: nn.Module | None) -> nn.Module:
+    base = manifest.get("base") or {}
+    if model is not None:
+        if type(model).__name__ != base.get("class"):
+            raise CheckpointError(
+                f"the checkpoint is for a {base.get('class')}, the given model is a {type(model).__name__}"
+            )
+        given = _json_roundtrip(dict(model.config)) if base.get("config") is not None else None
+        if given is not None and given != base["config"]:
+            diff = sorted(k for k in set(base["config"]) | set(given) if given.get(k) != base["config"].get(k))
+            raise CheckpointError(f"the checkpoint is for another {base.get('class')} configuration (differs in {diff})")
+        return copy.deepcopy(model)
+    if base.get("library") != "diffusers":
+        raise CheckpointError(
+            f"the checkpoint's base model is a {base.get('class')}, not a diffusers model: "
+            "pass an instance of it as load(directory, model=...)"
+        )
+    model_class = getattr(diffusers, str(base.get("class")), None)
+    if model_class is None:
+        raise CheckpointError(f"the checkpoint's base class {base.get('class')!r} is not in this diffusers")
+    return model_class.from_config(base["config"])
+
+
+def load(directory: str | Path, *, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a quantized model saved by :func:`save`; its outputs equal the saved model's bit for bit.
+
+    Diffusers models are rebuilt from the stored config. Any other ``nn.Module`` must be
+    passed as ``model`` (an instance of the same architecture; its weights are replaced).
+    """
+    tensors, manifest = read_checkpoint(directory)
+    config = QuantConfig.from_dict(manifest["recipe"])
+    base = _build_base(manifest, model).eval()
+    attach_quantizers(base, config, splits=manifest["splits"], num_steps=manifest["num_steps"], warn=False)
+    name_quantizers(base)
+    layout = manifest["weight_codes"]
+    expected = set(base.state_dict())
+    stored = (set(tensors) - set(layout)) | {entry["weight"] for entry in layout.values()}
+    if expected != stored:
+        missing, unexpected = sorted(expected - stored), sorted(stored - expected)
+        raise CheckpointError(
+            f"{directory}: the checkpoint does not fit the {type(base).__name__} it names "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    state = {k: v for k, v in tensors.items() if k not in layout}
+    try:
+        base.load_state_dict(state, strict=False)
+    except RuntimeError as error:
+        raise CheckpointError(f"{directory}: tensor shapes do not fit the architecture ({error})") from None
+    restore_weights(base, tensors, layout)
+    for quantizer in quantizers(base):
+        # quantize() leaves every enabled quantizer calibrated; an empty scale marks one it disabled
+        quantizer.enabled = quantizer.enabled and quantizer.calibrated
+    report = QuantReport.from_rows(manifest["report"], manifest.get("unmatched_rules", []))
+    setattr(
+        base,
+        INFO_ATTRIBUTE,
+        QuantizationInfo(
+            config, report, manifest["splits"], manifest["num_steps"], manifest.get("source"), manifest.get("extra", {})
+        ),
+    )
+    return base

@@ -1,0 +1,274 @@
+"""Calibration data recorded from the full-precision model's own sampling trajectories.
+
+Diffusion models see a different activation distribution at every step, so their calibration
+inputs are taken along the trajectories the FP model itself samples, at selected steps
+(Q-Diffusion, Li et al. 2023; PTQ4DM, Shang et al. 2023). Recording is a :class:`StepHook` on
+:func:`dmquant.sampling.sample`: what is stored is exactly what the model is fed.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from dmquant.denoiser import Denoiser
+from dmquant.errors import CalibrationError, ConfigError
+from dmquant.sampling import Conditioning, StepContext, StepHook, prepare_scheduler, sample
+
+#: ``metadata["format"]`` of a saved calibration set.
+CALIBRATION_FORMAT = "dmquant.calibration/1"
+_COND_PREFIX = "cond."
+_FIELDS = ("samples", "timesteps", "step_indices")
+
+
+@dataclass
+class CalibrationSet:
+    """Model inputs recorded along sampling trajectories, one row per (trajectory, step).
+
+    Attributes:
+        samples: (N, C, H, W) model inputs ``x_t`` after ``scheduler.scale_model_input``.
+        timesteps: (N,) timestep values fed to the model (the scheduler's timesteps).
+        step_indices: (N,) long: index of each row's step in the trajectory (0: noisiest).
+        cond: conditioning keywords as fed, each (N, ...). Under classifier-free guidance the
+            unconditional and the conditional copy of each input are both recorded, as
+            Q-Diffusion does.
+        num_inference_steps: the ``num_inference_steps`` of the recorded trajectories.
+    """
+
+    samples: Tensor
+    timesteps: Tensor
+    step_indices: Tensor
+    cond: dict[str, Tensor]
+    num_inference_steps: int
+
+    def __post_init__(self) -> None:
+        lengths = {name: len(tensor) for name, tensor in self._tensors().items()}
+        if len(set(lengths.values())) > 1:
+            raise CalibrationError(f"calibration tensors disagree on the number of rows: {lengths}")
+
+    def _tensors(self) -> dict[str, Tensor]:
+        """Every tensor of the set by its file key (conditioning keys prefixed with ``cond.``)."""
+        fields = {name: getattr(self, name) for name in _FIELDS}
+        return fields | {_COND_PREFIX + name: tensor for name, tensor in self.cond.items()}
+
+    @classmethod
+    def _from_tensors(cls, tensors: Mapping[str, Tensor], num_inference_steps: int) -> CalibrationSet:
+        """The inverse of :meth:`_tensors`."""
+        return cls(
+            **{name: tensors[name] for name in _FIELDS},
+            cond={
+                name.removeprefix(_COND_PREFIX): tensor
+                for name, tensor in tensors.items()
+                if name.startswith(_COND_PREFIX)
+            },
+            num_inference_steps=num_inference_steps,
+        )
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> CalibrationSet:
+        """A set of ``fn`` applied to every tensor."""
+        tensors = {name: fn(tensor) for name, tensor in self._tensors().items()}
+        return self._from_tensors(tensors, self.num_inference_steps)
+
+    def __len__(self) -> int:
+        return self.samples.shape[0]
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[Tensor, Tensor, dict[str, Tensor], Tensor]]:
+        """Yield ``(x, t, cond, step_indices)`` batches of at most ``batch_size`` rows."""
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+        for index in order.split(batch_size):
+            batch = self._map(lambda tensor: tensor[index.to(tensor.device)])
+            yield batch.samples, batch.timesteps, batch.cond, batch.step_indices
+
+    def steps(self) -> list[int]:
+        """The recorded step indices, sorted, each once."""
+        return sorted(set(self.step_indices.tolist()))
+
+    def select_steps(self, step_indices: Sequence[int]) -> CalibrationSet:
+        """The rows recorded at ``step_indices``."""
+        missing = sorted(set(step_indices) - set(self.steps()))
+        if missing:
+            raise CalibrationError(f"steps {missing} were not recorded; recorded: {self.steps()}")
+        steps = torch.as_tensor(list(step_indices), dtype=torch.long, device=self.step_indices.device)
+        wanted = torch.isin(self.step_indices, steps)
+        return self._map(lambda tensor: tensor[wanted.to(tensor.device)])
+
+    def to(self, device: torch.device | str) -> CalibrationSet:
+        """A copy with every tensor on ``device``."""
+        return self._map(lambda tensor: tensor.to(device))
+
+    @classmethod
+    def concatenate(cls, sets: Sequence[CalibrationSet]) -> CalibrationSet:
+        """One set holding the rows of ``sets`` in order (recorded with the same steps and keys)."""
+        if not sets:
+            raise CalibrationError("no calibration sets to concatenate")
+        kinds = {(part.num_inference_steps, tuple(sorted(part.cond))) for part in sets}
+        if len(kinds) > 1:
+            raise CalibrationError(
+                f"cannot concatenate sets of different (num_inference_steps, cond keys): {sorted(kinds)}"
+            )
+        parts = [part._tensors() for part in sets]
+        tensors = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+        return cls._from_tensors(tensors, sets[0].num_inference_steps)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the set to one safetensors file, atomically (a temporary file renamed into place)."""
+        path = Path(path)
+        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self._tensors().items()}
+        metadata = {"format": CALIBRATION_FORMAT, "num_inference_steps": str(self.num_inference_steps)}
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(descriptor)
+        try:
+            save_file(tensors, temporary, metadata=metadata)
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CalibrationSet:
+        """Read a set written by :meth:`save`."""
+        try:
+            with safe_open(os.fspath(path), framework="pt") as file:
+                metadata = file.metadata() or {}
+                tensors = {name: file.get_tensor(name) for name in file.keys()}
+        except SafetensorError as error:
+            raise CalibrationError(f"{path} is not a readable safetensors file: {error}") from None
+        if metadata.get("format") != CALIBRATION_FORMAT:
+            raise CalibrationError(
+                f"{path} is not a dmquant calibration set (format {metadata.get('format')!r}, "
+                f"expected {CALIBRATION_FORMAT!r})"
+            )
+        missing = [name for name in _FIELDS if name not in tensors]
+        if missing or not metadata.get("num_inference_steps", "").isdigit():
+            raise CalibrationError(f"{path} is incomplete: missing {missing or ['num_inference_steps']}")
+        return cls._from_tensors(tensors, int(metadata["num_inference_steps"]))
+
+
+class _Recorder(StepHook):
+    """Keeps (on the CPU) what the model is fed at the selected steps."""
+
+    def __init__(self, steps: Sequence[int], num_inference_steps: int):
+        self.steps = frozenset(steps)
+        self.num_inference_steps = num_inference_steps
+        self.records: list[CalibrationSet] = []
+
+    def begin_step(self, ctx: StepContext) -> None:
+        if ctx.step_index not in self.steps:
+            return
+        self.records.append(
+            CalibrationSet(
+                samples=ctx.model_input.cpu(),
+                timesteps=ctx.model_timestep.cpu(),
+                step_indices=torch.full((ctx.model_input.shape[0],), ctx.step_index, dtype=torch.long),
+                cond={name: tensor.cpu() for name, tensor in ctx.model_cond.items()},
+                num_inference_steps=self.num_inference_steps,
+            )
+        )
+
+
+def _selected_steps(steps: Sequence[int] | Callable[[int], Sequence[int]], num_steps: int) -> list[int]:
+    """The step indices to record, checked against a trajectory of ``num_steps`` steps."""
+    chosen = steps(num_steps) if callable(steps) else steps
+    try:
+        indices = sorted({operator.index(step) for step in chosen})
+    except TypeError:
+        raise ConfigError(f"step indices must be integers, got {list(chosen)!r}") from None
+    outside = [step for step in indices if not 0 <= step < num_steps]
+    if outside:
+        raise ConfigError(f"step indices {outside} are outside the trajectory's steps 0..{num_steps - 1}")
+    if not indices:
+        raise CalibrationError("no sampling step was selected for calibration: the set would be empty")
+    return indices
+
+
+def _batch_conditioning(
+    conditioning: Conditioning | Callable[[int], Conditioning] | None, start: int, size: int
+) -> Conditioning | None:
+    """The conditioning of trajectories ``start:start + size``."""
+    if conditioning is None or isinstance(conditioning, Conditioning):
+        fixed = conditioning is None or conditioning.batch_size is None
+        return conditioning if fixed else conditioning.slice(start, start + size)
+    return conditioning(size)
+
+
+def record_calibration(
+    model_or_denoiser: nn.Module | Denoiser,
+    scheduler: Any,
+    *,
+    num_inference_steps: int,
+    steps: Sequence[int] | Callable[[int], Sequence[int]],
+    num_trajectories: int,
+    conditioning: Conditioning | Callable[[int], Conditioning] | None = None,
+    batch_size: int = 32,
+    generator: torch.Generator | None = None,
+    eta: float = 0.0,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> CalibrationSet:
+    """Sample ``num_trajectories`` trajectories with the FP model and record its inputs at ``steps``.
+
+    Args:
+        model_or_denoiser: the full-precision denoiser.
+        scheduler: the diffusers scheduler to sample with (not mutated).
+        num_inference_steps: steps of each trajectory.
+        steps: step indices to record (0: first, noisiest step), or a strategy from
+            :mod:`dmquant.calib.strategies` mapping the trajectory length to them.
+        num_trajectories: number of sampled trajectories; each contributes one row per recorded
+            step (two under classifier-free guidance).
+        conditioning: a :class:`Conditioning` for all ``num_trajectories`` samples (or for any
+            batch when unconditional), or a function of a batch size ``n`` returning the
+            conditioning of the next ``n`` trajectories.
+        batch_size: trajectories sampled at once.
+        generator: random source of the trajectories, consumed batch after batch.
+        eta: DDIM's ``eta``.
+        device: where to sample; defaults to the model's device. Records are kept on the CPU.
+        progress: show a progress bar over the batches.
+
+    Raises:
+        ConfigError: a step index outside the trajectory, or inconsistent sizes.
+        CalibrationError: nothing would be recorded, or the trajectories hold non-finite values.
+    """
+    if num_trajectories < 0 or batch_size < 1:
+        raise ConfigError(f"need num_trajectories >= 0 and batch_size >= 1, got {num_trajectories}, {batch_size}")
+    if isinstance(conditioning, Conditioning) and conditioning.batch_size not in (None, num_trajectories):
+        raise ConfigError(
+            f"the conditioning is for {conditioning.batch_size} samples but num_trajectories={num_trajectories}"
+        )
+    num_steps = len(prepare_scheduler(scheduler, num_inference_steps).timesteps)
+    recorder = _Recorder(_selected_steps(steps, num_steps), num_inference_steps)
+    if num_trajectories == 0:
+        raise CalibrationError("num_trajectories=0: the calibration set would be empty")
+    starts = range(0, num_trajectories, batch_size)
+    for start in tqdm(starts, desc="recording calibration data", disable=not progress):
+        size = min(batch_size, num_trajectories - start)
+        sample(
+            model_or_denoiser,
+            scheduler,
+            batch_size=size,
+            num_inference_steps=num_inference_steps,
+            conditioning=_batch_conditioning(conditioning, start, size),
+            generator=generator,
+            eta=eta,
+            hooks=[recorder],
+            device=device,
+            progress=False,
+        )
+    calibration = CalibrationSet.concatenate(recorder.records)
+    if not torch.isfinite(calibration.samples).all():
+        raise CalibrationError("the FP model's trajectories hold non-finite values at the recorded steps")
+    return calibration

@@ -1,0 +1,82 @@
+"""Range calibration: weights from themselves, activations from recorded trajectory data."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calib.record import CalibrationSet
+from .core.layers import QUANT_LAYERS
+from .core.quantizer import Quantizer, quantizers, set_step
+from .denoiser import Denoiser
+from .errors import CalibrationError
+
+
+def name_quantizers(model: nn.Module) -> None:
+    """Give every quantizer its qualified name, for error messages."""
+    for name, module in model.named_modules():
+        if isinstance(module, Quantizer):
+            module.name = name
+
+
+def calibrate_weights(model: nn.Module) -> None:
+    """Set every enabled weight quantizer's range from its own weight."""
+    for module in model.modules():
+        if isinstance(module, QUANT_LAYERS):
+            for quantizer, weight in module.weight_parts():
+                if quantizer.enabled:
+                    quantizer.calibrate_on(weight)
+
+
+def _activation_quantizers(model: nn.Module) -> list[Quantizer]:
+    weight_quantizers = {
+        id(q) for m in model.modules() if isinstance(m, QUANT_LAYERS) for q, _ in m.weight_parts()
+    }
+    return [q for q in quantizers(model) if q.enabled and id(q) not in weight_quantizers]
+
+
+@torch.no_grad()
+def calibrate_activations(
+    model: nn.Module, calibration: CalibrationSet, *, batch_size: int = 32, progress: bool = True
+) -> None:
+    """Observe every enabled activation quantizer's input over the calibration set, then fix ranges.
+
+    The data is fed step by step, so each batch belongs to one sampling step: per-step
+    quantizers observe into that step's parameters, and a non-finite activation is reported
+    with the layer and the step where it appeared. Weights are fake-quantized during the pass
+    (calibrate them first), activations are not.
+    """
+    if len(calibration) == 0:
+        raise CalibrationError("the calibration set is empty: record at least one sample")
+    targets = _activation_quantizers(model)
+    if not targets:
+        return
+    for quantizer in targets:
+        quantizer.observing = True
+    denoiser = Denoiser(model)
+    steps = calibration.steps()
+    num_batches = sum(-(-len(calibration.select_steps([s])) // batch_size) for s in steps)
+    bar = tqdm(total=num_batches, desc="calibrating activations", unit="batch", disable=not progress)
+    try:
+        for step in steps:
+            set_step(model, step)
+            for x, t, cond, _ in calibration.select_steps([step]).batches(batch_size):
+                denoiser(x, t, cond)
+                bar.update()
+    finally:
+        bar.close()
+        for quantizer in targets:
+            quantizer.observing = False
+        set_step(model, 0)
+    unseen = [q for q in targets if not q.has_observations]
+    for quantizer in unseen:
+        quantizer.enabled = False
+    if unseen:
+        names = ", ".join(q.name for q in unseen[:5]) + (" ..." if len(unseen) > 5 else "")
+        warnings.warn(f"{len(unseen)} activation quantizers never ran on the calibration data and stay FP: {names}")
+    for quantizer in targets:
+        if quantizer.enabled:
+            quantizer.finalize()

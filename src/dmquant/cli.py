@@ -1,0 +1,303 @@
+"""The ``dmquant`` command: quantize, sample, eval, inspect, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from . import __version__
+from .api import info, save
+from .config import QuantConfig, available_recipes, load_recipe
+from .core.attach import attach_quantizers, find_shortcut_splits
+from .denoiser import Denoiser
+from .errors import DmquantError
+from .jobs import compare, generate, open_model, quantize_model
+from .models import BUILTIN_MODELS, SCHEDULERS, DiffusionModel
+from .report import markdown_table, save_image_grid, save_samples_npz
+
+MODEL_HELP = (
+    "a built-in model (" + ", ".join(BUILTIN_MODELS) + "), a diffusers pipeline or model directory, "
+    "or (where it makes sense) a dmquant checkpoint directory"
+)
+
+
+def _bits(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser, num_samples: int) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--num-samples", type=int, default=num_samples, help="images to generate (default: %(default)s)")
+    group.add_argument("--steps", type=int, default=20, help="sampling steps (default: %(default)s)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the first batch; batch i uses seed+i (default: 0)")
+    group.add_argument("--batch-size", type=int, default=16, help="samples per batch (default: %(default)s)")
+    group.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    group.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default: 0)")
+    group.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler to use instead of the model's own")
+
+
+def _with_scheduler(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel:
+    return model.with_scheduler(args.scheduler) if args.scheduler else model
+
+
+def _recipe(args: argparse.Namespace) -> QuantConfig:
+    config = load_recipe(args.recipe).with_bits(args.w_bits, args.a_bits)
+    if getattr(args, "calib_trajectories", None):
+        config.calibration.num_trajectories = args.calib_trajectories
+    if getattr(args, "calib_steps", None):
+        config.calibration.num_inference_steps = args.calib_steps
+    return config
+
+
+def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("quantization")
+    group.add_argument(
+        "--recipe",
+        default="mse",
+        help=f"recipe name ({', '.join(available_recipes())}) or path to a YAML/TOML recipe (default: %(default)s)",
+    )
+    group.add_argument("--w-bits", type=_bits, help="weight bits (2-8, 16) or format (fp8_e4m3, fp4_e2m1); overrides the recipe")
+    group.add_argument("--a-bits", type=_bits, help="activation bits or format; overrides the recipe")
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    model = _with_scheduler(open_model(args.model), args)
+    config = _recipe(args)
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise DmquantError(f"{output} exists; choose another --output or pass --overwrite")
+    print(f"quantizing {model.name} with recipe {config.name}: weights {config.weight.describe()}, "
+          f"activations {config.activation.describe()}")
+    started = time.perf_counter()
+    quantized = quantize_model(model, config, progress=not args.quiet)
+    save(quantized.denoiser, output, overwrite=args.overwrite)
+    report = info(quantized.denoiser).report
+    print(f"{report.num_quantized} layers quantized in {time.perf_counter() - started:.1f} s; saved to {output}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    model = _with_scheduler(open_model(args.model, base=args.base), args)
+    images, conditioning = generate(
+        model,
+        args.num_samples,
+        num_inference_steps=args.steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        guidance_scale=args.guidance,
+        eta=args.eta,
+        labels=args.labels,
+        prompts=args.prompt,
+        progress=not args.quiet,
+    )
+    grid = save_image_grid(images, args.output)
+    extra = {k: v.numpy() for k, v in conditioning.cond.items() if k == "class_labels"}
+    npz = save_samples_npz(Path(args.output).with_suffix(".npz"), images, **extra)
+    print(f"wrote {grid} and {npz}")
+    return 0
+
+
+def _compare_table(results: dict[str, Any]) -> str:
+    return markdown_table(
+        [
+            {"metric": "PSNR vs FP (dB)", "value": results["psnr_db"]},
+            {"metric": "SSIM vs FP", "value": results["ssim"]},
+            {"metric": "noise-estimate SQNR, mean over steps (dB)", "value": results["sqnr_db_mean"]},
+            {"metric": "noise-estimate SQNR, worst step (dB)", "value": results["sqnr_db_min"]},
+            {"metric": "size (MiB)", "value": results["size_bytes"] / 2**20},
+            {"metric": "FP size (MiB)", "value": results["fp_size_bytes"] / 2**20},
+            {"metric": "compression", "value": results["compression"]},
+            {"metric": "GBOPs per denoiser call", "value": results["gbops_per_call"]},
+            {"metric": "FP GBOPs per denoiser call", "value": results["fp_gbops_per_call"]},
+        ]
+    )
+
+
+def _json_ready(results: dict[str, Any]) -> dict[str, Any]:
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return clean({k: v for k, v in results.items() if k != "images"})
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    quantized = _with_scheduler(open_model(args.model, base=args.base), args)
+    source = args.base or info(quantized.denoiser).source
+    fp = _with_scheduler(open_model(source), args)
+    results = compare(
+        fp,
+        quantized,
+        num_samples=args.num_samples,
+        num_inference_steps=args.steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        guidance_scale=args.guidance,
+        eta=args.eta,
+        progress=not args.quiet,
+    )
+    print(f"{args.model} vs FP {source} ({args.num_samples} samples, {args.steps} steps, seed {args.seed})\n")
+    print(_compare_table(results))
+    print("\nper step:\n" + markdown_table(results["steps"], ["step_index", "timestep", "sqnr_db", "mse"]))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(_json_ready(results), indent=2))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    model = open_model(args.model)
+    if getattr(model.denoiser, "dmquant_info", None) is not None:
+        quant = info(model.denoiser)
+        title = f"{args.model}: recipe {quant.config.name}, quantized checkpoint"
+        report = quant.report
+    else:
+        config = _recipe(args)
+        denoiser = Denoiser(model.denoiser)
+        conditioning = model.make_conditioning(1, guidance_scale=1.0)
+        x = torch.zeros(1, denoiser.in_channels, denoiser.sample_size, denoiser.sample_size)
+        with torch.no_grad():
+            splits = (
+                find_shortcut_splits(model.denoiser, lambda: denoiser(x, torch.tensor([500]), conditioning.model_cond()))
+                if config.split_shortcut
+                else {}
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = attach_quantizers(model.denoiser, config, splits=splits)
+        title = f"{args.model}: what recipe {config.name} would do (not calibrated)"
+    print(title + "\n")
+    print(markdown_table(report.rows(), ["name", "kind", "weight", "activation", "granularity", "split", "rule"]))
+    split = sum(1 for layer in report.layers if layer.split)
+    print(f"\n{report.num_quantized} of {len(report.layers)} layers quantized, {split} with a split shortcut input")
+    for pattern in report.unmatched_rules:
+        print(f"warning: rule {pattern!r} matches no layer")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    fp = open_model(args.model)
+    print(f"dmquant demo on {fp.name}: quantize at W8A8 and W4A8 (recipe {args.recipe}), save, reload, "
+          f"and compare with FP on {args.num_samples} samples of {args.steps} steps\n")
+    rows = []
+    fp_images = None
+    for w_bits, a_bits in ((8, 8), (4, 8)):
+        label = f"w{w_bits}a{a_bits}"
+        config = load_recipe(args.recipe).with_bits(w_bits, a_bits)
+        quantized = quantize_model(fp, config, progress=not args.quiet)
+        checkpoint = save(quantized.denoiser, output / label, overwrite=True)
+        reloaded = open_model(str(checkpoint))
+        results = compare(fp, reloaded, num_samples=args.num_samples, num_inference_steps=args.steps,
+                          progress=not args.quiet)
+        fp_images = results["images"]["fp"]
+        save_image_grid(results["images"]["quantized"], output / f"{label}.png")
+        (output / f"{label}.json").write_text(json.dumps(_json_ready(results), indent=2))
+        rows.append({"setting": label.upper(), "PSNR vs FP (dB)": results["psnr_db"], "SSIM": results["ssim"],
+                     "mean SQNR (dB)": results["sqnr_db_mean"], "size (KiB)": results["size_bytes"] / 1024,
+                     "compression": results["compression"], "GBOPs/call": results["gbops_per_call"]})
+    save_image_grid(fp_images, output / "fp.png")
+    print("\n" + markdown_table(rows))
+    print(f"\ncheckpoints, sample grids (fp.png, w8a8.png, w4a8.png) and per-step JSON in {output}/")
+    if fp.name in BUILTIN_MODELS:
+        print("note: the built-in tiny models are random-initialised; their samples are not meant to look like anything")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dmquant",
+        description="Post-training quantization for diffusion models. Start with `dmquant demo`; "
+        "then `dmquant inspect MODEL` to see what a recipe does, `dmquant quantize MODEL -o DIR`, "
+        "`dmquant eval DIR` to compare with full precision and `dmquant sample DIR` for images.",
+    )
+    parser.add_argument("--version", action="version", version=f"dmquant {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("quantize", help="calibrate on the model's own trajectories and save a quantized checkpoint",
+                            description="Record calibration data from the FP model's sampling trajectories, "
+                            "quantize its denoiser as the recipe says, and save a checkpoint directory.")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("-o", "--output", required=True, help="checkpoint directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    _add_recipe_options(p)
+    p.add_argument("--calib-trajectories", type=int, help="FP trajectories to record calibration data from")
+    p.add_argument("--calib-steps", type=int, help="sampling steps of the calibration trajectories")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler for calibration instead of the model's own")
+    p.set_defaults(run=cmd_quantize)
+
+    p = commands.add_parser("sample", help="generate images: a grid PNG and an .npz of the samples",
+                            description="Generate images with an FP model or a quantized checkpoint.")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("-o", "--output", default="samples.png", help="grid PNG to write; the .npz goes beside it")
+    p.add_argument("--labels", type=lambda s: [int(v) for v in s.split(",")], help="class labels, comma-separated")
+    p.add_argument("--prompt", action="append", help="prompt for text-conditional models (repeatable)")
+    p.add_argument("--base", help="FP model a checkpoint was made from, if not the recorded one")
+    _add_sampling_options(p, num_samples=16)
+    p.set_defaults(run=cmd_sample)
+
+    p = commands.add_parser("eval", help="compare a quantized checkpoint with its FP model",
+                            description="Sample FP and quantized models from the same noise and report PSNR/SSIM of "
+                            "the final samples, per-step SQNR of the noise estimate, size and BOPs.")
+    p.add_argument("model", help="a dmquant checkpoint directory")
+    p.add_argument("--base", help="the FP model to compare with (default: the one the checkpoint records)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    _add_sampling_options(p, num_samples=16)
+    p.set_defaults(run=cmd_eval)
+
+    p = commands.add_parser("inspect", help="list the layers and how they are (or would be) quantized",
+                            description="For a checkpoint: its layer report. For an FP model: what a recipe would do "
+                            "to each layer, including the split shortcut convs it finds.")
+    p.add_argument("model", help=MODEL_HELP)
+    _add_recipe_options(p)
+    p.set_defaults(run=cmd_inspect)
+
+    p = commands.add_parser("demo", help="the whole job on a shipped model: quantize, save, reload, compare",
+                            description="Quantize a model at W8A8 and W4A8, save and reload the checkpoints, "
+                            "and compare each with full precision.")
+    p.add_argument("--model", default="tiny-unet", help="model to run on (default: %(default)s)")
+    p.add_argument("--recipe", default="mse", help="recipe (default: %(default)s)")
+    p.add_argument("-o", "--output", default="out/demo", help="where results go (default: %(default)s)")
+    p.add_argument("--num-samples", type=int, default=16, help="samples to compare (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default: %(default)s)")
+    p.set_defaults(run=cmd_demo)
+
+    for sub in commands.choices.values():
+        sub.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except DmquantError as error:
+        print(f"dmquant {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dmquant {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

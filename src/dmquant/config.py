@@ -1,0 +1,299 @@
+"""Quantization configs as dataclasses, and recipes (YAML/TOML files) that fill them.
+
+A recipe is validated at the boundary: an unknown key or an impossible value raises
+:class:`~dmquant.errors.ConfigError` naming the key by its full path (``weight.bits``) and,
+for unknown keys, the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .core.observers import OBSERVERS
+from .core.primitives import FloatFormat, Granularity, IntFormat, QFormat, parse_format
+from .errors import ConfigError
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+@dataclass
+class QuantizerConfig:
+    """How one kind of tensor (weights, activations) is quantized.
+
+    ``bits`` is an integer bit width (2–8 or 16) or a float format name (``fp8_e4m3``,
+    ``fp8_e5m2``, ``fp4_e2m1``). Asymmetric integer quantizers use unsigned codes with a zero
+    point; symmetric ones signed codes, unless ``unsigned`` (for non-negative tensors such as
+    a softmax output). The observer options apply to the observer that uses them: ``p``,
+    ``num_candidates`` (mse), ``percentile`` (percentile), ``momentum`` (ema),
+    ``max_elements`` (the subsample kept by mse and percentile).
+    """
+
+    bits: int | str = 8
+    symmetric: bool = True
+    unsigned: bool = False
+    granularity: str = "tensor"
+    observer: str = "minmax"
+    p: float = 2.0
+    num_candidates: int = 80
+    percentile: float = 99.99
+    momentum: float = 0.9
+    max_elements: int = 2**18
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        fmt = self.format  # validates bits
+        self.granularity_spec  # validates granularity
+        if fmt.is_float and not self.symmetric:
+            raise ConfigError(f"symmetric: float format {fmt.name} supports symmetric quantization only")
+        if self.observer not in OBSERVERS:
+            raise ConfigError(f"observer: unknown observer {self.observer!r}; valid: {sorted(OBSERVERS)}")
+        if self.p <= 0:
+            raise ConfigError(f"p: must be positive, got {self.p}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile: must be in (50, 100], got {self.percentile}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"momentum: must be in [0, 1), got {self.momentum}")
+        if self.num_candidates < 1 or self.max_elements < 1:
+            raise ConfigError("num_candidates and max_elements: must be positive")
+
+    @property
+    def format(self) -> QFormat:
+        fmt = parse_format(self.bits)
+        if isinstance(fmt, IntFormat):
+            return IntFormat(fmt.bits, signed=self.symmetric and not self.unsigned)
+        return fmt
+
+    @property
+    def granularity_spec(self) -> Granularity:
+        return Granularity.parse(self.granularity)
+
+    def observer_options(self) -> dict[str, Any]:
+        """The options of this config that its observer takes."""
+        per_observer = {
+            "minmax": {},
+            "ema": {"momentum": self.momentum},
+            "percentile": {"percentile": self.percentile, "max_elements": self.max_elements},
+            "mse": {"p": self.p, "num_candidates": self.num_candidates, "max_elements": self.max_elements},
+        }
+        return per_observer[self.observer]
+
+    def with_bits(self, bits: int | str | None) -> QuantizerConfig:
+        return self if bits is None else dataclasses.replace(self, bits=bits)
+
+    def describe(self) -> str:
+        fmt = self.format
+        sym = "sym" if self.symmetric else "asym"
+        return f"{fmt.name} {sym} {self.granularity} {self.observer}"
+
+
+def _default_weight() -> QuantizerConfig:
+    return QuantizerConfig(bits=8, symmetric=True, granularity="channel", observer="mse", p=2.4)
+
+
+def _default_activation() -> QuantizerConfig:
+    return QuantizerConfig(bits=8, symmetric=False, granularity="tensor", observer="mse", p=2.4)
+
+
+@dataclass
+class AttentionConfig:
+    """Quantization of the two activation-activation matmuls of attention (Q·Kᵀ and softmax·V).
+
+    Q, K and V are quantized with the activation config at ``bits``; the softmax output with an
+    unsigned quantizer at ``softmax_bits`` (Q-Diffusion, Li et al. 2023, uses 8 or 16).
+    """
+
+    enabled: bool = True
+    bits: int | str | None = None
+    softmax_bits: int | str = 8
+
+    def __post_init__(self) -> None:
+        if self.bits is not None:
+            parse_format(self.bits)
+        fmt = parse_format(self.softmax_bits)
+        if fmt.is_float:
+            raise ConfigError(f"softmax_bits: the softmax output uses unsigned integers, got {fmt.name}")
+
+
+@dataclass
+class LayerRule:
+    """Overrides for the layers whose qualified name matches ``pattern``.
+
+    ``pattern`` is an fnmatch glob, or several separated by ``|`` (``conv_in|pos_embed.proj``).
+
+    ``keep_fp`` leaves them in full precision; ``weight_bits``/``activation_bits`` force a bit
+    width (e.g. 8 bits for the first and last layer and the time embedding). A pattern that
+    matches an attention module sets its matmul quantizers.
+    """
+
+    pattern: str
+    keep_fp: bool = False
+    weight_bits: int | str | None = None
+    activation_bits: int | str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.pattern:
+            raise ConfigError("pattern: must be a non-empty glob")
+        for name in ("weight_bits", "activation_bits"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    parse_format(value)
+                except ConfigError as error:
+                    raise ConfigError(f"{name}: {error}") from None
+        if self.keep_fp and (self.weight_bits is not None or self.activation_bits is not None):
+            raise ConfigError(f"rule {self.pattern!r}: keep_fp cannot be combined with bit overrides")
+
+    def matches(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, glob) for glob in self.pattern.split("|"))
+
+
+@dataclass
+class CalibrationConfig:
+    """Where calibration data comes from: the FP model's own sampling trajectories.
+
+    ``strategy`` names a timestep-selection strategy of :mod:`dmquant.calib.strategies` and
+    ``strategy_options`` its arguments; ``num_trajectories`` samples are recorded at each
+    selected step (twice that under classifier-free guidance: conditional and unconditional).
+    """
+
+    num_inference_steps: int = 20
+    strategy: str = "uniform"
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    num_trajectories: int = 16
+    batch_size: int = 16
+    guidance_scale: float = 1.0
+    eta: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_inference_steps", "num_trajectories", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.guidance_scale < 0 or self.eta < 0:
+            raise ConfigError("guidance_scale and eta: must be >= 0")
+
+
+@dataclass
+class QuantConfig:
+    """A whole quantization recipe."""
+
+    name: str = "custom"
+    weight: QuantizerConfig = field(default_factory=_default_weight)
+    activation: QuantizerConfig = field(default_factory=_default_activation)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    split_shortcut: bool = True
+    per_step_activations: bool = False
+    rules: list[LayerRule] = field(default_factory=list)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def with_bits(self, weight_bits: int | str | None = None, activation_bits: int | str | None = None) -> QuantConfig:
+        """A copy with the default weight / activation bit widths replaced (rules still apply)."""
+        return dataclasses.replace(
+            self, weight=self.weight.with_bits(weight_bits), activation=self.activation.with_bits(activation_bits)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantConfig:
+        return _build(cls, data, "")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking every key and value type."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or 'recipe'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        key_path = f"{path}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key_path}: unknown key{hint}; valid keys: {', '.join(fields)}")
+        kwargs[key] = _convert(hints[key], value, key_path)
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        raise ConfigError(f"{path}{error}" if path else str(error)) from None
+
+
+def _convert(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path + ".")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    allowed = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    if isinstance(value, bool) and bool not in allowed:
+        raise ConfigError(f"{path}: expected {_type_names(allowed)}, got a boolean")
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tuple(t for t in allowed if isinstance(t, type))):
+        raise ConfigError(f"{path}: expected {_type_names(allowed)}, got {value!r}")
+    return value
+
+
+def _type_names(types_: tuple) -> str:
+    return " or ".join(getattr(t, "__name__", str(t)) for t in types_ if t is not type(None))
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) + sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+
+
+def load_recipe(name_or_path: str | Path) -> QuantConfig:
+    """Load a recipe by name (``minmax``, ``mse``: shipped under ``dmquant/recipes``) or path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        candidates = [RECIPES_DIR / f"{name_or_path}.yaml", RECIPES_DIR / f"{name_or_path}.toml"]
+        found = [c for c in candidates if c.exists()]
+        if not found:
+            raise ConfigError(f"unknown recipe {str(name_or_path)!r}; shipped recipes: {', '.join(available_recipes())}")
+        path = found[0]
+    if not path.exists():
+        raise ConfigError(f"recipe file not found: {path}")
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {error}") from None
+    data = data or {}
+    data.setdefault("name", path.stem)
+    try:
+        return QuantConfig.from_dict(data)
+    except ConfigError as error:
+        raise ConfigError(f"{path.name}: {error}") from None
+
+
+__all__ = [
+    "AttentionConfig",
+    "CalibrationConfig",
+    "FloatFormat",
+    "LayerRule",
+    "QuantConfig",
+    "QuantizerConfig",
+    "available_recipes",
+    "load_recipe",
+]

@@ -1,0 +1,1 @@
+"""Quantization core: pure arithmetic (``primitives``) and range estimation (``observers``)."""

@@ -1,0 +1,153 @@
+"""``Quantizer``: the module that fake-quantizes one tensor and holds its calibrated parameters."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import QuantizerConfig
+from ..errors import CalibrationError
+from .observers import RangeObserver, make_observer
+from .primitives import choose_qparams, dequantize, expand_params, fake_quant, quantize
+
+
+class Quantizer(nn.Module):
+    """Fake-quantizes a tensor with a scale and zero point per granularity block.
+
+    It has three states: disabled (identity), observing (identity; feeds a range observer),
+    and quantizing (fake-quant, straight-through gradients). With ``num_steps > 1`` it holds one
+    set of parameters per sampling step (``step`` selects the set), for activations whose range
+    changes along the trajectory.
+
+    Parameters are stored as buffers ``scale`` and ``zero_point`` of shape
+    ``(num_steps, *param_shape)``; their shape is fixed by the first observed tensor and taken
+    from the state dict on load.
+    """
+
+    def __init__(self, config: QuantizerConfig, *, num_steps: int = 1, name: str = "") -> None:
+        super().__init__()
+        self.config = config
+        self.fmt = config.format
+        self.granularity = config.granularity_spec
+        self.enabled = config.enabled
+        self.num_steps = num_steps
+        self.name = name
+        self.step = 0
+        self.observing = False
+        self._observers: dict[int, RangeObserver] = {}
+        self.register_buffer("scale", torch.empty(0))
+        self.register_buffer("zero_point", torch.empty(0))
+
+    @property
+    def calibrated(self) -> bool:
+        return self.scale.numel() > 0
+
+    @property
+    def has_observations(self) -> bool:
+        return bool(self._observers)
+
+    @property
+    def bits(self) -> int:
+        return self.fmt.bits
+
+    def extra_repr(self) -> str:
+        state = "disabled" if not self.enabled else ("observing" if self.observing else "active")
+        steps = f", steps={self.num_steps}" if self.num_steps > 1 else ""
+        return f"{self.config.describe()}, {state}{steps}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.observing:
+            self.observe(x)
+            return x
+        if not self.calibrated:
+            raise CalibrationError(f"{self.name or 'quantizer'}: used before calibration")
+        scale, zero_point = self.qparams(x.shape)
+        return fake_quant(x, scale, zero_point, self.fmt)
+
+    def qparams(self, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point of the current step, broadcastable against a tensor of ``shape``."""
+        index = self.step if self.num_steps > 1 else 0
+        scale = expand_params(self.scale[index], shape, self.granularity)
+        zero_point = expand_params(self.zero_point[index], shape, self.granularity)
+        return scale, zero_point
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Feed ``x`` to the range observer of the current step."""
+        if x.numel() == 0:
+            return
+        detached = x.detach().float()
+        if not torch.isfinite(detached).all():
+            raise CalibrationError(
+                f"non-finite values (NaN/Inf) in the input of {self.name or 'a quantizer'} at sampling step {self.step}"
+            )
+        index = self.step if self.num_steps > 1 else 0
+        if index not in self._observers:
+            self._observers[index] = make_observer(
+                self.config.observer, self.granularity, self.fmt, self.config.symmetric, **self.config.observer_options()
+            )
+        self._observers[index].update(detached)
+
+    def finalize(self) -> None:
+        """Turn observed ranges into parameters and stop observing.
+
+        Steps that saw no calibration data take the parameters of the nearest step that did.
+        """
+        if not self._observers:
+            raise CalibrationError(f"{self.name or 'quantizer'}: saw no calibration data")
+        params = {}
+        for index, observer in self._observers.items():
+            min_val, max_val = observer.compute()
+            params[index] = choose_qparams(min_val, max_val, self.fmt, self.config.symmetric)
+        observed = sorted(params)
+        nearest = [min(observed, key=lambda s: (abs(s - i), s)) for i in range(self.num_steps)]
+        self.scale = torch.stack([params[i][0] for i in nearest])
+        self.zero_point = torch.stack([params[i][1] for i in nearest])
+        self._observers.clear()
+        self.observing = False
+
+    def learn_scale(self) -> nn.Parameter:
+        """Make the calibrated scale a trainable parameter (LSQ, Esser et al. 2020).
+
+        ``fake_quant`` then passes LSQ's step-size gradient (eq. 3) to it; reconstruction uses this.
+        """
+        if not self.calibrated:
+            raise CalibrationError(f"{self.name or 'quantizer'}: calibrate before learning the scale")
+        scale = nn.Parameter(self.scale.detach().clone())
+        del self._buffers["scale"]
+        self.scale = scale
+        return scale
+
+    def calibrate_on(self, x: torch.Tensor) -> None:
+        """Observe one tensor (e.g. a weight) and finalize at once."""
+        self._observers.clear()
+        self.observe(x)
+        self.finalize()
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes (or float-format values) of ``x``, for storage."""
+        scale, zero_point = self.qparams(x.shape)
+        return quantize(x.detach().float(), scale, zero_point, self.fmt)
+
+    def decode(self, codes: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        scale, zero_point = self.qparams(shape)
+        return dequantize(codes, scale, zero_point, self.fmt)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The parameter shapes depend on the calibrated tensor: adopt the stored ones.
+        for key in ("scale", "zero_point"):
+            stored = state_dict.get(prefix + key)
+            if stored is not None and stored.shape != getattr(self, key).shape:
+                setattr(self, key, torch.empty_like(stored, device=getattr(self, key).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def quantizers(module: nn.Module) -> list[Quantizer]:
+    return [m for m in module.modules() if isinstance(m, Quantizer)]
+
+
+def set_step(module: nn.Module, step_index: int) -> None:
+    """Select the per-step activation parameters of every quantizer in ``module``."""
+    for quantizer in quantizers(module):
+        quantizer.step = step_index

@@ -1,0 +1,101 @@
+"""One calling convention for every denoiser dmquant supports: ``eps = f(x_t, t, **cond)``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from torch import Tensor, nn
+
+from dmquant.errors import ModelError
+
+#: Model families dmquant recognises, most specific first; anything else is ``"generic"``.
+_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
+    (UNet2DConditionModel, "unet2d_condition"),
+    (UNet2DModel, "unet2d"),
+    (DiTTransformer2DModel, "dit"),
+)
+
+
+def _model_kind(model: nn.Module) -> str:
+    for model_type, kind in _KINDS:
+        if isinstance(model, model_type):
+            return kind
+    return "generic"
+
+
+def _config_value(model: nn.Module, name: str) -> Any:
+    """``model.config[name]`` for diffusers models, else the attribute ``model.<name>``, else ``None``."""
+    config = getattr(model, "config", None)
+    if isinstance(config, Mapping) and name in config:
+        return config[name]
+    return getattr(model, name, None)
+
+
+def _required_cond(model: nn.Module, kind: str) -> frozenset[str]:
+    """Conditioning keywords the model cannot run without."""
+    if kind == "unet2d_condition":
+        return frozenset({"encoder_hidden_states"})
+    if kind == "dit" or (kind == "unet2d" and model.class_embedding is not None):
+        return frozenset({"class_labels"})
+    return frozenset()
+
+
+class Denoiser:
+    """Calls any supported model as a noise estimate ``eps = f(x_t, t, **cond)``.
+
+    Supported are diffusers' ``UNet2DModel`` (``kind="unet2d"``), ``UNet2DConditionModel``
+    (``"unet2d_condition"``) and ``DiTTransformer2DModel`` (``"dit"``), and any ``nn.Module`` called
+    as ``model(x, t, **cond)`` that returns a tensor or an object with ``.sample`` (``"generic"``).
+
+    Args:
+        model: the denoising network; it is called as is (quantized modules inside it included).
+    """
+
+    def __init__(self, model: nn.Module):
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"a denoiser must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.kind = _model_kind(model)
+        self.in_channels: int | None = _config_value(model, "in_channels")
+        self.out_channels: int | None = _config_value(model, "out_channels")
+        self.sample_size: int | tuple[int, int] | None = _config_value(model, "sample_size")
+        self.required_cond = _required_cond(model, self.kind)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's first parameter (CPU for a model without parameters)."""
+        parameter = next(self.model.parameters(), None)
+        return parameter.device if parameter is not None else torch.device("cpu")
+
+    @property
+    def learned_variance(self) -> bool:
+        """Whether the output carries learned-variance channels after the noise estimate (DiT, IDDPM)."""
+        return self.in_channels is not None and self.out_channels == 2 * self.in_channels
+
+    def __call__(self, sample: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
+        """Run the model on ``sample`` (B, C, H, W) at ``timestep`` (B,) and return its raw output.
+
+        The output of diffusers models (``.sample``) is unwrapped; learned-variance channels are
+        kept (see :meth:`noise_channels`).
+        """
+        missing = self.required_cond - cond.keys()
+        if missing:
+            raise ModelError(
+                f"{type(self.model).__name__} needs the conditioning {sorted(missing)}, got {sorted(cond)}"
+            )
+        output = self.model(sample, timestep, **cond)
+        return output if isinstance(output, Tensor) else output.sample
+
+    def noise_channels(self, output: Tensor) -> Tensor:
+        """The noise estimate part of ``output``: learned-variance channels dropped, as ``DiTPipeline`` does."""
+        return output[:, : self.in_channels] if self.learned_variance else output
+
+
+def as_denoiser(model_or_denoiser: nn.Module | Denoiser) -> Denoiser:
+    """``model_or_denoiser`` itself if it is a :class:`Denoiser`, else a :class:`Denoiser` around it."""
+    if isinstance(model_or_denoiser, Denoiser):
+        return model_or_denoiser
+    return Denoiser(model_or_denoiser)

@@ -1,0 +1,1 @@
+"""Evaluation of quantized diffusion models against their full-precision originals."""

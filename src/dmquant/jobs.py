@@ -1,0 +1,175 @@
+"""The end-to-end jobs behind the CLI, usable from Python: calibrate, quantize, generate, compare."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .api import info, load, quantize, sampling_hooks
+from .checkpoint import MANIFEST_FILE
+from .calib.record import CalibrationSet, record_calibration
+from .calib.strategies import get_strategy
+from .config import CalibrationConfig, QuantConfig
+from .denoiser import Denoiser
+from .eval.cost import bops, model_size
+from .eval.images import psnr, ssim, to_unit_range
+from .eval.noise import noise_estimate_error
+from .errors import ModelError
+from .models import DiffusionModel, load_model
+from .sampling import Conditioning, sample
+
+
+def record_for(model: DiffusionModel, config: CalibrationConfig, *, progress: bool = True) -> CalibrationSet:
+    """Record calibration data from ``model``'s own FP trajectories as ``config`` says."""
+    strategy = get_strategy(config.strategy, **config.strategy_options)
+    return record_calibration(
+        model.denoiser,
+        model.scheduler,
+        num_inference_steps=config.num_inference_steps,
+        steps=strategy,
+        num_trajectories=config.num_trajectories,
+        conditioning=lambda n: model.make_conditioning(n, guidance_scale=config.guidance_scale),
+        batch_size=config.batch_size,
+        generator=torch.Generator().manual_seed(config.seed),
+        eta=config.eta,
+        progress=progress,
+    )
+
+
+def quantize_model(model: DiffusionModel, config: QuantConfig, *, progress: bool = True) -> DiffusionModel:
+    """Calibrate on ``model``'s trajectories and quantize its denoiser; returns the quantized bundle."""
+    started = time.perf_counter()
+    calibration = record_for(model, config.calibration, progress=progress)
+    denoiser = quantize(
+        model.denoiser,
+        config,
+        calibration,
+        batch_size=config.calibration.batch_size,
+        progress=progress,
+        source=model.name,
+    )
+    info(denoiser).extra.update(
+        {"calibration_samples": len(calibration), "calibration_seconds": round(time.perf_counter() - started, 2)}
+    )
+    return model.with_denoiser(denoiser)
+
+
+def generate(
+    model: DiffusionModel,
+    num_samples: int,
+    *,
+    num_inference_steps: int,
+    seed: int = 0,
+    batch_size: int = 16,
+    guidance_scale: float | None = None,
+    eta: float = 0.0,
+    labels: Sequence[int] | None = None,
+    prompts: Sequence[str] | None = None,
+    progress: bool = True,
+) -> tuple[torch.Tensor, Conditioning]:
+    """``num_samples`` images in [-1, 1] and their conditioning; batch ``i`` uses seed ``seed + i``."""
+    conditioning = model.make_conditioning(
+        num_samples, labels=labels, prompts=prompts, guidance_scale=guidance_scale
+    )
+    images = []
+    for index, start in enumerate(range(0, num_samples, batch_size)):
+        stop = min(start + batch_size, num_samples)
+        x0 = sample(
+            model.denoiser,
+            model.scheduler,
+            batch_size=stop - start,
+            num_inference_steps=num_inference_steps,
+            conditioning=conditioning.slice(start, stop),
+            generator=torch.Generator().manual_seed(seed + index),
+            eta=eta,
+            hooks=sampling_hooks(model.denoiser),
+            progress=progress,
+        )
+        images.append(model.decode(x0))
+    return torch.cat(images), conditioning
+
+
+def forward_cost(model: DiffusionModel, conditioning: Conditioning) -> dict[str, Any]:
+    """MACs and BOPs of one denoiser call on a single sample (both CFG branches when guided)."""
+    denoiser = Denoiser(model.denoiser)
+    one = conditioning.slice(0, 1)
+    shape = (1, denoiser.in_channels, denoiser.sample_size, denoiser.sample_size)
+    x = torch.zeros(shape)
+    cond = one.model_cond()
+    copies = 2 if one.guided else 1
+    x = torch.cat([x] * copies)
+    t = torch.full((copies,), 500)
+    return bops(model.denoiser, lambda: denoiser(x, t, cond))
+
+
+def compare(
+    fp: DiffusionModel,
+    quantized: DiffusionModel,
+    *,
+    num_samples: int = 16,
+    num_inference_steps: int = 20,
+    seed: int = 0,
+    batch_size: int = 16,
+    guidance_scale: float | None = None,
+    eta: float = 0.0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Quantized vs FP: per-step noise-estimate error, final-sample PSNR/SSIM, size and BOPs.
+
+    Both sample from the same initial and per-step noise (same seeds), so PSNR/SSIM measure
+    what quantization changed, not sampling randomness.
+    """
+    options = dict(num_inference_steps=num_inference_steps, seed=seed, batch_size=batch_size,
+                   guidance_scale=guidance_scale, eta=eta, progress=progress)
+    fp_images, conditioning = generate(fp, num_samples, **options)
+    q_images, _ = generate(quantized, num_samples, **options)
+    steps = noise_estimate_error(
+        fp.denoiser,
+        quantized.denoiser,
+        fp.scheduler,
+        num_inference_steps=num_inference_steps,
+        batch_size=min(batch_size, num_samples),
+        conditioning=conditioning.slice(0, min(batch_size, num_samples)),
+        generator=torch.Generator().manual_seed(seed),
+        eta=eta,
+        test_hooks=sampling_hooks(quantized.denoiser),
+        progress=progress,
+    )
+    reference, test = to_unit_range(fp_images), to_unit_range(q_images)
+    size, fp_size = model_size(quantized.denoiser), model_size(fp.denoiser)
+    cost, fp_cost = forward_cost(quantized, conditioning), forward_cost(fp, conditioning)
+    finite = [row["sqnr_db"] for row in steps if math.isfinite(row["sqnr_db"])]
+    return {
+        "num_samples": num_samples,
+        "num_inference_steps": num_inference_steps,
+        "psnr_db": float(psnr(reference, test)),
+        "ssim": float(ssim(reference, test)),
+        "sqnr_db_mean": sum(finite) / len(finite) if finite else math.inf,
+        "sqnr_db_min": min(finite) if finite else math.inf,
+        "size_bytes": size.total_bytes,
+        "fp_size_bytes": fp_size.total_bytes,
+        "compression": fp_size.total_bytes / max(size.total_bytes, 1),
+        "gbops_per_call": cost["bops"] / 1e9,
+        "fp_gbops_per_call": fp_cost["bops"] / 1e9,
+        "steps": steps,
+        "images": {"fp": fp_images, "quantized": q_images},
+    }
+
+
+def open_model(source: str, *, base: str | None = None) -> DiffusionModel:
+    """A built-in name, a diffusers directory, or a dmquant checkpoint (with the FP model it came from).
+
+    For a checkpoint, the scheduler, conditioning and decoder come from ``base`` or, by
+    default, from the source model recorded when it was quantized.
+    """
+    if not (Path(source) / MANIFEST_FILE).exists():
+        return load_model(source)
+    denoiser = load(source)
+    origin = base or info(denoiser).source
+    if origin is None:
+        raise ModelError(f"{source}: the checkpoint does not record its source model; pass the FP model with --base")
+    return load_model(origin).with_denoiser(denoiser)

@@ -1,0 +1,247 @@
+"""A denoiser together with what it takes to sample from it, and where such bundles come from.
+
+``load_model`` accepts a built-in name (``tiny-unet``, ``tiny-unet-text``, ``tiny-dit``), a
+diffusers pipeline directory (``model_index.json``: DDPM/DDIM, DiT, Stable Diffusion style) or a
+diffusers model directory (``config.json`` of a ``UNet2DModel``, ``UNet2DConditionModel`` or
+``DiTTransformer2DModel``). Everything loads from local files; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import diffusers
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from torch import nn
+
+from .errors import ModelError
+from .sampling import Conditioning
+from .zoo import tiny
+
+#: Scheduler names accepted by ``--scheduler``; each is built from the model's own scheduler config.
+SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm-solver": DPMSolverMultistepScheduler}
+#: Optional file in a model directory that states how the model is conditioned.
+MODEL_INFO_FILE = "dmquant_model.json"
+
+
+@dataclass
+class DiffusionModel:
+    """A denoiser, its scheduler, how it is conditioned, and (for latent models) its decoder.
+
+    ``conditioning`` is ``"none"``, ``"class"`` (labels ``0..num_classes-1``, ``null_class``
+    for classifier-free guidance) or ``"text"`` (``encode_prompts`` maps prompts to the
+    denoiser's ``encoder_hidden_states``; the empty prompt is the unconditional one).
+    """
+
+    name: str
+    denoiser: nn.Module
+    scheduler: object
+    conditioning: str = "none"
+    num_classes: int | None = None
+    null_class: int | None = None
+    vae: nn.Module | None = None
+    encode_prompts: Callable[[list[str]], torch.Tensor] | None = None
+    default_prompts: list[str] = field(default_factory=list)
+    guidance_scale: float = 1.0
+
+    def with_denoiser(self, denoiser: nn.Module) -> DiffusionModel:
+        return dataclasses.replace(self, denoiser=denoiser)
+
+    def with_scheduler(self, name: str) -> DiffusionModel:
+        if name not in SCHEDULERS:
+            raise ModelError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
+        return dataclasses.replace(self, scheduler=SCHEDULERS[name].from_config(self.scheduler.config))
+
+    def make_conditioning(
+        self,
+        batch_size: int,
+        *,
+        labels: Sequence[int] | None = None,
+        prompts: Sequence[str] | None = None,
+        guidance_scale: float | None = None,
+    ) -> Conditioning:
+        """Conditioning for ``batch_size`` samples; labels/prompts cycle over their defaults."""
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        if self.conditioning == "class":
+            chosen = list(labels) if labels else list(range(self.num_classes))
+            if any(not 0 <= label < self.num_classes for label in chosen):
+                raise ModelError(f"class labels must lie in [0, {self.num_classes}), got {chosen}")
+            batch = torch.tensor([chosen[i % len(chosen)] for i in range(batch_size)])
+            return Conditioning.classes(batch, null_label=self.null_class, guidance_scale=scale)
+        if self.conditioning == "text":
+            chosen = list(prompts) if prompts else self.default_prompts
+            batch = [chosen[i % len(chosen)] for i in range(batch_size)]
+            return Conditioning.embeddings(
+                self.encode_prompts(batch), negative=self.encode_prompts([""] * batch_size), guidance_scale=scale
+            )
+        if labels or prompts:
+            raise ModelError(f"{self.name} is unconditional: it takes no labels or prompts")
+        return Conditioning.unconditional()
+
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Final samples as images in [-1, 1] (decoded by the VAE for latent models)."""
+        if self.vae is None:
+            return x0
+        return self.vae.decode(x0 / self.vae.config.scaling_factor).sample
+
+
+def _stand_in_prompt_encoder(dim: int, length: int = 4) -> Callable[[list[str]], torch.Tensor]:
+    """Deterministic random embeddings per prompt, standing in for a text encoder in tiny models."""
+
+    def encode(prompts: list[str]) -> torch.Tensor:
+        rows = []
+        for prompt in prompts:
+            seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little")
+            rows.append(torch.randn(length, dim, generator=torch.Generator().manual_seed(seed)))
+        return torch.stack(rows)
+
+    return encode
+
+
+def _linear_ddim() -> DDIMScheduler:
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+
+
+def _tiny_unet() -> DiffusionModel:
+    return DiffusionModel(
+        "tiny-unet",
+        tiny.tiny_unet2d(),
+        _linear_ddim(),
+        conditioning="class",
+        num_classes=tiny.TINY_NUM_CLASSES,
+        null_class=tiny.TINY_NUM_CLASSES,
+    )
+
+
+def _tiny_unet_text() -> DiffusionModel:
+    return DiffusionModel(
+        "tiny-unet-text",
+        tiny.tiny_unet2d_condition(),
+        _linear_ddim(),
+        conditioning="text",
+        vae=tiny.tiny_vae(),
+        encode_prompts=_stand_in_prompt_encoder(tiny.TINY_TEXT_DIM),
+        default_prompts=["a red A", "a blue B", "a green C", "a yellow D"],
+        guidance_scale=3.0,
+    )
+
+
+def _tiny_dit() -> DiffusionModel:
+    return DiffusionModel(
+        "tiny-dit",
+        tiny.tiny_dit(num_embeds_ada_norm=tiny.TINY_NUM_CLASSES),
+        _linear_ddim(),
+        conditioning="class",
+        num_classes=tiny.TINY_NUM_CLASSES,
+        null_class=tiny.TINY_NUM_CLASSES,
+        vae=tiny.tiny_vae(),
+        guidance_scale=3.0,
+    )
+
+
+#: Models built in code. They are random-initialised: useful to exercise the machinery, not to judge quality.
+BUILTIN_MODELS: dict[str, Callable[[], DiffusionModel]] = {
+    "tiny-unet": _tiny_unet,
+    "tiny-unet-text": _tiny_unet_text,
+    "tiny-dit": _tiny_dit,
+}
+
+
+def load_model(source: str | Path) -> DiffusionModel:
+    """Load a built-in model by name or a diffusers pipeline / model directory."""
+    if str(source) in BUILTIN_MODELS:
+        return BUILTIN_MODELS[str(source)]()
+    path = Path(source)
+    if not path.is_dir():
+        raise ModelError(
+            f"{source!s}: neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a model directory"
+        )
+    if (path / "model_index.json").exists():
+        model = _from_pipeline(path)
+    elif (path / "config.json").exists():
+        model = _from_model_dir(path)
+    else:
+        raise ModelError(f"{path}: no model_index.json (pipeline) or config.json (model) in this directory")
+    return _apply_model_info(model, path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ModelError(f"{path}: unreadable JSON ({error})") from None
+
+
+def _from_pipeline(path: Path) -> DiffusionModel:
+    try:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(path, local_files_only=True)
+    except Exception as error:  # diffusers raises many types for a broken directory
+        raise ModelError(f"{path}: cannot load the diffusers pipeline ({error})") from None
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if denoiser is None:
+        raise ModelError(f"{path}: the pipeline has no unet or transformer to quantize")
+    vae = getattr(pipe, "vae", None)
+    if getattr(pipe, "text_encoder", None) is not None and hasattr(pipe, "encode_prompt"):
+
+        def encode(prompts: list[str]) -> torch.Tensor:
+            return pipe.encode_prompt(prompts, pipe.device, 1, False)[0]
+
+        return DiffusionModel(
+            path.name, denoiser, pipe.scheduler, "text", vae=vae, encode_prompts=encode, guidance_scale=7.5
+        )
+    model = _conditioning_from_config(DiffusionModel(path.name, denoiser, pipe.scheduler, vae=vae))
+    return model
+
+
+def _from_model_dir(path: Path) -> DiffusionModel:
+    class_name = _read_json(path / "config.json").get("_class_name")
+    model_class = getattr(diffusers, str(class_name), None)
+    if model_class is None or not hasattr(model_class, "from_pretrained"):
+        raise ModelError(f"{path}: config.json names {class_name!r}, not a diffusers model class")
+    denoiser = model_class.from_pretrained(path, local_files_only=True).eval()
+    scheduler_dir = next((d for d in (path / "scheduler", path) if (d / "scheduler_config.json").exists()), None)
+    if scheduler_dir is None:
+        warnings.warn(f"{path}: no scheduler_config.json; using a 1000-step linear-beta DDIM scheduler")
+        scheduler = _linear_ddim()
+    else:
+        config = _read_json(scheduler_dir / "scheduler_config.json")
+        scheduler_class = getattr(diffusers, str(config.get("_class_name")), DDIMScheduler)
+        scheduler = scheduler_class.from_config(config)
+    return _conditioning_from_config(DiffusionModel(path.name, denoiser, scheduler))
+
+
+def _conditioning_from_config(model: DiffusionModel) -> DiffusionModel:
+    """Infer class conditioning from the denoiser's config (the null class is the last embedding)."""
+    config = model.denoiser.config
+    if isinstance(model.denoiser, diffusers.DiTTransformer2DModel):
+        num = config.num_embeds_ada_norm
+        return dataclasses.replace(model, conditioning="class", num_classes=num, null_class=num, guidance_scale=4.0)
+    if getattr(config, "num_class_embeds", None):
+        num = config.num_class_embeds - 1
+        return dataclasses.replace(model, conditioning="class", num_classes=num, null_class=num)
+    if isinstance(model.denoiser, diffusers.UNet2DConditionModel):
+        raise ModelError(
+            f"{model.name}: a UNet2DConditionModel needs a text encoder: load the whole pipeline directory"
+        )
+    return model
+
+
+def _apply_model_info(model: DiffusionModel, path: Path) -> DiffusionModel:
+    """Let ``dmquant_model.json`` state the conditioning explicitly (it overrides inference)."""
+    info_path = path / MODEL_INFO_FILE
+    if not info_path.exists():
+        return model
+    info = _read_json(info_path)
+    allowed = {"conditioning", "num_classes", "null_class", "default_prompts", "guidance_scale"}
+    unknown = set(info) - allowed - {"name"}
+    if unknown:
+        raise ModelError(f"{info_path}: unknown keys {sorted(unknown)}; valid: {sorted(allowed)}")
+    return dataclasses.replace(model, **{k: v for k, v in info.items() if k in allowed})

@@ -1,0 +1,206 @@
+"""Outputs people look at: sample grids, sample archives and markdown tables of results."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from dmquant.eval.images import to_unit_range
+
+#: Cell text for a missing value in :func:`markdown_table`.
+MISSING = "—"
+
+
+def _display_rgb(images: Tensor, value_range: tuple[float, float]) -> Tensor:
+    """``(N, C, H, W)`` images or latents -> ``(N, 3, H, W)`` float in ``[0, 1]``."""
+    channels = images.shape[1]
+    if channels == 1:
+        return to_unit_range(images, value_range).expand(-1, 3, -1, -1)
+    if channels == 3:
+        return to_unit_range(images, value_range)
+    if channels == 4:
+        rgb = images[:, :3]
+        low = rgb.amin(dim=(0, 2, 3), keepdim=True)
+        span = rgb.amax(dim=(0, 2, 3), keepdim=True) - low
+        return (rgb - low) / torch.where(span > 0, span, torch.ones_like(span))
+    raise ValueError(
+        f"cannot show {channels}-channel images; expected 1 (grey), 3 (RGB) or 4 (latents)"
+    )
+
+
+def _to_uint8(unit: Tensor) -> Tensor:
+    return (unit * 255).round().to(torch.uint8)
+
+
+def image_grid(
+    images: Tensor,
+    nrow: int | None = None,
+    padding: int = 2,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+) -> np.ndarray:
+    """Tile a batch of images into one ``(H, W, 3)`` ``uint8`` picture.
+
+    Args:
+        images: ``(N, C, H, W)``. With ``C == 3`` the images are RGB in ``value_range``;
+            ``C == 1`` images (in ``value_range``) are shown grey; ``C == 4`` is taken to be
+            latents: their first 3 channels are shown as RGB, each channel normalised to
+            ``[0, 1]`` by its own min/max over the whole batch (so tiles stay comparable)
+            and ``value_range`` is not used.
+        nrow: images per row, as in ``torchvision.utils.make_grid``; defaults to
+            ``ceil(sqrt(N))`` and is capped at ``N``.
+        padding: black pixels between tiles and around the border.
+        value_range: range of pixel values mapped to black..white; values outside are clamped.
+
+    Returns:
+        ``(rows * (H + padding) + padding, nrow * (W + padding) + padding, 3)`` ``uint8``
+        array; cells after the last image are black.
+    """
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise ValueError(
+            f"expected a non-empty (N, C, H, W) batch, got shape {tuple(images.shape)}"
+        )
+    if nrow is not None and nrow < 1:
+        raise ValueError(f"nrow must be positive, got {nrow}")
+    if padding < 0:
+        raise ValueError(f"padding must be non-negative, got {padding}")
+    rgb = _display_rgb(images.detach().float().cpu(), value_range)
+    count, _, height, width = rgb.shape
+    columns = min(nrow or math.ceil(math.sqrt(count)), count)
+    rows = math.ceil(count / columns)
+    tiles = torch.zeros(rows * columns, 3, height + padding, width + padding)
+    tiles[:count, :, :height, :width] = rgb
+    # (rows, columns, 3, h, w) -> (rows, h, columns, w, 3), then the top and left border.
+    grid = tiles.view(rows, columns, 3, height + padding, width + padding).permute(0, 3, 1, 4, 2)
+    grid = grid.reshape(rows * (height + padding), columns * (width + padding), 3)
+    grid = torch.nn.functional.pad(grid, (0, 0, padding, 0, padding, 0))
+    return _to_uint8(grid).numpy()
+
+
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _write_atomically(
+    path: str | os.PathLike[str], suffix: str, write: Callable[[BinaryIO], None]
+) -> Path:
+    """Write ``path`` through a temporary file in its directory renamed into place.
+
+    Parent directories are created; on any error the temporary file is removed and an
+    existing file at ``path`` is left untouched.
+    """
+    path = Path(path)
+    if path.suffix.lower() != suffix:
+        raise ValueError(f"{path} must have the {suffix} suffix")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, _default_file_mode())
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    return path
+
+
+def save_image_grid(images: Tensor, path: str | os.PathLike[str], **kwargs: Any) -> Path:
+    """Save :func:`image_grid` of ``images`` as a PNG at ``path`` (atomically) and return it.
+
+    ``kwargs`` go to :func:`image_grid`. ``path`` must end in ``.png``.
+    """
+    picture = Image.fromarray(image_grid(images, **kwargs))
+    return _write_atomically(path, ".png", lambda file: picture.save(file, format="PNG"))
+
+
+def save_samples_npz(
+    path: str | os.PathLike[str],
+    images: Tensor,
+    *,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+    **arrays: Tensor | np.ndarray | Sequence,
+) -> Path:
+    """Save samples as an ``.npz`` archive (atomically) and return its path.
+
+    Args:
+        path: destination, ending in ``.npz``.
+        images: ``(N, C, H, W)`` samples, stored under ``"images"`` as ``uint8`` NHWC in
+            ``[0, 255]``: ``uint8`` tensors are stored as they are, any other dtype is
+            mapped from ``value_range`` (and clamped).
+        value_range: range of non-``uint8`` ``images``.
+        arrays: further arrays stored under their keyword (labels, seeds, ...); tensors are
+            moved to the CPU. Object arrays are refused, so the archive loads without pickle.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"expected (N, C, H, W) images, got shape {tuple(images.shape)}")
+    images = images.detach().cpu()
+    if images.dtype != torch.uint8:
+        images = _to_uint8(to_unit_range(images.float(), value_range))
+    contents = {"images": images.permute(0, 2, 3, 1).numpy()}
+    for name, array in arrays.items():
+        array = array.detach().cpu().numpy() if isinstance(array, Tensor) else np.asarray(array)
+        if array.dtype == object:
+            raise ValueError(
+                f"array {name!r} has dtype object, which .npz can only store by pickling"
+            )
+        contents[name] = array
+    return _write_atomically(path, ".npz", lambda file: np.savez(file, **contents))
+
+
+def _cell(value: object, float_format: str) -> str:
+    if isinstance(value, Tensor):
+        value = value.item()
+    if value is None:
+        return MISSING
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        value = float(value)
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        if math.isnan(value):
+            return "nan"
+        return float_format.format(value)
+    return str(value).replace("|", r"\|").replace("\n", " ")
+
+
+def markdown_table(
+    rows: Sequence[Mapping[str, object]],
+    columns: Sequence[str] | None = None,
+    float_format: str = "{:.4g}",
+) -> str:
+    """Render ``rows`` as a GitHub markdown table.
+
+    Args:
+        rows: one mapping per table row, column name -> value.
+        columns: column order; defaults to every key of ``rows`` in order of first appearance.
+        float_format: ``str.format`` pattern for non-integer numbers (Python, numpy and
+            one-element tensor values); infinities are shown as ``inf``/``-inf`` and NaN as
+            ``nan`` whatever the format.
+
+    Returns:
+        The table without a trailing newline; ``None`` and missing keys show as ``—``, and
+        ``|`` in text is escaped.
+    """
+    if columns is None:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+    if not columns:
+        raise ValueError("a markdown table needs at least one column")
+    header = [_cell(column, float_format) for column in columns]
+    body = [[_cell(row.get(column), float_format) for column in columns] for row in rows]
+    table = [header, ["---"] * len(columns), *body]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in table)

@@ -1,0 +1,214 @@
+"""Calibration data: timestep strategies, recording from FP trajectories, the set and its file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from safetensors.torch import save_file
+
+from dmquant.calib import CalibrationSet, get_strategy, record_calibration, uniform
+from dmquant.errors import CalibrationError, ConfigError
+from dmquant.sampling import Conditioning, StepHook, prepare_scheduler, sample
+from dmquant.zoo.tiny import TINY_NUM_CLASSES, tiny_unet2d
+
+STEPS = 5
+BATCH = 2
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_unet2d(0, class_conditional=False)
+
+
+@pytest.fixture(scope="module")
+def class_unet():
+    return tiny_unet2d(0, class_conditional=True)
+
+
+def record(model, **kwargs) -> CalibrationSet:
+    options = {"num_inference_steps": STEPS, "num_trajectories": BATCH, "batch_size": BATCH, "progress": False}
+    return record_calibration(model, DDIMScheduler(), **(options | kwargs))
+
+
+# --- strategies ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "num_steps", "expected"),
+    [
+        ({}, 4, [0, 1, 2, 3]),
+        ({"every": 3}, 10, [0, 3, 6, 9]),
+        ({"count": 5}, 10, [0, 2, 4, 6, 8]),
+        # Q-Diffusion's stride T // count: 10 // 4 = 2, so five steps
+        ({"count": 4}, 10, [0, 2, 4, 6, 8]),
+        ({"count": 20}, 4, [0, 1, 2, 3]),
+    ],
+)
+def test_uniform_steps(options, num_steps, expected):
+    assert uniform(**options)(num_steps) == expected
+    assert get_strategy("uniform", **options)(num_steps) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("gaussian", {}, "unknown timestep strategy"),
+        ("uniform", {"stride": 2}, "bad options"),
+        ("uniform", {"every": 0}, "positive integer"),
+        ("uniform", {"count": 2.5}, "positive integer"),
+        ("uniform", {"count": 2, "every": 2}, "not both"),
+    ],
+)
+def test_bad_strategies_are_config_errors(name, options, message):
+    with pytest.raises(ConfigError, match=message):
+        get_strategy(name, **options)
+
+
+# --- recording ----------------------------------------------------------------------------------------
+
+
+class Inputs(StepHook):
+    """What a plain sampling run feeds the model, per step."""
+
+    def __init__(self):
+        self.model_inputs: list[torch.Tensor] = []
+
+    def begin_step(self, ctx):
+        self.model_inputs.append(ctx.model_input)
+
+
+def test_records_the_inputs_of_a_plain_run(unet):
+    steps = [0, 2, 4]
+    calibration = record(unet, steps=steps, generator=seeded())
+    plain = Inputs()
+    sample(unet, DDIMScheduler(), batch_size=BATCH, num_inference_steps=STEPS, hooks=[plain],
+           generator=seeded(), progress=False)
+    timesteps = prepare_scheduler(DDIMScheduler(), STEPS).timesteps
+
+    assert len(calibration) == BATCH * len(steps)
+    assert calibration.steps() == steps and calibration.num_inference_steps == STEPS
+    assert calibration.cond == {}
+    for step in steps:
+        part = calibration.select_steps([step])
+        assert part.step_indices.tolist() == [step] * BATCH
+        assert part.timesteps.tolist() == [timesteps[step].item()] * BATCH
+        torch.testing.assert_close(part.samples, plain.model_inputs[step], rtol=0, atol=0)
+
+
+def test_strategies_select_the_recorded_steps(unet):
+    calibration = record(unet, steps=get_strategy("uniform", count=2), generator=seeded())
+    assert calibration.steps() == [0, 2, 4]
+
+
+def test_guided_runs_record_both_copies(class_unet):
+    conditioning = Conditioning.classes([3, 8], null_label=TINY_NUM_CLASSES, guidance_scale=3.0)
+    calibration = record(class_unet, steps=[1, 3], conditioning=conditioning, generator=seeded())
+    assert len(calibration) == 2 * BATCH * 2
+    for step in (1, 3):
+        part = calibration.select_steps([step])
+        assert part.cond["class_labels"].tolist() == [TINY_NUM_CLASSES] * BATCH + [3, 8]
+        uncond, cond = part.samples.chunk(2)
+        torch.testing.assert_close(uncond, cond, rtol=0, atol=0)
+
+
+def test_trajectories_are_batched_and_conditioning_is_sliced(class_unet):
+    conditioning = Conditioning.classes([1, 2, 3], null_label=TINY_NUM_CLASSES, guidance_scale=2.0)
+    calibration = record(
+        class_unet, steps=[0], num_trajectories=3, conditioning=conditioning, generator=seeded()
+    )
+    assert calibration.cond["class_labels"].tolist() == [10, 10, 1, 2, 10, 3]
+
+
+def test_conditioning_can_be_made_per_batch(class_unet):
+    sizes: list[int] = []
+
+    def make(n: int) -> Conditioning:
+        sizes.append(n)
+        return Conditioning.classes(torch.full((n,), 7))
+
+    calibration = record(class_unet, steps=[0], num_trajectories=3, conditioning=make, generator=seeded())
+    assert sizes == [2, 1]
+    assert calibration.cond["class_labels"].tolist() == [7, 7, 7]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"steps": []}, CalibrationError, "no sampling step"),
+        ({"steps": get_strategy("uniform", count=1), "num_trajectories": 0}, CalibrationError, "empty"),
+        ({"steps": [0, STEPS]}, ConfigError, "outside"),
+        ({"steps": [-1]}, ConfigError, "outside"),
+        ({"steps": [0.5]}, ConfigError, "integers"),
+        ({"steps": [0], "conditioning": Conditioning.classes([1, 2, 3])}, ConfigError, "num_trajectories"),
+    ],
+)
+def test_recording_errors(unet, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        record(unet, **kwargs)
+
+
+# --- the calibration set ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def calibration(class_unet) -> CalibrationSet:
+    conditioning = Conditioning.classes([4, 5], null_label=TINY_NUM_CLASSES, guidance_scale=2.0)
+    return record(class_unet, steps=[0, 3], conditioning=conditioning, generator=seeded())
+
+
+def assert_same(a: CalibrationSet, b: CalibrationSet) -> None:
+    assert a.num_inference_steps == b.num_inference_steps and a.cond.keys() == b.cond.keys()
+    for name in ("samples", "timesteps", "step_indices"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
+    for name in a.cond:
+        torch.testing.assert_close(a.cond[name], b.cond[name], rtol=0, atol=0)
+
+
+def test_batches_cover_every_row_once(calibration):
+    batches = list(calibration.batches(3))
+    assert [len(x) for x, _, _, _ in batches] == [3, 3, 2]
+    torch.testing.assert_close(torch.cat([x for x, _, _, _ in batches]), calibration.samples)
+    shuffled = list(calibration.batches(3, shuffle=True, generator=seeded(1)))
+    order = torch.randperm(len(calibration), generator=seeded(1))
+    torch.testing.assert_close(torch.cat([x for x, _, _, _ in shuffled]), calibration.samples[order])
+    torch.testing.assert_close(
+        torch.cat([cond["class_labels"] for _, _, cond, _ in shuffled]), calibration.cond["class_labels"][order]
+    )
+    with pytest.raises(ConfigError):
+        next(calibration.batches(0))
+
+
+def test_select_steps(calibration):
+    part = calibration.select_steps([3])
+    assert len(part) == 4 and part.steps() == [3]
+    assert_same(CalibrationSet.concatenate([calibration.select_steps([0]), part]), calibration)
+    with pytest.raises(CalibrationError, match="not recorded"):
+        calibration.select_steps([1])
+
+
+def test_save_load_round_trip(calibration, tmp_path):
+    path = tmp_path / "calibration.safetensors"
+    calibration.save(path)
+    assert_same(CalibrationSet.load(path), calibration)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_loading_something_else_is_a_calibration_error(tmp_path):
+    foreign = tmp_path / "weights.safetensors"
+    save_file({"weight": torch.zeros(2)}, foreign)
+    with pytest.raises(CalibrationError, match="not a dmquant calibration set"):
+        CalibrationSet.load(foreign)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    with pytest.raises(CalibrationError, match="not a readable safetensors file"):
+        CalibrationSet.load(garbage)
+
+
+def test_inconsistent_sets_are_rejected():
+    with pytest.raises(CalibrationError, match="rows"):
+        CalibrationSet(torch.zeros(2, 1, 1, 1), torch.zeros(3), torch.zeros(2, dtype=torch.long), {}, 5)
