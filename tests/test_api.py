@@ -1,0 +1,204 @@
+"""quantize / save / load, and every way bad input is refused with a clear error."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import dmquant.checkpoint as checkpoint_module
+from dmquant import api
+from dmquant.calib.record import CalibrationSet
+from dmquant.checkpoint import MANIFEST_FILE, TENSORS_FILE
+from dmquant.config import CalibrationConfig, load_recipe
+from dmquant.core.quantizer import set_step
+from dmquant.denoiser import Denoiser
+from dmquant.errors import CalibrationError, CheckpointError, ModelError
+from dmquant.jobs import record_for
+from dmquant.models import load_model
+from dmquant.zoo.tiny import tiny_unet2d
+
+SMALL = CalibrationConfig(num_inference_steps=4, num_trajectories=2, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return load_model("tiny-unet")
+
+
+@pytest.fixture(scope="module")
+def calibration(unet):
+    return record_for(unet, SMALL, progress=False)
+
+
+def _outputs(model, calibration):
+    x, t, cond, _ = next(calibration.batches(4))
+    with torch.no_grad():
+        return Denoiser(model)(x, t, cond)
+
+
+@pytest.fixture(scope="module")
+def quantized(unet, calibration):
+    config = load_recipe("minmax").with_bits(4, 8)
+    config.per_step_activations = True
+    return api.quantize(unet.denoiser, config, calibration, progress=False)
+
+
+@pytest.mark.parametrize("bits", [4, 3, "fp8_e4m3", "fp4_e2m1", 16])
+def test_save_load_is_bit_identical(unet, calibration, tmp_path, bits):
+    model = api.quantize(unet.denoiser, load_recipe("minmax").with_bits(bits, 8), calibration, progress=False)
+    api.save(model, tmp_path / "q")
+    loaded = api.load(tmp_path / "q")
+    assert torch.equal(_outputs(loaded, calibration), _outputs(model, calibration))
+    assert api.info(loaded).report.rows() == api.info(model).report.rows()
+
+
+def test_per_step_model_round_trips_and_selects_steps(quantized, calibration, tmp_path):
+    assert api.info(quantized).num_steps == SMALL.num_inference_steps
+    assert len(api.sampling_hooks(quantized)) == 1
+    api.save(quantized, tmp_path / "q")
+    loaded = api.load(tmp_path / "q")
+    for step in range(SMALL.num_inference_steps):
+        for model in (quantized, loaded):
+            set_step(model, step)
+        assert torch.equal(_outputs(loaded, calibration), _outputs(quantized, calibration))
+
+
+def test_packed_codes_make_low_bit_checkpoints_small(unet, calibration, tmp_path):
+    sizes = {}
+    for bits in (8, 4, 2):
+        model = api.quantize(unet.denoiser, load_recipe("minmax").with_bits(bits, 8), calibration, progress=False)
+        api.save(model, tmp_path / str(bits))
+        sizes[bits] = (tmp_path / str(bits) / TENSORS_FILE).stat().st_size
+    fp_bytes = sum(p.numel() * 4 for p in unet.denoiser.parameters())
+    assert sizes[2] < sizes[4] < sizes[8] < fp_bytes / 3
+
+
+def test_quantize_leaves_the_fp_model_alone(unet, calibration):
+    before = _outputs(unet.denoiser, calibration)
+    api.quantize(unet.denoiser, "minmax", calibration, progress=False)
+    assert all(type(m) in (nn.Conv2d, nn.Linear) for m in unet.denoiser.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert torch.equal(_outputs(unet.denoiser, calibration), before)
+
+
+def test_existing_directory_is_refused_unless_overwrite(quantized, tmp_path):
+    target = tmp_path / "q"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="exists"):
+        api.save(quantized, target)
+    assert (target / "keep.txt").read_text() == "mine"
+    api.save(quantized, target, overwrite=True)
+    assert not (target / "keep.txt").exists() and (target / MANIFEST_FILE).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no staging or retired directories left
+
+
+def test_interrupted_save_leaves_nothing(quantized, tmp_path, monkeypatch):
+    def fail_midway(tensors, path, metadata=None):
+        with open(path, "wb") as handle:
+            handle.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_module, "save_file", fail_midway)
+    with pytest.raises(KeyboardInterrupt):
+        api.save(quantized, tmp_path / "q")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture()
+def saved(quantized, tmp_path):
+    return api.save(quantized, tmp_path / "q")
+
+
+def test_truncated_checkpoint_is_refused(saved):
+    tensors = saved / TENSORS_FILE
+    tensors.write_bytes(tensors.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated or was modified"):
+        api.load(saved)
+
+
+def test_tampered_checkpoint_is_refused(saved):
+    tensors = saved / TENSORS_FILE
+    data = bytearray(tensors.read_bytes())
+    data[-10] ^= 0xFF
+    tensors.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        api.load(saved)
+
+
+def test_checkpoint_for_another_architecture_is_refused(saved):
+    other = tiny_unet2d(class_conditional=False)
+    with pytest.raises(CheckpointError, match="another UNet2DModel configuration"):
+        api.load(saved, model=other)
+    with pytest.raises(CheckpointError, match="is for a UNet2DModel"):
+        api.load(saved, model=nn.Linear(2, 2))
+    manifest = json.loads((saved / MANIFEST_FILE).read_text())
+    manifest["base"]["config"]["block_out_channels"] = [32, 32]
+    (saved / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        api.load(saved)
+
+
+def test_missing_or_foreign_directory_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="not a dmquant checkpoint"):
+        api.load(tmp_path)
+
+
+def test_empty_calibration_set_is_refused(unet, calibration):
+    empty = CalibrationSet(
+        samples=calibration.samples[:0], timesteps=calibration.timesteps[:0],
+        step_indices=calibration.step_indices[:0], cond={k: v[:0] for k, v in calibration.cond.items()},
+        num_inference_steps=calibration.num_inference_steps,
+    )
+    with pytest.raises(CalibrationError, match="empty"):
+        api.quantize(unet.denoiser, "minmax", empty, progress=False)
+
+
+def test_non_finite_calibration_activation_names_layer_and_step(unet, calibration):
+    poisoned = CalibrationSet(
+        samples=calibration.samples.clone(), timesteps=calibration.timesteps,
+        step_indices=calibration.step_indices, cond=calibration.cond,
+        num_inference_steps=calibration.num_inference_steps,
+    )
+    last_step = int(calibration.step_indices.max())
+    poisoned.samples[calibration.step_indices == last_step] = float("inf")
+    with pytest.raises(CalibrationError, match=rf"conv_in\.input_quantizer at sampling step {last_step}"):
+        api.quantize(unet.denoiser, "minmax", poisoned, progress=False)
+
+
+def test_model_with_nothing_to_quantize_is_refused(calibration):
+    class NoLayers(nn.Module):
+        def forward(self, x, t):
+            return torch.relu(x)
+
+    with pytest.raises(ModelError, match="NoLayers has no Linear, Conv2d or attention layer"):
+        api.quantize(NoLayers(), "minmax", calibration, progress=False)
+
+
+def test_generic_module_quantizes_saves_and_loads_with_model_argument(calibration, tmp_path):
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.proj = nn.Linear(16, 16)
+            self.out = nn.Conv2d(8, 3, 1)
+
+        def forward(self, x, t):
+            return self.out(torch.relu(self.proj(self.conv(x))))
+
+    torch.manual_seed(0)
+    data = CalibrationSet(samples=calibration.samples, timesteps=calibration.timesteps,
+                          step_indices=calibration.step_indices, cond={},
+                          num_inference_steps=calibration.num_inference_steps)
+    model = api.quantize(Tiny(), load_recipe("minmax").with_bits(4, 8), data, progress=False)
+    api.save(model, tmp_path / "q")
+    with pytest.raises(CheckpointError, match="pass an instance of it"):
+        api.load(tmp_path / "q")
+    loaded = api.load(tmp_path / "q", model=Tiny())
+    x = calibration.samples[:2]
+    assert torch.equal(loaded(x, None), model(x, None))
+
+
+def test_info_of_an_fp_model_is_an_error(unet):
+    with pytest.raises(ModelError, match="not quantized by dmquant"):
+        api.info(unet.denoiser)
