@@ -61,7 +61,7 @@ def test_attach_replaces_layers_and_reports_each():
     assert by_name["down_blocks.0.resnets.0.conv1"].weight == "int4"
     assert model.up_blocks[1].resnets[1].conv1.split == 32 and by_name["up_blocks.1.resnets.1.conv1"].split == 32
     attention = [layer for layer in report.layers if layer.kind == "Attention"]
-    assert len(attention) == 4 and all  # down_blocks.1: 1, mid_block: 1, up_blocks.0: 2
+    assert len(attention) == 4  # down_blocks.1: 1, mid_block: 1, up_blocks.0: 2
     assert all("softmax uint8" in layer.activation for layer in attention)
     linear_count = sum(isinstance(m, nn.Linear) for m in tiny_unet2d().modules())
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == linear_count
