@@ -1,3 +1,26 @@
-"""dmquant: post-training quantization for diffusion models."""
+"""dmquant: post-training quantization for diffusion models.
+
+The public entry points are :func:`quantize`, :func:`save`, :func:`load`, :func:`info` and
+:func:`sampling_hooks` (from :mod:`dmquant.api`); they are imported on first use so that
+``import dmquant.core.primitives`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_API = ("quantize", "save", "load", "info", "sampling_hooks", "QuantizationInfo")
+_CONFIG = ("QuantConfig", "QuantizerConfig", "AttentionConfig", "CalibrationConfig", "LayerRule", "load_recipe")
+
+__all__ = [*_API, *_CONFIG, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(".api", __name__), name)
+    if name in _CONFIG:
+        return getattr(importlib.import_module(".config", __name__), name)
+    raise AttributeError(f"module 'dmquant' has no attribute {name!r}")

@@ -73,8 +73,8 @@ def quantize(
     model.eval()
     splits: dict[str, int] = {}
     if config.split_shortcut:
-        x, t, cond, _ = next(calibration.batches(min(batch_size, 2)))
         denoiser = Denoiser(model)
+        x, t, cond, _ = next(calibration.to(denoiser.device).batches(min(batch_size, 2)))
         with torch.no_grad():
             splits = find_shortcut_splits(model, lambda: denoiser(x, t, cond))
     num_steps = calibration.num_inference_steps if config.per_step_activations else 1

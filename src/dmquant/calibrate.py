@@ -64,7 +64,8 @@ def calibrate_activations(
         for step in steps:
             set_step(model, step)
             for x, t, cond, _ in calibration.select_steps([step]).batches(batch_size):
-                denoiser(x, t, cond)
+                device = denoiser.device
+                denoiser(x.to(device), t.to(device), {k: v.to(device) for k, v in cond.items()})
                 bar.update()
     finally:
         bar.close()

@@ -44,8 +44,11 @@ def _add_sampling_options(parser: argparse.ArgumentParser, num_samples: int) -> 
     group.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler to use instead of the model's own")
 
 
-def _with_scheduler(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel:
-    return model.with_scheduler(args.scheduler) if args.scheduler else model
+def _prepared(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel:
+    """The model on ``--device``, with ``--scheduler`` applied where the command has it."""
+    model = model.to(args.device)
+    scheduler = getattr(args, "scheduler", None)
+    return model.with_scheduler(scheduler) if scheduler else model
 
 
 def _recipe(args: argparse.Namespace) -> QuantConfig:
@@ -72,7 +75,7 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    model = _with_scheduler(open_model(args.model), args)
+    model = _prepared(open_model(args.model), args)
     config = _recipe(args)
     output = Path(args.output)
     if output.exists() and not args.overwrite:
@@ -88,7 +91,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    model = _with_scheduler(open_model(args.model, base=args.base), args)
+    model = _prepared(open_model(args.model, base=args.base), args)
     images, conditioning = generate(
         model,
         args.num_samples,
@@ -138,9 +141,9 @@ def _json_ready(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    quantized = _with_scheduler(open_model(args.model, base=args.base), args)
+    quantized = _prepared(open_model(args.model, base=args.base), args)
     source = args.base or info(quantized.denoiser).source
-    fp = _with_scheduler(open_model(source), args)
+    fp = _prepared(open_model(source), args)
     results = compare(
         fp,
         quantized,
@@ -163,7 +166,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    model = open_model(args.model)
+    model = _prepared(open_model(args.model), args)
     if getattr(model.denoiser, "dmquant_info", None) is not None:
         quant = info(model.denoiser)
         title = f"{args.model}: recipe {quant.config.name}, quantized checkpoint"
@@ -172,10 +175,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         config = _recipe(args)
         denoiser = Denoiser(model.denoiser)
         conditioning = model.make_conditioning(1, guidance_scale=1.0)
-        x = torch.zeros(1, denoiser.in_channels, denoiser.sample_size, denoiser.sample_size)
+        x = torch.zeros(1, denoiser.in_channels, denoiser.sample_size, denoiser.sample_size, device=denoiser.device)
+        t = torch.tensor([500], device=denoiser.device)
+        cond = conditioning.to(denoiser.device).model_cond()
         with torch.no_grad():
             splits = (
-                find_shortcut_splits(model.denoiser, lambda: denoiser(x, torch.tensor([500]), conditioning.model_cond()))
+                find_shortcut_splits(model.denoiser, lambda: denoiser(x, t, cond))
                 if config.split_shortcut
                 else {}
             )
@@ -194,7 +199,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     output = Path(args.output)
-    fp = open_model(args.model)
+    fp = _prepared(open_model(args.model), args)
     print(f"dmquant demo on {fp.name}: quantize at W8A8 and W4A8 (recipe {args.recipe}), save, reload, "
           f"and compare with FP on {args.num_samples} samples of {args.steps} steps\n")
     rows = []
@@ -204,7 +209,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         config = load_recipe(args.recipe).with_bits(w_bits, a_bits)
         quantized = quantize_model(fp, config, progress=not args.quiet)
         checkpoint = save(quantized.denoiser, output / label, overwrite=True)
-        reloaded = open_model(str(checkpoint))
+        reloaded = _prepared(open_model(str(checkpoint)), args)
         results = compare(fp, reloaded, num_samples=args.num_samples, num_inference_steps=args.steps,
                           progress=not args.quiet)
         fp_images = results["images"]["fp"]
@@ -284,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for sub in commands.choices.values():
         sub.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        sub.add_argument("--device", default="cpu", help="torch device to run on, e.g. cuda (default: %(default)s)")
     return parser
 
 

@@ -97,12 +97,11 @@ def forward_cost(model: DiffusionModel, conditioning: Conditioning) -> dict[str,
     """MACs and BOPs of one denoiser call on a single sample (both CFG branches when guided)."""
     denoiser = Denoiser(model.denoiser)
     one = conditioning.slice(0, 1)
-    shape = (1, denoiser.in_channels, denoiser.sample_size, denoiser.sample_size)
-    x = torch.zeros(shape)
-    cond = one.model_cond()
     copies = 2 if one.guided else 1
-    x = torch.cat([x] * copies)
-    t = torch.full((copies,), 500)
+    device = denoiser.device
+    x = torch.zeros(copies, denoiser.in_channels, denoiser.sample_size, denoiser.sample_size, device=device)
+    t = torch.full((copies,), 500, device=device)
+    cond = one.to(device).model_cond()
     return bops(model.denoiser, lambda: denoiser(x, t, cond))
 
 

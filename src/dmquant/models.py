@@ -51,6 +51,13 @@ class DiffusionModel:
     default_prompts: list[str] = field(default_factory=list)
     guidance_scale: float = 1.0
 
+    def to(self, device: torch.device | str) -> DiffusionModel:
+        """Move the denoiser and the decoder to ``device`` (in place; returns self)."""
+        self.denoiser.to(device)
+        if self.vae is not None:
+            self.vae.to(device)
+        return self
+
     def with_denoiser(self, denoiser: nn.Module) -> DiffusionModel:
         return dataclasses.replace(self, denoiser=denoiser)
 
@@ -90,6 +97,7 @@ class DiffusionModel:
         """Final samples as images in [-1, 1] (decoded by the VAE for latent models)."""
         if self.vae is None:
             return x0
+        x0 = x0.to(next(self.vae.parameters()).device)
         return self.vae.decode(x0 / self.vae.config.scaling_factor).sample
 
 

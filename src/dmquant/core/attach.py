@@ -25,7 +25,7 @@ class LayerReport:
 
     name: str
     kind: str  # "Linear", "Conv2d", "Attention"
-    weight: str  # format name, or "fp"
+    weight: str  # format name, "fp", or "-" for attention matmuls (no weights)
     activation: str
     granularity: str
     split: int  # channel where the skip half of a split input starts; 0 when not split
@@ -33,7 +33,7 @@ class LayerReport:
 
     @property
     def quantized(self) -> bool:
-        return self.weight != "fp" or self.activation != "fp"
+        return self.weight not in ("fp", "-") or self.activation != "fp"
 
 
 @dataclass
@@ -116,7 +116,7 @@ def attach_quantizers(
                 LayerReport(
                     name=name,
                     kind="Attention",
-                    weight="fp",
+                    weight="-",
                     activation=f"{operand.format.name}, softmax {module.quant_matmul.probs.fmt.name}"
                     if operand
                     else "fp",

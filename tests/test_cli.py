@@ -1,0 +1,461 @@
+"""The ``dmquant`` command line: help, quantize, inspect, sample, eval, demo and error reporting."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dmquant.cli import main
+
+CALIB = ["--calib-trajectories", "2", "--calib-steps", "3"]
+SAMPLING = ["--num-samples", "2", "--steps", "3", "--batch-size", "2"]
+COMMANDS = ["quantize", "sample", "eval", "inspect", "demo"]
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run the CLI in-process; return (exit code, stdout, stderr)."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def table_rows(text: str, first_header: str) -> list[dict[str, str]]:
+    """The rows of the markdown table in ``text`` whose first column is ``first_header``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    split = lambda line: [cell.strip().replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", line)[1:-1]]
+    header = split(lines[start])
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, split(line))))
+    return rows
+
+
+def assert_one_line_error(code: int, err: str, command: str) -> str:
+    assert code == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"dmquant {command}: error: ")
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def w4_checkpoint(tmp_path_factory) -> tuple[Path, str]:
+    """A tiny-dit checkpoint quantized at 4-bit weights, and what ``quantize`` printed."""
+    output = tmp_path_factory.mktemp("quantize") / "dit-w4"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["quantize", "tiny-dit", "-o", str(output), "--w-bits", "4", *CALIB, "-q"])
+    assert code == 0
+    return output, stdout.getvalue()
+
+
+# ---------------------------------------------------------------- help
+
+
+def test_console_script_help():
+    script = Path(sys.executable).parent / "dmquant"
+    if not script.exists():
+        script = Path(shutil.which("dmquant") or "dmquant")
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: dmquant")
+    for command in COMMANDS:
+        assert command in result.stdout
+    assert "--version" in result.stdout
+    assert result.stderr == ""
+
+
+def test_top_level_help(capsys):
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0
+    assert out.startswith("usage: dmquant")
+    for command in COMMANDS:
+        assert re.search(rf"^\s+{command}\s+\S", out, re.M), command
+    assert "Post-training quantization for diffusion models" in out
+
+
+def test_version(capsys):
+    from dmquant import __version__
+
+    code, out, _ = run(["--version"], capsys)
+    assert code == 0
+    assert out.strip() == f"dmquant {__version__}"
+
+
+@pytest.mark.parametrize(
+    "command, options",
+    [
+        ("quantize", ["--output", "--overwrite", "--recipe", "--w-bits", "--a-bits", "--calib-trajectories",
+                      "--calib-steps", "--scheduler", "--quiet", "tiny-dit"]),
+        ("sample", ["--output", "--num-samples", "--steps", "--seed", "--batch-size", "--labels", "--prompt",
+                    "--guidance", "--base", "--quiet"]),
+        ("eval", ["--base", "--json", "--num-samples", "--steps", "--seed", "--batch-size", "--quiet"]),
+        ("inspect", ["--recipe", "--w-bits", "--a-bits", "--quiet", "split shortcut"]),
+        ("demo", ["--model", "--recipe", "--output", "--num-samples", "--steps", "--quiet", "W4A8"]),
+    ],
+)
+def test_subcommand_help(capsys, command, options):
+    code, out, err = run([command, "--help"], capsys)
+    assert code == 0
+    assert out.startswith(f"usage: dmquant {command}")
+    text = " ".join(out.split())  # undo argparse's line wrapping
+    for option in options:
+        assert option in text, f"{command} --help does not mention {option}"
+    assert err == ""
+
+
+def test_missing_subcommand_is_a_usage_error(capsys):
+    code, _, err = run([], capsys)
+    assert code == 2
+    assert "required: COMMAND" in err
+
+
+# ---------------------------------------------------------------- quantize
+
+
+def test_quantize_writes_checkpoint(w4_checkpoint):
+    output, stdout = w4_checkpoint
+    assert sorted(p.name for p in output.iterdir()) == ["dmquant.json", "quantized_model.safetensors"]
+    manifest = json.loads((output / "dmquant.json").read_text())
+    assert manifest["source"] == "tiny-dit"
+    assert manifest["base"]["class"] == "DiTTransformer2DModel"
+    assert manifest["recipe"]["name"] == "mse"
+    # the calibration options reach the saved recipe
+    assert manifest["recipe"]["calibration"]["num_trajectories"] == 2
+    assert manifest["recipe"]["calibration"]["num_inference_steps"] == 3
+    assert manifest["extra"]["calibration_samples"] > 0
+    assert stdout.startswith("quantizing tiny-dit with recipe mse: weights int4 sym channel mse, activations uint8")
+    quantized = sum(1 for row in manifest["report"] if row["weight"] != "fp" or row["activation"] != "fp")
+    assert f"{quantized} layers quantized in" in stdout
+    assert f"saved to {output}" in stdout
+    # nothing left behind beside it (no staging directories)
+    assert [p.name for p in output.parent.iterdir()] == [output.name]
+
+
+def test_w_bits_4_shows_in_saved_report(w4_checkpoint):
+    output, _ = w4_checkpoint
+    manifest = json.loads((output / "dmquant.json").read_text())
+    assert manifest["recipe"]["weight"]["bits"] == 4
+    layers = [row for row in manifest["report"] if row["kind"] in ("Linear", "Conv2d")]
+    default = [row for row in layers if row["rule"] is None]
+    ruled = [row for row in layers if row["rule"] is not None]
+    assert len(default) > 10
+    assert {row["weight"] for row in default} == {"int4"}
+    assert {row["activation"] for row in default} == {"uint8"}
+    # the recipe's first/last-layer rules keep their 8 bits
+    assert {row["name"] for row in ruled} == {"pos_embed.proj", "proj_out_2"}
+    assert {row["weight"] for row in ruled} == {"int8"}
+
+
+def test_quantize_refuses_existing_output_then_overwrites(tmp_path, capsys):
+    output = tmp_path / "existing"
+    output.mkdir()
+    (output / "keep.txt").write_text("precious")
+    argv = ["quantize", "tiny-dit", "-o", str(output), "--recipe", "minmax", *CALIB, "-q"]
+
+    code, out, err = run(argv, capsys)
+    line = assert_one_line_error(code, err, "quantize")
+    assert str(output) in line
+    assert "--overwrite" in line
+    assert out == ""
+    assert [p.name for p in output.iterdir()] == ["keep.txt"]
+    assert (output / "keep.txt").read_text() == "precious"
+
+    code, out, err = run([*argv, "--overwrite"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in output.iterdir()) == ["dmquant.json", "quantized_model.safetensors"]
+    assert json.loads((output / "dmquant.json").read_text())["recipe"]["name"] == "minmax"
+    assert f"saved to {output}" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
+
+
+@pytest.mark.xfail(
+    reason="cli._recipe tests `if args.calib_trajectories:` so 0 is silently ignored (the recipe's 16 "
+    "are used) and sets the value without validation",
+    raises=AssertionError,
+    strict=True,
+)
+def test_quantize_rejects_zero_calibration_trajectories(tmp_path, capsys):
+    output = tmp_path / "zero"
+    code, _, err = run(["quantize", "tiny-dit", "-o", str(output), "--recipe", "minmax",
+                        "--calib-trajectories", "0", "--calib-steps", "3", "-q"], capsys)
+    line = assert_one_line_error(code, err, "quantize")
+    assert "num_trajectories" in line
+    assert not output.exists()
+
+
+@pytest.mark.xfail(
+    reason="write_checkpoint renames an existing *file* aside and then shutil.rmtree()s it: "
+    "NotADirectoryError escapes and a '.NAME.old-PID' file is left behind",
+    raises=NotADirectoryError,
+    strict=True,
+)
+def test_quantize_overwrite_onto_a_file_fails_cleanly(tmp_path, capsys):
+    target = tmp_path / "a-file"
+    target.write_text("not a checkpoint")
+    code, _, err = run(["quantize", "tiny-dit", "-o", str(target), "--overwrite", "--recipe", "minmax",
+                        *CALIB, "-q"], capsys)
+    if code == 2:
+        assert_one_line_error(code, err, "quantize")
+    else:
+        assert code == 0 and (target / "dmquant.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def test_inspect_fp_tiny_unet_lists_split_shortcut_convs(capsys):
+    code, out, _ = run(["inspect", "tiny-unet", "-q"], capsys)
+    assert code == 0
+    assert out.startswith("tiny-unet: what recipe mse would do (not calibrated)")
+    rows = table_rows(out, "name")
+    assert list(rows[0]) == ["name", "kind", "weight", "activation", "granularity", "split", "rule"]
+    by_name = {row["name"]: row for row in rows}
+    assert by_name["conv_in"]["rule"] == "conv_in|pos_embed.proj"
+    assert by_name["conv_out"]["weight"] == "int8"
+    assert by_name["time_embedding.linear_1"]["kind"] == "Linear"
+    assert by_name["mid_block.attentions.0"]["kind"] == "Attention"
+    split = {row["name"]: int(row["split"]) for row in rows if row["split"] != "0"}
+    # the up blocks' resnets take cat([h, skip]): their conv1 and conv_shortcut are split
+    assert split, "no split shortcut conv found"
+    assert all(name.startswith("up_blocks.") for name in split)
+    assert all(name.endswith((".conv1", ".conv_shortcut")) for name in split)
+    assert split["up_blocks.0.resnets.0.conv_shortcut"] == split["up_blocks.0.resnets.0.conv1"] > 0
+    assert "up_blocks.1.resnets.1.conv_shortcut" in split
+    assert not any(name.startswith("down_blocks.") for name in split)
+    quantized = sum(1 for row in rows if row["weight"] != "fp" or row["activation"] != "fp")
+    assert f"{quantized} of {len(rows)} layers quantized, {len(split)} with a split shortcut input" in out
+
+
+def test_inspect_fp_with_minmax_recipe_and_w_bits(capsys):
+    code, out, _ = run(["inspect", "tiny-unet", "--recipe", "minmax", "--w-bits", "4", "-q"], capsys)
+    assert code == 0
+    assert "what recipe minmax would do" in out
+    rows = table_rows(out, "name")
+    assert all(row["split"] == "0" for row in rows)  # minmax does not split shortcuts
+    assert "with a split shortcut input" in out and ", 0 with a split" in out
+    weights = {row["name"]: row["weight"] for row in rows if row["kind"] != "Attention"}
+    assert weights["down_blocks.0.resnets.0.conv1"] == "int4"
+    assert weights["conv_in"] == weights["conv_out"] == "int8"
+
+
+def test_inspect_checkpoint_prints_its_report(w4_checkpoint, capsys):
+    output, _ = w4_checkpoint
+    code, out, _ = run(["inspect", str(output), "-q"], capsys)
+    assert code == 0
+    assert out.startswith(f"{output}: recipe mse, quantized checkpoint")
+    rows = table_rows(out, "name")
+    report = json.loads((output / "dmquant.json").read_text())["report"]
+    assert [row["name"] for row in rows] == [row["name"] for row in report]
+    assert [row["weight"] for row in rows] == [row["weight"] for row in report]
+    assert {row["weight"] for row in rows if row["rule"] == "—" and row["kind"] != "Attention"} == {"int4"}
+    assert f"of {len(report)} layers quantized" in out
+
+
+# ---------------------------------------------------------------- sample
+
+
+def test_sample_writes_png_and_npz(tmp_path, capsys):
+    png = tmp_path / "out" / "grid.png"
+    code, out, err = run(["sample", "tiny-dit", "-o", str(png), "--num-samples", "3", "--steps", "3",
+                          "--batch-size", "2", "--labels", "5,7", "-q"], capsys)
+    assert code == 0, err
+    npz = png.with_suffix(".npz")
+    assert out.strip() == f"wrote {png} and {npz}"
+    with np.load(npz) as archive:
+        images, labels = archive["images"], archive["class_labels"]
+    # tiny-dit: 8x8 latents decoded to 16x16 RGB
+    assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [5, 7, 5]
+    assert images.std() > 0
+    with Image.open(png) as picture:
+        # 3 images -> a 2x2 grid of 16 px tiles with 2 px padding
+        assert picture.size == (2 * (16 + 2) + 2, 2 * (16 + 2) + 2)
+        assert picture.mode == "RGB"
+        pixels = np.asarray(picture)
+    # the first tile sits at (2, 2), after the top and left padding
+    np.testing.assert_array_equal(pixels[2:18, 2:18], images[0])
+
+
+def test_sample_from_checkpoint_differs_from_fp(w4_checkpoint, tmp_path, capsys):
+    output, _ = w4_checkpoint
+    code, _, err = run(["sample", "tiny-dit", "-o", str(tmp_path / "fp.png"), *SAMPLING, "-q"], capsys)
+    assert code == 0, err
+    code, _, err = run(["sample", str(output), "-o", str(tmp_path / "q.png"), *SAMPLING, "-q"], capsys)
+    assert code == 0, err
+    with np.load(tmp_path / "fp.npz") as fp, np.load(tmp_path / "q.npz") as q:
+        assert fp["images"].shape == q["images"].shape == (2, 16, 16, 3)
+        assert not np.array_equal(fp["images"], q["images"])
+        np.testing.assert_array_equal(fp["class_labels"], q["class_labels"])
+    with Image.open(tmp_path / "q.png") as picture:
+        assert picture.size == (2 * (16 + 2) + 2, 16 + 4)
+
+
+@pytest.mark.xfail(
+    reason="cmd_sample passes -o straight to save_image_grid, whose ValueError for a non-.png "
+    "name escapes as a traceback",
+    raises=ValueError,
+    strict=True,
+)
+def test_sample_non_png_output_is_a_clean_error(tmp_path, capsys):
+    code, _, err = run(["sample", "tiny-dit", "-o", str(tmp_path / "grid.jpg"), *SAMPLING, "-q"], capsys)
+    assert ".png" in assert_one_line_error(code, err, "sample")
+
+
+@pytest.mark.xfail(
+    reason="--num-samples/--batch-size are plain ints: 0 reaches jobs.generate and fails with "
+    "ValueError (torch.cat of nothing / range step 0) and a traceback",
+    raises=ValueError,
+    strict=True,
+)
+@pytest.mark.parametrize("option", ["--num-samples", "--batch-size"])
+def test_sample_zero_count_is_a_usage_error(tmp_path, capsys, option):
+    argv = ["sample", "tiny-dit", "-o", str(tmp_path / "s.png"), *SAMPLING, "-q"]
+    argv[argv.index(option) + 1] = "0"
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert "Traceback" not in err
+    assert not (tmp_path / "s.png").exists()
+
+
+# ---------------------------------------------------------------- eval
+
+
+def test_eval_prints_metrics_and_writes_json(w4_checkpoint, tmp_path, capsys):
+    output, _ = w4_checkpoint
+    report = tmp_path / "results" / "eval.json"
+    code, out, err = run(["eval", str(output), *SAMPLING, "--json", str(report), "-q"], capsys)
+    assert code == 0, err
+    assert out.startswith(f"{output} vs FP tiny-dit (2 samples, 3 steps, seed 0)")
+    metrics = {row["metric"]: row["value"] for row in table_rows(out, "metric")}
+    psnr = float(metrics["PSNR vs FP (dB)"])
+    ssim = float(metrics["SSIM vs FP"])
+    assert 0 < psnr < 100
+    assert 0 < ssim <= 1
+    assert "noise-estimate SQNR, mean over steps (dB)" in metrics
+    assert "noise-estimate SQNR, worst step (dB)" in metrics
+    assert float(metrics["compression"]) > 1  # 4-bit codes are smaller than FP32 weights
+    steps_table = table_rows(out, "step_index")
+    assert [row["step_index"] for row in steps_table] == ["0", "1", "2"]
+
+    results = json.loads(report.read_text())
+    assert f"wrote {report}" in out
+    assert results["num_samples"] == 2 and results["num_inference_steps"] == 3
+    assert "images" not in results
+    assert len(results["steps"]) == 3
+    assert [step["step_index"] for step in results["steps"]] == [0, 1, 2]
+    assert all({"timestep", "sqnr_db", "mse"} <= set(step) for step in results["steps"])
+    assert results["psnr_db"] == pytest.approx(psnr, rel=1e-3)
+    assert results["sqnr_db_min"] == pytest.approx(min(step["sqnr_db"] for step in results["steps"]))
+    assert results["size_bytes"] < results["fp_size_bytes"]
+
+
+# ---------------------------------------------------------------- demo
+
+
+def test_demo_writes_images_and_checkpoints(tmp_path, capsys):
+    output = tmp_path / "demo"
+    code, out, err = run(["demo", "-o", str(output), "--num-samples", "2", "--steps", "3", "--model", "tiny-dit",
+                          "-q"], capsys)
+    assert code == 0, err
+    for name in ("fp.png", "w8a8.png", "w4a8.png"):
+        with Image.open(output / name) as picture:
+            assert picture.size == (2 * (16 + 2) + 2, 16 + 4), name
+    for label, weight in (("w8a8", "int8"), ("w4a8", "int4")):
+        manifest = json.loads((output / label / "dmquant.json").read_text())
+        assert (output / label / "quantized_model.safetensors").is_file()
+        weights = {row["weight"] for row in manifest["report"] if row["rule"] is None and row["kind"] != "Attention"}
+        assert weights == {weight}, label
+        assert len(json.loads((output / f"{label}.json").read_text())["steps"]) == 3
+    settings = [row["setting"] for row in table_rows(out, "setting")]
+    assert settings == ["W8A8", "W4A8"]
+    assert "random-initialised" in out
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["quantize", "tiny-nope", "-o", "{tmp}/never"],
+        ["inspect", "tiny-nope"],
+        ["sample", "tiny-nope", "-o", "{tmp}/never.png"],
+    ],
+)
+def test_unknown_builtin_model(tmp_path, capsys, argv):
+    argv = [arg.format(tmp=tmp_path) for arg in argv] + ["-q"]
+    code, out, err = run(argv, capsys)
+    line = assert_one_line_error(code, err, argv[0])
+    assert "tiny-nope" in line
+    assert "tiny-unet, tiny-unet-text, tiny-dit" in line
+    assert out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_recipe_file_with_unknown_key(tmp_path, capsys):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("weight:\n  bitz: 4\n")
+    output = tmp_path / "never"
+    code, out, err = run(["quantize", "tiny-dit", "-o", str(output), "--recipe", str(recipe), *CALIB, "-q"], capsys)
+    line = assert_one_line_error(code, err, "quantize")
+    assert "weight.bitz: unknown key" in line
+    assert "did you mean 'bits'?" in line
+    assert "typo.yaml" in line
+    assert not output.exists()
+
+
+def test_unknown_recipe_name(capsys):
+    code, _, err = run(["inspect", "tiny-dit", "--recipe", "msee", "-q"], capsys)
+    line = assert_one_line_error(code, err, "inspect")
+    assert "unknown recipe 'msee'" in line and "minmax, mse" in line
+
+
+def test_eval_missing_checkpoint(tmp_path, capsys):
+    missing = tmp_path / "no-such-checkpoint"
+    code, out, err = run(["eval", str(missing), *SAMPLING, "-q"], capsys)
+    line = assert_one_line_error(code, err, "eval")
+    assert str(missing) in line
+    assert out == ""
+
+
+def test_eval_of_an_fp_model_is_refused(capsys):
+    code, _, err = run(["eval", "tiny-dit", *SAMPLING, "-q"], capsys)
+    assert "not quantized by dmquant" in assert_one_line_error(code, err, "eval")
+
+
+def test_unsupported_w_bits(tmp_path, capsys):
+    code, _, err = run(["quantize", "tiny-dit", "-o", str(tmp_path / "never"), "--w-bits", "9", *CALIB, "-q"], capsys)
+    assert "unsupported integer bit width 9" in assert_one_line_error(code, err, "quantize")
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.xfail(
+    reason="--a-bits fp8_e4m3 (a format the help offers) only swaps the bits: the shipped recipes' "
+    "activations are asymmetric, which float formats refuse, so every shipped recipe errors out",
+    raises=AssertionError,
+    strict=True,
+)
+def test_float_activation_format_with_shipped_recipe(capsys):
+    code, out, err = run(["inspect", "tiny-dit", "--a-bits", "fp8_e4m3", "-q"], capsys)
+    assert code == 0, err
+    rows = table_rows(out, "name")
+    assert {row["activation"] for row in rows if row["kind"] == "Linear"} == {"fp8_e4m3"}
