@@ -103,7 +103,7 @@ def test_version(capsys):
     "command, options",
     [
         ("quantize", ["--output", "--overwrite", "--recipe", "--w-bits", "--a-bits", "--calib-trajectories",
-                      "--calib-steps", "--scheduler", "--quiet", "tiny-dit"]),
+                      "--calib-steps", "--scheduler", "--device", "--quiet", "built-in model"]),
         ("sample", ["--output", "--num-samples", "--steps", "--seed", "--batch-size", "--labels", "--prompt",
                     "--guidance", "--base", "--quiet"]),
         ("eval", ["--base", "--json", "--num-samples", "--steps", "--seed", "--batch-size", "--quiet"]),
