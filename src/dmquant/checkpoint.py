@@ -110,13 +110,25 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_target(directory: str | Path, *, overwrite: bool) -> Path:
+    """Refuse an output path that exists, unless ``overwrite`` and it is an empty or checkpoint directory."""
+    target = Path(directory)
+    if not target.exists():
+        return target
+    if not overwrite:
+        raise CheckpointError(f"{target} exists; choose another directory or pass overwrite=True (--overwrite)")
+    if not target.is_dir():
+        raise CheckpointError(f"{target} is a file, not a checkpoint directory; it is left as it is")
+    if any(target.iterdir()) and not (target / MANIFEST_FILE).exists():
+        raise CheckpointError(f"{target} is a non-empty directory that holds no dmquant checkpoint; not overwriting it")
+    return target
+
+
 def write_checkpoint(
     directory: str | Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], *, overwrite: bool = False
 ) -> Path:
     """Write tensors + manifest to ``directory`` atomically (temp dir + rename)."""
-    target = Path(directory)
-    if target.exists() and not overwrite:
-        raise CheckpointError(f"{target} exists; choose another directory or pass overwrite=True (--overwrite)")
+    target = check_target(directory, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -15,6 +16,7 @@ import torch
 
 from . import __version__
 from .api import info, save
+from .checkpoint import MANIFEST_FILE, check_target
 from .config import QuantConfig, available_recipes, load_recipe
 from .core.attach import attach_quantizers, find_shortcut_splits
 from .denoiser import Denoiser
@@ -33,12 +35,19 @@ def _bits(value: str) -> int | str:
     return int(value) if value.isdigit() else value
 
 
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
 def _add_sampling_options(parser: argparse.ArgumentParser, num_samples: int) -> None:
     group = parser.add_argument_group("sampling")
-    group.add_argument("--num-samples", type=int, default=num_samples, help="images to generate (default: %(default)s)")
-    group.add_argument("--steps", type=int, default=20, help="sampling steps (default: %(default)s)")
+    group.add_argument("--num-samples", type=_positive_int, default=num_samples, help="images to generate (default: %(default)s)")
+    group.add_argument("--steps", type=_positive_int, default=20, help="sampling steps (default: %(default)s)")
     group.add_argument("--seed", type=int, default=0, help="seed of the first batch; batch i uses seed+i (default: 0)")
-    group.add_argument("--batch-size", type=int, default=16, help="samples per batch (default: %(default)s)")
+    group.add_argument("--batch-size", type=_positive_int, default=16, help="samples per batch (default: %(default)s)")
     group.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
     group.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default: 0)")
     group.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler to use instead of the model's own")
@@ -51,13 +60,29 @@ def _prepared(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel
     return model.with_scheduler(scheduler) if scheduler else model
 
 
-def _recipe(args: argparse.Namespace) -> QuantConfig:
-    config = load_recipe(args.recipe).with_bits(args.w_bits, args.a_bits)
-    if getattr(args, "calib_trajectories", None):
-        config.calibration.num_trajectories = args.calib_trajectories
-    if getattr(args, "calib_steps", None):
-        config.calibration.num_inference_steps = args.calib_steps
+def _recipe(args: argparse.Namespace, bits: tuple = (None, None)) -> QuantConfig:
+    """The recipe with the command line's overrides (bits, calibration size) applied and validated."""
+    weight_bits = bits[0] if bits[0] is not None else getattr(args, "w_bits", None)
+    activation_bits = bits[1] if bits[1] is not None else getattr(args, "a_bits", None)
+    config = load_recipe(args.recipe).with_bits(weight_bits, activation_bits)
+    overrides = {
+        "num_trajectories": getattr(args, "calib_trajectories", None),
+        "num_inference_steps": getattr(args, "calib_steps", None),
+    }
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        config.calibration = dataclasses.replace(config.calibration, **overrides)
+    except DmquantError as error:
+        raise DmquantError(f"calibration.{error}") from None
     return config
+
+
+def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("calibration")
+    group.add_argument("--calib-trajectories", type=int, help="FP trajectories to record calibration data from "
+                       "(default: the recipe's)")
+    group.add_argument("--calib-steps", type=int, help="sampling steps of the calibration trajectories "
+                       "(default: the recipe's)")
 
 
 def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
@@ -77,9 +102,7 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     model = _prepared(open_model(args.model), args)
     config = _recipe(args)
-    output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise DmquantError(f"{output} exists; choose another --output or pass --overwrite")
+    output = check_target(args.output, overwrite=args.overwrite)
     print(f"quantizing {model.name} with recipe {config.name}: weights {config.weight.describe()}, "
           f"activations {config.activation.describe()}")
     started = time.perf_counter()
@@ -91,6 +114,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    if Path(args.output).suffix.lower() != ".png":
+        raise DmquantError(f"--output {args.output}: the grid is written as PNG; give a name ending in .png")
     model = _prepared(open_model(args.model, base=args.base), args)
     images, conditioning = generate(
         model,
@@ -141,6 +166,9 @@ def _json_ready(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if not (Path(args.model) / MANIFEST_FILE).exists():
+        raise DmquantError(f"{args.model}: not a dmquant checkpoint directory (no {MANIFEST_FILE}); "
+                           "make one with `dmquant quantize`")
     quantized = _prepared(open_model(args.model, base=args.base), args)
     source = args.base or info(quantized.denoiser).source
     fp = _prepared(open_model(source), args)
@@ -206,7 +234,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     fp_images = None
     for w_bits, a_bits in ((8, 8), (4, 8)):
         label = f"w{w_bits}a{a_bits}"
-        config = load_recipe(args.recipe).with_bits(w_bits, a_bits)
+        config = _recipe(args, bits=(w_bits, a_bits))
         quantized = quantize_model(fp, config, progress=not args.quiet)
         checkpoint = save(quantized.denoiser, output / label, overwrite=True)
         reloaded = _prepared(open_model(str(checkpoint)), args)
@@ -246,8 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="checkpoint directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     _add_recipe_options(p)
-    p.add_argument("--calib-trajectories", type=int, help="FP trajectories to record calibration data from")
-    p.add_argument("--calib-steps", type=int, help="sampling steps of the calibration trajectories")
+    _add_calibration_options(p)
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler for calibration instead of the model's own")
     p.set_defaults(run=cmd_quantize)
 
@@ -283,8 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny-unet", help="model to run on (default: %(default)s)")
     p.add_argument("--recipe", default="mse", help="recipe (default: %(default)s)")
     p.add_argument("-o", "--output", default="out/demo", help="where results go (default: %(default)s)")
-    p.add_argument("--num-samples", type=int, default=16, help="samples to compare (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps (default: %(default)s)")
+    p.add_argument("--num-samples", type=_positive_int, default=16, help="samples to compare (default: %(default)s)")
+    p.add_argument("--steps", type=_positive_int, default=20, help="sampling steps (default: %(default)s)")
+    _add_calibration_options(p)
     p.set_defaults(run=cmd_demo)
 
     for sub in commands.choices.values():

@@ -7,6 +7,7 @@ for unknown keys, the valid ones.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import fnmatch
@@ -15,10 +16,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
+from .calib.strategies import get_strategy
 from .core.observers import OBSERVERS
 from .core.primitives import FloatFormat, Granularity, IntFormat, QFormat, parse_format
 from .errors import ConfigError
@@ -51,8 +53,8 @@ class QuantizerConfig:
     enabled: bool = True
 
     def __post_init__(self) -> None:
-        fmt = self.format  # validates bits
-        self.granularity_spec  # validates granularity
+        fmt = _keyed("bits", lambda: self.format)
+        _keyed("granularity", lambda: self.granularity_spec)
         if fmt.is_float and not self.symmetric:
             raise ConfigError(f"symmetric: float format {fmt.name} supports symmetric quantization only")
         if self.observer not in OBSERVERS:
@@ -70,7 +72,7 @@ class QuantizerConfig:
     def format(self) -> QFormat:
         fmt = parse_format(self.bits)
         if isinstance(fmt, IntFormat):
-            return IntFormat(fmt.bits, signed=self.symmetric and not self.unsigned)
+            return IntFormat(fmt.bits, signed=fmt.signed and self.symmetric and not self.unsigned)
         return fmt
 
     @property
@@ -88,7 +90,11 @@ class QuantizerConfig:
         return per_observer[self.observer]
 
     def with_bits(self, bits: int | str | None) -> QuantizerConfig:
-        return self if bits is None else dataclasses.replace(self, bits=bits)
+        """A copy at ``bits``; float formats have no zero point, so they make it symmetric."""
+        if bits is None:
+            return self
+        is_float = _keyed("bits", lambda: parse_format(bits)).is_float
+        return dataclasses.replace(self, bits=bits, symmetric=self.symmetric or is_float)
 
     def describe(self) -> str:
         fmt = self.format
@@ -118,8 +124,8 @@ class AttentionConfig:
 
     def __post_init__(self) -> None:
         if self.bits is not None:
-            parse_format(self.bits)
-        fmt = parse_format(self.softmax_bits)
+            _keyed("bits", lambda: parse_format(self.bits))
+        fmt = _keyed("softmax_bits", lambda: parse_format(self.softmax_bits))
         if fmt.is_float:
             raise ConfigError(f"softmax_bits: the softmax output uses unsigned integers, got {fmt.name}")
 
@@ -146,15 +152,12 @@ class LayerRule:
         for name in ("weight_bits", "activation_bits"):
             value = getattr(self, name)
             if value is not None:
-                try:
-                    parse_format(value)
-                except ConfigError as error:
-                    raise ConfigError(f"{name}: {error}") from None
+                _keyed(name, lambda: parse_format(value))
         if self.keep_fp and (self.weight_bits is not None or self.activation_bits is not None):
-            raise ConfigError(f"rule {self.pattern!r}: keep_fp cannot be combined with bit overrides")
+            raise ConfigError(f"keep_fp: cannot be combined with weight_bits/activation_bits (rule {self.pattern!r})")
 
     def matches(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, glob) for glob in self.pattern.split("|"))
+        return any(fnmatch.fnmatchcase(name, glob.strip()) for glob in self.pattern.split("|"))
 
 
 @dataclass
@@ -181,6 +184,7 @@ class CalibrationConfig:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.guidance_scale < 0 or self.eta < 0:
             raise ConfigError("guidance_scale and eta: must be >= 0")
+        _keyed("strategy", lambda: get_strategy(self.strategy, **self.strategy_options))
 
 
 @dataclass
@@ -199,7 +203,9 @@ class QuantConfig:
     def with_bits(self, weight_bits: int | str | None = None, activation_bits: int | str | None = None) -> QuantConfig:
         """A copy with the default weight / activation bit widths replaced (rules still apply)."""
         return dataclasses.replace(
-            self, weight=self.weight.with_bits(weight_bits), activation=self.activation.with_bits(activation_bits)
+            copy.deepcopy(self),
+            weight=self.weight.with_bits(weight_bits),
+            activation=self.activation.with_bits(activation_bits),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,10 +216,22 @@ class QuantConfig:
         return _build(cls, data, "")
 
 
-def _build(cls: type, data: Any, path: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, checking every key and value type."""
+def _keyed(key: str, check: Callable[[], Any]) -> Any:
+    """Run ``check`` and prefix any ConfigError it raises with ``key``."""
+    try:
+        return check()
+    except ConfigError as error:
+        raise ConfigError(f"{key}: {error}") from None
+
+
+def _build(cls: type, data: Any, path: str, base: Any = None) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking every key and value type.
+
+    Keys the mapping leaves out keep their values in ``base`` (the enclosing config's default
+    for this section) or, without one, the class defaults.
+    """
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{path or 'recipe'}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{path.rstrip('.') or 'recipe'}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -223,17 +241,32 @@ def _build(cls: type, data: Any, path: str) -> Any:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{key_path}: unknown key{hint}; valid keys: {', '.join(fields)}")
-        kwargs[key] = _convert(hints[key], value, key_path)
+        kwargs[key] = _convert(hints[key], value, key_path, _field_default(fields[key]))
+    if base is None:
+        missing = [name for name, f in fields.items() if name not in kwargs and _field_default(f) is _REQUIRED]
+        if missing:
+            raise ConfigError(f"{path}{missing[0]}: required key missing")
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except ConfigError as error:
         raise ConfigError(f"{path}{error}" if path else str(error)) from None
 
 
-def _convert(hint: Any, value: Any, path: str) -> Any:
+_REQUIRED = object()
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return _REQUIRED
+
+
+def _convert(hint: Any, value: Any, path: str, default: Any = None) -> Any:
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path + ".")
+        return _build(hint, value, path + ".", default if dataclasses.is_dataclass(default) else None)
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
@@ -279,7 +312,9 @@ def load_recipe(name_or_path: str | Path) -> QuantConfig:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {error}") from None
-    data = data or {}
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path.name}: expected a mapping at the top level, got {type(data).__name__}")
     data.setdefault("name", path.stem)
     try:
         return QuantConfig.from_dict(data)

@@ -22,11 +22,20 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import nn
 
 from .errors import ModelError
-from .sampling import Conditioning
+from .sampling import Conditioning, copy_scheduler
 from .zoo import tiny
 
 #: Scheduler names accepted by ``--scheduler``; each is built from the model's own scheduler config.
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm-solver": DPMSolverMultistepScheduler}
+#: Denoiser classes dmquant loads from a model directory.
+DENOISER_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
+#: Prompts used for calibration and sampling of text-to-image pipelines when none are given.
+GENERIC_PROMPTS = (
+    "a photograph of a red car on a street",
+    "a watercolor painting of mountains at sunset",
+    "a close-up portrait of a smiling person",
+    "a bowl of fruit on a wooden table",
+)
 #: Optional file in a model directory that states how the model is conditioned.
 MODEL_INFO_FILE = "dmquant_model.json"
 
@@ -64,7 +73,7 @@ class DiffusionModel:
     def with_scheduler(self, name: str) -> DiffusionModel:
         if name not in SCHEDULERS:
             raise ModelError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
-        return dataclasses.replace(self, scheduler=SCHEDULERS[name].from_config(self.scheduler.config))
+        return dataclasses.replace(self, scheduler=copy_scheduler(self.scheduler, SCHEDULERS[name]))
 
     def make_conditioning(
         self,
@@ -84,6 +93,8 @@ class DiffusionModel:
             return Conditioning.classes(batch, null_label=self.null_class, guidance_scale=scale)
         if self.conditioning == "text":
             chosen = list(prompts) if prompts else self.default_prompts
+            if not chosen:
+                raise ModelError(f"{self.name}: give prompts, or default_prompts in {MODEL_INFO_FILE}")
             batch = [chosen[i % len(chosen)] for i in range(batch_size)]
             return Conditioning.embeddings(
                 self.encode_prompts(batch), negative=self.encode_prompts([""] * batch_size), guidance_scale=scale
@@ -199,11 +210,19 @@ def _from_pipeline(path: Path) -> DiffusionModel:
     vae = getattr(pipe, "vae", None)
     if getattr(pipe, "text_encoder", None) is not None and hasattr(pipe, "encode_prompt"):
 
+        @torch.no_grad()
         def encode(prompts: list[str]) -> torch.Tensor:
             return pipe.encode_prompt(prompts, pipe.device, 1, False)[0]
 
         return DiffusionModel(
-            path.name, denoiser, pipe.scheduler, "text", vae=vae, encode_prompts=encode, guidance_scale=7.5
+            path.name,
+            denoiser,
+            pipe.scheduler,
+            "text",
+            vae=vae,
+            encode_prompts=encode,
+            default_prompts=list(GENERIC_PROMPTS),
+            guidance_scale=7.5,
         )
     model = _conditioning_from_config(DiffusionModel(path.name, denoiser, pipe.scheduler, vae=vae))
     return model
@@ -211,10 +230,16 @@ def _from_pipeline(path: Path) -> DiffusionModel:
 
 def _from_model_dir(path: Path) -> DiffusionModel:
     class_name = _read_json(path / "config.json").get("_class_name")
-    model_class = getattr(diffusers, str(class_name), None)
-    if model_class is None or not hasattr(model_class, "from_pretrained"):
-        raise ModelError(f"{path}: config.json names {class_name!r}, not a diffusers model class")
-    denoiser = model_class.from_pretrained(path, local_files_only=True).eval()
+    if class_name not in DENOISER_CLASSES:
+        raise ModelError(
+            f"{path}: config.json names {class_name!r}, not a denoiser dmquant loads ({', '.join(DENOISER_CLASSES)})"
+        )
+    try:
+        denoiser = getattr(diffusers, class_name).from_pretrained(path, local_files_only=True).eval()
+    except Exception as error:  # diffusers raises OSError, ValueError, ... for a broken directory
+        raise ModelError(f"{path}: cannot load the {class_name} ({error})") from None
+    if class_name == "UNet2DConditionModel" and not (path / MODEL_INFO_FILE).exists():
+        raise ModelError(f"{path}: a UNet2DConditionModel needs a text encoder: load the whole pipeline directory")
     scheduler_dir = next((d for d in (path / "scheduler", path) if (d / "scheduler_config.json").exists()), None)
     if scheduler_dir is None:
         warnings.warn(f"{path}: no scheduler_config.json; using a 1000-step linear-beta DDIM scheduler")
@@ -235,10 +260,6 @@ def _conditioning_from_config(model: DiffusionModel) -> DiffusionModel:
     if getattr(config, "num_class_embeds", None):
         num = config.num_class_embeds - 1
         return dataclasses.replace(model, conditioning="class", num_classes=num, null_class=num)
-    if isinstance(model.denoiser, diffusers.UNet2DConditionModel):
-        raise ModelError(
-            f"{model.name}: a UNet2DConditionModel needs a text encoder: load the whole pipeline directory"
-        )
     return model
 
 
@@ -249,7 +270,16 @@ def _apply_model_info(model: DiffusionModel, path: Path) -> DiffusionModel:
         return model
     info = _read_json(info_path)
     allowed = {"conditioning", "num_classes", "null_class", "default_prompts", "guidance_scale"}
-    unknown = set(info) - allowed - {"name"}
+    unknown = set(info) - allowed
     if unknown:
         raise ModelError(f"{info_path}: unknown keys {sorted(unknown)}; valid: {sorted(allowed)}")
-    return dataclasses.replace(model, **{k: v for k, v in info.items() if k in allowed})
+    model = dataclasses.replace(model, **info)
+    if model.conditioning not in ("none", "class", "text"):
+        raise ModelError(f"{info_path}: conditioning must be none, class or text, got {model.conditioning!r}")
+    if model.conditioning == "class" and not (
+        isinstance(model.num_classes, int) and isinstance(model.null_class, int) and model.num_classes > 0
+    ):
+        raise ModelError(f"{info_path}: class conditioning needs integer num_classes and null_class")
+    if model.conditioning == "text" and model.encode_prompts is None:
+        raise ModelError(f"{info_path}: text conditioning needs a text encoder: load the whole pipeline directory")
+    return model

@@ -190,8 +190,8 @@ def _accepted_kwargs(fn: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
     return {name: value for name, value in kwargs.items() if name in parameters}
 
 
-def copy_scheduler(scheduler: Any) -> Any:
-    """A fresh scheduler of the same class and configuration, sharing no state with ``scheduler``.
+def copy_scheduler(scheduler: Any, scheduler_class: type | None = None) -> Any:
+    """A fresh scheduler of the same (or the given) class and configuration, sharing no state with ``scheduler``.
 
     ``from_config`` leaves out the keys a config lists in ``_use_default_values`` (those at their
     defaults when the scheduler was built), so a config patched afterwards, as
@@ -199,7 +199,7 @@ def copy_scheduler(scheduler: Any) -> Any:
     list is dropped to copy the configuration as it stands.
     """
     config = {key: value for key, value in scheduler.config.items() if key != "_use_default_values"}
-    return type(scheduler).from_config(config)
+    return (scheduler_class or type(scheduler)).from_config(config)
 
 
 def prepare_scheduler(scheduler: Any, num_inference_steps: int, device: torch.device | str | None = None) -> Any:
