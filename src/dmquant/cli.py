@@ -53,6 +53,18 @@ def _add_sampling_options(parser: argparse.ArgumentParser, num_samples: int) -> 
     group.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler to use instead of the model's own")
 
 
+def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling options of the command line, as ``generate`` and ``compare`` take them."""
+    return {
+        "num_inference_steps": args.steps,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "guidance_scale": args.guidance,
+        "eta": args.eta,
+        "progress": not args.quiet,
+    }
+
+
 def _prepared(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel:
     """The model on ``--device``, with ``--scheduler`` applied where the command has it."""
     model = model.to(args.device)
@@ -118,16 +130,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise DmquantError(f"--output {args.output}: the grid is written as PNG; give a name ending in .png")
     model = _prepared(open_model(args.model, base=args.base), args)
     images, conditioning = generate(
-        model,
-        args.num_samples,
-        num_inference_steps=args.steps,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        guidance_scale=args.guidance,
-        eta=args.eta,
-        labels=args.labels,
-        prompts=args.prompt,
-        progress=not args.quiet,
+        model, args.num_samples, labels=args.labels, prompts=args.prompt, **_sampling_kwargs(args)
     )
     grid = save_image_grid(images, args.output)
     extra = {k: v.numpy() for k, v in conditioning.cond.items() if k == "class_labels"}
@@ -172,17 +175,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     quantized = _prepared(open_model(args.model, base=args.base), args)
     source = args.base or info(quantized.denoiser).source
     fp = _prepared(open_model(source), args)
-    results = compare(
-        fp,
-        quantized,
-        num_samples=args.num_samples,
-        num_inference_steps=args.steps,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        guidance_scale=args.guidance,
-        eta=args.eta,
-        progress=not args.quiet,
-    )
+    results = compare(fp, quantized, num_samples=args.num_samples, **_sampling_kwargs(args))
     print(f"{args.model} vs FP {source} ({args.num_samples} samples, {args.steps} steps, seed {args.seed})\n")
     print(_compare_table(results))
     print("\nper step:\n" + markdown_table(results["steps"], ["step_index", "timestep", "sqnr_db", "mse"]))

@@ -7,6 +7,9 @@ reference model ships.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
@@ -16,16 +19,17 @@ TINY_NUM_CLASSES = 10
 TINY_TEXT_DIM = 32
 
 
-def _seeded(seed: int):
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    return generator_state
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Initialise weights from ``seed`` without disturbing the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def tiny_unet2d(seed: int = 0, class_conditional: bool = True) -> UNet2DModel:
     """A pixel-space ``UNet2DModel`` (16×16×3) with self-attention at the lower resolution."""
-    state = _seeded(seed)
-    try:
+    with _seeded(seed):
         return UNet2DModel(
             sample_size=16,
             in_channels=3,
@@ -38,14 +42,11 @@ def tiny_unet2d(seed: int = 0, class_conditional: bool = True) -> UNet2DModel:
             attention_head_dim=16,
             num_class_embeds=TINY_NUM_CLASSES + 1 if class_conditional else None,
         ).eval()
-    finally:
-        torch.random.set_rng_state(state)
 
 
 def tiny_unet2d_condition(seed: int = 0) -> UNet2DConditionModel:
     """A latent ``UNet2DConditionModel`` (8×8×4) with cross-attention to ``TINY_TEXT_DIM`` embeddings."""
-    state = _seeded(seed)
-    try:
+    with _seeded(seed):
         return UNet2DConditionModel(
             sample_size=8,
             in_channels=4,
@@ -58,8 +59,6 @@ def tiny_unet2d_condition(seed: int = 0) -> UNet2DConditionModel:
             norm_num_groups=8,
             attention_head_dim=8,
         ).eval()
-    finally:
-        torch.random.set_rng_state(state)
 
 
 def tiny_dit(seed: int = 0, num_embeds_ada_norm: int = 1000) -> DiTTransformer2DModel:
@@ -68,8 +67,7 @@ def tiny_dit(seed: int = 0, num_embeds_ada_norm: int = 1000) -> DiTTransformer2D
     ``num_embeds_ada_norm`` defaults to 1000 because diffusers' ``DiTPipeline`` hard-codes 1000
     as the null class for classifier-free guidance.
     """
-    state = _seeded(seed)
-    try:
+    with _seeded(seed):
         return DiTTransformer2DModel(
             num_attention_heads=2,
             attention_head_dim=16,
@@ -80,14 +78,11 @@ def tiny_dit(seed: int = 0, num_embeds_ada_norm: int = 1000) -> DiTTransformer2D
             patch_size=2,
             num_embeds_ada_norm=num_embeds_ada_norm,
         ).eval()
-    finally:
-        torch.random.set_rng_state(state)
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
     """An ``AutoencoderKL`` mapping 16×16×3 images to 8×8×4 latents, for latent pipelines."""
-    state = _seeded(seed)
-    try:
+    with _seeded(seed):
         return AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -98,5 +93,3 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
             norm_num_groups=8,
             sample_size=16,
         ).eval()
-    finally:
-        torch.random.set_rng_state(state)
