@@ -82,7 +82,7 @@ def quantize(
     if report.num_quantized == 0:
         raise ModelError(f"{type(model).__name__} has no Linear, Conv2d or attention layer left to quantize")
     name_quantizers(model)
-    calibrate_weights(model)
+    calibrate_weights(model, progress=progress)
     calibrate_activations(model, calibration, batch_size=batch_size, progress=progress)
     setattr(model, INFO_ATTRIBUTE, QuantizationInfo(config, report, splits, num_steps, source=source))
     return model

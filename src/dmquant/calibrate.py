@@ -22,13 +22,11 @@ def name_quantizers(model: nn.Module) -> None:
             module.name = name
 
 
-def calibrate_weights(model: nn.Module) -> None:
+def calibrate_weights(model: nn.Module, *, progress: bool = True) -> None:
     """Set every enabled weight quantizer's range from its own weight."""
-    for module in model.modules():
-        if isinstance(module, QUANT_LAYERS):
-            for quantizer, weight in module.weight_parts():
-                if quantizer.enabled:
-                    quantizer.calibrate_on(weight)
+    parts = [(q, w) for m in model.modules() if isinstance(m, QUANT_LAYERS) for q, w in m.weight_parts() if q.enabled]
+    for quantizer, weight in tqdm(parts, desc="weight ranges", unit="tensor", disable=not progress):
+        quantizer.calibrate_on(weight)
 
 
 def _activation_quantizers(model: nn.Module) -> list[Quantizer]:
@@ -78,6 +76,6 @@ def calibrate_activations(
     if unseen:
         names = ", ".join(q.name for q in unseen[:5]) + (" ..." if len(unseen) > 5 else "")
         warnings.warn(f"{len(unseen)} activation quantizers never ran on the calibration data and stay FP: {names}")
-    for quantizer in targets:
+    for quantizer in tqdm(targets, desc="activation ranges", unit="quantizer", disable=not progress):
         if quantizer.enabled:
             quantizer.finalize()

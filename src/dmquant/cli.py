@@ -31,6 +31,15 @@ MODEL_HELP = (
 )
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps descriptions as usual but keeps the example lines of an epilog as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("example:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 def _bits(value: str) -> int | str:
     return int(value) if value.isdigit() else value
 
@@ -91,9 +100,9 @@ def _recipe(args: argparse.Namespace, bits: tuple = (None, None)) -> QuantConfig
 
 def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("calibration")
-    group.add_argument("--calib-trajectories", type=int, help="FP trajectories to record calibration data from "
+    group.add_argument("--calib-trajectories", type=int, metavar="N", help="FP trajectories to record calibration data from "
                        "(default: the recipe's)")
-    group.add_argument("--calib-steps", type=int, help="sampling steps of the calibration trajectories "
+    group.add_argument("--calib-steps", type=int, metavar="N", help="sampling steps of the calibration trajectories "
                        "(default: the recipe's)")
 
 
@@ -104,8 +113,8 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
         default="mse",
         help=f"recipe name ({', '.join(available_recipes())}) or path to a YAML/TOML recipe (default: %(default)s)",
     )
-    group.add_argument("--w-bits", type=_bits, help="weight bits (2-8, 16) or format (fp8_e4m3, fp4_e2m1); overrides the recipe")
-    group.add_argument("--a-bits", type=_bits, help="activation bits or format; overrides the recipe")
+    group.add_argument("--w-bits", type=_bits, metavar="BITS", help="weight bits (2-8, 16) or format (fp8_e4m3, fp4_e2m1); overrides the recipe")
+    group.add_argument("--a-bits", type=_bits, metavar="BITS", help="activation bits or format; overrides the recipe")
 
 
 # ---------------------------------------------------------------- commands
@@ -260,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dmquant {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("quantize", help="calibrate on the model's own trajectories and save a quantized checkpoint",
+    p = commands.add_parser("quantize", epilog="example:\n  dmquant quantize tiny-unet -o out/w4a8 --recipe mse --w-bits 4 --a-bits 8", formatter_class=_HelpFormatter, help="calibrate on the model's own trajectories and save a quantized checkpoint",
                             description="Record calibration data from the FP model's sampling trajectories, "
                             "quantize its denoiser as the recipe says, and save a checkpoint directory.")
     p.add_argument("model", help=MODEL_HELP)
@@ -271,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler for calibration instead of the model's own")
     p.set_defaults(run=cmd_quantize)
 
-    p = commands.add_parser("sample", help="generate images: a grid PNG and an .npz of the samples",
+    p = commands.add_parser("sample", epilog="example:\n  dmquant sample out/w4a8 --labels 1,2,3 --num-samples 9 -o out/w4a8.png", formatter_class=_HelpFormatter, help="generate images: a grid PNG and an .npz of the samples",
                             description="Generate images with an FP model or a quantized checkpoint.")
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("-o", "--output", default="samples.png", help="grid PNG to write; the .npz goes beside it")
@@ -281,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(p, num_samples=16)
     p.set_defaults(run=cmd_sample)
 
-    p = commands.add_parser("eval", help="compare a quantized checkpoint with its FP model",
+    p = commands.add_parser("eval", epilog="example:\n  dmquant eval out/w4a8 --num-samples 64 --json out/w4a8-eval.json", formatter_class=_HelpFormatter, help="compare a quantized checkpoint with its FP model",
                             description="Sample FP and quantized models from the same noise and report PSNR/SSIM of "
                             "the final samples, per-step SQNR of the noise estimate, size and BOPs.")
     p.add_argument("model", help="a dmquant checkpoint directory")
@@ -290,14 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(p, num_samples=16)
     p.set_defaults(run=cmd_eval)
 
-    p = commands.add_parser("inspect", help="list the layers and how they are (or would be) quantized",
+    p = commands.add_parser("inspect", epilog="example:\n  dmquant inspect tiny-unet --recipe mse --w-bits 4", formatter_class=_HelpFormatter, help="list the layers and how they are (or would be) quantized",
                             description="For a checkpoint: its layer report. For an FP model: what a recipe would do "
                             "to each layer, including the split shortcut convs it finds.")
     p.add_argument("model", help=MODEL_HELP)
     _add_recipe_options(p)
     p.set_defaults(run=cmd_inspect)
 
-    p = commands.add_parser("demo", help="the whole job on a shipped model: quantize, save, reload, compare",
+    p = commands.add_parser("demo", epilog="example:\n  dmquant demo --model tiny-dit -o out/demo-dit", formatter_class=_HelpFormatter, help="the whole job on a shipped model: quantize, save, reload, compare",
                             description="Quantize a model at W8A8 and W4A8, save and reload the checkpoints, "
                             "and compare each with full precision.")
     p.add_argument("--model", default="tiny-unet", help="model to run on (default: %(default)s)")
