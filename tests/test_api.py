@@ -77,7 +77,9 @@ def test_packed_codes_make_low_bit_checkpoints_small(unet, calibration, tmp_path
 def test_quantize_leaves_the_fp_model_alone(unet, calibration):
     before = _outputs(unet.denoiser, calibration)
     api.quantize(unet.denoiser, "minmax", calibration, progress=False)
-    assert all(type(m) in (nn.Conv2d, nn.Linear) for m in unet.denoiser.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert all(
+        type(m) in (nn.Conv2d, nn.Linear) for m in unet.denoiser.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    )
     assert torch.equal(_outputs(unet.denoiser, calibration), before)
 
 
@@ -151,8 +153,10 @@ def test_missing_or_foreign_directory_is_refused(tmp_path):
 
 def test_empty_calibration_set_is_refused(unet, calibration):
     empty = CalibrationSet(
-        samples=calibration.samples[:0], timesteps=calibration.timesteps[:0],
-        step_indices=calibration.step_indices[:0], cond={k: v[:0] for k, v in calibration.cond.items()},
+        samples=calibration.samples[:0],
+        timesteps=calibration.timesteps[:0],
+        step_indices=calibration.step_indices[:0],
+        cond={k: v[:0] for k, v in calibration.cond.items()},
         num_inference_steps=calibration.num_inference_steps,
     )
     with pytest.raises(CalibrationError, match="empty"):
@@ -161,8 +165,10 @@ def test_empty_calibration_set_is_refused(unet, calibration):
 
 def test_non_finite_calibration_activation_names_layer_and_step(unet, calibration):
     poisoned = CalibrationSet(
-        samples=calibration.samples.clone(), timesteps=calibration.timesteps,
-        step_indices=calibration.step_indices, cond=calibration.cond,
+        samples=calibration.samples.clone(),
+        timesteps=calibration.timesteps,
+        step_indices=calibration.step_indices,
+        cond=calibration.cond,
         num_inference_steps=calibration.num_inference_steps,
     )
     last_step = int(calibration.step_indices.max())
@@ -192,9 +198,13 @@ def test_generic_module_quantizes_saves_and_loads_with_model_argument(calibratio
             return self.out(torch.relu(self.proj(self.conv(x))))
 
     torch.manual_seed(0)
-    data = CalibrationSet(samples=calibration.samples, timesteps=calibration.timesteps,
-                          step_indices=calibration.step_indices, cond={},
-                          num_inference_steps=calibration.num_inference_steps)
+    data = CalibrationSet(
+        samples=calibration.samples,
+        timesteps=calibration.timesteps,
+        step_indices=calibration.step_indices,
+        cond={},
+        num_inference_steps=calibration.num_inference_steps,
+    )
     model = api.quantize(Tiny(), load_recipe("minmax").with_bits(4, 8), data, progress=False)
     api.save(model, tmp_path / "q")
     with pytest.raises(CheckpointError, match="pass an instance of it"):

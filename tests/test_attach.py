@@ -22,8 +22,12 @@ def test_shortcut_splits_of_unet2d_match_hand_derivation():
     # block_out_channels (32, 64), layers_per_block 1 -> up blocks of 2 resnets each.
     # up_blocks.0: prev 64, out 64; resnet0 gets cat(h:64, skip:64), resnet1 cat(h:64, skip:32)
     # up_blocks.1: prev 64, out 32; resnet0 gets cat(h:64, skip:32), resnet1 cat(h:32, skip:32)
-    expected_h = {"up_blocks.0.resnets.0": 64, "up_blocks.0.resnets.1": 64,
-                  "up_blocks.1.resnets.0": 64, "up_blocks.1.resnets.1": 32}
+    expected_h = {
+        "up_blocks.0.resnets.0": 64,
+        "up_blocks.0.resnets.1": 64,
+        "up_blocks.1.resnets.0": 64,
+        "up_blocks.1.resnets.1": 32,
+    }
     expected = {f"{resnet}.{conv}": h for resnet, h in expected_h.items() for conv in ("conv1", "conv_shortcut")}
     assert _splits(tiny_unet2d(), {"class_labels": torch.tensor([0])}) == expected
 

@@ -86,8 +86,15 @@ def test_records_the_inputs_of_a_plain_run(unet):
     steps = [0, 2, 4]
     calibration = record(unet, steps=steps, generator=seeded())
     plain = Inputs()
-    sample(unet, DDIMScheduler(), batch_size=BATCH, num_inference_steps=STEPS, hooks=[plain],
-           generator=seeded(), progress=False)
+    sample(
+        unet,
+        DDIMScheduler(),
+        batch_size=BATCH,
+        num_inference_steps=STEPS,
+        hooks=[plain],
+        generator=seeded(),
+        progress=False,
+    )
     timesteps = prepare_scheduler(DDIMScheduler(), STEPS).timesteps
 
     assert len(calibration) == BATCH * len(steps)
@@ -118,9 +125,7 @@ def test_guided_runs_record_both_copies(class_unet):
 
 def test_trajectories_are_batched_and_conditioning_is_sliced(class_unet):
     conditioning = Conditioning.classes([1, 2, 3], null_label=TINY_NUM_CLASSES, guidance_scale=2.0)
-    calibration = record(
-        class_unet, steps=[0], num_trajectories=3, conditioning=conditioning, generator=seeded()
-    )
+    calibration = record(class_unet, steps=[0], num_trajectories=3, conditioning=conditioning, generator=seeded())
     assert calibration.cond["class_labels"].tolist() == [10, 10, 1, 2, 10, 3]
 
 

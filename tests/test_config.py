@@ -46,10 +46,16 @@ def test_minmax_recipe_has_documented_values():
     config = load_recipe("minmax")
     assert config.name == "minmax"
     assert (config.weight.bits, config.weight.symmetric, config.weight.granularity, config.weight.observer) == (
-        8, True, "channel", "minmax",
+        8,
+        True,
+        "channel",
+        "minmax",
     )
     assert (
-        config.activation.bits, config.activation.symmetric, config.activation.granularity, config.activation.observer
+        config.activation.bits,
+        config.activation.symmetric,
+        config.activation.granularity,
+        config.activation.observer,
     ) == (8, False, "tensor", "minmax")
     assert config.weight.describe() == "int8 sym channel minmax"
     assert config.activation.describe() == "uint8 asym tensor minmax"
@@ -59,7 +65,12 @@ def test_minmax_recipe_has_documented_values():
     assert _rules(config) == FIRST_LAST_RULES
     assert not any(rule.keep_fp for rule in config.rules)
     calib = config.calibration
-    assert (calib.num_inference_steps, calib.strategy, calib.num_trajectories, calib.batch_size) == (20, "uniform", 16, 16)
+    assert (calib.num_inference_steps, calib.strategy, calib.num_trajectories, calib.batch_size) == (
+        20,
+        "uniform",
+        16,
+        16,
+    )
     assert config.weight.observer_options() == {} and config.activation.observer_options() == {}
 
 
@@ -79,7 +90,12 @@ def test_mse_recipe_has_documented_values():
     assert config.attention.softmax_bits == 8
     assert _rules(config) == FIRST_LAST_RULES
     calib = config.calibration
-    assert (calib.num_inference_steps, calib.strategy, calib.num_trajectories, calib.batch_size) == (20, "uniform", 16, 16)
+    assert (calib.num_inference_steps, calib.strategy, calib.num_trajectories, calib.batch_size) == (
+        20,
+        "uniform",
+        16,
+        16,
+    )
 
 
 def test_recipe_by_path_equals_recipe_by_name():
@@ -468,12 +484,20 @@ def test_custom_config_round_trips():
         attention=AttentionConfig(enabled=False, bits=4, softmax_bits=16),
         split_shortcut=False,
         per_step_activations=True,
-        rules=[LayerRule("conv_in", keep_fp=True), LayerRule("conv_out|proj_out_2", weight_bits=8, activation_bits="int8")],
+        rules=[
+            LayerRule("conv_in", keep_fp=True),
+            LayerRule("conv_out|proj_out_2", weight_bits=8, activation_bits="int8"),
+        ],
         calibration=CalibrationConfig(num_inference_steps=7, strategy_options={"count": 2}, num_trajectories=3, seed=5),
     )
     data = config.to_dict()
     assert data["weight"]["bits"] == "fp4_e2m1"
-    assert data["rules"][1] == {"pattern": "conv_out|proj_out_2", "keep_fp": False, "weight_bits": 8, "activation_bits": "int8"}
+    assert data["rules"][1] == {
+        "pattern": "conv_out|proj_out_2",
+        "keep_fp": False,
+        "weight_bits": 8,
+        "activation_bits": "int8",
+    }
     rebuilt = QuantConfig.from_dict(json.loads(json.dumps(data)))
     assert rebuilt == config
     assert rebuilt is not config and rebuilt.rules is not config.rules

@@ -31,8 +31,9 @@ def _quantized(weight_bits, activation_bits, granularity="channel"):
     attach_quantizers(model, config)
     for module in (model.conv, model.linear):
         module.weight_quantizer.calibrate_on(module.weight)
-        module.input_quantizer.calibrate_on(torch.randn(2, module.weight.shape[1], 4, 4) if module is model.conv
-                                            else torch.randn(2, 8))
+        module.input_quantizer.calibrate_on(
+            torch.randn(2, module.weight.shape[1], 4, 4) if module is model.conv else torch.randn(2, 8)
+        )
     return model
 
 

@@ -36,8 +36,14 @@ def model():
 def measure(fp, q):
     conditioning = Conditioning.classes([2, 9], null_label=TINY_NUM_CLASSES, guidance_scale=2.0)
     return noise_estimate_error(
-        fp, q, DDIMScheduler(), num_inference_steps=STEPS, batch_size=BATCH, conditioning=conditioning,
-        generator=torch.Generator().manual_seed(0), progress=False,
+        fp,
+        q,
+        DDIMScheduler(),
+        num_inference_steps=STEPS,
+        batch_size=BATCH,
+        conditioning=conditioning,
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
     )
 
 

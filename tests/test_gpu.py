@@ -15,8 +15,9 @@ pytestmark = pytest.mark.gpu
 def test_quantize_sample_and_reload_on_cuda(name, tmp_path):
     fp = load_model(name).to("cuda")
     config = load_recipe("mse").with_bits(4, 8)
-    config.calibration = CalibrationConfig(num_inference_steps=4, num_trajectories=4, batch_size=4,
-                                           guidance_scale=fp.guidance_scale)
+    config.calibration = CalibrationConfig(
+        num_inference_steps=4, num_trajectories=4, batch_size=4, guidance_scale=fp.guidance_scale
+    )
     quantized = quantize_model(fp, config, progress=False)
     assert next(quantized.denoiser.parameters()).device.type == "cuda"
     results = compare(fp, quantized, num_samples=4, num_inference_steps=4, batch_size=4, progress=False)

@@ -19,8 +19,16 @@ A8 = QuantizerConfig(bits=8, symmetric=False, granularity="tensor", observer="mi
 def _direct_fake_quant(x, config, granularity=None):
     """Min-max fake quantization computed straight from the primitives."""
     granularity = granularity or config.granularity_spec
-    lo = x.amin(dim=tuple(d for d in range(x.dim()) if d != 0), keepdim=True) if granularity.kind == "channel" else x.min()
-    hi = x.amax(dim=tuple(d for d in range(x.dim()) if d != 0), keepdim=True) if granularity.kind == "channel" else x.max()
+    lo = (
+        x.amin(dim=tuple(d for d in range(x.dim()) if d != 0), keepdim=True)
+        if granularity.kind == "channel"
+        else x.min()
+    )
+    hi = (
+        x.amax(dim=tuple(d for d in range(x.dim()) if d != 0), keepdim=True)
+        if granularity.kind == "channel"
+        else x.max()
+    )
     scale, zero_point = choose_qparams(lo, hi, config.format, config.symmetric)
     return fake_quant(x, scale, zero_point, config.format)
 
@@ -149,8 +157,16 @@ def test_quant_conv2d_rejects_split_outside_input():
 
 def _attention_cases():
     torch.manual_seed(0)
-    self_attention = Attention(32, heads=2, dim_head=16, norm_num_groups=8, residual_connection=True,
-                               bias=True, upcast_softmax=True, _from_deprecated_attn_block=True)
+    self_attention = Attention(
+        32,
+        heads=2,
+        dim_head=16,
+        norm_num_groups=8,
+        residual_connection=True,
+        bias=True,
+        upcast_softmax=True,
+        _from_deprecated_attn_block=True,
+    )
     cross_attention = Attention(32, cross_attention_dim=24, heads=4, dim_head=8)
     return [
         (self_attention, (torch.randn(2, 32, 4, 4),), {}),  # UNet2DModel's spatial self-attention
@@ -222,6 +238,7 @@ def test_group_granularity_weight_quantizer():
     assert torch.allclose(quantizer.scale[0], expected_scale)
     assert torch.equal(
         quantizer(weight),
-        fake_quant(weight, expand_params(quantizer.scale[0], weight.shape, Granularity.per_group(4)), 0.0,
-                   config.format),
+        fake_quant(
+            weight, expand_params(quantizer.scale[0], weight.shape, Granularity.per_group(4)), 0.0, config.format
+        ),
     )

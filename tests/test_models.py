@@ -15,7 +15,6 @@ from diffusers import (
     DDPMScheduler,
     DiTPipeline,
     DiTTransformer2DModel,
-    DPMSolverMultistepScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
     UNet2DModel,
@@ -224,7 +223,8 @@ def _unet_config_without_weights(path):
 
 @pytest.mark.filterwarnings("ignore:.*no scheduler_config.json:UserWarning")
 @pytest.mark.parametrize(
-    "make", [_vae_dir, _scheduler_named_in_config_json, _unet_config_without_weights],
+    "make",
+    [_vae_dir, _scheduler_named_in_config_json, _unet_config_without_weights],
     ids=["autoencoder", "scheduler-class", "missing-weights"],
 )
 def test_directory_that_holds_no_loadable_denoiser_is_refused(tmp_path, make):
@@ -339,7 +339,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             printable.append(byte)
             codes.append(256 + extra)
             extra += 1
-    return dict(zip(printable, map(chr, codes)))
+    return dict(zip(printable, map(chr, codes), strict=False))
 
 
 def tiny_clip_tokenizer(directory) -> CLIPTokenizer:

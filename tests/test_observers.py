@@ -47,14 +47,18 @@ def test_minmax_per_tensor_and_per_group_by_hand():
 
 def test_ema_follows_its_formula():
     obs = EMAMinMaxObserver(Granularity.per_channel(0), momentum=0.75)
-    batches = [torch.tensor([[1.0, -1.0], [2.0, 0.0]]), torch.tensor([[5.0, 3.0], [2.0, -4.0]]), torch.tensor([[0.0, 0.5], [9.0, 1.0]])]
+    batches = [
+        torch.tensor([[1.0, -1.0], [2.0, 0.0]]),
+        torch.tensor([[5.0, 3.0], [2.0, -4.0]]),
+        torch.tensor([[0.0, 0.5], [9.0, 1.0]]),
+    ]
     m_lo, m_hi = [-1.0, 0.0], [1.0, 2.0]  # the first batch initialises
     for b in batches:
         obs.update(b)
     for b in batches[1:]:
         lo, hi = b.amin(1).tolist(), b.amax(1).tolist()
-        m_lo = [0.75 * m + 0.25 * v for m, v in zip(m_lo, lo)]
-        m_hi = [0.75 * m + 0.25 * v for m, v in zip(m_hi, hi)]
+        m_lo = [0.75 * m + 0.25 * v for m, v in zip(m_lo, lo, strict=False)]
+        m_hi = [0.75 * m + 0.25 * v for m, v in zip(m_hi, hi, strict=False)]
     lo, hi = obs.compute()
     assert lo.flatten().tolist() == pytest.approx(m_lo) and hi.flatten().tolist() == pytest.approx(m_hi)
     assert lo.shape == (2, 1)
@@ -112,7 +116,11 @@ def _heavy_tailed(shape, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "fmt, symmetric, p, clips",
-    [(IntFormat(4), True, 2.0, True), (IntFormat(3), False, 2.4, True), (IntFormat(8, signed=False), False, 2.4, False)],
+    [
+        (IntFormat(4), True, 2.0, True),
+        (IntFormat(3), False, 2.4, True),
+        (IntFormat(8, signed=False), False, 2.4, False),
+    ],
 )
 def test_mse_observer_matches_brute_force_and_clips_heavy_tails(fmt, symmetric, p, clips):
     x = _heavy_tailed((4, 2000), seed=4)

@@ -474,7 +474,9 @@ def test_fake_quant_keeps_float32_for_half_inputs():
     x = torch.linspace(-1, 1, 11, dtype=torch.bfloat16)
     out = fake_quant(x, torch.tensor(1 / 127), torch.tensor(0.0), IntFormat(8))
     assert out.dtype == torch.float32
-    assert torch.equal(out, dequantize(quantize(x, torch.tensor(1 / 127), 0.0, IntFormat(8)), torch.tensor(1 / 127), 0.0, IntFormat(8)))
+    assert torch.equal(
+        out, dequantize(quantize(x, torch.tensor(1 / 127), 0.0, IntFormat(8)), torch.tensor(1 / 127), 0.0, IntFormat(8))
+    )
 
 
 # --------------------------------------------------------------------------------------

@@ -104,8 +104,13 @@ def test_matches_dit_pipeline_with_guidance(vae, scheduler_type):
     ).images
     conditioning = Conditioning.classes(labels, null_label=DIT_NULL_CLASS, guidance_scale=4.0)
     latents = sample(
-        dit, scheduler, batch_size=BATCH, num_inference_steps=STEPS, conditioning=conditioning,
-        generator=seeded(), progress=False,
+        dit,
+        scheduler,
+        batch_size=BATCH,
+        num_inference_steps=STEPS,
+        conditioning=conditioning,
+        generator=seeded(),
+        progress=False,
     )
     with torch.no_grad():
         images = vae.decode(latents / vae.config.scaling_factor).sample
@@ -125,19 +130,36 @@ def test_matches_stable_diffusion_pipeline_with_guidance(vae, scheduler_type, et
     unet = tiny_unet2d_condition(0)
     pipeline = quiet(
         StableDiffusionPipeline(
-            vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler_type(),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            vae=vae,
+            text_encoder=None,
+            tokenizer=None,
+            unet=unet,
+            scheduler=scheduler_type(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
     )
     embeddings = torch.randn(2, BATCH, 7, 32, generator=seeded(1))
     expected = pipeline(
-        prompt_embeds=embeddings[0], negative_prompt_embeds=embeddings[1], guidance_scale=4.0, eta=eta,
-        num_inference_steps=STEPS, generator=seeded(), output_type="latent",
+        prompt_embeds=embeddings[0],
+        negative_prompt_embeds=embeddings[1],
+        guidance_scale=4.0,
+        eta=eta,
+        num_inference_steps=STEPS,
+        generator=seeded(),
+        output_type="latent",
     ).images
     conditioning = Conditioning.embeddings(embeddings[0], negative=embeddings[1], guidance_scale=4.0)
     latents = sample(
-        unet, pipeline.scheduler, batch_size=BATCH, num_inference_steps=STEPS, conditioning=conditioning,
-        generator=seeded(), eta=eta, progress=False,
+        unet,
+        pipeline.scheduler,
+        batch_size=BATCH,
+        num_inference_steps=STEPS,
+        conditioning=conditioning,
+        generator=seeded(),
+        eta=eta,
+        progress=False,
     )
     torch.testing.assert_close(latents, expected, rtol=0, atol=1e-5)
 
@@ -150,8 +172,13 @@ def test_guidance_scale_one_is_the_unguided_run(class_unet):
 
     def run(conditioning: Conditioning) -> torch.Tensor:
         return sample(
-            class_unet, DDIMScheduler(), batch_size=BATCH, num_inference_steps=STEPS,
-            conditioning=conditioning, generator=seeded(), progress=False,
+            class_unet,
+            DDIMScheduler(),
+            batch_size=BATCH,
+            num_inference_steps=STEPS,
+            conditioning=conditioning,
+            generator=seeded(),
+            progress=False,
         )
 
     unguided = run(Conditioning.classes(labels))
@@ -200,8 +227,12 @@ def test_conditioning_slices_and_doubles():
 def test_batch_size_must_match_the_conditioning(class_unet):
     with pytest.raises(ConfigError, match="batch_size"):
         sample(
-            class_unet, DDIMScheduler(), batch_size=3, num_inference_steps=STEPS,
-            conditioning=Conditioning.classes([1, 2]), progress=False,
+            class_unet,
+            DDIMScheduler(),
+            batch_size=3,
+            num_inference_steps=STEPS,
+            conditioning=Conditioning.classes([1, 2]),
+            progress=False,
         )
 
 
@@ -279,8 +310,14 @@ def test_hooks_are_called_in_order_with_step_indices(class_unet):
     first, second = Trace(events, "a"), Trace(events, "b")
     conditioning = Conditioning.classes([4, 6], null_label=TINY_NUM_CLASSES, guidance_scale=2.0)
     sample(
-        class_unet, DDIMScheduler(), batch_size=BATCH, num_inference_steps=STEPS, conditioning=conditioning,
-        hooks=[first, second], generator=seeded(), progress=False,
+        class_unet,
+        DDIMScheduler(),
+        batch_size=BATCH,
+        num_inference_steps=STEPS,
+        conditioning=conditioning,
+        hooks=[first, second],
+        generator=seeded(),
+        progress=False,
     )
     expected = [
         (name, event, step) for step in range(STEPS) for event in ("begin", "eps", "end") for name in ("a", "b")
@@ -304,8 +341,13 @@ class ZeroNoise(StepHook):
 def test_a_hook_that_changes_eps_changes_the_result(unet):
     def run(hooks: list[StepHook]) -> torch.Tensor:
         return sample(
-            unet, DDIMScheduler(), batch_size=BATCH, num_inference_steps=STEPS, hooks=hooks,
-            generator=seeded(), progress=False,
+            unet,
+            DDIMScheduler(),
+            batch_size=BATCH,
+            num_inference_steps=STEPS,
+            hooks=hooks,
+            generator=seeded(),
+            progress=False,
         )
 
     plain, observed, altered = run([]), run([StepHook()]), run([ZeroNoise()])

@@ -147,7 +147,9 @@ def _build_base(manifest: dict[str, Any], model: nn.Module | None) -> nn.Module:
         given = _json_roundtrip(dict(model.config)) if base.get("config") is not None else None
         if given is not None and given != base["config"]:
             diff = sorted(k for k in set(base["config"]) | set(given) if given.get(k) != base["config"].get(k))
-            raise CheckpointError(f"the checkpoint is for another {base.get('class')} configuration (differs in {diff})")
+            raise CheckpointError(
+                f"the checkpoint is for another {base.get('class')} configuration (differs in {diff})"
+            )
         return copy.deepcopy(model)
     if base.get("library") != "diffusers":
         raise CheckpointError(

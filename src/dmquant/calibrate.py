@@ -30,9 +30,7 @@ def calibrate_weights(model: nn.Module, *, progress: bool = True) -> None:
 
 
 def _activation_quantizers(model: nn.Module) -> list[Quantizer]:
-    weight_quantizers = {
-        id(q) for m in model.modules() if isinstance(m, QUANT_LAYERS) for q, _ in m.weight_parts()
-    }
+    weight_quantizers = {id(q) for m in model.modules() if isinstance(m, QUANT_LAYERS) for q, _ in m.weight_parts()}
     return [q for q in quantizers(model) if q.enabled and id(q) not in weight_quantizers]
 
 
@@ -75,7 +73,9 @@ def calibrate_activations(
         quantizer.enabled = False
     if unseen:
         names = ", ".join(q.name for q in unseen[:5]) + (" ..." if len(unseen) > 5 else "")
-        warnings.warn(f"{len(unseen)} activation quantizers never ran on the calibration data and stay FP: {names}")
+        warnings.warn(
+            f"{len(unseen)} activation quantizers never ran on the calibration data and stay FP: {names}", stacklevel=2
+        )
     for quantizer in tqdm(targets, desc="activation ranges", unit="quantizer", disable=not progress):
         if quantizer.enabled:
             quantizer.finalize()

@@ -80,7 +80,12 @@ def state_for_saving(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     for key, codes_key, quantizer, part, channels in _weight_code_entries(model):
         state.pop(key, None)
         state[codes_key] = _encode(quantizer.codes(part), quantizer.fmt)
-        layout[codes_key] = {"weight": key, "format": quantizer.fmt.name, "shape": list(part.shape), "channels": channels}
+        layout[codes_key] = {
+            "weight": key,
+            "format": quantizer.fmt.name,
+            "shape": list(part.shape),
+            "channels": channels,
+        }
     return state, layout
 
 

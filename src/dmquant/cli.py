@@ -9,8 +9,9 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -53,11 +54,15 @@ def _positive_int(value: str) -> int:
 
 def _add_sampling_options(parser: argparse.ArgumentParser, num_samples: int) -> None:
     group = parser.add_argument_group("sampling")
-    group.add_argument("--num-samples", type=_positive_int, default=num_samples, help="images to generate (default: %(default)s)")
+    group.add_argument(
+        "--num-samples", type=_positive_int, default=num_samples, help="images to generate (default: %(default)s)"
+    )
     group.add_argument("--steps", type=_positive_int, default=20, help="sampling steps (default: %(default)s)")
     group.add_argument("--seed", type=int, default=0, help="seed of the first batch; batch i uses seed+i (default: 0)")
     group.add_argument("--batch-size", type=_positive_int, default=16, help="samples per batch (default: %(default)s)")
-    group.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    group.add_argument(
+        "--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)"
+    )
     group.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default: 0)")
     group.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler to use instead of the model's own")
 
@@ -100,10 +105,18 @@ def _recipe(args: argparse.Namespace, bits: tuple = (None, None)) -> QuantConfig
 
 def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("calibration")
-    group.add_argument("--calib-trajectories", type=int, metavar="N", help="FP trajectories to record calibration data from "
-                       "(default: the recipe's)")
-    group.add_argument("--calib-steps", type=int, metavar="N", help="sampling steps of the calibration trajectories "
-                       "(default: the recipe's)")
+    group.add_argument(
+        "--calib-trajectories",
+        type=int,
+        metavar="N",
+        help="FP trajectories to record calibration data from (default: the recipe's)",
+    )
+    group.add_argument(
+        "--calib-steps",
+        type=int,
+        metavar="N",
+        help="sampling steps of the calibration trajectories (default: the recipe's)",
+    )
 
 
 def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
@@ -113,7 +126,12 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
         default="mse",
         help=f"recipe name ({', '.join(available_recipes())}) or path to a YAML/TOML recipe (default: %(default)s)",
     )
-    group.add_argument("--w-bits", type=_bits, metavar="BITS", help="weight bits (2-8, 16) or format (fp8_e4m3, fp4_e2m1); overrides the recipe")
+    group.add_argument(
+        "--w-bits",
+        type=_bits,
+        metavar="BITS",
+        help="weight bits (2-8, 16) or format (fp8_e4m3, fp4_e2m1); overrides the recipe",
+    )
     group.add_argument("--a-bits", type=_bits, metavar="BITS", help="activation bits or format; overrides the recipe")
 
 
@@ -124,8 +142,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     model = _prepared(open_model(args.model), args)
     config = _recipe(args)
     output = check_target(args.output, overwrite=args.overwrite)
-    print(f"quantizing {model.name} with recipe {config.name}: weights {config.weight.describe()}, "
-          f"activations {config.activation.describe()}")
+    print(
+        f"quantizing {model.name} with recipe {config.name}: weights {config.weight.describe()}, "
+        f"activations {config.activation.describe()}"
+    )
     started = time.perf_counter()
     quantized = quantize_model(model, config, progress=not args.quiet)
     save(quantized.denoiser, output, overwrite=args.overwrite)
@@ -179,8 +199,9 @@ def _json_ready(results: dict[str, Any]) -> dict[str, Any]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     if not (Path(args.model) / MANIFEST_FILE).exists():
-        raise DmquantError(f"{args.model}: not a dmquant checkpoint directory (no {MANIFEST_FILE}); "
-                           "make one with `dmquant quantize`")
+        raise DmquantError(
+            f"{args.model}: not a dmquant checkpoint directory (no {MANIFEST_FILE}); make one with `dmquant quantize`"
+        )
     quantized = _prepared(open_model(args.model, base=args.base), args)
     source = args.base or info(quantized.denoiser).source
     fp = _prepared(open_model(source), args)
@@ -209,11 +230,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         t = torch.tensor([500], device=denoiser.device)
         cond = conditioning.to(denoiser.device).model_cond()
         with torch.no_grad():
-            splits = (
-                find_shortcut_splits(model.denoiser, lambda: denoiser(x, t, cond))
-                if config.split_shortcut
-                else {}
-            )
+            splits = find_shortcut_splits(model.denoiser, lambda: denoiser(x, t, cond)) if config.split_shortcut else {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             report = attach_quantizers(model.denoiser, config, splits=splits)
@@ -230,8 +247,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     output = Path(args.output)
     fp = _prepared(open_model(args.model), args)
-    print(f"dmquant demo on {fp.name}: quantize at W8A8 and W4A8 (recipe {args.recipe}), save, reload, "
-          f"and compare with FP on {args.num_samples} samples of {args.steps} steps\n")
+    print(
+        f"dmquant demo on {fp.name}: quantize at W8A8 and W4A8 (recipe {args.recipe}), save, reload, "
+        f"and compare with FP on {args.num_samples} samples of {args.steps} steps\n"
+    )
     rows = []
     fp_images = None
     for w_bits, a_bits in ((8, 8), (4, 8)):
@@ -240,19 +259,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
         quantized = quantize_model(fp, config, progress=not args.quiet)
         checkpoint = save(quantized.denoiser, output / label, overwrite=True)
         reloaded = _prepared(open_model(str(checkpoint)), args)
-        results = compare(fp, reloaded, num_samples=args.num_samples, num_inference_steps=args.steps,
-                          progress=not args.quiet)
+        results = compare(
+            fp, reloaded, num_samples=args.num_samples, num_inference_steps=args.steps, progress=not args.quiet
+        )
         fp_images = results["images"]["fp"]
         save_image_grid(results["images"]["quantized"], output / f"{label}.png")
         (output / f"{label}.json").write_text(json.dumps(_json_ready(results), indent=2))
-        rows.append({"setting": label.upper(), "PSNR vs FP (dB)": results["psnr_db"], "SSIM": results["ssim"],
-                     "mean SQNR (dB)": results["sqnr_db_mean"], "size (KiB)": results["size_bytes"] / 1024,
-                     "compression": results["compression"], "GBOPs/call": results["gbops_per_call"]})
+        rows.append(
+            {
+                "setting": label.upper(),
+                "PSNR vs FP (dB)": results["psnr_db"],
+                "SSIM": results["ssim"],
+                "mean SQNR (dB)": results["sqnr_db_mean"],
+                "size (KiB)": results["size_bytes"] / 1024,
+                "compression": results["compression"],
+                "GBOPs/call": results["gbops_per_call"],
+            }
+        )
     save_image_grid(fp_images, output / "fp.png")
     print("\n" + markdown_table(rows))
     print(f"\ncheckpoints, sample grids (fp.png, w8a8.png, w4a8.png) and per-step JSON in {output}/")
     if fp.name in BUILTIN_MODELS:
-        print("note: the built-in tiny models are random-initialised; their samples are not meant to look like anything")
+        print(
+            "note: the built-in tiny models are random-initialised; their samples are not meant to look like anything"
+        )
     return 0
 
 
@@ -269,9 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dmquant {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("quantize", epilog="example:\n  dmquant quantize tiny-unet -o out/w4a8 --recipe mse --w-bits 4 --a-bits 8", formatter_class=_HelpFormatter, help="calibrate on the model's own trajectories and save a quantized checkpoint",
-                            description="Record calibration data from the FP model's sampling trajectories, "
-                            "quantize its denoiser as the recipe says, and save a checkpoint directory.")
+    p = commands.add_parser(
+        "quantize",
+        epilog="example:\n  dmquant quantize tiny-unet -o out/w4a8 --recipe mse --w-bits 4 --a-bits 8",
+        formatter_class=_HelpFormatter,
+        help="calibrate on the model's own trajectories and save a quantized checkpoint",
+        description="Record calibration data from the FP model's sampling trajectories, "
+        "quantize its denoiser as the recipe says, and save a checkpoint directory.",
+    )
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("-o", "--output", required=True, help="checkpoint directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
@@ -280,8 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler for calibration instead of the model's own")
     p.set_defaults(run=cmd_quantize)
 
-    p = commands.add_parser("sample", epilog="example:\n  dmquant sample out/w4a8 --labels 1,2,3 --num-samples 9 -o out/w4a8.png", formatter_class=_HelpFormatter, help="generate images: a grid PNG and an .npz of the samples",
-                            description="Generate images with an FP model or a quantized checkpoint.")
+    p = commands.add_parser(
+        "sample",
+        epilog="example:\n  dmquant sample out/w4a8 --labels 1,2,3 --num-samples 9 -o out/w4a8.png",
+        formatter_class=_HelpFormatter,
+        help="generate images: a grid PNG and an .npz of the samples",
+        description="Generate images with an FP model or a quantized checkpoint.",
+    )
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("-o", "--output", default="samples.png", help="grid PNG to write; the .npz goes beside it")
     p.add_argument("--labels", type=lambda s: [int(v) for v in s.split(",")], help="class labels, comma-separated")
@@ -290,25 +330,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(p, num_samples=16)
     p.set_defaults(run=cmd_sample)
 
-    p = commands.add_parser("eval", epilog="example:\n  dmquant eval out/w4a8 --num-samples 64 --json out/w4a8-eval.json", formatter_class=_HelpFormatter, help="compare a quantized checkpoint with its FP model",
-                            description="Sample FP and quantized models from the same noise and report PSNR/SSIM of "
-                            "the final samples, per-step SQNR of the noise estimate, size and BOPs.")
+    p = commands.add_parser(
+        "eval",
+        epilog="example:\n  dmquant eval out/w4a8 --num-samples 64 --json out/w4a8-eval.json",
+        formatter_class=_HelpFormatter,
+        help="compare a quantized checkpoint with its FP model",
+        description="Sample FP and quantized models from the same noise and report PSNR/SSIM of "
+        "the final samples, per-step SQNR of the noise estimate, size and BOPs.",
+    )
     p.add_argument("model", help="a dmquant checkpoint directory")
     p.add_argument("--base", help="the FP model to compare with (default: the one the checkpoint records)")
     p.add_argument("--json", help="also write the results to this JSON file")
     _add_sampling_options(p, num_samples=16)
     p.set_defaults(run=cmd_eval)
 
-    p = commands.add_parser("inspect", epilog="example:\n  dmquant inspect tiny-unet --recipe mse --w-bits 4", formatter_class=_HelpFormatter, help="list the layers and how they are (or would be) quantized",
-                            description="For a checkpoint: its layer report. For an FP model: what a recipe would do "
-                            "to each layer, including the split shortcut convs it finds.")
+    p = commands.add_parser(
+        "inspect",
+        epilog="example:\n  dmquant inspect tiny-unet --recipe mse --w-bits 4",
+        formatter_class=_HelpFormatter,
+        help="list the layers and how they are (or would be) quantized",
+        description="For a checkpoint: its layer report. For an FP model: what a recipe would do "
+        "to each layer, including the split shortcut convs it finds.",
+    )
     p.add_argument("model", help=MODEL_HELP)
     _add_recipe_options(p)
     p.set_defaults(run=cmd_inspect)
 
-    p = commands.add_parser("demo", epilog="example:\n  dmquant demo --model tiny-dit -o out/demo-dit", formatter_class=_HelpFormatter, help="the whole job on a shipped model: quantize, save, reload, compare",
-                            description="Quantize a model at W8A8 and W4A8, save and reload the checkpoints, "
-                            "and compare each with full precision.")
+    p = commands.add_parser(
+        "demo",
+        epilog="example:\n  dmquant demo --model tiny-dit -o out/demo-dit",
+        formatter_class=_HelpFormatter,
+        help="the whole job on a shipped model: quantize, save, reload, compare",
+        description="Quantize a model at W8A8 and W4A8, save and reload the checkpoints, "
+        "and compare each with full precision.",
+    )
     p.add_argument("--model", default="tiny-unet", help="model to run on (default: %(default)s)")
     p.add_argument("--recipe", default="mse", help="recipe (default: %(default)s)")
     p.add_argument("-o", "--output", default="out/demo", help="where results go (default: %(default)s)")

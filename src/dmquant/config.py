@@ -11,13 +11,14 @@ import copy
 import dataclasses
 import difflib
 import fnmatch
-import tomllib
 import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
+import tomllib
 import yaml
 
 from .calib.strategies import get_strategy
@@ -152,7 +153,7 @@ class LayerRule:
         for name in ("weight_bits", "activation_bits"):
             value = getattr(self, name)
             if value is not None:
-                _keyed(name, lambda: parse_format(value))
+                _keyed(name, lambda value=value: parse_format(value))
         if self.keep_fp and (self.weight_bits is not None or self.activation_bits is not None):
             raise ConfigError(f"keep_fp: cannot be combined with weight_bits/activation_bits (rule {self.pattern!r})")
 
@@ -303,7 +304,9 @@ def load_recipe(name_or_path: str | Path) -> QuantConfig:
         candidates = [RECIPES_DIR / f"{name_or_path}.yaml", RECIPES_DIR / f"{name_or_path}.toml"]
         found = [c for c in candidates if c.exists()]
         if not found:
-            raise ConfigError(f"unknown recipe {str(name_or_path)!r}; shipped recipes: {', '.join(available_recipes())}")
+            raise ConfigError(
+                f"unknown recipe {str(name_or_path)!r}; shipped recipes: {', '.join(available_recipes())}"
+            )
         path = found[0]
     if not path.exists():
         raise ConfigError(f"recipe file not found: {path}")

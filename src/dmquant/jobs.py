@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from .api import info, load, quantize, sampling_hooks
-from .checkpoint import MANIFEST_FILE
 from .calib.record import CalibrationSet, record_calibration
 from .calib.strategies import get_strategy
+from .checkpoint import MANIFEST_FILE
 from .config import CalibrationConfig, QuantConfig
 from .denoiser import Denoiser
+from .errors import ModelError
 from .eval.cost import bops, model_size
 from .eval.images import psnr, ssim, to_unit_range
 from .eval.noise import noise_estimate_error
-from .errors import ModelError
 from .models import DiffusionModel, load_model
 from .sampling import Conditioning, sample
 
@@ -72,9 +73,7 @@ def generate(
     progress: bool = True,
 ) -> tuple[torch.Tensor, Conditioning]:
     """``num_samples`` images in [-1, 1] and their conditioning; batch ``i`` uses seed ``seed + i``."""
-    conditioning = model.make_conditioning(
-        num_samples, labels=labels, prompts=prompts, guidance_scale=guidance_scale
-    )
+    conditioning = model.make_conditioning(num_samples, labels=labels, prompts=prompts, guidance_scale=guidance_scale)
     images = []
     for index, start in enumerate(range(0, num_samples, batch_size)):
         stop = min(start + batch_size, num_samples)
@@ -122,8 +121,14 @@ def compare(
     Both sample from the same initial and per-step noise (same seeds), so PSNR/SSIM measure
     what quantization changed, not sampling randomness.
     """
-    options = dict(num_inference_steps=num_inference_steps, seed=seed, batch_size=batch_size,
-                   guidance_scale=guidance_scale, eta=eta, progress=progress)
+    options = dict(
+        num_inference_steps=num_inference_steps,
+        seed=seed,
+        batch_size=batch_size,
+        guidance_scale=guidance_scale,
+        eta=eta,
+        progress=progress,
+    )
     fp_images, conditioning = generate(fp, num_samples, **options)
     q_images, _ = generate(quantized, num_samples, **options)
     steps = noise_estimate_error(

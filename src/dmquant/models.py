@@ -12,9 +12,9 @@ import dataclasses
 import hashlib
 import json
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import diffusers
 import torch
@@ -180,9 +180,7 @@ def load_model(source: str | Path) -> DiffusionModel:
         return BUILTIN_MODELS[str(source)]()
     path = Path(source)
     if not path.is_dir():
-        raise ModelError(
-            f"{source!s}: neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a model directory"
-        )
+        raise ModelError(f"{source!s}: neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a model directory")
     if (path / "model_index.json").exists():
         model = _from_pipeline(path)
     elif (path / "config.json").exists():
@@ -242,7 +240,7 @@ def _from_model_dir(path: Path) -> DiffusionModel:
         raise ModelError(f"{path}: a UNet2DConditionModel needs a text encoder: load the whole pipeline directory")
     scheduler_dir = next((d for d in (path / "scheduler", path) if (d / "scheduler_config.json").exists()), None)
     if scheduler_dir is None:
-        warnings.warn(f"{path}: no scheduler_config.json; using a 1000-step linear-beta DDIM scheduler")
+        warnings.warn(f"{path}: no scheduler_config.json; using a 1000-step linear-beta DDIM scheduler", stacklevel=2)
         scheduler = _linear_ddim()
     else:
         config = _read_json(scheduler_dir / "scheduler_config.json")

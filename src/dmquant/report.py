@@ -33,9 +33,7 @@ def _display_rgb(images: Tensor, value_range: tuple[float, float]) -> Tensor:
         low = rgb.amin(dim=(0, 2, 3), keepdim=True)
         span = rgb.amax(dim=(0, 2, 3), keepdim=True) - low
         return (rgb - low) / torch.where(span > 0, span, torch.ones_like(span))
-    raise ValueError(
-        f"cannot show {channels}-channel images; expected 1 (grey), 3 (RGB) or 4 (latents)"
-    )
+    raise ValueError(f"cannot show {channels}-channel images; expected 1 (grey), 3 (RGB) or 4 (latents)")
 
 
 def _to_uint8(unit: Tensor) -> Tensor:
@@ -66,9 +64,7 @@ def image_grid(
         array; cells after the last image are black.
     """
     if images.dim() != 4 or images.shape[0] == 0:
-        raise ValueError(
-            f"expected a non-empty (N, C, H, W) batch, got shape {tuple(images.shape)}"
-        )
+        raise ValueError(f"expected a non-empty (N, C, H, W) batch, got shape {tuple(images.shape)}")
     if nrow is not None and nrow < 1:
         raise ValueError(f"nrow must be positive, got {nrow}")
     if padding < 0:
@@ -92,9 +88,7 @@ def _default_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def _write_atomically(
-    path: str | os.PathLike[str], suffix: str, write: Callable[[BinaryIO], None]
-) -> Path:
+def _write_atomically(path: str | os.PathLike[str], suffix: str, write: Callable[[BinaryIO], None]) -> Path:
     """Write ``path`` through a temporary file in its directory renamed into place.
 
     Parent directories are created; on any error the temporary file is removed and an
@@ -104,9 +98,7 @@ def _write_atomically(
     if path.suffix.lower() != suffix:
         raise ValueError(f"{path} must have the {suffix} suffix")
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(descriptor, "wb") as file:
             write(file)
@@ -156,9 +148,7 @@ def save_samples_npz(
     for name, array in arrays.items():
         array = array.detach().cpu().numpy() if isinstance(array, Tensor) else np.asarray(array)
         if array.dtype == object:
-            raise ValueError(
-                f"array {name!r} has dtype object, which .npz can only store by pickling"
-            )
+            raise ValueError(f"array {name!r} has dtype object, which .npz can only store by pickling")
         contents[name] = array
     return _write_atomically(path, ".npz", lambda file: np.savez(file, **contents))
 

@@ -58,9 +58,7 @@ class Conditioning:
             )
         if self.uncond is not None:
             if self.uncond.keys() != self.cond.keys():
-                raise ConfigError(
-                    f"uncond has the keys {sorted(self.uncond)} but cond has {sorted(self.cond)}"
-                )
+                raise ConfigError(f"uncond has the keys {sorted(self.uncond)} but cond has {sorted(self.cond)}")
             shapes = {name: (tuple(self.cond[name].shape), tuple(self.uncond[name].shape)) for name in self.cond}
             mismatched = {name: pair for name, pair in shapes.items() if pair[0] != pair[1]}
             if mismatched:
@@ -226,9 +224,7 @@ def _sample_shape(denoiser: Denoiser, batch_size: int, sample_shape: Sequence[in
 def _check_conditioning(conditioning: Conditioning | None, batch_size: int) -> Conditioning:
     conditioning = conditioning if conditioning is not None else Conditioning.unconditional()
     if conditioning.batch_size not in (None, batch_size):
-        raise ConfigError(
-            f"the conditioning is for {conditioning.batch_size} samples but batch_size={batch_size}"
-        )
+        raise ConfigError(f"the conditioning is for {conditioning.batch_size} samples but batch_size={batch_size}")
     return conditioning
 
 

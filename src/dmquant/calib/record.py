@@ -91,7 +91,7 @@ class CalibrationSet:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
         order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
         for index in order.split(batch_size):
-            batch = self._map(lambda tensor: tensor[index.to(tensor.device)])
+            batch = self._map(lambda tensor, index=index: tensor[index.to(tensor.device)])
             yield batch.samples, batch.timesteps, batch.cond, batch.step_indices
 
     def steps(self) -> list[int]:

@@ -98,7 +98,9 @@ class QuantAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def quantize_attention(attn: Attention, operand: QuantizerConfig, softmax_bits: int | str, *, num_steps: int = 1) -> None:
+def quantize_attention(
+    attn: Attention, operand: QuantizerConfig, softmax_bits: int | str, *, num_steps: int = 1
+) -> None:
     """Give ``attn`` matmul quantizers and the processor that uses them."""
     setattr(attn, MATMUL_ATTRIBUTE, AttentionQuantizers(operand, softmax_bits, num_steps=num_steps))
     attn.set_processor(QuantAttnProcessor())
@@ -106,6 +108,8 @@ def quantize_attention(attn: Attention, operand: QuantizerConfig, softmax_bits: 
 
 def is_quantizable_attention(module: nn.Module) -> bool:
     """Diffusers attention modules whose computation the quantized processor reproduces."""
-    return isinstance(module, Attention) and not getattr(module, "is_cross_attention_with_added_kv", False) and (
-        getattr(module, "added_kv_proj_dim", None) is None
+    return (
+        isinstance(module, Attention)
+        and not getattr(module, "is_cross_attention_with_added_kv", False)
+        and (getattr(module, "added_kv_proj_dim", None) is None)
     )

@@ -109,4 +109,3 @@ class QuantConv2d(nn.Conv2d):
 
 
 QUANT_LAYERS = (QuantLinear, QuantConv2d)
-

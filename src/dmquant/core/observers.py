@@ -131,9 +131,7 @@ class SampledRangeObserver(RangeObserver):
     uniform sample without replacement over every batch seen, later ones included.
     """
 
-    def __init__(
-        self, granularity: Granularity = Granularity(), *, max_elements: int = 2**18, seed: int = 0
-    ) -> None:
+    def __init__(self, granularity: Granularity = Granularity(), *, max_elements: int = 2**18, seed: int = 0) -> None:
         if not isinstance(max_elements, int) or max_elements < 1:
             raise ConfigError(f"max_elements must be a positive int, got {max_elements!r}")
         self.max_elements = max_elements
@@ -191,9 +189,7 @@ class PercentileObserver(SampledRangeObserver):
         super().__init__(granularity, max_elements=max_elements, seed=seed)
 
     def _range(self) -> tuple[Tensor, Tensor]:
-        q = torch.tensor(
-            [1.0 - self.percentile / 100.0, self.percentile / 100.0], device=self._sample.device
-        )
+        q = torch.tensor([1.0 - self.percentile / 100.0, self.percentile / 100.0], device=self._sample.device)
         lo, hi = torch.quantile(self._sample, q, dim=1)
         return lo, hi
 
@@ -280,8 +276,6 @@ def make_observer(
     valid = sorted(n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ConfigError(
-            f"unknown option(s) {unknown} for observer {name!r}; valid options: {valid}"
-        )
+        raise ConfigError(f"unknown option(s) {unknown} for observer {name!r}; valid options: {valid}")
     context = {k: v for k, v in (("fmt", fmt), ("symmetric", symmetric)) if k in params}
     return cls(granularity, **context, **options)

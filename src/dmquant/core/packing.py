@@ -81,8 +81,7 @@ def pack_codes(codes: Tensor, bits: int, qmin: int) -> Tensor:
         lo, hi = int(flat.min()), int(flat.max())
         if lo < qmin or hi > qmax:
             raise ValueError(
-                f"codes span [{lo}, {hi}] but {bits}-bit codes with qmin={qmin} "
-                f"must lie in [{qmin}, {qmax}]"
+                f"codes span [{lo}, {hi}] but {bits}-bit codes with qmin={qmin} must lie in [{qmin}, {qmax}]"
             )
     codes_per_group, bytes_per_group = _group(bits)
     num_groups = -(-flat.numel() // codes_per_group)
@@ -122,9 +121,7 @@ def unpack_codes(packed: Tensor, bits: int, qmin: int, shape: Sequence[int]) -> 
     numel = math.prod(shape)
     expected = packed_nbytes(numel, bits)
     if packed.numel() != expected:
-        raise ValueError(
-            f"{bits}-bit codes of shape {shape} take {expected} bytes, got {packed.numel()}"
-        )
+        raise ValueError(f"{bits}-bit codes of shape {shape} take {expected} bytes, got {packed.numel()}")
     codes_per_group, bytes_per_group = _group(bits)
     num_groups = -(-numel // codes_per_group)
     stream = torch.zeros(num_groups * bytes_per_group, dtype=torch.int64, device=packed.device)
@@ -173,7 +170,5 @@ def decode_e2m1(codes: Tensor) -> Tensor:
     _require_integer(codes, "e2m1 codes")
     index = codes.to(torch.int64)
     if index.numel() > 0 and (int(index.min()) < 0 or int(index.max()) > 15):
-        raise ValueError(
-            f"e2m1 codes span [{int(index.min())}, {int(index.max())}], must lie in [0, 15]"
-        )
+        raise ValueError(f"e2m1 codes span [{int(index.min())}, {int(index.max())}], must lie in [0, 15]")
     return torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)[index]

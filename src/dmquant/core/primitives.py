@@ -22,9 +22,10 @@ Conventions
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -74,9 +75,7 @@ class IntFormat:
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or self.bits not in SUPPORTED_INT_BITS:
-            raise ConfigError(
-                f"unsupported integer bit width {self.bits!r}; supported: {list(SUPPORTED_INT_BITS)}"
-            )
+            raise ConfigError(f"unsupported integer bit width {self.bits!r}; supported: {list(SUPPORTED_INT_BITS)}")
 
     @property
     def qmin(self) -> int:
@@ -157,10 +156,7 @@ def parse_format(spec: str | int | QFormat) -> QFormat:
     """
     if isinstance(spec, (IntFormat, FloatFormat)):
         return spec
-    valid = (
-        f"a bit width in {list(SUPPORTED_INT_BITS)} as 'N', 'intN' or 'uintN', "
-        f"or one of {sorted(_FLOAT_FORMATS)}"
-    )
+    valid = f"a bit width in {list(SUPPORTED_INT_BITS)} as 'N', 'intN' or 'uintN', or one of {sorted(_FLOAT_FORMATS)}"
     if isinstance(spec, int) and not isinstance(spec, bool):
         bits, signed = spec, True
     elif isinstance(spec, str):
@@ -207,9 +203,7 @@ class Granularity:
 
     def __post_init__(self) -> None:
         if self.kind not in _GRANULARITY_KINDS:
-            raise ConfigError(
-                f"unknown granularity kind {self.kind!r}; valid: {list(_GRANULARITY_KINDS)}"
-            )
+            raise ConfigError(f"unknown granularity kind {self.kind!r}; valid: {list(_GRANULARITY_KINDS)}")
         for field in ("axis", "group_size", "group_axis"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -218,13 +212,9 @@ class Granularity:
             if self.group_size < 1:
                 raise ConfigError(f"group granularity needs group_size >= 1, got {self.group_size}")
             if self.axis == self.group_axis:
-                raise ConfigError(
-                    f"group granularity needs axis != group_axis, got both {self.axis}"
-                )
+                raise ConfigError(f"group granularity needs axis != group_axis, got both {self.axis}")
         elif self.group_size != 0:
-            raise ConfigError(
-                f"group_size={self.group_size} is only valid for kind 'group', not {self.kind!r}"
-            )
+            raise ConfigError(f"group_size={self.group_size} is only valid for kind 'group', not {self.kind!r}")
 
     @classmethod
     def per_tensor(cls) -> Granularity:
@@ -288,8 +278,7 @@ def _resolve_axes(shape: tuple[int, ...], granularity: Granularity) -> tuple[int
         raise ValueError(f"channel axis and group axis are both dim {axis} of shape {shape}")
     if shape[gaxis] % granularity.group_size:
         raise ValueError(
-            f"group_size {granularity.group_size} does not divide dim {gaxis} "
-            f"of shape {shape} (size {shape[gaxis]})"
+            f"group_size {granularity.group_size} does not divide dim {gaxis} of shape {shape} (size {shape[gaxis]})"
         )
     return axis, gaxis
 

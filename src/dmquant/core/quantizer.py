@@ -85,7 +85,11 @@ class Quantizer(nn.Module):
         index = self.step if self.num_steps > 1 else 0
         if index not in self._observers:
             self._observers[index] = make_observer(
-                self.config.observer, self.granularity, self.fmt, self.config.symmetric, **self.config.observer_options()
+                self.config.observer,
+                self.granularity,
+                self.fmt,
+                self.config.symmetric,
+                **self.config.observer_options(),
             )
         self._observers[index].update(detached)
 

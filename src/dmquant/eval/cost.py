@@ -9,8 +9,9 @@ Full-precision operands count with their dtype's bit width.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from diffusers.models.attention_processor import Attention
@@ -103,14 +104,18 @@ def bops(model: nn.Module, run_forward: Callable[[], Any]) -> dict[str, Any]:
 
             def layer_hook(m, inputs, output, name=name):
                 macs, w_bits, a_bits = _layer_bops(m, inputs, output)
-                rows.append({"name": name, "macs": macs, "bops": macs * w_bits * a_bits, "w_bits": w_bits, "a_bits": a_bits})
+                rows.append(
+                    {"name": name, "macs": macs, "bops": macs * w_bits * a_bits, "w_bits": w_bits, "a_bits": a_bits}
+                )
 
             handles.append(module.register_forward_hook(layer_hook))
         elif isinstance(module, Attention):
 
             def attention_hook(m, args, kwargs, output, name=name):
                 macs, bit_ops = _attention_bops(m, args, kwargs)
-                rows.append({"name": f"{name} (matmuls)", "macs": macs, "bops": bit_ops, "w_bits": None, "a_bits": None})
+                rows.append(
+                    {"name": f"{name} (matmuls)", "macs": macs, "bops": bit_ops, "w_bits": None, "a_bits": None}
+                )
 
             handles.append(module.register_forward_hook(attention_hook, with_kwargs=True))
     try:

@@ -33,9 +33,7 @@ def to_unit_range(images: Tensor, value_range: tuple[float, float] = (-1.0, 1.0)
 
 def _check_pair(reference: Tensor, test: Tensor) -> None:
     if reference.shape != test.shape:
-        raise ValueError(
-            f"reference {tuple(reference.shape)} and test {tuple(test.shape)} differ in shape"
-        )
+        raise ValueError(f"reference {tuple(reference.shape)} and test {tuple(test.shape)} differ in shape")
     if reference.dim() != 4:
         raise ValueError(f"expected (N, C, H, W) images, got shape {tuple(reference.shape)}")
     if not (reference.is_floating_point() and test.is_floating_point()):
@@ -46,9 +44,7 @@ def _reduce(scores: Tensor, per_sample: bool) -> Tensor:
     return scores if per_sample else scores.mean()
 
 
-def psnr(
-    reference: Tensor, test: Tensor, *, data_range: float = 1.0, per_sample: bool = False
-) -> Tensor:
+def psnr(reference: Tensor, test: Tensor, *, data_range: float = 1.0, per_sample: bool = False) -> Tensor:
     """Peak signal-to-noise ratio in dB, ``10 * log10(data_range**2 / mse)``.
 
     Args:
@@ -64,9 +60,7 @@ def psnr(
         the mean of any batch that contains one.
     """
     _check_pair(reference, test)
-    scores = peak_signal_noise_ratio(
-        test, reference, data_range=data_range, reduction="none", dim=(1, 2, 3)
-    )
+    scores = peak_signal_noise_ratio(test, reference, data_range=data_range, reduction="none", dim=(1, 2, 3))
     return _reduce(scores, per_sample)
 
 
@@ -89,9 +83,7 @@ def ssim_window(height: int, width: int) -> tuple[int, float]:
     return size, SSIM_SIGMA * size / SSIM_WINDOW
 
 
-def ssim(
-    reference: Tensor, test: Tensor, *, data_range: float = 1.0, per_sample: bool = False
-) -> Tensor:
+def ssim(reference: Tensor, test: Tensor, *, data_range: float = 1.0, per_sample: bool = False) -> Tensor:
     """Structural similarity (Wang et al. 2004) with a gaussian window.
 
     torchmetrics' default gaussian window (11 px, sigma 1.5) needs images of at least 11 px

@@ -9,7 +9,8 @@ Latent Diffusion Models") uses to find sensitive steps and blocks.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
