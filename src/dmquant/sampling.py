@@ -288,7 +288,7 @@ def sample(
     model_cond = conditioning.model_cond()
     copies = 2 if conditioning.guided else 1
     timesteps = scheduler.timesteps
-    for step_index, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress)):
+    for step_index, t in enumerate(tqdm(timesteps, desc="sampling", leave=False, disable=not progress)):
         model_input = scheduler.scale_model_input(torch.cat([x] * copies), t)
         ctx = StepContext(
             step_index=step_index,
