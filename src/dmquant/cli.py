@@ -289,6 +289,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 
+def _command(commands, name: str, *, help: str, description: str, example: str, run) -> argparse.ArgumentParser:
+    """A subcommand with its one-line help, description, an example line, and the function it runs."""
+    parser = commands.add_parser(
+        name, help=help, description=description, epilog=f"example:\n  {example}", formatter_class=_HelpFormatter
+    )
+    parser.set_defaults(run=run)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dmquant",
@@ -299,13 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dmquant {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser(
+    p = _command(
+        commands,
         "quantize",
-        epilog="example:\n  dmquant quantize tiny-unet -o out/w4a8 --recipe mse --w-bits 4 --a-bits 8",
-        formatter_class=_HelpFormatter,
         help="calibrate on the model's own trajectories and save a quantized checkpoint",
         description="Record calibration data from the FP model's sampling trajectories, "
         "quantize its denoiser as the recipe says, and save a checkpoint directory.",
+        example="dmquant quantize tiny-unet -o out/w4a8 --recipe mse --w-bits 4 --a-bits 8",
+        run=cmd_quantize,
     )
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("-o", "--output", required=True, help="checkpoint directory to create")
@@ -313,14 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_options(p)
     _add_calibration_options(p)
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler for calibration instead of the model's own")
-    p.set_defaults(run=cmd_quantize)
 
-    p = commands.add_parser(
+    p = _command(
+        commands,
         "sample",
-        epilog="example:\n  dmquant sample out/w4a8 --labels 1,2,3 --num-samples 9 -o out/w4a8.png",
-        formatter_class=_HelpFormatter,
         help="generate images: a grid PNG and an .npz of the samples",
         description="Generate images with an FP model or a quantized checkpoint.",
+        example="dmquant sample out/w4a8 --labels 1,2,3 --num-samples 9 -o out/w4a8.png",
+        run=cmd_sample,
     )
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("-o", "--output", default="samples.png", help="grid PNG to write; the .npz goes beside it")
@@ -328,41 +338,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="prompt for text-conditional models (repeatable)")
     p.add_argument("--base", help="FP model a checkpoint was made from, if not the recorded one")
     _add_sampling_options(p, num_samples=16)
-    p.set_defaults(run=cmd_sample)
 
-    p = commands.add_parser(
+    p = _command(
+        commands,
         "eval",
-        epilog="example:\n  dmquant eval out/w4a8 --num-samples 64 --json out/w4a8-eval.json",
-        formatter_class=_HelpFormatter,
         help="compare a quantized checkpoint with its FP model",
         description="Sample FP and quantized models from the same noise and report PSNR/SSIM of "
         "the final samples, per-step SQNR of the noise estimate, size and BOPs.",
+        example="dmquant eval out/w4a8 --num-samples 64 --json out/w4a8-eval.json",
+        run=cmd_eval,
     )
     p.add_argument("model", help="a dmquant checkpoint directory")
     p.add_argument("--base", help="the FP model to compare with (default: the one the checkpoint records)")
     p.add_argument("--json", help="also write the results to this JSON file")
     _add_sampling_options(p, num_samples=16)
-    p.set_defaults(run=cmd_eval)
 
-    p = commands.add_parser(
+    p = _command(
+        commands,
         "inspect",
-        epilog="example:\n  dmquant inspect tiny-unet --recipe mse --w-bits 4",
-        formatter_class=_HelpFormatter,
         help="list the layers and how they are (or would be) quantized",
         description="For a checkpoint: its layer report. For an FP model: what a recipe would do "
         "to each layer, including the split shortcut convs it finds.",
+        example="dmquant inspect tiny-unet --recipe mse --w-bits 4",
+        run=cmd_inspect,
     )
     p.add_argument("model", help=MODEL_HELP)
     _add_recipe_options(p)
-    p.set_defaults(run=cmd_inspect)
 
-    p = commands.add_parser(
+    p = _command(
+        commands,
         "demo",
-        epilog="example:\n  dmquant demo --model tiny-dit -o out/demo-dit",
-        formatter_class=_HelpFormatter,
         help="the whole job on a shipped model: quantize, save, reload, compare",
         description="Quantize a model at W8A8 and W4A8, save and reload the checkpoints, "
         "and compare each with full precision.",
+        example="dmquant demo --model tiny-dit -o out/demo-dit",
+        run=cmd_demo,
     )
     p.add_argument("--model", default="tiny-unet", help="model to run on (default: %(default)s)")
     p.add_argument("--recipe", default="mse", help="recipe (default: %(default)s)")
@@ -370,7 +380,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=_positive_int, default=16, help="samples to compare (default: %(default)s)")
     p.add_argument("--steps", type=_positive_int, default=20, help="sampling steps (default: %(default)s)")
     _add_calibration_options(p)
-    p.set_defaults(run=cmd_demo)
 
     for sub in commands.choices.values():
         sub.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
