@@ -12,7 +12,6 @@ from .calib.record import CalibrationSet
 from .core.layers import QUANT_LAYERS
 from .core.quantizer import Quantizer, quantizers, set_step
 from .denoiser import Denoiser
-from .errors import CalibrationError
 
 
 def name_quantizers(model: nn.Module) -> None:
@@ -45,22 +44,20 @@ def calibrate_activations(
     with the layer and the step where it appeared. Weights are fake-quantized during the pass
     (calibrate them first), activations are not.
     """
-    if len(calibration) == 0:
-        raise CalibrationError("the calibration set is empty: record at least one sample")
     targets = _activation_quantizers(model)
     if not targets:
         return
     for quantizer in targets:
         quantizer.observing = True
     denoiser = Denoiser(model)
-    steps = calibration.steps()
-    num_batches = sum(-(-len(calibration.select_steps([s])) // batch_size) for s in steps)
+    device = denoiser.device
+    per_step = {step: calibration.select_steps([step]) for step in calibration.steps()}
+    num_batches = sum(-(-len(subset) // batch_size) for subset in per_step.values())
     bar = tqdm(total=num_batches, desc="calibrating activations", unit="batch", disable=not progress)
     try:
-        for step in steps:
+        for step, subset in per_step.items():
             set_step(model, step)
-            for x, t, cond, _ in calibration.select_steps([step]).batches(batch_size):
-                device = denoiser.device
+            for x, t, cond, _ in subset.batches(batch_size):
                 denoiser(x.to(device), t.to(device), {k: v.to(device) for k, v in cond.items()})
                 bar.update()
     finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -15,6 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from dmquant.atomic import write_atomically
 from dmquant.eval.images import to_unit_range
 
 #: Cell text for a missing value in :func:`markdown_table`.
@@ -82,34 +82,11 @@ def image_grid(
     return _to_uint8(grid).numpy()
 
 
-def _default_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def _write_atomically(path: str | os.PathLike[str], suffix: str, write: Callable[[BinaryIO], None]) -> Path:
-    """Write ``path`` through a temporary file in its directory renamed into place.
-
-    Parent directories are created; on any error the temporary file is removed and an
-    existing file at ``path`` is left untouched.
-    """
-    path = Path(path)
-    if path.suffix.lower() != suffix:
+    """Check that ``path`` ends in ``suffix``, then write it atomically."""
+    if Path(path).suffix.lower() != suffix:
         raise ValueError(f"{path} must have the {suffix} suffix")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, _default_file_mode())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-    return path
+    return write_atomically(path, write)
 
 
 def save_image_grid(images: Tensor, path: str | os.PathLike[str], **kwargs: Any) -> Path:

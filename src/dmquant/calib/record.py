@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import operator
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from dmquant.atomic import write_atomically
 from dmquant.denoiser import Denoiser
 from dmquant.errors import CalibrationError, ConfigError
 from dmquant.sampling import Conditioning, StepContext, StepHook, prepare_scheduler, sample
@@ -127,17 +126,9 @@ class CalibrationSet:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the set to one safetensors file, atomically (a temporary file renamed into place)."""
-        path = Path(path)
         tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self._tensors().items()}
         metadata = {"format": CALIBRATION_FORMAT, "num_inference_steps": str(self.num_inference_steps)}
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(descriptor)
-        try:
-            save_file(tensors, temporary, metadata=metadata)
-            os.replace(temporary, path)
-        except BaseException:
-            os.unlink(temporary)
-            raise
+        write_atomically(path, lambda file: file.write(save(tensors, metadata=metadata)))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CalibrationSet:
