@@ -286,6 +286,68 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zoo_list(args: argparse.Namespace) -> int:
+    from .zoo.reference import ZOO, read_model_card
+
+    rows = []
+    for entry in ZOO.values():
+        card = read_model_card(entry.directory)
+        quality = (card.get("quality") or {}).get("results") or [{}]
+        rows.append(
+            {
+                "name": entry.name,
+                "shipped": "yes" if card else "no",
+                "parameters (M)": card["parameters"] / 1e6 if card else math.nan,
+                "steps trained": card.get("training", {}).get("steps_done", 0),
+                "class accuracy": quality[0].get("class_accuracy", card.get("test_accuracy", math.nan)),
+                "FID-proxy (floor)": f"{quality[0]['fid']:.2f} ({quality[0]['fid_floor']:.2f})"
+                if "fid" in quality[0]
+                else "-",
+                "description": entry.description,
+            }
+        )
+    print(markdown_table(rows))
+    return 0
+
+
+def cmd_zoo_train(args: argparse.Namespace) -> int:
+    from .zoo.jobs import train_zoo_model
+
+    state = Path(args.state or f"runs/zoo/{args.name}")
+    result = train_zoo_model(
+        args.name,
+        state_dir=state,
+        export_dir=args.export,
+        device=args.device,
+        max_minutes=args.max_minutes,
+        steps=args.steps,
+        progress=not args.quiet,
+    )
+    status = "finished" if result.finished else "stopped on the time limit (run again to resume)"
+    print(f"{args.name}: {status} at step {result.step} after {result.elapsed_s / 60:.1f} min; state in {state}/")
+    return 0
+
+
+def cmd_zoo_evaluate(args: argparse.Namespace) -> int:
+    from .zoo.jobs import evaluate_zoo_model
+
+    card = evaluate_zoo_model(
+        args.name,
+        model_dir=args.model_dir,
+        num_samples=args.num_samples,
+        num_inference_steps=args.steps,
+        guidance_scales=tuple(args.guidance),
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        grid=args.grid,
+        progress=not args.quiet,
+    )
+    columns = ("guidance_scale", "class_accuracy", "fid", "fid_floor", "sfid", "sfid_floor", "precision", "recall")
+    print(markdown_table([{k: row[k] for k in columns} for row in card["quality"]["results"]]))
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -381,7 +443,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=20, help="sampling steps (default: %(default)s)")
     _add_calibration_options(p)
 
-    for sub in commands.choices.values():
+    zoo = commands.add_parser(
+        "zoo",
+        help="the shipped reference models: list, train, evaluate",
+        description="dmquant's reference zoo: glyph-image diffusion models and the GlyphNet feature "
+        "network behind the FID-proxies, trained by this command (on a GPU) and shipped as fp16 safetensors.",
+    )
+    zoo_commands = zoo.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
+    _command(
+        zoo_commands,
+        "list",
+        help="the zoo's models, whether they ship, and their FP quality",
+        description="List the zoo's models with their model cards' headline numbers.",
+        example="dmquant zoo list",
+        run=cmd_zoo_list,
+    )
+    p = _command(
+        zoo_commands,
+        "train",
+        help="train (or resume) a zoo model and export it",
+        description="Train a zoo model by its plan. State is saved every few thousand steps and on "
+        "--max-minutes, and the same command resumes. Whenever it stops, the EMA weights are "
+        "exported (fp16 safetensors + model card) to --export, by default into the package so "
+        "the model becomes the shipped one.",
+        example="dmquant zoo train ddpm-glyphs32 --device cuda --max-minutes 8",
+        run=cmd_zoo_train,
+    )
+    p.add_argument("name", help="zoo model (see `dmquant zoo list`)")
+    p.add_argument("--state", help="training state directory (default: runs/zoo/NAME)")
+    p.add_argument("--export", help="where the trained model goes (default: the package's zoo/weights/NAME)")
+    p.add_argument("--max-minutes", type=float, help="stop after this many minutes (state is saved; rerun resumes)")
+    p.add_argument("--steps", type=_positive_int, help="total steps instead of the plan's")
+    p = _command(
+        zoo_commands,
+        "evaluate",
+        help="measure a zoo diffusion model's FP quality and write it into its model card",
+        description="Sample a class-conditional zoo model with DDIM and judge the samples with GlyphNet: "
+        "class accuracy, FID/sFID/KID-proxies with their real-vs-real floors, IS, precision/recall.",
+        example="dmquant zoo evaluate ddpm-glyphs32 --device cuda --num-samples 10000 --guidance 1 2",
+        run=cmd_zoo_evaluate,
+    )
+    p.add_argument("name", help="zoo model (see `dmquant zoo list`)")
+    p.add_argument("--model-dir", help="model directory to evaluate (default: the shipped one)")
+    p.add_argument("--num-samples", type=_positive_int, default=10_000, help="samples (default: %(default)s)")
+    p.add_argument("--steps", type=_positive_int, default=100, help="DDIM steps (default: %(default)s)")
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0], help="guidance scales (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first batch (default: 0)")
+    p.add_argument("--batch-size", type=_positive_int, default=500, help="samples per batch (default: %(default)s)")
+    p.add_argument("--grid", help="also write a PNG grid of the first 64 samples here")
+
+    for sub in [*commands.choices.values(), *zoo_commands.choices.values()]:
+        if sub is zoo:
+            continue
         sub.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         sub.add_argument("--device", default="cpu", help="torch device to run on, e.g. cuda (default: %(default)s)")
     return parser

@@ -24,6 +24,7 @@ from torch import nn
 from .errors import ModelError
 from .sampling import Conditioning, copy_scheduler
 from .zoo import tiny
+from .zoo.reference import WEIGHTS_DIR
 
 #: Scheduler names accepted by ``--scheduler``; each is built from the model's own scheduler config.
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm-solver": DPMSolverMultistepScheduler}
@@ -166,8 +167,24 @@ def _tiny_dit() -> DiffusionModel:
     )
 
 
-#: Models built in code. They are random-initialised: useful to exercise the machinery, not to judge quality.
+def _shipped(name: str) -> Callable[[], DiffusionModel]:
+    """Loader of a trained reference model shipped in ``zoo/weights/<name>``."""
+
+    def load() -> DiffusionModel:
+        path = WEIGHTS_DIR / name
+        if not (path / "config.json").exists():
+            raise ModelError(f"{name} is not in this install ({path}); train it with `dmquant zoo train {name}`")
+        return load_model(path)
+
+    return load
+
+
+#: Trained reference models that ship with dmquant (see ``dmquant zoo list``).
+REFERENCE_MODELS = ("ddpm-glyphs32",)
+#: Models by name: the shipped reference models, then tiny random-initialised ones built in code
+#: (useful to exercise the machinery, not to judge quality).
 BUILTIN_MODELS: dict[str, Callable[[], DiffusionModel]] = {
+    **{name: _shipped(name) for name in REFERENCE_MODELS},
     "tiny-unet": _tiny_unet,
     "tiny-unet-text": _tiny_unet_text,
     "tiny-dit": _tiny_dit,
@@ -175,7 +192,11 @@ BUILTIN_MODELS: dict[str, Callable[[], DiffusionModel]] = {
 
 
 def load_model(source: str | Path) -> DiffusionModel:
-    """Load a built-in model by name or a diffusers pipeline / model directory."""
+    """Load a built-in model by name or a diffusers pipeline / model directory.
+
+    Weights are loaded in float32 whatever their stored dtype (the zoo ships fp16): calibration
+    and simulated quantization run in float32.
+    """
     if str(source) in BUILTIN_MODELS:
         return BUILTIN_MODELS[str(source)]()
     path = Path(source)
@@ -199,7 +220,7 @@ def _read_json(path: Path) -> dict:
 
 def _from_pipeline(path: Path) -> DiffusionModel:
     try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(path, local_files_only=True)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
     except Exception as error:  # diffusers raises many types for a broken directory
         raise ModelError(f"{path}: cannot load the diffusers pipeline ({error})") from None
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
@@ -233,7 +254,10 @@ def _from_model_dir(path: Path) -> DiffusionModel:
             f"{path}: config.json names {class_name!r}, not a denoiser dmquant loads ({', '.join(DENOISER_CLASSES)})"
         )
     try:
-        denoiser = getattr(diffusers, class_name).from_pretrained(path, local_files_only=True).eval()
+        denoiser = getattr(diffusers, class_name).from_pretrained(
+            path, local_files_only=True, torch_dtype=torch.float32
+        )
+        denoiser.eval()
     except Exception as error:  # diffusers raises OSError, ValueError, ... for a broken directory
         raise ModelError(f"{path}: cannot load the {class_name} ({error})") from None
     if class_name == "UNet2DConditionModel" and not (path / MODEL_INFO_FILE).exists():

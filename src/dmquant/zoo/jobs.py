@@ -1,0 +1,119 @@
+"""The zoo's jobs behind ``dmquant zoo``: train a reference network, measure a shipped one."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from ..jobs import generate
+from ..models import load_model
+from ..report import save_image_grid
+from .glyphnet import GlyphNet, load_glyphnet
+from .quality import ReferenceSet, classifier_accuracy
+from .reference import (
+    GLYPHNET_FILE,
+    ZOO,
+    environment,
+    read_model_card,
+    training_card,
+    write_model_card,
+    zoo_entry,
+)
+from .training import TrainingResult, TrainingTask, train
+
+
+def shipped_glyphnet(device: torch.device | str = "cpu") -> GlyphNet:
+    """The GlyphNet that ships with dmquant (the feature network of every glyph FID-proxy)."""
+    return load_glyphnet(ZOO["glyphnet"].directory / GLYPHNET_FILE, device)
+
+
+def train_zoo_model(
+    name: str,
+    *,
+    state_dir: str | Path,
+    export_dir: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    max_minutes: float | None = None,
+    steps: int | None = None,
+    progress: bool = True,
+) -> TrainingResult:
+    """Train (or resume) zoo model ``name`` and export its weights and model card.
+
+    The export happens whenever the run stops — finished or out of time — so a time-limited
+    run still leaves usable (EMA) weights; the card says how many steps were done.
+    """
+    entry = zoo_entry(name)
+    plan = entry.plan if steps is None else dataclasses.replace(entry.plan, steps=steps)
+    entry = dataclasses.replace(entry, plan=plan)
+    result = train(
+        TrainingTask(name, entry.build(), entry.loss),
+        plan,
+        state_dir,
+        device=device,
+        max_minutes=max_minutes,
+        progress=progress,
+    )
+    export = Path(export_dir) if export_dir is not None else entry.directory
+    trained = result.ema if result.ema is not None else result.model
+    card = training_card(entry, result) | {"finished": result.finished}
+    if name == "glyphnet":
+        card["test_accuracy"] = classifier_accuracy(trained.float().eval())
+    entry.export(trained, export)
+    write_model_card(export, card)
+    return result
+
+
+def evaluate_zoo_model(
+    name: str,
+    *,
+    model_dir: str | Path | None = None,
+    num_samples: int = 10_000,
+    num_inference_steps: int = 100,
+    guidance_scales: tuple[float, ...] = (1.0,),
+    seed: int = 0,
+    batch_size: int = 500,
+    device: torch.device | str = "cpu",
+    grid: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Measure the FP quality of a class-conditional zoo model and record it in its model card.
+
+    Samples ``num_samples`` images with DDIM (eta 0) at each guidance scale, labels cycling over
+    the classes, and judges them with the shipped GlyphNet against held-out glyphs (with the
+    real-vs-real floor at the same N). Writes the card's ``quality`` section; ``grid`` gets a PNG
+    of the first 64 samples at the first guidance scale.
+    """
+    directory = Path(model_dir) if model_dir is not None else zoo_entry(name).directory
+    model = load_model(directory).to(device)
+    glyphnet = shipped_glyphnet(device)
+    references = ReferenceSet(glyphnet, num_samples, progress=progress)
+    results = []
+    for scale in guidance_scales:
+        images, conditioning = generate(
+            model,
+            num_samples,
+            num_inference_steps=num_inference_steps,
+            seed=seed,
+            batch_size=batch_size,
+            guidance_scale=scale,
+            progress=progress,
+        )
+        quality = references.judge(images, conditioning.cond["class_labels"], progress=progress)
+        results.append({"guidance_scale": scale, **quality.as_dict()})
+        if grid is not None and scale == guidance_scales[0]:
+            save_image_grid(images[:64].cpu(), grid, nrow=8)
+    card = read_model_card(directory)
+    card["quality"] = {
+        "sampler": "DDIM",
+        "eta": 0.0,
+        "num_inference_steps": num_inference_steps,
+        "num_samples": num_samples,
+        "seed": seed,
+        "reference": "held-out glyphs (test split); floors are real-vs-real at the same N",
+        "results": results,
+        **environment(),
+    }
+    write_model_card(directory, card)
+    return card

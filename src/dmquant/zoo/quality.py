@@ -1,0 +1,78 @@
+"""Quality of glyph images: GlyphNet accuracy, and FID-proxies of generated samples with their floors.
+
+Generated samples are judged against held-out real glyphs (the ``test`` split) through GlyphNet's
+features. Every distribution metric comes with its *floor*: the same metric between two disjoint
+real sets of the same size (FID is biased upward at small N, so a number means something only
+next to the floor measured at the same N).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..eval.distribution import DistributionReport, distribution_report
+from ..eval.features import Features, extract_features
+from .datasets import GlyphDataset
+from .glyphnet import GlyphNet
+
+#: Split the real reference images come from (never seen in training).
+REFERENCE_SPLIT = "test"
+
+
+@dataclass
+class SampleQuality:
+    """Class accuracy and distribution metrics of one set of class-conditional samples."""
+
+    class_accuracy: float
+    distribution: DistributionReport
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        return {"class_accuracy": self.class_accuracy, **self.distribution.as_dict()}
+
+
+def real_features(
+    glyphnet: GlyphNet, count: int, *, resolution: int = 32, start: int = 0, progress: bool = True
+) -> tuple[Features, Tensor]:
+    """GlyphNet features and labels of ``count`` held-out real glyphs from index ``start``."""
+    device = next(glyphnet.parameters()).device
+    dataset = GlyphDataset(REFERENCE_SPLIT, resolution)
+    step = 1000
+    batches = (dataset.batch(i, min(step, start + count - i), device) for i in range(start, start + count, step))
+    labels: list[Tensor] = []
+
+    def images():
+        for batch in batches:
+            labels.append(batch.labels.cpu())
+            yield batch.images
+
+    features = extract_features(glyphnet, images(), batch_size=step, progress=progress, desc="real features")
+    return features, torch.cat(labels)
+
+
+def classifier_accuracy(glyphnet: GlyphNet, count: int = 10_000, *, resolution: int = 32) -> float:
+    """GlyphNet's top-1 accuracy on ``count`` held-out real glyphs."""
+    features, labels = real_features(glyphnet, count, resolution=resolution, progress=False)
+    return (features.logits.argmax(1) == labels).double().mean().item()
+
+
+class ReferenceSet:
+    """Real features for judging ``num_samples`` generated images: a reference set and a floor set.
+
+    Both are held-out glyphs of ``num_samples`` each, disjoint (indices ``[0, N)`` and ``[N, 2N)``).
+    """
+
+    def __init__(self, glyphnet: GlyphNet, num_samples: int, *, resolution: int = 32, progress: bool = True):
+        both, _ = real_features(glyphnet, 2 * num_samples, resolution=resolution, progress=progress)
+        self.glyphnet = glyphnet
+        self.reference = both.subset(slice(0, num_samples))
+        self.floor_reference = both.subset(slice(num_samples, 2 * num_samples))
+
+    def judge(self, images: Tensor, labels: Tensor, *, progress: bool = True) -> SampleQuality:
+        """Class accuracy (GlyphNet top-1 against the labels asked for) and the distribution report."""
+        generated = extract_features(self.glyphnet, images, progress=progress, desc="sample features")
+        accuracy = (generated.logits.argmax(1) == labels.cpu()).double().mean().item()
+        report = distribution_report(generated, self.reference, self.floor_reference, self.glyphnet.name)
+        return SampleQuality(accuracy, report)

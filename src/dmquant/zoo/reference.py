@@ -1,0 +1,205 @@
+"""The reference zoo: what each shipped network is, how it is trained, and where its files live.
+
+Each :class:`ZooEntry` builds its network, states its :class:`~dmquant.zoo.training.TrainingPlan`
+and loss, and exports a trained run to the directory that ships inside the package
+(``zoo/weights/<name>/``, fp16 safetensors plus a model card). ``dmquant zoo train <name>`` runs
+the plan (on a GPU; resumable), ``dmquant zoo evaluate <name>`` measures the shipped files and
+writes the model card's quality section.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from ..atomic import write_atomically
+from ..errors import ModelError
+from .datasets import NUM_CLASSES, GlyphBatch
+from .glyphnet import GlyphNet
+from .training import TrainingPlan, TrainingResult
+
+#: Where the shipped reference networks live.
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+MODEL_CARD_FILE = "model_card.json"
+GLYPHNET_FILE = "model.safetensors"
+
+#: The training noise schedule of the pixel-space reference models (DDPM, Ho et al. 2020).
+NUM_TRAIN_TIMESTEPS = 1000
+#: Fraction of training labels replaced by the null class, for classifier-free guidance.
+LABEL_DROPOUT = 0.1
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One reference network: ``build()`` makes it untrained; ``export`` writes a trained one."""
+
+    name: str
+    description: str
+    plan: TrainingPlan
+    build: Callable[[], nn.Module]
+    loss: Callable[[nn.Module, GlyphBatch, torch.Generator], Tensor]
+    export: Callable[[nn.Module, Path], None]
+
+    @property
+    def directory(self) -> Path:
+        return WEIGHTS_DIR / self.name
+
+
+def environment() -> dict[str, str]:
+    """Versions and device, for model cards and benchmark results."""
+    import diffusers
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+    }
+
+
+def read_model_card(directory: Path) -> dict:
+    path = directory / MODEL_CARD_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_model_card(directory: Path, card: dict) -> Path:
+    return write_atomically(directory / MODEL_CARD_FILE, lambda f: f.write(json.dumps(card, indent=2).encode()))
+
+
+def training_card(entry: ZooEntry, result: TrainingResult) -> dict:
+    """The model card's training section."""
+    parameters = sum(p.numel() for p in result.model.parameters())
+    return {
+        "name": entry.name,
+        "description": entry.description,
+        "parameters": parameters,
+        "training": {
+            "plan": asdict(entry.plan),
+            "steps_done": result.step,
+            "images_seen": result.step * entry.plan.batch_size,
+            "wall_time_s": round(result.elapsed_s, 1),
+            "weights": "EMA" if entry.plan.ema_decay else "last",
+            **environment(),
+        },
+    }
+
+
+# --- GlyphNet -------------------------------------------------------------------------------
+
+
+def classifier_loss(model: nn.Module, batch: GlyphBatch, generator: torch.Generator) -> Tensor:
+    """Cross-entropy of the glyph class."""
+    return F.cross_entropy(model(batch.images).float(), batch.labels)
+
+
+def export_glyphnet(model: nn.Module, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().half() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
+    save_file(state, directory / GLYPHNET_FILE)
+
+
+# --- ddpm-glyphs32 --------------------------------------------------------------------------
+
+
+def ddpm_glyphs32() -> UNet2DModel:
+    """Class-conditional pixel-space UNet (32×32×3), self-attention at 16×16 and 8×8, ~2.8 M parameters.
+
+    Label ``NUM_CLASSES`` is the null class of classifier-free guidance.
+    """
+    return UNet2DModel(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64, 128),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=32,
+        norm_num_groups=16,
+        num_class_embeds=NUM_CLASSES + 1,
+    )
+
+
+@lru_cache(maxsize=1)
+def training_scheduler() -> DDPMScheduler:
+    """1000-step linear β schedule (1e-4 → 0.02), ε-prediction, as DDPM trains on CIFAR-10."""
+    return DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule="linear", prediction_type="epsilon")
+
+
+def sampling_scheduler() -> DDIMScheduler:
+    """The shipped sampler: DDIM over the training schedule, clipping x̂_0 to the image range."""
+    return DDIMScheduler(
+        num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule="linear", prediction_type="epsilon", clip_sample=True
+    )
+
+
+def denoising_loss(model: nn.Module, batch: GlyphBatch, generator: torch.Generator) -> Tensor:
+    """DDPM's simple loss ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t, y)‖² (Ho et al. 2020, eq. 14).
+
+    ``y`` is replaced by the null class with probability ``LABEL_DROPOUT`` (Ho & Salimans 2022).
+    """
+    x0 = batch.images
+    n, device = x0.shape[0], x0.device
+    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (n,), generator=generator, device=device)
+    noise = torch.randn(x0.shape, generator=generator, device=device)
+    dropped = torch.rand(n, generator=generator, device=device) < LABEL_DROPOUT
+    labels = torch.where(dropped, torch.full_like(batch.labels, NUM_CLASSES), batch.labels)
+    x_t = training_scheduler().add_noise(x0, noise, t)
+    prediction = model(x_t, t, class_labels=labels).sample
+    return F.mse_loss(prediction.float(), noise)
+
+
+def export_diffusion_model(model: nn.Module, directory: Path) -> None:
+    """A diffusers model directory dmquant loads by path: fp16 weights, DDIM scheduler, conditioning."""
+    model = copy.deepcopy(model).cpu().half()
+    model.save_pretrained(directory, safe_serialization=True)
+    sampling_scheduler().save_pretrained(directory)
+    info = {"conditioning": "class", "num_classes": NUM_CLASSES, "null_class": NUM_CLASSES, "guidance_scale": 1.0}
+    write_atomically(directory / "dmquant_model.json", lambda f: f.write(json.dumps(info, indent=2).encode()))
+
+
+ZOO: dict[str, ZooEntry] = {
+    entry.name: entry
+    for entry in (
+        ZooEntry(
+            name="glyphnet",
+            description="glyph classifier whose features serve FID/sFID/KID/IS/precision-recall proxies",
+            plan=TrainingPlan(
+                steps=4000, batch_size=512, learning_rate=2e-3, warmup_steps=200, weight_decay=0.05, ema_decay=0.999
+            ),
+            build=GlyphNet,
+            loss=classifier_loss,
+            export=export_glyphnet,
+        ),
+        ZooEntry(
+            name="ddpm-glyphs32",
+            description="class-conditional pixel-space DDPM (UNet2DModel) on 32×32 glyphs",
+            plan=TrainingPlan(
+                steps=40_000, batch_size=256, learning_rate=3e-4, warmup_steps=500, ema_decay=0.9995, save_every=2000
+            ),
+            build=ddpm_glyphs32,
+            loss=denoising_loss,
+            export=export_diffusion_model,
+        ),
+    )
+}
+
+
+def zoo_entry(name: str) -> ZooEntry:
+    if name not in ZOO:
+        raise ModelError(f"unknown zoo model {name!r}; choose from {', '.join(ZOO)}")
+    return ZOO[name]
