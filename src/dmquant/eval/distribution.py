@@ -122,8 +122,10 @@ def kernel_inception_distance(
     The defaults are those of torchmetrics' ``KernelInceptionDistance`` and, like it, the std
     is the population std over subsets. Unlike torchmetrics, which raises when a set has fewer
     than ``subset_size`` rows, ``subset_size`` is clipped to ``min(len(a), len(b))``; every
-    subset of the smaller set is then the whole set (permuted), so for sets of
-    equal size all subsets agree and the std is 0.
+    subset of the smaller set is then the whole set (permuted), so for sets of equal size all
+    subsets agree and the std is 0. Each subset is the head of a permutation of ``a`` and then
+    one of ``b``, drawn from a CPU generator seeded with ``seed``: the subsets torchmetrics
+    draws after ``torch.manual_seed(seed)``.
 
     Args:
         a, b: ``(N, D)`` and ``(M, D)`` feature matrices, ``N, M >= 2``.
