@@ -440,6 +440,18 @@ def test_fake_quant_forward_is_bit_identical_to_dequantize_quantize(case):
     )
 
 
+@settings(max_examples=200, deadline=None)
+@given(quant_cases(formats=INT_FORMATS))
+def test_fake_quant_in_place_path_equals_the_autograd_path(case):
+    """Without autograd, integer fake-quant takes an in-place path; it must give the STE path's bits."""
+    x, scale, zp, fmt, _ = case
+    with torch.no_grad():
+        fast = fake_quant(x, scale, zp, fmt)
+    tracked = fake_quant(x.clone().requires_grad_(True), scale, zp, fmt).detach()
+    assert torch.equal(fast.view(torch.int32), tracked.view(torch.int32))
+    assert fast.data_ptr() != x.data_ptr()
+
+
 @settings(max_examples=150, deadline=None)
 @given(quant_cases(formats=INT_FORMATS + FLOAT_FORMATS))
 def test_fake_quant_is_idempotent(case):

@@ -245,44 +245,39 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    output = Path(args.output)
-    fp = _prepared(open_model(args.model), args)
-    print(
-        f"dmquant demo on {fp.name}: quantize at W8A8 and W4A8 (recipe {args.recipe}), save, reload, "
-        f"and compare with FP on {args.num_samples} samples of {args.steps} steps\n"
+    from .demo import DemoOptions, demo_table, run_demo
+
+    output = Path(args.output or time.strftime("runs/%Y%m%d-%H%M%S"))
+    if output.exists() and any(output.iterdir()) and not (output / "report.md").exists():
+        raise DmquantError(f"{output} is a non-empty directory without a demo report; not writing into it")
+    options = DemoOptions(
+        num_samples=args.num_samples,
+        num_inference_steps=args.steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
     )
-    rows = []
-    fp_images = None
-    for w_bits, a_bits in ((8, 8), (4, 8)):
-        label = f"w{w_bits}a{a_bits}"
-        config = _recipe(args, bits=(w_bits, a_bits))
-        quantized = quantize_model(fp, config, progress=not args.quiet)
-        checkpoint = save(quantized.denoiser, output / label, overwrite=True)
-        reloaded = _prepared(open_model(str(checkpoint)), args)
-        results = compare(
-            fp, reloaded, num_samples=args.num_samples, num_inference_steps=args.steps, progress=not args.quiet
-        )
-        fp_images = results["images"]["fp"]
-        save_image_grid(results["images"]["quantized"], output / f"{label}.png")
-        (output / f"{label}.json").write_text(json.dumps(_json_ready(results), indent=2))
-        rows.append(
-            {
-                "setting": label.upper(),
-                "PSNR vs FP (dB)": results["psnr_db"],
-                "SSIM": results["ssim"],
-                "mean SQNR (dB)": results["sqnr_db_mean"],
-                "size (KiB)": results["size_bytes"] / 1024,
-                "compression": results["compression"],
-                "GBOPs/call": results["gbops_per_call"],
-            }
-        )
-    save_image_grid(fp_images, output / "fp.png")
-    print("\n" + markdown_table(rows))
-    print(f"\ncheckpoints, sample grids (fp.png, w8a8.png, w4a8.png) and per-step JSON in {output}/")
-    if fp.name in BUILTIN_MODELS:
+    print(
+        f"dmquant demo on {args.model}: quantize at W8A8 and W4A8 (recipe {args.recipe}), save, reload, and "
+        f"compare with FP on {args.num_samples} samples of {args.steps} steps; report in {output}/\n"
+    )
+    result = run_demo(
+        args.model,
+        lambda w, a: _recipe(args, bits=(w, a)),
+        output,
+        options=options,
+        device=args.device,
+        recipe_name=args.recipe,
+    )
+    print("\n" + demo_table(result))
+    if result.floors:
         print(
-            "note: the built-in tiny models are random-initialised; their samples are not meant to look like anything"
+            f"\nFID-proxy floor (real vs real, N={args.num_samples}): {result.floors['fid']:.3g}; "
+            f"sFID-proxy floor: {result.floors['sfid']:.3g}"
         )
+    print(f"\nreport: {result.report} (and report.html); total {result.total_seconds:.0f} s")
+    if args.model.startswith("tiny-"):
+        print("note: the tiny built-in models are random-initialised; their samples look like nothing")
     return 0
 
 
@@ -430,17 +425,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(
         commands,
         "demo",
-        help="the whole job on a shipped model: quantize, save, reload, compare",
-        description="Quantize a model at W8A8 and W4A8, save and reload the checkpoints, "
-        "and compare each with full precision.",
-        example="dmquant demo --model tiny-dit -o out/demo-dit",
+        help="the whole job on a shipped model: quantize, save, reload, compare, report",
+        description="Quantize a model at W8A8 and W4A8, save and reload the checkpoints, sample them "
+        "from the same seeds as FP, and write a report (markdown + HTML: table, FP-vs-quantized grids, "
+        "per-step SQNR plot). On the zoo's glyph models the table has class accuracy and "
+        "FID/sFID-proxies with their real-vs-real floor.",
+        example="dmquant demo --num-samples 512 --steps 50 -o runs/demo-512",
         run=cmd_demo,
     )
-    p.add_argument("--model", default="tiny-unet", help="model to run on (default: %(default)s)")
+    p.add_argument("--model", default="ddpm-glyphs32", help="model to run on (default: %(default)s)")
     p.add_argument("--recipe", default="mse", help="recipe (default: %(default)s)")
-    p.add_argument("-o", "--output", default="out/demo", help="where results go (default: %(default)s)")
-    p.add_argument("--num-samples", type=_positive_int, default=16, help="samples to compare (default: %(default)s)")
+    p.add_argument("-o", "--output", help="new directory for the report (default: runs/<date>-<time>)")
+    p.add_argument("--num-samples", type=_positive_int, default=256, help="samples per setting (default: %(default)s)")
     p.add_argument("--steps", type=_positive_int, default=20, help="sampling steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="samples per batch (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first batch (default: 0)")
     _add_calibration_options(p)
 
     zoo = commands.add_parser(

@@ -115,11 +115,16 @@ def compare(
     guidance_scale: float | None = None,
     eta: float = 0.0,
     progress: bool = True,
+    fp_samples: tuple[torch.Tensor, Conditioning] | None = None,
+    sqnr_trajectories: int = 16,
 ) -> dict[str, Any]:
     """Quantized vs FP: per-step noise-estimate error, final-sample PSNR/SSIM, size and BOPs.
 
     Both sample from the same initial and per-step noise (same seeds), so PSNR/SSIM measure
-    what quantization changed, not sampling randomness.
+    what quantization changed, not sampling randomness. ``fp_samples`` — the output of
+    :func:`generate` on ``fp`` with the same options — saves sampling FP again when one FP
+    model is compared with several quantized ones. The per-step SQNR is measured on the first
+    ``sqnr_trajectories`` FP trajectories (pooled over all their elements).
     """
     options = dict(
         num_inference_steps=num_inference_steps,
@@ -129,15 +134,20 @@ def compare(
         eta=eta,
         progress=progress,
     )
-    fp_images, conditioning = generate(fp, num_samples, **options)
+    fp_images, conditioning = fp_samples if fp_samples is not None else generate(fp, num_samples, **options)
+    if fp_images.shape[0] != num_samples:
+        raise ValueError(f"fp_samples holds {fp_images.shape[0]} images, not num_samples={num_samples}")
+    started = time.perf_counter()
     q_images, _ = generate(quantized, num_samples, **options)
+    sample_seconds = time.perf_counter() - started
+    traced = min(sqnr_trajectories, batch_size, num_samples)
     steps = noise_estimate_error(
         fp.denoiser,
         quantized.denoiser,
         fp.scheduler,
         num_inference_steps=num_inference_steps,
-        batch_size=min(batch_size, num_samples),
-        conditioning=conditioning.slice(0, min(batch_size, num_samples)),
+        batch_size=traced,
+        conditioning=conditioning.slice(0, traced),
         generator=torch.Generator().manual_seed(seed),
         eta=eta,
         test_hooks=sampling_hooks(quantized.denoiser),
@@ -150,6 +160,7 @@ def compare(
     return {
         "num_samples": num_samples,
         "num_inference_steps": num_inference_steps,
+        "sample_seconds": sample_seconds,
         "psnr_db": float(psnr(reference, test)),
         "ssim": float(ssim(reference, test)),
         "sqnr_db_mean": sum(finite) / len(finite) if finite else math.inf,

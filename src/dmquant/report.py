@@ -1,7 +1,8 @@
-"""Outputs people look at: sample grids, sample archives and markdown tables of results."""
+"""Outputs people look at: sample grids, sample archives, tables, plots and the markdown/HTML report."""
 
 from __future__ import annotations
 
+import html
 import math
 import numbers
 import os
@@ -171,3 +172,108 @@ def markdown_table(
     body = [[_cell(row.get(column), float_format) for column in columns] for row in rows]
     table = [header, ["---"] * len(columns), *body]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in table)
+
+
+def comparison_grid(images: Mapping[str, Tensor], path: str | os.PathLike[str], *, count: int = 16) -> Path:
+    """One PNG with a row per setting (e.g. FP, W8A8, W4A8) of the first ``count`` samples.
+
+    Samples of one column share their seed, so the rows show what each setting changed.
+    """
+    rows = [batch[:count].detach().cpu() for batch in images.values()]
+    if len({tuple(row.shape) for row in rows}) != 1:
+        raise ValueError(f"every setting needs the same sample shape, got {[tuple(r.shape) for r in rows]}")
+    return save_image_grid(torch.cat(rows), path, nrow=rows[0].shape[0])
+
+
+def sqnr_plot(steps: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike[str]) -> Path:
+    """Line plot of the noise estimate's SQNR per sampling step, one line per setting.
+
+    ``steps`` maps a setting name to the rows of :func:`dmquant.eval.noise.noise_estimate_error`
+    (``timestep`` and ``sqnr_db`` are used). The x axis runs from the noisiest step to the last,
+    as sampling does. Written atomically as a PNG.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    for name, rows in steps.items():
+        finite = [(row["timestep"], row["sqnr_db"]) for row in rows if math.isfinite(row["sqnr_db"])]
+        if finite:
+            axis.plot(*zip(*finite, strict=True), marker="o", markersize=3, label=name)
+    axis.invert_xaxis()
+    axis.set_xlabel("timestep t (sampling runs left to right)")
+    axis.set_ylabel("SQNR of the noise estimate (dB)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    try:
+        return _write_atomically(path, ".png", lambda file: figure.savefig(file, format="png"))
+    finally:
+        plt.close(figure)
+
+
+def _html_table(rows: Sequence[Mapping[str, object]], float_format: str) -> str:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_cell(row.get(c), float_format))}</td>" for c in columns) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_HTML_STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;color:#222}"
+    "table{border-collapse:collapse;margin:1rem 0}th,td{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}"
+    "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+    "img{image-rendering:pixelated;max-width:100%;border:1px solid #ddd}figure{margin:1.5rem 0}"
+    "figcaption{color:#555;font-size:.9rem}pre{background:#f6f6f6;padding:.6rem;overflow-x:auto}"
+)
+
+
+def write_report(
+    directory: str | os.PathLike[str],
+    *,
+    title: str,
+    summary: str,
+    table: Sequence[Mapping[str, object]],
+    figures: Sequence[tuple[str, str]],
+    notes: Sequence[str] = (),
+    float_format: str = "{:.4g}",
+) -> tuple[Path, Path]:
+    """Write ``report.md`` and a self-contained-looking ``report.html`` into ``directory``.
+
+    Args:
+        title: the heading.
+        summary: a paragraph under the heading (plain text).
+        table: result rows, shown as a table.
+        figures: ``(file name in directory, caption)`` pairs, shown in order.
+        notes: closing bullet points (plain text).
+
+    Returns:
+        The paths of the markdown and the HTML report.
+    """
+    directory = Path(directory)
+    md = [f"# {title}", "", summary, "", markdown_table(table, float_format=float_format), ""]
+    for name, caption in figures:
+        md += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+    md += [f"- {note}" for note in notes]
+    page = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>{_HTML_STYLE}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>",
+        _html_table(table, float_format),
+    ]
+    for name, caption in figures:
+        page.append(
+            f"<figure><img src='{html.escape(name)}' alt='{html.escape(caption)}'>"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+    if notes:
+        page.append("<ul>" + "".join(f"<li>{html.escape(note)}</li>" for note in notes) + "</ul>")
+    page.append("</body></html>")
+    markdown = write_atomically(directory / "report.md", lambda f: f.write("\n".join(md).encode()))
+    page_path = write_atomically(directory / "report.html", lambda f: f.write("\n".join(page).encode()))
+    return markdown, page_path

@@ -466,8 +466,14 @@ def fake_quant(x: Tensor, scale: Tensor | float, zero_point: Tensor | float, fmt
     Float formats use the same form with the cast in place of rounding (``z`` must be 0):
     ``v = clamp(x / s, -max_value, max_value)``, ``x_hat = ste(round_to_float_format)(v) * s``,
     so d/ds is ``round_to_float_format(x/s) - x/s`` inside and ``±max_value`` outside.
+
+    Without autograd (sampling, calibration passes) integer formats take an in-place path,
+    ``(clamp(round(x / s) + z, qmin, qmax) - z) * s`` on one buffer: the same values, several
+    times faster on CPU.
     """
     v = x.to(torch.float32) / scale
+    if not fmt.is_float and not (torch.is_grad_enabled() and v.requires_grad):
+        return v.round_().add_(zero_point).clamp_(fmt.qmin, fmt.qmax).sub_(zero_point).mul_(scale)
     if fmt.is_float:
         q = _StraightThrough.apply(v.clamp(fmt.qmin, fmt.qmax), partial(round_to_float_format, fmt=fmt))
     else:

@@ -266,6 +266,8 @@ def _render(draws: dict[str, Tensor], resolution: int, device: torch.device) -> 
     """Pixels of the drawn images, ``(N, 3, R, R)`` in ``[-1, 1]``."""
     d = {k: v.to(device) for k, v in draws.items()}
     n = d["labels"].shape[0]
+    if n == 0:  # affine_grid refuses an empty batch
+        return torch.empty(0, 3, resolution, resolution, device=device)
     atlas = _atlas_on(_atlas_size(resolution), device)
     masks = atlas[d["face"], d["labels"]].unsqueeze(1)  # (N, 1, A, A)
 

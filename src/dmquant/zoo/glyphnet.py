@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -57,7 +58,7 @@ class GlyphNet(nn.Module):
     def _resize(self, images: Tensor) -> Tensor:
         if images.shape[-2:] == (INPUT_SIZE, INPUT_SIZE):
             return images
-        return F.interpolate(images, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=True)
+        return F.interpolate(images, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=False)
 
     def features(self, images: Tensor) -> Features:
         """Pooled, spatial and logit features of images ``(N, 3, H, W)`` in ``[-1, 1]``."""
@@ -76,7 +77,10 @@ def load_glyphnet(path: str | Path, device: torch.device | str = "cpu") -> Glyph
     if not path.is_file():
         raise ModelError(f"{path}: no GlyphNet weights here; train them with `dmquant zoo train glyphnet`")
     net = GlyphNet()
-    state = {k: v.float() for k, v in load_file(path).items()}
+    try:
+        state = {k: v.float() for k, v in load_file(path).items()}
+    except SafetensorError as error:
+        raise ModelError(f"{path}: not a safetensors file ({error})") from None
     try:
         net.load_state_dict(state)
     except RuntimeError as error:
