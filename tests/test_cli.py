@@ -138,7 +138,7 @@ def test_version(capsys):
         ),
         ("eval", ["--base", "--json", "--num-samples", "--steps", "--seed", "--batch-size", "--quiet"]),
         ("inspect", ["--recipe", "--w-bits", "--a-bits", "--quiet", "split shortcut"]),
-        ("demo", ["--model", "--recipe", "--output", "--num-samples", "--steps", "--quiet", "W4A8"]),
+        ("demo", ["--model", "--recipe", "--output", "--num-samples", "--steps", "--quiet", "W4A8", "FID-proxies"]),
     ],
 )
 def test_subcommand_help(capsys, command, options):
@@ -413,24 +413,58 @@ def test_eval_prints_metrics_and_writes_json(w4_checkpoint, tmp_path, capsys):
 # ---------------------------------------------------------------- demo
 
 
-def test_demo_writes_images_and_checkpoints(tmp_path, capsys):
+def test_demo_writes_report_images_and_checkpoints(tmp_path, capsys):
     output = tmp_path / "demo"
-    code, out, err = run(
-        ["demo", "-o", str(output), "--num-samples", "2", "--steps", "3", "--model", "tiny-dit", "-q"], capsys
-    )
+    argv = ["demo", "-o", str(output), "--num-samples", "2", "--steps", "3", "--model", "tiny-dit", "-q"]
+    code, out, err = run(argv + ["--batch-size", "2"], capsys)
     assert code == 0, err
     for name in ("fp.png", "w8a8.png", "w4a8.png"):
         with Image.open(output / name) as picture:
             assert picture.size == (2 * (16 + 2) + 2, 16 + 4), name
+    with Image.open(output / "comparison.png") as picture:  # one row per setting, one column per sample
+        assert picture.size == (2 * (16 + 2) + 2, 3 * (16 + 2) + 2)
+    with Image.open(output / "sqnr.png") as picture:
+        assert picture.size[0] > 300
     for label, weight in (("w8a8", "int8"), ("w4a8", "int4")):
         manifest = json.loads((output / label / "dmquant.json").read_text())
         assert (output / label / "quantized_model.safetensors").is_file()
         weights = {row["weight"] for row in manifest["report"] if row["rule"] is None and row["kind"] != "Attention"}
         assert weights == {weight}, label
-        assert len(json.loads((output / f"{label}.json").read_text())["steps"]) == 3
+    results = json.loads((output / "results.json").read_text())
+    assert [row["setting"] for row in results["rows"]] == ["FP", "W8A8", "W4A8"]
+    assert {len(steps) for steps in results["steps"].values()} == {3}
+    assert results["floors"] == {}  # no glyph metrics for a model outside the zoo
     settings = [row["setting"] for row in table_rows(out, "setting")]
-    assert settings == ["W8A8", "W4A8"]
+    assert settings == ["FP", "W8A8", "W4A8"]
+    report = (output / "report.md").read_text()
+    assert "| W4A8 |" in report and "![" in report
+    page = (output / "report.html").read_text()
+    assert "<table>" in page and "sqnr.png" in page and "comparison.png" in page
     assert "random-initialised" in out
+
+
+@pytest.mark.slow
+def test_demo_on_the_shipped_glyph_model_reports_accuracy_and_fid_with_floor(tmp_path, capsys):
+    output = tmp_path / "demo"
+    argv = ["demo", "-o", str(output), "--num-samples", "8", "--steps", "4", "--batch-size", "8", "-q"]
+    code, out, err = run(argv + ["--recipe", "minmax", "--calib-trajectories", "2", "--calib-steps", "4"], capsys)
+    assert code == 0, err
+    rows = {row["setting"]: row for row in json.loads((output / "results.json").read_text())["rows"]}
+    assert set(rows) == {"FP", "W8A8", "W4A8"}
+    for row in rows.values():
+        assert 0.0 <= row["class accuracy"] <= 1.0
+        assert row["FID-proxy"] > 0
+    floors = json.loads((output / "results.json").read_text())["floors"]
+    assert floors["fid"] > 0 and floors["sfid"] > 0
+    assert "FID-proxy floor" in out
+    assert rows["W4A8"]["size (KiB)"] < rows["W8A8"]["size (KiB)"] < rows["FP"]["size (KiB)"]
+
+
+def test_demo_refuses_a_foreign_non_empty_directory(tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("mine")
+    code, out, err = run(["demo", "-o", str(tmp_path), "--model", "tiny-unet", "-q"], capsys)
+    assert_one_line_error(code, err, "demo")
+    assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
 # ---------------------------------------------------------------- errors

@@ -326,8 +326,14 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
 def cmd_zoo_evaluate(args: argparse.Namespace) -> int:
     from .zoo.jobs import evaluate_zoo_model
 
+    features = None
+    if args.features == "inception":
+        from .eval.inception import InceptionFeatures
+
+        features = InceptionFeatures.from_weights(args.inception_weights).to(args.device)
     card = evaluate_zoo_model(
         args.name,
+        features=features,
         model_dir=args.model_dir,
         num_samples=args.num_samples,
         num_inference_steps=args.steps,
@@ -339,7 +345,8 @@ def cmd_zoo_evaluate(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     columns = ("guidance_scale", "class_accuracy", "fid", "fid_floor", "sfid", "sfid_floor", "precision", "recall")
-    print(markdown_table([{k: row[k] for k in columns} for row in card["quality"]["results"]]))
+    section = "quality" if features is None else f"quality_{features.name}"
+    print(markdown_table([{k: row[k] for k in columns} for row in card[section]["results"]]))
     return 0
 
 
@@ -490,6 +497,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the first batch (default: 0)")
     p.add_argument("--batch-size", type=_positive_int, default=500, help="samples per batch (default: %(default)s)")
     p.add_argument("--grid", help="also write a PNG grid of the first 64 samples here")
+    p.add_argument(
+        "--features",
+        choices=("glyphnet", "inception"),
+        default="glyphnet",
+        help="feature network of the distribution metrics (default: glyphnet; class accuracy always uses it)",
+    )
+    p.add_argument(
+        "--inception-weights",
+        metavar="PATH",
+        help="the FID Inception weights file pt_inception-2015-12-05-6726825d.pth "
+        "(default: $DMQUANT_INCEPTION_WEIGHTS); never downloaded",
+    )
 
     for sub in [*commands.choices.values(), *zoo_commands.choices.values()]:
         if sub is zoo:

@@ -254,6 +254,10 @@ class DistributionReport:
         return asdict(self)
 
 
+#: Splits of the Inception Score, as Salimans et al. (2016) and torchmetrics use.
+IS_SPLITS = 10
+
+
 def distribution_report(
     generated: Features, reference: Features, floor_reference: Features, extractor_name: str
 ) -> DistributionReport:
@@ -266,6 +270,8 @@ def distribution_report(
             as ``generated``; FID and sFID of this set against ``reference`` are the floors.
         extractor_name: the feature network's name, recorded in the report.
 
+    The Inception Score uses ``IS_SPLITS`` splits, or one per sample below that many samples.
+
     Raises:
         ValueError: ``floor_reference`` and ``generated`` differ in size. FID is biased
             upwards at small sample counts, so a floor only bounds scores measured at the same N.
@@ -276,7 +282,7 @@ def distribution_report(
             "the FID floor is only comparable at the same sample count"
         )
     kid_mean, kid_std = kernel_inception_distance(generated.pooled, reference.pooled)
-    is_mean, is_std = inception_score(generated.logits)
+    is_mean, is_std = inception_score(generated.logits, splits=min(IS_SPLITS, len(generated)))
     precision, recall = precision_recall(reference.pooled, generated.pooled)
     return DistributionReport(
         fid=frechet_distance(generated.pooled, reference.pooled),

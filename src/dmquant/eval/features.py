@@ -82,7 +82,8 @@ class FeatureExtractor(Protocol):
         ...
 
 
-def _device_of(extractor: FeatureExtractor) -> torch.device:
+def device_of(extractor: FeatureExtractor) -> torch.device:
+    """Where an extractor's weights live (CPU for extractors without parameters)."""
     parameter = next(extractor.parameters(), None) if isinstance(extractor, nn.Module) else None
     return parameter.device if parameter is not None else torch.device("cpu")
 
@@ -138,7 +139,7 @@ def extract_features(
     """
     if device is not None and isinstance(extractor, nn.Module):
         extractor.to(device)
-    target = torch.device(device) if device is not None else _device_of(extractor)
+    target = torch.device(device) if device is not None else device_of(extractor)
     batches = _batches(images, batch_size)
     total = len(batches) if isinstance(batches, Sequence) else None
     parts = []

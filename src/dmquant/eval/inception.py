@@ -244,8 +244,8 @@ class InceptionFeatures(nn.Module):
             where = "no path was given" if path is None else f"{path} is not a file"
             raise ModelError(
                 f"FID Inception-v3 weights not found ({where}). Download {WEIGHTS_FILE} from {WEIGHTS_URL} "
-                f"(dmquant never downloads it) and pass its path to InceptionFeatures.from_weights(path) "
-                f"or set the environment variable {WEIGHTS_ENV}."
+                "(dmquant never downloads it) and pass its path to InceptionFeatures.from_weights(path) "
+                f"(--inception-weights on the command line) or set the environment variable {WEIGHTS_ENV}."
             )
         model = cls()
         state_dict = _read_state_dict(Path(path))

@@ -58,7 +58,7 @@ class GlyphNet(nn.Module):
     def _resize(self, images: Tensor) -> Tensor:
         if images.shape[-2:] == (INPUT_SIZE, INPUT_SIZE):
             return images
-        return F.interpolate(images, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=False)
+        return F.interpolate(images, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=True)
 
     def features(self, images: Tensor) -> Features:
         """Pooled, spatial and logit features of images ``(N, 3, H, W)`` in ``[-1, 1]``."""

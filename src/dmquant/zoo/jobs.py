@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..eval.features import FeatureExtractor
 from ..jobs import generate
 from ..models import load_model
 from ..report import save_image_grid
@@ -76,19 +77,22 @@ def evaluate_zoo_model(
     batch_size: int = 500,
     device: torch.device | str = "cpu",
     grid: str | Path | None = None,
+    features: FeatureExtractor | None = None,
     progress: bool = True,
 ) -> dict:
     """Measure the FP quality of a class-conditional zoo model and record it in its model card.
 
     Samples ``num_samples`` images with DDIM (eta 0) at each guidance scale, labels cycling over
     the classes, and judges them with the shipped GlyphNet against held-out glyphs (with the
-    real-vs-real floor at the same N). Writes the card's ``quality`` section; ``grid`` gets a PNG
-    of the first 64 samples at the first guidance scale.
+    real-vs-real floor at the same N). ``features`` replaces GlyphNet for the distribution
+    metrics (e.g. the standard Inception network); the card then records them under
+    ``quality_<extractor name>``. ``grid`` gets a PNG of the first 64 samples at the first
+    guidance scale.
     """
     directory = Path(model_dir) if model_dir is not None else zoo_entry(name).directory
     model = load_model(directory).to(device)
     glyphnet = shipped_glyphnet(device)
-    references = ReferenceSet(glyphnet, num_samples, progress=progress)
+    references = ReferenceSet(glyphnet, num_samples, features=features, progress=progress)
     results = []
     for scale in guidance_scales:
         images, conditioning = generate(
@@ -105,13 +109,15 @@ def evaluate_zoo_model(
         if grid is not None and scale == guidance_scales[0]:
             save_image_grid(images[:64].cpu(), grid, nrow=8)
     card = read_model_card(directory)
-    card["quality"] = {
+    section = "quality" if features is None else f"quality_{features.name}"
+    card[section] = {
         "sampler": "DDIM",
         "eta": 0.0,
         "num_inference_steps": num_inference_steps,
         "num_samples": num_samples,
         "seed": seed,
         "reference": "held-out glyphs (test split); floors are real-vs-real at the same N",
+        "features": references.features.name,
         "results": results,
         **environment(),
     }

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..eval.distribution import DistributionReport, distribution_report
-from ..eval.features import Features, extract_features
+from ..eval.features import FeatureExtractor, Features, device_of, extract_features
 from .datasets import GlyphDataset
 from .glyphnet import GlyphNet
 
@@ -34,10 +34,10 @@ class SampleQuality:
 
 
 def real_features(
-    glyphnet: GlyphNet, count: int, *, resolution: int = 32, start: int = 0, progress: bool = True
+    extractor: FeatureExtractor, count: int, *, resolution: int = 32, start: int = 0, progress: bool = True
 ) -> tuple[Features, Tensor]:
-    """GlyphNet features and labels of ``count`` held-out real glyphs from index ``start``."""
-    device = next(glyphnet.parameters()).device
+    """Features (default extractor: GlyphNet) and labels of ``count`` held-out real glyphs from ``start``."""
+    device = device_of(extractor)
     dataset = GlyphDataset(REFERENCE_SPLIT, resolution)
     step = 1000
     batches = (dataset.batch(i, min(step, start + count - i), device) for i in range(start, start + count, step))
@@ -48,7 +48,7 @@ def real_features(
             labels.append(batch.labels.cpu())
             yield batch.images
 
-    features = extract_features(glyphnet, images(), batch_size=step, progress=progress, desc="real features")
+    features = extract_features(extractor, images(), batch_size=step, progress=progress, desc="real features")
     return features, torch.cat(labels)
 
 
@@ -62,17 +62,33 @@ class ReferenceSet:
     """Real features for judging ``num_samples`` generated images: a reference set and a floor set.
 
     Both are held-out glyphs of ``num_samples`` each, disjoint (indices ``[0, N)`` and ``[N, 2N)``).
+    Distribution metrics use ``features`` (default: GlyphNet itself; e.g. an
+    :class:`~dmquant.eval.inception.InceptionFeatures` for the standard FID network); class
+    accuracy always uses GlyphNet's logits.
     """
 
-    def __init__(self, glyphnet: GlyphNet, num_samples: int, *, resolution: int = 32, progress: bool = True):
-        both, _ = real_features(glyphnet, 2 * num_samples, resolution=resolution, progress=progress)
+    def __init__(
+        self,
+        glyphnet: GlyphNet,
+        num_samples: int,
+        *,
+        features: FeatureExtractor | None = None,
+        resolution: int = 32,
+        progress: bool = True,
+    ):
         self.glyphnet = glyphnet
+        self.features = features or glyphnet
+        both, _ = real_features(self.features, 2 * num_samples, resolution=resolution, progress=progress)
         self.reference = both.subset(slice(0, num_samples))
         self.floor_reference = both.subset(slice(num_samples, 2 * num_samples))
 
     def judge(self, images: Tensor, labels: Tensor, *, progress: bool = True) -> SampleQuality:
         """Class accuracy (GlyphNet top-1 against the labels asked for) and the distribution report."""
-        generated = extract_features(self.glyphnet, images, progress=progress, desc="sample features")
-        accuracy = (generated.logits.argmax(1) == labels.cpu()).double().mean().item()
-        report = distribution_report(generated, self.reference, self.floor_reference, self.glyphnet.name)
+        generated = extract_features(self.features, images, progress=progress, desc="sample features")
+        if self.features is not self.glyphnet:
+            logits = extract_features(self.glyphnet, images, progress=progress, desc="classify").logits
+        else:
+            logits = generated.logits
+        accuracy = (logits.argmax(1) == labels.cpu()).double().mean().item()
+        report = distribution_report(generated, self.reference, self.floor_reference, self.features.name)
         return SampleQuality(accuracy, report)
