@@ -457,7 +457,7 @@ def test_demo_on_the_shipped_glyph_model_reports_accuracy_and_fid_with_floor(tmp
     floors = json.loads((output / "results.json").read_text())["floors"]
     assert floors["fid"] > 0 and floors["sfid"] > 0
     assert "FID-proxy floor" in out
-    assert rows["W4A8"]["size (KiB)"] < rows["W8A8"]["size (KiB)"] < rows["FP"]["size (KiB)"]
+    assert rows["W4A8"]["size (MiB)"] < rows["W8A8"]["size (MiB)"] < rows["FP"]["size (MiB)"]
 
 
 def test_demo_refuses_a_foreign_non_empty_directory(tmp_path, capsys):

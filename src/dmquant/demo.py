@@ -24,12 +24,13 @@ from .atomic import write_atomically
 from .config import QuantConfig
 from .jobs import compare, generate, open_model, quantize_model
 from .models import REFERENCE_MODELS, DiffusionModel
+from .provenance import environment
 from .report import comparison_grid, markdown_table, save_image_grid, sqnr_plot, write_report
 
 #: Columns of the results table, in order (those a run does not measure are left out).
 COLUMNS = (
     "setting",
-    "size (KiB)",
+    "size (MiB)",
     "compression",
     "GBOPs/call",
     "class accuracy",
@@ -136,12 +137,12 @@ def run_demo(
         results = compare(fp, reloaded, num_samples=options.num_samples, fp_samples=fp_samples, **sampling)
         images[label] = results["images"]["quantized"]
         steps[label] = results["steps"]
-        rows[0].update({"size (KiB)": results["fp_size_bytes"] / 1024, "compression": 1.0})
+        rows[0].update({"size (MiB)": results["fp_size_bytes"] / 2**20, "compression": 1.0})
         rows[0]["GBOPs/call"] = results["fp_gbops_per_call"]
         rows.append(
             {
                 "setting": label,
-                "size (KiB)": results["size_bytes"] / 1024,
+                "size (MiB)": results["size_bytes"] / 2**20,
                 "compression": results["compression"],
                 "GBOPs/call": results["gbops_per_call"],
                 "PSNR vs FP (dB)": results["psnr_db"],
@@ -196,8 +197,7 @@ def _write_report(
         "floors": result.floors,
         "steps": result.steps,
         "total_seconds": result.total_seconds,
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
+        **environment(),
     }
     write_atomically(output / "results.json", lambda f: f.write(json.dumps(record, indent=2).encode()))
 

@@ -10,13 +10,13 @@ import torch
 from ..eval.features import FeatureExtractor
 from ..jobs import generate
 from ..models import load_model
+from ..provenance import environment
 from ..report import save_image_grid
 from .glyphnet import GlyphNet, load_glyphnet
 from .quality import ReferenceSet, classifier_accuracy
 from .reference import (
     GLYPHNET_FILE,
     ZOO,
-    environment,
     read_model_card,
     training_card,
     write_model_card,

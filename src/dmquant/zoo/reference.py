@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from torch import Tensor, nn
 
 from ..atomic import write_atomically
 from ..errors import ModelError
+from ..provenance import environment
 from .datasets import NUM_CLASSES, GlyphBatch
 from .glyphnet import GlyphNet
 from .training import TrainingPlan, TrainingResult
@@ -55,20 +54,6 @@ class ZooEntry:
     @property
     def directory(self) -> Path:
         return WEIGHTS_DIR / self.name
-
-
-def environment() -> dict[str, str]:
-    """Versions and device, for model cards and benchmark results."""
-    import diffusers
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {
-        "device": device,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "python": platform.python_version(),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-    }
 
 
 def read_model_card(directory: Path) -> dict:

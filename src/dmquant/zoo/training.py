@@ -192,13 +192,13 @@ def train(
             step += 1
             bar.update()
             spent = time.monotonic() - began
-            if step % plan.log_every == 0 or step == plan.steps:
+            out_of_time = max_minutes is not None and spent > 60 * max_minutes
+            if step % plan.log_every == 0 or step == plan.steps or out_of_time:
                 entry = {"step": step, "loss": loss.item(), "lr": learning_rate(plan, step - 1)}
                 entry["elapsed_s"] = round(elapsed_before + spent, 2)
                 log.write(json.dumps(entry) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{entry['loss']:.4f}")
-            out_of_time = max_minutes is not None and spent > 60 * max_minutes
             if step % plan.save_every == 0 or step == plan.steps or out_of_time:
                 _save_state(directory, task, ema, optimizer, plan, step, elapsed_before + spent)
             if out_of_time:
