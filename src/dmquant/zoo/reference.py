@@ -65,13 +65,22 @@ def write_model_card(directory: Path, card: dict) -> Path:
     return write_atomically(directory / MODEL_CARD_FILE, lambda f: f.write(json.dumps(card, indent=2).encode()))
 
 
+def architecture(model: nn.Module) -> dict:
+    """The network's constructor config: diffusers' ``config`` where there is one, else its class name."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return {"_class_name": type(model).__name__}
+    return {"_class_name": type(model).__name__, **{k: v for k, v in dict(config).items() if not k.startswith("_")}}
+
+
 def training_card(entry: ZooEntry, result: TrainingResult) -> dict:
-    """The model card's training section."""
+    """The model card's head: name, parameters, architecture config, and the training section."""
     parameters = sum(p.numel() for p in result.model.parameters())
     return {
         "name": entry.name,
         "description": entry.description,
         "parameters": parameters,
+        "config": architecture(result.model),
         "training": {
             "plan": asdict(entry.plan),
             "steps_done": result.step,
