@@ -8,6 +8,8 @@ from diffusers import DDIMScheduler
 from safetensors.torch import save_file
 
 from dmquant.calib import CalibrationSet, get_strategy, record_calibration, uniform
+from dmquant.calib.strategies import ndtc, nearest_steps, skew_normal
+from dmquant.config import CalibrationConfig
 from dmquant.errors import CalibrationError, ConfigError
 from dmquant.sampling import Conditioning, StepHook, prepare_scheduler, sample
 from dmquant.zoo.tiny import TINY_NUM_CLASSES, tiny_unet2d
@@ -69,6 +71,69 @@ def test_bad_strategies_are_config_errors(name, options, message):
         get_strategy(name, **options)
 
 
+# --- NDTC (PTQ4DM) -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("skew", [0.0, 4.0, -2.0])
+def test_skew_normal_has_the_asked_mean_std_and_the_theoretical_skewness(skew):
+    draws = skew_normal(400_000, 0.3, 0.2, skew, seeded(1))
+    assert draws.mean().item() == pytest.approx(0.3, abs=2e-3)
+    assert draws.std().item() == pytest.approx(0.2, rel=1e-2)
+    # Skewness of the skew-normal, (4 - π)/2 · (δ√(2/π))³ / (1 - 2δ²/π)^{3/2}: an independent formula.
+    delta = skew / (1 + skew * skew) ** 0.5
+    m = delta * (2 / torch.pi) ** 0.5
+    expected = (4 - torch.pi) / 2 * m**3 / (1 - m * m) ** 1.5
+    centred = (draws - draws.mean()) / draws.std()
+    assert (centred**3).mean().item() == pytest.approx(expected, abs=0.02)
+
+
+def test_skew_normal_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    skew, mean, std = 3.0, 0.5, 0.25
+    draws = skew_normal(200_000, mean, std, skew, seeded(2)).numpy()
+    delta = skew / (1 + skew**2) ** 0.5
+    scale = std / (1 - 2 * delta**2 / torch.pi) ** 0.5
+    loc = mean - scale * delta * (2 / torch.pi) ** 0.5
+    assert stats.kstest(draws, stats.skewnorm(skew, loc=loc, scale=scale).cdf).statistic < 0.005
+
+
+def test_nearest_steps_by_hand():
+    timesteps = torch.tensor([900, 600, 300, 0])
+    assert nearest_steps(torch.tensor([1000.0, 760.0, 740.0, 450.0, 10.0]), timesteps) == [0, 0, 1, 1, 3]
+
+
+def test_ndtc_maps_diffusion_time_to_the_sampler_timestep_not_to_a_loop_index():
+    """t/T = 0.4 on a 20-step DDIM over T = 1000 is timestep 400 (step 11), not loop index 0.4·20 = 8 (t = 550)."""
+    scheduler = prepare_scheduler(DDIMScheduler(), 20)
+    assignment = ndtc(mean=0.4, std=1e-4).assign(scheduler.timesteps, 1000, 50)
+    assert set(assignment) == {11}
+    assert scheduler.timesteps[11].item() == 400 and scheduler.timesteps[8].item() == 550
+
+
+def test_ndtc_draws_are_truncated_to_the_trajectory_and_centred_where_asked():
+    scheduler = prepare_scheduler(DDIMScheduler(), 50)
+    steps = ndtc(mean=0.4, std=0.1).assign(scheduler.timesteps, 1000, 4000)
+    recorded = scheduler.timesteps[steps].double()
+    assert recorded.mean().item() == pytest.approx(400, abs=8)
+    assert recorded.std().item() == pytest.approx(100, rel=0.08)
+    # The released-code default (mean 0.4, std 0.4) puts 16 % of the mass below 0: redrawn, never an index < 0.
+    wide = ndtc().assign(scheduler.timesteps, 1000, 4000)
+    assert min(wide) >= 0 and max(wide) <= 49
+    assert ndtc(seed=3).assign(scheduler.timesteps, 1000, 64) == ndtc(seed=3).assign(scheduler.timesteps, 1000, 64)
+    assert ndtc(seed=3).assign(scheduler.timesteps, 1000, 64) != ndtc(seed=4).assign(scheduler.timesteps, 1000, 64)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"std": 0.0}, "std must be > 0"), ({"mean": float("nan")}, "finite"), ({"sigma": 1.0}, "bad options")],
+)
+def test_bad_ndtc_options_are_config_errors(options, message):
+    with pytest.raises(ConfigError, match=message):
+        get_strategy("ndtc", **options)
+    with pytest.raises(ConfigError, match="strategy"):
+        CalibrationConfig(strategy="ndtc", strategy_options=options)
+
+
 # --- recording ----------------------------------------------------------------------------------------
 
 
@@ -110,6 +175,42 @@ def test_records_the_inputs_of_a_plain_run(unet):
 def test_strategies_select_the_recorded_steps(unet):
     calibration = record(unet, steps=get_strategy("uniform", count=2), generator=seeded())
     assert calibration.steps() == [0, 2, 4]
+
+
+def test_ndtc_records_each_trajectory_once_at_its_own_step(class_unet):
+    """Each trajectory's row equals what a plain run fed the model at that trajectory's step."""
+    num = 5
+    strategy = ndtc(mean=0.5, std=0.3, seed=7)
+    timesteps = prepare_scheduler(DDIMScheduler(), STEPS).timesteps
+    assignment = strategy.assign(timesteps, 1000, num)
+    labels = [1, 2, 3, 4, 5]
+    conditioning = Conditioning.classes(labels, null_label=TINY_NUM_CLASSES, guidance_scale=2.0)
+    calibration = record(
+        class_unet, steps=strategy, num_trajectories=num, batch_size=2, conditioning=conditioning, generator=seeded()
+    )
+    everything = record(
+        class_unet,
+        steps=list(range(STEPS)),
+        num_trajectories=num,
+        batch_size=2,
+        conditioning=conditioning,
+        generator=seeded(),
+    )
+    assert len(calibration) == 2 * num  # one row per trajectory, twice under guidance
+    for step in sorted(set(assignment)):
+        part, full = calibration.select_steps([step]), everything.select_steps([step])
+        mine = [j for j in range(num) if assignment[j] == step]
+        expected_labels = [TINY_NUM_CLASSES] * len(mine) + [labels[j] for j in mine]
+        assert sorted(part.cond["class_labels"].tolist()) == sorted(expected_labels)
+        assert set(part.timesteps.tolist()) == {timesteps[step].item()}
+        conditional, full_conditional = (
+            part.cond["class_labels"] != TINY_NUM_CLASSES,
+            full.cond["class_labels"] != TINY_NUM_CLASSES,
+        )
+        full_labels = full.cond["class_labels"][full_conditional].tolist()
+        for row, label in zip(part.samples[conditional], part.cond["class_labels"][conditional], strict=True):
+            expected = full.samples[full_conditional][full_labels.index(label.item())]
+            torch.testing.assert_close(row, expected, rtol=0, atol=0)
 
 
 def test_guided_runs_record_both_copies(class_unet):

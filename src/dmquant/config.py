@@ -165,9 +165,11 @@ class LayerRule:
 class CalibrationConfig:
     """Where calibration data comes from: the FP model's own sampling trajectories.
 
-    ``strategy`` names a timestep-selection strategy of :mod:`dmquant.calib.strategies` and
-    ``strategy_options`` its arguments; ``num_trajectories`` samples are recorded at each
-    selected step (twice that under classifier-free guidance: conditional and unconditional).
+    ``strategy`` names a timestep-selection strategy of :mod:`dmquant.calib.strategies`
+    (``uniform``: Q-Diffusion; ``ndtc``: PTQ4DM) and ``strategy_options`` its arguments;
+    ``num_trajectories`` samples are recorded at each selected step, or once each at a step of
+    their own with ``ndtc`` (twice that under classifier-free guidance: conditional and
+    unconditional).
     """
 
     num_inference_steps: int = 20

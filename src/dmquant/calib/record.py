@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dmquant.atomic import write_atomically
+from dmquant.calib.strategies import PerTrajectorySteps
 from dmquant.denoiser import Denoiser
 from dmquant.errors import CalibrationError, ConfigError
 from dmquant.sampling import Conditioning, StepContext, StepHook, prepare_scheduler, sample
@@ -151,22 +152,50 @@ class CalibrationSet:
 
 
 class _Recorder(StepHook):
-    """Keeps (on the CPU) what the model is fed at the selected steps."""
+    """Keeps (on the CPU) what the model is fed at the selected steps.
 
-    def __init__(self, steps: Sequence[int], num_inference_steps: int):
+    With ``assignment`` (one step index per trajectory), a trajectory's rows are kept only at its
+    own step; :meth:`start_batch` says which trajectories the next sampled batch holds.
+    """
+
+    def __init__(self, steps: Sequence[int], num_inference_steps: int, assignment: Sequence[int] | None = None):
         self.steps = frozenset(steps)
         self.num_inference_steps = num_inference_steps
+        self.assignment = None if assignment is None else torch.as_tensor(list(assignment), dtype=torch.long)
+        self.batch = slice(0, 0)
         self.records: list[CalibrationSet] = []
+
+    def start_batch(self, start: int, size: int) -> None:
+        self.batch = slice(start, start + size)
+
+    def _rows(self, step_index: int, total_rows: int) -> Tensor | None:
+        """Rows of the model input to keep at this step (``None``: all of them)."""
+        if self.assignment is None:
+            return None
+        mine = torch.nonzero(self.assignment[self.batch] == step_index).flatten()
+        size = self.batch.stop - self.batch.start
+        copies = total_rows // size  # 2 under classifier-free guidance: [uncond; cond]
+        return torch.cat([mine + copy * size for copy in range(copies)])
 
     def begin_step(self, ctx: StepContext) -> None:
         if ctx.step_index not in self.steps:
             return
+        rows = self._rows(ctx.step_index, ctx.model_input.shape[0])
+        if rows is not None and rows.numel() == 0:
+            return
+
+        def keep(tensor: Tensor) -> Tensor:
+            tensor = tensor.cpu()
+            return tensor if rows is None else tensor[rows]
+
         self.records.append(
             CalibrationSet(
-                samples=ctx.model_input.cpu(),
-                timesteps=ctx.model_timestep.cpu(),
-                step_indices=torch.full((ctx.model_input.shape[0],), ctx.step_index, dtype=torch.long),
-                cond={name: tensor.cpu() for name, tensor in ctx.model_cond.items()},
+                samples=keep(ctx.model_input),
+                timesteps=keep(ctx.model_timestep),
+                step_indices=torch.full(
+                    (ctx.model_input.shape[0] if rows is None else rows.numel(),), ctx.step_index, dtype=torch.long
+                ),
+                cond={name: keep(tensor) for name, tensor in ctx.model_cond.items()},
                 num_inference_steps=self.num_inference_steps,
             )
         )
@@ -202,7 +231,7 @@ def record_calibration(
     scheduler: Any,
     *,
     num_inference_steps: int,
-    steps: Sequence[int] | Callable[[int], Sequence[int]],
+    steps: Sequence[int] | Callable[[int], Sequence[int]] | PerTrajectorySteps,
     num_trajectories: int,
     conditioning: Conditioning | Callable[[int], Conditioning] | None = None,
     batch_size: int = 32,
@@ -218,9 +247,12 @@ def record_calibration(
         scheduler: the diffusers scheduler to sample with (not mutated).
         num_inference_steps: steps of each trajectory.
         steps: step indices to record (0: first, noisiest step), or a strategy from
-            :mod:`dmquant.calib.strategies` mapping the trajectory length to them.
+            :mod:`dmquant.calib.strategies`: a function of the trajectory length giving them, or a
+            :class:`~dmquant.calib.strategies.PerTrajectorySteps` (e.g. ``ndtc()``) giving each
+            trajectory a step of its own.
         num_trajectories: number of sampled trajectories; each contributes one row per recorded
-            step (two under classifier-free guidance).
+            step, or one row in all with a per-trajectory strategy (two rows per row under
+            classifier-free guidance).
         conditioning: a :class:`Conditioning` for all ``num_trajectories`` samples (or for any
             batch when unconditional), or a function of a batch size ``n`` returning the
             conditioning of the next ``n`` trajectories.
@@ -240,13 +272,18 @@ def record_calibration(
         raise ConfigError(
             f"the conditioning is for {conditioning.batch_size} samples but num_trajectories={num_trajectories}"
         )
-    num_steps = len(prepare_scheduler(scheduler, num_inference_steps).timesteps)
-    recorder = _Recorder(_selected_steps(steps, num_steps), num_inference_steps)
     if num_trajectories == 0:
         raise CalibrationError("num_trajectories=0: the calibration set would be empty")
+    prepared = prepare_scheduler(scheduler, num_inference_steps)
+    if isinstance(steps, PerTrajectorySteps):
+        assignment = steps.assign(prepared.timesteps, prepared.config.num_train_timesteps, num_trajectories)
+        recorder = _Recorder(sorted(set(assignment)), num_inference_steps, assignment)
+    else:
+        recorder = _Recorder(_selected_steps(steps, len(prepared.timesteps)), num_inference_steps)
     starts = range(0, num_trajectories, batch_size)
     for start in tqdm(starts, desc="recording calibration data", disable=not progress):
         size = min(batch_size, num_trajectories - start)
+        recorder.start_batch(start, size)
         sample(
             model_or_denoiser,
             scheduler,
