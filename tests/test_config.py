@@ -208,22 +208,20 @@ def test_empty_yaml_file_gives_default_config_named_after_file(tmp_path):
     assert config == QuantConfig(name="blank")
 
 
-def test_invalid_yaml_names_the_file(tmp_path):
-    path = tmp_path / "broken.yaml"
-    path.write_text("weight:\n  bits: [8, 4\n")
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("broken.yaml", "weight:\n  bits: [8, 4\n", "not valid YAML"),
+        ("broken.toml", "[weight\nbits = 4\n", "not valid TOML"),
+    ],
+)
+def test_invalid_recipe_file_names_the_file(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
     with pytest.raises(ConfigError) as caught:
         load_recipe(path)
     assert str(path) in str(caught.value)
-    assert "not valid YAML" in str(caught.value)
-
-
-def test_invalid_toml_names_the_file(tmp_path):
-    path = tmp_path / "broken.toml"
-    path.write_text("[weight\nbits = 4\n")
-    with pytest.raises(ConfigError) as caught:
-        load_recipe(path)
-    assert str(path) in str(caught.value)
-    assert "not valid TOML" in str(caught.value)
+    assert message in str(caught.value)
 
 
 def test_error_in_recipe_file_names_file_and_key(tmp_path):

@@ -258,8 +258,21 @@ class DistributionReport:
 IS_SPLITS = 10
 
 
+def fid_floors(reference: Features, floor_reference: Features) -> tuple[float, float]:
+    """FID and sFID between two disjoint real sets: the floors of scores measured at that N."""
+    return (
+        frechet_distance(floor_reference.pooled, reference.pooled),
+        frechet_distance(floor_reference.spatial, reference.spatial),
+    )
+
+
 def distribution_report(
-    generated: Features, reference: Features, floor_reference: Features, extractor_name: str
+    generated: Features,
+    reference: Features,
+    floor_reference: Features,
+    extractor_name: str,
+    *,
+    floors: tuple[float, float] | None = None,
 ) -> DistributionReport:
     """FID, sFID, KID, IS and precision/recall of ``generated`` against ``reference``, with FID floors.
 
@@ -269,6 +282,8 @@ def distribution_report(
         floor_reference: features of other real images, disjoint from ``reference`` and as many
             as ``generated``; FID and sFID of this set against ``reference`` are the floors.
         extractor_name: the feature network's name, recorded in the report.
+        floors: ``fid_floors(reference, floor_reference)`` when already computed (they depend
+            only on the real sets, so a caller judging several sample sets computes them once).
 
     The Inception Score uses ``IS_SPLITS`` splits, or one per sample below that many samples.
 
@@ -281,14 +296,15 @@ def distribution_report(
             f"floor_reference has {len(floor_reference)} images but generated has {len(generated)}; "
             "the FID floor is only comparable at the same sample count"
         )
+    fid_floor, sfid_floor = floors if floors is not None else fid_floors(reference, floor_reference)
     kid_mean, kid_std = kernel_inception_distance(generated.pooled, reference.pooled)
     is_mean, is_std = inception_score(generated.logits, splits=min(IS_SPLITS, len(generated)))
     precision, recall = precision_recall(reference.pooled, generated.pooled)
     return DistributionReport(
         fid=frechet_distance(generated.pooled, reference.pooled),
-        fid_floor=frechet_distance(floor_reference.pooled, reference.pooled),
+        fid_floor=fid_floor,
         sfid=frechet_distance(generated.spatial, reference.spatial),
-        sfid_floor=frechet_distance(floor_reference.spatial, reference.spatial),
+        sfid_floor=sfid_floor,
         kid_mean=kid_mean,
         kid_std=kid_std,
         inception_score=is_mean,

@@ -13,7 +13,7 @@ from ..models import load_model
 from ..provenance import environment
 from ..report import save_image_grid
 from .glyphnet import GlyphNet, load_glyphnet
-from .quality import ReferenceSet, classifier_accuracy
+from .quality import ReferenceSet
 from .reference import (
     GLYPHNET_FILE,
     ZOO,
@@ -59,8 +59,8 @@ def train_zoo_model(
     export = Path(export_dir) if export_dir is not None else entry.directory
     trained = result.ema if result.ema is not None else result.model
     card = training_card(entry, result) | {"finished": result.finished}
-    if name == "glyphnet":
-        card["test_accuracy"] = classifier_accuracy(trained.float().eval())
+    if entry.measure is not None:
+        card |= entry.measure(trained)
     entry.export(trained, export)
     write_model_card(export, card)
     return result

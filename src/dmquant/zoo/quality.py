@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..eval.distribution import DistributionReport, distribution_report
+from ..eval.distribution import DistributionReport, distribution_report, fid_floors
 from ..eval.features import FeatureExtractor, Features, device_of, extract_features
 from .datasets import GlyphDataset
 from .glyphnet import GlyphNet
@@ -81,6 +81,7 @@ class ReferenceSet:
         both, _ = real_features(self.features, 2 * num_samples, resolution=resolution, progress=progress)
         self.reference = both.subset(slice(0, num_samples))
         self.floor_reference = both.subset(slice(num_samples, 2 * num_samples))
+        self.floors = fid_floors(self.reference, self.floor_reference)
 
     def judge(self, images: Tensor, labels: Tensor, *, progress: bool = True) -> SampleQuality:
         """Class accuracy (GlyphNet top-1 against the labels asked for) and the distribution report."""
@@ -90,5 +91,7 @@ class ReferenceSet:
         else:
             logits = generated.logits
         accuracy = (logits.argmax(1) == labels.cpu()).double().mean().item()
-        report = distribution_report(generated, self.reference, self.floor_reference, self.features.name)
+        report = distribution_report(
+            generated, self.reference, self.floor_reference, self.features.name, floors=self.floors
+        )
         return SampleQuality(accuracy, report)

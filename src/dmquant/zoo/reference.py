@@ -27,6 +27,7 @@ from ..errors import ModelError
 from ..provenance import environment
 from .datasets import NUM_CLASSES, GlyphBatch
 from .glyphnet import GlyphNet
+from .quality import classifier_accuracy
 from .training import TrainingPlan, TrainingResult
 
 #: Where the shipped reference networks live.
@@ -42,7 +43,11 @@ LABEL_DROPOUT = 0.1
 
 @dataclass(frozen=True)
 class ZooEntry:
-    """One reference network: ``build()`` makes it untrained; ``export`` writes a trained one."""
+    """One reference network: ``build()`` makes it untrained; ``export`` writes a trained one.
+
+    ``measure``, when set, gives numbers measured on the trained network that its model card
+    records at export (e.g. a classifier's held-out accuracy).
+    """
 
     name: str
     description: str
@@ -50,6 +55,7 @@ class ZooEntry:
     build: Callable[[], nn.Module]
     loss: Callable[[nn.Module, GlyphBatch, torch.Generator], Tensor]
     export: Callable[[nn.Module, Path], None]
+    measure: Callable[[nn.Module], dict] | None = None
 
     @property
     def directory(self) -> Path:
@@ -98,6 +104,11 @@ def training_card(entry: ZooEntry, result: TrainingResult) -> dict:
 def classifier_loss(model: nn.Module, batch: GlyphBatch, generator: torch.Generator) -> Tensor:
     """Cross-entropy of the glyph class."""
     return F.cross_entropy(model(batch.images).float(), batch.labels)
+
+
+def measure_glyphnet(model: nn.Module) -> dict:
+    """Top-1 accuracy on 10k held-out glyphs."""
+    return {"test_accuracy": classifier_accuracy(model.float().eval())}
 
 
 def export_glyphnet(model: nn.Module, directory: Path) -> None:
@@ -178,6 +189,7 @@ ZOO: dict[str, ZooEntry] = {
             build=GlyphNet,
             loss=classifier_loss,
             export=export_glyphnet,
+            measure=measure_glyphnet,
         ),
         ZooEntry(
             name="ddpm-glyphs32",
