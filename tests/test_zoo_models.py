@@ -19,12 +19,12 @@ from dmquant.jobs import generate
 from dmquant.models import load_model
 from dmquant.zoo import reference
 from dmquant.zoo.datasets import NUM_CLASSES, GlyphDataset
+from dmquant.zoo.diffusion import CONDITION_DROPOUT
 from dmquant.zoo.glyphnet import FEATURE_DIM, SPATIAL_CHANNELS, GlyphNet, load_glyphnet
 from dmquant.zoo.jobs import shipped_glyphnet
 from dmquant.zoo.quality import ReferenceSet, classifier_accuracy
 from dmquant.zoo.reference import (
     GLYPHNET_FILE,
-    LABEL_DROPOUT,
     MODEL_CARD_FILE,
     WEIGHTS_DIR,
     ZOO,
@@ -189,7 +189,7 @@ def test_shipped_weights_stay_small():
     files = [path for path in WEIGHTS_DIR.rglob("*") if path.is_file()]
     total = sum(path.stat().st_size for path in files)
     assert total < 24 * MiB, f"zoo weights take {total / MiB:.1f} MiB"
-    assert {path.parent.name for path in files} >= {"glyphnet", "ddpm-glyphs32"}
+    assert {path.parent.name for path in files} >= {"glyphnet", "ddpm-glyphs32", "glyph-vae", "unet", "transformer"}
 
 
 def test_shipped_ddpm_draws_the_class_it_is_asked_for(ddpm, glyphnet):
@@ -256,21 +256,22 @@ def test_denoising_loss_is_ddpm_simple_loss_with_label_dropout():
     generator = torch.Generator().manual_seed(3)  # the same draws, in the documented order
     t = torch.randint(0, 1000, (4000,), generator=generator)
     noise = torch.randn(batch.images.shape, generator=generator)
-    dropped = torch.rand(4000, generator=generator) < LABEL_DROPOUT
+    dropped = torch.rand(4000, generator=generator) < CONDITION_DROPOUT
     alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[t].view(-1, 1, 1, 1)
     expected_x_t = alpha_bar.sqrt() * batch.images.double() + (1 - alpha_bar).sqrt() * noise.double()
 
     assert torch.equal(seen["t"], t)
     torch.testing.assert_close(seen["x_t"].double(), expected_x_t, rtol=1e-5, atol=1e-5)
     assert torch.equal(seen["labels"], torch.where(dropped, NUM_CLASSES, batch.labels))
-    assert abs(dropped.double().mean().item() - LABEL_DROPOUT) < 0.025
+    assert abs(dropped.double().mean().item() - CONDITION_DROPOUT) < 0.025
     assert loss.item() == pytest.approx(noise.square().mean().item(), rel=1e-6)
 
 
 def test_zoo_entry_names():
-    assert list(ZOO) == ["glyphnet", "ddpm-glyphs32"]
+    names = ["glyphnet", "ddpm-glyphs32", "glyph-vae", "ldm-glyphs64", "dit-glyphs"]
+    assert list(ZOO) == names
     assert zoo_entry("glyphnet") is ZOO["glyphnet"]
-    with pytest.raises(ModelError, match="unknown zoo model 'nope'; choose from glyphnet, ddpm-glyphs32"):
+    with pytest.raises(ModelError, match=f"unknown zoo model 'nope'; choose from {', '.join(names)}"):
         zoo_entry("nope")
 
 
@@ -375,5 +376,5 @@ def test_unknown_zoo_model_is_a_one_line_error(tmp_path, capsys, command):
     assert main(args) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.strip() == "dmquant zoo: error: unknown zoo model 'nope'; choose from glyphnet, ddpm-glyphs32"
+    assert captured.err.strip() == f"dmquant zoo: error: unknown zoo model 'nope'; choose from {', '.join(ZOO)}"
     assert not (tmp_path / "state").exists() and not (tmp_path / "export").exists()

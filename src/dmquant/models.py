@@ -172,7 +172,7 @@ def _shipped(name: str) -> Callable[[], DiffusionModel]:
 
     def load() -> DiffusionModel:
         path = WEIGHTS_DIR / name
-        if not (path / "config.json").exists():
+        if not any((path / marker).exists() for marker in ("config.json", "model_index.json")):
             raise ModelError(f"{name} is not in this install ({path}); train it with `dmquant zoo train {name}`")
         return load_model(path)
 
@@ -180,7 +180,7 @@ def _shipped(name: str) -> Callable[[], DiffusionModel]:
 
 
 #: Trained reference models that ship with dmquant (see ``dmquant zoo list``).
-REFERENCE_MODELS = ("ddpm-glyphs32",)
+REFERENCE_MODELS = ("ddpm-glyphs32", "ldm-glyphs64", "dit-glyphs")
 #: Models by name: the shipped reference models, then tiny random-initialised ones built in code
 #: (useful to exercise the machinery, not to judge quality).
 BUILTIN_MODELS: dict[str, Callable[[], DiffusionModel]] = {
@@ -231,7 +231,8 @@ def _from_pipeline(path: Path) -> DiffusionModel:
 
         @torch.no_grad()
         def encode(prompts: list[str]) -> torch.Tensor:
-            return pipe.encode_prompt(prompts, pipe.device, 1, False)[0]
+            # the text encoder stays where it was loaded when the denoiser moves (``DiffusionModel.to``)
+            return pipe.encode_prompt(prompts, pipe.text_encoder.device, 1, False)[0]
 
         return DiffusionModel(
             path.name,

@@ -165,6 +165,18 @@ def _atlas_size(resolution: int) -> int:
     return max(8, round(resolution * EM_FRACTION * ATLAS_SPAN))
 
 
+#: The fields of a :class:`GlyphBatch` that :meth:`GlyphBatch.attributes` puts in words.
+_DESCRIBED_FIELDS = (
+    "labels",
+    "face",
+    "foreground",
+    "background",
+    "background2",
+    "background_gradient",
+    "foreground_gradient",
+)
+
+
 @dataclass
 class GlyphBatch:
     """Rendered glyph images and everything that was drawn to make them.
@@ -192,18 +204,28 @@ class GlyphBatch:
 
     def attributes(self, i: int) -> dict[str, object]:
         """The style of image ``i`` in words: character, font family, weight, slant and colours."""
-        family, bold, oblique = FACES[int(self.face[i])]
-        return {
-            "character": CHARACTERS[int(self.labels[i])],
-            "family": family,
-            "bold": bold,
-            "oblique": oblique,
-            "foreground": COLOUR_NAMES[int(self.foreground[i])],
-            "background": COLOUR_NAMES[int(self.background[i])],
-            "background2": COLOUR_NAMES[int(self.background2[i])],
-            "background_gradient": bool(self.background_gradient[i]),
-            "foreground_gradient": bool(self.foreground_gradient[i]),
-        }
+        return self.slice(slice(i, i + 1)).attribute_list()[0]
+
+    def attribute_list(self) -> list[dict[str, object]]:
+        """:meth:`attributes` of every image (one device transfer per field)."""
+        drawn = {name: getattr(self, name).tolist() for name in _DESCRIBED_FIELDS}
+        described = []
+        for i in range(len(self)):
+            family, bold, oblique = FACES[drawn["face"][i]]
+            described.append(
+                {
+                    "character": CHARACTERS[drawn["labels"][i]],
+                    "family": family,
+                    "bold": bold,
+                    "oblique": oblique,
+                    "foreground": COLOUR_NAMES[drawn["foreground"][i]],
+                    "background": COLOUR_NAMES[drawn["background"][i]],
+                    "background2": COLOUR_NAMES[drawn["background2"][i]],
+                    "background_gradient": bool(drawn["background_gradient"][i]),
+                    "foreground_gradient": bool(drawn["foreground_gradient"][i]),
+                }
+            )
+        return described
 
     def slice(self, index: slice) -> GlyphBatch:
         return GlyphBatch(**{f.name: getattr(self, f.name)[index] for f in fields(self)})

@@ -25,20 +25,17 @@ from torch import Tensor, nn
 from ..atomic import write_atomically
 from ..errors import ModelError
 from ..provenance import environment
+from . import WEIGHTS_DIR
+from .autoencoder import AUTOENCODER_NAME, autoencoder_loss, export_autoencoder, glyph_autoencoder, measure_autoencoder
 from .datasets import NUM_CLASSES, GlyphBatch
+from .diffusion import NUM_TRAIN_TIMESTEPS, dropped_conditions, epsilon_loss
 from .glyphnet import GlyphNet
+from .latent import TextToImage, class_latent_loss, dit_glyphs, export_dit, export_text_to_image, text_to_image_loss
 from .quality import classifier_accuracy
 from .training import TrainingPlan, TrainingResult
 
-#: Where the shipped reference networks live.
-WEIGHTS_DIR = Path(__file__).parent / "weights"
 MODEL_CARD_FILE = "model_card.json"
 GLYPHNET_FILE = "model.safetensors"
-
-#: The training noise schedule of the pixel-space reference models (DDPM, Ho et al. 2020).
-NUM_TRAIN_TIMESTEPS = 1000
-#: Fraction of training labels replaced by the null class, for classifier-free guidance.
-LABEL_DROPOUT = 0.1
 
 
 @dataclass(frozen=True)
@@ -153,19 +150,17 @@ def sampling_scheduler() -> DDIMScheduler:
 
 
 def denoising_loss(model: nn.Module, batch: GlyphBatch, generator: torch.Generator) -> Tensor:
-    """DDPM's simple loss ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t, y)‖² (Ho et al. 2020, eq. 14).
+    """DDPM's simple loss on pixels (:func:`~dmquant.zoo.diffusion.epsilon_loss`), labels dropped to the null class.
 
-    ``y`` is replaced by the null class with probability ``LABEL_DROPOUT`` (Ho & Salimans 2022).
+    Draws, in order: timesteps, noise, dropped labels.
     """
-    x0 = batch.images
-    n, device = x0.shape[0], x0.device
-    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (n,), generator=generator, device=device)
-    noise = torch.randn(x0.shape, generator=generator, device=device)
-    dropped = torch.rand(n, generator=generator, device=device) < LABEL_DROPOUT
-    labels = torch.where(dropped, torch.full_like(batch.labels, NUM_CLASSES), batch.labels)
-    x_t = training_scheduler().add_noise(x0, noise, t)
-    prediction = model(x_t, t, class_labels=labels).sample
-    return F.mse_loss(prediction.float(), noise)
+
+    def predict(x_t: Tensor, t: Tensor) -> Tensor:
+        dropped = dropped_conditions(len(batch), generator, x_t.device)
+        labels = torch.where(dropped, torch.full_like(batch.labels, NUM_CLASSES), batch.labels)
+        return model(x_t, t, class_labels=labels).sample
+
+    return epsilon_loss(predict, batch.images, training_scheduler(), generator)
 
 
 def export_diffusion_model(model: nn.Module, directory: Path) -> None:
@@ -200,6 +195,49 @@ ZOO: dict[str, ZooEntry] = {
             build=ddpm_glyphs32,
             loss=denoising_loss,
             export=export_diffusion_model,
+        ),
+        ZooEntry(
+            name=AUTOENCODER_NAME,
+            description="AutoencoderKL between 64×64 glyphs and 16×16×4 latents, shared by the latent models",
+            plan=TrainingPlan(
+                steps=8000, batch_size=128, learning_rate=5e-4, warmup_steps=200, ema_decay=0.999, resolution=64
+            ),
+            build=glyph_autoencoder,
+            loss=autoencoder_loss,
+            export=export_autoencoder,
+            measure=measure_autoencoder,
+        ),
+        ZooEntry(
+            name="ldm-glyphs64",
+            description="latent text-to-image (CLIP text encoder + UNet2DConditionModel) on 64×64 glyphs",
+            plan=TrainingPlan(
+                steps=40_000,
+                batch_size=256,
+                learning_rate=3e-4,
+                warmup_steps=500,
+                ema_decay=0.9995,
+                resolution=64,
+                save_every=2000,
+            ),
+            build=TextToImage,
+            loss=text_to_image_loss,
+            export=export_text_to_image,
+        ),
+        ZooEntry(
+            name="dit-glyphs",
+            description="class-conditional latent DiT (DiTTransformer2DModel) on 64×64 glyphs",
+            plan=TrainingPlan(
+                steps=40_000,
+                batch_size=256,
+                learning_rate=3e-4,
+                warmup_steps=500,
+                ema_decay=0.9995,
+                resolution=64,
+                save_every=2000,
+            ),
+            build=dit_glyphs,
+            loss=class_latent_loss,
+            export=export_dit,
         ),
     )
 }
