@@ -344,9 +344,19 @@ def cmd_zoo_evaluate(args: argparse.Namespace) -> int:
         grid=args.grid,
         progress=not args.quiet,
     )
-    columns = ("guidance_scale", "class_accuracy", "fid", "fid_floor", "sfid", "sfid_floor", "precision", "recall")
+    columns = (
+        "guidance_scale",
+        "class_accuracy",
+        "colour_accuracy",
+        "fid",
+        "fid_floor",
+        "sfid",
+        "sfid_floor",
+        "precision",
+        "recall",
+    )
     section = "quality" if features is None else f"quality_{features.name}"
-    print(markdown_table([{k: row[k] for k in columns} for row in card[section]["results"]]))
+    print(markdown_table([{k: row[k] for k in columns if k in row} for row in card[section]["results"]]))
     return 0
 
 
@@ -484,8 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
         zoo_commands,
         "evaluate",
         help="measure a zoo diffusion model's FP quality and write it into its model card",
-        description="Sample a class-conditional zoo model with DDIM and judge the samples with GlyphNet: "
-        "class accuracy, FID/sFID/KID-proxies with their real-vs-real floors, IS, precision/recall.",
+        description="Sample a zoo model with DDIM, asking for held-out glyphs' classes (or prompts), and judge "
+        "the samples with GlyphNet: class accuracy (and foreground-colour accuracy for the text-to-image model), "
+        "FID/sFID/KID-proxies with their real-vs-real floors, IS, precision/recall.",
         example="dmquant zoo evaluate ddpm-glyphs32 --device cuda --num-samples 10000 --guidance 1 2",
         run=cmd_zoo_evaluate,
     )

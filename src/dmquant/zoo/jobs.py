@@ -7,13 +7,15 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ModelError
 from ..eval.features import FeatureExtractor
 from ..jobs import generate
-from ..models import load_model
+from ..models import DiffusionModel, load_model
 from ..provenance import environment
 from ..report import save_image_grid
+from ..sampling import Conditioning
 from .glyphnet import GlyphNet, load_glyphnet
-from .quality import ReferenceSet
+from .quality import ReferenceSet, Requests, held_out_requests
 from .reference import (
     GLYPHNET_FILE,
     ZOO,
@@ -66,6 +68,15 @@ def train_zoo_model(
     return result
 
 
+def sample_requests(model: DiffusionModel, requests: Requests, **options) -> tuple[torch.Tensor, Conditioning]:
+    """Samples of ``model`` asked for ``requests``: their prompts (text models) or labels (class models)."""
+    if model.conditioning == "text":
+        if requests.prompts is None:
+            raise ModelError(f"{model.name} is a text-to-image model: the requests need prompts")
+        return generate(model, len(requests), prompts=requests.prompts, **options)
+    return generate(model, len(requests), labels=requests.labels.tolist(), **options)
+
+
 def evaluate_zoo_model(
     name: str,
     *,
@@ -80,31 +91,37 @@ def evaluate_zoo_model(
     features: FeatureExtractor | None = None,
     progress: bool = True,
 ) -> dict:
-    """Measure the FP quality of a class-conditional zoo model and record it in its model card.
+    """Measure the FP quality of a zoo diffusion model and record it in its model card.
 
-    Samples ``num_samples`` images with DDIM (eta 0) at each guidance scale, labels cycling over
-    the classes, and judges them with the shipped GlyphNet against held-out glyphs (with the
-    real-vs-real floor at the same N). ``features`` replaces GlyphNet for the distribution
-    metrics (e.g. the standard Inception network); the card then records them under
-    ``quality_<extractor name>``. ``grid`` gets a PNG of the first 64 samples at the first
-    guidance scale.
+    Samples ``num_samples`` images with DDIM (eta 0) at each guidance scale, asking for the
+    held-out glyphs' own classes (or, for the text-to-image model, their prompts), and judges
+    them with the shipped GlyphNet against those held-out glyphs (with the real-vs-real floor at
+    the same N); text models also get the foreground-colour accuracy. ``features`` replaces
+    GlyphNet for the distribution metrics (e.g. the standard Inception network); the card then
+    records them under ``quality_<extractor name>``. ``grid`` gets a PNG of the first 64 samples
+    at the first guidance scale.
     """
     directory = Path(model_dir) if model_dir is not None else zoo_entry(name).directory
+    resolution = zoo_entry(name).plan.resolution
     model = load_model(directory).to(device)
     glyphnet = shipped_glyphnet(device)
-    references = ReferenceSet(glyphnet, num_samples, features=features, progress=progress)
+    references = ReferenceSet(glyphnet, num_samples, features=features, resolution=resolution, progress=progress)
+    text = model.conditioning == "text"
+    requests = held_out_requests(num_samples, resolution=resolution, text=text)
     results = []
     for scale in guidance_scales:
-        images, conditioning = generate(
+        images, _ = sample_requests(
             model,
-            num_samples,
+            requests,
             num_inference_steps=num_inference_steps,
             seed=seed,
             batch_size=batch_size,
             guidance_scale=scale,
             progress=progress,
         )
-        quality = references.judge(images, conditioning.cond["class_labels"], progress=progress)
+        quality = references.judge(
+            images, requests.labels, colours=requests.colours if text else None, progress=progress
+        )
         results.append({"guidance_scale": scale, **quality.as_dict()})
         if grid is not None and scale == guidance_scales[0]:
             save_image_grid(images[:64].cpu(), grid, nrow=8)
@@ -116,7 +133,8 @@ def evaluate_zoo_model(
         "num_inference_steps": num_inference_steps,
         "num_samples": num_samples,
         "seed": seed,
-        "reference": "held-out glyphs (test split); floors are real-vs-real at the same N",
+        "reference": "held-out glyphs (test split), whose classes (or prompts) the samples are asked for; "
+        "floors are real-vs-real at the same N",
         "features": references.features.name,
         "results": results,
         **environment(),

@@ -15,8 +15,10 @@ from torch import Tensor
 
 from ..eval.distribution import DistributionReport, distribution_report, fid_floors
 from ..eval.features import FeatureExtractor, Features, device_of, extract_features
+from .colour import colour_accuracy
 from .datasets import GlyphDataset
 from .glyphnet import GlyphNet
+from .text import prompts
 
 #: Split the real reference images come from (never seen in training).
 REFERENCE_SPLIT = "test"
@@ -24,13 +26,37 @@ REFERENCE_SPLIT = "test"
 
 @dataclass
 class SampleQuality:
-    """Class accuracy and distribution metrics of one set of class-conditional samples."""
+    """Class accuracy, foreground-colour accuracy (when colours were asked for) and distribution metrics."""
 
     class_accuracy: float
     distribution: DistributionReport
+    colour_accuracy: float | None = None
 
     def as_dict(self) -> dict[str, float | int | str]:
-        return {"class_accuracy": self.class_accuracy, **self.distribution.as_dict()}
+        colour = {} if self.colour_accuracy is None else {"colour_accuracy": self.colour_accuracy}
+        return {"class_accuracy": self.class_accuracy, **colour, **self.distribution.as_dict()}
+
+
+@dataclass
+class Requests:
+    """What a set of samples is asked for: the held-out glyphs' classes, colours and, for text models, prompts.
+
+    Asking for the reference set's own conditions makes generated and real sets comparable
+    class by class.
+    """
+
+    labels: Tensor
+    colours: Tensor
+    prompts: list[str] | None = None
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+
+def held_out_requests(count: int, *, resolution: int = 32, text: bool = False) -> Requests:
+    """The conditions of held-out glyphs ``[0, count)``: labels and foreground colours (and prompts if ``text``)."""
+    batch = GlyphDataset(REFERENCE_SPLIT, resolution).batch(0, count)
+    return Requests(batch.labels, batch.foreground, prompts(batch) if text else None)
 
 
 def real_features(
@@ -83,8 +109,13 @@ class ReferenceSet:
         self.floor_reference = both.subset(slice(num_samples, 2 * num_samples))
         self.floors = fid_floors(self.reference, self.floor_reference)
 
-    def judge(self, images: Tensor, labels: Tensor, *, progress: bool = True) -> SampleQuality:
-        """Class accuracy (GlyphNet top-1 against the labels asked for) and the distribution report."""
+    def judge(
+        self, images: Tensor, labels: Tensor, *, colours: Tensor | None = None, progress: bool = True
+    ) -> SampleQuality:
+        """Class accuracy (GlyphNet top-1 against the labels asked for) and the distribution report.
+
+        With ``colours`` (indices into ``COLOUR_NAMES``), also the foreground-colour accuracy.
+        """
         generated = extract_features(self.features, images, progress=progress, desc="sample features")
         if self.features is not self.glyphnet:
             logits = extract_features(self.glyphnet, images, progress=progress, desc="classify").logits
@@ -94,4 +125,5 @@ class ReferenceSet:
         report = distribution_report(
             generated, self.reference, self.floor_reference, self.features.name, floors=self.floors
         )
-        return SampleQuality(accuracy, report)
+        colour = None if colours is None else colour_accuracy(images, colours)
+        return SampleQuality(accuracy, report, colour)

@@ -1,0 +1,96 @@
+"""bench/quality.py: the cell matrix, resuming, time-limited chunks and one real cell per kind on CPU."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+
+import quality  # noqa: E402
+from report import validate_cell  # noqa: E402
+
+
+def test_matrix_lists_fp_rows_recipe_bits_and_peers_with_their_own_bits():
+    cells = quality.plan_cells(["ddpm-glyphs32"], ["fp", "fp-seed1", "mse", "torchao-int4-weight-only"], ["W8A8", "W4A8"])
+    assert [(c.method, c.bits, c.kind) for c in cells] == [
+        ("fp", "FP32", "fp"),
+        ("fp-seed1", "FP32", "fp"),
+        ("mse", "W8A8", "recipe"),
+        ("mse", "W4A8", "recipe"),
+        ("torchao-int4-weight-only", "W4A16", "peer"),
+    ]
+    assert cells[2].path(Path("r")) == Path("r/ddpm-glyphs32/mse__W8A8.json")
+
+
+def test_pending_skips_finished_cells_and_retries_failed_ones(tmp_path):
+    cells = quality.plan_cells(["dit-glyphs"], ["minmax"], ["W8A8", "W4A8", "W4A4"])
+    quality.write_cell(cells[0].path(tmp_path), {"status": "ok"})
+    quality.write_cell(cells[1].path(tmp_path), {"status": "failed"})
+    assert quality.pending(cells, tmp_path, force=False) == cells[1:]
+    assert quality.pending(cells, tmp_path, force=True) == cells
+
+
+def test_a_time_limit_stops_before_the_next_model_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    built = []
+    monkeypatch.setattr(quality, "ModelBench", lambda name, args: built.append(name))
+    args = quality.parse_args(["--models", "ddpm-glyphs32", "--methods", "fp", "--results", str(tmp_path)])
+    args.max_minutes = 0.0
+    assert quality.run_matrix(args, "cmd") == 1
+    assert built == []
+    assert "1 cells left (time limit); run the same command again to resume" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """The FP row, a recipe cell and a peer cell of ddpm-glyphs32 at toy sizes on CPU."""
+    results = tmp_path_factory.mktemp("results")
+    torch.manual_seed(0)
+    argv = ["--models", "ddpm-glyphs32", "--methods", "fp", "minmax", "torchao-int4-weight-only"]
+    argv += ["--bits", "W8A8", "--num-samples", "16", "--steps", "2", "--batch-size", "8"]
+    argv += ["--device", "cpu", "--results", str(results), "-q"]
+    quality.main(argv)
+    return {path.stem: json.loads(path.read_text()) for path in (results / "ddpm-glyphs32").glob("*.json")}
+
+
+@pytest.mark.slow
+def test_cells_follow_the_report_schema(small_run):
+    assert set(small_run) == {"fp__FP32", "minmax__W8A8", "torchao-int4-weight-only__W4A16"}
+    for name, cell in small_run.items():
+        validate_cell(cell, name)
+        assert cell["command"].startswith("python bench/quality.py --models ddpm-glyphs32")
+        assert cell["environment"]["torch"] == torch.__version__
+
+
+@pytest.mark.slow
+def test_recipe_cell_measures_against_fp_and_records_calibration(small_run):
+    fp, cell = small_run["fp__FP32"], small_run["minmax__W8A8"]
+    assert cell["status"] == "ok", cell["reason"]
+    assert fp["metrics"].get("psnr") is None
+    assert 5 < cell["metrics"]["psnr"] < 80 and 0 < cell["metrics"]["ssim"] <= 1
+    assert len(cell["sqnr_per_step"]) == 2 and all(v > 0 for v in cell["sqnr_per_step"])
+    assert cell["calibration_s"] > 0
+    assert cell["recipe"]["weight"]["bits"] == 8 and cell["recipe"]["attention"]["enabled"] is False
+    assert cell["metrics"]["fid_floor"] == fp["metrics"]["fid_floor"]
+
+
+@pytest.mark.slow
+def test_a_peer_that_cannot_run_here_is_a_row_with_its_reason(small_run):
+    cell = small_run["torchao-int4-weight-only__W4A16"]
+    if torch.cuda.is_available():
+        pytest.skip("the peer runs where there is CUDA")
+    assert cell["status"] == "unsupported" and "CUDA" in cell["reason"]
+
+
+def test_peer_denoiser_answers_in_float32_whatever_the_peer_computes_in():
+    from dmquant.zoo.tiny import tiny_unet2d
+
+    model = tiny_unet2d().to(torch.bfloat16)
+    wrapped = quality.PeerDenoiser(model)
+    out = wrapped(torch.randn(2, 3, 16, 16), torch.tensor([1, 500]), class_labels=torch.tensor([0, 1]))
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 16, 16)
+    assert wrapped.config["in_channels"] == model.config.in_channels
