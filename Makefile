@@ -23,8 +23,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q -x --timeout=600
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

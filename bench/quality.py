@@ -115,12 +115,14 @@ def plan_cells(models: Sequence[str], methods: Sequence[str], bits: Sequence[str
 
 
 def git_commit() -> str | None:
-    """The checked-out commit (``DMQUANT_GIT_COMMIT`` where the tree is a copy without ``.git``)."""
+    """``DMQUANT_GIT_COMMIT`` when set (a copied tree whose ``.git`` may be stale), else the checked-out commit."""
+    if os.environ.get("DMQUANT_GIT_COMMIT"):
+        return os.environ["DMQUANT_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("DMQUANT_GIT_COMMIT")
+        return None
+    return out.stdout.strip()
 
 
 class PeerDenoiser(nn.Module):

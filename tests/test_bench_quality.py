@@ -16,7 +16,8 @@ from report import validate_cell  # noqa: E402
 
 
 def test_matrix_lists_fp_rows_recipe_bits_and_peers_with_their_own_bits():
-    cells = quality.plan_cells(["ddpm-glyphs32"], ["fp", "fp-seed1", "mse", "torchao-int4-weight-only"], ["W8A8", "W4A8"])
+    methods = ["fp", "fp-seed1", "mse", "torchao-int4-weight-only"]
+    cells = quality.plan_cells(["ddpm-glyphs32"], methods, ["W8A8", "W4A8"])
     assert [(c.method, c.bits, c.kind) for c in cells] == [
         ("fp", "FP32", "fp"),
         ("fp-seed1", "FP32", "fp"),

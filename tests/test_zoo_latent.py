@@ -286,9 +286,13 @@ def test_shipped_latent_models_draw_what_they_are_asked_for(glyphnet, name, thre
     assert (predicted == requests.labels.roll(1)).double().mean() <= 0.25
 
 
-def test_shipped_dit_card_records_quality_at_its_guidance():
-    card = _card("dit-glyphs")
+@pytest.mark.parametrize("name", ["ldm-glyphs64", "dit-glyphs"])
+def test_shipped_latent_cards_record_training_and_quality_at_the_shipped_guidance(name):
+    card = _card(name)
     assert card["training"]["steps_done"] > 0 and card["training"]["weights"] == "EMA"
-    results = {row["guidance_scale"]: row for row in card["quality"]["results"]}
-    assert results[latent.DEFAULT_GUIDANCE]["class_accuracy"] >= 0.85
-    assert results[latent.DEFAULT_GUIDANCE]["fid"] > results[latent.DEFAULT_GUIDANCE]["fid_floor"]
+    assert card["quality"]["num_samples"] >= 10_000 and card["quality"]["num_inference_steps"] == 50
+    result = {row["guidance_scale"]: row for row in card["quality"]["results"]}[latent.DEFAULT_GUIDANCE]
+    assert result["class_accuracy"] >= 0.85
+    assert result["fid"] > result["fid_floor"] > 0
+    if name == "ldm-glyphs64":
+        assert result["colour_accuracy"] >= 0.9

@@ -1,0 +1,802 @@
+"""Turn the committed quality-benchmark JSON into BENCHMARKS.md and its plots.
+
+Reads every ``*.json`` under ``--results`` (default ``bench/results/quality``; ``bench/quality.py``
+writes one file per cell, ``<model>/<method>__<bits>.json``), and writes ``--output`` (default
+``BENCHMARKS.md``) with one table per zoo model, plus two PNG plots per model under ``--plots``
+(default ``docs/bench``): ``<model>-fid.png`` (FID-proxy against bit setting, one line per method)
+and ``<model>-sqnr.png`` (SQNR of the noise estimate per sampling step). The output depends only
+on the JSON, so rerunning on the same files gives the same page; every file is written atomically.
+
+Cell schema (version 1), one JSON object per file::
+
+    {
+      "schema": 1,                      # required; this script reads version 1 only
+      "model": "ddpm-glyphs32",         # required: zoo model (ddpm-glyphs32, ldm-glyphs64, dit-glyphs)
+      "model_description": "...",       # optional one-liner shown under the model's heading
+      "method": "mse",                  # required: "fp"; "fp-seed1" (FP again with other seeds: the
+                                        #   seed-to-seed spread); "minmax", "mse", other recipes
+                                        #   ("q-diffusion", ...); peers ("torchao-int8-dynamic",
+                                        #   "torchao-int4-weight-only", "torchao-fp8-dynamic",
+                                        #   "quanto-w8a8", "quanto-w4a8")
+      "kind": "recipe",                 # required: "fp" | "recipe" | "peer"
+      "bits": "W8A8",                   # required: "FP32" for fp rows, "W8A8", "W8A8+attn8" (attention
+                                        #   matmuls at 8 bits), "W4A8", "W4A16" (weight-only), "W4A4", "FP8"
+      "status": "ok",                   # required: "ok" | "unsupported" | "failed"
+      "reason": null,                   # text when status != "ok", e.g. "torchao int4 needs CUDA"
+      "coverage": {                     # null for dmquant rows (every layer quantized); peers say
+        "quantized": {"Linear": 20, "Conv2d": 0},   # what they quantized and what they left FP
+        "skipped": {"Conv2d": 31}
+      },
+      "metrics": {
+        "class_accuracy": 0.93,         # GlyphNet top-1 agreement with the conditioning class
+        "colour_accuracy": 0.88,        # text-to-image model only, else absent or null
+        "fid": 0.63, "fid_floor": 0.21, "sfid": 4.2, "sfid_floor": 2.0,
+        "inception_score": 40.1, "kid": 0.001, "precision": 0.45, "recall": 0.95,
+        "psnr": 21.8, "ssim": 0.81      # vs the FP samples with the same seeds; null for the fp row
+      },
+      "sqnr_per_step": [35.1, 34.9],    # dB of the noise estimate vs FP along FP trajectories, one per
+                                        #   sampling step, first = noisiest; null for fp rows
+      "calibration_s": 41.2,
+      "peak_memory_gib": 3.1,
+      "sampling": {"sampler": "DDIM", "eta": 0.0, "num_inference_steps": 50, "num_samples": 10000,
+                   "seed": 0, "guidance_scale": 1.0},
+      "features": "glyphnet",
+      "command": "python bench/quality.py --models ddpm-glyphs32 --methods mse --bits W8A8",
+      "environment": {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "diffusers": "0.42.1",
+                      "python": "3.12.3", "date": "2026-11-21"},
+      "git_commit": "abc123"
+    }
+
+Everything but the required keys may be missing or null (shown as "—"). A number may be
+``Infinity``/``NaN`` as Python's ``json`` writes them. Metrics of a row whose status is not
+``"ok"`` are not shown; its reason is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from dmquant.atomic import write_atomically
+
+SCHEMA_VERSION = 1
+#: The zoo models in the order their tables appear; others follow alphabetically.
+ZOO_MODELS = ("ddpm-glyphs32", "ldm-glyphs64", "dit-glyphs")
+#: Bit settings in table and plot order; others follow alphabetically.
+BITS_ORDER = ("FP32", "FP16", "BF16", "W8A8", "W8A8+attn8", "W4A8", "W4A16", "W4A4", "FP8")
+#: dmquant baselines first, in this order; other recipes follow alphabetically.
+BASELINE_RECIPES = ("minmax", "mse")
+KINDS = ("fp", "recipe", "peer")
+STATUSES = ("ok", "unsupported", "failed")
+REQUIRED = ("model", "method", "kind", "bits", "status")
+FEATURE_NAMES = {"glyphnet": "GlyphNet", "inception": "Inception-v3"}
+
+MISSING = "—"
+
+DEFAULT_RESULTS = Path("bench/results/quality")
+DEFAULT_OUTPUT = Path("BENCHMARKS.md")
+DEFAULT_PLOTS = Path("docs/bench")
+
+Cell = dict[str, Any]
+
+
+class CellError(ValueError):
+    """A result file that is not a valid version-1 cell (the message names the file)."""
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_cell(data: object, source: str) -> Cell:
+    """Check one parsed cell against the schema and return it; raise :class:`CellError` naming ``source``."""
+    if not isinstance(data, dict):
+        raise CellError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    if data.get("schema") != SCHEMA_VERSION:
+        raise CellError(f"{source}: schema is {data.get('schema')!r}; this script reads schema {SCHEMA_VERSION}")
+    for key in REQUIRED:
+        if not isinstance(data.get(key), str) or not data[key]:
+            raise CellError(f"{source}: {key!r} must be a non-empty string, got {data.get(key)!r}")
+    if data["kind"] not in KINDS:
+        raise CellError(f"{source}: kind must be one of {', '.join(KINDS)}, got {data['kind']!r}")
+    if data["status"] not in STATUSES:
+        raise CellError(f"{source}: status must be one of {', '.join(STATUSES)}, got {data['status']!r}")
+    for key in ("metrics", "coverage", "sampling", "environment"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise CellError(f"{source}: {key!r} must be an object or null, got {type(data[key]).__name__}")
+    for name, value in (data.get("metrics") or {}).items():
+        if value is not None and not _is_number(value):
+            raise CellError(f"{source}: metrics.{name} must be a number or null, got {value!r}")
+    for key in ("calibration_s", "peak_memory_gib"):
+        if data.get(key) is not None and not _is_number(data[key]):
+            raise CellError(f"{source}: {key!r} must be a number or null, got {data[key]!r}")
+    steps = data.get("sqnr_per_step")
+    if steps is not None and (
+        not isinstance(steps, list) or not all(value is None or _is_number(value) for value in steps)
+    ):
+        raise CellError(f"{source}: 'sqnr_per_step' must be a list of numbers (or null), got {steps!r}")
+    for part in ("quantized", "skipped"):
+        counts = (data.get("coverage") or {}).get(part)
+        if counts is not None and (
+            not isinstance(counts, dict) or not all(isinstance(n, int) and n >= 0 for n in counts.values())
+        ):
+            raise CellError(f"{source}: coverage.{part} must map layer types to counts, got {counts!r}")
+    for key in ("reason", "command", "features", "git_commit", "model_description"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise CellError(f"{source}: {key!r} must be a string or null, got {data[key]!r}")
+    return data
+
+
+def load_cells(results: str | os.PathLike[str]) -> list[Cell]:
+    """Every cell under ``results`` (searched recursively), validated and in table order.
+
+    Raises:
+        FileNotFoundError: ``results`` is not a directory.
+        CellError: a file is not valid JSON, not a version-1 cell, or repeats another file's
+            (model, method, bits).
+    """
+    results = Path(results)
+    if not results.is_dir():
+        raise FileNotFoundError(f"no results directory {results} (bench/quality.py writes it)")
+    cells: list[Cell] = []
+    seen: dict[tuple[str, str, str], Path] = {}
+    for path in sorted(results.rglob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CellError(f"{path}: cannot read a JSON cell: {error}") from error
+        cell = validate_cell(data, str(path))
+        key = (cell["model"], cell["method"], cell["bits"])
+        if key in seen:
+            raise CellError(f"{path} and {seen[key]} are both model {key[0]}, method {key[1]}, bits {key[2]}")
+        seen[key] = path
+        cells.append(cell)
+    return sort_cells(cells)
+
+
+# --- ordering ------------------------------------------------------------------------------
+
+
+def _ordered(value: str, order: Sequence[str]) -> tuple[int, str]:
+    return (order.index(value), "") if value in order else (len(order), value)
+
+
+def model_key(model: str) -> tuple[int, str]:
+    return _ordered(model, ZOO_MODELS)
+
+
+def bits_key(bits: str) -> tuple[int, str]:
+    return _ordered(bits, BITS_ORDER)
+
+
+def method_key(cell: Cell) -> tuple[int, int, str]:
+    """FP, FP with other seeds, then minmax, mse, other recipes alphabetically, then peers alphabetically."""
+    method, kind = cell["method"], cell["kind"]
+    if kind == "fp":
+        return (0, 0 if method == "fp" else 1, method)
+    if kind == "recipe":
+        return (1, *_ordered(method, BASELINE_RECIPES))
+    return (2, 0, method)
+
+
+def row_key(cell: Cell) -> tuple:
+    return (model_key(cell["model"]), method_key(cell), bits_key(cell["bits"]))
+
+
+def sort_cells(cells: Iterable[Cell]) -> list[Cell]:
+    return sorted(cells, key=row_key)
+
+
+def by_model(cells: Iterable[Cell]) -> dict[str, list[Cell]]:
+    """Cells grouped per model, models and rows in table order; models without cells do not appear."""
+    groups: dict[str, list[Cell]] = {}
+    for cell in sort_cells(cells):
+        groups.setdefault(cell["model"], []).append(cell)
+    return groups
+
+
+# --- formatting ----------------------------------------------------------------------------
+
+
+def _finite(value: object) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
+def _special(value: float) -> str | None:
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return None
+
+
+def fmt_sig(value: float) -> str:
+    """Three significant digits, no exponent below 1000 (``0.63``, ``4.2``, ``40.1``, ``1234``)."""
+    special = _special(value)
+    if special:
+        return special
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+
+
+def fmt_fixed(decimals: int) -> Callable[[float], str]:
+    def format_(value: float) -> str:
+        return _special(value) or f"{value:.{decimals}f}"
+
+    return format_
+
+
+def fmt_percent(value: float) -> str:
+    return _special(value) or f"{100 * value:.1f}%"
+
+
+def fmt_duration(seconds: float) -> str:
+    """``41.2 s``, ``12.5 min``, ``1.50 h``."""
+    special = _special(seconds)
+    if special:
+        return special
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def _display(value: object, format_: Callable[[float], str]) -> str:
+    return format_(float(value)) if _is_number(value) else MISSING
+
+
+def mean_sqnr(cell: Cell) -> float | None:
+    """Mean over sampling steps of ``sqnr_per_step`` (finite steps; ``inf`` if every step is exact)."""
+    steps = [value for value in cell.get("sqnr_per_step") or [] if _is_number(value)]
+    finite = [value for value in steps if math.isfinite(value)]
+    if finite:
+        return sum(finite) / len(finite)
+    if steps and all(value == math.inf for value in steps):
+        return math.inf
+    return None
+
+
+def method_label(cell: Cell, other_seed_methods: int = 1) -> str:
+    """``FP``, ``FP (other seeds)`` (naming the method if there are several), or the method name."""
+    if cell["kind"] != "fp":
+        return cell["method"]
+    if cell["method"] == "fp":
+        return "FP"
+    return "FP (other seeds)" if other_seed_methods <= 1 else f"FP (other seeds, {cell['method']})"
+
+
+def coverage_note(coverage: Mapping[str, Any] | None) -> str | None:
+    """``"Linear only; 31 Conv2d left FP"`` from a peer's coverage; ``None`` without coverage.
+
+    ``unquantized_inputs`` (layers whose weights are quantized but whose inputs stay in floating
+    point, e.g. quanto's Conv2d) is said too: such a layer is weight-only, whatever the bits say.
+    """
+    if not coverage:
+        return None
+    quantized = sorted(name for name, count in (coverage.get("quantized") or {}).items() if count)
+    skipped = sorted((name, count) for name, count in (coverage.get("skipped") or {}).items() if count)
+    float_inputs = sorted((name, count) for name, count in (coverage.get("unquantized_inputs") or {}).items() if count)
+    if skipped:
+        head = f"{' + '.join(quantized)} only" if quantized else "nothing quantized"
+        note = head + "; " + ", ".join(f"{count} {name} left FP" for name, count in skipped)
+    else:
+        counts = coverage.get("quantized") or {}
+        listed = ", ".join(f"{counts[name]} {name}" for name in quantized)
+        note = f"all layers quantized ({listed})" if listed else None
+    if float_inputs:
+        inputs = ", ".join(f"{count} {name}" for name, count in float_inputs)
+        note = (note + "; " if note else "") + f"inputs of {inputs} not quantized (weight-only)"
+    return note
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", r"\|").replace("\n", " ")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(_escape(cell) for cell in line) + " |" for line in lines)
+
+
+# --- one model's table ---------------------------------------------------------------------
+
+#: (header, metric key, format, spread format) of the quality columns; colour only where measured.
+_ACCURACY = [
+    ("class acc.", "class_accuracy", fmt_percent),
+    ("colour acc.", "colour_accuracy", fmt_percent),
+]
+_DISTRIBUTION = [
+    ("FID-proxy", "fid", fmt_sig),
+    ("sFID-proxy", "sfid", fmt_sig),
+    ("IS-proxy", "inception_score", fmt_sig),
+    ("precision", "precision", fmt_fixed(3)),
+    ("recall", "recall", fmt_fixed(3)),
+]
+_FIDELITY = [
+    ("PSNR (dB)", "psnr", fmt_fixed(1)),
+    ("SSIM", "ssim", fmt_fixed(3)),
+]
+_FLOORS = {"fid": "fid_floor", "sfid": "sfid_floor"}
+
+
+def _ok(cell: Cell) -> bool:
+    return cell["status"] == "ok"
+
+
+def _metric(cell: Cell, key: str) -> object:
+    return (cell.get("metrics") or {}).get(key)
+
+
+def shared_floor(cells: Sequence[Cell], metric: str) -> str | None:
+    """The displayed floor of ``metric`` if every ok row that has the metric shows the same one, else ``None``."""
+    shown = {
+        _display(_metric(cell, _FLOORS[metric]), fmt_sig)
+        for cell in cells
+        if _ok(cell) and _is_number(_metric(cell, metric))
+    }
+    if len(shown) == 1 and MISSING not in shown:
+        return shown.pop()
+    return None
+
+
+def fp_spread(cells: Sequence[Cell]) -> dict[str, float]:
+    """Largest ``|metric(fp) − metric(fp-seedN)|`` per metric over the other-seed FP rows (same bits)."""
+    reference = {cell["bits"]: cell for cell in cells if cell["kind"] == "fp" and cell["method"] == "fp" and _ok(cell)}
+    spread: dict[str, float] = {}
+    for cell in cells:
+        if cell["kind"] != "fp" or cell["method"] == "fp" or not _ok(cell) or cell["bits"] not in reference:
+            continue
+        fp_metrics = reference[cell["bits"]].get("metrics") or {}
+        for key, value in (cell.get("metrics") or {}).items():
+            other = fp_metrics.get(key)
+            if _finite(value) and _finite(other) and not key.endswith("_floor"):
+                spread[key] = max(spread.get(key, 0.0), abs(value - other))
+    return spread
+
+
+def _columns(cells: Sequence[Cell]) -> list[tuple[str, str, Callable[[float], str]]]:
+    has_colour = any(_is_number(_metric(cell, "colour_accuracy")) for cell in cells)
+    accuracy = [column for column in _ACCURACY if has_colour or column[1] != "colour_accuracy"]
+    return [*accuracy, *_DISTRIBUTION, *_FIDELITY]
+
+
+def _quality_cell(cell: Cell, key: str, format_: Callable[[float], str], floors: Mapping[str, str | None]) -> str:
+    text = _display(_metric(cell, key), format_)
+    if key in _FLOORS and floors[key] is None and text != MISSING:
+        floor = _metric(cell, _FLOORS[key])
+        if _is_number(floor):
+            text += f" (floor {fmt_sig(float(floor))})"
+    return text
+
+
+def _notes(cell: Cell) -> str:
+    notes = []
+    if not _ok(cell):
+        reason = (cell.get("reason") or "").strip()
+        notes.append(f"**{cell['status']}**" + (f": {reason}" if reason else ""))
+    coverage = coverage_note(cell.get("coverage"))
+    if coverage:
+        notes.append(coverage)
+    return "; ".join(notes)
+
+
+def _spread_format(key: str, format_: Callable[[float], str]) -> Callable[[float], str]:
+    if format_ is fmt_percent:
+        return lambda value: f"±{100 * value:.1f} pp"
+    return lambda value: f"±{format_(value)}"
+
+
+def model_table(cells: Sequence[Cell]) -> str:
+    """The markdown table of one model's cells (in table order), with the FP spread row after the FP rows."""
+    cells = sort_cells(cells)
+    columns = _columns(cells)
+    floors = {metric: shared_floor(cells, metric) for metric in _FLOORS}
+    other_seeds = len({cell["method"] for cell in cells if cell["kind"] == "fp" and cell["method"] != "fp"})
+    notes = [_notes(cell) for cell in cells]
+    header = ["method", "bits", *(title for title, _, _ in columns)]
+    header += ["mean SQNR (dB)", "calib. time", "peak mem. (GiB)"]
+    if any(notes):
+        header.append("notes")
+    spread = fp_spread(cells)
+    rows: list[list[str]] = []
+    for index, (cell, note) in enumerate(zip(cells, notes, strict=True)):
+        row = [method_label(cell, other_seeds), cell["bits"]]
+        if _ok(cell):
+            row += [_quality_cell(cell, key, format_, floors) for _, key, format_ in columns]
+            row.append(_display(mean_sqnr(cell), fmt_fixed(1)))
+            row.append(_display(cell.get("calibration_s"), fmt_duration))
+            row.append(_display(cell.get("peak_memory_gib"), fmt_fixed(2)))
+        else:
+            row += [""] * (len(columns) + 3)
+        if any(notes):
+            row.append(note)
+        rows.append(row)
+        last_fp = cell["kind"] == "fp" and (index + 1 == len(cells) or cells[index + 1]["kind"] != "fp")
+        if last_fp and spread:
+            spread_row = ["*FP seed-to-seed spread*", ""]
+            for _, key, format_ in columns:
+                spread_row.append(_spread_format(key, format_)(spread[key]) if key in spread else "")
+            spread_row += [""] * (len(header) - len(spread_row))
+            rows.append(spread_row)
+    return markdown_table(header, rows)
+
+
+# --- provenance ----------------------------------------------------------------------------
+
+
+def _plain(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _environment_text(environment: Mapping[str, Any] | None) -> str:
+    environment = environment or {}
+    parts = [str(environment["device"])] if environment.get("device") else []
+    for key, name in (("torch", "torch"), ("diffusers", "diffusers"), ("python", "Python")):
+        if environment.get(key):
+            parts.append(f"{name} {environment[key]}")
+    return ", ".join(parts) or "an unrecorded environment"
+
+
+def _dates_text(cells: Sequence[Cell]) -> str:
+    dates = sorted({str((cell.get("environment") or {}).get("date")) for cell in cells} - {"None"})
+    if not dates:
+        return "on an unrecorded date"
+    return f"on {dates[0]}" if len(dates) == 1 else f"between {dates[0]} and {dates[-1]}"
+
+
+def _commits_text(cells: Sequence[Cell]) -> str:
+    commits = sorted({cell["git_commit"] for cell in cells if cell.get("git_commit")})
+    if not commits:
+        return ""
+    return f", at commit {commits[0]}" if len(commits) == 1 else f", at commits {', '.join(commits)}"
+
+
+def _row_name(cell: Cell) -> str:
+    return f"{method_label(cell)} {cell['bits']}"
+
+
+def provenance_text(cells: Sequence[Cell]) -> str:
+    """Where and when ``cells`` were measured: one sentence, or a list when environments differ."""
+    groups: dict[str, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(_environment_text(cell.get("environment")), []).append(cell)
+    if len(groups) == 1:
+        (environment,) = groups
+        return f"Measured on {environment}, {_dates_text(cells)}{_commits_text(cells)}."
+    lines = ["Rows of this table were measured in different environments:", ""]
+    for environment, members in sorted(groups.items()):
+        names = ", ".join(_row_name(cell) for cell in members)
+        lines.append(f"- {environment}, {_dates_text(members)}{_commits_text(members)}: {names}")
+    return "\n".join(lines)
+
+
+def _sampling_text(cell: Cell) -> str:
+    sampling = dict(cell.get("sampling") or {})
+    sampling.pop("seed", None)  # FP with other seeds differs here by design
+    parts = []
+    if "sampler" in sampling:
+        parts.append(str(sampling.pop("sampler")))
+    if "eta" in sampling:
+        parts.append(f"η = {_plain(sampling.pop('eta'))}")
+    if "num_inference_steps" in sampling:
+        parts.append(f"{_plain(sampling.pop('num_inference_steps'))} steps")
+    if "guidance_scale" in sampling:
+        parts.append(f"guidance scale {_plain(sampling.pop('guidance_scale'))}")
+    if "num_samples" in sampling:
+        parts.append(f"N = {_plain(sampling.pop('num_samples'))} samples")
+    parts += [f"{key} = {_plain(value)}" for key, value in sorted(sampling.items())]
+    features = cell.get("features")
+    if features:
+        parts.append(f"features: {FEATURE_NAMES.get(features.lower(), features)}")
+    return ", ".join(parts) or "not recorded"
+
+
+def sampling_text(cells: Sequence[Cell]) -> str:
+    groups: dict[str, list[Cell]] = {}
+    for cell in cells:
+        if _ok(cell):
+            groups.setdefault(_sampling_text(cell), []).append(cell)
+    if not groups:
+        return ""
+    if len(groups) == 1:
+        return f"Sampling: {next(iter(groups))}."
+    lines = ["Sampling differs between rows:", ""]
+    for text, members in sorted(groups.items()):
+        lines.append(f"- {text}: {', '.join(_row_name(cell) for cell in members)}")
+    return "\n".join(lines)
+
+
+def commands(cells: Sequence[Cell]) -> list[str]:
+    """The cells' commands, deduplicated, in row order."""
+    return list(dict.fromkeys(cell["command"].strip() for cell in cells if (cell.get("command") or "").strip()))
+
+
+def spread_text(cells: Sequence[Cell]) -> str:
+    if not any(cell["kind"] == "fp" and cell["method"] != "fp" for cell in cells):
+        return "No FP run with other seeds was measured for this model, so its seed-to-seed spread is not known."
+    spread = fp_spread(cells)
+    if not spread:
+        return "The FP runs with other seeds have no metric in common with FP, so the spread is not known."
+    parts = []
+    for title, key, format_ in _columns(cells):
+        if key in spread:
+            parts.append(f"{title} {_spread_format(key, format_)(spread[key])}")
+    return (
+        "FP seed-to-seed spread, |FP − FP (other seeds)|: "
+        + ", ".join(parts)
+        + ". A quantized row closer to FP than this is indistinguishable from it at this N."
+    )
+
+
+def floors_text(cells: Sequence[Cell]) -> str:
+    shared = {metric: shared_floor(cells, metric) for metric in _FLOORS}
+    titles = {"fid": "FID-proxy", "sfid": "sFID-proxy"}
+    parts = [f"{titles[metric]} {floor}" for metric, floor in shared.items() if floor is not None]
+    if not parts:
+        return "Each FID/sFID-proxy is followed by its floor at that row's N."
+    return f"Floors (real vs real at the same N, the same for every row): {', '.join(parts)}."
+
+
+# --- plots ---------------------------------------------------------------------------------
+
+_LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)), (0, (3, 1, 1, 1, 1, 1)))
+
+
+def _figure(width: float = 7.0, height: float = 4.0):
+    # The object-oriented API with an explicit Agg canvas: no pyplot state, no backend switching.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=120)
+    FigureCanvasAgg(figure)
+    return figure, figure.subplots()
+
+
+def _save_png(figure, path: Path) -> Path:
+    # No software version in the PNG metadata: the same JSON gives byte-identical plots.
+    return write_atomically(
+        path, lambda file: figure.savefig(file, format="png", bbox_inches="tight", metadata={"Software": None})
+    )
+
+
+def _method_colours(cells: Sequence[Cell]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"].colors
+    methods = list(dict.fromkeys(cell["method"] for cell in sort_cells(cells) if cell["kind"] != "fp"))
+    return {method: palette[index % len(palette)] for index, method in enumerate(methods)}
+
+
+def fid_plot(model: str, cells: Sequence[Cell], path: str | os.PathLike[str]) -> Path | None:
+    """FID-proxy against bit setting, one line per method; FP, its spread and the floor as horizontals.
+
+    Returns ``None`` (and writes nothing) when no quantized row has an FID-proxy.
+    """
+    cells = sort_cells(cells)
+    quantized = [cell for cell in cells if cell["kind"] != "fp" and _ok(cell) and _finite(_metric(cell, "fid"))]
+    if not quantized:
+        return None
+    settings = sorted({cell["bits"] for cell in quantized}, key=bits_key)
+    position = {bits: index for index, bits in enumerate(settings)}
+    colours = _method_colours(cells)
+    figure, axis = _figure()
+    values: list[float] = []
+    for method in dict.fromkeys(cell["method"] for cell in quantized):
+        points = [
+            (position[cell["bits"]], float(_metric(cell, "fid"))) for cell in quantized if cell["method"] == method
+        ]
+        kind = next(cell["kind"] for cell in quantized if cell["method"] == method)
+        axis.plot(
+            *zip(*points, strict=True),
+            marker="o" if kind == "recipe" else "s",
+            linestyle="-" if kind == "recipe" else "--",
+            color=colours[method],
+            label=method if kind == "recipe" else f"{method} (peer)",
+        )
+        values += [value for _, value in points]
+    fp = next((cell for cell in cells if cell["kind"] == "fp" and cell["method"] == "fp" and _ok(cell)), None)
+    if fp is not None and _finite(_metric(fp, "fid")):
+        fp_fid = float(_metric(fp, "fid"))
+        axis.axhline(fp_fid, color="black", linewidth=1.2, label="FP")
+        values.append(fp_fid)
+        spread = fp_spread(cells).get("fid")
+        if spread:
+            axis.axhspan(
+                fp_fid - spread, fp_fid + spread, color="black", alpha=0.12, linewidth=0, label="FP ± seed spread"
+            )
+    floor_source = fp if fp is not None and _finite(_metric(fp, "fid_floor")) else None
+    if floor_source is None:
+        floor_source = next((cell for cell in quantized if _finite(_metric(cell, "fid_floor"))), None)
+    if floor_source is not None:
+        floor = float(_metric(floor_source, "fid_floor"))
+        axis.axhline(floor, color="grey", linestyle="--", linewidth=1.0, label="floor (real vs real)")
+        values.append(floor)
+    positive = [value for value in values if value > 0]
+    if len(positive) == len(values) and max(positive) / min(positive) > 30:
+        axis.set_yscale("log")
+    axis.set_xticks(range(len(settings)), settings)
+    axis.set_xlim(-0.4, len(settings) - 0.6)
+    axis.set_xlabel("bit setting")
+    axis.set_ylabel("FID-proxy (GlyphNet features; lower is better)")
+    axis.set_title(f"{model}: FID-proxy by bit setting")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    return _save_png(figure, Path(path))
+
+
+def sqnr_plot(model: str, cells: Sequence[Cell], path: str | os.PathLike[str]) -> Path | None:
+    """SQNR of the noise estimate per sampling step, one curve per (method, bits).
+
+    Colour says the method, line style the bit setting. Non-finite steps are left as gaps.
+    Returns ``None`` (and writes nothing) when no row has ``sqnr_per_step``.
+    """
+    cells = sort_cells(cells)
+    curves = [cell for cell in cells if cell["kind"] != "fp" and _ok(cell) and cell.get("sqnr_per_step")]
+    if not curves:
+        return None
+    colours = _method_colours(cells)
+    settings = sorted({cell["bits"] for cell in curves}, key=bits_key)
+    styles = {bits: _LINESTYLES[index % len(_LINESTYLES)] for index, bits in enumerate(settings)}
+    figure, axis = _figure()
+    for cell in curves:
+        steps = [float(value) if _finite(value) else math.nan for value in cell["sqnr_per_step"]]
+        axis.plot(
+            range(1, len(steps) + 1),
+            steps,
+            color=colours[cell["method"]],
+            linestyle=styles[cell["bits"]],
+            linewidth=1.3,
+            label=f"{cell['method']} {cell['bits']}",
+        )
+    axis.set_xlabel("sampling step (1 = noisiest)")
+    axis.set_ylabel("SQNR of the noise estimate vs FP (dB)")
+    axis.set_title(f"{model}: SQNR per sampling step")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    return _save_png(figure, Path(path))
+
+
+# --- the page ------------------------------------------------------------------------------
+
+INTRO = """\
+# Benchmarks
+
+Quality of dmquant's post-training quantization on the reference zoo models, next to the
+floating-point (FP) model and to other quantization libraries (*peers*) run on the same models.
+Every number is read from the JSON files under `{results}` (one per table row); the commands
+under each table reproduce them.
+
+How to read the tables:
+
+- **class acc.**: share of samples that GlyphNet, the project's glyph classifier, assigns to the
+  class they were conditioned on; **colour acc.** the same for the colour asked for in the
+  prompt (text-to-image model only).
+- **FID-proxy, sFID-proxy, IS-proxy**: FID (pooled features), sFID (spatial features) and
+  Inception Score computed with GlyphNet's features instead of Inception-v3's, against held-out
+  real glyphs; **precision** and **recall** use the same features. They compare rows with one
+  another; they are not comparable with published FID numbers.
+- **floor**: the same metric between two disjoint sets of real glyphs of the same size N, the
+  score of a perfect generator at that N (FID is biased upward at small N, so a number means
+  something only next to its floor).
+- **FP seed-to-seed spread**: |metric(FP) − metric(FP with other seeds)|, how much a metric
+  moves through sampling noise alone.
+- **PSNR, SSIM**: each sample against the FP sample from the same seed, so they measure how far
+  quantization moved the individual images.
+- **mean SQNR**: signal-to-quantization-noise ratio of the noise estimate against FP along FP
+  trajectories, in dB, averaged over the sampling steps (the plots show it per step).
+- **calib. time**: wall time to calibrate the quantized model; **peak mem.**: peak memory of the
+  run.
+- Peers quantize with their own library; the notes say which layers they left in floating point.
+  A row that could not run gives its reason instead of numbers; "—" marks a value not measured.
+"""
+
+
+def _relative_link(target: Path, page: Path) -> str:
+    return Path(os.path.relpath(target.resolve(), page.resolve().parent)).as_posix()
+
+
+def model_section(model: str, cells: Sequence[Cell], plots: Path, output: Path) -> tuple[str, list[Path]]:
+    """One model's section of the page and the plots it wrote."""
+    lines = [f"## {model}", ""]
+    descriptions = sorted({cell["model_description"] for cell in cells if cell.get("model_description")})
+    if descriptions:
+        lines += ["; ".join(descriptions).rstrip(".") + ".", ""]
+    for text in (sampling_text(cells), floors_text(cells)):
+        if text:
+            lines += [text, ""]
+    lines += [model_table(cells), "", spread_text(cells), ""]
+    reproduce = commands(cells)
+    if reproduce:
+        lines += ["Reproduce:", "", "```sh", *reproduce, "```", ""]
+    lines += [provenance_text(cells), ""]
+    written = []
+    for suffix, plot, caption in (
+        ("fid", fid_plot, "FID-proxy by bit setting"),
+        ("sqnr", sqnr_plot, "SQNR of the noise estimate per sampling step"),
+    ):
+        path = plot(model, cells, plots / f"{model}-{suffix}.png")
+        if path is not None:
+            written.append(path)
+            lines += [f"![{model}: {caption}]({_relative_link(path, output)})", ""]
+    return "\n".join(lines), written
+
+
+def render(cells: Sequence[Cell], *, output: Path, plots: Path, results: Path) -> tuple[str, list[Path]]:
+    """The whole page for ``cells`` (plots are written under ``plots``; the page is returned, not written)."""
+    groups = by_model(cells)
+    sections = [INTRO.format(results=_relative_link(results, output)).rstrip("\n"), ""]
+    environments = {_environment_text(cell.get("environment")) for cell in cells}
+    if len(environments) == 1:
+        sections += [f"All numbers were measured on {environments.pop()}, {_dates_text(cells)}.", ""]
+    else:
+        sections += ["The numbers come from more than one environment; each table says which.", ""]
+    sections += ["Models: " + ", ".join(f"[{model}](#{model})" for model in groups) + ".", ""]
+    written: list[Path] = []
+    for model, members in groups.items():
+        text, paths = model_section(model, members, plots, output)
+        sections.append(text)
+        written += paths
+    return "\n".join(sections).rstrip("\n") + "\n", written
+
+
+def write_page(output: Path, text: str) -> Path:
+    return write_atomically(output, lambda file: file.write(text.encode("utf-8")))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bench/report.py",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Write the benchmark page from the quality-benchmark JSON.\n\n"
+            "Reads every *.json under --results (one cell per file, as bench/quality.py writes them:\n"
+            "<model>/<method>__<bits>.json; the schema is in this script's docstring) and writes\n"
+            "--output, a markdown page with one table per model (FP, FP with other seeds, dmquant\n"
+            "recipes, peers), and two PNG plots per model under --plots: <model>-fid.png (FID-proxy\n"
+            "by bit setting) and <model>-sqnr.png (SQNR per sampling step), linked from the page.\n"
+            "Same JSON, same files; each is written atomically. Nothing is written if a cell is invalid."
+        ),
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=DEFAULT_RESULTS,
+        help=f"directory of cell JSON files (default {DEFAULT_RESULTS})",
+    )
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"markdown page (default {DEFAULT_OUTPUT})")
+    parser.add_argument(
+        "--plots", type=Path, default=DEFAULT_PLOTS, help=f"directory for PNGs (default {DEFAULT_PLOTS})"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cells = load_cells(args.results)
+    except (FileNotFoundError, CellError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not cells:
+        print(f"error: no result cells (*.json) under {args.results}; run bench/quality.py first", file=sys.stderr)
+        return 2
+    text, plots = render(cells, output=args.output, plots=args.plots, results=args.results)
+    write_page(args.output, text)
+    models = len(by_model(cells))
+    print(f"wrote {args.output} ({models} model(s), {len(cells)} cells) and {len(plots)} plot(s) under {args.plots}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""bench/report.py: cell JSON -> BENCHMARKS.md tables, plots, commands; deterministic."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import report as bench_report  # noqa: E402  (bench/ is a folder of scripts, not a package)
+
+MODEL = "ddpm-glyphs32"
+ENVIRONMENT = {
+    "device": "NVIDIA H100 80GB HBM3",
+    "torch": "2.11.0",
+    "diffusers": "0.42.1",
+    "python": "3.12.3",
+    "date": "2026-11-21",
+}
+
+
+def _cell(method, kind, bits, *, status="ok", reason=None, coverage=None, fid=1.0, sqnr=None, command=None, **metrics):
+    values = {
+        "class_accuracy": 0.9,
+        "fid": fid,
+        "fid_floor": 0.21,
+        "sfid": 4.2,
+        "sfid_floor": 2.0,
+        "inception_score": 40.1,
+        "kid": 0.001,
+        "precision": 0.45,
+        "recall": 0.95,
+        "psnr": None if kind == "fp" else 21.8,
+        "ssim": None if kind == "fp" else 0.81,
+        **metrics,
+    }
+    return {
+        "schema": 1,
+        "model": MODEL,
+        "method": method,
+        "kind": kind,
+        "bits": bits,
+        "status": status,
+        "reason": reason,
+        "coverage": coverage,
+        "metrics": values if status == "ok" else None,
+        "sqnr_per_step": sqnr,
+        "calibration_s": None if kind == "fp" else 41.2,
+        "peak_memory_gib": 3.1,
+        "sampling": {
+            "sampler": "DDIM",
+            "eta": 0.0,
+            "num_inference_steps": 4,
+            "num_samples": 1000,
+            "seed": 1 if method == "fp-seed1" else 0,
+            "guidance_scale": 1.0,
+        },
+        "features": "glyphnet",
+        "command": command or f"python bench/quality.py --models {MODEL} --methods {method} --bits {bits}",
+        "environment": ENVIRONMENT,
+        "git_commit": "abc123",
+    }
+
+
+CELLS = [
+    # Written in scrambled order: the report sorts.
+    _cell("torchao-int4-weight-only", "peer", "W4A16", status="unsupported", reason="torchao int4 needs CUDA"),
+    _cell("mse", "recipe", "W8A8", fid=0.7, sqnr=[30.0, 31.0, 32.0, 33.0]),
+    _cell("minmax", "recipe", "W4A8", fid=3.5, sqnr=[10.0, 12.0, float("inf"), 14.0]),
+    _cell("fp-seed1", "fp", "FP32", fid=0.66, class_accuracy=0.893),
+    _cell(
+        "quanto-w8a8",
+        "peer",
+        "W8A8",
+        fid=0.9,
+        coverage={"quantized": {"Linear": 20, "Conv2d": 0}, "skipped": {"Conv2d": 31}},
+        command="python bench/quality.py --models ddpm-glyphs32 --methods quanto-w8a8 --bits W8A8",
+    ),
+    _cell("minmax", "recipe", "W8A8", fid=0.8, sqnr=[25.0, 26.0, 27.0, 28.0]),
+    _cell("fp", "fp", "FP32", fid=0.63, class_accuracy=0.9),
+]
+
+
+def _write_cells(directory: Path, cells) -> Path:
+    for cell in cells:
+        path = directory / cell["model"] / f"{cell['method']}__{cell['bits']}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cell, indent=2))
+    return directory
+
+
+@pytest.fixture
+def page(tmp_path):
+    results = _write_cells(tmp_path / "results", CELLS)
+    output, plots = tmp_path / "BENCHMARKS.md", tmp_path / "docs" / "bench"
+    argv = ["--results", str(results), "--output", str(output), "--plots", str(plots)]
+    assert bench_report.main(argv) == 0
+    return output, plots, argv
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in row.strip("|").split(" | ")] for row in rows]
+
+
+def test_rows_in_order_with_floor_spread_reason_and_coverage(page):
+    output, _, _ = page
+    text = output.read_text()
+    rows = _table_rows(text)
+    header, body = rows[0], rows[2:]
+    assert header[:3] == ["method", "bits", "class acc."]
+    assert "colour acc." not in header  # no cell of this model measures colour
+    assert header[-1] == "notes"
+    assert [(row[0], row[1]) for row in body] == [
+        ("FP", "FP32"),
+        ("FP (other seeds)", "FP32"),
+        ("*FP seed-to-seed spread*", ""),
+        ("minmax", "W8A8"),
+        ("minmax", "W4A8"),
+        ("mse", "W8A8"),
+        ("quanto-w8a8", "W8A8"),
+        ("torchao-int4-weight-only", "W4A16"),
+    ]
+    fid = header.index("FID-proxy")
+    # The floor is the same for every row, so it is stated once above the table.
+    assert "Floors (real vs real at the same N, the same for every row): FID-proxy 0.21, sFID-proxy 2." in text
+    assert body[0][fid] == "0.63" and body[0][header.index("class acc.")] == "90.0%"
+    # Spread = |FP − FP (other seeds)|.
+    spread = body[2]
+    assert spread[fid] == "±0.03" and spread[header.index("class acc.")] == "±0.7 pp"
+    assert "FP seed-to-seed spread, |FP − FP (other seeds)|: class acc. ±0.7 pp, FID-proxy ±0.03" in text
+    # Mean SQNR over finite steps; calibration time.
+    assert body[3][header.index("mean SQNR (dB)")] == "26.5"
+    assert body[4][header.index("mean SQNR (dB)")] == "12.0"
+    assert body[3][header.index("calib. time")] == "41.2 s"
+    assert body[0][header.index("calib. time")] == "—"
+    # Peer coverage, unsupported row with its reason instead of numbers.
+    assert body[6][-1] == "Linear only; 31 Conv2d left FP"
+    assert body[7][-1] == "**unsupported**: torchao int4 needs CUDA"
+    assert body[7][2:-1] == [""] * (len(header) - 3)
+
+
+def test_commands_provenance_plots_and_determinism(page):
+    output, plots, argv = page
+    text = output.read_text()
+    reproduce = text.split("```sh\n", 1)[1].split("\n```", 1)[0].splitlines()
+    assert reproduce[:2] == [
+        f"python bench/quality.py --models {MODEL} --methods fp --bits FP32",
+        f"python bench/quality.py --models {MODEL} --methods fp-seed1 --bits FP32",
+    ]
+    assert len(reproduce) == len(CELLS) == len(set(reproduce))
+    assert "Measured on NVIDIA H100 80GB HBM3, torch 2.11.0, diffusers 0.42.1, Python 3.12.3, on 2026-11-21" in text
+    assert "Sampling: DDIM, η = 0, 4 steps, guidance scale 1, N = 1000 samples, features: GlyphNet." in text
+    for suffix in ("fid", "sqnr"):
+        png = plots / f"{MODEL}-{suffix}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"](docs/bench/{MODEL}-{suffix}.png)" in text
+    first = output.read_bytes()
+    first_plot = (plots / f"{MODEL}-fid.png").read_bytes()
+    assert bench_report.main(argv) == 0
+    assert output.read_bytes() == first
+    assert (plots / f"{MODEL}-fid.png").read_bytes() == first_plot
+
+
+def test_floor_per_row_when_floors_differ_and_colour_column(tmp_path):
+    cells = [
+        _cell("fp", "fp", "FP32", fid=0.63, colour_accuracy=0.88),
+        _cell("mse", "recipe", "W8A8", fid=0.7, fid_floor=0.3),
+    ]
+    results = _write_cells(tmp_path / "results", cells)
+    output = tmp_path / "out.md"
+    assert bench_report.main(["--results", str(results), "--output", str(output), "--plots", str(tmp_path)]) == 0
+    text = output.read_text()
+    header, _, fp, mse = _table_rows(text)
+    assert "colour acc." in header and "notes" not in header
+    fid = header.index("FID-proxy")
+    assert fp[fid] == "0.63 (floor 0.21)" and mse[fid] == "0.7 (floor 0.3)"
+    assert "sFID-proxy 2." in text  # the sFID floor is still shared
+    assert "seed-to-seed spread is not known" in text
+    assert not (tmp_path / f"{MODEL}-sqnr.png").exists()  # no SQNR curves, no plot and no link
+    assert "-sqnr.png" not in text
+
+
+def test_invalid_cell_is_refused_and_nothing_written(tmp_path, capsys):
+    results = _write_cells(tmp_path / "results", [{**_cell("mse", "recipe", "W8A8"), "status": "done"}])
+    output = tmp_path / "out.md"
+    assert bench_report.main(["--results", str(results), "--output", str(output), "--plots", str(tmp_path)]) == 2
+    assert "status must be one of ok, unsupported, failed" in capsys.readouterr().err
+    assert not output.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert bench_report.main(["--results", str(empty), "--output", str(output)]) == 2
+    assert "no result cells" in capsys.readouterr().err
+
+
+def test_coverage_note_says_what_a_peer_left_in_floating_point():
+    assert bench_report.coverage_note(None) is None
+    assert bench_report.coverage_note({"quantized": {"Linear": 20}, "skipped": {"Conv2d": 31}}) == (
+        "Linear only; 31 Conv2d left FP"
+    )
+    weight_only_convs = {"quantized": {"Conv2d": 36, "Linear": 41}, "skipped": {}, "unquantized_inputs": {"Conv2d": 36}}
+    assert bench_report.coverage_note(weight_only_convs) == (
+        "all layers quantized (36 Conv2d, 41 Linear); inputs of 36 Conv2d not quantized (weight-only)"
+    )
