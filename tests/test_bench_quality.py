@@ -82,9 +82,9 @@ def test_recipe_cell_measures_against_fp_and_records_calibration(small_run):
 @pytest.mark.slow
 def test_a_peer_that_cannot_run_here_is_a_row_with_its_reason(small_run):
     cell = small_run["torchao-int4-weight-only__W4A16"]
-    if torch.cuda.is_available():
-        pytest.skip("the peer runs where there is CUDA")
-    assert cell["status"] == "unsupported" and "CUDA" in cell["reason"]
+    with pytest.raises(quality.peers.PeerUnavailable) as why:  # no CUDA here, or no torchao
+        quality.peers.check_available("torchao-int4-weight-only", "cpu")
+    assert cell["status"] == "unsupported" and cell["reason"] == str(why.value)
 
 
 def test_peer_denoiser_answers_in_float32_whatever_the_peer_computes_in():

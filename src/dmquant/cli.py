@@ -294,7 +294,7 @@ def cmd_zoo_list(args: argparse.Namespace) -> int:
                 "shipped": "yes" if card else "no",
                 "parameters (M)": card["parameters"] / 1e6 if card else math.nan,
                 "steps trained": card.get("training", {}).get("steps_done", 0),
-                "class accuracy": quality[0].get("class_accuracy", card.get("test_accuracy", math.nan)),
+                "class accuracy": quality[0].get("class_accuracy", card.get("test_accuracy", "-")),
                 "FID-proxy (floor)": f"{quality[0]['fid']:.2f} ({quality[0]['fid_floor']:.2f})"
                 if "fid" in quality[0]
                 else "-",
