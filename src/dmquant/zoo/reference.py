@@ -172,6 +172,11 @@ def export_diffusion_model(model: nn.Module, directory: Path) -> None:
     write_atomically(directory / "dmquant_model.json", lambda f: f.write(json.dumps(info, indent=2).encode()))
 
 
+#: Both latent diffusion models train by the same plan (on 64×64 glyphs through the frozen autoencoder).
+LATENT_PLAN = TrainingPlan(
+    steps=40_000, batch_size=256, learning_rate=3e-4, warmup_steps=500, ema_decay=0.9995, resolution=64, save_every=2000
+)
+
 ZOO: dict[str, ZooEntry] = {
     entry.name: entry
     for entry in (
@@ -210,15 +215,7 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry(
             name="ldm-glyphs64",
             description="latent text-to-image (CLIP text encoder + UNet2DConditionModel) on 64×64 glyphs",
-            plan=TrainingPlan(
-                steps=40_000,
-                batch_size=256,
-                learning_rate=3e-4,
-                warmup_steps=500,
-                ema_decay=0.9995,
-                resolution=64,
-                save_every=2000,
-            ),
+            plan=LATENT_PLAN,
             build=TextToImage,
             loss=text_to_image_loss,
             export=export_text_to_image,
@@ -226,15 +223,7 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry(
             name="dit-glyphs",
             description="class-conditional latent DiT (DiTTransformer2DModel) on 64×64 glyphs",
-            plan=TrainingPlan(
-                steps=40_000,
-                batch_size=256,
-                learning_rate=3e-4,
-                warmup_steps=500,
-                ema_decay=0.9995,
-                resolution=64,
-                save_every=2000,
-            ),
+            plan=LATENT_PLAN,
             build=dit_glyphs,
             loss=class_latent_loss,
             export=export_dit,
