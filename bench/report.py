@@ -706,8 +706,20 @@ def _relative_link(target: Path, page: Path) -> str:
     return Path(os.path.relpath(target.resolve(), page.resolve().parent)).as_posix()
 
 
-def model_section(model: str, cells: Sequence[Cell], plots: Path, output: Path) -> tuple[str, list[Path]]:
-    """One model's section of the page and the plots it wrote."""
+def missing_text(cells: Sequence[Cell], everywhere: Sequence[Cell]) -> str | None:
+    """The rows other models have and this one lacks, so that an unmeasured row is said, not hidden."""
+    have = {(cell["method"], cell["bits"]) for cell in cells}
+    missing = sorted({(cell["method"], cell["bits"]) for cell in everywhere} - have)
+    if not missing:
+        return None
+    rows = ", ".join(f"{method} {bits}" for method, bits in missing)
+    return f"Not measured on this model yet (other models have these rows): {rows}."
+
+
+def model_section(
+    model: str, cells: Sequence[Cell], plots: Path, output: Path, everywhere: Sequence[Cell] = ()
+) -> tuple[str, list[Path]]:
+    """One model's section of the page and the plots it wrote (``everywhere``: all cells, for missing rows)."""
     lines = [f"## {model}", ""]
     descriptions = sorted({cell["model_description"] for cell in cells if cell.get("model_description")})
     if descriptions:
@@ -716,6 +728,9 @@ def model_section(model: str, cells: Sequence[Cell], plots: Path, output: Path) 
         if text:
             lines += [text, ""]
     lines += [model_table(cells), "", spread_text(cells), ""]
+    missing = missing_text(cells, everywhere)
+    if missing:
+        lines += [missing, ""]
     reproduce = commands(cells)
     if reproduce:
         lines += ["Reproduce:", "", "```sh", *reproduce, "```", ""]
@@ -744,7 +759,7 @@ def render(cells: Sequence[Cell], *, output: Path, plots: Path, results: Path) -
     sections += ["Models: " + ", ".join(f"[{model}](#{model})" for model in groups) + ".", ""]
     written: list[Path] = []
     for model, members in groups.items():
-        text, paths = model_section(model, members, plots, output)
+        text, paths = model_section(model, members, plots, output, cells)
         sections.append(text)
         written += paths
     return "\n".join(sections).rstrip("\n") + "\n", written

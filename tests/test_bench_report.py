@@ -205,3 +205,14 @@ def test_coverage_note_says_what_a_peer_left_in_floating_point():
     assert bench_report.coverage_note(weight_only_convs) == (
         "all layers quantized (36 Conv2d, 41 Linear); inputs of 36 Conv2d not quantized (weight-only)"
     )
+
+
+def test_rows_other_models_have_are_named_as_not_measured():
+    def cell(model, method, bits):
+        return {"model": model, "method": method, "bits": bits}
+
+    everywhere = [cell("a", "fp", "FP32"), cell("a", "quanto-w8a8", "W8A8"), cell("b", "fp", "FP32")]
+    assert bench_report.missing_text(everywhere[:2], everywhere) is None
+    assert bench_report.missing_text(everywhere[2:], everywhere) == (
+        "Not measured on this model yet (other models have these rows): quanto-w8a8 W8A8."
+    )
