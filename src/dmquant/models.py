@@ -23,8 +23,7 @@ from torch import nn
 
 from .errors import ModelError
 from .sampling import Conditioning, copy_scheduler
-from .zoo import tiny
-from .zoo.reference import WEIGHTS_DIR
+from .zoo import WEIGHTS_DIR, tiny
 
 #: Scheduler names accepted by ``--scheduler``; each is built from the model's own scheduler config.
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm-solver": DPMSolverMultistepScheduler}

@@ -25,9 +25,7 @@ import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
-    DiTPipeline,
     DiTTransformer2DModel,
-    StableDiffusionPipeline,
     UNet2DConditionModel,
 )
 from diffusers.models.embeddings import LabelEmbedding
@@ -138,6 +136,10 @@ def text_to_image_loss(model: nn.Module, batch: GlyphBatch, generator: torch.Gen
 
 def export_text_to_image(model: nn.Module, directory: Path) -> None:
     """A ``StableDiffusionPipeline`` directory (fp16) plus ``dmquant_model.json`` (prompts, guidance)."""
+    # imported here: the pipeline module pulls in transformers' image processors, which warn
+    # without torchvision; only an export needs it
+    from diffusers import StableDiffusionPipeline
+
     model = copy.deepcopy(model).cpu().half()
     pipeline = StableDiffusionPipeline(
         vae=shipped_autoencoder("cpu"),
@@ -197,6 +199,8 @@ def class_latent_loss(model: nn.Module, batch: GlyphBatch, generator: torch.Gene
 
 def export_dit(model: nn.Module, directory: Path) -> None:
     """A ``DiTPipeline`` directory (fp16) plus ``dmquant_model.json`` (62 classes, null label 1000)."""
+    from diffusers import DiTPipeline  # imported here for the same reason as StableDiffusionPipeline above
+
     transformer = copy.deepcopy(model).cpu().half()
     pipeline = DiTPipeline(transformer=transformer, vae=shipped_autoencoder("cpu"), scheduler=_sampler("dit"))
     info = {

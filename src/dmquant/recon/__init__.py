@@ -1,0 +1,1 @@
+"""Reconstruction: learned weight rounding (AdaRound) and layer/block output reconstruction."""
