@@ -1,0 +1,809 @@
+"""Cached inputs and outputs of one block, for block-wise reconstruction.
+
+BRECQ (Li et al. 2021, "BRECQ: Pushing the Limit of Post-Training Quantization by Block
+Reconstruction", Sec. 3.2 and Sec. 4 / Alg. 1) reconstructs one block at a time: the block's
+quantized copy is optimised so that its output matches the full-precision block's output, with
+the block's *input* taken from the quantized model run up to that block (the earlier blocks
+already quantized and reconstructed), so that each block learns to undo the error accumulated
+before it. Q-Diffusion (Li et al. 2023) does the same for the residual and transformer blocks of
+a diffusion UNet; QDrop (Wei et al. 2022) mixes the quantized and the FP input at random. The
+loop over the calibration data is therefore run once per block and model, and what the block
+sees is cached:
+
+- :func:`capture_block_io` hooks one block, runs the model over the calibration data
+  (``run_batches``) and records *every call* of the block: its positional and keyword
+  arguments and its output. Diffusion blocks take more than one tensor — a ``ResnetBlock2D``
+  is called as ``(hidden_states, temb)``, a ``BasicTransformerBlock`` as ``hidden_states`` plus
+  ``encoder_hidden_states=`` / ``timestep=`` / ``class_labels=`` / ``attention_mask=None`` … —
+  so the cache stores whatever the block was called with, and replays it.
+- :class:`BlockIOCache` holds the recorded calls concatenated along the batch dimension, on
+  the compute device while they fit a memory budget, else in (pinned) host memory moved there
+  batch by batch; it saves to and loads from one safetensors file so reconstruction can resume
+  without capturing again.
+- :func:`paired` joins the cache of the FP model (its output is the target) and that of the
+  quantized model (its inputs are the block's inputs) into one batch source.
+
+What is stored per argument (positional by index, keyword by name):
+
+- a tensor whose first dimension is the call's batch size (that of the block's output) is
+  *per-sample*: the calls' tensors are concatenated along dimension 0;
+- any other tensor (a 0-d timestep, a mask shared by the batch) is *shared*: it must be equal
+  in every call and is stored once;
+- anything else (``None``, ``return_dict=False``, a dict of options) is a *constant*: it must be
+  equal in every call and is stored once; to be saved it must be ``None``, a bool, int, float,
+  str, or a list/tuple/dict (string keys) of those. Tensors nested in containers are not
+  supported (an error says which argument).
+
+The block's output is its return value if that is a tensor, the first element if it is a
+tuple/list (diffusers' ``return_dict=False``), else its ``.sample`` (diffusers output objects);
+see :func:`block_output`.
+
+No library caches module calls with their arguments this way (``torch.utils.hooks`` only
+delivers them), so this module is written by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+from torch import Tensor, nn
+
+from ..atomic import write_atomically
+from ..errors import CalibrationError, ConfigError, ModelError
+
+__all__ = [
+    "BLOCK_IO_FORMAT",
+    "Slot",
+    "CallLayout",
+    "BlockIOCache",
+    "PairedBlockIO",
+    "SkippedForward",
+    "block_output",
+    "capture_block_io",
+    "calibration_runner",
+    "paired",
+]
+
+#: ``metadata["format"]`` of a saved block cache.
+BLOCK_IO_FORMAT = "dmquant.block_io/1"
+_TARGET = "target"
+
+SlotKind = Literal["batched", "shared", "const"]
+Indices = Tensor | Sequence[int] | range | slice
+
+
+# --------------------------------------------------------------------------------------
+# Structure of a call
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One argument of the block's calls: a per-sample tensor, a shared tensor, or a constant.
+
+    ``value`` is the constant (``kind == "const"``), else ``None``.
+    """
+
+    kind: SlotKind
+    value: Any = None
+
+
+@dataclass(frozen=True)
+class CallLayout:
+    """How the block was called: its arguments' slots, whether the output was kept, the calls' sizes.
+
+    ``call_sizes`` holds the batch size of every recorded call in order; their sum is the
+    number of cached samples.
+    """
+
+    args: tuple[Slot, ...]
+    kwargs: tuple[tuple[str, Slot], ...]
+    has_target: bool
+    call_sizes: tuple[int, ...]
+
+    def tensor_keys(self) -> dict[str, SlotKind]:
+        """The stored tensors' keys (``args.<i>``, ``kwargs.<name>``, ``target``) and their kind."""
+        keys: dict[str, SlotKind] = {}
+        for index, slot in enumerate(self.args):
+            if slot.kind != "const":
+                keys[f"args.{index}"] = slot.kind
+        for name, slot in self.kwargs:
+            if slot.kind != "const":
+                keys[f"kwargs.{name}"] = slot.kind
+        if self.has_target:
+            keys[_TARGET] = "batched"
+        return keys
+
+    # JSON (tagged so that tuples and dicts round-trip)
+
+    def to_json(self) -> dict[str, Any]:
+        def slot(where: str, item: Slot) -> dict[str, Any]:
+            return {"kind": item.kind, "value": _encode_const(item.value, where)}
+
+        return {
+            "args": [slot(f"positional argument {i}", item) for i, item in enumerate(self.args)],
+            "kwargs": [[name, slot(f"keyword argument {name!r}", item)] for name, item in self.kwargs],
+            "has_target": self.has_target,
+            "call_sizes": list(self.call_sizes),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> CallLayout:
+        def slot(item: Any) -> Slot:
+            if not isinstance(item, dict) or item.get("kind") not in ("batched", "shared", "const"):
+                raise ValueError(f"bad slot {item!r}")
+            return Slot(item["kind"], _decode_const(item.get("value")))
+
+        sizes = data["call_sizes"]
+        if not isinstance(sizes, list) or not sizes or not all(type(s) is int and s > 0 for s in sizes):
+            raise ValueError(f"bad call_sizes {sizes!r}")
+        if not isinstance(data["has_target"], bool):
+            raise ValueError("bad has_target")
+        return cls(
+            args=tuple(slot(item) for item in data["args"]),
+            kwargs=tuple((str(name), slot(item)) for name, item in data["kwargs"]),
+            has_target=data["has_target"],
+            call_sizes=tuple(sizes),
+        )
+
+
+def _encode_const(value: Any, where: str) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, tuple):
+        return {"tuple": [_encode_const(item, where) for item in value]}
+    if isinstance(value, list):
+        return {"list": [_encode_const(item, where) for item in value]}
+    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+        return {"dict": {key: _encode_const(item, where) for key, item in value.items()}}
+    raise CalibrationError(
+        f"the block's {where} is a {type(value).__name__}, which a block cache cannot save "
+        "(constants must be None, bool, int, float, str or lists/tuples/dicts of those)"
+    )
+
+
+def _decode_const(value: Any) -> Any:
+    if isinstance(value, dict):
+        ((tag, inner),) = value.items()
+        if tag == "tuple":
+            return tuple(_decode_const(item) for item in inner)
+        if tag == "list":
+            return [_decode_const(item) for item in inner]
+        if tag == "dict":
+            return {key: _decode_const(item) for key, item in inner.items()}
+        raise ValueError(f"unknown constant tag {tag!r}")
+    return value
+
+
+def _same_const(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same_const(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_const(a[key], b[key]) for key in a)
+    try:
+        return bool(a == b)
+    except Exception:  # an object without a usable ==: only itself is the same
+        return False
+
+
+def _contains_tensor(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_contains_tensor(item) for item in value)
+    if isinstance(value, dict):
+        return any(_contains_tensor(item) for item in value.values())
+    return False
+
+
+def block_output(output: Any) -> Tensor:
+    """The tensor a block returned: the value itself, the first element of a tuple/list, or ``.sample``."""
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    elif not isinstance(output, Tensor) and hasattr(output, "sample"):
+        output = output.sample
+    if not isinstance(output, Tensor):
+        raise ModelError(f"cannot take a tensor from the block's output of type {type(output).__name__}")
+    return output
+
+
+def _nbytes(tensor: Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _resolve_device(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _as_index(indices: Indices, count: int) -> Tensor:
+    """``indices`` as a 1-d CPU long tensor, checked against ``count`` samples."""
+    if isinstance(indices, slice):
+        indices = range(count)[indices]
+    index = indices.detach().cpu() if isinstance(indices, Tensor) else torch.as_tensor(list(indices))
+    if index.numel() == 0:
+        index = index.reshape(0).long()
+    if index.dim() != 1 or index.dtype == torch.bool or index.is_floating_point() or index.is_complex():
+        raise IndexError(f"indices must be a 1-d sequence of ints, got shape {tuple(index.shape)} of {index.dtype}")
+    index = index.long()
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= count):
+        raise IndexError(
+            f"indices must lie in 0..{count - 1}, got {int(index.min())}..{int(index.max())} "
+            "(negative indices are not supported)"
+        )
+    return index
+
+
+# --------------------------------------------------------------------------------------
+# The cache
+# --------------------------------------------------------------------------------------
+
+
+class BlockIOCache:
+    """The recorded calls of one block: arguments and output, concatenated along the batch dimension.
+
+    Args:
+        tensors: the stored tensors by key (:meth:`CallLayout.tensor_keys`): per-sample tensors
+            with ``len(self)`` rows, shared tensors as they were passed.
+        layout: the calls' structure (constants included).
+        device: the compute device :meth:`batch` delivers to.
+        memory_budget_bytes: if the tensors' total size (:attr:`nbytes`) exceeds it, the
+            per-sample tensors are kept in host memory — pinned when ``device`` is a CUDA
+            device — and moved to ``device`` batch by batch (:attr:`spilled`); ``None``: no
+            limit, everything on ``device``. Shared tensors are always on ``device``.
+
+    Raises:
+        CalibrationError: the tensors do not match the layout.
+    """
+
+    def __init__(
+        self,
+        tensors: Mapping[str, Tensor],
+        layout: CallLayout,
+        *,
+        device: torch.device | str = "cpu",
+        memory_budget_bytes: int | None = None,
+    ):
+        if memory_budget_bytes is not None and memory_budget_bytes < 0:
+            raise ConfigError(f"memory_budget_bytes must be >= 0 or None, got {memory_budget_bytes}")
+        keys = layout.tensor_keys()
+        count = sum(layout.call_sizes)
+        missing = sorted(keys.keys() - tensors.keys())
+        extra = sorted(tensors.keys() - keys.keys())
+        if missing or extra:
+            raise CalibrationError(
+                f"block cache tensors do not match its layout: missing {missing}, unexpected {extra}"
+            )
+        for key, kind in keys.items():
+            tensor = tensors[key]
+            if kind == "batched" and (tensor.dim() == 0 or tensor.shape[0] != count):
+                raise CalibrationError(
+                    f"block cache tensor {key!r} has shape {tuple(tensor.shape)}, expected {count} rows"
+                )
+        self.layout = layout
+        self.device = _resolve_device(device)
+        self.memory_budget_bytes = memory_budget_bytes
+        self.nbytes = sum(_nbytes(tensor) for tensor in tensors.values())
+        self.spilled = memory_budget_bytes is not None and self.nbytes > memory_budget_bytes
+        self._pinned = self.spilled and self.device.type == "cuda"
+        self._tensors = {key: self._place(tensor.detach(), keys[key]) for key, tensor in tensors.items()}
+
+    def _place(self, tensor: Tensor, kind: SlotKind) -> Tensor:
+        if kind == "shared" or not self.spilled:
+            return tensor.to(self.device)
+        tensor = tensor.to("cpu")
+        if self._pinned and not tensor.is_pinned():
+            try:
+                tensor = tensor.pin_memory()
+            except RuntimeError as error:  # page-locked memory is limited; unpinned copies are only slower
+                warnings.warn(f"could not pin the spilled block cache ({error}); using pageable memory", stacklevel=3)
+                self._pinned = False
+        return tensor
+
+    @property
+    def on_device(self) -> bool:
+        """Whether every tensor is held on :attr:`device` (``False``: spilled to host memory)."""
+        return not self.spilled
+
+    @property
+    def has_target(self) -> bool:
+        """Whether the block's output was recorded."""
+        return self.layout.has_target
+
+    @property
+    def tensors(self) -> dict[str, Tensor]:
+        """The stored tensors by key, where they are held (read them, do not modify them)."""
+        return dict(self._tensors)
+
+    def __len__(self) -> int:
+        return sum(self.layout.call_sizes)
+
+    def __repr__(self) -> str:
+        where = "spilled to host memory" if self.spilled else f"on {self.device}"
+        return f"BlockIOCache({len(self)} samples, {self.nbytes} bytes, {where})"
+
+    def _gather(self, key: str, index: Tensor) -> Tensor:
+        tensor = self._tensors[key]
+        if tensor.device == self.device:
+            return tensor.index_select(0, index.to(self.device))
+        if self._pinned:
+            out = torch.empty((index.numel(), *tensor.shape[1:]), dtype=tensor.dtype, pin_memory=True)
+            torch.index_select(tensor, 0, index, out=out)
+            return out.to(self.device, non_blocking=True)
+        return tensor.index_select(0, index).to(self.device)
+
+    def _value(self, key: str, slot: Slot, index: Tensor) -> Any:
+        if slot.kind == "batched":
+            return self._gather(key, index)
+        if slot.kind == "shared":
+            return self._tensors[key]
+        return slot.value
+
+    def batch(self, indices: Indices) -> tuple[tuple[Any, ...], dict[str, Any], Tensor | None]:
+        """``(args, kwargs, target)`` of the samples ``indices``, on :attr:`device`.
+
+        ``block(*args, **kwargs)`` replays the recorded calls on those samples (constants and
+        shared tensors included); ``target`` is the recorded output's rows (``None`` if the
+        output was not recorded). Per-sample tensors are fresh copies; shared tensors and
+        constants are the stored objects.
+        """
+        index = _as_index(indices, len(self))
+        args = tuple(self._value(f"args.{i}", slot, index) for i, slot in enumerate(self.layout.args))
+        kwargs = {name: self._value(f"kwargs.{name}", slot, index) for name, slot in self.layout.kwargs}
+        target = self._gather(_TARGET, index) if self.has_target else None
+        return args, kwargs, target
+
+    def sample_batches(
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        *,
+        epochs: int | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[Tensor]:
+        """Random batches of sample indices (1-d CPU long tensors), epoch after epoch.
+
+        Each epoch is a permutation of all samples drawn from ``generator`` (``None``: a
+        generator seeded with 0) split into batches of ``batch_size``, so within an epoch no
+        index repeats and all are covered (the last batch is smaller unless ``drop_last``).
+        ``epochs=None`` yields batches without end — take as many as the optimisation needs.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
+        if epochs is not None and epochs < 0:
+            raise ConfigError(f"epochs must be >= 0 or None, got {epochs}")
+        if drop_last and batch_size > len(self):
+            raise ConfigError(f"drop_last with batch_size {batch_size} > {len(self)} samples leaves no batch")
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            order = torch.randperm(len(self), generator=generator, device=generator.device).cpu()
+            for index in order.split(batch_size):
+                if drop_last and index.numel() < batch_size:
+                    break
+                yield index
+            epoch += 1
+
+    # ----------------------------------------------------------------------------------
+    # Files
+    # ----------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the cache to one safetensors file (layout as JSON in its metadata), atomically."""
+        metadata = {"format": BLOCK_IO_FORMAT, "layout": json.dumps(self.layout.to_json())}
+        tensors = {key: tensor.detach().cpu().contiguous() for key, tensor in self._tensors.items()}
+        write_atomically(path, lambda file: file.write(save(tensors, metadata=metadata)))
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        device: torch.device | str = "cpu",
+        memory_budget_bytes: int | None = None,
+    ) -> BlockIOCache:
+        """Read a cache written by :meth:`save`, placed on ``device`` within ``memory_budget_bytes``.
+
+        Raises:
+            CalibrationError: the file is missing, unreadable, truncated, not a block cache, or
+                its tensors do not match its layout.
+        """
+        try:
+            with safe_open(os.fspath(path), framework="pt") as file:
+                metadata = file.metadata() or {}
+                tensors = {name: file.get_tensor(name) for name in file.keys()}
+        except FileNotFoundError:
+            raise CalibrationError(f"no block cache at {path}") from None
+        except (SafetensorError, OSError, RuntimeError) as error:
+            raise CalibrationError(f"{path} is not a readable safetensors file: {error}") from None
+        if metadata.get("format") != BLOCK_IO_FORMAT:
+            raise CalibrationError(
+                f"{path} is not a dmquant block cache (format {metadata.get('format')!r}, expected {BLOCK_IO_FORMAT!r})"
+            )
+        try:
+            layout = CallLayout.from_json(json.loads(metadata["layout"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise CalibrationError(f"{path}: the block cache's layout is missing or malformed ({error!r})") from None
+        try:
+            return cls(tensors, layout, device=device, memory_budget_bytes=memory_budget_bytes)
+        except CalibrationError as error:
+            raise CalibrationError(f"{path}: {error}") from None
+
+    def _signature(self) -> tuple:
+        """What must agree between an FP and a quantized-input cache of the same block."""
+
+        def describe(key: str, slot: Slot) -> tuple:
+            if slot.kind == "const":
+                return (slot.kind, slot.value)
+            tensor = self._tensors[key]
+            shape = tuple(tensor.shape[1:]) if slot.kind == "batched" else tuple(tensor.shape)
+            return (slot.kind, tensor.dtype, shape)
+
+        return (
+            tuple(describe(f"args.{i}", slot) for i, slot in enumerate(self.layout.args)),
+            tuple((name, describe(f"kwargs.{name}", slot)) for name, slot in self.layout.kwargs),
+        )
+
+
+# --------------------------------------------------------------------------------------
+# FP target + quantized input
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairedBlockIO:
+    """The FP cache (inputs and target) and the quantized-input cache of one block, row by row."""
+
+    fp: BlockIOCache
+    quant: BlockIOCache
+
+    def __len__(self) -> int:
+        return len(self.fp)
+
+    @property
+    def device(self) -> torch.device:
+        return self.fp.device
+
+    def batch(
+        self, indices: Indices
+    ) -> tuple[tuple[Any, ...], dict[str, Any], tuple[Any, ...], dict[str, Any], Tensor]:
+        """``(quant_args, quant_kwargs, fp_args, fp_kwargs, fp_target)`` of the samples ``indices``.
+
+        BRECQ feeds the quantized block ``quant_args``/``quant_kwargs`` and compares its output
+        with ``fp_target``; QDrop mixes the quantized and FP inputs.
+        """
+        index = _as_index(indices, len(self))
+        quant_args, quant_kwargs, _ = self.quant.batch(index)
+        fp_args, fp_kwargs, target = self.fp.batch(index)
+        assert target is not None  # checked by paired()
+        return quant_args, quant_kwargs, fp_args, fp_kwargs, target
+
+    def sample_batches(
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        *,
+        epochs: int | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[Tensor]:
+        """:meth:`BlockIOCache.sample_batches` over the shared rows."""
+        return self.fp.sample_batches(batch_size, generator, epochs=epochs, drop_last=drop_last)
+
+
+def paired(fp_cache: BlockIOCache, quant_cache: BlockIOCache) -> PairedBlockIO:
+    """Join the FP model's cache of a block (with its output) and the quantized model's cache of it.
+
+    Both must come from the same calibration batches in the same order: the same calls' sizes,
+    the same arguments (kinds, dtypes, per-sample shapes, constants) and the same device.
+
+    Raises:
+        CalibrationError: the caches do not line up, or the FP cache has no recorded output.
+    """
+    if not fp_cache.has_target:
+        raise CalibrationError("the FP block cache holds no output (captured with record_output=False)")
+    if len(fp_cache) != len(quant_cache):
+        raise CalibrationError(f"the FP cache has {len(fp_cache)} samples, the quantized one {len(quant_cache)}")
+    if fp_cache.layout.call_sizes != quant_cache.layout.call_sizes:
+        raise CalibrationError(
+            "the FP and quantized caches were recorded in differently sized calls "
+            f"({list(fp_cache.layout.call_sizes)} vs {list(quant_cache.layout.call_sizes)}): "
+            "capture both over the same calibration batches in the same order"
+        )
+    fp_signature, quant_signature = fp_cache._signature(), quant_cache._signature()
+    if fp_signature != quant_signature:
+        raise CalibrationError(
+            f"the FP and quantized caches hold different arguments: {fp_signature} vs {quant_signature}"
+        )
+    if fp_cache.device != quant_cache.device:
+        raise CalibrationError(f"the FP cache serves {fp_cache.device}, the quantized one {quant_cache.device}")
+    return PairedBlockIO(fp_cache, quant_cache)
+
+
+# --------------------------------------------------------------------------------------
+# Capture
+# --------------------------------------------------------------------------------------
+
+
+class SkippedForward:
+    """What ``model(...)`` returns while :func:`capture_block_io` stops it after the block.
+
+    Its ``.sample`` and ``[0]`` are ``None``, so ``Denoiser(model)(...)`` and diffusers-style
+    callers run through; the model's real output was never computed.
+    """
+
+    sample = None
+
+    def __getitem__(self, index: Any) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "SkippedForward()"
+
+
+class _StopForward(BaseException):
+    """Raised by the block's hook to end the model's forward; a BaseException so ``except Exception`` passes it."""
+
+    def __init__(self, owner: object):
+        super().__init__("block captured; forward stopped")
+        self.owner = owner
+
+
+class _Recorder:
+    """Collects the block's calls; keeps per-sample tensors on ``device`` until the budget is exceeded."""
+
+    def __init__(self, device: torch.device | None, budget: int | None, record_output: bool):
+        self.device = device
+        self.budget = budget
+        self.record_output = record_output
+        self.pending: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        self.args: list[Slot] | None = None
+        self.kwargs: dict[str, Slot] | None = None
+        self.pieces: dict[str, list[Tensor]] = {}
+        self.shared: dict[str, Tensor] = {}
+        self.call_sizes: list[int] = []
+        self.nbytes = 0
+        self.spilled = False
+
+    def _storage(self, tensor: Tensor) -> torch.device:
+        if self.device is None:  # not known before the first output; the pre-hook copies in place
+            return tensor.device
+        return torch.device("cpu") if self.spilled else self.device
+
+    def _copy(self, value: Any) -> Any:
+        return value.detach().to(self._storage(value), copy=True) if isinstance(value, Tensor) else value
+
+    def pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        named = [(f"positional argument {i}", value) for i, value in enumerate(args)] + [
+            (f"keyword argument {name!r}", value) for name, value in kwargs.items()
+        ]
+        for where, value in named:
+            if not isinstance(value, Tensor) and _contains_tensor(value):
+                raise CalibrationError(
+                    f"the block's {where} holds tensors inside a {type(value).__name__}; a block cache stores "
+                    "tensors passed directly as arguments only"
+                )
+        # copied before the forward: the block may modify its inputs in place
+        self.pending.append((tuple(self._copy(a) for a in args), {k: self._copy(v) for k, v in kwargs.items()}))
+
+    def hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        call_args, call_kwargs = self.pending.pop()
+        target = block_output(output)
+        if target.dim() == 0:
+            raise CalibrationError("the block returned a 0-d tensor: there is no batch dimension to cache")
+        if self.device is None:
+            self.device = _resolve_device(target.device)
+        batch = target.shape[0]
+        call = len(self.call_sizes)
+        slots_args = [self._slot(value, batch) for i, value in enumerate(call_args)]
+        slots_kwargs = {name: self._slot(value, batch) for name, value in call_kwargs.items()}
+        if self.args is None:
+            self.args, self.kwargs = slots_args, slots_kwargs
+        self._check_same_call(call, slots_args, slots_kwargs)
+        for i, (slot, value) in enumerate(zip(slots_args, call_args, strict=True)):
+            self._store(f"args.{i}", slot, value, call)
+        for name, slot in slots_kwargs.items():
+            self._store(f"kwargs.{name}", slot, call_kwargs[name], call)
+        if self.record_output:
+            self._store(_TARGET, Slot("batched"), self._copy(target), call)
+        self.call_sizes.append(batch)
+        if self.budget is not None and not self.spilled and self.nbytes > self.budget:
+            self.spilled = True
+            self.pieces = {key: [piece.cpu() for piece in pieces] for key, pieces in self.pieces.items()}
+
+    @staticmethod
+    def _slot(value: Any, batch: int) -> Slot:
+        if isinstance(value, Tensor):
+            return Slot("batched" if value.dim() > 0 and value.shape[0] == batch else "shared")
+        return Slot("const", value)  # nested tensors were refused by the pre-hook
+
+    def _check_same_call(self, call: int, args: list[Slot], kwargs: dict[str, Slot]) -> None:
+        assert self.args is not None and self.kwargs is not None
+        first = (len(self.args), sorted(self.kwargs))
+        if (len(args), sorted(kwargs)) != first:
+            raise CalibrationError(
+                f"call {call} of the block passed {len(args)} positional arguments and keywords {sorted(kwargs)}, "
+                f"call 0 passed {first[0]} and {first[1]}: a block cache needs one calling convention"
+            )
+        pairs = [(f"positional argument {i}", a, b) for i, (a, b) in enumerate(zip(self.args, args, strict=True))]
+        pairs += [(f"keyword argument {name!r}", self.kwargs[name], slot) for name, slot in kwargs.items()]
+        for where, before, now in pairs:
+            if before.kind != now.kind:
+                raise CalibrationError(
+                    f"the block's {where} was {before.kind} in call 0 but {now.kind} in call {call} "
+                    "(a tensor is per-sample when its first dimension is the call's batch size)"
+                )
+            if now.kind == "const" and not _same_const(before.value, now.value):
+                raise CalibrationError(
+                    f"the block's non-tensor {where} changed between calls: {before.value!r} in call 0, "
+                    f"{now.value!r} in call {call}; a block cache stores non-tensor arguments once"
+                )
+
+    def _store(self, key: str, slot: Slot, value: Any, call: int) -> None:
+        if slot.kind == "const":
+            return
+        if slot.kind == "shared":
+            first = self.shared.setdefault(key, value)
+            if first is not value and not (
+                first.dtype == value.dtype and first.shape == value.shape and torch.equal(first, value.to(first.device))
+            ):
+                raise CalibrationError(
+                    f"the block's tensor {key!r} (shape {tuple(value.shape)}, not per-sample) changed between "
+                    f"call 0 and call {call}; such tensors are stored once and must be equal in every call"
+                )
+            return
+        pieces = self.pieces.setdefault(key, [])
+        if pieces and (pieces[0].dtype != value.dtype or pieces[0].shape[1:] != value.shape[1:]):
+            raise CalibrationError(
+                f"the block's tensor {key!r} is {value.dtype} {tuple(value.shape[1:])} per sample in call {call} but "
+                f"{pieces[0].dtype} {tuple(pieces[0].shape[1:])} in call 0: the calls cannot be concatenated"
+            )
+        value = value.to(self._storage(value))
+        pieces.append(value)
+        self.nbytes += _nbytes(value)
+
+    def finish(self) -> BlockIOCache:
+        assert self.args is not None and self.kwargs is not None and self.device is not None
+        layout = CallLayout(
+            args=tuple(self.args),
+            kwargs=tuple(self.kwargs.items()),
+            has_target=self.record_output,
+            call_sizes=tuple(self.call_sizes),
+        )
+        tensors = {key: pieces[0] if len(pieces) == 1 else torch.cat(pieces) for key, pieces in self.pieces.items()}
+        self.pieces.clear()
+        return BlockIOCache(tensors | self.shared, layout, device=self.device, memory_budget_bytes=self.budget)
+
+
+def capture_block_io(
+    model: nn.Module,
+    block: nn.Module,
+    run_batches: Callable[[], Any],
+    *,
+    device: torch.device | str | None = None,
+    memory_budget_bytes: int | None = None,
+    stop_after_block: bool = True,
+    record_output: bool = True,
+) -> BlockIOCache:
+    """Record every call of ``block`` while ``run_batches()`` runs ``model`` over calibration data.
+
+    Capture it on the FP model for the block's FP inputs and output (the reconstruction target)
+    and on the quantized model (earlier blocks quantized and reconstructed) for the inputs BRECQ
+    (Li et al. 2021, Sec. 4) feeds the quantized block; then join them with :func:`paired`. What
+    is stored is described in this module's docstring.
+
+    Args:
+        model: the module ``run_batches`` calls (the denoiser), holding ``block``.
+        block: the module whose calls are recorded.
+        run_batches: runs the model over the calibration data batch by batch, e.g.
+            :func:`calibration_runner`; it runs under ``torch.no_grad()``.
+        device: where :meth:`BlockIOCache.batch` delivers; ``None``: the device of the
+            block's output.
+        memory_budget_bytes: see :class:`BlockIOCache`; also during the capture, per-sample
+            tensors move to host memory as soon as their total exceeds it (checked after each
+            call; joining the calls at the end briefly needs the cache's size twice).
+        stop_after_block: end each model call right after the block's call (later layers are
+            not needed): the block's forward hook raises an exception that a wrapper around
+            ``model.forward`` catches, and ``model(...)`` returns a :class:`SkippedForward`
+            instead of its output, so ``run_batches`` must not use the model's outputs. ``model``
+            must be the module ``run_batches`` calls, not a module inside it. A block called more
+            than once per model call (weight sharing) needs ``stop_after_block=False``: only its
+            first call per model call is recorded otherwise. With ``False`` the model runs fully.
+        record_output: keep the block's output (the target); the quantized-input cache does not
+            need it.
+
+    Hooks and the ``forward`` wrapper are removed on return, also when ``run_batches`` raises.
+
+    Raises:
+        ModelError: ``block`` is not inside ``model``, or the stop did not pass through
+            ``model.forward`` (``run_batches`` called another module).
+        CalibrationError: the block never ran, or its calls cannot be cached together (their
+            arguments differ in structure, non-tensor values or per-sample shapes).
+    """
+    if not any(module is block for module in model.modules()):
+        raise ModelError(f"the {type(block).__name__} to capture is not a submodule of the {type(model).__name__}")
+    stop = stop_after_block and block is not model
+    recorder = _Recorder(None if device is None else _resolve_device(device), memory_budget_bytes, record_output)
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        recorder.hook(module, args, kwargs, output)
+        if stop:
+            raise _StopForward(recorder)
+
+    handles = [
+        block.register_forward_pre_hook(recorder.pre_hook, with_kwargs=True),
+        block.register_forward_hook(hook, with_kwargs=True),
+    ]
+    had_own_forward = "forward" in vars(model)
+    previous_forward = vars(model).get("forward")
+    try:
+        if stop:
+            forward = model.forward
+
+            def forward_until_block(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return forward(*args, **kwargs)
+                except _StopForward as stopped:
+                    if stopped.owner is not recorder:
+                        raise
+                    return SkippedForward()
+
+            model.forward = forward_until_block
+        with torch.no_grad():
+            run_batches()
+    except _StopForward as stopped:
+        if stopped.owner is not recorder:
+            raise
+        raise ModelError(
+            f"the capture stopped after the block, but not inside {type(model).__name__}.forward: pass as `model` "
+            "the module run_batches calls, or stop_after_block=False"
+        ) from None
+    finally:
+        for handle in handles:
+            handle.remove()
+        if stop:
+            if had_own_forward:
+                model.forward = previous_forward
+            else:
+                del model.forward
+    if not recorder.call_sizes:
+        raise CalibrationError(f"the {type(block).__name__} never ran while run_batches ran the model")
+    return recorder.finish()
+
+
+def calibration_runner(
+    model: nn.Module,
+    calibration: Any,
+    *,
+    batch_size: int = 32,
+    device: torch.device | str | None = None,
+) -> Callable[[], None]:
+    """A ``run_batches`` for :func:`capture_block_io`: the model over a ``CalibrationSet``, in order.
+
+    Each batch ``(x, t, cond)`` of ``calibration.batches(batch_size)`` is moved to ``device``
+    (default: the model's) and fed as ``Denoiser(model)(x, t, cond)``; outputs are discarded.
+    """
+    from ..denoiser import Denoiser  # here: diffusers loads only when a runner is made
+
+    denoiser = Denoiser(model)
+
+    def run() -> None:
+        target = denoiser.device if device is None else torch.device(device)
+        for x, t, cond, _ in calibration.batches(batch_size):
+            denoiser(x.to(target), t.to(target), {name: value.to(target) for name, value in cond.items()})
+
+    return run
