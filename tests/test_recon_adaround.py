@@ -26,11 +26,11 @@ from dmquant.recon.adaround import (
     BetaSchedule,
     hard_quantized,
     initial_logits,
-    reconstruct_layer,
     rectified_sigmoid,
     rounding_regularizer,
     soft_quantized,
 )
+from dmquant.recon.brecq import reconstruct_layer
 
 W4 = QuantizerConfig(bits=4, symmetric=True, granularity="channel", observer="minmax")
 W3_ASYM = QuantizerConfig(bits=3, symmetric=False, granularity="channel", observer="minmax")

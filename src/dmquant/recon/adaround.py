@@ -17,7 +17,8 @@ are those of their public reference code (``AdaRoundQuantizer``, ``LinearTempDec
 The pure functions work on integer formats only: AdaRound chooses between two neighbouring
 points of a uniform integer grid, which float formats (fp8 / fp4) do not have.
 :class:`AdaRoundWeights` holds the learnable logits of one ``QuantLinear`` / ``QuantConv2d``,
-and :func:`reconstruct_layer` runs the layer-wise optimisation (the paper's eq. 21 objective).
+and :mod:`dmquant.recon.brecq` runs the optimisation (the paper's eq. 21 objective) for one layer
+or a whole block.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..core.layers import QUANT_LAYERS, QuantConv2d, QuantLinear
 from ..core.primitives import QFormat
@@ -45,8 +45,6 @@ __all__ = [
     "reconstruction_loss",
     "BetaSchedule",
     "AdaRoundWeights",
-    "AdaRoundResult",
-    "reconstruct_layer",
 ]
 
 ZETA = 1.1
@@ -323,124 +321,3 @@ class AdaRoundWeights(nn.Module):
         hard = self.hard_weight()
         self.layer.weight.data.copy_(hard)
         self.hardened = True
-
-
-# --------------------------------------------------------------------------------------
-# Layer-wise reconstruction
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AdaRoundResult:
-    """Outcome of :func:`reconstruct_layer`.
-
-    ``initial_mse`` is the element-mean squared error of the layer's output against the
-    targets with round-to-nearest weights, ``final_mse`` the same after hardening the learned
-    rounding (both over all inputs); ``changed_fraction`` is the fraction of quantized weights
-    whose code differs from round-to-nearest's.
-    """
-
-    initial_mse: float
-    final_mse: float
-    changed_fraction: float
-    iterations: int
-
-
-@torch.no_grad()
-def _output_mse(layer: nn.Module, inputs: Tensor, targets: Tensor, chunk: int) -> float:
-    device = layer.weight.device
-    total, count = 0.0, 0
-    for start in range(0, inputs.shape[0], chunk):
-        output = layer(inputs[start : start + chunk].to(device))
-        total += float((output.float() - targets[start : start + chunk].to(device).float()).pow(2).sum())
-        count += output.numel()
-    return total / count
-
-
-def reconstruct_layer(
-    layer: QuantLinear | QuantConv2d,
-    inputs: Tensor,
-    targets: Tensor,
-    *,
-    iterations: int = 2000,
-    batch_size: int = 32,
-    learning_rate: float = 1e-3,
-    regularizer_scale: float = 0.01,
-    warmup: float = 0.2,
-    beta_start: float = 20.0,
-    beta_end: float = 2.0,
-    generator: torch.Generator | None = None,
-    progress: bool = True,
-) -> AdaRoundResult:
-    """Learn the rounding of ``layer``'s weights so that its output matches ``targets``; harden it.
-
-    Minimises (Nagel et al. 2020, eq. 21, with the reference code's loss scaling)::
-
-        reconstruction_loss(layer(x), y) + regularizer_scale · w(t) · f_reg(V; β(t))
-
-    over the rounding logits only, with Adam, on batches of ``batch_size`` rows drawn without
-    replacement from ``inputs`` / ``targets`` (first dimension) by ``generator`` — ``None``
-    means a generator seeded with 0, so a run is reproducible. ``w(t)`` and ``β(t)`` follow
-    :class:`BetaSchedule` (``warmup``, ``beta_start`` → ``beta_end``). The layer's input
-    quantizer is used as it is (calibrated, disabled, or learning its scale elsewhere); the
-    layer's own parameters get no gradients. At the end the learned rounding is written into
-    ``layer.weight`` (:meth:`AdaRoundWeights.harden`).
-
-    Targets are typically the FP layer's output on the same inputs (or, as in BRECQ /
-    Q-Diffusion, on the FP model's inputs while ``inputs`` come from the quantized model).
-
-    Defaults: Adam at lr 1e-3, batch 32, regulariser weight 0.01, β from 20 to 2 after a 20 %
-    warm-up are BRECQ's and Q-Diffusion's. They run 20k iterations per layer/block; the
-    AdaRound paper reports 10k iterations at batch 32 (Sec. 5). The default 2000 here is a
-    cheaper setting for small models; pass ``iterations=20_000`` to follow the references.
-    """
-    if not isinstance(layer, QUANT_LAYERS):
-        raise TypeError(f"reconstruct_layer needs a QuantLinear or QuantConv2d, got {type(layer).__name__}")
-    if inputs.shape[0] != targets.shape[0] or inputs.shape[0] == 0:
-        raise ValueError(
-            f"need as many targets as inputs, at least one: got {inputs.shape[0]} inputs, {targets.shape[0]} targets"
-        )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    schedule = BetaSchedule(iterations, warmup=warmup, start=beta_start, end=beta_end)
-    if generator is None:
-        generator = torch.Generator().manual_seed(0)
-    channel_dim = -1 if isinstance(layer, QuantLinear) else 1
-    device = layer.weight.device
-    count = inputs.shape[0]
-    chunk = max(batch_size, 256)
-
-    initial_mse = _output_mse(layer, inputs, targets, chunk)
-    rounding = AdaRoundWeights(layer)
-    optimizer = torch.optim.Adam(rounding.parameters(), lr=learning_rate)
-    own = [(p, p.requires_grad) for p in layer.parameters()]
-    report_every = max(1, iterations // 100)
-    try:
-        for parameter, _ in own:
-            parameter.requires_grad_(False)
-        with (
-            torch.enable_grad(),
-            rounding.use_soft_weight(),
-            tqdm(total=iterations, desc="adaround", unit="it", disable=not progress) as bar,
-        ):
-            for t in range(iterations):
-                index = torch.randperm(count, generator=generator)[:batch_size]
-                output = layer(inputs[index].to(device))
-                loss = reconstruction_loss(output, targets[index].to(device), channel_dim)
-                weight = schedule.regularizer_weight(t)
-                if weight:
-                    loss = loss + regularizer_scale * weight * rounding.regularizer(schedule.beta(t))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                bar.update()
-                if progress and (t % report_every == 0 or t == iterations - 1):
-                    bar.set_postfix(loss=f"{loss.item():.4g}", beta=f"{schedule.beta(t):.3g}")
-    finally:
-        for parameter, requires_grad in own:
-            parameter.requires_grad_(requires_grad)
-
-    changed = rounding.changed_fraction()
-    rounding.harden()
-    final_mse = _output_mse(layer, inputs, targets, chunk)
-    return AdaRoundResult(initial_mse=initial_mse, final_mse=final_mse, changed_fraction=changed, iterations=iterations)
