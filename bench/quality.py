@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import shlex
 import subprocess
@@ -147,8 +146,8 @@ class ModelBench:
         self.args = args
         self.model = load_model(name).to(args.device)
         self.resolution = ZOO[name].plan.resolution
-        self.text = self.model.conditioning == "text"
-        self.requests: Requests = held_out_requests(args.num_samples, resolution=self.resolution, text=self.text)
+        text = self.model.conditioning == "text"
+        self.requests: Requests = held_out_requests(args.num_samples, resolution=self.resolution, text=text)
         self.references = ReferenceSet(
             shipped_glyphnet(args.device), args.num_samples, resolution=self.resolution, progress=args.progress
         )
@@ -165,8 +164,8 @@ class ModelBench:
         )
 
     def judge(self, images: Tensor) -> dict[str, Any]:
-        colours = self.requests.colours if self.text else None
-        quality = self.references.judge(images, self.requests.labels, colours=colours, progress=self.args.progress)
+        requests = self.requests
+        quality = self.references.judge(images, requests.labels, colours=requests.colours, progress=self.args.progress)
         row = quality.as_dict()
         numbers = ("class_accuracy", "colour_accuracy", "fid", "fid_floor", "sfid", "sfid_floor", "inception_score")
         return {name: row.get(name) for name in numbers} | {
@@ -303,16 +302,9 @@ def run_cell(bench: ModelBench, cell: Cell, command: str) -> dict[str, Any]:
     return record
 
 
-def _finite(value: Any) -> Any:
-    """JSON-safe numbers: ``inf`` SQNR (identical estimates) stays as Python's json writes it."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
 def write_cell(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(record, indent=2, default=_finite)
+    text = json.dumps(record, indent=2)  # an SQNR of inf (identical estimates) is written as Infinity
     write_atomically(path, lambda f: f.write(text.encode()))
 
 
@@ -331,14 +323,18 @@ def run_matrix(args: argparse.Namespace, command: str) -> int:
     results = Path(args.results)
     todo = pending(plan_cells(args.models, args.methods, args.bits), results, args.force)
     started, longest = time.monotonic(), 0.0
-    for model, cells in _by_model(todo):
+
+    def out_of_time() -> bool:
+        """Whether a cell as long as the longest so far would end past ``--max-minutes``."""
         elapsed = time.monotonic() - started
-        if args.max_minutes is not None and elapsed + longest > 60 * args.max_minutes:
+        return args.max_minutes is not None and elapsed + longest > 60 * args.max_minutes
+
+    for model, cells in _by_model(todo):
+        if out_of_time():
             break
         bench = ModelBench(model, args)
         for cell in cells:
-            elapsed = time.monotonic() - started
-            if args.max_minutes is not None and elapsed + longest > 60 * args.max_minutes:
+            if out_of_time():
                 break
             began = time.monotonic()
             record = run_cell(bench, cell, command)

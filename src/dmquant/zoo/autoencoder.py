@@ -58,19 +58,22 @@ def autoencoder_loss(model: nn.Module, batch: GlyphBatch, generator: torch.Gener
     return F.l1_loss(reconstruction.float(), batch.images) + KL_WEIGHT * posterior.kl().float().mean() / pixels
 
 
+def _held_out_images(model: AutoencoderKL) -> Tensor:
+    return GlyphDataset("test", 64).batch(0, MEASURE_COUNT, next(model.parameters()).device).images
+
+
 @torch.no_grad()
-def _held_out(model: AutoencoderKL) -> tuple[Tensor, Tensor, Tensor]:
-    """Held-out images, their latent means and their reconstructions."""
-    device = next(model.parameters()).device
-    images = GlyphDataset("test", 64).batch(0, MEASURE_COUNT, device).images
-    latents = torch.cat([model.encode(chunk).latent_dist.mode() for chunk in images.split(500)])
-    reconstructions = torch.cat([model.decode(chunk).sample for chunk in latents.split(500)])
-    return images, latents, reconstructions
+def _latent_means(model: AutoencoderKL, images: Tensor) -> Tensor:
+    return torch.cat([model.encode(chunk).latent_dist.mode() for chunk in images.split(500)])
 
 
 def measure_autoencoder(model: nn.Module) -> dict:
     """Reconstruction PSNR and latent standard deviation on held-out glyphs."""
-    images, latents, reconstructions = _held_out(model.float().eval())
+    model = model.float().eval()
+    images = _held_out_images(model)
+    latents = _latent_means(model, images)
+    with torch.no_grad():
+        reconstructions = torch.cat([model.decode(chunk).sample for chunk in latents.split(500)])
     return {
         "test_reconstruction_psnr_db": float(psnr(to_unit_range(images), to_unit_range(reconstructions.clamp(-1, 1)))),
         "test_latent_std": latents.std().item(),
@@ -80,7 +83,7 @@ def measure_autoencoder(model: nn.Module) -> dict:
 def export_autoencoder(model: nn.Module, directory: Path) -> None:
     """fp16 ``save_pretrained`` with ``scaling_factor`` = 1 / std of held-out latents."""
     model = copy.deepcopy(model).float().eval()
-    _, latents, _ = _held_out(model)
+    latents = _latent_means(model, _held_out_images(model))
     model.register_to_config(scaling_factor=round(1.0 / latents.std().item(), 5))
     model.cpu().half().save_pretrained(directory, safe_serialization=True)
 

@@ -106,8 +106,7 @@ def evaluate_zoo_model(
     model = load_model(directory).to(device)
     glyphnet = shipped_glyphnet(device)
     references = ReferenceSet(glyphnet, num_samples, features=features, resolution=resolution, progress=progress)
-    text = model.conditioning == "text"
-    requests = held_out_requests(num_samples, resolution=resolution, text=text)
+    requests = held_out_requests(num_samples, resolution=resolution, text=model.conditioning == "text")
     results = []
     for scale in guidance_scales:
         images, _ = sample_requests(
@@ -119,9 +118,7 @@ def evaluate_zoo_model(
             guidance_scale=scale,
             progress=progress,
         )
-        quality = references.judge(
-            images, requests.labels, colours=requests.colours if text else None, progress=progress
-        )
+        quality = references.judge(images, requests.labels, colours=requests.colours, progress=progress)
         results.append({"guidance_scale": scale, **quality.as_dict()})
         if grid is not None and scale == guidance_scales[0]:
             save_image_grid(images[:64].cpu(), grid, nrow=8)

@@ -39,14 +39,14 @@ class SampleQuality:
 
 @dataclass
 class Requests:
-    """What a set of samples is asked for: the held-out glyphs' classes, colours and, for text models, prompts.
+    """What a set of samples is asked for: the held-out glyphs' classes and, for text models, prompts and colours.
 
     Asking for the reference set's own conditions makes generated and real sets comparable
-    class by class.
+    class by class. Only a prompt says a colour, so only text requests carry ``colours``.
     """
 
     labels: Tensor
-    colours: Tensor
+    colours: Tensor | None = None
     prompts: list[str] | None = None
 
     def __len__(self) -> int:
@@ -54,9 +54,11 @@ class Requests:
 
 
 def held_out_requests(count: int, *, resolution: int = 32, text: bool = False) -> Requests:
-    """The conditions of held-out glyphs ``[0, count)``: labels and foreground colours (and prompts if ``text``)."""
+    """The conditions of held-out glyphs ``[0, count)``: labels (and prompts and foreground colours if ``text``)."""
     batch = GlyphDataset(REFERENCE_SPLIT, resolution).batch(0, count)
-    return Requests(batch.labels, batch.foreground, prompts(batch) if text else None)
+    if not text:
+        return Requests(batch.labels)
+    return Requests(batch.labels, colours=batch.foreground, prompts=prompts(batch))
 
 
 def real_features(
