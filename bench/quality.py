@@ -12,7 +12,8 @@ Methods:
 
 - ``fp`` and ``fp-seed1`` — the FP model, and the FP model again from other seeds: the
   seed-to-seed spread against which every difference is read.
-- dmquant recipes (``minmax``, ``mse``, any other shipped recipe) at each bit setting:
+- dmquant recipes (``minmax``, ``mse``, any other shipped recipe; ``q-diffusion-no-recon``:
+  a reconstructing recipe with its reconstruction off) at each bit setting:
   ``W8A8``, ``W4A8``, ``W4A4`` (attention matmuls in full precision), ``W8A8+attn8`` (Q·Kᵀ and
   softmax·V quantized too, softmax at 8 bits unsigned). The recipe's range estimation and
   calibration set are kept; its bits and attention switch are the cell's; calibration runs at
@@ -77,6 +78,8 @@ BIT_SETTINGS = {
 }
 DEFAULT_METHODS = (*FP_METHODS, "minmax", "mse", *peers.PEERS)
 DEFAULT_BITS = ("W8A8", "W4A8")
+#: Suffix of a reconstructing recipe run without its reconstruction (what reconstruction buys).
+NO_RECONSTRUCTION = "-no-recon"
 #: Seed of the ``fp-seed1`` samples (far from the ``seed + batch index`` seeds of the others).
 OTHER_SEED = 1_000_000
 #: FP trajectories along which the per-step SQNR of the noise estimate is measured.
@@ -232,9 +235,17 @@ def run_fp(bench: ModelBench, cell: Cell) -> dict[str, Any]:
     return {"metrics": bench.judge(images), "sampling": bench.sampling(seed)}
 
 
+def recipe_methods() -> list[str]:
+    """Shipped recipes, and ``<recipe>-no-recon`` for each that reconstructs."""
+    names = available_recipes()
+    return names + [name + NO_RECONSTRUCTION for name in names if load_recipe(name).reconstruction.enabled]
+
+
 def run_recipe(bench: ModelBench, cell: Cell) -> dict[str, Any]:
     weight_bits, activation_bits, attention = BIT_SETTINGS[cell.bits]
-    config = load_recipe(cell.method).with_bits(weight_bits, activation_bits)
+    config = load_recipe(cell.method.removesuffix(NO_RECONSTRUCTION)).with_bits(weight_bits, activation_bits)
+    if cell.method.endswith(NO_RECONSTRUCTION):
+        config.reconstruction.enabled = False
     config = dataclasses.replace(
         config,
         attention=dataclasses.replace(config.attention, enabled=attention, bits=None, softmax_bits=8),
@@ -359,7 +370,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         epilog="example: python bench/quality.py --device cuda --max-minutes 9   (rerun to resume)",
     )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, help="zoo models")
-    methods = [*FP_METHODS, *available_recipes(), *peers.PEERS]
+    methods = [*FP_METHODS, *recipe_methods(), *peers.PEERS]
     parser.add_argument(
         "--methods", nargs="+", default=list(DEFAULT_METHODS), choices=methods, help="fp rows, recipes, peers"
     )

@@ -530,3 +530,42 @@ def test_float_activation_format_with_shipped_recipe(capsys):
     assert code == 0, err
     rows = table_rows(out, "name")
     assert {row["activation"] for row in rows if row["kind"] == "Linear" and row["rule"] == "—"} == {"fp8_e4m3"}
+
+
+def test_quantize_with_reconstruction_resumes_from_its_state_and_cleans_up(tmp_path, capsys, monkeypatch):
+    import dmquant.recon.model as recon_model
+
+    output = tmp_path / "qdiff"
+    argv = ["quantize", "tiny-unet", "-o", str(output), "--recipe", "q-diffusion", *CALIB, "--recon-iterations", "2"]
+    reconstruct, calls = recon_model.reconstruct, []
+
+    def dies_after_three(*args, **kwargs):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(kwargs["desc"])
+        return reconstruct(*args, **kwargs)
+
+    monkeypatch.setattr(recon_model, "reconstruct", dies_after_three)
+    code, _, err = run([*argv, "-q"], capsys)
+    state = tmp_path / "qdiff.reconstruction"
+    assert code == 130 and f"the finished blocks are kept in {state}: rerun the same command to resume" in err
+    assert len(list(state.glob("*.safetensors"))) == 3 and not output.exists()
+    monkeypatch.setattr(recon_model, "reconstruct", reconstruct)
+
+    code, out, err = run([*argv, "-q"], capsys)
+    assert code == 0, err
+    assert f"resuming the reconstruction saved in {state}" in out
+    assert not state.exists()
+    manifest = json.loads((output / "dmquant.json").read_text())
+    assert manifest["recipe"]["reconstruction"]["iterations"] == 2
+    assert {r["pass_name"] for r in manifest["extra"]["reconstruction"]} == {"weights", "activations"}
+
+
+def test_no_reconstruction_skips_it(tmp_path, capsys):
+    output = tmp_path / "plain"
+    code, out, err = run(
+        ["quantize", "tiny-dit", "-o", str(output), "--recipe", "ptq4dm", *CALIB, "--no-reconstruction", "-q"], capsys
+    )
+    assert code == 0, err
+    manifest = json.loads((output / "dmquant.json").read_text())
+    assert manifest["recipe"]["reconstruction"]["enabled"] is False and "reconstruction" not in manifest["extra"]

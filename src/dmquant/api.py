@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from .core.attach import QuantReport, attach_quantizers, find_shortcut_splits
 from .core.quantizer import quantizers, set_step
 from .denoiser import Denoiser
 from .errors import CalibrationError, CheckpointError, ModelError
+from .recon.model import reconstruct_model
 from .sampling import StepContext, StepHook
 
 INFO_ATTRIBUTE = "dmquant_info"
@@ -55,19 +56,24 @@ def quantize(
     batch_size: int = 32,
     progress: bool = True,
     source: str | None = None,
+    state_dir: str | Path | None = None,
 ) -> nn.Module:
     """Quantize ``model`` after training.
 
     ``config`` is a :class:`~dmquant.config.QuantConfig` or a recipe name/path; ``calibration``
     holds (x_t, t, conditioning) recorded from the FP model's own trajectories (see
     :func:`dmquant.calib.record_calibration`). Steps: find split shortcuts, attach quantizers
-    (rules decide per layer), set weight ranges, then activation ranges on the calibration data.
+    (rules decide per layer), set weight ranges, then activation ranges on the calibration data,
+    then — if ``config.reconstruction.enabled`` — block reconstruction
+    (:func:`dmquant.recon.model.reconstruct_model`; with ``state_dir`` a killed run resumes
+    from the last finished block when called again with the same arguments).
     Returns the quantized model (a copy unless ``inplace``), with ``model.dmquant_info``.
     """
     if isinstance(config, (str, Path)):
         config = load_recipe(config)
     if len(calibration) == 0:
         raise CalibrationError("the calibration set is empty: record at least one sample")
+    fp_model = copy.deepcopy(model).eval() if config.reconstruction.enabled else None
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
@@ -84,7 +90,19 @@ def quantize(
     name_quantizers(model)
     calibrate_weights(model, progress=progress)
     calibrate_activations(model, calibration, batch_size=batch_size, progress=progress)
-    setattr(model, INFO_ATTRIBUTE, QuantizationInfo(config, report, splits, num_steps, source=source))
+    extra: dict[str, Any] = {}
+    if fp_model is not None:
+        records = reconstruct_model(
+            fp_model,
+            model,
+            calibration,
+            config.reconstruction,
+            recalibrate=lambda: calibrate_activations(model, calibration, batch_size=batch_size, progress=progress),
+            state_dir=state_dir,
+            progress=progress,
+        )
+        extra["reconstruction"] = [asdict(record) for record in records]
+    setattr(model, INFO_ATTRIBUTE, QuantizationInfo(config, report, splits, num_steps, source=source, extra=extra))
     return model
 
 

@@ -9,8 +9,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calib.record import CalibrationSet
-from .core.layers import QUANT_LAYERS
-from .core.quantizer import Quantizer, quantizers, set_step
+from .core.layers import QUANT_LAYERS, activation_quantizers
+from .core.quantizer import Quantizer, set_step
 from .denoiser import Denoiser
 
 
@@ -28,11 +28,6 @@ def calibrate_weights(model: nn.Module, *, progress: bool = True) -> None:
         quantizer.calibrate_on(weight)
 
 
-def _activation_quantizers(model: nn.Module) -> list[Quantizer]:
-    weight_quantizers = {id(q) for m in model.modules() if isinstance(m, QUANT_LAYERS) for q, _ in m.weight_parts()}
-    return [q for q in quantizers(model) if q.enabled and id(q) not in weight_quantizers]
-
-
 @torch.no_grad()
 def calibrate_activations(
     model: nn.Module, calibration: CalibrationSet, *, batch_size: int = 32, progress: bool = True
@@ -44,7 +39,7 @@ def calibrate_activations(
     with the layer and the step where it appeared. Weights are fake-quantized during the pass
     (calibrate them first), activations are not.
     """
-    targets = _activation_quantizers(model)
+    targets = activation_quantizers(model)
     if not targets:
         return
     for quantizer in targets:

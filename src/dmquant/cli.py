@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import time
 import warnings
@@ -100,6 +101,17 @@ def _recipe(args: argparse.Namespace, bits: tuple = (None, None)) -> QuantConfig
         config.calibration = dataclasses.replace(config.calibration, **overrides)
     except DmquantError as error:
         raise DmquantError(f"calibration.{error}") from None
+    if getattr(args, "no_reconstruction", False):
+        config.reconstruction.enabled = False
+    if getattr(args, "recon_iterations", None) is not None:
+        try:
+            steps = args.recon_iterations
+            second = steps if config.reconstruction.activation_iterations else 0
+            config.reconstruction = dataclasses.replace(
+                config.reconstruction, iterations=steps, activation_iterations=second
+            )
+        except DmquantError as error:
+            raise DmquantError(f"reconstruction.{error}") from None
     return config
 
 
@@ -116,6 +128,27 @@ def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="sampling steps of the calibration trajectories (default: the recipe's)",
+    )
+
+
+def _add_reconstruction_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "reconstruction (recipes with a reconstruction section: q-diffusion, ptq4dm)",
+        "Block reconstruction optimises each block's weight rounding (and activation step sizes) "
+        "against the FP block's output; it is the slow part, so its progress is saved after every "
+        "block and rerunning the same command resumes where a killed run stopped.",
+    )
+    group.add_argument(
+        "--recon-iterations",
+        type=int,
+        metavar="N",
+        help="optimisation steps per block in each pass (default: the recipe's; q-diffusion: 2000, then 500)",
+    )
+    group.add_argument("--no-reconstruction", action="store_true", help="skip the recipe's reconstruction")
+    group.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="where reconstruction keeps its progress (default: OUTPUT.reconstruction, removed once saved)",
     )
 
 
@@ -146,9 +179,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"quantizing {model.name} with recipe {config.name}: weights {config.weight.describe()}, "
         f"activations {config.activation.describe()}"
     )
+    state_dir = Path(args.state_dir) if args.state_dir else output.with_name(output.name + ".reconstruction")
+    if config.reconstruction.enabled and state_dir.exists():
+        print(f"resuming the reconstruction saved in {state_dir}")
     started = time.perf_counter()
-    quantized = quantize_model(model, config, progress=not args.quiet)
+    try:
+        quantized = quantize_model(model, config, progress=not args.quiet, state_dir=state_dir)
+    except KeyboardInterrupt:
+        if config.reconstruction.enabled and state_dir.exists():
+            print(f"the finished blocks are kept in {state_dir}: rerun the same command to resume", file=sys.stderr)
+        raise
     save(quantized.denoiser, output, overwrite=args.overwrite)
+    if config.reconstruction.enabled and not args.state_dir:
+        shutil.rmtree(state_dir, ignore_errors=True)
     report = info(quantized.denoiser).report
     print(f"{report.num_quantized} layers quantized in {time.perf_counter() - started:.1f} s; saved to {output}")
     return 0
@@ -396,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     _add_recipe_options(p)
     _add_calibration_options(p)
+    _add_reconstruction_options(p)
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler for calibration instead of the model's own")
 
     p = _command(

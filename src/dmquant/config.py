@@ -190,6 +190,72 @@ class CalibrationConfig:
         _keyed("strategy", lambda: get_strategy(self.strategy, **self.strategy_options))
 
 
+#: How the activation step sizes are treated during reconstruction (see :class:`ReconstructionConfig`).
+ACTIVATION_SCALE_MODES = ("after", "jointly", "fixed")
+
+
+@dataclass
+class ReconstructionConfig:
+    """Block reconstruction after range calibration (BRECQ, Li et al. 2021; AdaRound, Nagel et al. 2020).
+
+    Every block of the model (residual, transformer, lone attention; every other quantized layer
+    on its own) is optimised in execution order against the FP block's output, its input taken
+    from the model quantized so far. ``activation_scales`` says what happens to the activation
+    quantizers:
+
+    - ``after`` (Q-Diffusion, Li et al. 2023): a first pass learns the weight rounding with
+      activations in full precision; activation ranges are then calibrated on the reconstructed
+      model, and a second pass learns their step sizes (LSQ, Esser et al. 2020) for
+      ``activation_iterations`` with the weights fixed;
+    - ``jointly`` (QDrop, Wei et al. 2022, as PTQ4DM runs it): one pass with activations
+      quantized, learning rounding and step sizes together;
+    - ``fixed``: one pass with activations quantized at their calibrated ranges, rounding only.
+
+    ``drop_probability`` is QDrop's: during reconstruction each quantized activation element is
+    replaced by its full-precision value with this probability, and so is each element of the
+    block's input (QDrop's ``prob = input_prob = 0.5`` keep the quantized value half the time).
+    ``num_samples`` calibration rows (drawn at random with ``seed`` when the set is larger) are
+    cached per block within ``memory_budget_mb`` of accelerator memory (the rest spills to host).
+    """
+
+    enabled: bool = False
+    num_samples: int = 1024
+    iterations: int = 2000
+    activation_iterations: int = 500
+    activation_scales: str = "after"
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    activation_learning_rate: float = 4e-5
+    regularizer_scale: float = 0.01
+    warmup: float = 0.2
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    drop_probability: float = 0.0
+    memory_budget_mb: int = 4096
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "iterations", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.activation_iterations < 0 or self.memory_budget_mb < 0:
+            raise ConfigError("activation_iterations and memory_budget_mb: must be >= 0")
+        if self.activation_scales not in ACTIVATION_SCALE_MODES:
+            raise ConfigError(
+                f"activation_scales: must be one of {', '.join(ACTIVATION_SCALE_MODES)}, got {self.activation_scales!r}"
+            )
+        if self.learning_rate <= 0 or self.activation_learning_rate <= 0 or self.regularizer_scale < 0:
+            raise ConfigError("learning rates must be > 0 and regularizer_scale >= 0")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"warmup: must be in [0, 1), got {self.warmup}")
+        if not 0 < self.beta_end <= self.beta_start:
+            raise ConfigError(
+                f"beta_start, beta_end: need 0 < beta_end <= beta_start, got {self.beta_start}, {self.beta_end}"
+            )
+        if not 0.0 <= self.drop_probability < 1.0:
+            raise ConfigError(f"drop_probability: must be in [0, 1), got {self.drop_probability}")
+
+
 @dataclass
 class QuantConfig:
     """A whole quantization recipe."""
@@ -202,6 +268,14 @@ class QuantConfig:
     per_step_activations: bool = False
     rules: list[LayerRule] = field(default_factory=list)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+
+    def __post_init__(self) -> None:
+        if self.reconstruction.enabled and self.per_step_activations:
+            raise ConfigError(
+                "reconstruction.enabled: reconstruction learns one set of activation ranges; "
+                "it cannot be combined with per_step_activations"
+            )
 
     def with_bits(self, weight_bits: int | str | None = None, activation_bits: int | str | None = None) -> QuantConfig:
         """A copy with the default weight / activation bit widths replaced (rules still apply)."""
@@ -334,6 +408,7 @@ __all__ = [
     "LayerRule",
     "QuantConfig",
     "QuantizerConfig",
+    "ReconstructionConfig",
     "available_recipes",
     "load_recipe",
 ]

@@ -41,8 +41,13 @@ def record_for(model: DiffusionModel, config: CalibrationConfig, *, progress: bo
     )
 
 
-def quantize_model(model: DiffusionModel, config: QuantConfig, *, progress: bool = True) -> DiffusionModel:
-    """Calibrate on ``model``'s trajectories and quantize its denoiser; returns the quantized bundle."""
+def quantize_model(
+    model: DiffusionModel, config: QuantConfig, *, progress: bool = True, state_dir: str | Path | None = None
+) -> DiffusionModel:
+    """Calibrate on ``model``'s trajectories and quantize its denoiser; returns the quantized bundle.
+
+    ``state_dir`` keeps the reconstruction's progress (see :func:`dmquant.api.quantize`).
+    """
     started = time.perf_counter()
     calibration = record_for(model, config.calibration, progress=progress)
     denoiser = quantize(
@@ -52,6 +57,7 @@ def quantize_model(model: DiffusionModel, config: QuantConfig, *, progress: bool
         batch_size=config.calibration.batch_size,
         progress=progress,
         source=model.name,
+        state_dir=state_dir,
     )
     info(denoiser).extra.update(
         {"calibration_samples": len(calibration), "calibration_seconds": round(time.perf_counter() - started, 2)}

@@ -53,11 +53,11 @@ class CalibrationSet:
     num_inference_steps: int
 
     def __post_init__(self) -> None:
-        lengths = {name: len(tensor) for name, tensor in self._tensors().items()}
+        lengths = {name: len(tensor) for name, tensor in self.named_tensors().items()}
         if len(set(lengths.values())) > 1:
             raise CalibrationError(f"calibration tensors disagree on the number of rows: {lengths}")
 
-    def _tensors(self) -> dict[str, Tensor]:
+    def named_tensors(self) -> dict[str, Tensor]:
         """Every tensor of the set by its file key (conditioning keys prefixed with ``cond.``)."""
         fields = {name: getattr(self, name) for name in _FIELDS}
         return fields | {_COND_PREFIX + name: tensor for name, tensor in self.cond.items()}
@@ -77,7 +77,7 @@ class CalibrationSet:
 
     def _map(self, fn: Callable[[Tensor], Tensor]) -> CalibrationSet:
         """A set of ``fn`` applied to every tensor."""
-        tensors = {name: fn(tensor) for name, tensor in self._tensors().items()}
+        tensors = {name: fn(tensor) for name, tensor in self.named_tensors().items()}
         return self._from_tensors(tensors, self.num_inference_steps)
 
     def __len__(self) -> int:
@@ -107,6 +107,10 @@ class CalibrationSet:
         wanted = torch.isin(self.step_indices, steps)
         return self._map(lambda tensor: tensor[wanted.to(tensor.device)])
 
+    def rows(self, index: Tensor) -> CalibrationSet:
+        """The rows ``index`` (a 1-d long tensor), in that order."""
+        return self._map(lambda tensor: tensor[index.to(tensor.device)])
+
     def to(self, device: torch.device | str) -> CalibrationSet:
         """A copy with every tensor on ``device``."""
         return self._map(lambda tensor: tensor.to(device))
@@ -121,13 +125,13 @@ class CalibrationSet:
             raise CalibrationError(
                 f"cannot concatenate sets of different (num_inference_steps, cond keys): {sorted(kinds)}"
             )
-        parts = [part._tensors() for part in sets]
+        parts = [part.named_tensors() for part in sets]
         tensors = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
         return cls._from_tensors(tensors, sets[0].num_inference_steps)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the set to one safetensors file, atomically (a temporary file renamed into place)."""
-        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self._tensors().items()}
+        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.named_tensors().items()}
         metadata = {"format": CALIBRATION_FORMAT, "num_inference_steps": str(self.num_inference_steps)}
         write_atomically(path, lambda file: file.write(save(tensors, metadata=metadata)))
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import QuantizerConfig
-from .quantizer import Quantizer
+from .quantizer import Quantizer, quantizers
 
 
 def _adopt_parameters(target: nn.Module, source: nn.Module) -> None:
@@ -109,3 +109,9 @@ class QuantConv2d(nn.Conv2d):
 
 
 QUANT_LAYERS = (QuantLinear, QuantConv2d)
+
+
+def activation_quantizers(model: nn.Module) -> list[Quantizer]:
+    """The enabled quantizers of ``model`` that quantize activations (every one but the weights')."""
+    weight_quantizers = {id(q) for m in model.modules() if isinstance(m, QUANT_LAYERS) for q, _ in m.weight_parts()}
+    return [q for q in quantizers(model) if q.enabled and id(q) not in weight_quantizers]

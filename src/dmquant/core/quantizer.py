@@ -123,6 +123,13 @@ class Quantizer(nn.Module):
         self.scale = scale
         return scale
 
+    def freeze_scale(self) -> None:
+        """Undo :meth:`learn_scale`: keep the learned values as an ordinary buffer again."""
+        if isinstance(self.scale, nn.Parameter):
+            value = self.scale.detach().clone()
+            del self._parameters["scale"]
+            self.register_buffer("scale", value)
+
     def calibrate_on(self, x: torch.Tensor) -> None:
         """Observe one tensor (e.g. a weight) and finalize at once."""
         self._observers.clear()

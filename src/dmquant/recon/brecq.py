@@ -1,4 +1,5 @@
-"""Reconstruction of one unit — a single layer or a whole block — with AdaRound on all its weights.
+"""Reconstruction of one unit — a single layer or a whole block — with AdaRound on all its weights
+and, optionally, learned activation step sizes (LSQ) and QDrop.
 
 BRECQ (Li et al. 2021, Sec. 3.2) optimises the rounding of every quantized layer inside a block
 together, against the block's output: the layers' errors interact inside a block, so they are
@@ -24,10 +25,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..core.layers import QUANT_LAYERS, QuantConv2d, QuantLinear
+from ..core.layers import QUANT_LAYERS, QuantConv2d, QuantLinear, activation_quantizers
 from ..errors import ConfigError
 from .adaround import AdaRoundWeights, BetaSchedule, reconstruction_loss
 from .cache import block_output
+from .qdrop import dropped_activations
 
 #: ``sample(indices) -> (args, kwargs, target)`` for the unit's forward.
 Sampler = Callable[[Tensor], tuple[Sequence[Any], dict[str, Any], Tensor]]
@@ -38,14 +40,17 @@ class ReconstructionResult:
     """Outcome of reconstructing one unit.
 
     ``initial_mse`` is the element-mean squared error of the unit's output against the targets
-    with round-to-nearest weights, ``final_mse`` the same after hardening the learned rounding
-    (both over all samples); ``changed_fraction`` is the fraction of the unit's quantized weights
-    whose code differs from round-to-nearest's.
+    before the optimisation, ``final_mse`` the same after it (rounding hardened, step sizes
+    kept; both over all samples, without QDrop's dropping); ``changed_fraction`` is the fraction
+    of the unit's quantized weights whose code differs from round-to-nearest's (``None`` when
+    the rounding was not learned); ``learned_scales`` the number of activation quantizers whose
+    step sizes were learned.
     """
 
     initial_mse: float
     final_mse: float
-    changed_fraction: float
+    changed_fraction: float | None
+    learned_scales: int
     iterations: int
 
 
@@ -74,78 +79,121 @@ def _output_mse(unit: nn.Module, sample: Sampler, count: int, chunk: int) -> flo
     return total / elements
 
 
+def _unit_device(unit: nn.Module) -> torch.device:
+    return next(unit.parameters()).device
+
+
 def reconstruct(
     unit: nn.Module,
     sample: Sampler,
     count: int,
     *,
+    train_sample: Sampler | None = None,
     iterations: int = 2000,
     batch_size: int = 32,
+    learn_rounding: bool = True,
+    learn_activation_scales: bool = False,
     learning_rate: float = 1e-3,
+    activation_learning_rate: float = 4e-5,
     regularizer_scale: float = 0.01,
     warmup: float = 0.2,
     beta_start: float = 20.0,
     beta_end: float = 2.0,
+    drop_probability: float = 0.0,
     generator: torch.Generator | None = None,
     progress: bool = True,
     desc: str = "reconstruct",
 ) -> ReconstructionResult:
-    """Learn the rounding of every quantized weight in ``unit`` against its targets; harden them.
+    """Learn the rounding of every quantized weight in ``unit`` and/or its activation step sizes.
 
-    Optimises the rounding logits only (Adam; the unit's own parameters get no gradients) on
-    batches of ``batch_size`` of the ``count`` samples, drawn without replacement by
-    ``generator`` (``None``: seeded with 0, so a run is reproducible). ``w(t)`` and ``β(t)``
-    follow :class:`~dmquant.recon.adaround.BetaSchedule`. Activation quantizers inside the unit
-    are used as they are. At the end every layer's learned rounding is written into its weight.
+    With ``learn_rounding`` the rounding logits of every enabled weight quantizer are optimised
+    (Adam at ``learning_rate``) under AdaRound's regulariser, ``w(t)`` and ``β(t)`` following
+    :class:`~dmquant.recon.adaround.BetaSchedule`, and hardened into the weights at the end.
+    With ``learn_activation_scales`` the step sizes of the unit's enabled activation quantizers
+    are trained too (LSQ, Esser et al. 2020: Adam at ``activation_learning_rate`` with cosine
+    annealing to 0, as BRECQ's and QDrop's code do; kept positive). Activation quantizers are
+    used as they are set (disable them for a weight-only pass). ``drop_probability > 0`` applies
+    QDrop inside the unit (:func:`~dmquant.recon.qdrop.dropped_activations`). The unit's own
+    parameters get no gradients.
 
-    Defaults (Adam at lr 1e-3, batch 32, regulariser weight 0.01, β from 20 to 2 after a 20 %
-    warm-up) are BRECQ's and Q-Diffusion's; they run 20k iterations per unit, the AdaRound
-    paper 10k per layer. The default 2000 is a cheaper setting for small models.
+    Batches of ``batch_size`` of the ``count`` samples are drawn by ``generator`` (``None``:
+    seeded with 0, so a run is reproducible) and fetched with ``train_sample`` if given (e.g.
+    with QDrop's mixed inputs, :func:`~dmquant.recon.qdrop.mix_inputs`), else with ``sample``;
+    the reported errors always use ``sample``. Defaults (lr 1e-3 for the rounding, 4e-5 for step
+    sizes, batch 32, regulariser weight 0.01, β from 20 to 2 after a 20 % warm-up) are BRECQ's
+    and Q-Diffusion's; they run 20k iterations per unit, the AdaRound paper 10k per layer. The
+    default 2000 is a cheaper setting for small models.
     """
     if count < 1:
         raise ValueError("reconstruction needs at least one sample")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not (learn_rounding or learn_activation_scales):
+        raise ValueError("nothing to learn: set learn_rounding and/or learn_activation_scales")
     schedule = BetaSchedule(iterations, warmup=warmup, start=beta_start, end=beta_end)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    drop_generator = torch.Generator(device=_unit_device(unit))
+    drop_generator.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
     chunk = max(batch_size, 256)
 
-    roundings = _roundings(unit)
+    roundings = _roundings(unit) if learn_rounding else []
+    scaled = [q for q in activation_quantizers(unit) if q.calibrated] if learn_activation_scales else []
+    if learn_activation_scales and not scaled:
+        raise ConfigError(f"{type(unit).__name__} has no calibrated activation quantizer whose step size to learn")
     initial_mse = _output_mse(unit, sample, count, chunk)
-    optimizer = torch.optim.Adam([p for r in roundings for p in r.parameters()], lr=learning_rate)
-    own = [(p, p.requires_grad) for p in unit.parameters()]
+    own = [(p, p.requires_grad) for p in unit.parameters()]  # before the step sizes become parameters
+    optimizers: list[torch.optim.Optimizer] = []
+    if roundings:
+        optimizers.append(torch.optim.Adam([p for r in roundings for p in r.parameters()], lr=learning_rate))
+    scales = [q.learn_scale() for q in scaled]
+    scheduler = None
+    if scales:
+        optimizers.append(torch.optim.Adam(scales, lr=activation_learning_rate))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizers[-1], T_max=iterations, eta_min=0.0)
     report_every = max(1, iterations // 100)
     try:
         for parameter, _ in own:
             parameter.requires_grad_(False)
-        with ExitStack() as soft, torch.enable_grad():
+        with ExitStack() as stack, torch.enable_grad():
             for rounding in roundings:
-                soft.enter_context(rounding.use_soft_weight())
-            bar = soft.enter_context(tqdm(total=iterations, desc=desc, unit="it", disable=not progress))
+                stack.enter_context(rounding.use_soft_weight())
+            stack.enter_context(dropped_activations(activation_quantizers(unit), drop_probability, drop_generator))
+            bar = stack.enter_context(tqdm(total=iterations, desc=desc, unit="it", leave=False, disable=not progress))
             for t in range(iterations):
-                args, kwargs, target = sample(torch.randperm(count, generator=generator)[:batch_size])
+                args, kwargs, target = (train_sample or sample)(torch.randperm(count, generator=generator)[:batch_size])
                 output = block_output(unit(*args, **kwargs))
                 loss = reconstruction_loss(output, target, _channel_dim(output))
-                weight = schedule.regularizer_weight(t)
+                weight = schedule.regularizer_weight(t) if roundings else 0.0
                 if weight:
                     regularizer = sum(rounding.regularizer(schedule.beta(t)) for rounding in roundings)
                     loss = loss + regularizer_scale * weight * regularizer
-                optimizer.zero_grad(set_to_none=True)
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
+                for optimizer in optimizers:
+                    optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                    with torch.no_grad():
+                        for scale in scales:
+                            scale.clamp_(min=torch.finfo(scale.dtype).tiny)
                 bar.update()
                 if progress and (t % report_every == 0 or t == iterations - 1):
                     bar.set_postfix(loss=f"{loss.item():.4g}", beta=f"{schedule.beta(t):.3g}")
     finally:
         for parameter, requires_grad in own:
             parameter.requires_grad_(requires_grad)
+        for quantizer in scaled:
+            quantizer.freeze_scale()
 
-    counts = [(r.changed_fraction(), sum(p.numel() for p in r.parameters())) for r in roundings]
-    changed = sum(fraction * size for fraction, size in counts) / sum(size for _, size in counts)
-    for rounding in roundings:
-        rounding.harden()
+    changed = None
+    if roundings:
+        counts = [(r.changed_fraction(), sum(p.numel() for p in r.parameters())) for r in roundings]
+        changed = sum(fraction * size for fraction, size in counts) / sum(size for _, size in counts)
+        for rounding in roundings:
+            rounding.harden()
     final_mse = _output_mse(unit, sample, count, chunk)
-    return ReconstructionResult(initial_mse, final_mse, changed, iterations)
+    return ReconstructionResult(initial_mse, final_mse, changed, len(scaled), iterations)
 
 
 def reconstruct_layer(
