@@ -99,6 +99,7 @@ def quantize(
             config.reconstruction,
             recalibrate=lambda: calibrate_activations(model, calibration, batch_size=batch_size, progress=progress),
             state_dir=state_dir,
+            capture_batch_size=batch_size,
             progress=progress,
         )
         extra["reconstruction"] = [asdict(record) for record in records]

@@ -122,24 +122,16 @@ def _reconstruct_unit(
     config: ReconstructionConfig,
     generator: torch.Generator,
     device: torch.device,
+    capture_batch_size: int,
     progress: bool,
     desc: str,
 ) -> dict[str, Any]:
     budget = config.memory_budget_mb * 2**20 // 2  # the FP and the quantized-input cache share it
     options = {"device": device, "memory_budget_bytes": budget}
-    fp_cache = capture_block_io(
-        fp_model,
-        fp_model.get_submodule(unit.name),
-        calibration_runner(fp_model, data, batch_size=config.batch_size),
-        **options,
-    )
-    quant_cache = capture_block_io(
-        model,
-        unit.module,
-        calibration_runner(model, data, batch_size=config.batch_size),
-        record_output=False,
-        **options,
-    )
+    fp_runner = calibration_runner(fp_model, data, batch_size=capture_batch_size)
+    fp_cache = capture_block_io(fp_model, fp_model.get_submodule(unit.name), fp_runner, **options)
+    quant_runner = calibration_runner(model, data, batch_size=capture_batch_size)
+    quant_cache = capture_block_io(model, unit.module, quant_runner, record_output=False, **options)
     pairs = paired(fp_cache, quant_cache)
     mixing = torch.Generator(device=device)
     mixing.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
@@ -188,6 +180,7 @@ def reconstruct_model(
     *,
     recalibrate: Callable[[], None],
     state_dir: str | Path | None = None,
+    capture_batch_size: int = 128,
     progress: bool = True,
 ) -> list[UnitRecord]:
     """Reconstruct every unit of ``model`` (quantizers attached, ranges calibrated) against ``fp_model``.
@@ -197,7 +190,8 @@ def reconstruct_model(
     learns step sizes after a weight pass, as Q-Diffusion does). With ``state_dir`` every
     finished unit is saved there and a rerun with the same model, recipe and calibration data
     restores the finished units instead of redoing them; the directory is kept (delete it once
-    the quantized model is saved). Returns one record per unit and pass, restored ones included.
+    the quantized model is saved). Block inputs and outputs are captured running the models on
+    ``capture_batch_size`` rows at a time. Returns one record per unit and pass, restored ones included.
     """
     fp_model.eval()
     model.eval()
@@ -227,7 +221,7 @@ def reconstruct_model(
                     generator = _unit_generator(config, pass_index, index)
                     desc = f"{unit.name} ({unit.kind})"
                     result = _reconstruct_unit(
-                        fp_model, model, unit, step, data, config, generator, device, progress, desc
+                        fp_model, model, unit, step, data, config, generator, device, capture_batch_size, progress, desc
                     )
                     record = {
                         "pass_name": step.name,
