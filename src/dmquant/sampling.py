@@ -11,17 +11,20 @@ latent model's result is its latents.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from diffusers import DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dmquant.denoiser import Denoiser, as_denoiser
 from dmquant.errors import ConfigError
+from dmquant.step_coefficients import noise_std
 
 
 def _batch_size(tensors: dict[str, Tensor]) -> int | None:
@@ -131,6 +134,7 @@ class StepContext:
         model_cond: exactly the conditioning keywords fed to the model (doubled when guided).
         guidance_scale: the classifier-free guidance scale in use (``1.0``: none).
         scheduler: the scheduler driving this run (a copy of the caller's).
+        eta: DDIM's ``eta`` of this run (schedulers that do not take it ignore it).
     """
 
     step_index: int
@@ -142,6 +146,7 @@ class StepContext:
     model_cond: dict[str, Tensor]
     guidance_scale: float
     scheduler: Any
+    eta: float = 0.0
 
 
 class StepHook:
@@ -157,6 +162,10 @@ class StepHook:
     def noise_estimate(self, ctx: StepContext, eps: Tensor) -> Tensor:
         """Called with the noise estimate after guidance and learned-variance removal; returns the one to use."""
         return eps
+
+    def noise_scale(self, ctx: StepContext) -> float:
+        """Factor on the noise the scheduler injects at this step (PTQD's variance-schedule calibration)."""
+        return 1.0
 
     def end_step(self, ctx: StepContext, prev_sample: Tensor) -> None:
         """Called after the scheduler step with ``x_{t-1}``."""
@@ -226,6 +235,49 @@ def _check_conditioning(conditioning: Conditioning | None, batch_size: int) -> C
     if conditioning.batch_size not in (None, batch_size):
         raise ConfigError(f"the conditioning is for {conditioning.batch_size} samples but batch_size={batch_size}")
     return conditioning
+
+
+def _replaying(generator: torch.Generator | list[torch.Generator]) -> torch.Generator | list[torch.Generator]:
+    """Generators in the state of ``generator`` (or of each in a list), to redraw what it draws next."""
+    if isinstance(generator, list):
+        return [_replaying(g) for g in generator]
+    copy = torch.Generator(device=generator.device)
+    copy.set_state(generator.get_state())
+    return copy
+
+
+def _step_with_scaled_noise(
+    scheduler: Any,
+    eps: Tensor,
+    t: Tensor,
+    x: Tensor,
+    scale: float,
+    generator: torch.Generator | list[torch.Generator] | None,
+    step_kwargs: dict[str, Any],
+) -> Tensor:
+    """``scheduler.step`` with its injected noise ``σ_t z`` scaled to ``scale · σ_t z``, the mean unchanged.
+
+    Schedulers that take ``variance_noise`` (DDIM) get ``scale · z`` drawn as they would draw
+    ``z``; DDPM's step is taken as is and ``(1 − scale) σ_t z`` taken away again, with ``z``
+    redrawn from a copy of the generator's state and ``σ_t`` from
+    :func:`dmquant.step_coefficients.noise_std`.
+    """
+    if generator is None:
+        generator = torch.Generator(device=x.device).manual_seed(int(torch.randint(2**62, (1,))))
+        step_kwargs = {**step_kwargs, "generator": generator} if "generator" in step_kwargs else step_kwargs
+    draw = {"generator": generator, "device": eps.device, "dtype": eps.dtype}
+    if "variance_noise" in inspect.signature(scheduler.step).parameters:
+        noise = randn_tensor(eps.shape, **draw) * scale  # drawn as the step would draw it, then scaled
+        kwargs = {key: value for key, value in step_kwargs.items() if key != "generator"}
+        return scheduler.step(eps, t, x, **kwargs, variance_noise=noise).prev_sample
+    if not isinstance(scheduler, DDPMScheduler) or "generator" not in step_kwargs:
+        raise ConfigError(f"cannot rescale the noise of a {type(scheduler).__name__} step (DDIM and DDPM only)")
+    replay = _replaying(generator)
+    prev = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+    sigma = noise_std(scheduler, int(t))
+    return (
+        prev if sigma == 0 else prev - (1.0 - scale) * sigma * randn_tensor(eps.shape, **{**draw, "generator": replay})
+    )
 
 
 @torch.no_grad()
@@ -300,6 +352,7 @@ def sample(
             model_cond=model_cond,
             guidance_scale=conditioning.guidance_scale,
             scheduler=scheduler,
+            eta=eta,
         )
         for hook in hooks:
             hook.begin_step(ctx)
@@ -308,7 +361,11 @@ def sample(
         )
         for hook in hooks:
             eps = hook.noise_estimate(ctx, eps)
-        x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+        scale = math.prod(hook.noise_scale(ctx) for hook in hooks)
+        if scale == 1.0:
+            x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+        else:
+            x = _step_with_scaled_noise(scheduler, eps, t, x, scale, generator, step_kwargs)
         for hook in hooks:
             hook.end_step(ctx, x)
     return x
