@@ -39,7 +39,7 @@ def _error(data: dict) -> str:
 
 
 def test_shipped_recipes_are_listed():
-    assert available_recipes() == ["minmax", "mse", "ptq4dm", "q-diffusion"]
+    assert available_recipes() == ["minmax", "mse", "ptq4dm", "ptqd", "q-diffusion"]
 
 
 def test_minmax_recipe_has_documented_values():
@@ -499,3 +499,20 @@ def test_custom_config_round_trips():
     rebuilt = QuantConfig.from_dict(json.loads(json.dumps(data)))
     assert rebuilt == config
     assert rebuilt is not config and rebuilt.rules is not config.rules
+
+
+def test_a_recipe_inherits_from_its_base_and_overrides_key_by_key(tmp_path):
+    (tmp_path / "parent.yaml").write_text("weight: {bits: 4, observer: minmax}\nactivation: {bits: 6}\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\nweight: {bits: 3}\n")
+    config = load_recipe(tmp_path / "child.yaml")
+    assert config.name == "child"
+    assert config.weight.bits == 3 and config.weight.observer == "minmax" and config.activation.bits == 6
+    shipped = load_recipe("ptqd")
+    assert shipped.reconstruction == load_recipe("q-diffusion").reconstruction and shipped.correction.enabled
+
+
+def test_recipes_inheriting_in_a_circle_are_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="circle"):
+        load_recipe(tmp_path / "a.yaml")

@@ -1,6 +1,7 @@
 """PTQD: noise statistics, the step coefficients they rely on, and the corrected sampler step."""
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -8,9 +9,12 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from dmquant import api
+from dmquant.config import CalibrationConfig, CorrectionConfig, load_recipe
 from dmquant.correct.statistics import ErrorMoments, NoiseStatistics, collect_noise_statistics
 from dmquant.correct.step import MIN_CORRELATION, NoiseCorrection
-from dmquant.errors import CalibrationError
+from dmquant.errors import CalibrationError, ModelError
+from dmquant.jobs import quantize_model, record_for
 from dmquant.models import load_model
 from dmquant.sampling import Conditioning, StepContext, StepHook, sample
 from dmquant.step_coefficients import eps_coefficient, noise_std
@@ -269,3 +273,48 @@ def test_sampling_loop_scales_the_injected_noise(name, eta):
     # the rescaling path draws the noise the scheduler itself would draw
     assert torch.allclose(draw(1, 1.0 - 1e-7), full, atol=1e-4)
     assert (half - none).abs().mean() < (full - none).abs().mean()
+
+
+def test_measured_statistics_travel_with_the_checkpoint_and_drive_sampling(tmp_path):
+    model = load_model("tiny-unet")
+    config = load_recipe("minmax").with_bits(4, 8)
+    config.correction = CorrectionConfig(enabled=True, num_samples=4, num_inference_steps=5, batch_size=4)
+    calibration = record_for(model, CalibrationConfig(num_inference_steps=5, num_trajectories=2), progress=False)
+    quantized = api.quantize(model.denoiser, config, calibration, progress=False)
+    with pytest.raises(ModelError, match="no noise statistics were measured"):
+        api.sampling_hooks(quantized)
+    labels = lambda n: Conditioning.classes(torch.arange(n) % 4)  # noqa: E731
+    stats = api.measure_noise(quantized, model.denoiser, model.scheduler, labels, progress=False)
+    (hook,) = api.sampling_hooks(quantized)
+    assert isinstance(hook, NoiseCorrection) and hook.statistics == stats
+    api.save(quantized, tmp_path / "q")
+    loaded = api.load(tmp_path / "q")
+    (hook,) = api.sampling_hooks(loaded)
+    assert hook.statistics == stats
+
+    def draw(denoiser, steps=5):
+        return sample(
+            denoiser,
+            model.scheduler,
+            batch_size=2,
+            num_inference_steps=steps,
+            conditioning=labels(2),
+            generator=torch.Generator().manual_seed(0),
+            hooks=api.sampling_hooks(denoiser),
+            progress=False,
+        )
+
+    assert torch.equal(draw(loaded), draw(quantized))
+    with pytest.raises(CalibrationError, match="measure them for this sampler"):
+        draw(loaded, steps=4)
+
+
+def test_the_ptqd_recipe_measures_while_quantizing():
+    model = load_model("tiny-unet")
+    config = load_recipe("ptqd").with_bits(4, 8)
+    config.calibration = CalibrationConfig(num_inference_steps=4, num_trajectories=2, batch_size=4)
+    config.reconstruction.enabled = False
+    config.correction = dataclasses.replace(config.correction, num_samples=2, num_inference_steps=4)
+    quantized = quantize_model(model, config, progress=False)
+    stats = api.info(quantized.denoiser).extra["noise_statistics"]
+    assert stats["num_inference_steps"] == 4 and stats["num_samples"] == 2

@@ -1,7 +1,7 @@
 """dmquant: post-training quantization for diffusion models.
 
 The public entry points are :func:`quantize`, :func:`save`, :func:`load`, :func:`info` and
-:func:`sampling_hooks` (from :mod:`dmquant.api`); they are imported on first use so that
+:func:`sampling_hooks`, :func:`measure_noise` (from :mod:`dmquant.api`); they are imported on first use so that
 ``import dmquant.core.primitives`` stays light.
 """
 
@@ -12,8 +12,17 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_API = ("quantize", "save", "load", "info", "sampling_hooks", "QuantizationInfo")
-_CONFIG = ("QuantConfig", "QuantizerConfig", "AttentionConfig", "CalibrationConfig", "LayerRule", "load_recipe")
+_API = ("quantize", "save", "load", "info", "sampling_hooks", "measure_noise", "QuantizationInfo")
+_CONFIG = (
+    "QuantConfig",
+    "QuantizerConfig",
+    "AttentionConfig",
+    "CalibrationConfig",
+    "ReconstructionConfig",
+    "CorrectionConfig",
+    "LayerRule",
+    "load_recipe",
+)
 
 __all__ = [*_API, *_CONFIG, "__version__"]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,15 @@ from . import __version__
 from .calib.record import CalibrationSet
 from .calibrate import calibrate_activations, calibrate_weights, name_quantizers
 from .checkpoint import read_checkpoint, restore_weights, state_for_saving, write_checkpoint
-from .config import QuantConfig, load_recipe
+from .config import CorrectionConfig, QuantConfig, load_recipe
 from .core.attach import QuantReport, attach_quantizers, find_shortcut_splits
 from .core.quantizer import quantizers, set_step
+from .correct.statistics import NoiseStatistics, collect_noise_statistics
+from .correct.step import NoiseCorrection
 from .denoiser import Denoiser
 from .errors import CalibrationError, CheckpointError, ModelError
 from .recon.model import reconstruct_model
-from .sampling import StepContext, StepHook
+from .sampling import Conditioning, StepContext, StepHook
 
 INFO_ATTRIBUTE = "dmquant_info"
 
@@ -117,12 +120,74 @@ class StepSelector(StepHook):
         set_step(self.model, ctx.step_index)
 
 
+#: ``info(model).extra`` key of the PTQD noise statistics.
+NOISE_STATISTICS = "noise_statistics"
+
+
+def _range_hooks(model: nn.Module, quant: QuantizationInfo) -> list[StepHook]:
+    return [StepSelector(model)] if quant.num_steps > 1 else []
+
+
 def sampling_hooks(model: nn.Module) -> list[StepHook]:
-    """The step hooks that sampling with ``model`` needs (none for an FP model)."""
-    found = getattr(model, INFO_ATTRIBUTE, None)
-    if found is None or found.num_steps == 1:
+    """The step hooks that sampling with ``model`` needs (none for an FP model).
+
+    Per-step activation ranges get a :class:`StepSelector`; a recipe with PTQD's correction gets
+    a :class:`~dmquant.correct.step.NoiseCorrection` built from the statistics that
+    :func:`measure_noise` kept on the model (an error if they were never measured).
+    """
+    quant = getattr(model, INFO_ATTRIBUTE, None)
+    if quant is None:
         return []
-    return [StepSelector(model)]
+    hooks = _range_hooks(model, quant)
+    correction = quant.config.correction
+    if correction.enabled:
+        if NOISE_STATISTICS not in quant.extra:
+            raise ModelError(
+                f"recipe {quant.config.name!r} corrects the quantization noise while sampling, but no noise "
+                "statistics were measured for this model: run dmquant.measure_noise(model, fp_model, scheduler, ...)"
+            )
+        statistics = NoiseStatistics.from_json(quant.extra[NOISE_STATISTICS])
+        hooks.append(
+            NoiseCorrection(
+                statistics, correlation=correction.correlation, bias=correction.bias, variance=correction.variance
+            )
+        )
+    return hooks
+
+
+def measure_noise(
+    model: nn.Module,
+    fp_model: nn.Module,
+    scheduler: Any,
+    conditioning: Callable[[int], Conditioning],
+    *,
+    config: CorrectionConfig | None = None,
+    progress: bool = True,
+) -> NoiseStatistics:
+    """Measure PTQD's per-step noise statistics of quantized ``model`` against ``fp_model``; keep them on it.
+
+    ``scheduler`` is the sampler the model will be used with (the statistics are per step of
+    ``config.num_inference_steps``), ``conditioning(n)`` the conditioning of ``n`` samples with
+    the guidance scale of sampling. ``config`` defaults to the recipe's ``correction`` section.
+    The statistics are saved with the model by :func:`save`, and :func:`sampling_hooks` corrects
+    with them.
+    """
+    quant = info(model)
+    config = config or quant.config.correction
+    statistics = collect_noise_statistics(
+        fp_model,
+        model,
+        scheduler,
+        num_inference_steps=config.num_inference_steps,
+        num_samples=config.num_samples,
+        conditioning=conditioning,
+        batch_size=config.batch_size,
+        generator=torch.Generator().manual_seed(config.seed),
+        quantized_hooks=_range_hooks(model, quant),
+        progress=progress,
+    )
+    quant.extra[NOISE_STATISTICS] = statistics.to_json()
+    return statistics
 
 
 def _json_roundtrip(value: Any) -> Any:

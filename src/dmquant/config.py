@@ -257,6 +257,32 @@ class ReconstructionConfig:
 
 
 @dataclass
+class CorrectionConfig:
+    """PTQD's corrections of the quantization noise (He et al. 2023), applied while sampling.
+
+    After quantization the FP and the quantized model run side by side along ``num_samples``
+    FP trajectories of ``num_inference_steps`` steps (the sampler's: statistics are per step, so
+    sampling must use the same number of steps), measuring per step the correlation ``k_t``, the
+    per-channel bias ``b_t(c)`` and the residual spread ``σ_res(t)`` of the noise-estimate error.
+    ``correlation`` (CNC), ``bias`` (BC) and ``variance`` (VSC) switch the three corrections.
+    """
+
+    enabled: bool = False
+    correlation: bool = True
+    bias: bool = True
+    variance: bool = True
+    num_samples: int = 256
+    num_inference_steps: int = 50
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "num_inference_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
 class QuantConfig:
     """A whole quantization recipe."""
 
@@ -269,6 +295,7 @@ class QuantConfig:
     rules: list[LayerRule] = field(default_factory=list)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)
 
     def __post_init__(self) -> None:
         if self.reconstruction.enabled and self.per_step_activations:
@@ -373,8 +400,7 @@ def available_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) + sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
 
 
-def load_recipe(name_or_path: str | Path) -> QuantConfig:
-    """Load a recipe by name (``minmax``, ``mse``: shipped under ``dmquant/recipes``) or path."""
+def _recipe_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if not path.suffix:
         candidates = [RECIPES_DIR / f"{name_or_path}.yaml", RECIPES_DIR / f"{name_or_path}.toml"]
@@ -386,6 +412,23 @@ def load_recipe(name_or_path: str | Path) -> QuantConfig:
         path = found[0]
     if not path.exists():
         raise ConfigError(f"recipe file not found: {path}")
+    return path
+
+
+def _merged(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``override`` on top of ``base``: mappings merge key by key, anything else is replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        both = isinstance(value, Mapping) and isinstance(merged.get(key), Mapping)
+        merged[key] = _merged(merged[key], value) if both else value
+    return merged
+
+
+def _recipe_data(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file's mapping, with the recipe named by its ``base`` key (if any) underneath."""
+    if path.resolve() in seen:
+        chain = " -> ".join(p.name for p in (*seen, path.resolve()))
+        raise ConfigError(f"recipes inherit from each other in a circle: {chain}")
     text = path.read_text()
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
@@ -395,6 +438,23 @@ def load_recipe(name_or_path: str | Path) -> QuantConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{path.name}: expected a mapping at the top level, got {type(data).__name__}")
     data.setdefault("name", path.stem)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path.name}: base: expected a recipe name or path, got {base!r}")
+    base_path = _recipe_path(base if Path(base).suffix == "" else path.parent / base)
+    return _merged(_recipe_data(base_path, (*seen, path.resolve())), data)
+
+
+def load_recipe(name_or_path: str | Path) -> QuantConfig:
+    """Load a recipe by name (``minmax``, ``mse``, ...: shipped under ``dmquant/recipes``) or path.
+
+    A recipe may name another as its ``base`` (a shipped name, or a path relative to its own
+    file): it then holds only what differs, its sections merged key by key over the base's.
+    """
+    path = _recipe_path(name_or_path)
+    data = _recipe_data(path)
     try:
         return QuantConfig.from_dict(data)
     except ConfigError as error:
@@ -404,6 +464,7 @@ def load_recipe(name_or_path: str | Path) -> QuantConfig:
 __all__ = [
     "AttentionConfig",
     "CalibrationConfig",
+    "CorrectionConfig",
     "FloatFormat",
     "LayerRule",
     "QuantConfig",

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .api import info, load, quantize, sampling_hooks
+from .api import info, load, measure_noise, quantize, sampling_hooks
 from .calib.record import CalibrationSet, record_calibration
 from .calib.strategies import get_strategy
 from .checkpoint import MANIFEST_FILE
@@ -59,6 +59,15 @@ def quantize_model(
         source=model.name,
         state_dir=state_dir,
     )
+    if config.correction.enabled:  # on the estimate sampling uses: at the model's own guidance scale
+        guidance = model.guidance_scale
+        measure_noise(
+            denoiser,
+            model.denoiser,
+            model.scheduler,
+            lambda n: model.make_conditioning(n, guidance_scale=guidance),
+            progress=progress,
+        )
     info(denoiser).extra.update(
         {"calibration_samples": len(calibration), "calibration_seconds": round(time.perf_counter() - started, 2)}
     )
