@@ -50,9 +50,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dmquant.api import sampling_hooks
+from dmquant.api import info, sampling_hooks
 from dmquant.atomic import write_atomically
-from dmquant.config import available_recipes, load_recipe
+from dmquant.config import QuantConfig, available_recipes, load_recipe
 from dmquant.eval.images import psnr, ssim, to_unit_range
 from dmquant.eval.noise import noise_estimate_error
 from dmquant.jobs import quantize_model, record_for
@@ -80,6 +80,9 @@ DEFAULT_METHODS = (*FP_METHODS, "minmax", "mse", *peers.PEERS)
 DEFAULT_BITS = ("W8A8", "W4A8")
 #: Suffix of a reconstructing recipe run without its reconstruction (what reconstruction buys).
 NO_RECONSTRUCTION = "-no-recon"
+#: PTQD's ablation: suffix of a correcting recipe -> (CNC, BC, VSC); the recipe itself has all three
+#: and the same recipe without correction is its ``base`` (q-diffusion for ptqd).
+CORRECTION_STEPS = {"-none": (False, False, False), "-cnc": (True, False, False), "-cnc-bc": (True, True, False)}
 #: Seed of the ``fp-seed1`` samples (far from the ``seed + batch index`` seeds of the others).
 OTHER_SEED = 1_000_000
 #: FP trajectories along which the per-step SQNR of the noise estimate is measured.
@@ -91,6 +94,7 @@ class Cell:
     model: str
     method: str
     bits: str
+    eta: float = 0.0
 
     @property
     def kind(self) -> str:
@@ -99,20 +103,21 @@ class Cell:
         return "peer" if self.method in peers.PEERS else "recipe"
 
     def path(self, results: Path) -> Path:
-        return results / self.model / f"{self.method}__{self.bits}.json"
+        sampler = f"__eta{self.eta:g}" if self.eta else ""
+        return results / self.model / f"{self.method}__{self.bits}{sampler}.json"
 
 
-def plan_cells(models: Sequence[str], methods: Sequence[str], bits: Sequence[str]) -> list[Cell]:
+def plan_cells(models: Sequence[str], methods: Sequence[str], bits: Sequence[str], eta: float = 0.0) -> list[Cell]:
     """The matrix in run order: per model, FP rows, recipes × bit settings, then peers (their own bits)."""
     cells = []
     for model in models:
         for method in methods:
             if method in FP_METHODS:
-                cells.append(Cell(model, method, "FP32"))
+                cells.append(Cell(model, method, "FP32", eta))
             elif method in peers.PEERS:
-                cells.append(Cell(model, method, peers.PEERS[method].bits))
+                cells.append(Cell(model, method, peers.PEERS[method].bits, eta))
             else:
-                cells.extend(Cell(model, method, setting) for setting in bits)
+                cells.extend(Cell(model, method, setting, eta) for setting in bits)
     return cells
 
 
@@ -154,6 +159,7 @@ class ModelBench:
         self.references = ReferenceSet(
             shipped_glyphnet(args.device), args.num_samples, resolution=self.resolution, progress=args.progress
         )
+        self.quantized: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
         self.fp_images, self.conditioning = self.sample(self.model, args.seed)
 
     def sample(self, model: DiffusionModel, seed: int) -> tuple[Tensor, Conditioning]:
@@ -163,6 +169,7 @@ class ModelBench:
             num_inference_steps=self.args.steps,
             seed=seed,
             batch_size=self.args.batch_size,
+            eta=self.args.eta,
             progress=self.args.progress,
         )
 
@@ -191,6 +198,7 @@ class ModelBench:
             batch_size=traced,
             conditioning=self.conditioning.slice(0, traced),
             generator=torch.Generator().manual_seed(self.args.seed),
+            eta=self.args.eta,
             test_hooks=sampling_hooks(quantized),
             progress=False,
         )
@@ -199,7 +207,7 @@ class ModelBench:
     def sampling(self, seed: int) -> dict[str, Any]:
         return {
             "sampler": "DDIM",
-            "eta": 0.0,
+            "eta": self.args.eta,
             "num_inference_steps": self.args.steps,
             "num_samples": self.args.num_samples,
             "seed": seed,
@@ -208,8 +216,10 @@ class ModelBench:
 
 
 @torch.no_grad()
-def _measured(bench: ModelBench, build: Callable[[], nn.Module]) -> dict[str, Any]:
-    """Quantize (``build``, timed, peak memory), then sample, judge, compare with FP and trace SQNR."""
+def _built(bench: ModelBench, build: Callable[[], nn.Module], key: str | None = None) -> tuple[nn.Module, dict]:
+    """``build()`` timed with its peak GPU memory; with ``key``, built once per model bench and reused."""
+    if key is not None and key in bench.quantized:
+        return bench.quantized[key]
     cuda = torch.device(bench.args.device).type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -218,15 +228,25 @@ def _measured(bench: ModelBench, build: Callable[[], nn.Module]) -> dict[str, An
     quantized = build()
     if cuda:
         torch.cuda.synchronize()
-    calibration_s = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    cost = {
+        "calibration_s": round(time.perf_counter() - started, 2),
+        "peak_memory_gib": None if peak is None else round(peak, 3),
+    }
+    if key is not None:
+        bench.quantized[key] = (quantized, cost)
+    return quantized, cost
+
+
+@torch.no_grad()
+def _measured(bench: ModelBench, build: Callable[[], nn.Module], key: str | None = None) -> dict[str, Any]:
+    """Quantize (``build``, timed, peak memory), then sample, judge, compare with FP and trace SQNR."""
+    quantized, cost = _built(bench, build, key)
     images, _ = bench.sample(bench.model.with_denoiser(quantized), bench.args.seed)
     return {
         "metrics": bench.judge(images) | bench.against_fp(images),
         "sqnr_per_step": bench.sqnr_per_step(quantized),
-        "calibration_s": round(calibration_s, 2),
-        "peak_memory_gib": None if peak is None else round(peak, 3),
-    }
+    } | cost
 
 
 def run_fp(bench: ModelBench, cell: Cell) -> dict[str, Any]:
@@ -236,26 +256,50 @@ def run_fp(bench: ModelBench, cell: Cell) -> dict[str, Any]:
 
 
 def recipe_methods() -> list[str]:
-    """Shipped recipes, and ``<recipe>-no-recon`` for each that reconstructs."""
+    """Shipped recipes; ``<recipe>-no-recon`` for each that reconstructs; the PTQD ablation steps."""
     names = available_recipes()
-    return names + [name + NO_RECONSTRUCTION for name in names if load_recipe(name).reconstruction.enabled]
+    variants = [name + NO_RECONSTRUCTION for name in names if load_recipe(name).reconstruction.enabled]
+    ablation = [name + step for name in names if load_recipe(name).correction.enabled for step in CORRECTION_STEPS]
+    return names + variants + ablation
 
 
-def run_recipe(bench: ModelBench, cell: Cell) -> dict[str, Any]:
+def _recipe_config(bench: ModelBench, cell: Cell) -> QuantConfig:
+    """The cell's recipe at its bit setting, with its variant (``-no-recon``, an ablation step) applied."""
     weight_bits, activation_bits, attention = BIT_SETTINGS[cell.bits]
-    config = load_recipe(cell.method.removesuffix(NO_RECONSTRUCTION)).with_bits(weight_bits, activation_bits)
-    if cell.method.endswith(NO_RECONSTRUCTION):
+    name, step = cell.method, None
+    for suffix in (NO_RECONSTRUCTION, *CORRECTION_STEPS):
+        if cell.method.endswith(suffix):
+            name, step = cell.method.removesuffix(suffix), suffix
+    config = load_recipe(name).with_bits(weight_bits, activation_bits)
+    if step == NO_RECONSTRUCTION:
         config.reconstruction.enabled = False
-    config = dataclasses.replace(
+    elif step is not None:
+        correlation, bias, variance = CORRECTION_STEPS[step]
+        config.correction = dataclasses.replace(
+            config.correction, correlation=correlation, bias=bias, variance=variance
+        )
+    return dataclasses.replace(
         config,
         attention=dataclasses.replace(config.attention, enabled=attention, bits=None, softmax_bits=8),
         calibration=dataclasses.replace(config.calibration, guidance_scale=bench.model.guidance_scale),
+        correction=dataclasses.replace(config.correction, num_inference_steps=bench.args.steps),
     )
 
-    def build() -> nn.Module:
-        return quantize_model(bench.model, config, progress=bench.args.progress).denoiser
 
-    return _measured(bench, build) | {"recipe": config.to_dict()}
+def run_recipe(bench: ModelBench, cell: Cell) -> dict[str, Any]:
+    config = _recipe_config(bench, cell)
+    switches = config.correction
+    # the correction's switches act only while sampling: the ablation steps share one quantized model
+    every = dataclasses.replace(switches, correlation=True, bias=True, variance=True)
+    shared = dataclasses.replace(config, correction=every)
+    key = json.dumps(dataclasses.replace(shared, name="").to_dict(), sort_keys=True)
+
+    def build() -> nn.Module:
+        return quantize_model(bench.model, shared, progress=bench.args.progress).denoiser
+
+    quantized, _ = _built(bench, build, key)
+    info(quantized).config.correction = switches
+    return _measured(bench, build, key) | {"recipe": config.to_dict()}
 
 
 def run_peer(bench: ModelBench, cell: Cell) -> dict[str, Any]:
@@ -332,7 +376,7 @@ def pending(cells: Sequence[Cell], results: Path, force: bool) -> list[Cell]:
 def run_matrix(args: argparse.Namespace, command: str) -> int:
     """Run the pending cells, model by model, within ``--max-minutes``; returns how many are left."""
     results = Path(args.results)
-    todo = pending(plan_cells(args.models, args.methods, args.bits), results, args.force)
+    todo = pending(plan_cells(args.models, args.methods, args.bits, args.eta), results, args.force)
     started, longest = time.monotonic(), 0.0
 
     def out_of_time() -> bool:
@@ -379,6 +423,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--num-samples", type=int, default=10_000, help="samples per cell (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default: %(default)s)")
+    parser.add_argument(
+        "--eta",
+        type=float,
+        default=0.0,
+        help="DDIM eta: 0 deterministic (default), 1 as stochastic as DDPM; cells of eta > 0 are filed apart",
+    )
     parser.add_argument("--batch-size", type=int, default=1000, help="sampling batch (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the compared samples (default: 0)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -155,9 +155,9 @@ def load_cells(results: str | os.PathLike[str]) -> list[Cell]:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise CellError(f"{path}: cannot read a JSON cell: {error}") from error
         cell = validate_cell(data, str(path))
-        key = (cell["model"], cell["method"], cell["bits"])
+        key = (table_name(cell), cell["method"], cell["bits"])
         if key in seen:
-            raise CellError(f"{path} and {seen[key]} are both model {key[0]}, method {key[1]}, bits {key[2]}")
+            raise CellError(f"{path} and {seen[key]} are both table {key[0]}, method {key[1]}, bits {key[2]}")
         seen[key] = path
         cells.append(cell)
     return sort_cells(cells)
@@ -188,8 +188,20 @@ def method_key(cell: Cell) -> tuple[int, int, str]:
     return (2, 0, method)
 
 
+def sampler_eta(cell: Cell) -> float:
+    """DDIM's eta of the cell's sampling (0 when not recorded)."""
+    eta = (cell.get("sampling") or {}).get("eta")
+    return float(eta) if _is_number(eta) else 0.0
+
+
+def table_name(cell: Cell) -> str:
+    """The table a cell belongs to: its model, with ``-eta<η>`` for a stochastic sampler."""
+    eta = sampler_eta(cell)
+    return cell["model"] if eta == 0 else f"{cell['model']}-eta{eta:g}"
+
+
 def row_key(cell: Cell) -> tuple:
-    return (model_key(cell["model"]), method_key(cell), bits_key(cell["bits"]))
+    return (model_key(cell["model"]), sampler_eta(cell), method_key(cell), bits_key(cell["bits"]))
 
 
 def sort_cells(cells: Iterable[Cell]) -> list[Cell]:
@@ -197,10 +209,10 @@ def sort_cells(cells: Iterable[Cell]) -> list[Cell]:
 
 
 def by_model(cells: Iterable[Cell]) -> dict[str, list[Cell]]:
-    """Cells grouped per model, models and rows in table order; models without cells do not appear."""
+    """Cells grouped per table (:func:`table_name`: a model and its sampler), in table order."""
     groups: dict[str, list[Cell]] = {}
     for cell in sort_cells(cells):
-        groups.setdefault(cell["model"], []).append(cell)
+        groups.setdefault(table_name(cell), []).append(cell)
     return groups
 
 
@@ -719,7 +731,8 @@ def missing_text(cells: Sequence[Cell], everywhere: Sequence[Cell]) -> str | Non
 def model_section(
     model: str, cells: Sequence[Cell], plots: Path, output: Path, everywhere: Sequence[Cell] = ()
 ) -> tuple[str, list[Path]]:
-    """One model's section of the page and the plots it wrote (``everywhere``: all cells, for missing rows)."""
+    """One table's section of the page and the plots it wrote (``everywhere``: the cells of the same
+    sampler on every model, for missing rows)."""
     lines = [f"## {model}", ""]
     descriptions = sorted({cell["model_description"] for cell in cells if cell.get("model_description")})
     if descriptions:
@@ -759,7 +772,8 @@ def render(cells: Sequence[Cell], *, output: Path, plots: Path, results: Path) -
     sections += ["Models: " + ", ".join(f"[{model}](#{model})" for model in groups) + ".", ""]
     written: list[Path] = []
     for model, members in groups.items():
-        text, paths = model_section(model, members, plots, output, cells)
+        same_sampler = [cell for cell in cells if sampler_eta(cell) == sampler_eta(members[0])]
+        text, paths = model_section(model, members, plots, output, same_sampler)
         sections.append(text)
         written += paths
     return "\n".join(sections).rstrip("\n") + "\n", written
@@ -808,8 +822,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     text, plots = render(cells, output=args.output, plots=args.plots, results=args.results)
     write_page(args.output, text)
-    models = len(by_model(cells))
-    print(f"wrote {args.output} ({models} model(s), {len(cells)} cells) and {len(plots)} plot(s) under {args.plots}")
+    tables = len(by_model(cells))
+    print(f"wrote {args.output} ({tables} table(s), {len(cells)} cells) and {len(plots)} plot(s) under {args.plots}")
     return 0
 
 

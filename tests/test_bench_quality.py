@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -95,3 +96,31 @@ def test_peer_denoiser_answers_in_float32_whatever_the_peer_computes_in():
     out = wrapped(torch.randn(2, 3, 16, 16), torch.tensor([1, 500]), class_labels=torch.tensor([0, 1]))
     assert out.dtype == torch.float32 and out.shape == (2, 3, 16, 16)
     assert wrapped.config["in_channels"] == model.config.in_channels
+
+
+def test_ptqd_ablation_steps_share_one_quantization_and_differ_only_in_the_corrections():
+    bench = SimpleNamespace(model=SimpleNamespace(guidance_scale=4.0), args=SimpleNamespace(steps=7))
+    methods = [m for m in quality.recipe_methods() if m.startswith("ptqd")]
+    assert sorted(methods) == ["ptqd", "ptqd-cnc", "ptqd-cnc-bc", "ptqd-no-recon", "ptqd-none"]
+    switches = {}
+    for method in ["ptqd-none", "ptqd-cnc", "ptqd-cnc-bc", "ptqd"]:
+        config = quality._recipe_config(bench, quality.Cell("ldm-glyphs64", method, "W4A8"))
+        correction = config.correction
+        switches[method] = (correction.correlation, correction.bias, correction.variance)
+        assert correction.enabled and correction.num_inference_steps == 7
+        assert config.calibration.guidance_scale == 4.0 and config.weight.bits == 4
+    assert switches == {
+        "ptqd-none": (False, False, False),
+        "ptqd-cnc": (True, False, False),
+        "ptqd-cnc-bc": (True, True, False),
+        "ptqd": (True, True, True),
+    }
+    assert not quality._recipe_config(
+        bench, quality.Cell("dit-glyphs", "q-diffusion-no-recon", "W4A8")
+    ).reconstruction.enabled
+
+
+def test_stochastic_sampler_cells_are_filed_apart():
+    (cell,) = quality.plan_cells(["dit-glyphs"], ["fp"], [], eta=1.0)
+    assert cell.path(Path("r")) == Path("r/dit-glyphs/fp__FP32__eta1.json")
+    assert quality.parse_args(["--eta", "0.5"]).eta == 0.5

@@ -216,3 +216,21 @@ def test_rows_other_models_have_are_named_as_not_measured():
     assert bench_report.missing_text(everywhere[2:], everywhere) == (
         "Not measured on this model yet (other models have these rows): quanto-w8a8 W8A8."
     )
+
+
+def test_a_stochastic_sampler_gets_tables_of_its_own(tmp_path):
+    deterministic = [_cell("fp", "fp", "FP32"), _cell("mse", "recipe", "W8A8")]
+    stochastic = [_cell("fp", "fp", "FP32", fid=0.5)]
+    stochastic[0]["sampling"]["eta"] = 1.0
+    for directory, cells in (("eta0", deterministic), ("eta1", stochastic)):
+        _write_cells(tmp_path / "results" / directory, cells)
+    groups = bench_report.by_model(bench_report.load_cells(tmp_path / "results"))
+    assert list(groups) == [MODEL, f"{MODEL}-eta1"]
+    assert [c["method"] for c in groups[f"{MODEL}-eta1"]] == ["fp"]
+    output = tmp_path / "BENCHMARKS.md"
+    argv = ["--results", str(tmp_path / "results"), "--output", str(output), "--plots", str(tmp_path / "plots")]
+    assert bench_report.main(argv) == 0
+    text = output.read_text()
+    assert f"## {MODEL}-eta1" in text and "η = 1" in text
+    # rows of the deterministic sampler are not listed as missing from the stochastic table
+    assert "Not measured" not in text
