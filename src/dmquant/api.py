@@ -111,12 +111,22 @@ def quantize(
 
 
 class StepSelector(StepHook):
-    """Selects each sampling step's activation parameters in a per-step quantized model."""
+    """Selects each sampling step's activation parameters (per-step ranges, or a step-aware bit schedule).
 
-    def __init__(self, model: nn.Module):
+    ``num_steps`` (when given) is the trajectory length the parameters were made for; sampling
+    with another is an error rather than a silent mismatch of steps and parameters.
+    """
+
+    def __init__(self, model: nn.Module, num_steps: int | None = None):
         self.model = model
+        self.num_steps = num_steps
 
     def begin_step(self, ctx: StepContext) -> None:
+        if self.num_steps is not None and ctx.num_steps != self.num_steps:
+            raise CalibrationError(
+                f"this model's activation bits follow a {self.num_steps}-step schedule; "
+                f"sample with {self.num_steps} steps, not {ctx.num_steps}"
+            )
         set_step(self.model, ctx.step_index)
 
 
@@ -125,6 +135,9 @@ NOISE_STATISTICS = "noise_statistics"
 
 
 def _range_hooks(model: nn.Module, quant: QuantizationInfo) -> list[StepHook]:
+    schedule = quant.config.step_precision
+    if schedule.enabled:
+        return [StepSelector(model, schedule.num_inference_steps)]
     return [StepSelector(model)] if quant.num_steps > 1 else []
 
 

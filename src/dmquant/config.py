@@ -283,6 +283,41 @@ class CorrectionConfig:
 
 
 @dataclass
+class StepPrecisionConfig:
+    """Step-aware mixed precision (PTQD, He et al. 2023, Sec. 4.3): more activation bits late.
+
+    Activation quantizers at the recipe's default activation bits use those bits for the first
+    ``switch_step`` sampling steps of ``num_inference_steps`` and ``late_bits`` for the rest,
+    where the signal-to-noise ratio of the denoising collapses. ``switch_step: null`` chooses it
+    from the measured per-step SQNR of the noise estimate at the early bits: the first step from
+    which it stays below ``snr_threshold_db``. Quantizers fixed by rules (first/last layer) and the
+    softmax output keep their bits. Sampling must use ``num_inference_steps`` steps.
+    """
+
+    enabled: bool = False
+    num_inference_steps: int = 50
+    late_bits: int | str = 8
+    switch_step: int | None = None
+    snr_threshold_db: float = 20.0
+
+    def __post_init__(self) -> None:
+        if self.num_inference_steps < 1:
+            raise ConfigError(f"num_inference_steps: must be >= 1, got {self.num_inference_steps}")
+        _keyed("late_bits", lambda: parse_format(self.late_bits))
+        if self.switch_step is not None and not 0 <= self.switch_step <= self.num_inference_steps:
+            raise ConfigError(
+                f"switch_step: must be in [0, {self.num_inference_steps}] (num_inference_steps), got {self.switch_step}"
+            )
+
+    def bits_by_step(self, early_bits: int | str) -> list[int | str]:
+        """Activation bits of every sampling step (``switch_step`` must be known)."""
+        if self.switch_step is None:
+            raise ConfigError("switch_step: not chosen yet (measure the per-step SQNR first)")
+        late = self.num_inference_steps - self.switch_step
+        return [early_bits] * self.switch_step + [self.late_bits] * late
+
+
+@dataclass
 class QuantConfig:
     """A whole quantization recipe."""
 
@@ -296,8 +331,11 @@ class QuantConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
     correction: CorrectionConfig = field(default_factory=CorrectionConfig)
+    step_precision: StepPrecisionConfig = field(default_factory=StepPrecisionConfig)
 
     def __post_init__(self) -> None:
+        if self.step_precision.enabled and self.per_step_activations:
+            raise ConfigError("step_precision.enabled: a bit schedule and per_step_activations do not combine")
         if self.reconstruction.enabled and self.per_step_activations:
             raise ConfigError(
                 "reconstruction.enabled: reconstruction learns one set of activation ranges; "
@@ -470,6 +508,7 @@ __all__ = [
     "QuantConfig",
     "QuantizerConfig",
     "ReconstructionConfig",
+    "StepPrecisionConfig",
     "available_recipes",
     "load_recipe",
 ]

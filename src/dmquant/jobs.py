@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from .eval.cost import bops, model_size
 from .eval.images import psnr, ssim, to_unit_range
 from .eval.noise import noise_estimate_error
 from .models import DiffusionModel, load_model
+from .precision.step_schedule import choose_switch_step, trajectory_bops
 from .sampling import Conditioning, sample
 
 
@@ -41,15 +43,49 @@ def record_for(model: DiffusionModel, config: CalibrationConfig, *, progress: bo
     )
 
 
+#: FP trajectories along which the SQNR that chooses the step-aware precision switch is measured.
+SWITCH_TRAJECTORIES = 16
+
+
+def choose_precision_switch(model: DiffusionModel, config: QuantConfig, calibration: CalibrationSet) -> int:
+    """PTQD's switch step: quantize at the early bits everywhere (ranges only, no reconstruction)
+    and find where the per-step SQNR of the noise estimate drops below the threshold for good."""
+    schedule = config.step_precision
+    early = dataclasses.replace(
+        config,
+        step_precision=dataclasses.replace(schedule, enabled=False),
+        reconstruction=dataclasses.replace(config.reconstruction, enabled=False),
+        correction=dataclasses.replace(config.correction, enabled=False),
+    )
+    probe = quantize(model.denoiser, early, calibration, batch_size=config.calibration.batch_size, progress=False)
+    rows = noise_estimate_error(
+        model.denoiser,
+        probe,
+        model.scheduler,
+        num_inference_steps=schedule.num_inference_steps,
+        batch_size=SWITCH_TRAJECTORIES,
+        conditioning=model.make_conditioning(SWITCH_TRAJECTORIES, guidance_scale=model.guidance_scale),
+        generator=torch.Generator().manual_seed(config.calibration.seed),
+        progress=False,
+    )
+    return choose_switch_step([row["sqnr_db"] for row in rows], schedule.snr_threshold_db)
+
+
 def quantize_model(
     model: DiffusionModel, config: QuantConfig, *, progress: bool = True, state_dir: str | Path | None = None
 ) -> DiffusionModel:
     """Calibrate on ``model``'s trajectories and quantize its denoiser; returns the quantized bundle.
 
-    ``state_dir`` keeps the reconstruction's progress (see :func:`dmquant.api.quantize`).
+    ``state_dir`` keeps the reconstruction's progress (see :func:`dmquant.api.quantize`). A
+    step-aware precision schedule without a switch step gets one from
+    :func:`choose_precision_switch` first (saved in the checkpoint's recipe).
     """
     started = time.perf_counter()
     calibration = record_for(model, config.calibration, progress=progress)
+    schedule = config.step_precision
+    if schedule.enabled and schedule.switch_step is None:
+        switch = choose_precision_switch(model, config, calibration)
+        config = dataclasses.replace(config, step_precision=dataclasses.replace(schedule, switch_step=switch))
     denoiser = quantize(
         model.denoiser,
         config,
@@ -107,8 +143,12 @@ def generate(
     return torch.cat(images), conditioning
 
 
-def forward_cost(model: DiffusionModel, conditioning: Conditioning) -> dict[str, Any]:
-    """MACs and BOPs of one denoiser call on a single sample (both CFG branches when guided)."""
+def forward_cost(model: DiffusionModel, conditioning: Conditioning, num_steps: int = 1) -> dict[str, Any]:
+    """MACs and BOPs of a denoiser call on a single sample (both CFG branches when guided).
+
+    ``bops`` is the mean over a trajectory of ``num_steps`` steps (they differ between steps under
+    step-aware mixed precision); ``trajectory_bops`` their sum.
+    """
     denoiser = Denoiser(model.denoiser)
     one = conditioning.slice(0, 1)
     copies = 2 if one.guided else 1
@@ -116,7 +156,12 @@ def forward_cost(model: DiffusionModel, conditioning: Conditioning) -> dict[str,
     x = torch.zeros(copies, denoiser.in_channels, denoiser.sample_size, denoiser.sample_size, device=device)
     t = torch.full((copies,), 500, device=device)
     cond = one.to(device).model_cond()
-    return bops(model.denoiser, lambda: denoiser(x, t, cond))
+    call = lambda: denoiser(x, t, cond)  # noqa: E731
+    trajectory = trajectory_bops(model.denoiser, call, num_steps)
+    return bops(model.denoiser, call) | {
+        "bops": trajectory["trajectory_bops"] / num_steps,
+        "trajectory_bops": trajectory["trajectory_bops"],
+    }
 
 
 def compare(
@@ -170,7 +215,8 @@ def compare(
     )
     reference, test = to_unit_range(fp_images), to_unit_range(q_images)
     size, fp_size = model_size(quantized.denoiser), model_size(fp.denoiser)
-    cost, fp_cost = forward_cost(quantized, conditioning), forward_cost(fp, conditioning)
+    cost = forward_cost(quantized, conditioning, num_inference_steps)
+    fp_cost = forward_cost(fp, conditioning, num_inference_steps)
     finite = [row["sqnr_db"] for row in steps if math.isfinite(row["sqnr_db"])]
     return {
         "num_samples": num_samples,
@@ -184,6 +230,7 @@ def compare(
         "fp_size_bytes": fp_size.total_bytes,
         "compression": fp_size.total_bytes / max(size.total_bytes, 1),
         "gbops_per_call": cost["bops"] / 1e9,
+        "gbops_per_trajectory": cost["trajectory_bops"] / 1e9,
         "fp_gbops_per_call": fp_cost["bops"] / 1e9,
         "steps": steps,
         "images": {"fp": fp_images, "quantized": q_images},

@@ -8,7 +8,7 @@ from torch import nn
 from ..config import QuantizerConfig
 from ..errors import CalibrationError
 from .observers import RangeObserver, make_observer
-from .primitives import choose_qparams, dequantize, expand_params, fake_quant, quantize
+from .primitives import QFormat, choose_qparams, dequantize, expand_params, fake_quant, quantize
 
 
 class Quantizer(nn.Module):
@@ -17,7 +17,9 @@ class Quantizer(nn.Module):
     It has three states: disabled (identity), observing (identity; feeds a range observer),
     and quantizing (fake-quant, straight-through gradients). With ``num_steps > 1`` it holds one
     set of parameters per sampling step (``step`` selects the set), for activations whose range
-    changes along the trajectory.
+    changes along the trajectory. :meth:`schedule_formats` instead gives it one set per format of
+    a per-step bit schedule (step-aware mixed precision): ``step`` then selects the format and
+    its parameters.
 
     Parameters are stored as buffers ``scale`` and ``zero_point`` of shape
     ``(num_steps, *param_shape)``; their shape is fixed by the first observed tensor and taken
@@ -27,10 +29,11 @@ class Quantizer(nn.Module):
     def __init__(self, config: QuantizerConfig, *, num_steps: int = 1, name: str = "") -> None:
         super().__init__()
         self.config = config
-        self.fmt = config.format
         self.granularity = config.granularity_spec
         self.enabled = config.enabled
         self.num_steps = num_steps
+        self.slot_formats: list[QFormat] = [config.format] * num_steps
+        self.step_slots: list[int] | None = None
         self.name = name
         self.step = 0
         self.observing = False
@@ -46,13 +49,41 @@ class Quantizer(nn.Module):
     def has_observations(self) -> bool:
         return bool(self._observers)
 
+    def slot(self) -> int:
+        """Index of the parameter set (and format) the current ``step`` uses."""
+        if self.step_slots is not None:
+            return self.step_slots[min(self.step, len(self.step_slots) - 1)]
+        return self.step if self.num_steps > 1 else 0
+
+    @property
+    def fmt(self) -> QFormat:
+        """The format of the current step."""
+        return self.slot_formats[self.slot()]
+
     @property
     def bits(self) -> int:
         return self.fmt.bits
 
+    def schedule_formats(self, formats: list[QFormat]) -> None:
+        """Use ``formats[i]`` at sampling step ``i``: one parameter set per distinct format.
+
+        Call before calibration (the parameters are reset); a per-step quantizer cannot take a schedule.
+        """
+        if self.num_steps > 1 and self.step_slots is None:
+            raise CalibrationError(f"{self.name or 'quantizer'}: per-step ranges and a bit schedule do not combine")
+        distinct = list(dict.fromkeys(formats))
+        self.slot_formats = distinct
+        self.step_slots = [distinct.index(fmt) for fmt in formats]
+        self.num_steps = len(distinct)
+        self._observers.clear()
+        self.scale, self.zero_point = torch.empty(0), torch.empty(0)
+
     def extra_repr(self) -> str:
         state = "disabled" if not self.enabled else ("observing" if self.observing else "active")
-        steps = f", steps={self.num_steps}" if self.num_steps > 1 else ""
+        if self.step_slots is not None:
+            steps = ", bits by step " + "/".join(fmt.name for fmt in self.slot_formats)
+        else:
+            steps = f", steps={self.num_steps}" if self.num_steps > 1 else ""
         return f"{self.config.describe()}, {state}{steps}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,7 +99,7 @@ class Quantizer(nn.Module):
 
     def qparams(self, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point of the current step, broadcastable against a tensor of ``shape``."""
-        index = self.step if self.num_steps > 1 else 0
+        index = self.slot()
         scale = expand_params(self.scale[index], shape, self.granularity)
         zero_point = expand_params(self.zero_point[index], shape, self.granularity)
         return scale, zero_point
@@ -82,7 +113,7 @@ class Quantizer(nn.Module):
             raise CalibrationError(
                 f"non-finite values (NaN/Inf) in the input of {self.name or 'a quantizer'} at sampling step {self.step}"
             )
-        index = self.step if self.num_steps > 1 else 0
+        index = self.slot()
         if index not in self._observers:
             self._observers[index] = make_observer(
                 self.config.observer,
@@ -96,18 +127,19 @@ class Quantizer(nn.Module):
     def finalize(self) -> None:
         """Turn observed ranges into parameters and stop observing.
 
-        Steps that saw no calibration data take the parameters of the nearest step that did.
+        Parameter sets that saw no calibration data take the range of the nearest one that did
+        (by step), mapped onto their own format.
         """
         if not self._observers:
             raise CalibrationError(f"{self.name or 'quantizer'}: saw no calibration data")
-        params = {}
-        for index, observer in self._observers.items():
-            min_val, max_val = observer.compute()
-            params[index] = choose_qparams(min_val, max_val, self.fmt, self.config.symmetric)
-        observed = sorted(params)
-        nearest = [min(observed, key=lambda s: (abs(s - i), s)) for i in range(self.num_steps)]
-        self.scale = torch.stack([params[i][0] for i in nearest])
-        self.zero_point = torch.stack([params[i][1] for i in nearest])
+        ranges = {index: observer.compute() for index, observer in self._observers.items()}
+        observed = sorted(ranges)
+        params = []
+        for index in range(self.num_steps):
+            min_val, max_val = ranges[min(observed, key=lambda s: (abs(s - index), s))]
+            params.append(choose_qparams(min_val, max_val, self.slot_formats[index], self.config.symmetric))
+        self.scale = torch.stack([scale for scale, _ in params])
+        self.zero_point = torch.stack([zero_point for _, zero_point in params])
         self._observers.clear()
         self.observing = False
 

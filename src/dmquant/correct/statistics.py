@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 
 from ..denoiser import Denoiser
 from ..errors import CalibrationError
-from ..sampling import Conditioning, StepContext, StepHook, guided_noise_estimate, sample
+from ..eval.noise import SideBySide
+from ..sampling import Conditioning, StepContext, StepHook, sample
 
 __all__ = ["ErrorMoments", "NoiseStatistics", "collect_noise_statistics"]
 
@@ -120,26 +121,6 @@ class NoiseStatistics:
             raise CalibrationError(f"malformed noise statistics: {error!r}") from None
 
 
-class _ErrorRecorder(StepHook):
-    """Runs the quantized model beside the FP one at every step of an FP trajectory."""
-
-    def __init__(self, quantized: Denoiser, num_steps: int, hooks: Sequence[StepHook]):
-        self.quantized = quantized
-        self.moments = [ErrorMoments() for _ in range(num_steps)]
-        self.timesteps = [0] * num_steps
-        self.hooks = hooks
-
-    def noise_estimate(self, ctx: StepContext, eps: Tensor) -> Tensor:
-        for hook in self.hooks:
-            hook.begin_step(ctx)
-        eps_q = guided_noise_estimate(
-            self.quantized, ctx.model_input, ctx.model_timestep, ctx.model_cond, ctx.guidance_scale
-        )
-        self.moments[ctx.step_index].update(eps, eps_q)
-        self.timesteps[ctx.step_index] = int(ctx.timestep)
-        return eps
-
-
 def collect_noise_statistics(
     fp_model: Any,
     quantized_model: Any,
@@ -164,13 +145,19 @@ def collect_noise_statistics(
     """
     if num_samples < 1:
         raise CalibrationError("noise statistics need at least one sample")
-    fp = Denoiser(fp_model)
-    recorder = _ErrorRecorder(Denoiser(quantized_model), num_inference_steps, quantized_hooks)
+    moments = [ErrorMoments() for _ in range(num_inference_steps)]
+    timesteps = [0] * num_inference_steps
+
+    def record(ctx: StepContext, eps: Tensor, eps_q: Tensor) -> None:
+        moments[ctx.step_index].update(eps, eps_q)
+        timesteps[ctx.step_index] = int(ctx.timestep)
+
+    recorder = SideBySide(Denoiser(quantized_model), record, quantized_hooks)
     bar = tqdm(total=num_samples, desc="noise statistics", unit="sample", disable=not progress)
     for start in range(0, num_samples, batch_size):
         size = min(batch_size, num_samples - start)
         sample(
-            fp,
+            fp_model,
             scheduler,
             batch_size=size,
             num_inference_steps=num_inference_steps,
@@ -182,10 +169,10 @@ def collect_noise_statistics(
         )
         bar.update(size)
     bar.close()
-    solved = [moments.solve() for moments in recorder.moments]
+    solved = [step.solve() for step in moments]
     return NoiseStatistics(
         num_inference_steps=num_inference_steps,
-        timesteps=recorder.timesteps,
+        timesteps=timesteps,
         correlation=[k for k, _, _ in solved],
         residual_std=[s for _, s, _ in solved],
         bias=[b for _, _, b in solved],

@@ -9,7 +9,7 @@ Latent Diffusion Models") uses to find sensitive steps and blocks.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -38,13 +38,24 @@ def sqnr_db(reference: Tensor, test: Tensor) -> float:
     return 10 * math.log10(signal / noise)
 
 
-class _NoiseComparison(StepHook):
-    """Runs a second denoiser on the inputs of each step and records how far its estimate lies."""
+class SideBySide(StepHook):
+    """Runs a second denoiser on exactly the inputs of each step of a trajectory and reports both estimates.
 
-    def __init__(self, test: Denoiser, test_hooks: Sequence[StepHook] = ()):
+    At every step ``test_hooks`` see the step (``begin_step``) and the test estimate
+    (``noise_estimate``, e.g. a noise correction) before ``on_step(ctx, eps, eps_test)`` is
+    called with the driving model's guided estimate and the test model's. The trajectory itself
+    is the driving model's: the hook returns ``eps`` unchanged.
+    """
+
+    def __init__(
+        self,
+        test: Denoiser,
+        on_step: Callable[[StepContext, Tensor, Tensor], None],
+        test_hooks: Sequence[StepHook] = (),
+    ):
         self.test = test
+        self.on_step = on_step
         self.test_hooks = list(test_hooks)
-        self.rows: list[dict[str, Any]] = []
 
     def noise_estimate(self, ctx: StepContext, eps: Tensor) -> Tensor:
         for hook in self.test_hooks:
@@ -52,14 +63,9 @@ class _NoiseComparison(StepHook):
         eps_test = guided_noise_estimate(
             self.test, ctx.model_input, ctx.model_timestep, ctx.model_cond, ctx.guidance_scale
         )
-        self.rows.append(
-            {
-                "step_index": ctx.step_index,
-                "timestep": ctx.timestep.item(),
-                "mse": mse(eps, eps_test),
-                "sqnr_db": sqnr_db(eps, eps_test),
-            }
-        )
+        for hook in self.test_hooks:
+            eps_test = hook.noise_estimate(ctx, eps_test)
+        self.on_step(ctx, eps, eps_test)
         return eps
 
 
@@ -80,14 +86,26 @@ def noise_estimate_error(
 
     ``batch_size`` trajectories are sampled with ``fp_model``; at every step ``q_model`` gets
     the same model inputs (guidance included) and the guided noise estimates are compared.
-    ``test_hooks`` get ``begin_step`` before ``q_model`` runs (e.g. to select its per-step
-    activation parameters).
+    ``test_hooks`` are ``q_model``'s sampling hooks (per-step activation parameters, a noise
+    correction): they see each step and ``q_model``'s estimate, as when sampling with it.
 
     Returns:
         One dict per step, in sampling order: ``step_index``, ``timestep``, ``mse`` and
         ``sqnr_db`` (pooled over the batch; ``inf`` where the estimates agree exactly).
     """
-    comparison = _NoiseComparison(as_denoiser(q_model), test_hooks)
+    rows: list[dict[str, Any]] = []
+
+    def record(ctx: StepContext, eps: Tensor, eps_test: Tensor) -> None:
+        rows.append(
+            {
+                "step_index": ctx.step_index,
+                "timestep": ctx.timestep.item(),
+                "mse": mse(eps, eps_test),
+                "sqnr_db": sqnr_db(eps, eps_test),
+            }
+        )
+
+    comparison = SideBySide(as_denoiser(q_model), record, test_hooks)
     sample(
         fp_model,
         scheduler,
@@ -99,4 +117,4 @@ def noise_estimate_error(
         hooks=[comparison],
         progress=progress,
     )
-    return comparison.rows
+    return rows
