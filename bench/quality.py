@@ -283,6 +283,7 @@ def _recipe_config(bench: ModelBench, cell: Cell) -> QuantConfig:
         attention=dataclasses.replace(config.attention, enabled=attention, bits=None, softmax_bits=8),
         calibration=dataclasses.replace(config.calibration, guidance_scale=bench.model.guidance_scale),
         correction=dataclasses.replace(config.correction, num_inference_steps=bench.args.steps),
+        step_precision=dataclasses.replace(config.step_precision, num_inference_steps=bench.args.steps),
     )
 
 

@@ -39,7 +39,7 @@ def _error(data: dict) -> str:
 
 
 def test_shipped_recipes_are_listed():
-    assert available_recipes() == ["minmax", "mse", "ptq4dm", "ptqd", "q-diffusion"]
+    assert available_recipes() == ["minmax", "mse", "ptq4dm", "ptqd", "ptqd-mixed", "q-diffusion"]
 
 
 def test_minmax_recipe_has_documented_values():

@@ -318,3 +318,11 @@ def test_the_ptqd_recipe_measures_while_quantizing():
     quantized = quantize_model(model, config, progress=False)
     stats = api.info(quantized.denoiser).extra["noise_statistics"]
     assert stats["num_inference_steps"] == 4 and stats["num_samples"] == 2
+
+
+def test_the_log_says_when_variance_calibration_has_nothing_to_absorb(caplog):
+    scheduler = _prepared("ddim")
+    hook = NoiseCorrection(_statistics(0.1, [0.0] * 3, 0.2, 20, scheduler.timesteps))
+    with caplog.at_level("INFO", logger="dmquant"):
+        hook.noise_scale(_context(scheduler, 0, torch.zeros(1, 3, 1, 1), 0.0))
+    assert "injects no noise" in caplog.text and "VSC does nothing" in caplog.text

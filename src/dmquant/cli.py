@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import shutil
 import sys
@@ -221,8 +222,9 @@ def _compare_table(results: dict[str, Any]) -> str:
             {"metric": "size (MiB)", "value": results["size_bytes"] / 2**20},
             {"metric": "FP size (MiB)", "value": results["fp_size_bytes"] / 2**20},
             {"metric": "compression", "value": results["compression"]},
-            {"metric": "GBOPs per denoiser call", "value": results["gbops_per_call"]},
+            {"metric": "GBOPs per denoiser call (mean over the steps)", "value": results["gbops_per_call"]},
             {"metric": "FP GBOPs per denoiser call", "value": results["fp_gbops_per_call"]},
+            {"metric": "GBOPs per trajectory", "value": results["gbops_per_trajectory"]},
         ]
     )
 
@@ -573,8 +575,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_to_stderr(quiet: bool) -> None:
+    """Show dmquant's log messages (what a run decided, e.g. a correction that does nothing) on stderr."""
+    logger = logging.getLogger("dmquant")
+    if not any(getattr(handler, "dmquant_cli", False) for handler in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("dmquant: %(message)s"))
+        handler.dmquant_cli = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _log_to_stderr(getattr(args, "quiet", False))
     try:
         return args.run(args)
     except DmquantError as error:

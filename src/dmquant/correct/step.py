@@ -28,6 +28,7 @@ model cannot make the correction divide by (nearly) zero and blow the estimate u
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -37,6 +38,8 @@ from ..errors import CalibrationError
 from ..sampling import StepContext, StepHook
 from ..step_coefficients import eps_coefficient, noise_std
 from .statistics import NoiseStatistics
+
+logger = logging.getLogger(__name__)
 
 #: Lowest ``k_t`` used: the correction divides by at most ``1 / (1 + MIN_CORRELATION) = 2``.
 MIN_CORRELATION = -0.5
@@ -93,6 +96,11 @@ class NoiseCorrection(StepHook):
             return 1.0
         sigma = noise_std(ctx.scheduler, int(ctx.timestep), ctx.eta)
         if sigma == 0.0:
+            if ctx.step_index == 0:
+                logger.info(
+                    "PTQD variance-schedule calibration: this sampler injects no noise (deterministic DDIM, "
+                    "eta = 0), so there is none to absorb the residual quantization noise into; VSC does nothing"
+                )
             return 1.0
         added = eps_coefficient(ctx.scheduler, int(ctx.timestep), ctx.eta) * self.residual_std(ctx.step_index)
         return math.sqrt(max(sigma * sigma - added * added, 0.0)) / sigma
