@@ -92,7 +92,9 @@ def quantize(
         raise ModelError(f"{type(model).__name__} has no Linear, Conv2d or attention layer left to quantize")
     name_quantizers(model)
     calibrate_weights(model, progress=progress)
-    calibrate_activations(model, calibration, batch_size=batch_size, progress=progress)
+    # Q-Diffusion's order estimates activation ranges only once the weights are reconstructed
+    if fp_model is None or config.reconstruction.activation_scales != "after":
+        calibrate_activations(model, calibration, batch_size=batch_size, progress=progress)
     extra: dict[str, Any] = {}
     if fp_model is not None:
         records = reconstruct_model(
