@@ -177,6 +177,13 @@ def test_strategies_select_the_recorded_steps(unet):
     assert calibration.steps() == [0, 2, 4]
 
 
+def test_single_step_calibration_records_the_noisiest_step_only(unet):
+    calibration = record(unet, steps=get_strategy("single_step"), generator=seeded())
+    timesteps = prepare_scheduler(DDIMScheduler(), STEPS).timesteps
+    assert calibration.steps() == [0] and len(calibration) == BATCH
+    assert calibration.timesteps.tolist() == [timesteps.max().item()] * BATCH
+
+
 def test_ndtc_records_each_trajectory_once_at_its_own_step(class_unet):
     """Each trajectory's row equals what a plain run fed the model at that trajectory's step."""
     num = 5

@@ -71,6 +71,22 @@ def uniform(count: int | None = None, every: int | None = None) -> TimestepStrat
     return steps
 
 
+def single_step() -> TimestepStrategy:
+    """Only the first step of the trajectory: the inputs at maximal diffusion noise.
+
+    The efficient-LDM study (Yang et al. 2023, "Efficient Quantization Strategies for Latent
+    Diffusion Models") calibrates at this one step, where the modules it finds sensitive are
+    most robust to quantization because the diffusion noise dominates; it is also the cheapest
+    calibration. To compare it with other strategies at an equal calibration size, record as
+    many trajectories as they record rows.
+    """
+
+    def steps(num_steps: int) -> list[int]:
+        return [0]
+
+    return steps
+
+
 def skew_normal(count: int, mean: float, std: float, skew: float, generator: torch.Generator) -> Tensor:
     """``count`` draws of the skew-normal with the given mean, standard deviation and shape ``skew``.
 
@@ -146,6 +162,7 @@ def ndtc(mean: float = 0.4, std: float = 0.4, skew: float = 0.0, seed: int = 0) 
 TIMESTEP_STRATEGIES: dict[str, Callable[..., TimestepStrategy | PerTrajectorySteps]] = {
     "uniform": uniform,
     "ndtc": ndtc,
+    "single_step": single_step,
 }
 
 
