@@ -64,10 +64,15 @@ def test_passes_follow_the_activation_scale_mode():
     assert fixed.learn_rounding and not fixed.learn_activation_scales and fixed.activations_quantized
 
 
-@pytest.mark.parametrize("mode", ["after", "jointly"])
-def test_reconstruction_lowers_the_output_error_of_round_to_nearest(unet, calibration, mode):
+@pytest.mark.parametrize(
+    "options",
+    [{"activation_scales": "after"}, {"activation_scales": "jointly"}, {"inner_loss_weight": 0.8}],
+    ids=["q-diffusion", "qdrop-joint", "fbr"],
+)
+def test_reconstruction_lowers_the_output_error_of_round_to_nearest(unet, calibration, options):
     rtn = api.quantize(unet.denoiser, load_recipe("minmax").with_bits(4, 8), calibration, progress=False)
-    reconstructed = _quantize(unet, calibration, iterations=60, activation_scales=mode)
+    reconstructed = _quantize(unet, calibration, iterations=60, **options)
+    mode = options.get("activation_scales")
     assert _error(reconstructed, unet, calibration) < 0.9 * _error(rtn, unet, calibration)
     records = api.info(reconstructed).extra["reconstruction"]
     units = {r["unit"] for r in records}

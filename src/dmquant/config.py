@@ -214,6 +214,8 @@ class ReconstructionConfig:
     ``drop_probability`` is QDrop's: during reconstruction each quantized activation element is
     replaced by its full-precision value with this probability, and so is each element of the
     block's input (QDrop's ``prob = input_prob = 0.5`` keep the quantized value half the time).
+    ``inner_loss_weight`` is EDA-DM's FBR γ (0.8 in its experiments; 0: BRECQ's block loss only):
+    the loss of each block's inner quantized layers' outputs, weighted by it, joins the block loss.
     ``num_samples`` calibration rows (drawn at random with ``seed`` when the set is larger) are
     cached per block within ``memory_budget_mb`` of accelerator memory (the rest spills to host).
     """
@@ -231,6 +233,7 @@ class ReconstructionConfig:
     beta_start: float = 20.0
     beta_end: float = 2.0
     drop_probability: float = 0.0
+    inner_loss_weight: float = 0.0
     memory_budget_mb: int = 4096
     seed: int = 0
 
@@ -254,6 +257,8 @@ class ReconstructionConfig:
             )
         if not 0.0 <= self.drop_probability < 1.0:
             raise ConfigError(f"drop_probability: must be in [0, 1), got {self.drop_probability}")
+        if self.inner_loss_weight < 0:
+            raise ConfigError(f"inner_loss_weight: must be >= 0, got {self.inner_loss_weight}")
 
 
 @dataclass

@@ -17,7 +17,7 @@ callable mapping sample indices to ``(args, kwargs, target)`` — exactly what
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from ..core.layers import QUANT_LAYERS, QuantConv2d, QuantLinear, activation_qua
 from ..errors import ConfigError
 from .adaround import AdaRoundWeights, BetaSchedule, reconstruction_loss
 from .cache import block_output
+from .objectives import InnerLayerLoss
 from .qdrop import dropped_activations
 
 #: ``sample(indices) -> (args, kwargs, target)`` for the unit's forward.
@@ -100,6 +101,7 @@ def reconstruct(
     beta_start: float = 20.0,
     beta_end: float = 2.0,
     drop_probability: float = 0.0,
+    inner_loss: InnerLayerLoss | None = None,
     generator: torch.Generator | None = None,
     progress: bool = True,
     desc: str = "reconstruct",
@@ -113,8 +115,9 @@ def reconstruct(
     are trained too (LSQ, Esser et al. 2020: Adam at ``activation_learning_rate`` with cosine
     annealing to 0, as BRECQ's and QDrop's code do; kept positive). Activation quantizers are
     used as they are set (disable them for a weight-only pass). ``drop_probability > 0`` applies
-    QDrop inside the unit (:func:`~dmquant.recon.qdrop.dropped_activations`). The unit's own
-    parameters get no gradients.
+    QDrop inside the unit (:func:`~dmquant.recon.qdrop.dropped_activations`). ``inner_loss``
+    adds EDA-DM's loss on the unit's inner layers (:class:`~dmquant.recon.objectives.InnerLayerLoss`)
+    to the output loss. The unit's own parameters get no gradients.
 
     Batches of ``batch_size`` of the ``count`` samples are drawn by ``generator`` (``None``:
     seeded with 0, so a run is reproducible) and fetched with ``train_sample`` if given (e.g.
@@ -160,9 +163,11 @@ def reconstruct(
             stack.enter_context(dropped_activations(activation_quantizers(unit), drop_probability, drop_generator))
             bar = stack.enter_context(tqdm(total=iterations, desc=desc, unit="it", leave=False, disable=not progress))
             for t in range(iterations):
-                args, kwargs, target = (train_sample or sample)(torch.randperm(count, generator=generator)[:batch_size])
-                output = block_output(unit(*args, **kwargs))
-                loss = reconstruction_loss(output, target, _channel_dim(output))
+                index = torch.randperm(count, generator=generator)[:batch_size]
+                args, kwargs, target = (train_sample or sample)(index)
+                with inner_loss.term(index) if inner_loss else nullcontext(lambda: 0.0) as inner_term:
+                    output = block_output(unit(*args, **kwargs))
+                    loss = reconstruction_loss(output, target, _channel_dim(output)) + inner_term()
                 weight = schedule.regularizer_weight(t) if roundings else 0.0
                 if weight:
                     regularizer = sum(rounding.regularizer(schedule.beta(t)) for rounding in roundings)

@@ -39,6 +39,7 @@ from ..core.layers import QUANT_LAYERS, activation_quantizers
 from .blocks import ReconUnit, reconstruction_units
 from .brecq import reconstruct
 from .cache import calibration_runner, capture_block_io, paired
+from .objectives import InnerLayerLoss
 from .qdrop import mix_inputs
 from .state import ReconstructionState, fingerprint
 
@@ -149,11 +150,19 @@ def _reconstruct_unit(
             target,
         )
 
+    def fp_inputs(index: torch.Tensor) -> tuple[Any, Any]:
+        _, _, args, kwargs, _ = pairs.batch(index)
+        return args, kwargs
+
+    inner_loss = None
+    if config.inner_loss_weight > 0:
+        inner_loss = InnerLayerLoss(unit.module, fp_model.get_submodule(unit.name), fp_inputs, config.inner_loss_weight)
     result = reconstruct(
         unit.module,
         sample,
         len(pairs),
         train_sample=train_sample if config.drop_probability > 0 else None,
+        inner_loss=inner_loss,
         iterations=step.iterations,
         batch_size=config.batch_size,
         learn_rounding=step.learn_rounding,
