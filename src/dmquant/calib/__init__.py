@@ -7,16 +7,21 @@ from dmquant.calib.strategies import (
     TimestepStrategy,
     get_strategy,
     ndtc,
+    single_step,
     uniform,
 )
+from dmquant.calib.tdac import FeatureAllocatedSteps, tdac
 
 __all__ = [
     "TIMESTEP_STRATEGIES",
     "CalibrationSet",
+    "FeatureAllocatedSteps",
     "PerTrajectorySteps",
     "TimestepStrategy",
     "get_strategy",
     "ndtc",
     "record_calibration",
+    "single_step",
+    "tdac",
     "uniform",
 ]

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from dmquant.atomic import write_atomically
 from dmquant.calib.strategies import PerTrajectorySteps
+from dmquant.calib.tdac import FeatureAllocatedSteps
 from dmquant.denoiser import Denoiser
 from dmquant.errors import CalibrationError, ConfigError
 from dmquant.sampling import Conditioning, StepContext, StepHook, prepare_scheduler, sample
@@ -251,9 +252,10 @@ def record_calibration(
         scheduler: the diffusers scheduler to sample with (not mutated).
         num_inference_steps: steps of each trajectory.
         steps: step indices to record (0: first, noisiest step), or a strategy from
-            :mod:`dmquant.calib.strategies`: a function of the trajectory length giving them, or a
+            :mod:`dmquant.calib.strategies`: a function of the trajectory length giving them, a
             :class:`~dmquant.calib.strategies.PerTrajectorySteps` (e.g. ``ndtc()``) giving each
-            trajectory a step of its own.
+            trajectory a step of its own, or a :class:`~dmquant.calib.tdac.FeatureAllocatedSteps`
+            (``tdac()``) that first probes the model on a batch of trajectories to decide them.
         num_trajectories: number of sampled trajectories; each contributes one row per recorded
             step, or one row in all with a per-trajectory strategy (two rows per row under
             classifier-free guidance).
@@ -279,6 +281,9 @@ def record_calibration(
     if num_trajectories == 0:
         raise CalibrationError("num_trajectories=0: the calibration set would be empty")
     prepared = prepare_scheduler(scheduler, num_inference_steps)
+    if isinstance(steps, FeatureAllocatedSteps):
+        probe = _batch_conditioning(conditioning, 0, min(num_trajectories, batch_size))
+        steps = steps.resolve(model_or_denoiser, scheduler, num_inference_steps, probe, generator, eta)
     if isinstance(steps, PerTrajectorySteps):
         assignment = steps.assign(prepared.timesteps, prepared.config.num_train_timesteps, num_trajectories)
         recorder = _Recorder(sorted(set(assignment)), num_inference_steps, assignment)
