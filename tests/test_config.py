@@ -39,7 +39,7 @@ def _error(data: dict) -> str:
 
 
 def test_shipped_recipes_are_listed():
-    assert available_recipes() == ["minmax", "mse", "ptq4dm", "ptqd", "ptqd-mixed", "q-diffusion"]
+    assert available_recipes() == ["eda-dm", "minmax", "mse", "ptq4dm", "ptqd", "ptqd-mixed", "q-diffusion"]
 
 
 def test_minmax_recipe_has_documented_values():
@@ -109,7 +109,7 @@ def test_unknown_recipe_name_lists_shipped_recipes():
         load_recipe("msee")
     message = str(caught.value)
     assert "'msee'" in message
-    assert "shipped recipes: minmax, mse" in message
+    assert "shipped recipes: eda-dm, minmax, mse, ptq4dm" in message
 
 
 def test_missing_recipe_file_is_a_config_error(tmp_path):
@@ -516,3 +516,11 @@ def test_recipes_inheriting_in_a_circle_are_refused(tmp_path):
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="circle"):
         load_recipe(tmp_path / "a.yaml")
+
+
+def test_a_strategy_s_options_are_replaced_not_merged(tmp_path):
+    (tmp_path / "child.yaml").write_text(
+        "base: q-diffusion\ncalibration: {strategy: ndtc, strategy_options: {mean: 0.5}}\n"
+    )
+    config = load_recipe(tmp_path / "child.yaml")
+    assert config.calibration.strategy_options == {"mean": 0.5} and config.calibration.num_trajectories == 64

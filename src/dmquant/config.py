@@ -458,11 +458,16 @@ def _recipe_path(name_or_path: str | Path) -> Path:
     return path
 
 
+#: Mappings that hold a component's own options: an override replaces them whole (the options of
+#: one timestep strategy mean nothing to another).
+_OPTION_MAPPINGS = frozenset({"strategy_options"})
+
+
 def _merged(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """``override`` on top of ``base``: mappings merge key by key, anything else is replaced."""
+    """``override`` on top of ``base``: config sections merge key by key, anything else is replaced."""
     merged = dict(base)
     for key, value in override.items():
-        both = isinstance(value, Mapping) and isinstance(merged.get(key), Mapping)
+        both = isinstance(value, Mapping) and isinstance(merged.get(key), Mapping) and key not in _OPTION_MAPPINGS
         merged[key] = _merged(merged[key], value) if both else value
     return merged
 
