@@ -19,7 +19,7 @@ from dmquant.cli import main
 
 CALIB = ["--calib-trajectories", "2", "--calib-steps", "3"]
 SAMPLING = ["--num-samples", "2", "--steps", "3", "--batch-size", "2"]
-COMMANDS = ["quantize", "sample", "eval", "inspect", "demo"]
+COMMANDS = ["quantize", "sample", "eval", "analyze", "inspect", "demo"]
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -569,3 +569,16 @@ def test_no_reconstruction_skips_it(tmp_path, capsys):
     assert code == 0, err
     manifest = json.loads((output / "dmquant.json").read_text())
     assert manifest["recipe"]["reconstruction"]["enabled"] is False and "reconstruction" not in manifest["extra"]
+
+
+def test_analyze_ranks_blocks_and_modules_and_writes_plots(tmp_path, capsys):
+    output = tmp_path / "sqnr"
+    argv = ["analyze", "tiny-unet", "--recipe", "minmax", "--w-bits", "4", *CALIB, "-o", str(output)]
+    code, out, err = run([*argv, "--steps", "3", "--num-samples", "2", "--top", "3", "-q"], capsys)
+    assert code == 0, err
+    assert "blocks, each quantized alone (global; most sensitive first)" in out
+    blocks = table_rows(out, "name")
+    assert len(blocks) == 3 and all(float(row["SQNR (dB)"]) > 0 for row in blocks)
+    assert sorted(p.name for p in output.iterdir()) == ["blocks.png", "modules.png", "sensitivity.json"]
+    data = json.loads((output / "sensitivity.json").read_text())
+    assert len(data["timesteps"]) == 3 and "up_blocks.0.resnets.0" in data["blocks"]

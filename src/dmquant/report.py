@@ -207,11 +207,56 @@ def sqnr_plot(steps: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.P
     axis.set_ylabel("SQNR of the noise estimate (dB)")
     axis.grid(alpha=0.3)
     axis.legend()
+    return _save_figure(figure, path)
+
+
+def _save_figure(figure: Any, path: str | os.PathLike[str]) -> Path:
+    from matplotlib import pyplot as plt
+
     figure.tight_layout()
     try:
         return _write_atomically(path, ".png", lambda file: figure.savefig(file, format="png"))
     finally:
         plt.close(figure)
+
+
+def sensitivity_heatmap(
+    blocks: Mapping[str, Sequence[float]], timesteps: Sequence[int], path: str | os.PathLike[str]
+) -> Path:
+    """Heatmap of each block's SQNR (dB, rows) at each sampling step (columns, noisiest first)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    names = list(blocks)
+    values = [[v if math.isfinite(v) else math.nan for v in blocks[name]] for name in names]
+    figure, axis = plt.subplots(figsize=(7.5, 0.28 * len(names) + 1.6), dpi=120)
+    image = axis.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
+    axis.set_yticks(range(len(names)), names, fontsize=7)
+    ticks = list(range(0, len(timesteps), max(1, len(timesteps) // 10)))
+    axis.set_xticks(ticks, [str(timesteps[i]) for i in ticks], fontsize=7)
+    axis.set_xlabel("timestep t (sampling runs left to right)")
+    figure.colorbar(image, ax=axis, label="SQNR of the block's output (dB)")
+    axis.set_title("blocks quantized one at a time")
+    return _save_figure(figure, path)
+
+
+def sensitivity_bars(ranking: Sequence[tuple[str, float]], path: str | os.PathLike[str], *, top: int = 30) -> Path:
+    """Horizontal bars of the ``top`` most sensitive modules' SQNR (dB, lowest first)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    shown = [(name, value) for name, value in ranking if math.isfinite(value)][:top]
+    figure, axis = plt.subplots(figsize=(7.5, 0.22 * len(shown) + 1.4), dpi=120)
+    axis.barh(range(len(shown)), [value for _, value in shown], color="tab:orange")
+    axis.set_yticks(range(len(shown)), [name for name, _ in shown], fontsize=7)
+    axis.invert_yaxis()
+    axis.set_xlabel("SQNR of the module's output on its own input (dB, mean over steps)")
+    axis.grid(axis="x", alpha=0.3)
+    return _save_figure(figure, path)
 
 
 def _html_table(rows: Sequence[Mapping[str, object]], float_format: str) -> str:

@@ -54,7 +54,7 @@ def _block_kind(module: nn.Module) -> str | None:
     return next((kind for block_type, kind in BLOCK_KINDS if isinstance(module, block_type)), None)
 
 
-def _candidate_units(model: nn.Module) -> list[ReconUnit]:
+def candidate_units(model: nn.Module) -> list[ReconUnit]:
     """Outermost blocks holding quantized layers, then the quantized layers outside every block."""
     units: list[ReconUnit] = []
     inside: list[str] = []
@@ -76,7 +76,7 @@ def reconstruction_units(model: nn.Module, run_forward: Callable[[], Any]) -> li
     ``run_forward`` runs the model once (e.g. on one calibration batch); the order is that of
     each unit's first call. A unit that never runs is an error: its inputs could not be captured.
     """
-    units = _candidate_units(model)
+    units = candidate_units(model)
     if not units:
         raise ModelError(f"{type(model).__name__} has no quantized layers: attach quantizers first")
     first_call: dict[str, int] = {}
