@@ -39,7 +39,16 @@ def _error(data: dict) -> str:
 
 
 def test_shipped_recipes_are_listed():
-    assert available_recipes() == ["eda-dm", "minmax", "mse", "ptq4dm", "ptqd", "ptqd-mixed", "q-diffusion"]
+    assert available_recipes() == [
+        "eda-dm",
+        "minmax",
+        "mse",
+        "ptq4dm",
+        "ptqd",
+        "ptqd-mixed",
+        "q-diffusion",
+        "sqnr-hybrid",
+    ]
 
 
 def test_minmax_recipe_has_documented_values():

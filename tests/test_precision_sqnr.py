@@ -9,7 +9,7 @@ from dmquant import api
 from dmquant.config import CalibrationConfig, LayerRule, load_recipe
 from dmquant.jobs import record_for
 from dmquant.models import load_model
-from dmquant.precision.sqnr import Sensitivity, _mean_db, analyze_sensitivity
+from dmquant.precision.sqnr import Sensitivity, analyze_sensitivity, mean_sqnr_db
 from dmquant.sampling import Conditioning
 
 
@@ -60,15 +60,15 @@ def test_fewer_bits_mean_lower_sqnr(unet, calibration):
         quantized = api.quantize(unet.denoiser, load_recipe("minmax").with_bits(bits, 8), calibration, progress=False)
         results[bits] = _analyze(unet, quantized)
     for name in results[8].blocks:
-        assert _mean_db(results[4].blocks[name]) < _mean_db(results[8].blocks[name])
-    assert _mean_db(results[4].modules["up_blocks.0.resnets.0.conv1"]) < _mean_db(
+        assert mean_sqnr_db(results[4].blocks[name]) < mean_sqnr_db(results[8].blocks[name])
+    assert mean_sqnr_db(results[4].modules["up_blocks.0.resnets.0.conv1"]) < mean_sqnr_db(
         results[8].modules["up_blocks.0.resnets.0.conv1"]
     )
 
 
 def test_the_mean_over_steps_pools_the_noise():
-    assert _mean_db([10.0, 20.0]) == pytest.approx(-10 * math.log10((0.1 + 0.01) / 2))
-    assert _mean_db([math.inf, math.inf]) == math.inf
+    assert mean_sqnr_db([10.0, 20.0]) == pytest.approx(-10 * math.log10((0.1 + 0.01) / 2))
+    assert mean_sqnr_db([math.inf, math.inf]) == math.inf
     table = Sensitivity([900, 500], {"a": [10.0, 10.0], "b": [30.0, 5.0]}, {})
     assert [name for name, _ in table.block_ranking()] == ["b", "a"]
     assert table.to_json()["timesteps"] == [900, 500]

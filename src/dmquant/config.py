@@ -323,6 +323,35 @@ class StepPrecisionConfig:
 
 
 @dataclass
+class HybridConfig:
+    """Hybrid precision from the SQNR analysis (efficient-LDM study, Yang et al. 2023): the blocks
+    whose quantization noise matters most get ``weight_bits`` / ``activation_bits``.
+
+    Both the recipe's precision and the higher one are analysed (:mod:`dmquant.precision.sqnr`,
+    ``num_samples`` trajectories of ``num_inference_steps`` steps); blocks are then promoted
+    greedily by SQNR gain per extra BOP while the model's BOPs stay within ``max_bops_ratio``
+    times those at the recipe's precision. The promotions become rules of the saved recipe.
+    """
+
+    enabled: bool = False
+    weight_bits: int | str = 8
+    activation_bits: int | str = 8
+    max_bops_ratio: float = 1.25
+    num_inference_steps: int = 20
+    num_samples: int = 8
+
+    def __post_init__(self) -> None:
+        _keyed("weight_bits", lambda: parse_format(self.weight_bits))
+        _keyed("activation_bits", lambda: parse_format(self.activation_bits))
+        if self.max_bops_ratio < 1.0:
+            raise ConfigError(
+                f"max_bops_ratio: must be >= 1 (a budget above the recipe's own), got {self.max_bops_ratio}"
+            )
+        if self.num_inference_steps < 1 or self.num_samples < 1:
+            raise ConfigError("num_inference_steps and num_samples: must be >= 1")
+
+
+@dataclass
 class QuantConfig:
     """A whole quantization recipe."""
 
@@ -337,6 +366,7 @@ class QuantConfig:
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
     correction: CorrectionConfig = field(default_factory=CorrectionConfig)
     step_precision: StepPrecisionConfig = field(default_factory=StepPrecisionConfig)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
 
     def __post_init__(self) -> None:
         if self.step_precision.enabled and self.per_step_activations:
@@ -514,6 +544,7 @@ __all__ = [
     "CalibrationConfig",
     "CorrectionConfig",
     "FloatFormat",
+    "HybridConfig",
     "LayerRule",
     "QuantConfig",
     "QuantizerConfig",

@@ -22,6 +22,7 @@ from .eval.cost import bops, model_size
 from .eval.images import psnr, ssim, to_unit_range
 from .eval.noise import noise_estimate_error
 from .models import DiffusionModel, load_model
+from .precision.hybrid import plan_hybrid, promotion_rules
 from .precision.step_schedule import choose_switch_step, trajectory_bops
 from .sampling import Conditioning, sample
 
@@ -78,7 +79,9 @@ def quantize_model(
 
     ``state_dir`` keeps the reconstruction's progress (see :func:`dmquant.api.quantize`). A
     step-aware precision schedule without a switch step gets one from
-    :func:`choose_precision_switch` first (saved in the checkpoint's recipe).
+    :func:`choose_precision_switch` first (saved in the checkpoint's recipe); hybrid precision
+    first plans its promotions (:func:`dmquant.precision.hybrid.plan_hybrid`), added to the
+    recipe's rules and kept in the model's info.
     """
     started = time.perf_counter()
     calibration = record_for(model, config.calibration, progress=progress)
@@ -86,6 +89,20 @@ def quantize_model(
     if schedule.enabled and schedule.switch_step is None:
         switch = choose_precision_switch(model, config, calibration)
         config = dataclasses.replace(config, step_precision=dataclasses.replace(schedule, switch_step=switch))
+    hybrid = None
+    if config.hybrid.enabled:
+        conditioning = model.make_conditioning(config.hybrid.num_samples, guidance_scale=model.guidance_scale)
+        hybrid = plan_hybrid(
+            model.denoiser,
+            config,
+            calibration,
+            model.scheduler,
+            conditioning,
+            seed=config.calibration.seed,
+            progress=progress,
+        )
+        rules = promotion_rules(hybrid["promoted"], config.hybrid.weight_bits, config.hybrid.activation_bits)
+        config = dataclasses.replace(config, rules=[*config.rules, *rules])
     denoiser = quantize(
         model.denoiser,
         config,
@@ -107,6 +124,8 @@ def quantize_model(
     info(denoiser).extra.update(
         {"calibration_samples": len(calibration), "calibration_seconds": round(time.perf_counter() - started, 2)}
     )
+    if hybrid is not None:
+        info(denoiser).extra["hybrid"] = hybrid
     return model.with_denoiser(denoiser)
 
 

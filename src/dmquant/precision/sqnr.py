@@ -46,7 +46,7 @@ class Sensitivity:
 
     @staticmethod
     def _ranking(table: dict[str, list[float]]) -> list[tuple[str, float]]:
-        means = {name: _mean_db(values) for name, values in table.items()}
+        means = {name: mean_sqnr_db(values) for name, values in table.items()}
         return sorted(means.items(), key=lambda item: (item[1], item[0]))
 
     def block_ranking(self) -> list[tuple[str, float]]:
@@ -61,7 +61,7 @@ class Sensitivity:
         return {"timesteps": self.timesteps, "blocks": self.blocks, "modules": self.modules}
 
 
-def _mean_db(values: Sequence[float]) -> float:
+def mean_sqnr_db(values: Sequence[float]) -> float:
     """The SQNR of the pooled noise: the mean of the per-step noise ratios, back in dB."""
     ratios = [10 ** (-v / 10) for v in values if not math.isnan(v)]
     if not ratios:
