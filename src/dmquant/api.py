@@ -24,6 +24,7 @@ from .correct.statistics import NoiseStatistics, collect_noise_statistics
 from .correct.step import NoiseCorrection
 from .denoiser import Denoiser
 from .errors import CalibrationError, CheckpointError, ModelError
+from .precision.smoothquant import input_absmax, smooth, smoothed_layers
 from .recon.model import reconstruct_model
 from .sampling import Conditioning, StepContext, StepHook
 
@@ -91,6 +92,8 @@ def quantize(
     if report.num_quantized == 0:
         raise ModelError(f"{type(model).__name__} has no Linear, Conv2d or attention layer left to quantize")
     name_quantizers(model)
+    if config.smoothing.enabled:
+        _smooth(model, config, calibration, batch_size)
     calibrate_weights(model, progress=progress)
     # Q-Diffusion's order estimates activation ranges only once the weights are reconstructed
     if fp_model is None or config.reconstruction.activation_scales != "after":
@@ -110,6 +113,22 @@ def quantize(
         extra["reconstruction"] = [asdict(record) for record in records]
     setattr(model, INFO_ATTRIBUTE, QuantizationInfo(config, report, splits, num_steps, source=source, extra=extra))
     return model
+
+
+def _smooth(model: nn.Module, config: QuantConfig, calibration: CalibrationSet, batch_size: int) -> None:
+    """SmoothQuant on the layers ``config.smoothing.patterns`` select, from their FP input ranges."""
+    layers = smoothed_layers(model, config.smoothing.patterns)
+    if not layers:
+        raise ModelError(f"smoothing.patterns {config.smoothing.patterns} match no quantized layer")
+    denoiser = Denoiser(model)
+
+    def run() -> None:
+        for x, t, cond, _ in calibration.to(denoiser.device).batches(batch_size):
+            denoiser(x, t, cond)
+
+    ranges = input_absmax(model, layers, run)
+    for name, layer in layers.items():
+        smooth(layer, ranges[name], config.smoothing.alpha)
 
 
 class StepSelector(StepHook):

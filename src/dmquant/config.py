@@ -352,6 +352,31 @@ class HybridConfig:
 
 
 @dataclass
+class SmoothingConfig:
+    """SmoothQuant (Xiao et al. 2023) on selected layers: activation outliers moved into the weights.
+
+    ``patterns`` are fnmatch globs of the layers to smooth; ``most_sensitive > 0`` adds that many
+    layers with the lowest SQNR on their own input (:mod:`dmquant.precision.sqnr`, measured on the
+    recipe's ranges along ``num_samples`` trajectories of ``num_inference_steps`` steps), as the
+    efficient-LDM study smooths the modules its analysis flags; the chosen names join ``patterns``
+    in the saved recipe. ``alpha`` is the migration strength.
+    """
+
+    enabled: bool = False
+    alpha: float = 0.5
+    patterns: list[str] = field(default_factory=list)
+    most_sensitive: int = 0
+    num_inference_steps: int = 20
+    num_samples: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha: must be in [0, 1], got {self.alpha}")
+        if self.most_sensitive < 0 or self.num_inference_steps < 1 or self.num_samples < 1:
+            raise ConfigError("most_sensitive must be >= 0, num_inference_steps and num_samples >= 1")
+
+
+@dataclass
 class QuantConfig:
     """A whole quantization recipe."""
 
@@ -367,6 +392,7 @@ class QuantConfig:
     correction: CorrectionConfig = field(default_factory=CorrectionConfig)
     step_precision: StepPrecisionConfig = field(default_factory=StepPrecisionConfig)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
+    smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
 
     def __post_init__(self) -> None:
         if self.step_precision.enabled and self.per_step_activations:
@@ -376,6 +402,18 @@ class QuantConfig:
                 "reconstruction.enabled: reconstruction learns one set of activation ranges; "
                 "it cannot be combined with per_step_activations"
             )
+
+    def ranges_only(self) -> QuantConfig:
+        """A copy that only sets ranges: reconstruction, correction, schedules, hybrid precision and
+        smoothing off (the cheap model that analyses of a recipe's precision look at)."""
+        return dataclasses.replace(
+            copy.deepcopy(self),
+            reconstruction=dataclasses.replace(self.reconstruction, enabled=False),
+            correction=dataclasses.replace(self.correction, enabled=False),
+            step_precision=dataclasses.replace(self.step_precision, enabled=False),
+            hybrid=dataclasses.replace(self.hybrid, enabled=False),
+            smoothing=dataclasses.replace(self.smoothing, enabled=False),
+        )
 
     def with_bits(self, weight_bits: int | str | None = None, activation_bits: int | str | None = None) -> QuantConfig:
         """A copy with the default weight / activation bit widths replaced (rules still apply)."""
@@ -549,6 +587,7 @@ __all__ = [
     "QuantConfig",
     "QuantizerConfig",
     "ReconstructionConfig",
+    "SmoothingConfig",
     "StepPrecisionConfig",
     "available_recipes",
     "load_recipe",

@@ -23,6 +23,7 @@ from .eval.images import psnr, ssim, to_unit_range
 from .eval.noise import noise_estimate_error
 from .models import DiffusionModel, load_model
 from .precision.hybrid import plan_hybrid, promotion_rules
+from .precision.sqnr import analyze_sensitivity
 from .precision.step_schedule import choose_switch_step, trajectory_bops
 from .sampling import Conditioning, sample
 
@@ -52,12 +53,7 @@ def choose_precision_switch(model: DiffusionModel, config: QuantConfig, calibrat
     """PTQD's switch step: quantize at the early bits everywhere (ranges only, no reconstruction)
     and find where the per-step SQNR of the noise estimate drops below the threshold for good."""
     schedule = config.step_precision
-    early = dataclasses.replace(
-        config,
-        step_precision=dataclasses.replace(schedule, enabled=False),
-        reconstruction=dataclasses.replace(config.reconstruction, enabled=False),
-        correction=dataclasses.replace(config.correction, enabled=False),
-    )
+    early = config.ranges_only()
     probe = quantize(model.denoiser, early, calibration, batch_size=config.calibration.batch_size, progress=False)
     rows = noise_estimate_error(
         model.denoiser,
@@ -70,6 +66,25 @@ def choose_precision_switch(model: DiffusionModel, config: QuantConfig, calibrat
         progress=False,
     )
     return choose_switch_step([row["sqnr_db"] for row in rows], schedule.snr_threshold_db)
+
+
+def most_sensitive_modules(
+    model: DiffusionModel, config: QuantConfig, calibration: CalibrationSet, *, progress: bool = True
+) -> list[str]:
+    """The ``config.smoothing.most_sensitive`` layers with the lowest SQNR on their own input
+    (:func:`dmquant.precision.sqnr.analyze_sensitivity` of the recipe's ranges)."""
+    smoothing = config.smoothing
+    probe = quantize(model.denoiser, config.ranges_only(), calibration, progress=False)
+    sensitivity = analyze_sensitivity(
+        model.denoiser,
+        probe,
+        model.scheduler,
+        num_inference_steps=smoothing.num_inference_steps,
+        conditioning=model.make_conditioning(smoothing.num_samples, guidance_scale=model.guidance_scale),
+        generator=torch.Generator().manual_seed(config.calibration.seed),
+        progress=progress,
+    )
+    return [name for name, _ in sensitivity.module_ranking()[: smoothing.most_sensitive]]
 
 
 def quantize_model(
@@ -89,6 +104,12 @@ def quantize_model(
     if schedule.enabled and schedule.switch_step is None:
         switch = choose_precision_switch(model, config, calibration)
         config = dataclasses.replace(config, step_precision=dataclasses.replace(schedule, switch_step=switch))
+    smoothing = config.smoothing
+    if smoothing.enabled and smoothing.most_sensitive:
+        flagged = most_sensitive_modules(model, config, calibration, progress=progress)
+        config = dataclasses.replace(
+            config, smoothing=dataclasses.replace(smoothing, patterns=[*smoothing.patterns, *flagged], most_sensitive=0)
+        )
     hybrid = None
     if config.hybrid.enabled:
         conditioning = model.make_conditioning(config.hybrid.num_samples, guidance_scale=model.guidance_scale)

@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from ..config import LayerRule, QuantConfig, QuantizerConfig
+from ..precision.smoothquant import smoothed_layers
 from ..precision.step_schedule import apply_step_precision
 from .attention import is_quantizable_attention, quantize_attention
 from .layers import QuantConv2d, QuantLinear
@@ -130,6 +131,9 @@ def attach_quantizers(
             )
     if config.step_precision.enabled:
         apply_step_precision(model, config)
+    if config.smoothing.enabled:
+        for layer in smoothed_layers(model, config.smoothing.patterns).values():
+            layer.enable_smoothing()
     unmatched = [rule.pattern for rule in config.rules if rule.pattern not in used_rules]
     for pattern in unmatched if warn else ():
         warnings.warn(f"rule pattern {pattern!r} matches no quantizable layer", stacklevel=2)

@@ -19,7 +19,28 @@ def _adopt_parameters(target: nn.Module, source: nn.Module) -> None:
     target.bias = source.bias
 
 
-class QuantLinear(nn.Linear):
+class _Smoothable:
+    """SmoothQuant's per-input-channel scale ``s`` (Xiao et al. 2023, eq. 3): ``y = (x / s) · (W s)ᵀ``.
+
+    :meth:`enable_smoothing` adds the buffer ``smoothing`` (ones: the FP function unchanged);
+    :func:`dmquant.precision.smoothquant.smooth` sets it and multiplies the weight's input
+    channels by it. The division stays in the layer here; a real kernel folds it into whatever
+    produces the input.
+    """
+
+    def enable_smoothing(self) -> None:
+        if getattr(self, "groups", 1) != 1:
+            raise ValueError("SmoothQuant scales input channels of ungrouped layers only")
+        self.smoothing = torch.ones(self.weight.shape[1], device=self.weight.device)
+
+    def _unsmoothed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smoothing is None:
+            return x
+        shape = (1, -1, *([1] * (x.ndim - 2))) if isinstance(self, nn.Conv2d) else (-1,)
+        return x / self.smoothing.reshape(shape)
+
+
+class QuantLinear(_Smoothable, nn.Linear):
     """``y = x_q · W_qᵀ + b`` with a weight quantizer and an input-activation quantizer."""
 
     def __init__(self, linear: nn.Linear, weight: QuantizerConfig, activation: QuantizerConfig, *, num_steps: int = 1):
@@ -28,6 +49,7 @@ class QuantLinear(nn.Linear):
         _adopt_parameters(self, linear)
         self.weight_quantizer = Quantizer(weight)
         self.input_quantizer = Quantizer(activation, num_steps=num_steps)
+        self.register_buffer("smoothing", None)
 
     def weight_parts(self) -> list[tuple[Quantizer, torch.Tensor]]:
         """The weight and its quantizer, in the same form as ``QuantConv2d.weight_parts``."""
@@ -37,10 +59,10 @@ class QuantLinear(nn.Linear):
         return self.weight_quantizer(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        return nn.functional.linear(self.input_quantizer(self._unsmoothed(x)), self.quantized_weight(), self.bias)
 
 
-class QuantConv2d(nn.Conv2d):
+class QuantConv2d(_Smoothable, nn.Conv2d):
     """A Conv2d with fake-quantized weight and input; optionally a *split* input.
 
     With ``split > 0`` the input is taken as the channel concatenation ``cat([h, skip])`` that
@@ -78,6 +100,7 @@ class QuantConv2d(nn.Conv2d):
         self.split = split
         self.weight_quantizer = Quantizer(weight)
         self.input_quantizer = Quantizer(activation, num_steps=num_steps)
+        self.register_buffer("smoothing", None)
         if split:
             self.weight_quantizer_skip = Quantizer(weight)
             self.input_quantizer_skip = Quantizer(activation, num_steps=num_steps)
@@ -105,7 +128,7 @@ class QuantConv2d(nn.Conv2d):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+        return self._conv_forward(self.quantized_input(self._unsmoothed(x)), self.quantized_weight(), self.bias)
 
 
 QUANT_LAYERS = (QuantLinear, QuantConv2d)

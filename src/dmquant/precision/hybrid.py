@@ -85,18 +85,12 @@ def plan_hybrid(
 ) -> dict[str, Any]:
     """Analyse ``config``'s precision and ``config.hybrid``'s higher one and choose the promotions.
 
-    Both are range-calibrated only (reconstruction, correction and step schedules left out: they
-    refine a precision, they do not change which blocks need one). Returns the plan: the
+    Both are range-calibrated only (:meth:`~dmquant.config.QuantConfig.ranges_only`: the other
+    methods refine a precision, they do not change which blocks need one). Returns the plan: the
     promoted blocks, every block's gain and cost, the budget and the BOPs before and after.
     """
     hybrid = config.hybrid
-    plain = dataclasses.replace(
-        config,
-        hybrid=dataclasses.replace(hybrid, enabled=False),
-        reconstruction=dataclasses.replace(config.reconstruction, enabled=False),
-        correction=dataclasses.replace(config.correction, enabled=False),
-        step_precision=dataclasses.replace(config.step_precision, enabled=False),
-    )
+    plain = config.ranges_only()
     settings = {"low": plain, "high": plain.with_bits(hybrid.weight_bits, hybrid.activation_bits)}
     sensitivity, cost, total = {}, {}, {}
     for key, setting in settings.items():
