@@ -1,1 +1,2 @@
-"""Precision allocation: which bits where (per sampling step; later per block and module)."""
+"""Precision allocation and its analysis: SQNR sensitivity, hybrid precision per block, step-aware
+bit schedules, SmoothQuant."""
