@@ -582,3 +582,18 @@ def test_analyze_ranks_blocks_and_modules_and_writes_plots(tmp_path, capsys):
     assert sorted(p.name for p in output.iterdir()) == ["blocks.png", "modules.png", "sensitivity.json"]
     data = json.loads((output / "sensitivity.json").read_text())
     assert len(data["timesteps"]) == 3 and "up_blocks.0.resnets.0" in data["blocks"]
+
+
+def test_a_checkpoint_with_per_step_statistics_samples_with_its_own_steps(tmp_path, capsys):
+    recipe = tmp_path / "corrected.yaml"
+    recipe.write_text(
+        "base: minmax\ncorrection: {enabled: true, num_samples: 2, num_inference_steps: 4, batch_size: 2}\n"
+    )
+    output = tmp_path / "ptqd"
+    code, _, err = run(["quantize", "tiny-unet", "-o", str(output), "--recipe", str(recipe), *CALIB, "-q"], capsys)
+    assert code == 0, err
+    code, out, err = run(["eval", str(output), "--num-samples", "2", "--batch-size", "2", "-q"], capsys)
+    assert code == 0, err
+    assert "(2 samples, 4 steps" in out
+    code, _, err = run(["eval", str(output), "--num-samples", "2", "--steps", "3", "-q"], capsys)
+    assert code == 2 and "measure them for this sampler" in err

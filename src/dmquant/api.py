@@ -155,6 +155,19 @@ class StepSelector(StepHook):
 NOISE_STATISTICS = "noise_statistics"
 
 
+def required_steps(model: nn.Module) -> int | None:
+    """The trajectory length a quantized model's per-step parts were made for (noise statistics,
+    a bit schedule, per-step ranges), or ``None`` when it samples with any number of steps."""
+    quant = getattr(model, INFO_ATTRIBUTE, None)
+    if quant is None:
+        return None
+    if quant.config.correction.enabled and NOISE_STATISTICS in quant.extra:
+        return int(quant.extra[NOISE_STATISTICS]["num_inference_steps"])
+    if quant.config.step_precision.enabled:
+        return quant.config.step_precision.num_inference_steps
+    return quant.num_steps if quant.num_steps > 1 else None
+
+
 def _range_hooks(model: nn.Module, quant: QuantizationInfo) -> list[StepHook]:
     schedule = quant.config.step_precision
     if schedule.enabled:

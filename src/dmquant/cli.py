@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .api import info, sampling_hooks, save
+from .api import info, required_steps, sampling_hooks, save
 from .checkpoint import MANIFEST_FILE, check_target
 from .config import QuantConfig, available_recipes, load_recipe
 from .core.attach import attach_quantizers, find_shortcut_splits
@@ -26,7 +26,8 @@ from .denoiser import Denoiser
 from .errors import DmquantError
 from .jobs import compare, generate, open_model, quantize_model
 from .models import BUILTIN_MODELS, SCHEDULERS, DiffusionModel
-from .report import markdown_table, save_image_grid, save_samples_npz
+from .precision.sqnr import analyze_sensitivity
+from .report import markdown_table, save_image_grid, save_samples_npz, sensitivity_bars, sensitivity_heatmap
 
 MODEL_HELP = (
     "a built-in model (" + ", ".join(BUILTIN_MODELS) + "), a diffusers pipeline or model directory, "
@@ -54,12 +55,21 @@ def _positive_int(value: str) -> int:
     return number
 
 
+#: Sampling steps of sample / eval / analyze when neither the command line nor the model says.
+DEFAULT_STEPS = 20
+
+
 def _add_sampling_options(parser: argparse.ArgumentParser, num_samples: int) -> None:
     group = parser.add_argument_group("sampling")
     group.add_argument(
         "--num-samples", type=_positive_int, default=num_samples, help="images to generate (default: %(default)s)"
     )
-    group.add_argument("--steps", type=_positive_int, default=20, help="sampling steps (default: %(default)s)")
+    group.add_argument(
+        "--steps",
+        type=_positive_int,
+        help=f"sampling steps (default: {DEFAULT_STEPS}, or the number a checkpoint's noise statistics or "
+        "bit schedule were made for)",
+    )
     group.add_argument("--seed", type=int, default=0, help="seed of the first batch; batch i uses seed+i (default: 0)")
     group.add_argument("--batch-size", type=_positive_int, default=16, help="samples per batch (default: %(default)s)")
     group.add_argument(
@@ -82,7 +92,10 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _prepared(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel:
-    """The model on ``--device``, with ``--scheduler`` applied where the command has it."""
+    """The model on ``--device``, with ``--scheduler`` applied where the command has it, and an
+    unset ``--steps`` set to what the (first) model opened needs."""
+    if getattr(args, "steps", 0) is None:
+        args.steps = required_steps(model.denoiser) or DEFAULT_STEPS
     model = model.to(args.device)
     scheduler = getattr(args, "scheduler", None)
     return model.with_scheduler(scheduler) if scheduler else model
@@ -262,9 +275,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .precision.sqnr import analyze_sensitivity
-    from .report import sensitivity_bars, sensitivity_heatmap
-
     if (Path(args.model) / MANIFEST_FILE).exists():
         quantized = _prepared(open_model(args.model, base=args.base), args)
         fp = _prepared(open_model(args.base or info(quantized.denoiser).source), args)
