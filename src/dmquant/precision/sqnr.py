@@ -19,7 +19,7 @@ at every step, on the inputs FP sampling visits:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +32,7 @@ from ..core.quantizer import quantizers
 from ..denoiser import Denoiser
 from ..eval.noise import SideBySide, sqnr_db
 from ..recon.blocks import candidate_units
-from ..recon.cache import block_output
+from ..recon.cache import recorded_outputs
 from ..sampling import Conditioning, StepContext, StepHook, sample
 
 
@@ -68,25 +68,6 @@ def mean_sqnr_db(values: Sequence[float]) -> float:
         return math.nan
     mean = sum(ratios) / len(ratios)
     return math.inf if mean == 0 else -10 * math.log10(mean)
-
-
-@contextmanager
-def _outputs(modules: dict[str, nn.Module], keep_inputs: bool = False) -> Iterator[dict[str, Any]]:
-    """The latest output (and input) of each module while open."""
-    seen: dict[str, Any] = {}
-
-    def hook(name: str) -> Callable[..., None]:
-        def record(module: nn.Module, args: tuple, output: Any) -> None:
-            seen[name] = (args[0], block_output(output)) if keep_inputs else block_output(output)
-
-        return record
-
-    handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
-    try:
-        yield seen
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
@@ -129,7 +110,7 @@ def analyze_sensitivity(
     timesteps: list[int] = []
     denoiser = Denoiser(quantized)
 
-    with _outputs(fp_blocks) as fp_outputs, _outputs(modules, keep_inputs=True) as seen:
+    with recorded_outputs(fp_blocks) as fp_outputs, recorded_outputs(modules, keep_inputs=True) as seen:
 
         def measure(ctx: StepContext, eps: Tensor, eps_q: Tensor) -> None:
             """Called after the FP and the fully quantized model ran on this step's inputs."""
@@ -137,7 +118,7 @@ def analyze_sensitivity(
             for name, (inputs, output) in list(seen.items()):
                 module_sqnr[name].append(sqnr_db(fp_modules[name](inputs), output))
             for name, block in blocks.items():
-                with _only_quantized(quantized, block), _outputs({name: block}) as out:
+                with _only_quantized(quantized, block), recorded_outputs({name: block}) as out:
                     denoiser(ctx.model_input, ctx.model_timestep, ctx.model_cond)
                 block_sqnr[name].append(sqnr_db(fp_outputs[name], out[name]))
 

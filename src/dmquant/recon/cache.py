@@ -48,6 +48,7 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -70,6 +71,7 @@ __all__ = [
     "capture_block_io",
     "calibration_runner",
     "paired",
+    "recorded_outputs",
 ]
 
 #: ``metadata["format"]`` of a saved block cache.
@@ -687,6 +689,31 @@ class _Recorder:
         tensors = {key: pieces[0] if len(pieces) == 1 else torch.cat(pieces) for key, pieces in self.pieces.items()}
         self.pieces.clear()
         return BlockIOCache(tensors | self.shared, layout, device=self.device, memory_budget_bytes=self.budget)
+
+
+@contextmanager
+def recorded_outputs(modules: Mapping[str, nn.Module], *, keep_inputs: bool = False) -> Iterator[dict[str, Any]]:
+    """While open, each module's latest output (:func:`block_output`), or ``(first input, output)``
+    with ``keep_inputs``, by name; the dict's order is that of the modules' latest calls.
+
+    Unlike :func:`capture_block_io` nothing is stored across calls: this is for looking at one
+    forward pass at a time (a block's inner layers, every block at a sampling step).
+    """
+    seen: dict[str, Any] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            seen.pop(name, None)
+            seen[name] = (args[0], block_output(output)) if keep_inputs else block_output(output)
+
+        return record
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def capture_block_io(

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .adaround import reconstruction_loss
+from .cache import recorded_outputs
 
 #: ``fp_inputs(indices) -> (args, kwargs)``: the FP model's inputs of the unit for those samples.
 InputSampler = Callable[[Tensor], tuple[Sequence[Any], dict[str, Any]]]
@@ -31,26 +32,6 @@ InputSampler = Callable[[Tensor], tuple[Sequence[Any], dict[str, Any]]]
 def _layers(unit: nn.Module) -> dict[str, nn.Module]:
     """The unit's Linear and Conv2d layers (quantized or not) by their name inside it."""
     return {name: m for name, m in unit.named_modules() if name and isinstance(m, (nn.Linear, nn.Conv2d))}
-
-
-@contextmanager
-def _recording(layers: dict[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
-    """Outputs of ``layers`` in the order they run (dict insertion order), while the context is open."""
-    outputs: dict[str, Tensor] = {}
-
-    def hook(name: str) -> Callable[..., None]:
-        def record(module: nn.Module, args: tuple, output: Tensor) -> None:
-            outputs.pop(name, None)
-            outputs[name] = output
-
-        return record
-
-    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
-    try:
-        yield outputs
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class InnerLayerLoss:
@@ -76,10 +57,10 @@ class InnerLayerLoss:
         """Run the FP unit on ``indices``, record the quantized unit's layers while open, and yield
         a function giving the weighted term once the quantized unit has run."""
         args, kwargs = self.fp_inputs(indices)
-        with torch.no_grad(), _recording(self.fp_layers) as fp_outputs:
+        with torch.no_grad(), recorded_outputs(self.fp_layers) as fp_outputs:
             self.fp_unit(*args, **kwargs)
         inner = list(fp_outputs)[:-1]
-        with _recording(self.layers) as outputs:
+        with recorded_outputs(self.layers) as outputs:
 
             def value() -> Tensor | float:
                 losses = [
