@@ -239,9 +239,8 @@ def _built(bench: ModelBench, build: Callable[[], nn.Module], key: str | None = 
 
 
 @torch.no_grad()
-def _measured(bench: ModelBench, build: Callable[[], nn.Module], key: str | None = None) -> dict[str, Any]:
-    """Quantize (``build``, timed, peak memory), then sample, judge, compare with FP and trace SQNR."""
-    quantized, cost = _built(bench, build, key)
+def _measured(bench: ModelBench, quantized: nn.Module, cost: dict[str, Any]) -> dict[str, Any]:
+    """Sample the quantized model, judge, compare with FP and trace SQNR; ``cost`` is what building it took."""
     images, _ = bench.sample(bench.model.with_denoiser(quantized), bench.args.seed)
     return {
         "metrics": bench.judge(images) | bench.against_fp(images),
@@ -298,9 +297,9 @@ def run_recipe(bench: ModelBench, cell: Cell) -> dict[str, Any]:
     def build() -> nn.Module:
         return quantize_model(bench.model, shared, progress=bench.args.progress).denoiser
 
-    quantized, _ = _built(bench, build, key)
+    quantized, cost = _built(bench, build, key)
     info(quantized).config.correction = switches
-    return _measured(bench, build, key) | {"recipe": config.to_dict()}
+    return _measured(bench, quantized, cost) | {"recipe": config.to_dict()}
 
 
 def run_peer(bench: ModelBench, cell: Cell) -> dict[str, Any]:
@@ -319,7 +318,7 @@ def run_peer(bench: ModelBench, cell: Cell) -> dict[str, Any]:
         result.append(peers.apply_peer(cell.method, bench.model.denoiser, calibrate if spec.calibrates else None))
         return PeerDenoiser(result[0].model)
 
-    measured = _measured(bench, build)
+    measured = _measured(bench, *_built(bench, build))
     peer = result[0]
     coverage = {"quantized": peer.quantized, "skipped": peer.skipped, "unquantized_inputs": peer.unquantized_inputs}
     return measured | {

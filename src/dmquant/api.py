@@ -25,6 +25,7 @@ from .correct.step import NoiseCorrection
 from .denoiser import Denoiser
 from .errors import CalibrationError, CheckpointError, ModelError
 from .precision.smoothquant import input_absmax, smooth, smoothed_layers
+from .recon.cache import calibration_runner
 from .recon.model import reconstruct_model
 from .sampling import Conditioning, StepContext, StepHook
 
@@ -120,13 +121,7 @@ def _smooth(model: nn.Module, config: QuantConfig, calibration: CalibrationSet, 
     layers = smoothed_layers(model, config.smoothing.patterns)
     if not layers:
         raise ModelError(f"smoothing.patterns {config.smoothing.patterns} match no quantized layer")
-    denoiser = Denoiser(model)
-
-    def run() -> None:
-        for x, t, cond, _ in calibration.to(denoiser.device).batches(batch_size):
-            denoiser(x, t, cond)
-
-    ranges = input_absmax(model, layers, run)
+    ranges = input_absmax(model, layers, calibration_runner(model, calibration, batch_size=batch_size))
     for name, layer in layers.items():
         smooth(layer, ranges[name], config.smoothing.alpha)
 

@@ -18,7 +18,7 @@ from .checkpoint import MANIFEST_FILE
 from .config import CalibrationConfig, QuantConfig
 from .denoiser import Denoiser
 from .errors import ModelError
-from .eval.cost import bops, model_size
+from .eval.cost import model_size
 from .eval.images import psnr, ssim, to_unit_range
 from .eval.noise import noise_estimate_error
 from .models import DiffusionModel, load_model
@@ -198,7 +198,7 @@ def forward_cost(model: DiffusionModel, conditioning: Conditioning, num_steps: i
     cond = one.to(device).model_cond()
     call = lambda: denoiser(x, t, cond)  # noqa: E731
     trajectory = trajectory_bops(model.denoiser, call, num_steps)
-    return bops(model.denoiser, call) | {
+    return trajectory["first_step"] | {
         "bops": trajectory["trajectory_bops"] / num_steps,
         "trajectory_bops": trajectory["trajectory_bops"],
     }

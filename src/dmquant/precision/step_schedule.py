@@ -62,21 +62,22 @@ def trajectory_bops(model: nn.Module, run_forward: Callable[[], Any], num_steps:
     trajectory with running every step at step 0's precision.
     """
     quantizers = [m for m in model.modules() if isinstance(m, Quantizer)]
-    measured: dict[tuple, int] = {}
+    measured: dict[tuple, dict[str, Any]] = {}
     per_step = []
     try:
         for step in range(num_steps):
             set_step(model, step)
             pattern = tuple(q.fmt for q in quantizers)
             if pattern not in measured:
-                measured[pattern] = bops(model, run_forward)["bops"]
+                measured[pattern] = bops(model, run_forward)
             per_step.append(measured[pattern])
     finally:
         set_step(model, 0)
-    total = sum(per_step)
-    first = per_step[0] * num_steps
+    total = sum(report["bops"] for report in per_step)
+    first = per_step[0]["bops"] * num_steps
     return {
-        "bops_per_step": per_step,
+        "bops_per_step": [report["bops"] for report in per_step],
         "trajectory_bops": total,
         "mean_bits_ratio": total / first if first else math.nan,
+        "first_step": per_step[0],
     }

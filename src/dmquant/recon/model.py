@@ -151,7 +151,7 @@ def _reconstruct_unit(
         )
 
     def fp_inputs(index: torch.Tensor) -> tuple[Any, Any]:
-        _, _, args, kwargs, _ = pairs.batch(index)
+        args, kwargs, _ = pairs.fp.batch(index)
         return args, kwargs
 
     inner_loss = None
