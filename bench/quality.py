@@ -17,15 +17,25 @@ Methods:
   ``W8A8``, ``W4A8``, ``W4A4`` (attention matmuls in full precision), ``W8A8+attn8`` (Q·Kᵀ and
   softmax·V quantized too, softmax at 8 bits unsigned). The recipe's range estimation and
   calibration set are kept; its bits and attention switch are the cell's; calibration runs at
-  the model's sampling guidance scale.
+  the model's sampling guidance scale. Recipes that quantize alike (``q-diffusion``, ``ptqd``
+  and PTQD's ablation steps ``ptqd-cnc``, ``ptqd-cnc-bc``) share one quantized model per run,
+  across ``--eta`` values too, so the ablation's baseline is the ``q-diffusion`` row; PTQD's
+  noise statistics are measured on it when a correcting cell first needs them
+  (``noise_statistics_s``).
+- the calibration ablation ``calib-uniform``, ``calib-ndtc``, ``calib-tdac``,
+  ``calib-single-step``: q-diffusion's ranges without reconstruction, calibrated on about
+  ``CALIBRATION_SIZE`` samples chosen by the strategy of q-diffusion, ptq4dm, eda-dm and
+  sqnr-hybrid respectively.
 - peers (optional extras, ``pip install -e .[bench]``): torchao and optimum-quanto, see
   ``peers.py``. A peer that cannot run here (no CUDA, GPU too old, package missing) gets an
   ``unsupported`` cell saying why; what it leaves in full precision is in the cell's coverage.
 
-Results go to ``--results`` (default ``bench/results/quality``) as
+``--eta`` takes several values: each is a sampler setting of its own (cells of eta > 0 are
+filed apart), sharing the quantized models. Results go to ``--results`` (default ``bench/results/quality``) as
 ``<model>/<method>__<bits>.json`` in the schema of ``report.py``. The matrix resumes: a cell
 whose file exists is skipped (``--force`` redoes it), and ``--max-minutes`` stops before a cell
-that would not finish in time, so a long matrix splits into chunks — run the same command again.
+that would not finish in time, so a long matrix splits into chunks — run the same command again;
+with ``--state-dir`` even a cell killed during its reconstruction resumes from its last block.
 
 Example (one chunk on a GPU)::
 
@@ -36,9 +46,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -50,9 +62,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dmquant.api import info, sampling_hooks
+from dmquant.api import info, measure_noise, sampling_hooks
 from dmquant.atomic import write_atomically
-from dmquant.config import QuantConfig, available_recipes, load_recipe
+from dmquant.config import CorrectionConfig, QuantConfig, available_recipes, load_recipe
 from dmquant.eval.images import psnr, ssim, to_unit_range
 from dmquant.eval.noise import noise_estimate_error
 from dmquant.jobs import quantize_model, record_for
@@ -80,9 +92,19 @@ DEFAULT_METHODS = (*FP_METHODS, "minmax", "mse", *peers.PEERS)
 DEFAULT_BITS = ("W8A8", "W4A8")
 #: Suffix of a reconstructing recipe run without its reconstruction (what reconstruction buys).
 NO_RECONSTRUCTION = "-no-recon"
-#: PTQD's ablation: suffix of a correcting recipe -> (CNC, BC, VSC); the recipe itself has all three
-#: and the same recipe without correction is its ``base`` (q-diffusion for ptqd).
-CORRECTION_STEPS = {"-none": (False, False, False), "-cnc": (True, False, False), "-cnc-bc": (True, True, False)}
+#: PTQD's ablation: suffix of a correcting recipe -> (CNC, BC, VSC); the recipe itself has all three,
+#: and its ``base`` without correction (q-diffusion for ptqd) is the first step, on the same model.
+CORRECTION_STEPS = {"-cnc": (True, False, False), "-cnc-bc": (True, True, False)}
+#: Calibration ablation: method -> (recipe whose calibration strategy it uses, trajectories), each
+#: on q-diffusion's ranges without reconstruction and about CALIBRATION_SIZE samples: uniform
+#: records every trajectory at 25 steps (25 × 41 = 1,025), the others one step per trajectory.
+CALIBRATION_SIZE = 1024
+CALIBRATION_ABLATION = {
+    "calib-uniform": ("q-diffusion", 41),
+    "calib-ndtc": ("ptq4dm", CALIBRATION_SIZE),
+    "calib-tdac": ("eda-dm", CALIBRATION_SIZE),
+    "calib-single-step": ("sqnr-hybrid", CALIBRATION_SIZE),
+}
 #: Seed of the ``fp-seed1`` samples (far from the ``seed + batch index`` seeds of the others).
 OTHER_SEED = 1_000_000
 #: FP trajectories along which the per-step SQNR of the noise estimate is measured.
@@ -107,17 +129,20 @@ class Cell:
         return results / self.model / f"{self.method}__{self.bits}{sampler}.json"
 
 
-def plan_cells(models: Sequence[str], methods: Sequence[str], bits: Sequence[str], eta: float = 0.0) -> list[Cell]:
-    """The matrix in run order: per model, FP rows, recipes × bit settings, then peers (their own bits)."""
+def plan_cells(
+    models: Sequence[str], methods: Sequence[str], bits: Sequence[str], etas: Sequence[float] = (0.0,)
+) -> list[Cell]:
+    """The matrix in run order: per model and eta, FP rows, recipes × bit settings, then peers (their own bits)."""
     cells = []
     for model in models:
-        for method in methods:
-            if method in FP_METHODS:
-                cells.append(Cell(model, method, "FP32", eta))
-            elif method in peers.PEERS:
-                cells.append(Cell(model, method, peers.PEERS[method].bits, eta))
-            else:
-                cells.extend(Cell(model, method, setting, eta) for setting in bits)
+        for eta in etas:
+            for method in methods:
+                if method in FP_METHODS:
+                    cells.append(Cell(model, method, "FP32", eta))
+                elif method in peers.PEERS:
+                    cells.append(Cell(model, method, peers.PEERS[method].bits, eta))
+                else:
+                    cells.extend(Cell(model, method, setting, eta) for setting in bits)
     return cells
 
 
@@ -147,7 +172,8 @@ class PeerDenoiser(nn.Module):
 
 
 class ModelBench:
-    """One zoo model's shared state: the FP model, its references, its requests and its FP samples."""
+    """One zoo model's shared state: the FP model, its references, its requests, its FP samples per
+    sampler setting (eta) and the quantized models built so far."""
 
     def __init__(self, name: str, args: argparse.Namespace):
         self.name = name
@@ -160,18 +186,26 @@ class ModelBench:
             shipped_glyphnet(args.device), args.num_samples, resolution=self.resolution, progress=args.progress
         )
         self.quantized: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
-        self.fp_images, self.conditioning = self.sample(self.model, args.seed)
+        self.noise_costs: dict[str, dict[str, Any]] = {}
+        self._fp_images: dict[float, Tensor] = {}
+        self.conditioning: Conditioning | None = None
 
-    def sample(self, model: DiffusionModel, seed: int) -> tuple[Tensor, Conditioning]:
+    def sample(self, model: DiffusionModel, seed: int, eta: float) -> tuple[Tensor, Conditioning]:
         return sample_requests(
             model,
             self.requests,
             num_inference_steps=self.args.steps,
             seed=seed,
             batch_size=self.args.batch_size,
-            eta=self.args.eta,
+            eta=eta,
             progress=self.args.progress,
         )
+
+    def fp_images(self, eta: float) -> Tensor:
+        """The FP model's samples from the compared seeds with DDIM at ``eta`` (sampled once)."""
+        if eta not in self._fp_images:
+            self._fp_images[eta], self.conditioning = self.sample(self.model, self.args.seed, eta)
+        return self._fp_images[eta]
 
     def judge(self, images: Tensor) -> dict[str, Any]:
         requests = self.requests
@@ -184,12 +218,13 @@ class ModelBench:
             "recall": row["recall"],
         }
 
-    def against_fp(self, images: Tensor) -> dict[str, float]:
-        reference, test = to_unit_range(self.fp_images), to_unit_range(images)
+    def against_fp(self, images: Tensor, eta: float) -> dict[str, float]:
+        reference, test = to_unit_range(self.fp_images(eta)), to_unit_range(images)
         return {"psnr": float(psnr(reference, test)), "ssim": float(ssim(reference, test))}
 
-    def sqnr_per_step(self, quantized: nn.Module) -> list[float]:
+    def sqnr_per_step(self, quantized: nn.Module, eta: float) -> list[float]:
         traced = min(SQNR_TRAJECTORIES, self.args.num_samples)
+        self.fp_images(eta)  # the conditioning of the compared samples
         rows = noise_estimate_error(
             self.model.denoiser,
             quantized,
@@ -198,16 +233,16 @@ class ModelBench:
             batch_size=traced,
             conditioning=self.conditioning.slice(0, traced),
             generator=torch.Generator().manual_seed(self.args.seed),
-            eta=self.args.eta,
+            eta=eta,
             test_hooks=sampling_hooks(quantized),
             progress=False,
         )
         return [row["sqnr_db"] for row in rows]
 
-    def sampling(self, seed: int) -> dict[str, Any]:
+    def sampling(self, seed: int, eta: float) -> dict[str, Any]:
         return {
             "sampler": "DDIM",
-            "eta": self.args.eta,
+            "eta": eta,
             "num_inference_steps": self.args.steps,
             "num_samples": self.args.num_samples,
             "seed": seed,
@@ -215,51 +250,54 @@ class ModelBench:
         }
 
 
-@torch.no_grad()
-def _built(bench: ModelBench, build: Callable[[], nn.Module], key: str | None = None) -> tuple[nn.Module, dict]:
-    """``build()`` timed with its peak GPU memory; with ``key``, built once per model bench and reused."""
-    if key is not None and key in bench.quantized:
-        return bench.quantized[key]
+def _timed(bench: ModelBench, work: Callable[[], Any]) -> tuple[Any, float, float | None]:
+    """``work()``, its wall time in seconds and its peak GPU memory in GiB (None off CUDA)."""
     cuda = torch.device(bench.args.device).type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    quantized = build()
+    result = work()
     if cuda:
         torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    cost = {
-        "calibration_s": round(time.perf_counter() - started, 2),
-        "peak_memory_gib": None if peak is None else round(peak, 3),
-    }
+    return result, round(time.perf_counter() - started, 2), None if peak is None else round(peak, 3)
+
+
+@torch.no_grad()
+def _built(bench: ModelBench, build: Callable[[], nn.Module], key: str | None = None) -> tuple[nn.Module, dict]:
+    """``build()`` timed with its peak GPU memory; with ``key``, built once per model bench and reused."""
+    if key is not None and key in bench.quantized:
+        return bench.quantized[key]
+    quantized, seconds, peak = _timed(bench, build)
+    cost = {"calibration_s": seconds, "peak_memory_gib": peak}
     if key is not None:
         bench.quantized[key] = (quantized, cost)
     return quantized, cost
 
 
 @torch.no_grad()
-def _measured(bench: ModelBench, quantized: nn.Module, cost: dict[str, Any]) -> dict[str, Any]:
+def _measured(bench: ModelBench, quantized: nn.Module, cost: dict[str, Any], eta: float) -> dict[str, Any]:
     """Sample the quantized model, judge, compare with FP and trace SQNR; ``cost`` is what building it took."""
-    images, _ = bench.sample(bench.model.with_denoiser(quantized), bench.args.seed)
+    images, _ = bench.sample(bench.model.with_denoiser(quantized), bench.args.seed, eta)
     return {
-        "metrics": bench.judge(images) | bench.against_fp(images),
-        "sqnr_per_step": bench.sqnr_per_step(quantized),
+        "metrics": bench.judge(images) | bench.against_fp(images, eta),
+        "sqnr_per_step": bench.sqnr_per_step(quantized, eta),
     } | cost
 
 
 def run_fp(bench: ModelBench, cell: Cell) -> dict[str, Any]:
     seed = bench.args.seed if cell.method == "fp" else OTHER_SEED
-    images = bench.fp_images if cell.method == "fp" else bench.sample(bench.model, seed)[0]
-    return {"metrics": bench.judge(images), "sampling": bench.sampling(seed)}
+    images = bench.fp_images(cell.eta) if cell.method == "fp" else bench.sample(bench.model, seed, cell.eta)[0]
+    return {"metrics": bench.judge(images), "sampling": bench.sampling(seed, cell.eta)}
 
 
 def recipe_methods() -> list[str]:
-    """Shipped recipes; ``<recipe>-no-recon`` for each that reconstructs; the PTQD ablation steps."""
+    """Shipped recipes; ``<recipe>-no-recon`` for each that reconstructs; the PTQD and calibration ablations."""
     names = available_recipes()
     variants = [name + NO_RECONSTRUCTION for name in names if load_recipe(name).reconstruction.enabled]
     ablation = [name + step for name in names if load_recipe(name).correction.enabled for step in CORRECTION_STEPS]
-    return names + variants + ablation
+    return names + variants + ablation + list(CALIBRATION_ABLATION)
 
 
 def _recipe_config(bench: ModelBench, cell: Cell) -> QuantConfig:
@@ -269,7 +307,13 @@ def _recipe_config(bench: ModelBench, cell: Cell) -> QuantConfig:
     for suffix in (NO_RECONSTRUCTION, *CORRECTION_STEPS):
         if cell.method.endswith(suffix):
             name, step = cell.method.removesuffix(suffix), suffix
+    if cell.method in CALIBRATION_ABLATION:
+        name, step = "q-diffusion", NO_RECONSTRUCTION
     config = load_recipe(name).with_bits(weight_bits, activation_bits)
+    if cell.method in CALIBRATION_ABLATION:
+        source, trajectories = CALIBRATION_ABLATION[cell.method]
+        config.name = cell.method
+        config.calibration = dataclasses.replace(load_recipe(source).calibration, num_trajectories=trajectories)
     if step == NO_RECONSTRUCTION:
         config.reconstruction.enabled = False
     elif step is not None:
@@ -286,20 +330,65 @@ def _recipe_config(bench: ModelBench, cell: Cell) -> QuantConfig:
     )
 
 
+def quantization_key(config: QuantConfig) -> str:
+    """What the quantized model depends on: the recipe less its name and its correction.
+
+    PTQD corrects while sampling, with statistics measured after quantizing, so recipes that
+    differ only in their correction (q-diffusion, ptqd and its ablation steps) share one model.
+    """
+    quantizing = dataclasses.replace(config, name="", correction=CorrectionConfig())
+    return json.dumps(quantizing.to_dict(), sort_keys=True)
+
+
+def reconstruction_state_dir(bench: ModelBench, key: str) -> Path | None:
+    """Where a quantization keeps its reconstruction's progress under ``--state-dir`` (None: nowhere)."""
+    if bench.args.state_dir is None:
+        return None
+    return Path(bench.args.state_dir) / bench.name / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def run_recipe(bench: ModelBench, cell: Cell) -> dict[str, Any]:
     config = _recipe_config(bench, cell)
-    switches = config.correction
-    # the correction's switches act only while sampling: the ablation steps share one quantized model
-    every = dataclasses.replace(switches, correlation=True, bias=True, variance=True)
-    shared = dataclasses.replace(config, correction=every)
-    key = json.dumps(dataclasses.replace(shared, name="").to_dict(), sort_keys=True)
+    key = quantization_key(config)
 
     def build() -> nn.Module:
-        return quantize_model(bench.model, shared, progress=bench.args.progress).denoiser
+        quantizing = dataclasses.replace(config, correction=CorrectionConfig())
+        state_dir = reconstruction_state_dir(bench, key)
+        quantized = quantize_model(bench.model, quantizing, progress=bench.args.progress, state_dir=state_dir)
+        if state_dir is not None:
+            shutil.rmtree(state_dir, ignore_errors=True)  # built: the progress is no longer needed
+        return quantized.denoiser
 
     quantized, cost = _built(bench, build, key)
-    info(quantized).config.correction = switches
-    return _measured(bench, quantized, cost) | {"recipe": config.to_dict()}
+    info(quantized).config.correction = config.correction
+    if config.correction.enabled:
+        cost = cost | _noise_statistics(bench, key, quantized, config.correction)
+    return _measured(bench, quantized, cost, cell.eta) | {"recipe": config.to_dict()}
+
+
+def _noise_statistics(bench: ModelBench, key: str, quantized: nn.Module, correction: CorrectionConfig) -> dict:
+    """PTQD's statistics measured on ``quantized`` (once per model and measurement); their cost."""
+    measurement = dataclasses.replace(correction, correlation=True, bias=True, variance=True)
+    key += json.dumps(dataclasses.asdict(measurement), sort_keys=True)
+    if key not in bench.noise_costs:
+        model = bench.model
+
+        def conditioning(n: int) -> Conditioning:  # at the guidance scale sampling uses
+            return model.make_conditioning(n, guidance_scale=model.guidance_scale)
+
+        def measure() -> None:
+            measure_noise(
+                quantized,
+                model.denoiser,
+                model.scheduler,
+                conditioning,
+                config=measurement,
+                progress=bench.args.progress,
+            )
+
+        _, seconds, peak = _timed(bench, measure)
+        bench.noise_costs[key] = {"noise_statistics_s": seconds, "noise_statistics_peak_memory_gib": peak}
+    return bench.noise_costs[key]
 
 
 def run_peer(bench: ModelBench, cell: Cell) -> dict[str, Any]:
@@ -318,7 +407,7 @@ def run_peer(bench: ModelBench, cell: Cell) -> dict[str, Any]:
         result.append(peers.apply_peer(cell.method, bench.model.denoiser, calibrate if spec.calibrates else None))
         return PeerDenoiser(result[0].model)
 
-    measured = _measured(bench, *_built(bench, build))
+    measured = _measured(bench, *_built(bench, build), cell.eta)
     peer = result[0]
     coverage = {"quantized": peer.quantized, "skipped": peer.skipped, "unquantized_inputs": peer.unquantized_inputs}
     return measured | {
@@ -344,7 +433,7 @@ def run_cell(bench: ModelBench, cell: Cell, command: str) -> dict[str, Any]:
         "status": "ok",
         "reason": None,
         "coverage": None,
-        "sampling": bench.sampling(bench.args.seed),
+        "sampling": bench.sampling(bench.args.seed, cell.eta),
         "features": "glyphnet",
     }
     try:
@@ -395,7 +484,9 @@ def run_matrix(args: argparse.Namespace, command: str) -> int:
             record = run_cell(bench, cell, command)
             write_cell(cell.path(results), record)
             longest = max(longest, time.monotonic() - began)
-            print(f"{cell.model} {cell.method} {cell.bits}: {record['status']} ({time.monotonic() - began:.0f} s)")
+            sampler = f" eta {cell.eta:g}" if cell.eta else ""
+            seconds = time.monotonic() - began
+            print(f"{cell.model} {cell.method} {cell.bits}{sampler}: {record['status']} ({seconds:.0f} s)")
             todo.remove(cell)
         del bench
     if todo:
@@ -426,8 +517,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--eta",
         type=float,
-        default=0.0,
-        help="DDIM eta: 0 deterministic (default), 1 as stochastic as DDPM; cells of eta > 0 are filed apart",
+        nargs="+",
+        default=[0.0],
+        help="DDIM eta, one or more: 0 deterministic (default), 1 as stochastic as DDPM; cells of eta > 0"
+        " are filed apart and share the quantized models",
     )
     parser.add_argument("--batch-size", type=int, default=1000, help="sampling batch (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the compared samples (default: 0)")
@@ -435,6 +528,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results", default="bench/results/quality", help="where cell JSON goes")
     parser.add_argument("--max-minutes", type=float, help="stop before a cell that would not end in time")
     parser.add_argument("--force", action="store_true", help="rerun cells whose results exist")
+    parser.add_argument(
+        "--state-dir",
+        help="keep each reconstruction's progress here, so a cell killed mid-reconstruction resumes where"
+        " it stopped when the same command runs again",
+    )
     parser.add_argument("-q", "--quiet", dest="progress", action="store_false", help="no progress bars")
     return parser.parse_args(argv)
 

@@ -101,16 +101,15 @@ def test_peer_denoiser_answers_in_float32_whatever_the_peer_computes_in():
 def test_ptqd_ablation_steps_share_one_quantization_and_differ_only_in_the_corrections():
     bench = SimpleNamespace(model=SimpleNamespace(guidance_scale=4.0), args=SimpleNamespace(steps=7))
     methods = [m for m in quality.recipe_methods() if m.startswith("ptqd")]
-    assert {"ptqd", "ptqd-cnc", "ptqd-cnc-bc", "ptqd-no-recon", "ptqd-none", "ptqd-mixed"} <= set(methods)
+    assert {"ptqd", "ptqd-cnc", "ptqd-cnc-bc", "ptqd-no-recon", "ptqd-mixed"} <= set(methods)
     switches = {}
-    for method in ["ptqd-none", "ptqd-cnc", "ptqd-cnc-bc", "ptqd"]:
+    for method in ["ptqd-cnc", "ptqd-cnc-bc", "ptqd"]:
         config = quality._recipe_config(bench, quality.Cell("ldm-glyphs64", method, "W4A8"))
         correction = config.correction
         switches[method] = (correction.correlation, correction.bias, correction.variance)
         assert correction.enabled and correction.num_inference_steps == 7
         assert config.calibration.guidance_scale == 4.0 and config.weight.bits == 4
     assert switches == {
-        "ptqd-none": (False, False, False),
         "ptqd-cnc": (True, False, False),
         "ptqd-cnc-bc": (True, True, False),
         "ptqd": (True, True, True),
@@ -121,6 +120,53 @@ def test_ptqd_ablation_steps_share_one_quantization_and_differ_only_in_the_corre
 
 
 def test_stochastic_sampler_cells_are_filed_apart():
-    (cell,) = quality.plan_cells(["dit-glyphs"], ["fp"], [], eta=1.0)
-    assert cell.path(Path("r")) == Path("r/dit-glyphs/fp__FP32__eta1.json")
-    assert quality.parse_args(["--eta", "0.5"]).eta == 0.5
+    deterministic, stochastic = quality.plan_cells(["dit-glyphs"], ["fp"], [], etas=[0.0, 1.0])
+    assert deterministic.path(Path("r")) == Path("r/dit-glyphs/fp__FP32.json")
+    assert stochastic.path(Path("r")) == Path("r/dit-glyphs/fp__FP32__eta1.json")
+    assert quality.parse_args(["--eta", "0", "0.5"]).eta == [0.0, 0.5]
+
+
+def test_recipes_that_differ_only_in_their_correction_share_one_quantized_model():
+    bench = SimpleNamespace(model=SimpleNamespace(guidance_scale=1.0), args=SimpleNamespace(steps=50))
+
+    def key(method: str, bits: str = "W4A8") -> str:
+        return quality.quantization_key(quality._recipe_config(bench, quality.Cell("ddpm-glyphs32", method, bits)))
+
+    shared = {key(method) for method in ["q-diffusion", "ptqd-cnc", "ptqd-cnc-bc", "ptqd"]}
+    assert len(shared) == 1
+    assert key("ptqd", "W8A8") not in shared
+    assert key("q-diffusion-no-recon") not in shared and key("eda-dm") not in shared
+
+
+def test_calibration_ablation_compares_strategies_at_equal_size_on_one_quantizer():
+    from dmquant.calib.strategies import get_strategy
+
+    bench = SimpleNamespace(model=SimpleNamespace(guidance_scale=1.0), args=SimpleNamespace(steps=50))
+    configs = {
+        method: quality._recipe_config(bench, quality.Cell("ddpm-glyphs32", method, "W4A8"))
+        for method in quality.CALIBRATION_ABLATION
+    }
+    strategies = {method: config.calibration.strategy for method, config in configs.items()}
+    assert strategies == {
+        "calib-uniform": "uniform",
+        "calib-ndtc": "ndtc",
+        "calib-tdac": "tdac",
+        "calib-single-step": "single_step",
+    }
+    uniform = configs["calib-uniform"].calibration
+    steps = get_strategy(uniform.strategy, **uniform.strategy_options)(uniform.num_inference_steps)
+    sizes = {method: config.calibration.num_trajectories for method, config in configs.items()}
+    sizes["calib-uniform"] *= len(steps)
+    assert all(abs(size - quality.CALIBRATION_SIZE) <= 1 for size in sizes.values()), sizes
+    for config in configs.values():  # everything but the calibration data is q-diffusion's, ranges only
+        assert not config.reconstruction.enabled
+        assert config.weight == configs["calib-tdac"].weight and config.activation.observer == "mse"
+
+
+def test_each_quantization_keeps_its_reconstruction_progress_apart(tmp_path):
+    bench = SimpleNamespace(name="dit-glyphs", args=SimpleNamespace(state_dir=str(tmp_path)))
+    first, second = quality.reconstruction_state_dir(bench, "a"), quality.reconstruction_state_dir(bench, "b")
+    assert first.parent == second.parent == tmp_path / "dit-glyphs" and first != second
+    assert quality.reconstruction_state_dir(bench, "a") == first  # the same command finds it again
+    bench.args.state_dir = None
+    assert quality.reconstruction_state_dir(bench, "a") is None

@@ -11,6 +11,7 @@ from diffusers import DDIMScheduler
 from dmquant.calib import get_strategy, record_calibration
 from dmquant.calib.tdac import allocate, default_feature_layer, density_and_diversity, min_max, step_features
 from dmquant.errors import ConfigError
+from dmquant.sampling import Conditioning
 from dmquant.zoo import tiny
 
 
@@ -87,3 +88,21 @@ def test_recorded_set_follows_the_allocation_of_the_model_features():
     recorded = torch.bincount(calibration.step_indices, minlength=steps).tolist()
     assert recorded == expected and sum(recorded) == trajectories
     assert len(set(recorded)) > 1  # the features do tell the steps apart
+
+
+def test_class_conditional_probe_takes_its_own_trajectories_not_a_recording_batch():
+    unet = tiny.tiny_unet2d(0, class_conditional=True)
+    trajectories = 12
+    conditioning = Conditioning(cond={"class_labels": torch.arange(trajectories) % tiny.TINY_NUM_CLASSES})
+    calibration = record_calibration(
+        unet,
+        DDIMScheduler(),
+        num_inference_steps=4,
+        steps=get_strategy("tdac", radius=0.05, probe_trajectories=3),
+        num_trajectories=trajectories,
+        batch_size=8,
+        conditioning=conditioning,
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+    )
+    assert len(calibration) == trajectories

@@ -282,7 +282,7 @@ def record_calibration(
         raise CalibrationError("num_trajectories=0: the calibration set would be empty")
     prepared = prepare_scheduler(scheduler, num_inference_steps)
     if isinstance(steps, FeatureAllocatedSteps):
-        probe = _batch_conditioning(conditioning, 0, min(num_trajectories, batch_size))
+        probe = _batch_conditioning(conditioning, 0, min(num_trajectories, steps.probe_trajectories))
         steps = steps.resolve(model_or_denoiser, scheduler, num_inference_steps, probe, generator, eta)
     if isinstance(steps, PerTrajectorySteps):
         assignment = steps.assign(prepared.timesteps, prepared.config.num_train_timesteps, num_trajectories)

@@ -125,9 +125,15 @@ def step_features(
 
 @dataclass(frozen=True)
 class FeatureAllocatedSteps:
-    """A strategy that probes the FP model first: :meth:`resolve` turns it into :class:`PerTrajectorySteps`."""
+    """A strategy that probes the FP model first: :meth:`resolve` turns it into :class:`PerTrajectorySteps`.
+
+    ``resolve(model, scheduler, num_inference_steps, conditioning, generator, eta)`` samples
+    ``conditioning``'s trajectories (``probe_trajectories`` of them at most; as many when
+    unconditional) to decide the steps.
+    """
 
     name: str
+    probe_trajectories: int
     resolve: Callable[..., PerTrajectorySteps]
 
 
@@ -149,13 +155,14 @@ def tdac(
         generator: torch.Generator | None,
         eta: float = 0.0,
     ) -> PerTrajectorySteps:
+        sized = conditioning is not None and conditioning.batch_size is not None
         features = step_features(
             model_or_denoiser,
             scheduler,
             num_inference_steps=num_inference_steps,
             layer=layer,
             conditioning=conditioning,
-            batch_size=probe_trajectories,
+            batch_size=conditioning.batch_size if sized else probe_trajectories,
             generator=generator,
             eta=eta,
         )
@@ -168,7 +175,7 @@ def tdac(
 
         return PerTrajectorySteps("tdac", assign)
 
-    return FeatureAllocatedSteps("tdac", resolve)
+    return FeatureAllocatedSteps("tdac", probe_trajectories, resolve)
 
 
 TIMESTEP_STRATEGIES["tdac"] = tdac
