@@ -67,7 +67,7 @@ from dmquant.atomic import write_atomically
 from dmquant.config import CorrectionConfig, QuantConfig, available_recipes, load_recipe
 from dmquant.eval.images import psnr, ssim, to_unit_range
 from dmquant.eval.noise import noise_estimate_error
-from dmquant.jobs import quantize_model, record_for
+from dmquant.jobs import forward_cost, quantize_model, record_for
 from dmquant.models import DiffusionModel, load_model
 from dmquant.provenance import environment
 from dmquant.sampling import Conditioning
@@ -286,6 +286,20 @@ def _measured(bench: ModelBench, quantized: nn.Module, cost: dict[str, Any], eta
     } | cost
 
 
+def _compute(bench: ModelBench, quantized: nn.Module) -> dict[str, Any]:
+    """Bit operations of a denoiser call of a dmquant model, mean over the trajectory, next to FP's;
+    the switch step and promoted blocks its recipe chose."""
+    model = bench.model.with_denoiser(quantized)
+    conditioning = bench.conditioning or bench.model.make_conditioning(1)
+    quant = info(quantized)
+    return {
+        "gbops_per_call": forward_cost(model, conditioning, bench.args.steps)["bops"] / 1e9,
+        "fp_gbops_per_call": forward_cost(bench.model, conditioning)["bops"] / 1e9,
+        "switch_step": quant.config.step_precision.switch_step if quant.config.step_precision.enabled else None,
+        "promoted": (quant.extra.get("hybrid") or {}).get("promoted"),
+    }
+
+
 def run_fp(bench: ModelBench, cell: Cell) -> dict[str, Any]:
     seed = bench.args.seed if cell.method == "fp" else OTHER_SEED
     images = bench.fp_images(cell.eta) if cell.method == "fp" else bench.sample(bench.model, seed, cell.eta)[0]
@@ -363,7 +377,8 @@ def run_recipe(bench: ModelBench, cell: Cell) -> dict[str, Any]:
     info(quantized).config.correction = config.correction
     if config.correction.enabled:
         cost = cost | _noise_statistics(bench, key, quantized, config.correction)
-    return _measured(bench, quantized, cost, cell.eta) | {"recipe": config.to_dict()}
+    measured = _measured(bench, quantized, cost, cell.eta)
+    return measured | {"compute": _compute(bench, quantized), "recipe": config.to_dict()}
 
 
 def _noise_statistics(bench: ModelBench, key: str, quantized: nn.Module, correction: CorrectionConfig) -> dict:

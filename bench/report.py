@@ -82,6 +82,8 @@ MISSING = "—"
 DEFAULT_RESULTS = Path("bench/results/quality")
 DEFAULT_OUTPUT = Path("BENCHMARKS.md")
 DEFAULT_PLOTS = Path("docs/bench")
+#: Hand-written reading notes: ``<table>.md`` goes under that table, ``all.md`` after the intro.
+DEFAULT_NOTES = Path("bench/notes")
 
 Cell = dict[str, Any]
 
@@ -442,6 +444,69 @@ def model_table(cells: Sequence[Cell]) -> str:
     return markdown_table(header, rows)
 
 
+#: Ablation views under a model's table: title -> (method, step label) in ablation order. A view
+#: is shown when at least two of its methods were measured at one bit setting.
+ABLATIONS = {
+    "PTQD ablation: each step adds one correction to the same quantized model": (
+        ("q-diffusion", "quantized (q-diffusion)"),
+        ("ptqd-cnc", "+ correlated-noise correction"),
+        ("ptqd-cnc-bc", "+ bias correction"),
+        ("ptqd", "+ variance-schedule calibration (ptqd)"),
+        ("ptqd-mixed", "+ step-aware mixed precision (ptqd-mixed)"),
+    ),
+    "Calibration ablation: q-diffusion's ranges without reconstruction, about 1,024 calibration samples": (
+        ("calib-uniform", "uniform steps (Q-Diffusion)"),
+        ("calib-ndtc", "NDTC (PTQ4DM)"),
+        ("calib-tdac", "TDAC (EDA-DM)"),
+        ("calib-single-step", "noisiest step only"),
+    ),
+}
+_ABLATION_COLUMNS = (
+    ("FID-proxy", "fid", fmt_sig),
+    ("sFID-proxy", "sfid", fmt_sig),
+    ("class acc.", "class_accuracy", fmt_percent),
+    ("PSNR (dB)", "psnr", fmt_fixed(1)),
+)
+
+
+def gbops(cell: Cell, key: str = "gbops_per_call") -> float | None:
+    """Giga bit-operations of a denoiser call (mean over the trajectory) the bench recorded, if any."""
+    value = (cell.get("compute") or {}).get(key)
+    return float(value) if _is_number(value) else None
+
+
+def ablation_tables(cells: Sequence[Cell]) -> list[str]:
+    """The ablation views of one table's cells: per bit setting, the steps measured, next to FP."""
+    measured = {(cell["method"], cell["bits"]): cell for cell in cells if _ok(cell)}
+    fp_gbops = next((gbops(cell, "fp_gbops_per_call") for cell in cells if gbops(cell, "fp_gbops_per_call")), None)
+    fp = measured.get(("fp", "FP32"))
+    spread = fp_spread(cells)
+    texts = []
+    for title, steps in ABLATIONS.items():
+        settings = sorted({bits for method, bits in measured if method in dict(steps)}, key=bits_key)
+        rows = []
+        for bits in settings:
+            present = [(label, measured[method, bits]) for method, label in steps if (method, bits) in measured]
+            if len(present) < 2:
+                continue
+            for label, cell in present:
+                values = [_display(_metric(cell, key), format_) for _, key, format_ in _ABLATION_COLUMNS]
+                rows.append(
+                    [bits, label, *values, _display(mean_sqnr(cell), fmt_fixed(1)), _display(gbops(cell), fmt_sig)]
+                )
+        if not rows:
+            continue
+        if fp is not None:
+            values = []
+            for _, key, format_ in _ABLATION_COLUMNS:
+                value = _display(_metric(fp, key), format_)
+                values.append(value + (f" ({_spread_format(key, format_)(spread[key])})" if key in spread else ""))
+            rows.insert(0, ["FP32", "FP (± seed-to-seed spread)", *values, MISSING, _display(fp_gbops, fmt_sig)])
+        header = ["bits", "step", *(name for name, _, _ in _ABLATION_COLUMNS), "mean SQNR (dB)", "GBOPs/call"]
+        texts.append(f"**{title}.**\n\n{markdown_table(header, rows)}")
+    return texts
+
+
 # --- provenance ----------------------------------------------------------------------------
 
 
@@ -728,11 +793,22 @@ def missing_text(cells: Sequence[Cell], everywhere: Sequence[Cell]) -> str | Non
     return f"Not measured on this model yet (other models have these rows): {rows}."
 
 
+def reading_notes(notes: Path | None, name: str) -> str | None:
+    """The hand-written notes ``<notes>/<name>.md``, if there are any."""
+    path = None if notes is None else notes / f"{name}.md"
+    return path.read_text(encoding="utf-8").strip() if path is not None and path.is_file() else None
+
+
 def model_section(
-    model: str, cells: Sequence[Cell], plots: Path, output: Path, everywhere: Sequence[Cell] = ()
+    model: str,
+    cells: Sequence[Cell],
+    plots: Path,
+    output: Path,
+    everywhere: Sequence[Cell] = (),
+    notes: Path | None = None,
 ) -> tuple[str, list[Path]]:
     """One table's section of the page and the plots it wrote (``everywhere``: the cells of the same
-    sampler on every model, for missing rows)."""
+    sampler on every model, for missing rows; ``notes``: the folder of reading notes)."""
     lines = [f"## {model}", ""]
     descriptions = sorted({cell["model_description"] for cell in cells if cell.get("model_description")})
     if descriptions:
@@ -741,6 +817,11 @@ def model_section(
         if text:
             lines += [text, ""]
     lines += [model_table(cells), "", spread_text(cells), ""]
+    for ablation in ablation_tables(cells):
+        lines += [ablation, ""]
+    reading = reading_notes(notes, model)
+    if reading:
+        lines += [reading, ""]
     missing = missing_text(cells, everywhere)
     if missing:
         lines += [missing, ""]
@@ -760,10 +841,15 @@ def model_section(
     return "\n".join(lines), written
 
 
-def render(cells: Sequence[Cell], *, output: Path, plots: Path, results: Path) -> tuple[str, list[Path]]:
+def render(
+    cells: Sequence[Cell], *, output: Path, plots: Path, results: Path, notes: Path | None = None
+) -> tuple[str, list[Path]]:
     """The whole page for ``cells`` (plots are written under ``plots``; the page is returned, not written)."""
     groups = by_model(cells)
     sections = [INTRO.format(results=_relative_link(results, output)).rstrip("\n"), ""]
+    reading = reading_notes(notes, "all")
+    if reading:
+        sections += [reading, ""]
     environments = {_environment_text(cell.get("environment")) for cell in cells}
     if len(environments) == 1:
         sections += [f"All numbers were measured on {environments.pop()}, {_dates_text(cells)}.", ""]
@@ -773,7 +859,7 @@ def render(cells: Sequence[Cell], *, output: Path, plots: Path, results: Path) -
     written: list[Path] = []
     for model, members in groups.items():
         same_sampler = [cell for cell in cells if sampler_eta(cell) == sampler_eta(members[0])]
-        text, paths = model_section(model, members, plots, output, same_sampler)
+        text, paths = model_section(model, members, plots, output, same_sampler, notes)
         sections.append(text)
         written += paths
     return "\n".join(sections).rstrip("\n") + "\n", written
@@ -807,6 +893,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--plots", type=Path, default=DEFAULT_PLOTS, help=f"directory for PNGs (default {DEFAULT_PLOTS})"
     )
+    parser.add_argument(
+        "--notes",
+        type=Path,
+        default=DEFAULT_NOTES,
+        help=f"folder of hand-written reading notes: <table>.md under that table, all.md after the intro"
+        f" (default {DEFAULT_NOTES})",
+    )
     return parser
 
 
@@ -820,7 +913,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not cells:
         print(f"error: no result cells (*.json) under {args.results}; run bench/quality.py first", file=sys.stderr)
         return 2
-    text, plots = render(cells, output=args.output, plots=args.plots, results=args.results)
+    text, plots = render(cells, output=args.output, plots=args.plots, results=args.results, notes=args.notes)
     write_page(args.output, text)
     tables = len(by_model(cells))
     print(f"wrote {args.output} ({tables} table(s), {len(cells)} cells) and {len(plots)} plot(s) under {args.plots}")

@@ -234,3 +234,38 @@ def test_a_stochastic_sampler_gets_tables_of_its_own(tmp_path):
     assert f"## {MODEL}-eta1" in text and "η = 1" in text
     # rows of the deterministic sampler are not listed as missing from the stochastic table
     assert "Not measured" not in text
+
+
+def test_ablations_list_their_measured_steps_in_order_next_to_fp(tmp_path):
+    cells = [
+        _cell("fp", "fp", "FP32", fid=0.6),
+        _cell("fp-seed1", "fp", "FP32", fid=0.7),
+        _cell("ptqd", "recipe", "W4A8", fid=0.8) | {"compute": {"gbops_per_call": 41.5, "fp_gbops_per_call": 430}},
+        _cell("q-diffusion", "recipe", "W4A8", fid=0.9),
+        _cell("ptqd-cnc", "recipe", "W4A8", fid=0.85),
+        _cell("q-diffusion", "recipe", "W8A8", fid=0.65),  # alone at its bits: no comparison to show
+        _cell("calib-tdac", "recipe", "W4A8", fid=0.7),  # one calibration step only: no view
+    ]
+    (view,) = bench_report.ablation_tables(cells)
+    assert view.startswith("**PTQD ablation")
+    rows = _table_rows(view)[2:]
+    assert [row[-1] for row in rows] == ["430", "—", "—", "41.5"]  # GBOPs/call where recorded
+    assert [row[:3] for row in rows] == [
+        ["FP32", "FP (± seed-to-seed spread)", "0.6 (±0.1)"],
+        ["W4A8", "quantized (q-diffusion)", "0.9"],
+        ["W4A8", "+ correlated-noise correction", "0.85"],
+        ["W4A8", "+ variance-schedule calibration (ptqd)", "0.8"],
+    ]
+
+
+def test_reading_notes_go_under_their_table_and_after_the_intro(tmp_path):
+    _write_cells(tmp_path / "results", [_cell("fp", "fp", "FP32"), _cell("mse", "recipe", "W8A8")])
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / f"{MODEL}.md").write_text("What this table shows.\n")
+    (notes / "all.md").write_text("How these runs were made.\n")
+    output = tmp_path / "BENCHMARKS.md"
+    argv = ["--results", str(tmp_path / "results"), "--output", str(output), "--plots", str(tmp_path / "plots")]
+    assert bench_report.main([*argv, "--notes", str(notes)]) == 0
+    text = output.read_text()
+    assert text.index("How these runs were made.") < text.index(f"## {MODEL}") < text.index("What this table shows.")
