@@ -31,8 +31,9 @@ Methods:
   ``unsupported`` cell saying why; what it leaves in full precision is in the cell's coverage.
 
 ``--eta`` takes several values: each is a sampler setting of its own (cells of eta > 0 are
-filed apart), sharing the quantized models. Results go to ``--results`` (default ``bench/results/quality``) as
-``<model>/<method>__<bits>.json`` in the schema of ``report.py``. The matrix resumes: a cell
+filed apart), sharing the quantized models. Results go to ``--results`` (default
+``bench/results/quality``) as ``<model>/<method>__<bits>.json`` in the schema of ``report.py``;
+recipe cells also record the bit operations of a denoiser call (``compute``). The matrix resumes: a cell
 whose file exists is skipped (``--force`` redoes it), and ``--max-minutes`` stops before a cell
 that would not finish in time, so a long matrix splits into chunks — run the same command again;
 with ``--state-dir`` even a cell killed during its reconstruction resumes from its last block.
