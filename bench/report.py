@@ -82,8 +82,9 @@ MISSING = "—"
 DEFAULT_RESULTS = Path("bench/results/quality")
 DEFAULT_OUTPUT = Path("BENCHMARKS.md")
 DEFAULT_PLOTS = Path("docs/bench")
-#: Hand-written reading notes: ``<table>.md`` goes under that table, ``all.md`` after the intro.
-DEFAULT_NOTES = Path("bench/notes")
+#: Folder of the results holding the hand-written reading notes: ``<table>.md`` goes under that
+#: table, ``all.md`` after the intro.
+NOTES_FOLDER = "notes"
 
 Cell = dict[str, Any]
 
@@ -896,9 +897,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--notes",
         type=Path,
-        default=DEFAULT_NOTES,
-        help=f"folder of hand-written reading notes: <table>.md under that table, all.md after the intro"
-        f" (default {DEFAULT_NOTES})",
+        help="folder of hand-written reading notes: <table>.md under that table, all.md after the intro"
+        f" (default: RESULTS/{NOTES_FOLDER})",
     )
     return parser
 
@@ -913,7 +913,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not cells:
         print(f"error: no result cells (*.json) under {args.results}; run bench/quality.py first", file=sys.stderr)
         return 2
-    text, plots = render(cells, output=args.output, plots=args.plots, results=args.results, notes=args.notes)
+    notes = args.notes or args.results / NOTES_FOLDER
+    text, plots = render(cells, output=args.output, plots=args.plots, results=args.results, notes=notes)
     write_page(args.output, text)
     tables = len(by_model(cells))
     print(f"wrote {args.output} ({tables} table(s), {len(cells)} cells) and {len(plots)} plot(s) under {args.plots}")
