@@ -188,6 +188,7 @@ class ModelBench:
         )
         self.quantized: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
         self.noise_costs: dict[str, dict[str, Any]] = {}
+        self.fp_gbops_per_call = forward_cost(self.model, self.model.make_conditioning(1))["bops"] / 1e9
         self._fp_images: dict[float, Tensor] = {}
         self.conditioning: Conditioning | None = None
 
@@ -295,7 +296,7 @@ def _compute(bench: ModelBench, quantized: nn.Module) -> dict[str, Any]:
     quant = info(quantized)
     return {
         "gbops_per_call": forward_cost(model, conditioning, bench.args.steps)["bops"] / 1e9,
-        "fp_gbops_per_call": forward_cost(bench.model, conditioning)["bops"] / 1e9,
+        "fp_gbops_per_call": bench.fp_gbops_per_call,
         "switch_step": quant.config.step_precision.switch_step if quant.config.step_precision.enabled else None,
         "promoted": (quant.extra.get("hybrid") or {}).get("promoted"),
     }

@@ -641,6 +641,14 @@ def _figure(width: float = 7.0, height: float = 4.0):
     return figure, figure.subplots()
 
 
+def _finish_plot(figure, axis, title: str, path: str | os.PathLike[str]) -> Path:
+    """Title, grid and legend (outside, right) as every plot of the page has them; then saved."""
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    return _save_png(figure, Path(path))
+
+
 def _save_png(figure, path: Path) -> Path:
     # No software version in the PNG metadata: the same JSON gives byte-identical plots.
     return write_atomically(
@@ -707,10 +715,7 @@ def fid_plot(model: str, cells: Sequence[Cell], path: str | os.PathLike[str]) ->
     axis.set_xlim(-0.4, len(settings) - 0.6)
     axis.set_xlabel("bit setting")
     axis.set_ylabel("FID-proxy (GlyphNet features; lower is better)")
-    axis.set_title(f"{model}: FID-proxy by bit setting")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-    return _save_png(figure, Path(path))
+    return _finish_plot(figure, axis, f"{model}: FID-proxy by bit setting", path)
 
 
 def sqnr_plot(model: str, cells: Sequence[Cell], path: str | os.PathLike[str]) -> Path | None:
@@ -739,10 +744,7 @@ def sqnr_plot(model: str, cells: Sequence[Cell], path: str | os.PathLike[str]) -
         )
     axis.set_xlabel("sampling step (1 = noisiest)")
     axis.set_ylabel("SQNR of the noise estimate vs FP (dB)")
-    axis.set_title(f"{model}: SQNR per sampling step")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-    return _save_png(figure, Path(path))
+    return _finish_plot(figure, axis, f"{model}: SQNR per sampling step", path)
 
 
 # --- the page ------------------------------------------------------------------------------
