@@ -36,7 +36,8 @@ filed apart), sharing the quantized models. Results go to ``--results`` (default
 recipe cells also record the bit operations of a denoiser call (``compute``). The matrix resumes: a cell
 whose file exists is skipped (``--force`` redoes it), and ``--max-minutes`` stops before a cell
 that would not finish in time, so a long matrix splits into chunks — run the same command again;
-with ``--state-dir`` even a cell killed during its reconstruction resumes from its last block.
+with ``--state-dir`` even a cell killed during its reconstruction resumes from its last block, and
+one killed while sampling a built model reloads it.
 
 Example (one chunk on a GPU)::
 
@@ -63,7 +64,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dmquant.api import info, measure_noise, sampling_hooks
+from dmquant.api import info, load, measure_noise, sampling_hooks, save
 from dmquant.atomic import write_atomically
 from dmquant.config import CorrectionConfig, QuantConfig, available_recipes, load_recipe
 from dmquant.eval.images import psnr, ssim, to_unit_range
@@ -356,26 +357,45 @@ def quantization_key(config: QuantConfig) -> str:
     return json.dumps(quantizing.to_dict(), sort_keys=True)
 
 
-def reconstruction_state_dir(bench: ModelBench, key: str) -> Path | None:
-    """Where a quantization keeps its reconstruction's progress under ``--state-dir`` (None: nowhere)."""
+def quantization_state_dir(bench: ModelBench, key: str) -> Path | None:
+    """Where a quantization keeps its progress under ``--state-dir`` (None: nowhere)."""
     if bench.args.state_dir is None:
         return None
     return Path(bench.args.state_dir) / bench.name / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+#: Under a quantization's state dir: its reconstruction's progress, then the built model.
+RECONSTRUCTION, BUILT, BUILD_COST = "reconstruction", "built", "cost.json"
+
+
+def _built_resumably(bench: ModelBench, build: Callable[[Path | None], nn.Module], key: str) -> tuple[nn.Module, dict]:
+    """:func:`_built`, keeping its progress under ``--state-dir``: the reconstruction's after every
+    block, then the built model and what building it cost, so a run killed while sampling it resumes
+    without building it again (and reports the cost of the original build)."""
+    state_dir = quantization_state_dir(bench, key)
+    if state_dir is None:
+        return _built(bench, lambda: build(None), key)
+    built, cost_file = state_dir / BUILT, state_dir / BUILT / BUILD_COST
+    if key not in bench.quantized and cost_file.is_file():
+        quantized = load(built, model=bench.model.denoiser).to(bench.args.device)
+        bench.quantized[key] = (quantized, json.loads(cost_file.read_text()))
+    quantized, cost = _built(bench, lambda: build(state_dir / RECONSTRUCTION), key)
+    if not cost_file.is_file():
+        save(quantized, built, overwrite=True)
+        write_atomically(cost_file, lambda f: f.write(json.dumps(cost).encode()))
+        shutil.rmtree(state_dir / RECONSTRUCTION, ignore_errors=True)  # built: the progress is no longer needed
+    return quantized, cost
 
 
 def run_recipe(bench: ModelBench, cell: Cell) -> dict[str, Any]:
     config = _recipe_config(bench, cell)
     key = quantization_key(config)
 
-    def build() -> nn.Module:
+    def build(state_dir: Path | None) -> nn.Module:
         quantizing = dataclasses.replace(config, correction=CorrectionConfig())
-        state_dir = reconstruction_state_dir(bench, key)
-        quantized = quantize_model(bench.model, quantizing, progress=bench.args.progress, state_dir=state_dir)
-        if state_dir is not None:
-            shutil.rmtree(state_dir, ignore_errors=True)  # built: the progress is no longer needed
-        return quantized.denoiser
+        return quantize_model(bench.model, quantizing, progress=bench.args.progress, state_dir=state_dir).denoiser
 
-    quantized, cost = _built(bench, build, key)
+    quantized, cost = _built_resumably(bench, build, key)
     info(quantized).config.correction = config.correction
     if config.correction.enabled:
         cost = cost | _noise_statistics(bench, key, quantized, config.correction)
@@ -547,8 +567,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--force", action="store_true", help="rerun cells whose results exist")
     parser.add_argument(
         "--state-dir",
-        help="keep each reconstruction's progress here, so a cell killed mid-reconstruction resumes where"
-        " it stopped when the same command runs again",
+        help="keep each quantization's progress here (its reconstruction after every block, then the built"
+        " model), so a killed cell resumes where it stopped when the same command runs again",
     )
     parser.add_argument("-q", "--quiet", dest="progress", action="store_false", help="no progress bars")
     return parser.parse_args(argv)

@@ -163,10 +163,29 @@ def test_calibration_ablation_compares_strategies_at_equal_size_on_one_quantizer
         assert config.weight == configs["calib-tdac"].weight and config.activation.observer == "mse"
 
 
-def test_each_quantization_keeps_its_reconstruction_progress_apart(tmp_path):
+def test_each_quantization_keeps_its_progress_apart(tmp_path):
     bench = SimpleNamespace(name="dit-glyphs", args=SimpleNamespace(state_dir=str(tmp_path)))
-    first, second = quality.reconstruction_state_dir(bench, "a"), quality.reconstruction_state_dir(bench, "b")
+    first, second = quality.quantization_state_dir(bench, "a"), quality.quantization_state_dir(bench, "b")
     assert first.parent == second.parent == tmp_path / "dit-glyphs" and first != second
-    assert quality.reconstruction_state_dir(bench, "a") == first  # the same command finds it again
+    assert quality.quantization_state_dir(bench, "a") == first  # the same command finds it again
     bench.args.state_dir = None
-    assert quality.reconstruction_state_dir(bench, "a") is None
+    assert quality.quantization_state_dir(bench, "a") is None
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_building_reloads_the_built_model_and_its_cost(tmp_path, monkeypatch):
+    argv = ["--models", "ddpm-glyphs32", "--methods", "mse", "--bits", "W8A8", "--num-samples", "8"]
+    argv += ["--steps", "2", "--batch-size", "8", "--device", "cpu", "-q", "--state-dir", str(tmp_path / "state")]
+    quality.main([*argv, "--results", str(tmp_path / "first")])
+    built = list((tmp_path / "state" / "ddpm-glyphs32").glob(f"*/{quality.BUILT}/{quality.BUILD_COST}"))
+    assert len(built) == 1
+
+    def never(*args, **kwargs):
+        raise AssertionError("the built model was quantized again")
+
+    monkeypatch.setattr(quality, "quantize_model", never)
+    quality.main([*argv, "--results", str(tmp_path / "again")])
+    first, again = (json.loads((tmp_path / d / "ddpm-glyphs32" / "mse__W8A8.json").read_text()) for d in ("first", "again"))
+    assert again["status"] == "ok", again["reason"]
+    assert again["calibration_s"] == first["calibration_s"]
+    assert again["metrics"]["psnr"] == pytest.approx(first["metrics"]["psnr"])
