@@ -185,7 +185,8 @@ def test_a_run_killed_after_building_reloads_the_built_model_and_its_cost(tmp_pa
 
     monkeypatch.setattr(quality, "quantize_model", never)
     quality.main([*argv, "--results", str(tmp_path / "again")])
-    first, again = (json.loads((tmp_path / run / "ddpm-glyphs32/mse__W8A8.json").read_text()) for run in ("first", "again"))
+    cells = [tmp_path / run / "ddpm-glyphs32/mse__W8A8.json" for run in ("first", "again")]
+    first, again = (json.loads(cell.read_text()) for cell in cells)
     assert again["status"] == "ok", again["reason"]
     assert again["calibration_s"] == first["calibration_s"]
     assert again["metrics"]["psnr"] == pytest.approx(first["metrics"]["psnr"])
