@@ -381,10 +381,20 @@ def _built_resumably(bench: ModelBench, build: Callable[[Path | None], nn.Module
         bench.quantized[key] = (quantized, json.loads(cost_file.read_text()))
     quantized, cost = _built(bench, lambda: build(state_dir / RECONSTRUCTION), key)
     if not cost_file.is_file():
+        cost |= _resumed_reconstruction(quantized)
+        bench.quantized[key] = (quantized, cost)
         save(quantized, built, overwrite=True)
         write_atomically(cost_file, lambda f: f.write(json.dumps(cost).encode()))
         shutil.rmtree(state_dir / RECONSTRUCTION, ignore_errors=True)  # built: the progress is no longer needed
     return quantized, cost
+
+
+def _resumed_reconstruction(quantized: nn.Module) -> dict[str, float]:
+    """``resumed_reconstruction_s``: the reconstruction time an earlier, killed run spent on the blocks
+    this one restored, which its ``calibration_s`` does not include (nothing when none was restored)."""
+    records = info(quantized).extra.get("reconstruction") or []
+    seconds = sum(record["seconds"] for record in records if record.get("restored"))
+    return {"resumed_reconstruction_s": round(seconds, 2)} if seconds else {}
 
 
 def run_recipe(bench: ModelBench, cell: Cell) -> dict[str, Any]:

@@ -80,6 +80,8 @@ FEATURE_NAMES = {"glyphnet": "GlyphNet", "inception": "Inception-v3"}
 MISSING = "—"
 
 DEFAULT_RESULTS = Path("bench/results/quality")
+#: Where the calibration-cost cells are, next to the quality results by default.
+COST_FOLDER = "calibration-cost"
 DEFAULT_OUTPUT = Path("BENCHMARKS.md")
 DEFAULT_PLOTS = Path("docs/bench")
 #: Folder of the results holding the hand-written reading notes: ``<table>.md`` goes under that
@@ -844,10 +846,56 @@ def model_section(
     return "\n".join(lines), written
 
 
+def _calibration_total(cell: Cell) -> float | None:
+    """``calibration_s`` plus what an earlier, killed run spent on the reconstruction blocks this run restored."""
+    seconds = cell.get("calibration_s")
+    resumed = cell.get("resumed_reconstruction_s")
+    return seconds + resumed if _is_number(seconds) and _is_number(resumed) else seconds
+
+
+def calibration_cost_section(cells: Sequence[Cell], notes: Path | None = None) -> str:
+    """What calibrating costs with a GPU to itself: wall time and peak memory per model and recipe,
+    from cells measured one process at a time without resuming (``bench/results/calibration-cost``)."""
+    header = ["model", "recipe", "bits", "calibration wall time", "of it in a resumed run", "peak GPU memory (GiB)"]
+    header.append("measured on")
+    rows = [
+        [
+            cell["model"],
+            method_label(cell),
+            cell["bits"],
+            _display(_calibration_total(cell), fmt_duration),
+            _display(cell.get("resumed_reconstruction_s"), fmt_duration),
+            _display(cell.get("peak_memory_gib"), fmt_fixed(2)),
+            f"{_environment_text(cell.get('environment'))}, {_dates_text([cell])}",
+        ]
+        for cell in cells
+        if _ok(cell)
+    ]
+    lines = ["## Calibration cost", "", markdown_table(header, rows), ""]
+    unmeasured = [model for model in ZOO_MODELS if model not in {cell["model"] for cell in cells if _ok(cell)}]
+    if unmeasured:
+        lines += [f"Not measured: {', '.join(unmeasured)}.", ""]
+    reading = reading_notes(notes, "all")
+    if reading:
+        lines += [reading, ""]
+    reproduce = commands(cells)
+    if reproduce:
+        lines += ["Reproduce:", "", "```sh", *reproduce, "```", ""]
+    return "\n".join(lines)
+
+
 def render(
-    cells: Sequence[Cell], *, output: Path, plots: Path, results: Path, notes: Path | None = None
+    cells: Sequence[Cell],
+    *,
+    output: Path,
+    plots: Path,
+    results: Path,
+    notes: Path | None = None,
+    cost_cells: Sequence[Cell] = (),
+    cost_notes: Path | None = None,
 ) -> tuple[str, list[Path]]:
-    """The whole page for ``cells`` (plots are written under ``plots``; the page is returned, not written)."""
+    """The whole page for ``cells`` (plots are written under ``plots``; the page is returned, not
+    written), ending with the calibration cost of ``cost_cells`` when there are any."""
     groups = by_model(cells)
     sections = [INTRO.format(results=_relative_link(results, output)).rstrip("\n"), ""]
     reading = reading_notes(notes, "all")
@@ -865,6 +913,8 @@ def render(
         text, paths = model_section(model, members, plots, output, same_sampler, notes)
         sections.append(text)
         written += paths
+    if cost_cells:
+        sections.append(calibration_cost_section(cost_cells, cost_notes))
     return "\n".join(sections).rstrip("\n") + "\n", written
 
 
@@ -902,6 +952,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of hand-written reading notes: <table>.md under that table, all.md after the intro"
         f" (default: RESULTS/{NOTES_FOLDER})",
     )
+    parser.add_argument(
+        "--cost-results",
+        type=Path,
+        help="cells measuring calibration cost with a GPU to itself, shown in a section of their own, with"
+        f" their notes from COST_RESULTS/{NOTES_FOLDER} (default: RESULTS/../{COST_FOLDER}; skipped if absent)",
+    )
     return parser
 
 
@@ -916,7 +972,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: no result cells (*.json) under {args.results}; run bench/quality.py first", file=sys.stderr)
         return 2
     notes = args.notes or args.results / NOTES_FOLDER
-    text, plots = render(cells, output=args.output, plots=args.plots, results=args.results, notes=notes)
+    cost_results = args.cost_results or args.results.parent / COST_FOLDER
+    try:
+        cost_cells = load_cells(cost_results) if cost_results.is_dir() else []
+    except CellError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    text, plots = render(
+        cells,
+        output=args.output,
+        plots=args.plots,
+        results=args.results,
+        notes=notes,
+        cost_cells=cost_cells,
+        cost_notes=cost_results / NOTES_FOLDER,
+    )
     write_page(args.output, text)
     tables = len(by_model(cells))
     print(f"wrote {args.output} ({tables} table(s), {len(cells)} cells) and {len(plots)} plot(s) under {args.plots}")

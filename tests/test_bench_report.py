@@ -269,3 +269,23 @@ def test_reading_notes_go_under_their_table_and_after_the_intro(tmp_path):
     assert bench_report.main([*argv, "--notes", str(notes)]) == 0
     text = output.read_text()
     assert text.index("How these runs were made.") < text.index(f"## {MODEL}") < text.index("What this table shows.")
+
+
+def test_calibration_cost_gets_a_section_that_names_the_models_not_measured(tmp_path):
+    _write_cells(tmp_path / "results", [_cell("fp", "fp", "FP32"), _cell("mse", "recipe", "W8A8")])
+    measured = _cell("q-diffusion", "recipe", "W4A8") | {"calibration_s": 420.75}
+    resumed = _cell("q-diffusion", "recipe", "W8A8") | {"calibration_s": 100.0, "resumed_reconstruction_s": 320.0}
+    cost = _write_cells(tmp_path / "cost", [measured, resumed])
+    (cost / "notes").mkdir()
+    (cost / "notes" / "all.md").write_text("One process per GPU.\n")
+    output = tmp_path / "BENCHMARKS.md"
+    argv = ["--results", str(tmp_path / "results"), "--output", str(output), "--plots", str(tmp_path / "plots")]
+    assert bench_report.main([*argv, "--cost-results", str(cost)]) == 0
+    section = output.read_text().split("## Calibration cost")[1]
+    rows = {row[2]: row for row in _table_rows(section)[2:]}
+    assert rows["W4A8"][:6] == [MODEL, "q-diffusion", "W4A8", "7.0 min", "—", "3.10"]
+    assert rows["W8A8"][3:5] == ["7.0 min", "5.3 min"]  # a resumed run's cost counts the earlier run's blocks
+    others = [model for model in bench_report.ZOO_MODELS if model != MODEL]
+    assert f"Not measured: {', '.join(others)}." in section and "One process per GPU." in section
+    assert bench_report.main([*argv, "--cost-results", str(tmp_path / "absent")]) == 0
+    assert "## Calibration cost" not in output.read_text()

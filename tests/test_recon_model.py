@@ -138,9 +138,12 @@ def test_a_killed_run_resumes_where_it_stopped_and_ends_identical(unet, calibrat
     assert _same_state(resumed, uninterrupted)
 
     def without_timing(model):
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in api.info(model).extra["reconstruction"]]
+        records = api.info(model).extra["reconstruction"]
+        return [{k: v for k, v in r.items() if k not in ("seconds", "restored")} for r in records]
 
     assert without_timing(resumed) == without_timing(uninterrupted)
+    restored = [r["restored"] for r in api.info(resumed).extra["reconstruction"]]
+    assert restored == [True] * 5 + [False] * (total - 5)  # what an earlier run spent stays counted apart
 
 
 def test_a_state_directory_of_another_run_is_refused(unet, calibration, tmp_path):

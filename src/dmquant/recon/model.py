@@ -83,6 +83,8 @@ class UnitRecord:
     changed_fraction: float | None
     learned_scales: int
     seconds: float
+    #: read back from the state directory: ``seconds`` were spent by an earlier, interrupted run
+    restored: bool = False
 
 
 @contextmanager
@@ -223,7 +225,8 @@ def reconstruct_model(
             for index, unit in enumerate(outer):
                 unit_id = state.unit_id(step.name, index)
                 record = state.done(unit_id)
-                if record is not None:
+                restored = record is not None
+                if restored:
                     state.restore(unit_id, unit.module)
                 else:
                     started = time.perf_counter()
@@ -241,7 +244,7 @@ def reconstruct_model(
                         **{k: v for k, v in result.items() if k != "iterations"},
                     }
                     state.finish(unit_id, unit.module, record)
-                records.append(UnitRecord(**record))
+                records.append(UnitRecord(**record, restored=restored))
                 if progress:
                     outer.set_postfix(unit=unit.name, mse=f"{record['initial_mse']:.3g}->{record['final_mse']:.3g}")
     if config.activation_scales == "after" and not config.activation_iterations:
