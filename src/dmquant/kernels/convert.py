@@ -1,0 +1,76 @@
+"""Turn a calibrated (simulated) quantized model into one that runs in real low precision.
+
+:func:`convert_model` replaces every calibrated :class:`~dmquant.core.layers.QuantLinear` and
+:class:`~dmquant.core.layers.QuantConv2d` with a :class:`~dmquant.kernels.layers.LowBitLinear` /
+:class:`~dmquant.kernels.layers.LowBitConv2d` that keeps the weight only as codes, and records
+what it did in a :class:`ConversionReport` (``model.dmquant_conversion``). A layer whose weight
+format no layout stores keeps its simulated form, with the reason in the report: conversion
+never fails a model for one layer. Attention matmul quantizers (Q·Kᵀ, softmax·V) stay simulated.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..core.layers import QuantConv2d, QuantLinear
+from .layers import LowBitConv2d, LowBitLinear
+from .weights import UnsupportedWeight
+
+#: The attribute of a converted model that holds its :class:`ConversionReport`.
+REPORT_ATTRIBUTE = "dmquant_conversion"
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert_model` converted, what it kept simulated and why, and the weight bytes."""
+
+    converted: Counter = field(default_factory=Counter)  # weight layout -> layers
+    kept: dict[str, str] = field(default_factory=dict)  # layer name -> reason
+    weight_bytes_before: int = 0  # the float weights of the converted layers
+    weight_bytes_after: int = 0  # their codes, scales and zero points
+
+    def summary(self) -> str:
+        layouts = ", ".join(f"{count} {layout}" for layout, count in sorted(self.converted.items())) or "none"
+        ratio = self.weight_bytes_after / self.weight_bytes_before if self.weight_bytes_before else float("nan")
+        text = f"converted {sum(self.converted.values())} layers ({layouts}); weights {ratio:.2f}x their float bytes"
+        return text + (f"; {len(self.kept)} kept simulated" if self.kept else "")
+
+
+def _low_bit(layer: nn.Module) -> LowBitLinear | LowBitConv2d:
+    return LowBitLinear(layer) if isinstance(layer, QuantLinear) else LowBitConv2d(layer)
+
+
+def _weights(layer: LowBitLinear | LowBitConv2d):
+    return [layer.weight] if isinstance(layer, LowBitLinear) else [part.weight for part in layer.parts]
+
+
+def convert_model(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """``model`` with its quantized Linear and Conv2d layers in real low precision (a copy unless ``inplace``).
+
+    The converted model computes what the simulated one does: on CPU bit for bit (the reference
+    path), on CUDA within the kernels' accumulation error.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = ConversionReport()
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+    if not targets:
+        raise ValueError(f"{type(model).__name__} has no quantized Linear or Conv2d layer: quantize it first")
+    for name, layer in targets:
+        try:
+            converted = _low_bit(layer)
+        except (UnsupportedWeight, ValueError) as why:
+            report.kept[name] = str(why)
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, converted)
+        for weight in _weights(converted):
+            report.converted[weight.layout] += 1
+            report.weight_bytes_after += weight.nbytes
+        report.weight_bytes_before += layer.weight.numel() * layer.weight.element_size()
+    setattr(model, REPORT_ATTRIBUTE, report)
+    return model

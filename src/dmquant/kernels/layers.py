@@ -1,0 +1,157 @@
+"""Linear and Conv2d layers that hold low-bit weights and run on low-bit kernels.
+
+:class:`LowBitLinear` and :class:`LowBitConv2d` replace a calibrated
+:class:`~dmquant.core.layers.QuantLinear` / :class:`~dmquant.core.layers.QuantConv2d`. They keep
+the weight only as codes (:class:`~dmquant.kernels.weights.LowBitWeight`) and the input's
+activation quantizer (its per-step parameters and bit schedule included), and compute one of two
+ways:
+
+- on CUDA, where a kernel exists for the pair (activation mode of the current step, weight
+  layout), with that kernel (:mod:`dmquant.kernels.dispatch`);
+- otherwise with the *reference path*: the activation fake-quantized by its own quantizer, the
+  weight dequantized from its codes, then ``F.linear`` / ``F.conv2d`` — the simulated layer's
+  computation, so its output equals the simulated layer's bit for bit. This is what runs on
+  CPU, for shapes or formats no kernel takes, and in the tests.
+
+A convolution with a split input (Q-Diffusion's shortcut split) has one part per input slice,
+each with its own activation and weight parameters: the kernel path sums one convolution per
+part (the bias added once), the reference path concatenates them into one as the simulated layer
+does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.layers import QuantConv2d, QuantLinear
+from ..core.primitives import FP8_E4M3
+from ..core.quantizer import Quantizer
+from . import dispatch
+from .weights import LowBitWeight
+
+
+def activation_mode(quantizer: Quantizer) -> str | None:
+    """How a kernel takes the input at the quantizer's current step: ``"int8"`` (8-bit integer,
+    quantized in the kernel), ``"fp8"`` (e4m3), ``"none"`` (left in floating point: a disabled
+    quantizer or 16 bits); None when no kernel takes it (other widths, per-channel parameters)."""
+    fmt = quantizer.fmt
+    if not quantizer.enabled or (not fmt.is_float and fmt.bits == 16):
+        return "none"
+    if quantizer.granularity.kind != "tensor":
+        return None
+    if fmt == FP8_E4M3:
+        return "fp8"
+    return "int8" if not fmt.is_float and fmt.bits == 8 else None
+
+
+class _Smoothing(nn.Module):
+    """SmoothQuant's per-input-channel division, carried over from the simulated layer."""
+
+    def __init__(self, smoothing: Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("smoothing", smoothing)
+
+    def unsmoothed(self, x: Tensor, channel_dim: int) -> Tensor:
+        if self.smoothing is None:
+            return x
+        shape = [1] * x.dim()
+        shape[channel_dim] = -1
+        return x / self.smoothing.reshape(shape)
+
+
+class LowBitLinear(_Smoothing):
+    """``y = x_q · W_qᵀ + b`` with ``W_q`` stored as codes."""
+
+    def __init__(self, layer: QuantLinear) -> None:
+        super().__init__(layer.smoothing)
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.input_quantizer = layer.input_quantizer
+        self.weight = LowBitWeight.from_quantizer(layer.weight_quantizer, layer.weight.detach())
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+
+    def reference(self, x: Tensor) -> Tensor:
+        return F.linear(self.input_quantizer(x), self.weight.dequantize(), self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.unsmoothed(x, -1)
+        kernel = dispatch.linear_kernel(activation_mode(self.input_quantizer), self.weight, x)
+        return self.reference(x) if kernel is None else kernel(x, self.input_quantizer, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class _ConvPart(nn.Module):
+    """One input part of a convolution: its channels, activation quantizer and weight slice."""
+
+    def __init__(self, quantizer: Quantizer, weight_quantizer: Quantizer, weight: Tensor, channels: slice) -> None:
+        super().__init__()
+        self.channels = channels
+        self.input_quantizer = quantizer
+        self.weight = LowBitWeight.from_quantizer(weight_quantizer, weight.detach())
+        self.kernel_size = tuple(weight.shape[2:])
+
+    def weight_4d(self) -> Tensor:
+        """The dequantized weight back in ``(Cout, Cin, kh, kw)``, laid out as a simulated layer's (so
+        that ``F.conv2d`` takes the same path and gives the same bits)."""
+        out_channels, (kh, kw) = self.weight.shape[0], self.kernel_size
+        weight = self.weight.dequantize().reshape(out_channels, kh, kw, -1).permute(0, 3, 1, 2)
+        return weight.clone(memory_format=torch.contiguous_format)
+
+
+class LowBitConv2d(_Smoothing):
+    """A Conv2d with its weight stored as codes; ``groups == 1`` and zero padding run on kernels."""
+
+    def __init__(self, layer: QuantConv2d) -> None:
+        super().__init__(layer.smoothing)
+        if layer.padding_mode != "zeros":
+            raise ValueError(f"padding_mode={layer.padding_mode!r}: only zero padding is converted")
+        self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
+        self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
+        self.groups = layer.groups
+        quantizers = [layer.input_quantizer] + ([layer.input_quantizer_skip] if layer.split else [])
+        bounds = [0, layer.split, layer.in_channels] if layer.split else [0, layer.in_channels]
+        self.parts = nn.ModuleList(
+            _ConvPart(quantizer, weight_quantizer, weight, slice(start, stop))
+            for quantizer, (weight_quantizer, weight), start, stop in zip(
+                quantizers, layer.weight_parts(), bounds[:-1], bounds[1:], strict=True
+            )
+        )
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+
+    def reference(self, x: Tensor) -> Tensor:
+        """The simulated layer's computation: the parts' quantized inputs and weights concatenated, one conv."""
+        inputs = torch.cat([part.input_quantizer(x[:, part.channels]) for part in self.parts], dim=1)
+        weight = torch.cat([part.weight_4d() for part in self.parts], dim=1)
+        return F.conv2d(inputs, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.unsmoothed(x, 1)
+        kernels = [
+            dispatch.conv2d_kernel(activation_mode(part.input_quantizer), part.weight, x, self.groups)
+            for part in self.parts
+        ]
+        if None in kernels:
+            return self.reference(x)
+        geometry = (self.stride, self.padding, self.dilation)
+        first, *others = (
+            kernel(
+                x[:, part.channels],
+                part.input_quantizer,
+                part.weight,
+                self.bias if index == 0 else None,
+                part.kernel_size,
+                *geometry,
+            )  # fmt: skip
+            for index, (kernel, part) in enumerate(zip(kernels, self.parts, strict=True))
+        )
+        return sum(others, first)
+
+    def extra_repr(self) -> str:
+        split = f", split={self.parts[0].channels.stop}" if len(self.parts) > 1 else ""
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.parts[0].kernel_size}, stride={self.stride},"
+            f" padding={self.padding}{split}"
+        )

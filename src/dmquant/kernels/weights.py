@@ -1,0 +1,127 @@
+"""A calibrated weight stored as the low-bit kernels read it: codes, scales, zero points.
+
+A simulated layer keeps its float weight and fake-quantizes it on every call; a converted layer
+keeps only the codes its quantizer gives (``q = clamp(round(w / s) + z, qmin, qmax)``, Jacob et
+al. 2018, eq. 1) and the parameters that map them back, ``w = s · (q − z)``, in one of three
+layouts, all over a 2-D ``(N, K)`` view of the weight (Linear: as is; Conv2d: the output channel
+by ``(kh, kw, cin)``, which matches an NHWC input):
+
+- ``int8``: integer formats of 5–8 bits, codes shifted into ``[-128, 127]`` (an unsigned
+  8-bit code ``q`` is stored as ``q − 128`` with its zero point shifted alike);
+- ``int4``: integer formats of 2–4 bits, codes shifted to unsigned nibbles ``u = q − qmin`` and
+  packed two to a byte, element ``2j`` in the low nibble of byte ``j`` — the layout of
+  :func:`dmquant.core.packing.pack_codes` with 4 bits;
+- ``fp8``: the fp8 e4m3 format, the codes as ``torch.float8_e4m3fn``.
+
+Scales and zero points are ``(N, K // group_size)`` float32: one group per row with
+per-channel parameters, several with group-wise ones. Zero points are kept in the stored codes'
+domain, so every layout dequantizes as ``scale · (stored − zero)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..core.packing import pack_codes, unpack_codes
+from ..core.primitives import FP8_E4M3
+from ..core.quantizer import Quantizer
+
+#: The storage layouts and the integer widths each takes.
+INT8_BITS = range(5, 9)
+INT4_BITS = range(2, 5)
+
+
+class UnsupportedWeight(ValueError):
+    """A weight quantizer whose format or granularity no low-bit layout stores."""
+
+
+def as_matrix(weight: Tensor) -> Tensor:
+    """The ``(N, K)`` view the kernels multiply: a conv weight ``(Cout, Cin, kh, kw)`` as ``(Cout, kh·kw·Cin)``."""
+    if weight.dim() == 2:
+        return weight
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
+def group_size_of(params: Tensor) -> int:
+    """The largest run length along K that ``params`` (``(N, K)``, one value per element) is
+    constant over, dividing K: K for per-channel parameters."""
+    depth = params.shape[1]
+    changes = (params[:, 1:] != params[:, :-1]).any(dim=0).nonzero().flatten() + 1
+    size = depth
+    for boundary in changes.tolist():
+        size = math.gcd(size, boundary)
+    return size
+
+
+def layout_of(quantizer: Quantizer) -> str:
+    """The storage layout of a weight quantizer's format (raises :class:`UnsupportedWeight`)."""
+    fmt = quantizer.fmt
+    if fmt == FP8_E4M3:
+        return "fp8"
+    if not fmt.is_float and fmt.bits in INT8_BITS:
+        return "int8"
+    if not fmt.is_float and fmt.bits in INT4_BITS:
+        return "int4"
+    raise UnsupportedWeight(f"no low-bit layout stores {fmt.name} weights")
+
+
+class LowBitWeight(nn.Module):
+    """One weight in a kernel layout (module docstring); buffers only, so it moves with ``.to()``."""
+
+    def __init__(self, layout: str, stored: Tensor, scale: Tensor, zero: Tensor, shape: torch.Size) -> None:
+        super().__init__()
+        self.layout = layout
+        self.shape = torch.Size(shape)
+        self.register_buffer("stored", stored)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+
+    @classmethod
+    def from_quantizer(cls, quantizer: Quantizer, weight: Tensor) -> LowBitWeight:
+        """Store ``weight`` as its calibrated ``quantizer`` quantizes it."""
+        if not quantizer.enabled or not quantizer.calibrated:
+            raise UnsupportedWeight(f"{quantizer.name or 'weight quantizer'}: needs to be enabled and calibrated")
+        layout = layout_of(quantizer)
+        codes = as_matrix(quantizer.codes(weight))
+        scale, zero = (as_matrix(p.expand(weight.shape)).float() for p in quantizer.qparams(weight.shape))
+        group = group_size_of(torch.stack([scale, zero]).flatten(0, 1))
+        if layout == "int4" and group % 2:
+            raise UnsupportedWeight(f"int4 packing needs an even group size (and K), got {group}")
+        scale, zero = scale[:, ::group].contiguous(), zero[:, ::group].contiguous()
+        if layout == "fp8":
+            stored = codes.to(torch.float8_e4m3fn)
+        elif layout == "int8":
+            offset = 128 if quantizer.fmt.qmax > 127 else 0
+            stored, zero = (codes - offset).to(torch.int8), zero - offset
+        else:
+            qmin = quantizer.fmt.qmin
+            stored = pack_codes(codes - qmin, 4, qmin=0).reshape(codes.shape[0], -1)
+            zero = zero - qmin
+        return cls(layout, stored.contiguous(), scale, zero, codes.shape)
+
+    @property
+    def group_size(self) -> int:
+        return self.shape[1] // self.scale.shape[1]
+
+    def codes(self) -> Tensor:
+        """The stored codes as an ``(N, K)`` tensor (nibbles unpacked; fp8 as float32)."""
+        if self.layout == "int4":
+            return unpack_codes(self.stored.flatten(), 4, 0, self.shape)
+        return self.stored.float() if self.layout == "fp8" else self.stored
+
+    def dequantize(self) -> Tensor:
+        """``scale · (codes − zero)`` as float32 ``(N, K)``, equal to the simulated quantized weight."""
+        expand = self.group_size
+        scale = self.scale.repeat_interleave(expand, dim=1)
+        zero = self.zero.repeat_interleave(expand, dim=1)
+        return (self.codes().float() - zero) * scale
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.stored, self.scale, self.zero))
+
+    def extra_repr(self) -> str:
+        return f"{self.layout}, shape={tuple(self.shape)}, group_size={self.group_size}"

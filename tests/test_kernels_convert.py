@@ -1,0 +1,158 @@
+"""Conversion to low-bit layers: stored codes, the reference path against the simulated model, the report."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from dmquant import api
+from dmquant.config import CalibrationConfig, LayerRule, QuantizerConfig, load_recipe
+from dmquant.core.layers import QuantConv2d, QuantLinear
+from dmquant.core.quantizer import Quantizer, set_step
+from dmquant.denoiser import Denoiser
+from dmquant.jobs import record_for
+from dmquant.kernels.convert import REPORT_ATTRIBUTE, convert_model
+from dmquant.kernels.layers import LowBitConv2d, LowBitLinear, activation_mode
+from dmquant.kernels.weights import LowBitWeight, UnsupportedWeight, as_matrix, group_size_of
+from dmquant.models import load_model
+
+SMALL = CalibrationConfig(num_inference_steps=4, num_trajectories=2, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return load_model("tiny-unet")
+
+
+@pytest.fixture(scope="module")
+def calibration(unet):
+    return record_for(unet, SMALL, progress=False)
+
+
+def _quantized(unet, calibration, weight_bits, activation_bits, *, recipe="minmax", **changes):
+    config = load_recipe(recipe).with_bits(weight_bits, activation_bits)
+    config = dataclasses.replace(config, **changes)
+    return api.quantize(unet.denoiser, config, calibration, progress=False)
+
+
+def _outputs(model, calibration):
+    x, t, cond, _ = next(calibration.batches(4))
+    with torch.no_grad():
+        return Denoiser(model)(x, t, cond)
+
+
+def _weight_quantizer(config: str, weight: torch.Tensor, **options) -> Quantizer:
+    quantizer = Quantizer(QuantizerConfig(**{"bits": 8, "observer": "minmax"} | options | {"granularity": config}))
+    quantizer.calibrate_on(weight)
+    return quantizer
+
+
+@pytest.mark.parametrize(
+    ("bits", "options", "layout", "dtype"),
+    [
+        (8, {"symmetric": False}, "int8", torch.int8),
+        (8, {"symmetric": True}, "int8", torch.int8),
+        (6, {"symmetric": False}, "int8", torch.int8),
+        (4, {"symmetric": False}, "int4", torch.uint8),
+        (3, {"symmetric": True}, "int4", torch.uint8),
+        ("fp8_e4m3", {"symmetric": True}, "fp8", torch.float8_e4m3fn),
+    ],
+)
+@pytest.mark.parametrize("granularity", ["channel", "group:4"])
+def test_stored_weight_dequantizes_to_the_simulated_quantized_weight(bits, options, layout, dtype, granularity):
+    torch.manual_seed(0)
+    weight = torch.randn(6, 12, 3, 3) * torch.linspace(0.1, 3, 6).reshape(6, 1, 1, 1) + 0.3
+    quantizer = _weight_quantizer(granularity, weight, bits=bits, **options)
+    stored = LowBitWeight.from_quantizer(quantizer, weight)
+    assert stored.layout == layout and stored.stored.dtype == dtype
+    assert torch.equal(stored.dequantize(), as_matrix(quantizer(weight)))
+    assert stored.group_size == (108 if granularity == "channel" else 4)
+    if layout == "int4":
+        assert stored.stored.shape == (6, 54)  # two codes a byte
+        assert stored.codes().max() <= 15 and stored.codes().min() >= 0
+
+
+def test_conv_weights_are_laid_out_by_output_channel_then_kh_kw_cin():
+    weight = torch.arange(2 * 3 * 2 * 2).reshape(2, 3, 2, 2)
+    matrix = as_matrix(weight)
+    assert matrix.shape == (2, 12)
+    kh, kw, cin = 1, 0, 2  # element (cout=1, cin=2, kh=1, kw=0) sits at k = (kh * 2 + kw) * 3 + cin
+    assert matrix[1, (kh * 2 + kw) * 3 + cin] == weight[1, cin, kh, kw]
+
+
+def test_group_size_is_the_longest_run_of_equal_parameters_dividing_k():
+    assert group_size_of(torch.ones(3, 12)) == 12
+    assert group_size_of(torch.arange(12.0).repeat_interleave(4).reshape(4, 12)) == 4
+    assert group_size_of(torch.tensor([[1.0, 1, 1, 2, 2, 2]])) == 3
+    assert group_size_of(torch.tensor([[1.0, 1, 2, 2, 2, 2]])) == 2  # runs of 2 and 4: groups of 2
+
+
+def test_float4_weights_have_no_layout():
+    quantizer = _weight_quantizer("channel", torch.randn(4, 8), bits="fp4_e2m1", symmetric=True)
+    with pytest.raises(UnsupportedWeight, match="fp4_e2m1"):
+        LowBitWeight.from_quantizer(quantizer, torch.randn(4, 8))
+
+
+@pytest.mark.parametrize(
+    ("weight_bits", "activation_bits", "layouts", "mode"),
+    [
+        (8, 8, {"int8"}, "int8"),
+        (4, 8, {"int4", "int8"}, "int8"),  # the first and last layer stay at 8 bits
+        ("fp8_e4m3", "fp8_e4m3", {"fp8", "int8"}, "fp8"),
+        (4, 16, {"int4", "int8"}, "none"),
+    ],
+)
+def test_converted_model_computes_what_the_simulated_one_does(
+    unet, calibration, weight_bits, activation_bits, layouts, mode
+):
+    quantized = _quantized(unet, calibration, weight_bits, activation_bits)
+    converted = convert_model(quantized)
+    report = getattr(converted, REPORT_ATTRIBUTE)
+    assert set(report.converted) == layouts and not report.kept
+    assert not any(isinstance(m, (QuantLinear, QuantConv2d)) for m in converted.modules())
+    modes = {activation_mode(m.input_quantizer) for m in converted.modules() if isinstance(m, LowBitLinear)}
+    assert mode in modes
+    assert torch.equal(_outputs(converted, calibration), _outputs(quantized, calibration))  # the reference path
+    assert any(isinstance(m, QuantLinear) for m in quantized.modules())  # a copy: the simulated model is kept
+
+
+def test_split_shortcut_convs_become_one_convolution_per_input_part(unet, calibration):
+    quantized = _quantized(unet, calibration, 4, 8, split_shortcut=True)
+    converted = convert_model(quantized)
+    split = [m for m in converted.modules() if isinstance(m, LowBitConv2d) and len(m.parts) == 2]
+    assert split, "tiny-unet's up-blocks have split shortcuts"
+    assert torch.equal(_outputs(converted, calibration), _outputs(quantized, calibration))
+
+
+def test_per_step_activation_parameters_follow_the_sampling_step(unet, calibration):
+    quantized = _quantized(unet, calibration, 4, 8, per_step_activations=True)
+    converted = convert_model(quantized)
+    for step in (0, 3):
+        set_step(quantized, step)
+        set_step(converted, step)
+        assert torch.equal(_outputs(converted, calibration), _outputs(quantized, calibration))
+
+
+def test_four_bit_weights_take_under_a_third_of_their_bf16_bytes(unet, calibration):
+    quantized = _quantized(unet, calibration, 4, 8, rules=[])
+    report = getattr(convert_model(quantized), REPORT_ATTRIBUTE)
+    assert set(report.converted) == {"int4"}
+    assert report.weight_bytes_after < 0.3 * report.weight_bytes_before / 2  # before: float32
+    assert "converted" in report.summary()
+
+
+def test_a_layer_without_a_layout_stays_simulated_with_its_reason(unet, calibration):
+    quantized = _quantized(unet, calibration, "fp4_e2m1", 8, rules=[LayerRule("conv_in", weight_bits=8)])
+    converted = convert_model(quantized)
+    report = getattr(converted, REPORT_ATTRIBUTE)
+    assert report.converted == {"int8": 1}
+    assert report.kept and all("fp4_e2m1" in reason for reason in report.kept.values())
+    assert torch.equal(_outputs(converted, calibration), _outputs(quantized, calibration))
+
+
+def test_a_model_with_nothing_quantized_is_refused(unet):
+    with pytest.raises(ValueError, match="quantize it first"):
+        convert_model(nn.Sequential(nn.Linear(4, 4)))
