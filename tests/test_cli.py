@@ -133,10 +133,12 @@ def test_version(capsys):
                 "--prompt",
                 "--guidance",
                 "--base",
+                "--real-kernels",
                 "--quiet",
             ],
         ),
-        ("eval", ["--base", "--json", "--num-samples", "--steps", "--seed", "--batch-size", "--quiet"]),
+        ("eval", ["--base", "--json", "--num-samples", "--steps", "--seed", "--batch-size", "--real-kernels"]),
+        ("convert", ["--num-samples", "--base", "--device", "int8", "packed int4", "fp8", "--real-kernels"]),
         ("inspect", ["--recipe", "--w-bits", "--a-bits", "--quiet", "split shortcut"]),
         ("demo", ["--model", "--recipe", "--output", "--num-samples", "--steps", "--quiet", "W4A8", "FID-proxies"]),
     ],
@@ -361,6 +363,20 @@ def test_sample_from_checkpoint_differs_from_fp(w4_checkpoint, tmp_path, capsys)
         np.testing.assert_array_equal(fp["class_labels"], q["class_labels"])
     with Image.open(tmp_path / "q.png") as picture:
         assert picture.size == (2 * (16 + 2) + 2, 16 + 4)
+
+
+def test_convert_lists_each_layer_and_matches_the_simulated_samples_on_cpu(w4_checkpoint, tmp_path, capsys):
+    output, _ = w4_checkpoint
+    code, out, err = run(["convert", str(output), *SAMPLING, "-q"], capsys)
+    assert code == 0, err
+    assert "int4" in out and "| name | kind | weight | group_size | activation |" in out
+    assert "converted vs simulated, 2 samples from the same seeds on cpu: PSNR inf dB" in out
+    code, _, err = run(["sample", str(output), "-o", str(tmp_path / "q.png"), *SAMPLING, "-q"], capsys)
+    code, out, err = run(["sample", str(output), "-o", str(tmp_path / "r.png"), *SAMPLING, "--real-kernels"], capsys)
+    assert code == 0, err
+    assert out.startswith("converted ")
+    with np.load(tmp_path / "q.npz") as simulated, np.load(tmp_path / "r.npz") as real:
+        np.testing.assert_array_equal(simulated["images"], real["images"])
 
 
 def test_sample_non_png_output_is_a_clean_error(tmp_path, capsys):

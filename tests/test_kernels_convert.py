@@ -141,7 +141,8 @@ def test_four_bit_weights_take_under_a_third_of_their_bf16_bytes(unet, calibrati
     report = getattr(convert_model(quantized), REPORT_ATTRIBUTE)
     assert set(report.converted) == {"int4"}
     assert report.weight_bytes_after < 0.3 * report.weight_bytes_before / 2  # before: float32
-    assert "converted" in report.summary()
+    assert report.summary().startswith(f"converted {len(report.layers)} weights ({len(report.layers)} int4) into 0.")
+    assert {layer["activation"] for layer in report.layers} == {"int8"}
 
 
 def test_a_layer_without_a_layout_stays_simulated_with_its_reason(unet, calibration):

@@ -18,13 +18,15 @@ from typing import Any
 import torch
 
 from . import __version__
-from .api import info, required_steps, sampling_hooks, save
+from .api import INFO_ATTRIBUTE, info, required_steps, sampling_hooks, save
 from .checkpoint import MANIFEST_FILE, check_target
 from .config import QuantConfig, available_recipes, load_recipe
 from .core.attach import attach_quantizers, find_shortcut_splits
 from .denoiser import Denoiser
 from .errors import DmquantError
+from .eval.images import psnr, to_unit_range
 from .jobs import compare, generate, open_model, quantize_model
+from .kernels.convert import REPORT_ATTRIBUTE, convert_model
 from .models import BUILTIN_MODELS, SCHEDULERS, DiffusionModel
 from .precision.sqnr import analyze_sensitivity
 from .report import markdown_table, save_image_grid, save_samples_npz, sensitivity_bars, sensitivity_heatmap
@@ -92,10 +94,14 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _prepared(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel:
-    """The model on ``--device``, with ``--scheduler`` applied where the command has it, and an
-    unset ``--steps`` set to what the (first) model opened needs."""
+    """The model on ``--device``, with ``--scheduler`` applied where the command has it, an
+    unset ``--steps`` set to what the (first) model opened needs, and a quantized denoiser
+    converted to low-bit layers under ``--real-kernels``."""
     if getattr(args, "steps", 0) is None:
         args.steps = required_steps(model.denoiser) or DEFAULT_STEPS
+    if getattr(args, "real_kernels", False) and getattr(model.denoiser, INFO_ATTRIBUTE, None) is not None:
+        model = model.with_denoiser(convert_model(model.denoiser, inplace=True))
+        print(getattr(model.denoiser, REPORT_ATTRIBUTE).summary())
     model = model.to(args.device)
     scheduler = getattr(args, "scheduler", None)
     return model.with_scheduler(scheduler) if scheduler else model
@@ -127,6 +133,14 @@ def _recipe(args: argparse.Namespace, bits: tuple = (None, None)) -> QuantConfig
         except DmquantError as error:
             raise DmquantError(f"reconstruction.{error}") from None
     return config
+
+
+def _add_real_kernels_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--real-kernels",
+        action="store_true",
+        help="run a checkpoint's Linear and Conv2d layers on real low-bit kernels (see `dmquant convert`)",
+    )
 
 
 def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
@@ -340,6 +354,29 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    if not (Path(args.model) / MANIFEST_FILE).exists():
+        raise DmquantError(
+            f"{args.model}: not a dmquant checkpoint directory (no {MANIFEST_FILE}); make one with `dmquant quantize`"
+        )
+    simulated = _prepared(open_model(args.model, base=args.base), args)
+    converted = simulated.with_denoiser(convert_model(simulated.denoiser))
+    report = getattr(converted.denoiser, REPORT_ATTRIBUTE)
+    print(f"{args.model}: {report.summary()}\n")
+    print(markdown_table(report.layers, ["name", "kind", "weight", "group_size", "activation"]))
+    for name, reason in report.kept.items():
+        print(f"kept simulated: {name}: {reason}")
+    if args.num_samples:
+        kwargs = _sampling_kwargs(args)
+        expected, _ = generate(simulated, args.num_samples, **kwargs)
+        got, _ = generate(converted, args.num_samples, **kwargs)
+        print(
+            f"\nconverted vs simulated, {args.num_samples} samples from the same seeds on {args.device}: "
+            f"PSNR {psnr(to_unit_range(expected), to_unit_range(got)).item():.1f} dB (inf: identical)"
+        )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoOptions, demo_table, run_demo
 
@@ -508,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=lambda s: [int(v) for v in s.split(",")], help="class labels, comma-separated")
     p.add_argument("--prompt", action="append", help="prompt for text-conditional models (repeatable)")
     p.add_argument("--base", help="FP model a checkpoint was made from, if not the recorded one")
+    _add_real_kernels_option(p)
     _add_sampling_options(p, num_samples=16)
 
     p = _command(
@@ -522,7 +560,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a dmquant checkpoint directory")
     p.add_argument("--base", help="the FP model to compare with (default: the one the checkpoint records)")
     p.add_argument("--json", help="also write the results to this JSON file")
+    _add_real_kernels_option(p)
     _add_sampling_options(p, num_samples=16)
+
+    p = _command(
+        commands,
+        "convert",
+        help="run a checkpoint's Linear and Conv2d layers on real low-bit kernels, and check them",
+        description="Convert a quantized checkpoint's layers to real low-bit ones (weights stored as int8, packed "
+        "int4 or fp8 codes; activations quantized inside the kernels) and list what each layer became. With "
+        "--num-samples, sample the simulated and the converted model from the same seeds and report their PSNR. "
+        "On CPU the converted layers take the reference path and match bit for bit; on CUDA they run on the "
+        "kernels. `dmquant sample` and `dmquant eval` take --real-kernels to sample with converted layers.",
+        example="dmquant convert out/w8a8 --num-samples 16 --device cuda",
+        run=cmd_convert,
+    )
+    p.add_argument("model", help="a dmquant checkpoint directory")
+    p.add_argument("--base", help="the FP model the checkpoint was made from, if not the recorded one")
+    _add_sampling_options(p, num_samples=0)
 
     p = _command(
         commands,

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..core.layers import QuantConv2d, QuantLinear
-from .layers import LowBitConv2d, LowBitLinear
-from .weights import UnsupportedWeight
+from ..core.quantizer import Quantizer
+from .layers import LowBitConv2d, LowBitLinear, activation_mode
+from .weights import LowBitWeight, UnsupportedWeight
 
 #: The attribute of a converted model that holds its :class:`ConversionReport`.
 REPORT_ATTRIBUTE = "dmquant_conversion"
@@ -28,7 +29,8 @@ REPORT_ATTRIBUTE = "dmquant_conversion"
 class ConversionReport:
     """What :func:`convert_model` converted, what it kept simulated and why, and the weight bytes."""
 
-    converted: Counter = field(default_factory=Counter)  # weight layout -> layers
+    converted: Counter = field(default_factory=Counter)  # weight layout -> weights
+    layers: list[dict] = field(default_factory=list)  # per converted weight: name, kind, layout, group, activation
     kept: dict[str, str] = field(default_factory=dict)  # layer name -> reason
     weight_bytes_before: int = 0  # the float weights of the converted layers
     weight_bytes_after: int = 0  # their codes, scales and zero points
@@ -36,7 +38,7 @@ class ConversionReport:
     def summary(self) -> str:
         layouts = ", ".join(f"{count} {layout}" for layout, count in sorted(self.converted.items())) or "none"
         ratio = self.weight_bytes_after / self.weight_bytes_before if self.weight_bytes_before else float("nan")
-        text = f"converted {sum(self.converted.values())} layers ({layouts}); weights {ratio:.2f}x their float bytes"
+        text = f"converted {len(self.layers)} weights ({layouts}) into {ratio:.2f}x the bytes of their float32 form"
         return text + (f"; {len(self.kept)} kept simulated" if self.kept else "")
 
 
@@ -44,8 +46,11 @@ def _low_bit(layer: nn.Module) -> LowBitLinear | LowBitConv2d:
     return LowBitLinear(layer) if isinstance(layer, QuantLinear) else LowBitConv2d(layer)
 
 
-def _weights(layer: LowBitLinear | LowBitConv2d):
-    return [layer.weight] if isinstance(layer, LowBitLinear) else [part.weight for part in layer.parts]
+def _weights(layer: LowBitLinear | LowBitConv2d) -> list[tuple[LowBitWeight, Quantizer]]:
+    """Each stored weight of a converted layer with the quantizer of the input it multiplies."""
+    if isinstance(layer, LowBitLinear):
+        return [(layer.weight, layer.input_quantizer)]
+    return [(part.weight, part.input_quantizer) for part in layer.parts]
 
 
 def convert_model(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -68,9 +73,18 @@ def convert_model(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             continue
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, converted)
-        for weight in _weights(converted):
+        for index, (weight, quantizer) in enumerate(_weights(converted)):
             report.converted[weight.layout] += 1
             report.weight_bytes_after += weight.nbytes
+            report.layers.append(
+                {
+                    "name": name + (f" (input part {index})" if index else ""),
+                    "kind": "Linear" if isinstance(converted, LowBitLinear) else "Conv2d",
+                    "weight": weight.layout,
+                    "group_size": weight.group_size,
+                    "activation": activation_mode(quantizer) or f"{quantizer.fmt.name} (reference path)",
+                }
+            )
         report.weight_bytes_before += layer.weight.numel() * layer.weight.element_size()
     setattr(model, REPORT_ATTRIBUTE, report)
     return model
