@@ -136,6 +136,18 @@ def test_per_step_activation_parameters_follow_the_sampling_step(unet, calibrati
         assert torch.equal(_outputs(converted, calibration), _outputs(quantized, calibration))
 
 
+def test_kernels_get_the_current_steps_activation_parameters_with_codes_shifted_into_int8(unet, calibration):
+    quantized = _quantized(unet, calibration, 4, 8, per_step_activations=True)
+    layer = next(m for m in convert_model(quantized).modules() if isinstance(m, LowBitLinear))
+    quantizer = layer.input_quantizer
+    assert quantizer.fmt.qmin == 0 and quantizer.fmt.qmax == 255  # uint8: codes 0..255 run as -128..127
+    for step in (0, 2):
+        set_step(layer, step)
+        scale, zero = layer.activation.parameters_now()
+        assert scale.shape == (1,) and scale.item() == quantizer.scale[step].item()
+        assert zero == int(quantizer.zero_point[step]) - 128
+
+
 def test_four_bit_weights_take_under_a_third_of_their_bf16_bytes(unet, calibration):
     quantized = _quantized(unet, calibration, 4, 8, rules=[])
     report = getattr(convert_model(quantized), REPORT_ATTRIBUTE)

@@ -46,6 +46,34 @@ def activation_mode(quantizer: Quantizer) -> str | None:
     return "int8" if not fmt.is_float and fmt.bits == 8 else None
 
 
+class KernelActivation(nn.Module):
+    """An activation quantizer's per-tensor parameters as the kernels take them, fixed at conversion:
+    one scale per parameter set as a tensor that moves with the layer (read on the device, no host
+    sync per call) and one zero point per set as a Python int, shifted like the weight codes into
+    ``[-128, 127]`` (an unsigned 8-bit zero point ``z`` becomes ``z − 128``)."""
+
+    def __init__(self, quantizer: Quantizer) -> None:
+        super().__init__()
+        self.quantizer = quantizer
+        per_tensor = quantizer.enabled and quantizer.calibrated and quantizer.granularity.kind == "tensor"
+        scale = quantizer.scale.detach().float().reshape(quantizer.num_steps, -1)[:, 0] if per_tensor else None
+        self.register_buffer("scale", scale)
+        zeros = quantizer.zero_point.reshape(quantizer.num_steps, -1)[:, 0].tolist() if per_tensor else []
+        self.zeros = [
+            int(zero) - (128 if not fmt.is_float and fmt.qmax > 127 else 0)
+            for zero, fmt in zip(zeros, quantizer.slot_formats, strict=True)
+        ]
+
+    @property
+    def mode(self) -> str | None:
+        return activation_mode(self.quantizer)
+
+    def parameters_now(self) -> tuple[Tensor, int]:
+        """Scale (a one-element tensor) and shifted zero point of the current sampling step."""
+        slot = self.quantizer.slot()
+        return self.scale[slot : slot + 1], self.zeros[slot]
+
+
 class _Smoothing(nn.Module):
     """SmoothQuant's per-input-channel division, carried over from the simulated layer."""
 
@@ -67,17 +95,21 @@ class LowBitLinear(_Smoothing):
     def __init__(self, layer: QuantLinear) -> None:
         super().__init__(layer.smoothing)
         self.in_features, self.out_features = layer.in_features, layer.out_features
-        self.input_quantizer = layer.input_quantizer
+        self.activation = KernelActivation(layer.input_quantizer)
         self.weight = LowBitWeight.from_quantizer(layer.weight_quantizer, layer.weight.detach())
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+
+    @property
+    def input_quantizer(self) -> Quantizer:
+        return self.activation.quantizer
 
     def reference(self, x: Tensor) -> Tensor:
         return F.linear(self.input_quantizer(x), self.weight.dequantize(), self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.unsmoothed(x, -1)
-        kernel = dispatch.linear_kernel(activation_mode(self.input_quantizer), self.weight, x)
-        return self.reference(x) if kernel is None else kernel(x, self.input_quantizer, self.weight, self.bias)
+        kernel = dispatch.linear_kernel(self.activation.mode, self.weight, x)
+        return self.reference(x) if kernel is None else kernel(x, self.activation, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -89,9 +121,13 @@ class _ConvPart(nn.Module):
     def __init__(self, quantizer: Quantizer, weight_quantizer: Quantizer, weight: Tensor, channels: slice) -> None:
         super().__init__()
         self.channels = channels
-        self.input_quantizer = quantizer
+        self.activation = KernelActivation(quantizer)
         self.weight = LowBitWeight.from_quantizer(weight_quantizer, weight.detach())
         self.kernel_size = tuple(weight.shape[2:])
+
+    @property
+    def input_quantizer(self) -> Quantizer:
+        return self.activation.quantizer
 
     def weight_4d(self) -> Tensor:
         """The dequantized weight back in ``(Cout, Cin, kh, kw)``, laid out as a simulated layer's (so
@@ -130,7 +166,7 @@ class LowBitConv2d(_Smoothing):
     def forward(self, x: Tensor) -> Tensor:
         x = self.unsmoothed(x, 1)
         kernels = [
-            dispatch.conv2d_kernel(activation_mode(part.input_quantizer), part.weight, x, self.groups)
+            dispatch.conv2d_kernel(part.activation.mode, part.weight, x, self.groups)
             for part in self.parts
         ]
         if None in kernels:
