@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
+import types
 
 import pytest
 import torch
 from torch import nn
 
+import dmquant.kernels
 from dmquant import api
 from dmquant.config import CalibrationConfig, LayerRule, QuantizerConfig, load_recipe
 from dmquant.core.layers import QuantConv2d, QuantLinear
@@ -169,3 +172,53 @@ def test_a_layer_without_a_layout_stays_simulated_with_its_reason(unet, calibrat
 def test_a_model_with_nothing_quantized_is_refused(unet):
     with pytest.raises(ValueError, match="quantize it first"):
         convert_model(nn.Sequential(nn.Linear(4, 4)))
+
+
+def _stored_weight(bits, granularity, out_features=8, in_features=64, symmetric=False):
+    weight = torch.randn(out_features, in_features)
+    return LowBitWeight.from_quantizer(_weight_quantizer(granularity, weight, bits=bits, symmetric=symmetric), weight)
+
+
+@pytest.mark.parametrize(
+    ("mode", "bits", "granularity", "dtype", "runs"),
+    [
+        ("int8", 8, "channel", torch.float32, True),
+        ("int8", 4, "group:32", torch.bfloat16, True),
+        ("int8", 4, "group:16", torch.bfloat16, False),  # int4 groups must be multiples of the K tile (32)
+        ("none", 4, "channel", torch.bfloat16, True),
+        ("none", 4, "channel", torch.float32, False),  # W4A16 takes bf16/fp16 activations
+        ("none", 8, "channel", torch.bfloat16, False),  # no W8A16 kernel: the reference path
+        ("fp8", "fp8_e4m3", "channel", torch.float32, True),
+        (None, 8, "channel", torch.float32, False),  # e.g. 4-bit activations
+    ],
+)
+def test_a_kernel_is_chosen_only_for_the_pairs_and_shapes_it_takes(monkeypatch, mode, bits, granularity, dtype, runs):
+    from dmquant.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    symmetric = bits == "fp8_e4m3"
+    weight = _stored_weight(bits, granularity, symmetric=symmetric)
+    on_gpu = types.SimpleNamespace(is_cuda=True, dtype=dtype)
+    assert dispatch._runs_on_a_kernel(mode, weight, on_gpu) is runs
+    assert not dispatch._runs_on_a_kernel(mode, weight, types.SimpleNamespace(is_cuda=False, dtype=dtype))
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+    assert not dispatch._runs_on_a_kernel(mode, weight, on_gpu)
+
+
+def test_a_kernel_call_gets_the_weight_tensors_and_the_current_steps_activation_parameters(monkeypatch):
+    from dmquant.kernels import dispatch
+
+    calls = []
+    fake = types.ModuleType("dmquant.kernels.triton_gemm")
+    fake.int8_linear = fake.fp8_linear = None
+    fake.int4_linear = lambda x, **arguments: calls.append(arguments) or x
+    monkeypatch.setitem(sys.modules, "dmquant.kernels.triton_gemm", fake)
+    monkeypatch.setattr(dmquant.kernels, "triton_gemm", fake, raising=False)
+    monkeypatch.setattr(dispatch, "_runs_on_a_kernel", lambda *args: True)
+    weight = _stored_weight(4, "group:32")
+    activation = types.SimpleNamespace(parameters_now=lambda: (torch.tensor([0.5]), -3))
+    dispatch.linear_kernel("int8", weight, torch.zeros(1))(torch.zeros(2, 64), activation, weight, None)
+    (arguments,) = calls
+    assert arguments["x_scale"].item() == 0.5 and arguments["x_zero"] == -3 and arguments["act"] == "int8"
+    assert arguments["w_packed"] is weight.stored and arguments["group_size"] == 32
+    assert torch.equal(arguments["w_colsum"], weight.codes().reshape(8, 2, 32).sum(-1))

@@ -165,23 +165,13 @@ class LowBitConv2d(_Smoothing):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.unsmoothed(x, 1)
-        kernels = [
-            dispatch.conv2d_kernel(part.activation.mode, part.weight, x, self.groups)
-            for part in self.parts
-        ]
+        kernels = [dispatch.conv2d_kernel(part.activation.mode, part.weight, x, self.groups) for part in self.parts]
         if None in kernels:
             return self.reference(x)
-        geometry = (self.stride, self.padding, self.dilation)
+        geometry = {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
         first, *others = (
-            kernel(
-                x[:, part.channels],
-                part.input_quantizer,
-                part.weight,
-                self.bias if index == 0 else None,
-                part.kernel_size,
-                *geometry,
-            )  # fmt: skip
-            for index, (kernel, part) in enumerate(zip(kernels, self.parts, strict=True))
+            kernel(x[:, part.channels], part.activation, part.weight, bias, kernel_size=part.kernel_size, **geometry)
+            for kernel, part, bias in zip(kernels, self.parts, [self.bias, None], strict=False)
         )
         return sum(others, first)
 

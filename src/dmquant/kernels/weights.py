@@ -78,6 +78,9 @@ class LowBitWeight(nn.Module):
         self.register_buffer("stored", stored)
         self.register_buffer("scale", scale)
         self.register_buffer("zero", zero)
+        integer = layout != "fp8"
+        self.register_buffer("kernel_zero", self._kernel_zero() if integer and zero.any() else None)
+        self.register_buffer("column_sums", self._column_sums() if integer else None)
 
     @classmethod
     def from_quantizer(cls, quantizer: Quantizer, weight: Tensor) -> LowBitWeight:
@@ -119,9 +122,21 @@ class LowBitWeight(nn.Module):
         zero = self.zero.repeat_interleave(expand, dim=1)
         return (self.codes().float() - zero) * scale
 
+    def _kernel_zero(self) -> Tensor:
+        """Zero points as the integer kernels take them: int32 ``(N,)`` per channel for int8, the
+        ``(N, groups)`` float32 array for int4."""
+        return self.zero[:, 0].to(torch.int32) if self.layout == "int8" else self.zero
+
+    def _column_sums(self) -> Tensor:
+        """``Σ_k q_w[n, k]`` over each group of the stored codes, int32 ``(N, groups)``: the term that
+        corrects for the activations' zero point (see :mod:`dmquant.kernels.integer`)."""
+        rows, groups = self.scale.shape
+        return self.codes().to(torch.int32).reshape(rows, groups, -1).sum(dim=-1, dtype=torch.int32)
+
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.stored, self.scale, self.zero))
+        """Bytes of what a kernel reads: codes, scales, zero points and column sums."""
+        return sum(t.numel() * t.element_size() for t in self.buffers())
 
     def extra_repr(self) -> str:
         return f"{self.layout}, shape={tuple(self.shape)}, group_size={self.group_size}"
