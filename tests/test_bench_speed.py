@@ -1,0 +1,270 @@
+"""bench/speed.py: the cell matrix, resuming, time limits, FLOPs, weight bytes, the table, one CPU run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+
+import speed  # noqa: E402
+
+from dmquant.api import info, quantize  # noqa: E402
+from dmquant.calib.record import CalibrationSet  # noqa: E402
+from dmquant.kernels.convert import convert_model  # noqa: E402
+
+
+def test_cells_are_named_by_model_and_row_and_run_in_row_order():
+    cells = speed.plan_cells(["dit-glyphs", "sd15-unet"], ["dmquant-w4a8", "bf16-eager"])
+    assert [(cell.model, cell.row) for cell in cells] == [
+        ("dit-glyphs", "bf16-eager"),
+        ("dit-glyphs", "dmquant-w4a8"),
+        ("sd15-unet", "bf16-eager"),
+        ("sd15-unet", "dmquant-w4a8"),
+    ]
+    assert cells[1].path(Path("r")) == Path("r/dit-glyphs/dmquant-w4a8.json")
+
+
+def test_a_row_whose_settings_are_all_deselected_is_left_out():
+    rows = ["bf16-eager", "bf16-compiled", "bf16-compiled-cudagraphs", "int8-dynamic"]
+    cells = speed.plan_cells(["dit-glyphs"], rows, settings=["eager"])
+    assert [cell.row for cell in cells] == ["bf16-eager", "int8-dynamic"]
+
+
+def test_pending_skips_finished_cells_and_retries_failed_ones(tmp_path):
+    cells = speed.plan_cells(["dit-glyphs"], ["bf16-eager", "int8-dynamic", "dmquant-w8a8-int8"])
+    for cell, status in zip(cells, ["ok", "unsupported", "failed"], strict=True):
+        speed.write_cell(cell.path(tmp_path), {"status": status})
+    assert speed.pending(cells, tmp_path, force=False) == cells[2:]
+    assert speed.pending(cells, tmp_path, force=True) == cells
+
+
+def _time_limited(tmp_path, monkeypatch, models: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Args for ``models`` with one minute, estimates of 1 s per model but 10,000 s for SDXL, cells that
+    run at once; and the list of the rows run."""
+    ran = []
+    monkeypatch.setattr(speed, "ESTIMATED_SECONDS", dict.fromkeys(speed.MODELS, 1) | {"sdxl-unet": 10_000})
+    monkeypatch.setattr(speed, "write_peaks", lambda args, command: None)
+    monkeypatch.setattr(speed, "ModelBench", lambda model, args, rows: None)
+    record = {"status": "ok", "reason": None, "metrics": {"median_ms": 1.0}}
+    monkeypatch.setattr(speed, "run_cell", lambda bench, cell, *rest: ran.append(f"{cell.model}/{cell.row}") or record)
+    argv = ["--models", *models, "--rows", "bf16-eager", "int8-dynamic", "--max-minutes", "1"]
+    return speed.parse_args([*argv, "--results", str(tmp_path)]), ran
+
+
+def test_a_model_that_would_not_finish_in_time_is_left_whole_for_the_next_run(tmp_path, monkeypatch, capsys):
+    args, ran = _time_limited(tmp_path, monkeypatch, ["dit-glyphs", "sdxl-unet", "ldm-glyphs64"])
+    assert speed.run_matrix(args, "cmd") == 2
+    assert ran == ["dit-glyphs/bf16-eager", "dit-glyphs/int8-dynamic", "ldm-glyphs64/bf16-eager",
+                   "ldm-glyphs64/int8-dynamic"]  # fmt: skip
+    out = capsys.readouterr().out
+    assert "sdxl-unet: left for the next run" in out and "2 cells left (time limit); run the same command" in out
+
+
+def test_a_first_model_too_long_for_any_run_is_split_by_rows(tmp_path, monkeypatch, capsys):
+    args, ran = _time_limited(tmp_path, monkeypatch, ["sdxl-unet", "dit-glyphs"])
+    assert speed.run_matrix(args, "cmd") == 1
+    assert ran == ["sdxl-unet/bf16-eager", "dit-glyphs/bf16-eager", "dit-glyphs/int8-dynamic"]
+    assert "sdxl-unet: 1 rows left for the next run" in capsys.readouterr().out
+    assert speed.pending(speed.plan_cells(["sdxl-unet"], ["bf16-eager", "int8-dynamic"]), tmp_path, False) == [
+        speed.Cell("sdxl-unet", "int8-dynamic")
+    ]
+
+
+class ConvThenLinear(nn.Module):
+    """A stride-2 conv, a grouped conv and a Linear, called like a denoiser (``t`` ignored)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.linear = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.grouped(self.conv(x)).flatten(1))
+
+
+def test_flop_counter_matches_a_hand_count_of_convs_and_a_linear():
+    model, x = ConvThenLinear(), torch.randn(2, 3, 8, 8)
+    count = speed.count_flops(model, lambda: model(x, None))
+    conv = 2 * (2 * 8 * 4 * 4) * (3 * 3 * 3)  # 2 · output elements · (in / groups) · k²
+    grouped = 2 * (2 * 8 * 4 * 4) * (2 * 3 * 3)
+    linear = 2 * 2 * 128 * 10  # 2 · rows · in · out
+    assert count.layers["conv"].flops == conv and count.layers["grouped"].flops == grouped
+    assert count.of_kind("linear") == linear and count.total == conv + grouped + linear
+    assert count.attention == 0 and count.summary()["full_precision_fraction"] == 1.0
+
+
+def test_attention_flops_are_both_matmuls_of_every_head():
+    from diffusers.models.attention_processor import Attention
+
+    attention = Attention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8)
+    hidden, context = torch.randn(3, 10, 16), torch.randn(3, 7, 12)
+    count = speed.count_flops(attention, lambda: attention(hidden, encoder_hidden_states=context))
+    assert count.attention == 2 * (2 * 3 * 10 * 7 * 16)  # Q·Kᵀ and P·V, each 2·B·N·M·(heads·dim_head)
+
+
+@pytest.mark.parametrize("build", ["tiny_dit", "tiny_unet2d", "tiny_unet2d_condition"])
+def test_flop_counter_agrees_with_torch_on_whole_diffusers_models(build):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dmquant.zoo import tiny
+
+    model = getattr(tiny, build)()
+    config = model.config
+    x, t = torch.randn(2, config.in_channels, config.sample_size, config.sample_size), torch.tensor([1, 900])
+    labels = torch.tensor([0, 1])
+    cond = {"encoder_hidden_states": torch.randn(2, 4, 32)} if "condition" in build else {"class_labels": labels}
+    ours = speed.count_flops(model, lambda: model(x, t, **cond))
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as torch_count:
+        model(x, t, **cond)  # the math backend runs attention as bmm, which torch counts
+    assert ours.total == torch_count.get_total_flops() and ours.attention > 0
+
+
+def _converted(bits: int | str) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """ConvThenLinear, and a copy quantized by minmax at ``bits`` and converted to low-bit layers."""
+    torch.manual_seed(0)
+    model, x = ConvThenLinear(), torch.randn(2, 3, 8, 8)
+    config = speed.load_recipe("minmax").with_bits(bits, bits)
+    calibration = CalibrationSet(x, torch.zeros(2), torch.zeros(2, dtype=torch.long), {}, 1)
+    quantized = quantize(model, config, calibration, progress=False)
+    return model, convert_model(quantized), x
+
+
+def test_converted_low_bit_layers_are_counted_as_the_layers_they_replace():
+    model, converted, x = _converted(8)
+    fp = speed.count_flops(model, lambda: model(x, None))
+    low_bit = speed.count_flops(converted, lambda: converted(x, None))
+    assert {name: layer.flops for name, layer in low_bit.layers.items()} == {
+        name: layer.flops for name, layer in fp.layers.items()
+    }
+    assert {layer.precision for layer in low_bit.layers.values()} == {"low-bit"}
+    assert low_bit.summary()["full_precision_layer_fraction"] == 0.0
+    assert speed.weight_bytes(converted) < speed.weight_bytes(model) / 2
+
+
+def test_casting_a_converted_model_keeps_the_low_bit_layers_as_their_kernels_take_them():
+    _, converted, _ = _converted("fp8_e4m3")
+    converted.head = nn.LayerNorm(10)
+    speed.cast_outside_low_bit_layers(converted, torch.bfloat16)
+    assert converted.head.weight.dtype == torch.bfloat16
+    assert converted.linear.weight.stored.dtype == torch.float8_e4m3fn
+    assert converted.linear.weight.scale.dtype == torch.float32
+    assert speed.conversion_summary(converted)["converted"] == {"fp8": 3}
+
+
+def test_weight_bytes_count_a_torchao_tensor_subclass_at_its_real_storage():
+    torchao = pytest.importorskip("torchao.quantization")
+    linear = nn.Sequential(nn.Linear(128, 64))
+    torchao.quantize_(linear, torchao.Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
+    stored = speed.weight_bytes(linear)
+    assert 128 * 64 + 64 * 4 <= stored < 128 * 64 + 64 * 4 + 1024  # int8 codes, fp32 bias, row scales
+
+
+def test_w4_rows_group_by_128_input_channels_and_keep_layers_128_does_not_divide():
+    row = speed.ROWS["dmquant-w4a8"]
+    config, kept = speed.dmquant_config(row, ConvThenLinear())
+    granularity = config.weight.granularity_spec
+    assert (granularity.kind, granularity.group_size, granularity.axis, granularity.group_axis) == ("group", 128, 0, 1)
+    assert config.weight.bits == 4 and config.activation.bits == 8 and not config.attention.enabled
+    assert set(kept) == {"conv", "grouped"}  # fan-ins 3 and 2; the Linear's 128 divides
+    assert config.rules[0].keep_fp and config.rules[0].matches("grouped")
+    fp8, _ = speed.dmquant_config(speed.ROWS["dmquant-w8a8-fp8"], ConvThenLinear())
+    assert {rule.weight_bits for rule in fp8.rules} == {"fp8_e4m3"}
+
+
+def test_a_missing_conversion_module_makes_the_row_unsupported(monkeypatch):
+    monkeypatch.setitem(sys.modules, "dmquant.kernels.convert", None)
+    with pytest.raises(speed.RowUnsupported, match="dmquant.kernels.convert is not available"):
+        speed._convert_model()
+
+
+def _fake_cell(results: Path, model: str, row: str, **fields) -> None:
+    cell = {"model": model, "row": row, "kind": speed.ROWS[row].kind, "status": "ok", "representative": True}
+    speed.write_cell(results / model / f"{row}.json", cell | fields)
+
+
+def test_table_lists_cells_in_model_and_row_order_with_reasons_for_the_rest(tmp_path):
+    metrics = {"median_ms": 12.345, "speedup_vs_bf16_same_compile": 1.5, "peak_memory_gib": 3.21}
+    metrics |= {"weight_mib": 1234.5, "tflops": 250.0, "full_precision_layer_flop_fraction": 0.25}
+    measurements = {"compiled": {"speedup_vs_bf16_same_setting": 1.5}, "eager": {"speedup_vs_bf16_same_setting": 0.8}}
+    _fake_cell(tmp_path, "dit-glyphs", "int8-dynamic", metrics=metrics, measurements=measurements,
+               settings={"headline": "compiled"})  # fmt: skip
+    _fake_cell(tmp_path, "sd15-unet", "fp8-dynamic-row", status="unsupported", reason="needs sm >= 8.9 | CUDA")
+    _fake_cell(tmp_path, "sd15-unet", "bf16-eager", metrics={"median_ms": 40.0}, settings={"headline": "eager"})
+    lines = speed.speed_table(tmp_path).splitlines()
+    assert lines[0].startswith("| model | row | median ms | speed-up vs bf16 (same compile) |")
+    rows = [line.split(" | ")[:2] for line in lines[2:]]
+    assert rows == [["| sd15-unet", "bf16-eager"], ["| sd15-unet", "fp8-dynamic-row"], ["| dit-glyphs", "int8-dynamic"]]
+    assert "| 12.35 | 1.50x | 3.21 | 1234.5 | 250 | compiled; eager 0.80x; 25% of Linear/Conv FLOPs" in lines[4]
+    assert "unsupported: needs sm >= 8.9 / CUDA" in lines[3] and lines[3].count("—") == 5
+    assert all(line.count(" | ") == 7 for line in lines[2:])
+
+
+@pytest.fixture(scope="module")
+def dit_run(tmp_path_factory):
+    """dit-glyphs at toy settings on the CPU: bf16-eager, fp8 (unsupported here), two dmquant rows, of
+    which W4A8's conversion refuses."""
+    results = tmp_path_factory.mktemp("speed")
+    real_convert = speed._convert_model()
+
+    def convert_all_but_int4(model: nn.Module) -> nn.Module:
+        if info(model).config.weight.bits == 4:
+            raise NotImplementedError("no int4 layout in this build")
+        return real_convert(model)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(speed, "_convert_model", lambda: convert_all_but_int4)
+        argv = ["--models", "dit-glyphs", "--rows", "bf16-eager", "fp8-dynamic-row", "dmquant-w8a8-int8"]
+        argv += ["dmquant-w4a8", "--settings", "eager", "--tiny", "--repeats", "2", "--warmup", "1"]
+        speed.main([*argv, "--device", "cpu", "--results", str(results), "-q"])
+    cells = {path.stem: json.loads(path.read_text()) for path in (results / "dit-glyphs").glob("*.json")}
+    return results, cells
+
+
+def test_cpu_run_writes_one_cell_per_row_with_its_provenance(dit_run):
+    results, cells = dit_run
+    assert set(cells) == {"bf16-eager", "fp8-dynamic-row", "dmquant-w8a8-int8", "dmquant-w4a8"}
+    for cell in cells.values():
+        assert cell["schema"] == 1 and cell["model"] == "dit-glyphs" and not cell["representative"]
+        assert cell["command"].startswith("python bench/speed.py --models dit-glyphs")
+        assert cell["environment"]["torch"] == torch.__version__ and "torchao" in cell["environment"]
+    peaks = json.loads((results / "peaks.json").read_text())
+    assert peaks["size"] == 256 and peaks["bf16_tflops"] > 0
+
+
+def test_cpu_run_measures_bf16_and_the_converted_model(dit_run):
+    _, cells = dit_run
+    bf16, int8 = cells["bf16-eager"], cells["dmquant-w8a8-int8"]
+    assert bf16["status"] == "ok" and int8["status"] == "ok", int8["reason"]
+    assert bf16["metrics"]["speedup_vs_bf16_same_compile"] == 1.0
+    assert int8["inputs"]["batch"] == 2 and int8["settings"]["measured"] == ["eager"]
+    assert int8["metrics"]["median_ms"] > 0 and int8["measurements"]["eager"]["reference"] == "bf16-eager (this run)"
+    assert int8["flops"]["total"] == int8["flops"]["fp_model_total"] == bf16["flops"]["total"]
+    assert int8["metrics"]["full_precision_layer_flop_fraction"] == 0.0
+    assert int8["conversion"]["converted"]["int8"] == 57 and int8["weight_bytes"] < bf16["weight_bytes"] / 2
+    assert int8["kernels"]["top"] and int8["recipe"]["attention"]["enabled"] is False
+
+
+def test_rows_that_cannot_run_here_are_unsupported_with_their_reason(dit_run):
+    _, cells = dit_run
+    with pytest.raises(speed.peers.PeerUnavailable) as why:  # no CUDA here, or no torchao
+        speed.peers.check_available("torchao-fp8-dynamic", "cpu")
+    assert cells["fp8-dynamic-row"]["status"] == "unsupported" and cells["fp8-dynamic-row"]["reason"] == str(why.value)
+    w4 = cells["dmquant-w4a8"]
+    assert w4["status"] == "unsupported"
+    assert w4["reason"] == "convert_model raised NotImplementedError: no int4 layout in this build"
+
+
+def test_cpu_run_renders_as_a_table(dit_run, capsys):
+    results, _ = dit_run
+    speed.main(["--table", "--results", str(results)])
+    table = capsys.readouterr().out
+    assert table.count("| dit-glyphs |") == 4 and "not representative" in table
