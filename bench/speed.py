@@ -35,9 +35,8 @@ Rows (``--rows``), each measured in the execution settings it lists (the first i
   calibrated on 2 random rows shaped like the inputs, then ``dmquant.kernels.convert.convert_model``
   (real low-bit kernels): ``dmquant-w8a8-fp8`` (fp8 e4m3 weights per channel and activations per
   tensor), ``dmquant-w8a8-int8`` (int8 symmetric per-channel weights, asymmetric per-tensor
-  activations), ``dmquant-w4a8`` and ``dmquant-w4a16`` (int4 weights per group of 128 input
-  channels, ``group:128`` = axis 0, group axis 1: a conv weight's group is 128 input channels at each
-  kernel position; a layer whose fan-in 128 does not divide stays in bfloat16, see the exclusions).
+  activations), ``dmquant-w4a8`` and ``dmquant-w4a16`` (packed int4 weights per output channel,
+  which every layer takes, where torchao's int4 row groups by 128/64/32 inputs).
   A conversion that raises makes an ``unsupported`` cell with the reason.
 
 Quantized rows are measured eager, compiled and compiled+CUDA graph (headline: compiled), each
@@ -89,7 +88,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from dmquant.api import info, quantize
 from dmquant.calib.record import CalibrationSet
-from dmquant.config import LayerRule, QuantConfig, load_recipe
+from dmquant.config import QuantConfig, load_recipe
 from dmquant.core.layers import QUANT_LAYERS
 from dmquant.models import load_model
 from dmquant.provenance import environment
@@ -375,11 +374,11 @@ ROWS: dict[str, Row] = {
             _DMQUANT.format(what="int8 symmetric per-channel weights, int8 asymmetric per-tensor activations"),
             formats=(8, 8, "channel")),
         Row("dmquant-w4a8", "dmquant", QUANTIZED_SETTINGS,
-            _DMQUANT.format(what="int4 weights per group of 128 input channels, int8 per-tensor activations"),
-            formats=(4, 8, "group:128")),
+            _DMQUANT.format(what="int4 weights per output channel, int8 per-tensor activations"),
+            formats=(4, 8, "channel")),
         Row("dmquant-w4a16", "dmquant", QUANTIZED_SETTINGS,
-            _DMQUANT.format(what="int4 weights per group of 128 input channels, 16-bit activations"),
-            formats=(4, 16, "group:128")),
+            _DMQUANT.format(what="int4 weights per output channel, 16-bit activations"),
+            formats=(4, 16, "channel")),
     )
 }  # fmt: skip
 
@@ -631,9 +630,8 @@ def build_torchao(bench: ModelBench, row: Row) -> Built:
     return Built(result.model, details)
 
 
-def dmquant_config(row: Row, model: nn.Module) -> tuple[QuantConfig, dict[str, str]]:
-    """minmax at the row's formats, attention matmuls off; layers whose fan-in the weight group size does
-    not divide are kept in full precision. Returns the config and the reason of each kept layer."""
+def dmquant_config(row: Row) -> QuantConfig:
+    """minmax at the row's formats (the weight granularity included), attention matmuls off."""
     weight_bits, activation_bits, granularity = row.formats
     config = load_recipe("minmax").with_bits(weight_bits, activation_bits)
     config.weight = dataclasses.replace(config.weight, granularity=granularity)
@@ -642,15 +640,7 @@ def dmquant_config(row: Row, model: nn.Module) -> tuple[QuantConfig, dict[str, s
         config.rules = [
             dataclasses.replace(rule, weight_bits=weight_bits, activation_bits=activation_bits) for rule in config.rules
         ]
-    group = config.weight.granularity_spec.group_size
-    kept = {
-        name: f"int{weight_bits} groups of {group} input channels: {module.weight.shape[1]} is not a multiple"
-        for name, module in model.named_modules()
-        if group and isinstance(module, (nn.Linear, nn.Conv2d)) and module.weight.shape[1] % group
-    }
-    if kept:
-        config.rules = [LayerRule(pattern="|".join(kept), keep_fp=True), *config.rules]
-    return config, kept
+    return config
 
 
 def _convert_model() -> Callable[[nn.Module], nn.Module]:
@@ -666,7 +656,7 @@ def build_dmquant(bench: ModelBench, row: Row) -> Built:
     model to the compute dtype."""
     convert_model = _convert_model()
     master = bench.workload.model
-    config, kept = dmquant_config(row, master)
+    config = dmquant_config(row)
     quantized = quantize(master, config, bench.workload.calibration(), batch_size=2, progress=bench.args.progress)
     layers = info(quantized).report.layers
     try:
@@ -674,14 +664,12 @@ def build_dmquant(bench: ModelBench, row: Row) -> Built:
     except Exception as error:  # a conversion that refuses is a row this build cannot run
         raise RowUnsupported(f"convert_model raised {type(error).__name__}: {error}") from error
     del quantized
-    exclusions = [{"layers": n, "reason": why} for why, n in Counter(kept.values()).items()]
     details = {
         "recipe": config.to_dict(),
         "coverage": {
             "quantized": dict(Counter(layer.kind for layer in layers if layer.quantized)),
             "skipped": dict(Counter(layer.kind for layer in layers if not layer.quantized)),
         },
-        "exclusions": exclusions,
         "conversion": conversion_summary(converted),
     }
     return Built(cast_outside_low_bit_layers(converted, bench.dtype).eval(), details)

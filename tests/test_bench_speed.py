@@ -168,15 +168,11 @@ def test_weight_bytes_count_a_torchao_tensor_subclass_at_its_real_storage():
     assert 128 * 64 + 64 * 4 <= stored < 128 * 64 + 64 * 4 + 1024  # int8 codes, fp32 bias, row scales
 
 
-def test_w4_rows_group_by_128_input_channels_and_keep_layers_128_does_not_divide():
-    row = speed.ROWS["dmquant-w4a8"]
-    config, kept = speed.dmquant_config(row, ConvThenLinear())
-    granularity = config.weight.granularity_spec
-    assert (granularity.kind, granularity.group_size, granularity.axis, granularity.group_axis) == ("group", 128, 0, 1)
+def test_w4_rows_quantize_weights_per_output_channel_which_every_layer_takes():
+    config = speed.dmquant_config(speed.ROWS["dmquant-w4a8"])
+    assert config.weight.granularity_spec.kind == "channel"
     assert config.weight.bits == 4 and config.activation.bits == 8 and not config.attention.enabled
-    assert set(kept) == {"conv", "grouped"}  # fan-ins 3 and 2; the Linear's 128 divides
-    assert config.rules[0].keep_fp and config.rules[0].matches("grouped")
-    fp8, _ = speed.dmquant_config(speed.ROWS["dmquant-w8a8-fp8"], ConvThenLinear())
+    fp8 = speed.dmquant_config(speed.ROWS["dmquant-w8a8-fp8"])
     assert {rule.weight_bits for rule in fp8.rules} == {"fp8_e4m3"}
 
 

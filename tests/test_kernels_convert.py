@@ -183,6 +183,7 @@ def _stored_weight(bits, granularity, out_features=8, in_features=64, symmetric=
     ("mode", "bits", "granularity", "dtype", "runs"),
     [
         ("int8", 8, "channel", torch.float32, True),
+        ("int8", 8, "group:32", torch.float32, False),  # the int8 kernels take per-channel scales only
         ("int8", 4, "group:32", torch.bfloat16, True),
         ("int8", 4, "group:16", torch.bfloat16, False),  # int4 groups must be multiples of the K tile (32)
         ("none", 4, "channel", torch.bfloat16, True),

@@ -13,8 +13,9 @@ none        int4         W4A16: the same with ``act="none"`` (bf16/fp16 inputs)
 fp8         fp8          W8A8-FP8: ``fp8_linear`` / ``fp8_conv2d``, static per-tensor scale
 ==========  ===========  ==============================================================
 
-Group-wise int4 weights need groups of a multiple of :data:`GROUP_ALIGNMENT` elements (or one
-group per row); other pairs (e.g. int8 weights with float activations) take the reference path.
+Int8 and fp8 weights need per-channel parameters; group-wise int4 weights need groups of a
+multiple of :data:`GROUP_ALIGNMENT` elements (or one group per row). Other pairs (e.g. int8
+weights with float activations) and other shapes take the reference path.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def _runs_on_a_kernel(mode: str | None, weight: LowBitWeight, x: Tensor) -> bool
     if mode == "none" and x.dtype not in (torch.bfloat16, torch.float16):
         return False
     group = weight.group_size
-    return weight.layout != "int4" or group == weight.shape[1] or group % GROUP_ALIGNMENT == 0
+    if weight.layout != "int4":
+        return group == weight.shape[1]  # the int8 and fp8 kernels take per-channel scales only
+    return group == weight.shape[1] or group % GROUP_ALIGNMENT == 0
 
 
 def _weight_arguments(weight: LowBitWeight) -> dict:
