@@ -80,8 +80,9 @@ FEATURE_NAMES = {"glyphnet": "GlyphNet", "inception": "Inception-v3"}
 MISSING = "—"
 
 DEFAULT_RESULTS = Path("bench/results/quality")
-#: Where the calibration-cost cells are, next to the quality results by default.
+#: Where the calibration-cost and the speed cells are, next to the quality results by default.
 COST_FOLDER = "calibration-cost"
+SPEED_FOLDER = "speed"
 DEFAULT_OUTPUT = Path("BENCHMARKS.md")
 DEFAULT_PLOTS = Path("docs/bench")
 #: Folder of the results holding the hand-written reading notes: ``<table>.md`` goes under that
@@ -884,6 +885,18 @@ def calibration_cost_section(cells: Sequence[Cell], notes: Path | None = None) -
     return "\n".join(lines)
 
 
+def speed_section(results: Path) -> str | None:
+    """The speed benchmark's table (``bench/speed.py``) with its reading notes, if it has cells."""
+    if not any(results.glob("*/*.json")):
+        return None
+    sys.path.insert(0, str(Path(__file__).parent))
+    import speed  # noqa: PLC0415  (torch and dmquant load only when there are speed cells to show)
+
+    lines = ["## Speed", "", speed.speed_table(results), ""]
+    reading = reading_notes(results / NOTES_FOLDER, "all")
+    return "\n".join(lines + ([reading, ""] if reading else []))
+
+
 def render(
     cells: Sequence[Cell],
     *,
@@ -893,9 +906,11 @@ def render(
     notes: Path | None = None,
     cost_cells: Sequence[Cell] = (),
     cost_notes: Path | None = None,
+    speed: str | None = None,
 ) -> tuple[str, list[Path]]:
     """The whole page for ``cells`` (plots are written under ``plots``; the page is returned, not
-    written), ending with the calibration cost of ``cost_cells`` when there are any."""
+    written), ending with the calibration cost of ``cost_cells`` and the ``speed`` section when
+    there are any."""
     groups = by_model(cells)
     sections = [INTRO.format(results=_relative_link(results, output)).rstrip("\n"), ""]
     reading = reading_notes(notes, "all")
@@ -915,6 +930,8 @@ def render(
         written += paths
     if cost_cells:
         sections.append(calibration_cost_section(cost_cells, cost_notes))
+    if speed:
+        sections.append(speed)
     return "\n".join(sections).rstrip("\n") + "\n", written
 
 
@@ -973,6 +990,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     notes = args.notes or args.results / NOTES_FOLDER
     cost_results = args.cost_results or args.results.parent / COST_FOLDER
+    speed_results = args.results.parent / SPEED_FOLDER
     try:
         cost_cells = load_cells(cost_results) if cost_results.is_dir() else []
     except CellError as error:
@@ -986,6 +1004,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         notes=notes,
         cost_cells=cost_cells,
         cost_notes=cost_results / NOTES_FOLDER,
+        speed=speed_section(speed_results),
     )
     write_page(args.output, text)
     tables = len(by_model(cells))

@@ -289,3 +289,17 @@ def test_calibration_cost_gets_a_section_that_names_the_models_not_measured(tmp_
     assert f"Not measured: {', '.join(others)}." in section and "One process per GPU." in section
     assert bench_report.main([*argv, "--cost-results", str(tmp_path / "absent")]) == 0
     assert "## Calibration cost" not in output.read_text()
+
+
+def test_speed_cells_next_to_the_results_get_a_section(tmp_path):
+    _write_cells(tmp_path / "results", [_cell("fp", "fp", "FP32")])
+    output = tmp_path / "BENCHMARKS.md"
+    argv = ["--results", str(tmp_path / "results"), "--output", str(output), "--plots", str(tmp_path / "plots")]
+    assert bench_report.main(argv) == 0
+    assert "## Speed" not in output.read_text()
+    cell = {"model": MODEL, "row": "bf16-eager", "kind": "bf16", "status": "ok", "metrics": {"median_ms": 12.5}}
+    (tmp_path / "speed" / MODEL).mkdir(parents=True)
+    (tmp_path / "speed" / MODEL / "bf16-eager.json").write_text(json.dumps(cell))
+    assert bench_report.main(argv) == 0
+    section = output.read_text().split("## Speed")[1]
+    assert f"| {MODEL} | bf16-eager | 12.50 |" in section
