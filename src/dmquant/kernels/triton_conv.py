@@ -1,0 +1,274 @@
+"""Implicit-GEMM Triton convolutions for quantized Conv2d layers on Hopper GPUs, NHWC activations.
+
+A Conv2d is the GEMM of :mod:`dmquant.kernels.triton_gemm` with ``M = B·Ho·Wo`` output pixels, ``N = Cout`` and
+``K = KH·KW·Cin`` receptive-field inputs ordered ``(kh, kw, cin)``::
+
+    y[b, oh, ow, n] = Σ_{kh, kw, c} x[b, oh·sh − ph + kh·dh, ow·sw − pw + kw·dw, c] · W[n, (kh·KW + kw)·Cin + c] + b[n]
+
+The A tile of each K step is gathered straight from the NHWC input (nothing is unfolded into memory): the K
+offsets split into ``(kh, kw, c)`` on a (BLOCK_K,) vector, each output pixel contributes its window origin, and
+the tile's addresses are their sum. Everything else — the quantization fused into that load, the four modes
+(W8A8-INT8, W4A8, W4A16, W8A8-FP8), the int32/fp32 accumulation and the epilogue with the zero-point corrections
+of Jacob et al. 2018, eq. 7 — is the shared code of :func:`dmquant.kernels.triton_gemm.quantized_gemm_tile`.
+
+Zero padding: taps outside the image are loaded as the real value 0.0 *before* the in-kernel quantization, so
+an int8 activation quantizes them to ``round(0 / s_x) + z_x = z_x`` — exactly the code the padding must have
+(the real value 0; :func:`dmquant.kernels.integer.integer_conv2d` pads the codes with ``z_x`` for the same
+reason) and they enter the activation row sums like any other input. fp8 and bf16/fp16 activations get 0.
+
+Layouts: ``x`` is an NCHW-shaped tensor read through its strides, so a channels_last tensor (NHWC in memory,
+coalesced along C) or a channel slice of one (``x[:, a:b]``, non-contiguous in C) works without a copy. Weights
+are reordered to (Cout, KH·KW·Cin) with K ordered ``(kh, kw, cin)`` — ``w.permute(0, 2, 3, 1).reshape(Cout, -1)``
+— then quantized or packed exactly as Linear weights; group-wise int4 groups run along that K. The output is an
+NCHW-shaped tensor in channels_last memory format (its NHWC buffer is the (M, N) GEMM output), dtype of ``x``.
+Supported: stride, padding, dilation, any kernel size; groups = 1 only. Dynamic fp8 scales are per output pixel
+(the rows of the implicit GEMM): the max of ``|x|`` over each receptive field, a channel max then a max-pool.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.nn import functional as F
+
+from .triton_gemm import (
+    autotune_quantized_gemm,
+    fp8_scales_from_absmax,
+    launch_grid,
+    m_bucket,
+    quantized_gemm_arguments,
+    quantized_gemm_tile,
+    store_output,
+    tile_offsets,
+)
+
+
+@triton.jit
+def _conv_a_tile(x_ptr, a_rows, a_geometry, offs_k, k_valid):
+    """Pointers and in-image mask of the A tile: output pixels (rows) × receptive-field inputs ``offs_k``."""
+    window_offsets, ih0, iw0, m_valid = a_rows
+    H, W, C, KW, stride_xh, stride_xw, stride_xc, dilation_h, dilation_w = a_geometry
+    channel = offs_k % C
+    tap = offs_k // C
+    dh = (tap // KW) * dilation_h
+    dw = (tap % KW) * dilation_w
+    ih = ih0[:, None] + dh[None, :]
+    iw = iw0[:, None] + dw[None, :]
+    inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    ptrs = x_ptr + window_offsets[:, None] + (dh * stride_xh + dw * stride_xw + channel * stride_xc)[None, :]
+    return ptrs, inside & m_valid[:, None] & k_valid[None, :]
+
+
+@autotune_quantized_gemm
+@triton.jit
+def _conv2d_kernel(
+    x_ptr, w_ptr, out_ptr, bias_ptr, x_scale_ptr, w_scale_ptr, w_zero_ptr, w_colsum_ptr, x_zero,
+    M, N, K, m_bucket, H, W, C, Ho, Wo, KW, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+    stride_xb, stride_xh, stride_xw, stride_xc, stride_x_scale, stride_wn, stride_wk, stride_om, stride_on,
+    ACT: tl.constexpr, WEIGHT: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    HAS_W_ZERO: tl.constexpr, HAS_X_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    m_valid = offs_m < M
+    n_valid = offs_n < N
+    ow = offs_m % Wo
+    oh = (offs_m // Wo) % Ho
+    image = offs_m // (Wo * Ho)
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    window_offsets = image * stride_xb + ih0 * stride_xh + iw0 * stride_xw
+    total, x_scale = quantized_gemm_tile(
+        _conv_a_tile, (window_offsets, ih0, iw0, m_valid),
+        (H, W, C, KW, stride_xh, stride_xw, stride_xc, dilation_h, dilation_w),
+        (x_ptr, x_scale_ptr, stride_x_scale, x_zero), (w_ptr, stride_wn, stride_wk),
+        (w_scale_ptr, w_zero_ptr, w_colsum_ptr), offs_m, m_valid, offs_n, n_valid, K,
+        ACT, WEIGHT, GROUP_SIZE, HAS_W_ZERO, HAS_X_ZERO, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+    store_output(total, x_scale, offs_m, m_valid, offs_n, n_valid, out_ptr, stride_om, stride_on, bias_ptr,
+                 ACT, HAS_BIAS)  # fmt: skip
+
+
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def fp8_window_scales(x: Tensor, kernel_size, stride=1, padding=0, dilation=1) -> Tensor:
+    """Dynamic fp8 scales per output pixel (B·Ho·Wo,): ``max|x| / 448`` over each receptive field.
+
+    The channel max of ``|x|`` max-pooled with the convolution's window (max-pool pads with -inf, which never
+    wins over ``|x| ≥ 0``, and the zero padding of the convolution quantizes to 0 at any scale).
+    """
+    channel_max = x.abs().amax(dim=1, keepdim=True).float()
+    window_max = F.max_pool2d(channel_max, kernel_size, stride, padding, dilation)
+    return fp8_scales_from_absmax(window_max.reshape(-1))
+
+
+def _conv2d(x: Tensor, w: Tensor, depth: int, kernel_size, stride, padding, dilation, **arguments) -> Tensor:
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = map(_pair, (kernel_size, stride, padding, dilation))
+    batch, channels, height, width = x.shape
+    if kh * kw * channels != depth:
+        raise ValueError(f"a {kh}x{kw} kernel over {channels} channels has K={kh * kw * channels}, the weight {depth}")
+    out_h, out_w = _output_size(height, kh, sh, ph, dh), _output_size(width, kw, sw, pw, dw)
+    rows = batch * out_h * out_w
+    kernel_args = quantized_gemm_arguments(x, w=w, depth=depth, rows=rows, **arguments)
+    out = torch.empty(batch, out_h, out_w, w.shape[0], dtype=x.dtype, device=x.device)
+    flat_out = out.view(rows, w.shape[0])
+    stride_xb, stride_xc, stride_xh, stride_xw = x.stride()
+    _conv2d_kernel[launch_grid(rows, w.shape[0])](
+        x_ptr=x,
+        out_ptr=flat_out,
+        M=rows,
+        m_bucket=m_bucket(rows),
+        H=height,
+        W=width,
+        C=channels,
+        Ho=out_h,
+        Wo=out_w,
+        KW=kw,
+        stride_h=sh,
+        stride_w=sw,
+        pad_h=ph,
+        pad_w=pw,
+        dilation_h=dh,
+        dilation_w=dw,
+        stride_xb=stride_xb,
+        stride_xh=stride_xh,
+        stride_xw=stride_xw,
+        stride_xc=stride_xc,
+        stride_om=flat_out.stride(0),
+        stride_on=flat_out.stride(1),
+        **kernel_args,
+    )
+    return out.permute(0, 3, 1, 2)
+
+
+def int8_conv2d(
+    x: Tensor,
+    x_scale: float | Tensor,
+    x_zero: int,
+    w_codes: Tensor,
+    w_scale: Tensor,
+    w_zero: Tensor | None = None,
+    w_colsum: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+) -> Tensor:
+    """W8A8-INT8 convolution; arguments as :func:`dmquant.kernels.triton_gemm.int8_linear`.
+
+    ``x``: (B, Cin, H, W) float, any strides (channels_last best); ``w_codes``: (Cout, KH·KW·Cin) int8, K ordered
+    ``(kh, kw, cin)``. Returns (B, Cout, Ho, Wo) in channels_last memory format, ``x.dtype``.
+    """
+    if w_codes.dtype != torch.int8:
+        raise TypeError(f"int8 weights expected, got {w_codes.dtype}")
+    return _conv2d(
+        x,
+        w_codes,
+        w_codes.shape[1],
+        kernel_size,
+        stride,
+        padding,
+        dilation,
+        x_scale=x_scale,
+        x_zero=x_zero,
+        w_scale=w_scale,
+        w_zero=w_zero,
+        w_colsum=w_colsum,
+        bias=bias,
+        act="int8",
+        weight="int8",
+        group_size=None,
+    )
+
+
+def int4_conv2d(
+    x: Tensor,
+    x_scale: float | Tensor | None,
+    x_zero: int,
+    w_packed: Tensor,
+    w_scale: Tensor,
+    w_zero: Tensor | None,
+    group_size: int | None,
+    w_colsum: Tensor | None = None,
+    bias: Tensor | None = None,
+    act: str = "int8",
+    *,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+) -> Tensor:
+    """W4A8 / W4A16 convolution; arguments as :func:`dmquant.kernels.triton_gemm.int4_linear`.
+
+    ``w_packed``: (Cout, KH·KW·Cin / 2) uint8 packing the (kh, kw, cin)-ordered weight; groups run along that K.
+    Returns (B, Cout, Ho, Wo) in channels_last memory format, ``x.dtype``.
+    """
+    if w_packed.dtype != torch.uint8:
+        raise TypeError(f"packed int4 weights (uint8) expected, got {w_packed.dtype}")
+    if act not in ("int8", "none"):
+        raise ValueError(f"int4 weights run with act='int8' (W4A8) or act='none' (W4A16), got {act!r}")
+    return _conv2d(
+        x,
+        w_packed,
+        2 * w_packed.shape[1],
+        kernel_size,
+        stride,
+        padding,
+        dilation,
+        x_scale=x_scale,
+        x_zero=x_zero,
+        w_scale=w_scale,
+        w_zero=w_zero,
+        w_colsum=w_colsum,
+        bias=bias,
+        act=act,
+        weight="int4",
+        group_size=group_size,
+    )
+
+
+def fp8_conv2d(
+    x: Tensor,
+    x_scale: float | Tensor | None,
+    w_fp8: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None = None,
+    *,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+) -> Tensor:
+    """W8A8-FP8 convolution; ``x_scale`` None: dynamic per output pixel (:func:`fp8_window_scales`).
+
+    ``w_fp8``: (Cout, KH·KW·Cin) ``torch.float8_e4m3fn``, K ordered ``(kh, kw, cin)``; ``w_scale``: (Cout,).
+    Returns (B, Cout, Ho, Wo) in channels_last memory format, ``x.dtype``.
+    """
+    if w_fp8.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"float8_e4m3fn weights expected, got {w_fp8.dtype}")
+    window = {"kernel_size": kernel_size, "stride": stride, "padding": padding, "dilation": dilation}
+    return _conv2d(
+        x,
+        w_fp8,
+        w_fp8.shape[1],
+        **window,
+        x_scale=fp8_window_scales(x, **window) if x_scale is None else x_scale,
+        x_zero=0,
+        w_scale=w_scale,
+        w_zero=None,
+        w_colsum=None,
+        bias=bias,
+        act="fp8",
+        weight="fp8",
+        group_size=None,
+    )

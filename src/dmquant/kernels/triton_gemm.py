@@ -1,0 +1,650 @@
+"""Triton GEMMs that run quantized Linear layers in real low precision on Hopper GPUs (H100/H200).
+
+Every kernel computes ``y = x · Wᵀ + b`` for ``x`` of shape ``(M, K)`` (any leading shape, flattened) and a
+weight of logical shape ``(N, K)``, and reads the float activations directly: their quantization is fused
+into the load of the A operand, so no quantized copy of ``x`` is ever written to memory.
+
+Modes (activation × weight):
+
+* **W8A8-INT8** (:func:`int8_linear`): ``c_x = clamp(round_half_even(x / s_x) + z_x, -128, 127)`` (int8,
+  standing for ``s_x · (c_x − z_x)``) times int8 weight codes ``c_w`` standing for ``s_w[n] · (c_w − z_w[n])``,
+  int32 accumulation on the tensor cores.
+* **W4A8** (:func:`int4_linear`, ``act="int8"``): the same int8 activations times int4 weights unpacked in
+  registers to their unsigned nibble ``u`` in ``[0, 15]`` (an int8 operand), with group-wise parameters
+  ``s_w[n, g] · (u − z_w[n, g])``; one int32 accumulator per group of ``G`` inputs, scaled into an fp32 sum at
+  the end of each group.
+* **W4A16** (:func:`int4_linear`, ``act="none"``): bf16/fp16 activations times int4 weights dequantized in
+  registers to ``((u − z_w[n, g]) · s_w[n, g])`` in the activation dtype, fp32 accumulation.
+* **W8A8-FP8** (:func:`fp8_linear`): ``x / s_x`` saturated to ±448 and cast to e4m3 times e4m3 weights with a
+  per-output-channel scale, fp32 accumulation; ``s_x`` is static per tensor or dynamic per row (token).
+
+The integer modes apply the identity of Jacob et al. 2018, "Quantization and Training of Neural Networks for
+Efficient Integer-Arithmetic-Only Inference", eq. 7, per group ``g`` of ``G`` inputs (``G = K``: per channel)::
+
+    y[m, n] = s_x · Σ_g s_w[n, g] · ( acc_g[m, n] − z_w[n, g] · Σ_{k∈g} c_x[m, k]
+                                      − z_x · Σ_{k∈g} c_w[n, k] + G · z_x · z_w[n, g] ) + b[n],
+    acc_g[m, n] = Σ_{k∈g} c_x[m, k] · c_w[n, k]   (exact in int32).
+
+The weight column sums ``Σ_{k∈g} c_w[n, k]`` are constants (:func:`weight_colsums`, computed once at conversion);
+the activation row sums are reduced in-kernel from the code tile already in registers, and only when the
+weights carry zero points. fp8: ``y = acc · s_x[m] · s_w[n] + b[n]``. See :mod:`dmquant.kernels.integer` for the
+exact reference these kernels are tested against.
+
+Operand layouts: ``x`` (M, K) with any strides, float32/bf16/fp16 (bf16/fp16 only for W4A16); int8/fp8 weights
+(N, K) row-major; int4 weights packed (N, K/2) uint8, byte ``j`` of a row holding input ``2j`` in its low nibble
+and ``2j + 1`` in its high nibble (``dmquant.core.packing.pack_codes(codes, 4, qmin)`` with ``u = code − qmin``);
+``s_w``, ``z_w`` and the column sums (N, K/G). The output is (..., N) in the activation's dtype.
+
+Numerics of the fused quantization: ``x / s_x`` is the correctly rounded fp32 quotient, computed as ``x · r``
+with ``r = RN(1 / s_x)`` and one fma correction (Markstein 1990, "Computation of elementary functions on the IBM
+RISC System/6000 processor", IBM J. Res. Dev. 34(1)), so codes equal ``torch.round(x.float() / s_x)`` exactly
+(the simulated quantizer's). Ties round to even by adding and subtracting ``1.5 · 2**23`` (exact for
+``|v| < 2**22``, ensured by a clamp that changes no code), which also runs in Triton's interpreter where libdevice
+does not. fp8 casts round to nearest even with saturation (``cvt.rn.satfinite`` on sm_90).
+
+Hopper constraints relied on: ``tl.dot`` of int8×int8→int32, e4m3×e4m3→fp32 and bf16/fp16→fp32 lowers to
+``wgmma`` when ``num_warps`` is a multiple of 4, ``BLOCK_M`` a multiple of 64 and ``BLOCK_K`` ≥ 32 (8-bit) or
+≥ 16 (16-bit); 8-bit wgmma needs both operands K-major, which the (N, K) weight layout gives directly (tiles are
+loaded as (BLOCK_N, BLOCK_K) rows and transposed as a view). Configs with ``BLOCK_M = 16`` serve ``M ≤ 16`` (e.g.
+the timestep embedding) through ``mma.sync`` (fp8 upcast exactly to fp16 there). The fp8 dot promotes its partial
+sums to fp32 once per K tile (``max_num_imprecise_acc = BLOCK_K``): Hopper's fp8 accumulation keeps fewer
+mantissa bits than fp32. Every config of ``_HOPPER_CONFIGS`` was compiled for sm_90a on a machine without a GPU
+(``triton.compile`` with ``GPUTarget("cuda", 90, 32)``, ``ptxas -v``) in every mode, Linear and Conv2d: wgmma
+for ``BLOCK_M ≥ 64``, global loads pipelined with ``cp.async``, no register spills. W4A8 with groups keeps a
+second (per-group) accumulator and is limited to ``BLOCK_M = 64`` tiles, which spill at 128. The fused
+quantization costs ALU work on every A tile of every N tile, so wide ``BLOCK_N`` tiles amortize it best. Under
+``TRITON_INTERPRET=1`` a single small config is used instead of autotuning; the interpreter cannot multiply bf16
+operands, so W4A16 is verified there with fp16 activations.
+
+The A-tile addressing is a parameter of :func:`quantized_gemm_tile` (a ``tl.constexpr`` function), so the
+implicit-GEMM convolution of :mod:`dmquant.kernels.triton_conv` shares the quantization, main loop and epilogue.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+#: Largest magnitude of float8 e4m3 (``torch.float8_e4m3fn``).
+FP8_MAX = 448.0
+
+#: Group sizes must be a multiple of the smallest BLOCK_K, so every K tile lies in one group.
+GROUP_ALIGNMENT = 32
+
+# constants of the jit code
+_FP8_MAX = tl.constexpr(FP8_MAX)
+_ROUNDING_SHIFT = tl.constexpr(12582912.0)  # 1.5 * 2**23: v + shift has no fraction bits for |v| < 2**22
+_CODE_SPAN = tl.constexpr(256.0)  # round(v) + z_x saturates beyond it for every int8 z_x: clamping v changes no code
+
+
+# ----------------------------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Rows and columns of this program's output tile, programs ordered in groups of ``GROUP_M`` row tiles (L2)."""
+    pid = tl.program_id(0)
+    tiles_m = (M + BLOCK_M - 1) // BLOCK_M
+    tiles_n = (N + BLOCK_N - 1) // BLOCK_N
+    programs_per_group = GROUP_M * tiles_n
+    first_m = (pid // programs_per_group) * GROUP_M
+    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % programs_per_group) % rows_in_group
+    pid_n = (pid % programs_per_group) // rows_in_group
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def _divide(x, divisor, reciprocal):
+    """``x / divisor`` correctly rounded, from ``reciprocal = RN(1 / divisor)`` and one fma correction (Markstein)."""
+    quotient = x * reciprocal
+    residual = tl.fma(-quotient, divisor, x)
+    return tl.fma(residual, reciprocal, quotient)
+
+
+@triton.jit
+def _round_half_even(v):
+    """``v`` rounded to the nearest integer, ties to even, for ``|v| < 2**22``."""
+    return (v + _ROUNDING_SHIFT) - _ROUNDING_SHIFT
+
+
+@triton.jit
+def _activation_scales(x_scale_ptr, offs_m, m_valid, stride_x_scale, ACT: tl.constexpr):
+    """Per-row activation scale and its correctly rounded reciprocal (``stride_x_scale = 0``: one per tensor)."""
+    if ACT == "none":
+        scale = tl.full(offs_m.shape, 1.0, tl.float32)
+    else:
+        scale = tl.load(x_scale_ptr + offs_m * stride_x_scale, mask=m_valid, other=1.0).to(tl.float32)
+    return scale, tl.math.div_rn(tl.full(offs_m.shape, 1.0, tl.float32), scale)
+
+
+@triton.jit
+def _row_sums(codes):
+    """``Σ_k codes[m, k]`` in int32: what ``tl.sum`` reduces to, spelled so that Triton's interpreter recognizes a
+    numpy sum (its generic reduction is slow) even when Triton was imported before ``TRITON_INTERPRET`` was set."""
+    return tl.reduce(codes.to(tl.int32), 1, tl.standard._sum_combine)
+
+
+@triton.jit
+def _quantize_activations(x, k_valid, scale, reciprocal, x_zero, ACT: tl.constexpr):
+    """The A operand from a float tile ``x`` (BLOCK_M, BLOCK_K): int8 codes, e4m3 values or ``x`` itself.
+
+    Out-of-bounds inputs are loaded as 0.0, so a convolution's padding quantizes to ``z_x`` (the code of the real
+    value 0). Columns past ``K`` (``k_valid`` false) get the code 0 so that they stay out of the row sums.
+    """
+    if ACT == "none":
+        operand = x
+    else:
+        scaled = _divide(x.to(tl.float32), scale[:, None], reciprocal[:, None])
+        if ACT == "int8":
+            bounded = tl.clamp(scaled, -_CODE_SPAN, _CODE_SPAN)
+            codes = tl.clamp(_round_half_even(bounded) + x_zero, -128.0, 127.0)
+            operand = tl.where(k_valid[None, :], codes, 0.0).to(tl.int8)
+        else:
+            operand = tl.clamp(scaled, -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
+    return operand
+
+
+@triton.jit
+def _load_weights(weight, k_start, offs_n, n_valid, K, WEIGHT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The weight tile (BLOCK_N, BLOCK_K) as stored, K contiguous: int8 codes, e4m3 values or int4 nibbles.
+
+    ``weight = (w_ptr, stride_wn, stride_wk)``. Packed int4 loads its (BLOCK_N, BLOCK_K / 2) bytes once and
+    interleaves the low nibbles (inputs ``2j``) with the high ones (inputs ``2j + 1``) in registers.
+    """
+    w_ptr, stride_wn, stride_wk = weight
+    if WEIGHT == "int4":
+        offs_byte = k_start // 2 + tl.arange(0, BLOCK_K // 2)
+        mask = n_valid[:, None] & (offs_byte < K // 2)[None, :]
+        packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_byte[None, :] * stride_wk, mask=mask, other=0)
+        tile = tl.reshape(tl.join(packed & 0xF, packed >> 4), (offs_n.shape[0], BLOCK_K))
+    else:
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        mask = n_valid[:, None] & (offs_k < K)[None, :]
+        tile = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=mask, other=0.0)
+    return tile
+
+
+@triton.jit
+def _group_parameters(ptr, group, groups, offs_n, n_valid):
+    """One group's per-output-channel parameter (scale, zero point or column sum) from an (N, groups) array."""
+    return tl.load(ptr + offs_n * groups + group, mask=n_valid, other=0)
+
+
+@triton.jit
+def _weight_operand(tile, params, group, groups, offs_n, n_valid, operand_dtype,
+                    ACT: tl.constexpr, WEIGHT: tl.constexpr, HAS_W_ZERO: tl.constexpr):  # fmt: skip
+    """The B operand (BLOCK_K, BLOCK_N): int4 nibbles as int8 codes, or dequantized to ``operand_dtype`` (W4A16).
+
+    ``params = (w_scale_ptr, w_zero_ptr, w_colsum_ptr)``.
+    """
+    if WEIGHT == "int4":
+        if ACT == "none":
+            w_scale_ptr, w_zero_ptr, _ = params
+            values = tile.to(tl.float32)
+            if HAS_W_ZERO:
+                values -= _group_parameters(w_zero_ptr, group, groups, offs_n, n_valid).to(tl.float32)[:, None]
+            scale = _group_parameters(w_scale_ptr, group, groups, offs_n, n_valid)
+            operand = (values * scale[:, None]).to(operand_dtype)
+        else:
+            operand = tile.to(tl.int8)
+    else:
+        operand = tile
+    return tl.trans(operand)
+
+
+@triton.jit
+def _dot(a, b, acc, ACT: tl.constexpr, BLOCK_K: tl.constexpr):
+    if ACT == "int8":
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+    elif ACT == "fp8":
+        acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _fold_group(acc, row_sums, x_zero, params, group, groups, group_size, offs_n, n_valid,
+                ACT: tl.constexpr, HAS_W_ZERO: tl.constexpr, HAS_X_ZERO: tl.constexpr):  # fmt: skip
+    """One group's accumulator in fp32 with its weight scale applied, and eq. 7's corrections for int8 activations.
+
+    W4A16 accumulators already carry the weight scales, applied while dequantizing.
+    """
+    w_scale_ptr, w_zero_ptr, w_colsum_ptr = params
+    if ACT == "none":
+        folded = acc
+    elif ACT == "fp8":
+        folded = acc * _group_parameters(w_scale_ptr, group, groups, offs_n, n_valid)[None, :]
+    else:
+        integer = acc
+        zero = _group_parameters(w_zero_ptr, group, groups, offs_n, n_valid) if HAS_W_ZERO else 0
+        if HAS_W_ZERO:
+            integer -= zero[None, :] * row_sums[:, None]
+        if HAS_X_ZERO:
+            colsum = _group_parameters(w_colsum_ptr, group, groups, offs_n, n_valid)
+            integer += (x_zero * (group_size * zero - colsum))[None, :]
+        folded = integer.to(tl.float32) * _group_parameters(w_scale_ptr, group, groups, offs_n, n_valid)[None, :]
+    return folded
+
+
+@triton.jit
+def quantized_gemm_tile(
+    a_tile, a_rows, a_geometry, activation, weight, params, offs_m, m_valid, offs_n, n_valid, K,
+    ACT: tl.constexpr, WEIGHT: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_W_ZERO: tl.constexpr,
+    HAS_X_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """This program's (BLOCK_M, BLOCK_N) tile of ``x · Wᵀ`` in fp32, before the activation scale and the bias.
+
+    ``activation = (x_ptr, x_scale_ptr, stride_x_scale, x_zero)``, ``weight`` and ``params`` as in
+    :func:`_load_weights` and :func:`_weight_operand`. ``a_tile(x_ptr, a_rows, a_geometry, offs_k, k_valid)``
+    gives the pointers and in-bounds mask of the float A tile at inputs ``offs_k``: the only part that differs
+    between a Linear and an implicit-GEMM convolution. ``GROUP_SIZE = 0``: one group over all of K (per-channel
+    weight parameters). Returns the tile and the per-row activation scale.
+    """
+    x_ptr, x_scale_ptr, stride_x_scale, x_zero = activation
+    x_scale, x_reciprocal = _activation_scales(x_scale_ptr, offs_m, m_valid, stride_x_scale, ACT)
+    groups = K // GROUP_SIZE if GROUP_SIZE else 1
+    group_size = GROUP_SIZE if GROUP_SIZE else K
+    # int8 activations with group-wise weights: one integer accumulator per group, folded at the group's end
+    FOLD_EACH_GROUP: tl.constexpr = GROUP_SIZE > 0 and ACT == "int8"
+    acc_dtype = tl.int32 if ACT == "int8" else tl.float32
+    acc = tl.full((BLOCK_M, BLOCK_N), 0, acc_dtype)
+    row_sums = tl.full((BLOCK_M,), 0, tl.int32)
+    total = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        k_valid = offs_k < K
+        a_ptrs, a_mask = a_tile(x_ptr, a_rows, a_geometry, offs_k, k_valid)
+        x = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        a = _quantize_activations(x, k_valid, x_scale, x_reciprocal, x_zero, ACT)
+        if ACT == "int8" and HAS_W_ZERO:
+            row_sums += _row_sums(a)
+        group = k_start // group_size
+        w_tile = _load_weights(weight, k_start, offs_n, n_valid, K, WEIGHT, BLOCK_K)
+        b = _weight_operand(w_tile, params, group, groups, offs_n, n_valid, x.dtype, ACT, WEIGHT, HAS_W_ZERO)
+        acc = _dot(a, b, acc, ACT, BLOCK_K)
+        if FOLD_EACH_GROUP:
+            if (k_start + BLOCK_K) % group_size == 0:
+                total += _fold_group(acc, row_sums, x_zero, params, group, groups, group_size, offs_n, n_valid,
+                                     ACT, HAS_W_ZERO, HAS_X_ZERO)  # fmt: skip
+                acc = tl.full((BLOCK_M, BLOCK_N), 0, acc_dtype)
+                row_sums = tl.full((BLOCK_M,), 0, tl.int32)
+    if not FOLD_EACH_GROUP:
+        total = _fold_group(acc, row_sums, x_zero, params, 0, groups, group_size, offs_n, n_valid,
+                            ACT, HAS_W_ZERO, HAS_X_ZERO)  # fmt: skip
+    return total, x_scale
+
+
+@triton.jit
+def store_output(total, x_scale, offs_m, m_valid, offs_n, n_valid, out_ptr, stride_om, stride_on, bias_ptr,
+                 ACT: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+    """``y = s_x[m] · total + b[n]`` in the output's dtype."""
+    out = total * x_scale[:, None] if ACT != "none" else total
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
+
+
+# ----------------------------------------------------------------------------------------------- autotuning
+
+
+def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}, num_warps=warps, num_stages=stages
+    )
+
+
+_HOPPER_CONFIGS = [
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). M > 16: wgmma tiles, all free of register spills at sm_90
+    # (ptxas -v), BLOCK_K = 32 ones for groups of 32; BLOCK_M = 64 ones also serve W4A8 with groups, whose
+    # second (per-group) accumulator spills at BLOCK_M = 128
+    *(_config(*shape) for shape in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3)]),
+    *(_config(*shape) for shape in [(64, 256, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]),
+    *(_config(*shape) for shape in [(128, 128, 32, 8, 4), (64, 256, 32, 8, 4), (64, 128, 32, 4, 4)]),
+    # M <= 16 (timestep embeddings, single tokens): mma.sync tiles, narrow in N for more programs
+    *(_config(*shape) for shape in [(16, 64, 128, 4, 4), (16, 32, 128, 4, 4), (16, 64, 64, 4, 4)]),
+    *(_config(*shape) for shape in [(16, 64, 32, 4, 4), (16, 128, 64, 4, 3)]),
+]
+_INTERPRETER_CONFIGS = [_config(16, 32, 32, 4, 1)]
+
+
+def _tile_fits(tile: dict, args: dict) -> bool:
+    """Whether a config is correct for the call (K tiles inside groups) and meant for its M."""
+    group = args["GROUP_SIZE"]
+    per_group_accumulator = group and args["ACT"] == "int8"
+    small_m = args["M"] <= 16
+    return (
+        (not group or group % tile["BLOCK_K"] == 0)
+        and (tile["BLOCK_M"] == 16) == small_m
+        and (small_m or not per_group_accumulator or tile["BLOCK_M"] == 64)
+    )
+
+
+def _tile_suits(tile: dict, args: dict) -> bool:
+    """Whether a K tile suits the operand width (8-bit: long, 16-bit: short) and does not exceed K."""
+    eight_bit = args["ACT"] != "none"
+    return (tile["BLOCK_K"] >= 64 if eight_bit else tile["BLOCK_K"] <= 64) and tile["BLOCK_K"] <= max(
+        32, triton.next_power_of_2(args["K"])
+    )
+
+
+def _usable_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The configs worth benchmarking for a call: those that fit it, narrowed to those that suit it if any do."""
+    args = {**named_args, **kwargs}
+    fitting = [c for c in configs if _tile_fits(c.kwargs, args)]
+    return [c for c in fitting if _tile_suits(c.kwargs, args)] or fitting
+
+
+#: Autotuning shared by the Linear and Conv2d kernels: keyed on the M bucket, N, K and the operand formats.
+autotune_quantized_gemm = triton.autotune(
+    configs=_INTERPRETER_CONFIGS if INTERPRETING else _HOPPER_CONFIGS,
+    key=["m_bucket", "N", "K", "ACT", "WEIGHT", "GROUP_SIZE", "HAS_W_ZERO", "HAS_X_ZERO"],
+    prune_configs_by={"early_config_prune": _usable_configs},
+)
+
+
+# ----------------------------------------------------------------------------------------------- Linear kernel
+
+
+@triton.jit
+def _linear_a_tile(x_ptr, a_rows, a_geometry, offs_k, k_valid):
+    """Pointers and mask of the A tile of a Linear: rows ``m`` of ``x`` at inputs ``offs_k``."""
+    row_offsets, m_valid = a_rows
+    (stride_xk,) = a_geometry
+    ptrs = x_ptr + row_offsets[:, None] + offs_k[None, :] * stride_xk
+    return ptrs, m_valid[:, None] & k_valid[None, :]
+
+
+@autotune_quantized_gemm
+@triton.jit
+def _linear_kernel(
+    x_ptr, w_ptr, out_ptr, bias_ptr, x_scale_ptr, w_scale_ptr, w_zero_ptr, w_colsum_ptr, x_zero,
+    M, N, K, m_bucket, stride_xm, stride_xk, stride_x_scale, stride_wn, stride_wk, stride_om, stride_on,
+    ACT: tl.constexpr, WEIGHT: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    HAS_W_ZERO: tl.constexpr, HAS_X_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    m_valid = offs_m < M
+    n_valid = offs_n < N
+    total, x_scale = quantized_gemm_tile(
+        _linear_a_tile, (offs_m * stride_xm, m_valid), (stride_xk,), (x_ptr, x_scale_ptr, stride_x_scale, x_zero),
+        (w_ptr, stride_wn, stride_wk), (w_scale_ptr, w_zero_ptr, w_colsum_ptr), offs_m, m_valid, offs_n, n_valid, K,
+        ACT, WEIGHT, GROUP_SIZE, HAS_W_ZERO, HAS_X_ZERO, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+    store_output(total, x_scale, offs_m, m_valid, offs_n, n_valid, out_ptr, stride_om, stride_on, bias_ptr,
+                 ACT, HAS_BIAS)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- Python side
+
+
+def unpack_int4(w_packed: Tensor) -> Tensor:
+    """The unsigned nibbles ``u`` (N, K) as uint8 of packed int4 weights (N, K/2)."""
+    return torch.stack([w_packed & 0xF, w_packed >> 4], dim=-1).flatten(-2)
+
+
+def weight_colsums(w: Tensor, group_size: int | None = None) -> Tensor:
+    """``Σ_{k∈g} c_w[n, k]`` as int32 (N, K/G): of int8 codes (N, K), or of the nibbles of packed int4 (N, K/2) uint8.
+
+    Compute once when converting a layer; the kernels need it when the activations have a zero point.
+    """
+    if w.dtype == torch.uint8:
+        codes = unpack_int4(w)
+    elif w.dtype == torch.int8:
+        codes = w
+    else:
+        raise TypeError(f"weight codes must be int8 or packed int4 (uint8), got {w.dtype}")
+    rows, depth = codes.shape
+    group = group_size or depth
+    return codes.to(torch.int32).reshape(rows, depth // group, group).sum(dim=-1, dtype=torch.int32)
+
+
+def fp8_scales_from_absmax(absmax: Tensor) -> Tensor:
+    """Dynamic fp8 scales ``max|x| / 448`` as float32, kept above zero so that all-zero rows quantize to 0."""
+    return (absmax.float() / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def fp8_row_scales(x: Tensor) -> Tensor:
+    """Per-row (token) fp8 scales of ``x`` (..., K) flattened to (M,).
+
+    A torch reduction, not a Triton pass: one bandwidth-bound read of ``x`` that torch already does at full
+    speed, after which the GEMM divides each row by its scale in the fused A-load exactly as for a static scale.
+    """
+    return fp8_scales_from_absmax(x.reshape(-1, x.shape[-1]).abs().amax(dim=1))
+
+
+def _scale_tensor(x_scale: float | Tensor | None, device: torch.device) -> Tensor:
+    """The activation scale as float32 on ``device``; a Python float costs a small host-to-device copy per call."""
+    if x_scale is None:
+        return torch.ones(1, dtype=torch.float32, device=device)
+    if isinstance(x_scale, Tensor):
+        return x_scale.to(device=device, dtype=torch.float32).reshape(-1)
+    return torch.full((1,), float(x_scale), dtype=torch.float32, device=device)
+
+
+def _group_array(values: Tensor | None, rows: int, groups: int, dtype: torch.dtype) -> Tensor | None:
+    """Per-(channel, group) parameters as a contiguous (N, groups) array of ``dtype`` (no copy when they are)."""
+    return None if values is None else values.reshape(rows, groups).to(dtype).contiguous()
+
+
+def _zero_point_dtype(w_zero: Tensor | None) -> torch.dtype:
+    """int32 for integer zero points (exact int32 corrections), float32 for float ones."""
+    return torch.float32 if w_zero is not None and w_zero.is_floating_point() else torch.int32
+
+
+def quantized_gemm_arguments(
+    x: Tensor,
+    x_scale: float | Tensor | None,
+    x_zero: int,
+    w: Tensor,
+    w_scale: Tensor,
+    w_zero: Tensor | None,
+    w_colsum: Tensor | None,
+    bias: Tensor | None,
+    *,
+    act: str,
+    weight: str,
+    depth: int,
+    group_size: int | None,
+    rows: int,
+) -> dict:
+    """Kernel arguments shared by the Linear and Conv2d wrappers, validated (everything but the A geometry).
+
+    ``rows`` is M, for a per-row (dynamic) activation scale.
+    """
+    if act == "none" and x.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"W4A16 keeps activations in bf16/fp16, got {x.dtype}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"activations must be float32, bf16 or fp16, got {x.dtype}")
+    if x.numel() >= 2**31 or w.numel() >= 2**31:
+        raise ValueError("the kernels address tensors with 32-bit offsets: fewer than 2**31 elements")
+    if not -128 <= int(x_zero) <= 127:
+        raise ValueError(f"the activation zero point {x_zero} is outside the int8 range")
+    channels = w.shape[0]
+    group = group_size if group_size and group_size != depth else 0
+    if group and (depth % group or group % GROUP_ALIGNMENT):
+        raise ValueError(f"group size {group} must divide K={depth} and be a multiple of {GROUP_ALIGNMENT} (or be K)")
+    groups = depth // group if group else 1
+    scale = _scale_tensor(x_scale, x.device)
+    if scale.numel() not in (1, rows):
+        raise ValueError(f"the activation scale has {scale.numel()} values, expected 1 or {rows}")
+    if act != "int8":
+        x_zero = 0
+    if x_zero and w_colsum is None:
+        w_colsum = weight_colsums(w, group or None)
+    return {
+        "w_ptr": w,
+        "bias_ptr": None if bias is None else bias.contiguous(),
+        "x_scale_ptr": scale,
+        "w_scale_ptr": _group_array(w_scale, channels, groups, torch.float32),
+        "w_zero_ptr": _group_array(w_zero, channels, groups, _zero_point_dtype(w_zero)),
+        "w_colsum_ptr": _group_array(w_colsum, channels, groups, torch.int32) if x_zero else None,
+        "x_zero": int(x_zero),
+        "N": channels,
+        "K": depth,
+        "stride_x_scale": 1 if scale.numel() > 1 else 0,
+        "stride_wn": w.stride(0),
+        "stride_wk": w.stride(1),
+        "ACT": act,
+        "WEIGHT": weight,
+        "GROUP_SIZE": group,
+        "HAS_W_ZERO": w_zero is not None,
+        "HAS_X_ZERO": bool(x_zero),
+        "HAS_BIAS": bias is not None,
+    }
+
+
+def launch_grid(rows: int, channels: int):
+    """The 1-D launch grid over output tiles for a config's block sizes."""
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(channels, meta["BLOCK_N"]),)
+
+
+def m_bucket(rows: int) -> int:
+    """The autotuning bucket of M: its next power of two, capped (large M all tune alike)."""
+    return min(triton.next_power_of_2(rows), 16384)
+
+
+def _linear(x: Tensor, w: Tensor, depth: int, **arguments) -> Tensor:
+    if x.shape[-1] != depth:
+        raise ValueError(f"x has {x.shape[-1]} inputs, the weight {depth}")
+    flat = x.reshape(-1, depth)
+    rows = flat.shape[0]
+    kernel_args = quantized_gemm_arguments(flat, w=w, depth=depth, rows=rows, **arguments)
+    out = torch.empty(rows, w.shape[0], dtype=x.dtype, device=x.device)
+    _linear_kernel[launch_grid(rows, w.shape[0])](
+        x_ptr=flat,
+        out_ptr=out,
+        M=rows,
+        m_bucket=m_bucket(rows),
+        stride_xm=flat.stride(0),
+        stride_xk=flat.stride(1),
+        stride_om=out.stride(0),
+        stride_on=out.stride(1),
+        **kernel_args,
+    )
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+def int8_linear(
+    x: Tensor,
+    x_scale: float | Tensor,
+    x_zero: int,
+    w_codes: Tensor,
+    w_scale: Tensor,
+    w_zero: Tensor | None = None,
+    w_colsum: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """W8A8-INT8 ``y = x · Wᵀ + b`` with ``x`` quantized per tensor in the kernel.
+
+    Args:
+        x: (..., K) float32/bf16/fp16, any strides.
+        x_scale, x_zero: the activation quantizer's scale (float or one-element float32 tensor; a tensor avoids
+            a host-to-device copy) and int8-range zero point: ``x ≈ x_scale · (c_x − x_zero)``.
+        w_codes: (N, K) int8. ``w_scale``: (N,) float32. ``w_zero``: (N,) int32 or None (symmetric).
+        w_colsum: :func:`weight_colsums` of ``w_codes``; computed per call when needed and not given.
+        bias: (N,) or None.
+
+    Returns: (..., N) in ``x.dtype``.
+    """
+    if w_codes.dtype != torch.int8:
+        raise TypeError(f"int8 weights expected, got {w_codes.dtype}")
+    return _linear(
+        x,
+        w_codes,
+        w_codes.shape[1],
+        x_scale=x_scale,
+        x_zero=x_zero,
+        w_scale=w_scale,
+        w_zero=w_zero,
+        w_colsum=w_colsum,
+        bias=bias,
+        act="int8",
+        weight="int8",
+        group_size=None,
+    )
+
+
+def int4_linear(
+    x: Tensor,
+    x_scale: float | Tensor | None,
+    x_zero: int,
+    w_packed: Tensor,
+    w_scale: Tensor,
+    w_zero: Tensor | None,
+    group_size: int | None,
+    w_colsum: Tensor | None = None,
+    bias: Tensor | None = None,
+    act: str = "int8",
+) -> Tensor:
+    """W4A8 (``act="int8"``) or W4A16 (``act="none"``) ``y = x · Wᵀ + b`` with packed int4 weights.
+
+    Args:
+        x: (..., K); float32/bf16/fp16 for W4A8, bf16/fp16 for W4A16.
+        x_scale, x_zero: as in :func:`int8_linear` for W4A8; ignored for W4A16 (pass None, 0).
+        w_packed: (N, K/2) uint8, inputs ``2j`` / ``2j + 1`` in the low / high nibble of byte ``j``.
+        w_scale: (N, K/G) float32; ``w_zero``: (N, K/G) int32 or float32 in the nibble domain ``[0, 15]``
+            (``value = w_scale · (u − w_zero)``), or None for zero.
+        group_size: ``G``, dividing K and a multiple of 32; None or K for per-channel parameters.
+        w_colsum: :func:`weight_colsums` ``(w_packed, group_size)``; computed per call when needed and not given.
+
+    Returns: (..., N) in ``x.dtype``.
+    """
+    if w_packed.dtype != torch.uint8:
+        raise TypeError(f"packed int4 weights (uint8) expected, got {w_packed.dtype}")
+    if act not in ("int8", "none"):
+        raise ValueError(f"int4 weights run with act='int8' (W4A8) or act='none' (W4A16), got {act!r}")
+    return _linear(
+        x,
+        w_packed,
+        2 * w_packed.shape[1],
+        x_scale=x_scale,
+        x_zero=x_zero,
+        w_scale=w_scale,
+        w_zero=w_zero,
+        w_colsum=w_colsum,
+        bias=bias,
+        act=act,
+        weight="int4",
+        group_size=group_size,
+    )
+
+
+def fp8_linear(
+    x: Tensor, x_scale: float | Tensor | None, w_fp8: Tensor, w_scale: Tensor, bias: Tensor | None = None
+) -> Tensor:
+    """W8A8-FP8 ``y = x · Wᵀ + b`` with ``x`` cast to e4m3 in the kernel.
+
+    Args:
+        x: (..., K) float32/bf16/fp16.
+        x_scale: static per-tensor scale (float or one-element tensor), a per-row (M,) tensor, or None for dynamic
+            per-row scales ``max|x[m]| / 448`` (:func:`fp8_row_scales`, one torch reduction per call).
+        w_fp8: (N, K) ``torch.float8_e4m3fn``; ``w_scale``: (N,) float32.
+
+    Returns: (..., N) in ``x.dtype``.
+    """
+    if w_fp8.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"float8_e4m3fn weights expected, got {w_fp8.dtype}")
+    return _linear(
+        x,
+        w_fp8,
+        w_fp8.shape[1],
+        x_scale=fp8_row_scales(x) if x_scale is None else x_scale,
+        x_zero=0,
+        w_scale=w_scale,
+        w_zero=None,
+        w_colsum=None,
+        bias=bias,
+        act="fp8",
+        weight="fp8",
+        group_size=None,
+    )
