@@ -10,25 +10,11 @@ import dmquant.checkpoint as checkpoint_module
 from dmquant import api
 from dmquant.calib.record import CalibrationSet
 from dmquant.checkpoint import MANIFEST_FILE, TENSORS_FILE
-from dmquant.config import CalibrationConfig, load_recipe
+from dmquant.config import load_recipe
 from dmquant.core.quantizer import set_step
 from dmquant.denoiser import Denoiser
 from dmquant.errors import CalibrationError, CheckpointError, ModelError
-from dmquant.jobs import record_for
-from dmquant.models import load_model
 from dmquant.zoo.tiny import tiny_unet2d
-
-SMALL = CalibrationConfig(num_inference_steps=4, num_trajectories=2, batch_size=4)
-
-
-@pytest.fixture(scope="module")
-def unet():
-    return load_model("tiny-unet")
-
-
-@pytest.fixture(scope="module")
-def calibration(unet):
-    return record_for(unet, SMALL, progress=False)
 
 
 def _outputs(model, calibration):
@@ -54,11 +40,11 @@ def test_save_load_is_bit_identical(unet, calibration, tmp_path, bits):
 
 
 def test_per_step_model_round_trips_and_selects_steps(quantized, calibration, tmp_path):
-    assert api.info(quantized).num_steps == SMALL.num_inference_steps
+    assert api.info(quantized).num_steps == calibration.num_inference_steps
     assert len(api.sampling_hooks(quantized)) == 1
     api.save(quantized, tmp_path / "q")
     loaded = api.load(tmp_path / "q")
-    for step in range(SMALL.num_inference_steps):
+    for step in range(calibration.num_inference_steps):
         for model in (quantized, loaded):
             set_step(model, step)
         assert torch.equal(_outputs(loaded, calibration), _outputs(quantized, calibration))

@@ -12,27 +12,13 @@ from torch import nn
 
 import dmquant.kernels
 from dmquant import api
-from dmquant.config import CalibrationConfig, LayerRule, QuantizerConfig, load_recipe
+from dmquant.config import LayerRule, QuantizerConfig, load_recipe
 from dmquant.core.layers import QuantConv2d, QuantLinear
 from dmquant.core.quantizer import Quantizer, set_step
 from dmquant.denoiser import Denoiser
-from dmquant.jobs import record_for
 from dmquant.kernels.convert import REPORT_ATTRIBUTE, convert_model
 from dmquant.kernels.layers import LowBitConv2d, LowBitLinear, activation_mode
 from dmquant.kernels.weights import LowBitWeight, UnsupportedWeight, as_matrix, group_size_of
-from dmquant.models import load_model
-
-SMALL = CalibrationConfig(num_inference_steps=4, num_trajectories=2, batch_size=4)
-
-
-@pytest.fixture(scope="module")
-def unet():
-    return load_model("tiny-unet")
-
-
-@pytest.fixture(scope="module")
-def calibration(unet):
-    return record_for(unet, SMALL, progress=False)
 
 
 def _quantized(unet, calibration, weight_bits, activation_bits, *, recipe="minmax", **changes):

@@ -20,26 +20,14 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from dmquant import api  # noqa: E402
-from dmquant.config import CalibrationConfig, load_recipe  # noqa: E402
+from dmquant.config import load_recipe  # noqa: E402
 from dmquant.core.quantizer import set_step  # noqa: E402
 from dmquant.denoiser import Denoiser  # noqa: E402
-from dmquant.jobs import record_for  # noqa: E402
 from dmquant.kernels import dispatch  # noqa: E402
 from dmquant.kernels.convert import convert_model  # noqa: E402
 from dmquant.kernels.layers import LowBitConv2d, LowBitLinear  # noqa: E402
-from dmquant.models import load_model  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(scope="module")
-def unet():
-    return load_model("tiny-unet")
-
-
-@pytest.fixture(scope="module")
-def calibration(unet):
-    return record_for(unet, CalibrationConfig(num_inference_steps=4, num_trajectories=2, batch_size=4), progress=False)
 
 
 def _layer_inputs(model, calibration) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
