@@ -155,6 +155,15 @@ def test_a_layer_without_a_layout_stays_simulated_with_its_reason(unet, calibrat
     assert torch.equal(_outputs(converted, calibration), _outputs(quantized, calibration))
 
 
+def test_the_reference_path_answers_in_its_inputs_dtype(unet, calibration):
+    converted = convert_model(_quantized(unet, calibration, 8, 8))
+    linear = next(m for m in converted.modules() if isinstance(m, LowBitLinear))
+    conv = next(m for m in converted.modules() if isinstance(m, LowBitConv2d))
+    x = torch.randn(2, linear.in_features, dtype=torch.bfloat16)
+    assert linear(x).dtype == torch.bfloat16  # a bf16 model keeps running where a layer has no kernel
+    assert conv(torch.randn(1, conv.in_channels, 8, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
 def test_a_model_with_nothing_quantized_is_refused(unet):
     with pytest.raises(ValueError, match="quantize it first"):
         convert_model(nn.Sequential(nn.Linear(4, 4)))

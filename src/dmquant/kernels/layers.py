@@ -13,6 +13,12 @@ ways:
   computation, so its output equals the simulated layer's bit for bit. This is what runs on
   CPU, for shapes or formats no kernel takes, and in the tests.
 
+Per-step activation parameters (``per_step_activations``, or a bit schedule) are chosen in Python
+from the quantizer's current step. A captured CUDA graph therefore holds the parameters of the
+step it was captured at: capture one graph per distinct parameter set (two for an A4-early /
+A8-late schedule) and replay the one of each step — switching precision replays another graph,
+it never recaptures.
+
 A convolution with a split input (Q-Diffusion's shortcut split) has one part per input slice,
 each with its own activation and weight parameters: the kernel path sums one convolution per
 part (the bias added once), the reference path concatenates them into one as the simulated layer
@@ -104,7 +110,8 @@ class LowBitLinear(_Smoothing):
         return self.activation.quantizer
 
     def reference(self, x: Tensor) -> Tensor:
-        return F.linear(self.input_quantizer(x), self.weight.dequantize(), self.bias)
+        """The simulated layer's computation (in float32, as the quantizers compute), in ``x``'s dtype."""
+        return F.linear(self.input_quantizer(x), self.weight.dequantize(), self.bias).to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.unsmoothed(x, -1)
@@ -158,10 +165,12 @@ class LowBitConv2d(_Smoothing):
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
 
     def reference(self, x: Tensor) -> Tensor:
-        """The simulated layer's computation: the parts' quantized inputs and weights concatenated, one conv."""
+        """The simulated layer's computation: the parts' quantized inputs and weights concatenated, one conv
+        (in float32, as the quantizers compute), in ``x``'s dtype."""
         inputs = torch.cat([part.input_quantizer(x[:, part.channels]) for part in self.parts], dim=1)
         weight = torch.cat([part.weight_4d() for part in self.parts], dim=1)
-        return F.conv2d(inputs, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        output = F.conv2d(inputs, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return output.to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.unsmoothed(x, 1)
