@@ -138,7 +138,10 @@ def test_version(capsys):
             ],
         ),
         ("eval", ["--base", "--json", "--num-samples", "--steps", "--seed", "--batch-size", "--real-kernels"]),
-        ("convert", ["--num-samples", "--base", "--device", "int8", "packed int4", "fp8", "--real-kernels"]),
+        (
+            "convert",
+            ["--num-samples", "--base", "--device", "int8", "packed int4", "fp8", "--real-kernels", "--dynamic-fp8"],
+        ),
         ("inspect", ["--recipe", "--w-bits", "--a-bits", "--quiet", "split shortcut"]),
         ("demo", ["--model", "--recipe", "--output", "--num-samples", "--steps", "--quiet", "W4A8", "FID-proxies"]),
     ],

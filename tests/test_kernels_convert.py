@@ -155,6 +155,24 @@ def test_a_layer_without_a_layout_stays_simulated_with_its_reason(unet, calibrat
     assert torch.equal(_outputs(converted, calibration), _outputs(quantized, calibration))
 
 
+def test_dynamic_fp8_gives_linear_layers_per_token_scales_and_leaves_convs_static(unet, calibration):
+    quantized = _quantized(unet, calibration, "fp8_e4m3", "fp8_e4m3")
+    converted = convert_model(quantized, dynamic_fp8=True)
+    linear = next(m for m in converted.modules() if isinstance(m, LowBitLinear))
+    assert linear.activation.dynamic and linear.activation.parameters_now() == (None, 0)
+    assert not any(
+        part.activation.dynamic for m in converted.modules() if isinstance(m, LowBitConv2d) for part in m.parts
+    )
+    report = getattr(converted, REPORT_ATTRIBUTE)
+    assert {row["activation"] for row in report.layers if row["kind"] == "Linear"} == {"fp8 (dynamic per token)"}
+    x = torch.randn(3, linear.in_features) * torch.tensor([[0.01], [1.0], [300.0]])  # rows of very different size
+    scale = x.abs().amax(dim=1, keepdim=True) / 448  # computed another way: torch's own e4m3 cast
+    expected = torch.nn.functional.linear(
+        (x / scale).to(torch.float8_e4m3fn).float() * scale, linear.weight.dequantize(), linear.bias
+    )
+    torch.testing.assert_close(linear(x), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_the_reference_path_answers_in_its_inputs_dtype(unet, calibration):
     converted = convert_model(_quantized(unet, calibration, 8, 8))
     linear = next(m for m in converted.modules() if isinstance(m, LowBitLinear))

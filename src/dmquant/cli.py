@@ -360,7 +360,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             f"{args.model}: not a dmquant checkpoint directory (no {MANIFEST_FILE}); make one with `dmquant quantize`"
         )
     simulated = _prepared(open_model(args.model, base=args.base), args)
-    converted = simulated.with_denoiser(convert_model(simulated.denoiser))
+    converted = simulated.with_denoiser(convert_model(simulated.denoiser, dynamic_fp8=args.dynamic_fp8))
     report = getattr(converted.denoiser, REPORT_ATTRIBUTE)
     print(f"{args.model}: {report.summary()}\n")
     print(markdown_table(report.layers, ["name", "kind", "weight", "group_size", "activation"]))
@@ -577,6 +577,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="a dmquant checkpoint directory")
     p.add_argument("--base", help="the FP model the checkpoint was made from, if not the recorded one")
+    p.add_argument(
+        "--dynamic-fp8",
+        action="store_true",
+        help="Linear layers with fp8 activations take per-token scales from each input, not the calibrated one",
+    )
     _add_sampling_options(p, num_samples=0)
 
     p = _command(

@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..core.layers import QuantConv2d, QuantLinear
-from ..core.quantizer import Quantizer
-from .layers import LowBitConv2d, LowBitLinear, activation_mode
+from .layers import KernelActivation, LowBitConv2d, LowBitLinear
 from .weights import LowBitWeight, UnsupportedWeight
 
 #: The attribute of a converted model that holds its :class:`ConversionReport`.
@@ -42,22 +41,30 @@ class ConversionReport:
         return text + (f"; {len(self.kept)} kept simulated" if self.kept else "")
 
 
-def _low_bit(layer: nn.Module) -> LowBitLinear | LowBitConv2d:
-    return LowBitLinear(layer) if isinstance(layer, QuantLinear) else LowBitConv2d(layer)
+def _low_bit(layer: nn.Module, dynamic_fp8: bool) -> LowBitLinear | LowBitConv2d:
+    return LowBitLinear(layer, dynamic_fp8=dynamic_fp8) if isinstance(layer, QuantLinear) else LowBitConv2d(layer)
 
 
-def _weights(layer: LowBitLinear | LowBitConv2d) -> list[tuple[LowBitWeight, Quantizer]]:
-    """Each stored weight of a converted layer with the quantizer of the input it multiplies."""
+def _activation_text(activation: KernelActivation) -> str:
+    if activation.dynamic:
+        return "fp8 (dynamic per token)"
+    return activation.mode or f"{activation.quantizer.fmt.name} (reference path)"
+
+
+def _weights(layer: LowBitLinear | LowBitConv2d) -> list[tuple[LowBitWeight, KernelActivation]]:
+    """Each stored weight of a converted layer with the activation parameters of the input it multiplies."""
     if isinstance(layer, LowBitLinear):
-        return [(layer.weight, layer.input_quantizer)]
-    return [(part.weight, part.input_quantizer) for part in layer.parts]
+        return [(layer.weight, layer.activation)]
+    return [(part.weight, part.activation) for part in layer.parts]
 
 
-def convert_model(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+def convert_model(model: nn.Module, *, inplace: bool = False, dynamic_fp8: bool = False) -> nn.Module:
     """``model`` with its quantized Linear and Conv2d layers in real low precision (a copy unless ``inplace``).
 
     The converted model computes what the simulated one does: on CPU bit for bit (the reference
-    path), on CUDA within the kernels' accumulation error.
+    path), on CUDA within the kernels' accumulation error. ``dynamic_fp8`` gives Linear layers with
+    fp8 e4m3 activations per-token scales computed from each input instead of their calibrated
+    per-tensor scale (convolutions keep theirs); those layers then differ from the simulated ones.
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -67,13 +74,13 @@ def convert_model(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         raise ValueError(f"{type(model).__name__} has no quantized Linear or Conv2d layer: quantize it first")
     for name, layer in targets:
         try:
-            converted = _low_bit(layer)
+            converted = _low_bit(layer, dynamic_fp8)
         except (UnsupportedWeight, ValueError) as why:
             report.kept[name] = str(why)
             continue
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, converted)
-        for index, (weight, quantizer) in enumerate(_weights(converted)):
+        for index, (weight, activation) in enumerate(_weights(converted)):
             report.converted[weight.layout] += 1
             report.weight_bytes_after += weight.nbytes
             report.layers.append(
@@ -82,7 +89,7 @@ def convert_model(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                     "kind": "Linear" if isinstance(converted, LowBitLinear) else "Conv2d",
                     "weight": weight.layout,
                     "group_size": weight.group_size,
-                    "activation": activation_mode(quantizer) or f"{quantizer.fmt.name} (reference path)",
+                    "activation": _activation_text(activation),
                 }
             )
         report.weight_bytes_before += layer.weight.numel() * layer.weight.element_size()

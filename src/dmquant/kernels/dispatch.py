@@ -73,7 +73,8 @@ def _weight_arguments(weight: LowBitWeight) -> dict:
 
 
 def _arguments(mode: str, activation, weight: LowBitWeight) -> dict:
-    """A call's arguments: the weight's tensors and the current step's activation parameters."""
+    """A call's arguments: the weight's tensors and the current step's activation parameters (an fp8
+    scale of None asks the kernel for dynamic per-row scales)."""
     arguments = _weight_arguments(weight) | ({"act": mode} if weight.layout == "int4" else {})
     if mode == "none":
         return arguments | {"x_scale": None, "x_zero": 0}

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.layers import QuantConv2d, QuantLinear
-from ..core.primitives import FP8_E4M3
+from ..core.primitives import FP8_E4M3, round_to_float_format
 from ..core.quantizer import Quantizer
 from . import dispatch
 from .weights import LowBitWeight
@@ -56,11 +56,17 @@ class KernelActivation(nn.Module):
     """An activation quantizer's per-tensor parameters as the kernels take them, fixed at conversion:
     one scale per parameter set as a tensor that moves with the layer (read on the device, no host
     sync per call) and one zero point per set as a Python int, shifted like the weight codes into
-    ``[-128, 127]`` (an unsigned 8-bit zero point ``z`` becomes ``z − 128``)."""
+    ``[-128, 127]`` (an unsigned 8-bit zero point ``z`` becomes ``z − 128``).
 
-    def __init__(self, quantizer: Quantizer) -> None:
+    With ``dynamic`` (fp8 e4m3 quantizers only) the calibrated scale is replaced by one computed per
+    row (token) of each input, ``max|x[m]| / 448``, as fp8 inference libraries do; the layer then
+    no longer computes its simulated twin's function but that of per-token fp8 quantization.
+    """
+
+    def __init__(self, quantizer: Quantizer, *, dynamic: bool = False) -> None:
         super().__init__()
         self.quantizer = quantizer
+        self.dynamic = dynamic and quantizer.enabled and all(fmt == FP8_E4M3 for fmt in quantizer.slot_formats)
         per_tensor = quantizer.enabled and quantizer.calibrated and quantizer.granularity.kind == "tensor"
         scale = quantizer.scale.detach().float().reshape(quantizer.num_steps, -1)[:, 0] if per_tensor else None
         self.register_buffer("scale", scale)
@@ -72,12 +78,22 @@ class KernelActivation(nn.Module):
 
     @property
     def mode(self) -> str | None:
-        return activation_mode(self.quantizer)
+        return "fp8" if self.dynamic else activation_mode(self.quantizer)
 
-    def parameters_now(self) -> tuple[Tensor, int]:
-        """Scale (a one-element tensor) and shifted zero point of the current sampling step."""
+    def parameters_now(self) -> tuple[Tensor | None, int]:
+        """Scale (a one-element tensor; None: dynamic per row) and shifted zero point of the current step."""
+        if self.dynamic:
+            return None, 0
         slot = self.quantizer.slot()
         return self.scale[slot : slot + 1], self.zeros[slot]
+
+    def fake_quant(self, x: Tensor) -> Tensor:
+        """The reference path's quantized input (float32): the quantizer's, or per-row fp8 when dynamic."""
+        if not self.dynamic:
+            return self.quantizer(x)
+        x = x.float()
+        scale = (x.abs().amax(dim=-1, keepdim=True) / FP8_E4M3.max_value).clamp_min(torch.finfo(torch.float32).tiny)
+        return round_to_float_format(x / scale, FP8_E4M3) * scale
 
 
 class _Smoothing(nn.Module):
@@ -98,10 +114,10 @@ class _Smoothing(nn.Module):
 class LowBitLinear(_Smoothing):
     """``y = x_q · W_qᵀ + b`` with ``W_q`` stored as codes."""
 
-    def __init__(self, layer: QuantLinear) -> None:
+    def __init__(self, layer: QuantLinear, *, dynamic_fp8: bool = False) -> None:
         super().__init__(layer.smoothing)
         self.in_features, self.out_features = layer.in_features, layer.out_features
-        self.activation = KernelActivation(layer.input_quantizer)
+        self.activation = KernelActivation(layer.input_quantizer, dynamic=dynamic_fp8)
         self.weight = LowBitWeight.from_quantizer(layer.weight_quantizer, layer.weight.detach())
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
 
@@ -111,7 +127,7 @@ class LowBitLinear(_Smoothing):
 
     def reference(self, x: Tensor) -> Tensor:
         """The simulated layer's computation (in float32, as the quantizers compute), in ``x``'s dtype."""
-        return F.linear(self.input_quantizer(x), self.weight.dequantize(), self.bias).to(x.dtype)
+        return F.linear(self.activation.fake_quant(x), self.weight.dequantize(), self.bias).to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.unsmoothed(x, -1)
