@@ -68,7 +68,6 @@ import dataclasses
 import gc
 import importlib.metadata
 import json
-import math
 import re
 import shlex
 import statistics
@@ -90,6 +89,9 @@ from dmquant.api import info, quantize
 from dmquant.calib.record import CalibrationSet
 from dmquant.config import QuantConfig, load_recipe
 from dmquant.core.layers import QUANT_LAYERS
+from dmquant.eval.cost import attention_macs, layer_macs
+from dmquant.kernels.convert import REPORT_ATTRIBUTE, convert_model
+from dmquant.kernels.layers import LowBitConv2d, LowBitLinear
 from dmquant.models import load_model
 from dmquant.provenance import environment
 
@@ -384,7 +386,7 @@ ROWS: dict[str, Row] = {
 
 
 class RowUnsupported(Exception):
-    """The row cannot run here (a missing module, a conversion that refuses the model); the reason is kept."""
+    """The row cannot run here (a conversion that refuses the model, CUDA graphs without CUDA); the reason is kept."""
 
 
 @dataclass(frozen=True)
@@ -422,22 +424,10 @@ def pending(cells: Sequence[Cell], results: Path, force: bool) -> list[Cell]:
 
 
 def _layer_kind(module: nn.Module) -> str | None:
-    """``"conv"`` or ``"linear"`` for a Conv2d/Linear or a layer that stands in for one (a converted
-    low-bit layer, recognised by its in/out channels or in/out features); else None.
-
-    Modules of diffusers and torch (and their subclasses) other than Conv2d/Linear are never layers:
-    some carry ``in_channels`` (blocks, whole models) without being one.
-    """
-    if isinstance(module, nn.Conv2d):
+    """``"conv"`` or ``"linear"`` for a Conv2d/Linear or a converted low-bit layer; else None."""
+    if isinstance(module, (nn.Conv2d, LowBitConv2d)):
         return "conv"
-    if isinstance(module, nn.Linear):
-        return "linear"
-    bases = [cls for cls in type(module).__mro__ if cls not in (nn.Module, object)]
-    if any(cls.__module__.startswith(("diffusers.", "torch.")) for cls in bases):
-        return None
-    if all(hasattr(module, name) for name in ("in_channels", "out_channels")):
-        return "conv"
-    if all(hasattr(module, name) for name in ("in_features", "out_features")):
+    if isinstance(module, (nn.Linear, LowBitLinear)):
         return "linear"
     return None
 
@@ -447,7 +437,7 @@ def layer_precision(module: nn.Module) -> str:
     ``"simulated"`` (dmquant's fake-quantized QuantLinear/QuantConv2d) or ``"full"``."""
     if is_traceable_wrapper_subclass(getattr(module, "weight", None)):
         return "low-bit"
-    if type(module).__module__.startswith("dmquant.kernels"):
+    if isinstance(module, (LowBitConv2d, LowBitLinear)):
         return "low-bit"
     return "simulated" if isinstance(module, QUANT_LAYERS) else "full"
 
@@ -465,33 +455,14 @@ def outermost(model: nn.Module, wanted: Callable[[nn.Module], bool]) -> dict[str
     return chosen
 
 
-def _kernel_area(conv: nn.Module) -> int:
-    """``kh·kw`` of a convolution: its ``kernel_size``, or that of its first part that has one (a
-    converted convolution keeps one per input part)."""
-    size = next(m.kernel_size for m in conv.modules() if getattr(m, "kernel_size", None) is not None)
-    return size * size if isinstance(size, int) else math.prod(size)
-
-
-def _layer_flops(module: nn.Module, kind: str, inputs: tuple, output: Tensor) -> int:
-    """Multiply-adds × 2 of one call: a Linear ``2·rows·in·out``, a Conv2d ``2·out_elements·(in/groups)·k²``."""
-    if kind == "linear":
-        rows = inputs[0].numel() // inputs[0].shape[-1]
-        return 2 * rows * module.in_features * module.out_features
-    fan_in = module.in_channels // getattr(module, "groups", 1) * _kernel_area(module)
-    return 2 * output.numel() * fan_in
+def _layer_flops(module: nn.Module, output: Tensor) -> int:
+    """2 × the multiply-accumulates of one call (:func:`dmquant.eval.cost.layer_macs`)."""
+    return 2 * layer_macs(module, output)
 
 
 def _attention_flops(attention: Attention, args: tuple, kwargs: dict) -> int:
-    """Q·Kᵀ and P·V of one diffusers Attention call: ``2·B·N·M·(inner_dim + inner_kv_dim)``."""
-    hidden = args[0] if args else kwargs["hidden_states"]
-    context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-
-    def tokens(x: Tensor) -> int:
-        return x.shape[2] * x.shape[3] if x.ndim == 4 else x.shape[1]
-
-    queries = tokens(hidden)
-    keys = queries if context is None else tokens(context)
-    return 2 * hidden.shape[0] * queries * keys * (attention.inner_dim + attention.inner_kv_dim)
+    """2 × the multiply-accumulates of one Attention call's Q·Kᵀ and P·V (:func:`dmquant.eval.cost.attention_macs`)."""
+    return 2 * sum(attention_macs(attention, args, kwargs))
 
 
 @dataclass
@@ -547,7 +518,7 @@ def count_flops(model: nn.Module, call: Callable[[], Any]) -> FlopCount:
         count.layers[name] = LayerFlops(kind, layer_precision(module))
 
         def hook(module: nn.Module, inputs: tuple, output: Tensor, name: str = name, kind: str = kind) -> None:
-            count.layers[name].flops += _layer_flops(module, kind, inputs, output)
+            count.layers[name].flops += _layer_flops(module, output)
 
         handles.append(module.register_forward_hook(hook))
     for module in model.modules():
@@ -643,18 +614,9 @@ def dmquant_config(row: Row) -> QuantConfig:
     return config
 
 
-def _convert_model() -> Callable[[nn.Module], nn.Module]:
-    try:
-        from dmquant.kernels.convert import convert_model
-    except ImportError as error:
-        raise RowUnsupported(f"dmquant.kernels.convert is not available: {error}") from None
-    return convert_model
-
-
 def build_dmquant(bench: ModelBench, row: Row) -> Built:
     """quantize the float32 master (a copy), convert it to real low-bit layers, cast the rest of the
     model to the compute dtype."""
-    convert_model = _convert_model()
     master = bench.workload.model
     config = dmquant_config(row)
     quantized = quantize(master, config, bench.workload.calibration(), batch_size=2, progress=bench.args.progress)
@@ -678,8 +640,6 @@ def build_dmquant(bench: ModelBench, row: Row) -> Built:
 def conversion_summary(model: nn.Module) -> dict[str, Any] | None:
     """What ``convert_model`` reported (``model.dmquant_conversion``): layouts, how each converted
     layer takes its input (a kernel mode, or the reference path), what stayed simulated and why."""
-    from dmquant.kernels.convert import REPORT_ATTRIBUTE
-
     report = getattr(model, REPORT_ATTRIBUTE, None)
     if report is None:
         return None

@@ -176,12 +176,6 @@ def test_w4_rows_quantize_weights_per_output_channel_which_every_layer_takes():
     assert {rule.weight_bits for rule in fp8.rules} == {"fp8_e4m3"}
 
 
-def test_a_missing_conversion_module_makes_the_row_unsupported(monkeypatch):
-    monkeypatch.setitem(sys.modules, "dmquant.kernels.convert", None)
-    with pytest.raises(speed.RowUnsupported, match="dmquant.kernels.convert is not available"):
-        speed._convert_model()
-
-
 def _fake_cell(results: Path, model: str, row: str, **fields) -> None:
     cell = {"model": model, "row": row, "kind": speed.ROWS[row].kind, "status": "ok", "representative": True}
     speed.write_cell(results / model / f"{row}.json", cell | fields)
@@ -209,15 +203,14 @@ def dit_run(tmp_path_factory):
     """dit-glyphs at toy settings on the CPU: bf16-eager, fp8 (unsupported here), two dmquant rows, of
     which W4A8's conversion refuses."""
     results = tmp_path_factory.mktemp("speed")
-    real_convert = speed._convert_model()
 
     def convert_all_but_int4(model: nn.Module) -> nn.Module:
         if info(model).config.weight.bits == 4:
             raise NotImplementedError("no int4 layout in this build")
-        return real_convert(model)
+        return convert_model(model)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(speed, "_convert_model", lambda: convert_all_but_int4)
+        patch.setattr(speed, "convert_model", convert_all_but_int4)
         argv = ["--models", "dit-glyphs", "--rows", "bf16-eager", "fp8-dynamic-row", "dmquant-w8a8-int8"]
         argv += ["dmquant-w4a8", "--settings", "eager", "--tiny", "--repeats", "2", "--warmup", "1"]
         speed.main([*argv, "--device", "cpu", "--results", str(results), "-q"])

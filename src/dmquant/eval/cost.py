@@ -68,30 +68,44 @@ def model_size(model: nn.Module) -> SizeReport:
     return SizeReport(-(-total_bits // 8), fp_bits // 8, quantized_params, fp_params)
 
 
+def layer_macs(module: nn.Module, output: torch.Tensor) -> int:
+    """Multiply-accumulates of one call of a Linear or Conv2d layer (or a converted low-bit one):
+    ``outputs · in_features`` and ``outputs · (in_channels / groups) · kh · kw``."""
+    if hasattr(module, "in_channels"):
+        kh, kw = module.kernel_size
+        return output.numel() * (module.in_channels // module.groups) * kh * kw
+    return output.numel() * module.in_features
+
+
+def attention_macs(module: Attention, args: tuple, kwargs: dict) -> tuple[int, int]:
+    """Multiply-accumulates of one diffusers ``Attention`` call's two matmuls, ``Q·Kᵀ`` and ``P·V``:
+    ``B · Lq · Lk`` times the query and the value widths."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    context = kwargs.get("encoder_hidden_states") if len(args) < 2 else args[1]
+
+    def tokens(x: torch.Tensor) -> int:
+        return x.shape[2] * x.shape[3] if x.dim() == 4 else x.shape[1]
+
+    length_q = tokens(hidden)
+    length_k = length_q if context is None else tokens(context)
+    pairs = hidden.shape[0] * length_q * length_k
+    return pairs * module.inner_dim, pairs * module.inner_kv_dim
+
+
 def _layer_bops(module: nn.Module, inputs: tuple, output: torch.Tensor) -> tuple[int, int, int]:
-    x = inputs[0]
-    if isinstance(module, nn.Conv2d):
-        macs = output.numel() * (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
-    else:
-        macs = output.numel() * module.in_features
     quantized = isinstance(module, QUANT_LAYERS)
     w_bits = _bits(module.weight_quantizer if quantized else None, module.weight.dtype)
-    a_bits = _bits(module.input_quantizer if quantized else None, x.dtype)
-    return macs, w_bits, a_bits
+    a_bits = _bits(module.input_quantizer if quantized else None, inputs[0].dtype)
+    return layer_macs(module, output), w_bits, a_bits
 
 
 def _attention_bops(module: Attention, args: tuple, kwargs: dict) -> tuple[int, int]:
-    hidden = args[0] if args else kwargs["hidden_states"]
-    context = kwargs.get("encoder_hidden_states") if len(args) < 2 else args[1]
-    batch = hidden.shape[0]
-    length_q = hidden.shape[2] * hidden.shape[3] if hidden.dim() == 4 else hidden.shape[1]
-    length_k = context.shape[1] if context is not None else length_q
-    macs_each = batch * length_q * length_k * module.inner_dim
+    macs_qk, macs_pv = attention_macs(module, args, kwargs)
     quant = getattr(module, MATMUL_ATTRIBUTE, None)
-    dtype = hidden.dtype
+    dtype = (args[0] if args else kwargs["hidden_states"]).dtype
     bits_qk = _bits(quant and quant.query, dtype) * _bits(quant and quant.key, dtype)
     bits_pv = _bits(quant and quant.probs, dtype) * _bits(quant and quant.value, dtype)
-    return 2 * macs_each, (bits_qk + bits_pv) * macs_each
+    return macs_qk + macs_pv, bits_qk * macs_qk + bits_pv * macs_pv
 
 
 @torch.no_grad()

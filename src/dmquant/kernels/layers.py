@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.layers import QuantConv2d, QuantLinear
-from ..core.primitives import FP8_E4M3, round_to_float_format
+from ..core.primitives import FP8_E4M3, choose_qparams, fake_quant
 from ..core.quantizer import Quantizer
 from . import dispatch
 from .weights import LowBitWeight
@@ -91,9 +91,9 @@ class KernelActivation(nn.Module):
         """The reference path's quantized input (float32): the quantizer's, or per-row fp8 when dynamic."""
         if not self.dynamic:
             return self.quantizer(x)
-        x = x.float()
-        scale = (x.abs().amax(dim=-1, keepdim=True) / FP8_E4M3.max_value).clamp_min(torch.finfo(torch.float32).tiny)
-        return round_to_float_format(x / scale, FP8_E4M3) * scale
+        absmax = x.float().abs().amax(dim=-1, keepdim=True)
+        scale, zero = choose_qparams(-absmax, absmax, FP8_E4M3, symmetric=True, eps=torch.finfo(torch.float32).tiny)
+        return fake_quant(x, scale, zero, FP8_E4M3)
 
 
 class _Smoothing(nn.Module):
@@ -146,16 +146,15 @@ class _ConvPart(nn.Module):
         self.channels = channels
         self.activation = KernelActivation(quantizer)
         self.weight = LowBitWeight.from_quantizer(weight_quantizer, weight.detach())
-        self.kernel_size = tuple(weight.shape[2:])
 
     @property
     def input_quantizer(self) -> Quantizer:
         return self.activation.quantizer
 
-    def weight_4d(self) -> Tensor:
+    def weight_4d(self, kernel_size: tuple[int, int]) -> Tensor:
         """The dequantized weight back in ``(Cout, Cin, kh, kw)``, laid out as a simulated layer's (so
         that ``F.conv2d`` takes the same path and gives the same bits)."""
-        out_channels, (kh, kw) = self.weight.shape[0], self.kernel_size
+        out_channels, (kh, kw) = self.weight.shape[0], kernel_size
         weight = self.weight.dequantize().reshape(out_channels, kh, kw, -1).permute(0, 3, 1, 2)
         return weight.clone(memory_format=torch.contiguous_format)
 
@@ -168,7 +167,8 @@ class LowBitConv2d(_Smoothing):
         if layer.padding_mode != "zeros":
             raise ValueError(f"padding_mode={layer.padding_mode!r}: only zero padding is converted")
         self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
-        self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
+        self.kernel_size, self.stride, self.padding = layer.kernel_size, layer.stride, layer.padding
+        self.dilation = layer.dilation
         self.groups = layer.groups
         quantizers = [layer.input_quantizer] + ([layer.input_quantizer_skip] if layer.split else [])
         bounds = [0, layer.split, layer.in_channels] if layer.split else [0, layer.in_channels]
@@ -184,7 +184,7 @@ class LowBitConv2d(_Smoothing):
         """The simulated layer's computation: the parts' quantized inputs and weights concatenated, one conv
         (in float32, as the quantizers compute), in ``x``'s dtype."""
         inputs = torch.cat([part.input_quantizer(x[:, part.channels]) for part in self.parts], dim=1)
-        weight = torch.cat([part.weight_4d() for part in self.parts], dim=1)
+        weight = torch.cat([part.weight_4d(self.kernel_size) for part in self.parts], dim=1)
         output = F.conv2d(inputs, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return output.to(x.dtype)
 
@@ -195,7 +195,7 @@ class LowBitConv2d(_Smoothing):
             return self.reference(x)
         geometry = {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
         first, *others = (
-            kernel(x[:, part.channels], part.activation, part.weight, bias, kernel_size=part.kernel_size, **geometry)
+            kernel(x[:, part.channels], part.activation, part.weight, bias, kernel_size=self.kernel_size, **geometry)
             for kernel, part, bias in zip(kernels, self.parts, [self.bias, None], strict=False)
         )
         return sum(others, first)
@@ -203,6 +203,6 @@ class LowBitConv2d(_Smoothing):
     def extra_repr(self) -> str:
         split = f", split={self.parts[0].channels.stop}" if len(self.parts) > 1 else ""
         return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.parts[0].kernel_size}, stride={self.stride},"
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride},"
             f" padding={self.padding}{split}"
         )
