@@ -25,7 +25,8 @@ if not torch.cuda.is_available():
 from dmquant.core.packing import pack_codes  # noqa: E402
 from dmquant.kernels.integer import Codes, integer_conv2d, integer_linear  # noqa: E402
 from dmquant.kernels.triton_conv import fp8_conv2d, fp8_window_scales, int4_conv2d, int8_conv2d  # noqa: E402
-from dmquant.kernels.triton_gemm import fp8_linear, int4_linear, int8_linear, weight_colsums  # noqa: E402
+from dmquant.kernels.triton_gemm import fp8_linear, int4_linear, int8_linear  # noqa: E402
+from dmquant.kernels.weights import weight_colsums  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 M_SIZES = [1, 2, 37]  # 1 and 2 take the small-M configs on a GPU

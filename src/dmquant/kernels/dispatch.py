@@ -14,7 +14,7 @@ fp8         fp8          W8A8-FP8: ``fp8_linear`` / ``fp8_conv2d``, static per-t
 ==========  ===========  ==============================================================
 
 Int8 and fp8 weights need per-channel parameters; group-wise int4 weights need groups of a
-multiple of :data:`GROUP_ALIGNMENT` elements (or one group per row). Other pairs (e.g. int8
+multiple of :data:`~dmquant.kernels.weights.GROUP_ALIGNMENT` elements (or one group per row). Other pairs (e.g. int8
 weights with float activations) and other shapes take the reference path.
 """
 
@@ -27,10 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .weights import LowBitWeight
-
-#: The int4 kernels' group sizes are multiples of this (their K tile).
-GROUP_ALIGNMENT = 32
+from .weights import GROUP_ALIGNMENT, LowBitWeight
 
 Kernel = Callable[..., Tensor]
 _PAIRS = {("int8", "int8"), ("int8", "int4"), ("none", "int4"), ("fp8", "fp8")}

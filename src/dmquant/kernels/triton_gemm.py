@@ -69,13 +69,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..core.primitives import FP8_E4M3, choose_qparams
+from .weights import GROUP_ALIGNMENT, weight_colsums
+
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 #: Largest magnitude of float8 e4m3 (``torch.float8_e4m3fn``).
-FP8_MAX = 448.0
+FP8_MAX = FP8_E4M3.max_value
 
-#: Group sizes must be a multiple of the smallest BLOCK_K, so every K tile lies in one group.
-GROUP_ALIGNMENT = 32
 
 # constants of the jit code
 _FP8_MAX = tl.constexpr(FP8_MAX)
@@ -387,30 +388,9 @@ def _linear_kernel(
 # ----------------------------------------------------------------------------------------------- Python side
 
 
-def unpack_int4(w_packed: Tensor) -> Tensor:
-    """The unsigned nibbles ``u`` (N, K) as uint8 of packed int4 weights (N, K/2)."""
-    return torch.stack([w_packed & 0xF, w_packed >> 4], dim=-1).flatten(-2)
-
-
-def weight_colsums(w: Tensor, group_size: int | None = None) -> Tensor:
-    """``Σ_{k∈g} c_w[n, k]`` as int32 (N, K/G): of int8 codes (N, K), or of the nibbles of packed int4 (N, K/2) uint8.
-
-    Compute once when converting a layer; the kernels need it when the activations have a zero point.
-    """
-    if w.dtype == torch.uint8:
-        codes = unpack_int4(w)
-    elif w.dtype == torch.int8:
-        codes = w
-    else:
-        raise TypeError(f"weight codes must be int8 or packed int4 (uint8), got {w.dtype}")
-    rows, depth = codes.shape
-    group = group_size or depth
-    return codes.to(torch.int32).reshape(rows, depth // group, group).sum(dim=-1, dtype=torch.int32)
-
-
 def fp8_scales_from_absmax(absmax: Tensor) -> Tensor:
     """Dynamic fp8 scales ``max|x| / 448`` as float32, kept above zero so that all-zero rows quantize to 0."""
-    return (absmax.float() / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    return choose_qparams(-absmax, absmax, FP8_E4M3, symmetric=True, eps=torch.finfo(torch.float32).tiny)[0]
 
 
 def fp8_row_scales(x: Tensor) -> Tensor:

@@ -33,6 +33,10 @@ from ..core.quantizer import Quantizer
 INT8_BITS = range(5, 9)
 INT4_BITS = range(2, 5)
 
+#: Group sizes the int4 kernels take are multiples of this, their smallest K tile, so that every
+#: K tile lies in one group (or the group is the whole row).
+GROUP_ALIGNMENT = 32
+
 
 class UnsupportedWeight(ValueError):
     """A weight quantizer whose format or granularity no low-bit layout stores."""
@@ -54,6 +58,22 @@ def group_size_of(params: Tensor) -> int:
     for boundary in changes.tolist():
         size = math.gcd(size, boundary)
     return size
+
+
+def weight_colsums(stored: Tensor, group_size: int | None = None) -> Tensor:
+    """``Σ_{k∈g} q_w[n, k]`` over each group of ``group_size`` inputs (None: the whole row), int32
+    ``(N, K / G)``: of int8 codes ``(N, K)`` or of the nibbles of packed int4 weights ``(N, K / 2)``
+    uint8. The term that corrects for the activations' zero point (see :mod:`dmquant.kernels.integer`);
+    computed once when a layer is converted."""
+    if stored.dtype == torch.uint8:
+        codes = unpack_codes(stored.flatten(), 4, 0, (stored.shape[0], 2 * stored.shape[1]))
+    elif stored.dtype == torch.int8:
+        codes = stored
+    else:
+        raise TypeError(f"weight codes must be int8 or packed int4 (uint8), got {stored.dtype}")
+    rows, depth = codes.shape
+    group = group_size or depth
+    return codes.to(torch.int32).reshape(rows, depth // group, group).sum(dim=-1, dtype=torch.int32)
 
 
 def layout_of(quantizer: Quantizer) -> str:
@@ -80,7 +100,7 @@ class LowBitWeight(nn.Module):
         self.register_buffer("zero", zero)
         integer = layout != "fp8"
         self.register_buffer("kernel_zero", self._kernel_zero() if integer and zero.any() else None)
-        self.register_buffer("column_sums", self._column_sums() if integer else None)
+        self.register_buffer("column_sums", weight_colsums(stored, self.group_size) if integer else None)
 
     @classmethod
     def from_quantizer(cls, quantizer: Quantizer, weight: Tensor) -> LowBitWeight:
@@ -126,12 +146,6 @@ class LowBitWeight(nn.Module):
         """Zero points as the integer kernels take them: int32 ``(N,)`` per channel for int8, the
         ``(N, groups)`` float32 array for int4."""
         return self.zero[:, 0].to(torch.int32) if self.layout == "int8" else self.zero
-
-    def _column_sums(self) -> Tensor:
-        """``Σ_k q_w[n, k]`` over each group of the stored codes, int32 ``(N, groups)``: the term that
-        corrects for the activations' zero point (see :mod:`dmquant.kernels.integer`)."""
-        rows, groups = self.scale.shape
-        return self.codes().to(torch.int32).reshape(rows, groups, -1).sum(dim=-1, dtype=torch.int32)
 
     @property
     def nbytes(self) -> int:
