@@ -381,8 +381,7 @@ def _built_resumably(bench: ModelBench, build: Callable[[Path | None], nn.Module
         bench.quantized[key] = (quantized, json.loads(cost_file.read_text()))
     quantized, cost = _built(bench, lambda: build(state_dir / RECONSTRUCTION), key)
     if not cost_file.is_file():
-        cost |= _resumed_reconstruction(quantized)
-        bench.quantized[key] = (quantized, cost)
+        cost.update(_resumed_reconstruction(quantized))  # in the record _built keeps for this model
         save(quantized, built, overwrite=True)
         write_atomically(cost_file, lambda f: f.write(json.dumps(cost).encode()))
         shutil.rmtree(state_dir / RECONSTRUCTION, ignore_errors=True)  # built: the progress is no longer needed
