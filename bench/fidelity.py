@@ -1,0 +1,143 @@
+"""Deployment fidelity: zoo models sampled with real low-bit kernels against their simulated twins.
+
+For each zoo model and each dmquant format of ``speed.py`` (the same ``dmquant_config``: minmax, first
+and last layer at 8 bits, attention matmuls off), the model is calibrated on its own FP trajectories
+and quantized (simulated), then converted to real low-bit layers (``convert_model``). Both sample
+``--num-samples`` images with DDIM from the same seeds; the cell records their PSNR (the deployment
+bound is 35 dB: the quality numbers of BENCHMARKS.md, measured on simulated models, hold for the
+converted one above it), the largest pixel difference, the simulated model's PSNR against FP (the
+size of the quantization error itself, for scale), what each layer became, and the sampling time of
+each. On CUDA the converted layers run on the Triton kernels; on CPU they take the reference path and
+must match bit for bit (PSNR inf), a smoke test of the conversion.
+
+Rounding learned by reconstruction (AdaRound) or LSQ step sizes change the codes and scales a kernel
+receives, not the kernel; a minmax model exercises every kernel path the recipes' checkpoints do.
+
+Results: ``--results`` (default ``bench/results/fidelity``) as ``<model>/<format>.json``; a cell whose
+file exists is skipped unless ``--force``. Example::
+
+    python bench/fidelity.py --device cuda --num-samples 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dmquant.api import quantize
+from dmquant.eval.images import psnr, to_unit_range
+from dmquant.jobs import generate, record_for
+from dmquant.kernels.convert import REPORT_ATTRIBUTE, convert_model
+from dmquant.models import DiffusionModel, load_model
+from dmquant.provenance import environment
+
+sys.path.insert(0, str(Path(__file__).parent))
+from quality import git_commit, write_cell  # noqa: E402
+from speed import ROWS, ZOO_MODELS, conversion_summary, dmquant_config  # noqa: E402
+
+#: The formats: speed.py's dmquant rows (without their ``dmquant-`` prefix), and fp8 with per-token scales.
+FORMATS = {row.removeprefix("dmquant-"): (row, False) for row in ROWS if row.startswith("dmquant-")}
+FORMATS["w8a8-fp8-dynamic"] = ("dmquant-w8a8-fp8", True)
+#: The PSNR (dB) above which converted and simulated samples count as the same model.
+PSNR_BOUND = 35.0
+
+
+def _timed_samples(model: DiffusionModel, args: argparse.Namespace) -> tuple[torch.Tensor, float]:
+    began = time.perf_counter()
+    images, _ = generate(
+        model, args.num_samples, num_inference_steps=args.steps, batch_size=args.batch_size, progress=False
+    )
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return to_unit_range(images), time.perf_counter() - began
+
+
+def run_cell(fp: DiffusionModel, fp_images: torch.Tensor, fmt: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Quantize ``fp`` at ``fmt``, convert it, and compare the two models' samples."""
+    row, dynamic_fp8 = FORMATS[fmt]
+    config = dmquant_config(ROWS[row])
+    calibration = record_for(fp, config.calibration, progress=False)
+    simulated = fp.with_denoiser(quantize(fp.denoiser, config, calibration, progress=False))
+    converted = simulated.with_denoiser(convert_model(simulated.denoiser, dynamic_fp8=dynamic_fp8))
+    expected, simulated_s = _timed_samples(simulated, args)
+    got, converted_s = _timed_samples(converted, args)
+    value = psnr(expected, got).item()
+    return {
+        "format": fmt,
+        "row": row,
+        "dynamic_fp8": dynamic_fp8,
+        "psnr_converted_vs_simulated_db": value if math.isfinite(value) else None,  # None: identical samples
+        "meets_bound": value >= PSNR_BOUND,
+        "max_abs_pixel_difference": (expected - got).abs().max().item(),
+        "psnr_simulated_vs_fp_db": psnr(fp_images, expected).item(),
+        "sampling_s": {"simulated": simulated_s, "converted": converted_s},
+        "conversion": conversion_summary(converted.denoiser),
+        "layers": getattr(converted.denoiser, REPORT_ATTRIBUTE).layers,
+        "recipe": config.to_dict(),
+    }
+
+
+def run(args: argparse.Namespace, command: str) -> int:
+    """Every pending (model, format) cell; returns the number of cells below the bound."""
+    below = 0
+    for name in args.models:
+        cells = [f for f in args.formats if args.force or not (args.results / name / f"{f}.json").exists()]
+        if not cells:
+            continue
+        fp = load_model(name).to(args.device)
+        fp_images, _ = _timed_samples(fp, args)
+        for fmt in cells:
+            record = run_cell(fp, fp_images, fmt, args)
+            record |= {
+                "model": name,
+                "num_samples": args.num_samples,
+                "steps": args.steps,
+                "bound_db": PSNR_BOUND,
+                "command": command,
+                "environment": environment(),
+                "git_commit": git_commit(),
+            }
+            write_cell(args.results / name / f"{fmt}.json", record)
+            below += not record["meets_bound"]
+            value = record["psnr_converted_vs_simulated_db"]
+            print(f"{name} {fmt}: PSNR converted vs simulated {'identical' if value is None else f'{value:.1f} dB'} "
+                  f"(simulated vs FP {record['psnr_simulated_vs_fp_db']:.1f} dB)", flush=True)  # fmt: skip
+    return below
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--models", nargs="+", default=list(ZOO_MODELS), choices=ZOO_MODELS, metavar="MODEL",
+                        help=f"zoo models (default: all): {', '.join(ZOO_MODELS)}")  # fmt: skip
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS), metavar="FORMAT",
+                        help=f"formats (default: all): {', '.join(FORMATS)}")  # fmt: skip
+    parser.add_argument("--num-samples", type=int, default=64, help="images per model (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64, help="samples per batch (default: %(default)s)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda (default when a GPU is visible) or cpu (reference path)")  # fmt: skip
+    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "fidelity")
+    parser.add_argument("--force", action="store_true", help="redo cells whose file exists")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = "python bench/fidelity.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    return 1 if run(args, command) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
