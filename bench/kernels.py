@@ -1,0 +1,161 @@
+"""Kernel throughput at SD-1.5 UNet shapes: dmquant's Triton GEMM/conv kernels against torch's own paths.
+
+Where ``speed.py`` times whole denoiser calls, this times single layers, so a slow model can be traced to
+the kernel that makes it slow. Shapes are SD-1.5's at batch 2 with 64×64×4 latents (tokens = 2·H·W):
+the 3×3 convs of each resolution and the attention / feed-forward Linears. Each shape is run as
+
+* ``bf16``: ``F.conv2d`` / ``F.linear`` on bfloat16 (cuDNN / cuBLAS), NCHW and channels-last inputs;
+* ``int8``, ``fp8``, ``w4a8``: dmquant's kernels (activation quantization fused into the A-tile load),
+  on NCHW and channels-last inputs for convs;
+* ``torch-int8`` (``torch._int_mm`` on pre-quantized int8 operands) and ``torch-fp8``
+  (``torch._scaled_mm`` with row-wise scales on pre-quantized fp8 operands) for Linears: the GEMM alone,
+  the ceiling of a library path.
+
+Median of CUDA-event timings after warm-up (which includes Triton's autotuning); TFLOP/s = 2·M·N·K / time.
+Results: ``--results`` (default ``bench/results/kernels``) as one JSON per device. Needs CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from dmquant.provenance import environment
+
+sys.path.insert(0, str(Path(__file__).parent))
+from quality import git_commit, write_cell  # noqa: E402
+
+#: (batch, channels, height, width) of SD-1.5's 3×3 convs at each resolution, output channels = input.
+CONVS = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 1280, 8, 8)]
+#: (M, K, N) of SD-1.5 Linears: attention projections, feed-forward in/out, cross-attention K/V, time embedding.
+LINEARS = [(8192, 320, 320), (8192, 320, 2560), (8192, 1280, 320), (2048, 640, 640), (512, 1280, 1280),
+           (154, 768, 320), (2, 320, 1280)]  # fmt: skip
+
+
+def _timed_ms(call: Callable[[], Any], repeats: int) -> float:
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _int8_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8), torch.rand(n, device="cuda") * 1e-3
+
+
+def conv_rows(shape: tuple[int, ...], repeats: int) -> list[dict[str, Any]]:
+    from dmquant.core.packing import pack_codes
+    from dmquant.kernels.triton_conv import fp8_conv2d, int4_conv2d, int8_conv2d
+    from dmquant.kernels.weights import weight_colsums
+
+    batch, channels, height, width = shape
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    layouts = {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last)}
+    weight = torch.randn(channels, channels, 3, 3, device="cuda", dtype=torch.bfloat16) * 0.02
+    depth = 9 * channels
+    w8, w8_scale = _int8_weight(channels, depth)
+    colsum = weight_colsums(w8)
+    w_fp8 = torch.randn(channels, depth, device="cuda").to(torch.float8_e4m3fn)
+    packed = pack_codes(torch.randint(-8, 8, (channels, depth), device="cuda"), 4, -8).reshape(channels, -1)
+    w4_scale, w4_zero = torch.rand(channels, 1, device="cuda") * 1e-3, torch.full((channels, 1), 8, device="cuda")
+    window = {"kernel_size": 3, "padding": 1}
+    x_scale = torch.tensor([0.03], device="cuda")
+    calls = {
+        "bf16": lambda x: F.conv2d(x, weight, padding=1),
+        "int8": lambda x: int8_conv2d(x, x_scale, -3, w8, w8_scale, None, colsum, **window),
+        "fp8": lambda x: fp8_conv2d(x, x_scale, w_fp8, w8_scale, **window),
+        "w4a8": lambda x: int4_conv2d(x, x_scale, -3, packed, w4_scale, w4_zero.int(), None, **window),
+    }
+    flops = 2 * batch * height * width * channels * depth
+    rows = []
+    for layout, tensor in layouts.items():
+        for name, call in calls.items():
+            ms = _timed_ms(lambda call=call, tensor=tensor: call(tensor), repeats)
+            rows.append({"op": "conv3x3", "shape": list(shape), "layout": layout, "path": name, "ms": ms,
+                         "tflops": flops / ms / 1e9})  # fmt: skip
+    return rows
+
+
+def linear_rows(shape: tuple[int, int, int], repeats: int) -> list[dict[str, Any]]:
+    from dmquant.core.packing import pack_codes
+    from dmquant.kernels.triton_gemm import fp8_linear, int4_linear, int8_linear
+    from dmquant.kernels.weights import weight_colsums
+
+    m, k, n = shape
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    w8, w8_scale = _int8_weight(n, k)
+    colsum = weight_colsums(w8)
+    w_fp8 = torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn)
+    packed = pack_codes(torch.randint(-8, 8, (n, k), device="cuda"), 4, -8).reshape(n, -1)
+    w4_scale, w4_zero = torch.rand(n, 1, device="cuda") * 1e-3, torch.full((n, 1), 8, device="cuda").int()
+    x_scale = torch.tensor([0.03], device="cuda")
+    x8 = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8)
+    x_fp8 = x.to(torch.float8_e4m3fn)
+    row_scale, col_scale = torch.ones(m, 1, device="cuda"), torch.ones(1, n, device="cuda")
+    calls = {
+        "bf16": lambda: F.linear(x, weight),
+        "int8": lambda: int8_linear(x, x_scale, -3, w8, w8_scale, None, colsum),
+        "fp8": lambda: fp8_linear(x, x_scale, w_fp8, w8_scale),
+        "w4a8": lambda: int4_linear(x, x_scale, -3, packed, w4_scale, w4_zero, None),
+        "w4a16": lambda: int4_linear(x, None, 0, packed, w4_scale, w4_zero, None, act="none"),
+        "torch-int8": lambda: torch._int_mm(x8, w8.T),
+        "torch-fp8": lambda: torch._scaled_mm(x_fp8, w_fp8.T, row_scale, col_scale, out_dtype=torch.bfloat16),
+    }
+    rows = []
+    for name, call in calls.items():
+        try:
+            ms = _timed_ms(call, repeats)
+        except RuntimeError as error:  # torch._int_mm refuses M <= 16
+            rows.append({"op": "linear", "shape": list(shape), "path": name, "error": str(error).splitlines()[0]})
+            continue
+        rows.append({"op": "linear", "shape": list(shape), "path": name, "ms": ms, "tflops": 2 * m * n * k / ms / 1e9})
+    return rows
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--repeats", type=int, default=50, help="timed calls per kernel (default: %(default)s)")
+    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "kernels")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA device", file=sys.stderr)
+        return 2
+    rows = []
+    for shape in CONVS:
+        rows += conv_rows(shape, args.repeats)
+        print(*(f"{r['op']} {r['shape']} {r['layout']} {r['path']}: {r['ms']:.3f} ms" for r in rows[-8:]), sep="\n")
+    for shape in LINEARS:
+        rows += linear_rows(shape, args.repeats)
+        print(*(f"{r['op']} {r['shape']} {r['path']}: {r.get('ms', r.get('error'))}" for r in rows[-7:]), sep="\n")
+    env = environment()
+    record = {"rows": rows, "environment": env, "git_commit": git_commit(), "command": "python bench/kernels.py"}
+    write_cell(args.results / f"{env['device'].replace(' ', '-')}.json", record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
