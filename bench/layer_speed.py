@@ -12,7 +12,7 @@ the 3×3 convs of each resolution and the attention / feed-forward Linears. Each
   the ceiling of a library path.
 
 Median of CUDA-event timings after warm-up (which includes Triton's autotuning); TFLOP/s = 2·M·N·K / time.
-Results: ``--results`` (default ``bench/results/kernels``) as one JSON per device. Needs CUDA.
+Results: ``--results`` (default ``bench/results/layer-speed``) as one JSON per device. Needs CUDA.
 """
 
 from __future__ import annotations
@@ -135,14 +135,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--repeats", type=int, default=50, help="timed calls per kernel (default: %(default)s)")
-    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "kernels")
+    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "layer-speed")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA device", file=sys.stderr)
+        print("bench/layer_speed.py needs a CUDA device", file=sys.stderr)
         return 2
     rows = []
     for shape in CONVS:
@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows += linear_rows(shape, args.repeats)
         print(*(f"{r['op']} {r['shape']} {r['path']}: {r.get('ms', r.get('error'))}" for r in rows[-7:]), sep="\n")
     env = environment()
-    record = {"rows": rows, "environment": env, "git_commit": git_commit(), "command": "python bench/kernels.py"}
+    record = {"rows": rows, "environment": env, "git_commit": git_commit(), "command": "python bench/layer_speed.py"}
     write_cell(args.results / f"{env['device'].replace(' ', '-')}.json", record)
     return 0
 
