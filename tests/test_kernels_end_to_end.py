@@ -76,3 +76,24 @@ def test_every_converted_layer_on_its_kernel_matches_its_reference_path(unet, ca
             error = (got.float() - expected).norm() / expected.norm()
             assert error < 1e-3, f"{name}: relative error {error:.2e}"
     assert split or not changes.get("split_shortcut")
+
+
+@pytest.mark.slow
+def test_converted_layers_on_their_kernels_compile_into_one_graph(unet, calibration):
+    """The kernels are custom ops (``dmquant::quantized_linear``, ``dmquant::quantized_conv2d``): torch.compile
+    traces a converted block whole, the activation quantization in its graph, without a graph break."""
+    config = dataclasses.replace(load_recipe("minmax").with_bits(8, 8), split_shortcut=True)
+    converted = convert_model(api.quantize(unet.denoiser, config, calibration, progress=False)).to(DEVICE)
+    block = next(m for m in converted.modules() if type(m).__name__ == "ResnetBlock2D")
+    x, t, cond, _ = next(calibration.to(DEVICE).batches(1))
+    inputs = {}
+    hook = block.register_forward_pre_hook(lambda module, args: inputs.setdefault("args", args))
+    with torch.no_grad():
+        Denoiser(converted)(x, t, cond)
+    hook.remove()
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        patch.setattr(dispatch, "_runs_on_a_kernel", lambda mode, weight, x: mode == "int8")
+        eager = block(*inputs["args"])
+        torch._dynamo.reset()
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(*inputs["args"])
+    torch.testing.assert_close(compiled, eager)

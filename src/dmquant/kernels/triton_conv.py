@@ -7,22 +7,23 @@ A Conv2d is the GEMM of :mod:`dmquant.kernels.triton_gemm` with ``M = B·Ho·Wo`
 
 The A tile of each K step is gathered straight from the NHWC input (nothing is unfolded into memory): the K
 offsets split into ``(kh, kw, c)`` on a (BLOCK_K,) vector, each output pixel contributes its window origin, and
-the tile's addresses are their sum. Everything else — the quantization fused into that load, the four modes
-(W8A8-INT8, W4A8, W4A16, W8A8-FP8), the int32/fp32 accumulation and the epilogue with the zero-point corrections
-of Jacob et al. 2018, eq. 7 — is the shared code of :func:`dmquant.kernels.triton_gemm.quantized_gemm_tile`.
+the tile's addresses are their sum. Everything else — the four modes (W8A8-INT8, W4A8, W4A16, W8A8-FP8), the
+int32/fp32 accumulation and the epilogue with the zero-point corrections of Jacob et al. 2018, eq. 7 — is the
+shared code of :func:`dmquant.kernels.triton_gemm.quantized_gemm_tile`.
 
-Zero padding: taps outside the image are loaded as the real value 0.0 *before* the in-kernel quantization, so
-an int8 activation quantizes them to ``round(0 / s_x) + z_x = z_x`` — exactly the code the padding must have
-(the real value 0; :func:`dmquant.kernels.integer.integer_conv2d` pads the codes with ``z_x`` for the same
-reason) and they enter the activation row sums like any other input. fp8 and bf16/fp16 activations get 0.
+The input is quantized once, elementwise, before the kernel (:func:`~dmquant.kernels.triton_gemm.quantize_activations`)
+into an NHWC buffer of 8-bit codes with C contiguous; each input then enters up to KH·KW A tiles as one byte
+instead of being requantized in each. Zero padding: taps outside the image take the code ``z_x`` in the kernel,
+exactly the code of the real value 0 (:func:`dmquant.kernels.integer.integer_conv2d` pads with it for the same
+reason), and enter the activation row sums like any other input. fp8 and bf16/fp16 activations get 0.
 
-Layouts: ``x`` is an NCHW-shaped tensor read through its strides, so a channels_last tensor (NHWC in memory,
-coalesced along C) or a channel slice of one (``x[:, a:b]``, non-contiguous in C) works without a copy. Weights
-are reordered to (Cout, KH·KW·Cin) with K ordered ``(kh, kw, cin)`` — ``w.permute(0, 2, 3, 1).reshape(Cout, -1)``
-— then quantized or packed exactly as Linear weights; group-wise int4 groups run along that K. The output is an
-NCHW-shaped tensor in channels_last memory format (its NHWC buffer is the (M, N) GEMM output), dtype of ``x``.
-Supported: stride, padding, dilation, any kernel size; groups = 1 only. Dynamic fp8 scales are per output pixel
-(the rows of the implicit GEMM): the max of ``|x|`` over each receptive field, a channel max then a max-pool.
+Layouts: ``x`` is an NCHW-shaped tensor, any strides; a channels_last one (NHWC in memory) needs no transpose,
+an NCHW one has its 8-bit codes copied to NHWC. Weights are reordered to (Cout, KH·KW·Cin) with K ordered
+``(kh, kw, cin)`` — ``w.permute(0, 2, 3, 1).reshape(Cout, -1)`` — then quantized or packed exactly as Linear
+weights; group-wise int4 groups run along that K. The output is an NCHW-shaped tensor in channels_last memory
+format (its NHWC buffer is the (M, N) GEMM output), dtype of ``x``. Supported: stride, padding, dilation, any
+kernel size; groups = 1 only; per-tensor activation scales only (a dynamic scale per input pixel would differ
+between the receptive fields that share it).
 """
 
 from __future__ import annotations
@@ -31,14 +32,13 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.nn import functional as F
 
 from .triton_gemm import (
     autotune_quantized_gemm,
-    fp8_scales_from_absmax,
+    gemm_operands,
+    kernel_arguments,
     launch_grid,
     m_bucket,
-    quantized_gemm_arguments,
     quantized_gemm_tile,
     store_output,
     tile_offsets,
@@ -99,30 +99,24 @@ def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: in
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def fp8_window_scales(x: Tensor, kernel_size, stride=1, padding=0, dilation=1) -> Tensor:
-    """Dynamic fp8 scales per output pixel (B·Ho·Wo,): ``max|x| / 448`` over each receptive field.
-
-    The channel max of ``|x|`` max-pooled with the convolution's window (max-pool pads with -inf, which never
-    wins over ``|x| ≥ 0``, and the zero padding of the convolution quantizes to 0 at any scale).
-    """
-    channel_max = x.abs().amax(dim=1, keepdim=True).float()
-    window_max = F.max_pool2d(channel_max, kernel_size, stride, padding, dilation)
-    return fp8_scales_from_absmax(window_max.reshape(-1))
-
-
-def _conv2d(x: Tensor, w: Tensor, depth: int, kernel_size, stride, padding, dilation, **arguments) -> Tensor:
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = map(_pair, (kernel_size, stride, padding, dilation))
-    batch, channels, height, width = x.shape
-    if kh * kw * channels != depth:
-        raise ValueError(f"a {kh}x{kw} kernel over {channels} channels has K={kh * kw * channels}, the weight {depth}")
+@torch.library.custom_op("dmquant::quantized_conv2d", mutates_args=())
+def quantized_conv2d(
+    a: Tensor, w: Tensor, x_scale: Tensor, w_scale: Tensor, w_zero: Tensor | None, w_colsum: Tensor | None,
+    bias: Tensor | None, x_zero: int, act: str, weight: str, group_size: int, depth: int, out_dtype: torch.dtype,
+    window: list[int],
+) -> Tensor:  # fmt: skip
+    """``_conv2d_kernel`` on :class:`~dmquant.kernels.triton_gemm.GemmOperands` whose ``a`` is the (B, H, W, Cin)
+    input (NHWC; any strides, C contiguous reads best), as a custom op (see ``quantized_linear``). ``window`` is
+    ``[kh, kw, sh, sw, ph, pw, dh, dw]``. Returns the (B, Ho, Wo, Cout) output, contiguous."""
+    kh, kw, sh, sw, ph, pw, dh, dw = window
+    batch, height, width, channels = a.shape
     out_h, out_w = _output_size(height, kh, sh, ph, dh), _output_size(width, kw, sw, pw, dw)
     rows = batch * out_h * out_w
-    kernel_args = quantized_gemm_arguments(x, w=w, depth=depth, rows=rows, **arguments)
-    out = torch.empty(batch, out_h, out_w, w.shape[0], dtype=x.dtype, device=x.device)
+    out = torch.empty(batch, out_h, out_w, w.shape[0], dtype=out_dtype, device=a.device)
     flat_out = out.view(rows, w.shape[0])
-    stride_xb, stride_xc, stride_xh, stride_xw = x.stride()
+    arguments = kernel_arguments(a, w, x_scale, w_scale, w_zero, w_colsum, bias, x_zero, act, weight, group_size, depth)
+    stride_xb, stride_xh, stride_xw, stride_xc = a.stride()
     _conv2d_kernel[launch_grid(rows, w.shape[0])](
-        x_ptr=x,
         out_ptr=flat_out,
         M=rows,
         m_bucket=m_bucket(rows),
@@ -144,8 +138,30 @@ def _conv2d(x: Tensor, w: Tensor, depth: int, kernel_size, stride, padding, dila
         stride_xc=stride_xc,
         stride_om=flat_out.stride(0),
         stride_on=flat_out.stride(1),
-        **kernel_args,
+        **arguments,
     )
+    return out
+
+
+@quantized_conv2d.register_fake
+def _(a: Tensor, w: Tensor, *args) -> Tensor:
+    *_, out_dtype, (kh, kw, sh, sw, ph, pw, dh, dw) = args
+    batch, height, width, _ = a.shape
+    out_h, out_w = _output_size(height, kh, sh, ph, dh), _output_size(width, kw, sw, pw, dw)
+    return a.new_empty(batch, out_h, out_w, w.shape[0], dtype=out_dtype)
+
+
+def _conv2d(x: Tensor, w: Tensor, depth: int, kernel_size, stride, padding, dilation, **arguments) -> Tensor:
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = map(_pair, (kernel_size, stride, padding, dilation))
+    batch, channels, height, width = x.shape
+    if kh * kw * channels != depth:
+        raise ValueError(f"a {kh}x{kw} kernel over {channels} channels has K={kh * kw * channels}, the weight {depth}")
+    # rows=1: per-tensor activation scales only (a per-row one would belong to output pixels, not inputs)
+    operands = gemm_operands(x.permute(0, 2, 3, 1), w=w, depth=depth, rows=1, **arguments)
+    # the A operand in NHWC, C contiguous: a copy of the 8-bit codes unless x was channels_last already
+    a = operands.a.contiguous()
+    window = [kh, kw, sh, sw, ph, pw, dh, dw]
+    out = quantized_conv2d(a, *operands.op_arguments()[1:], x.dtype, window)
     return out.permute(0, 3, 1, 2)
 
 
@@ -239,7 +255,7 @@ def int4_conv2d(
 
 def fp8_conv2d(
     x: Tensor,
-    x_scale: float | Tensor | None,
+    x_scale: float | Tensor,
     w_fp8: Tensor,
     w_scale: Tensor,
     bias: Tensor | None = None,
@@ -249,20 +265,25 @@ def fp8_conv2d(
     padding: int | tuple[int, int] = 0,
     dilation: int | tuple[int, int] = 1,
 ) -> Tensor:
-    """W8A8-FP8 convolution; ``x_scale`` None: dynamic per output pixel (:func:`fp8_window_scales`).
+    """W8A8-FP8 convolution with a static per-tensor activation scale ``x_scale``.
 
     ``w_fp8``: (Cout, KH·KW·Cin) ``torch.float8_e4m3fn``, K ordered ``(kh, kw, cin)``; ``w_scale``: (Cout,).
     Returns (B, Cout, Ho, Wo) in channels_last memory format, ``x.dtype``.
     """
     if w_fp8.dtype != torch.float8_e4m3fn:
         raise TypeError(f"float8_e4m3fn weights expected, got {w_fp8.dtype}")
-    window = {"kernel_size": kernel_size, "stride": stride, "padding": padding, "dilation": dilation}
+    if x_scale is None:
+        raise ValueError("fp8 convolutions take a static activation scale (a dynamic one per input would differ "
+                         "between the receptive fields an input belongs to)")  # fmt: skip
     return _conv2d(
         x,
         w_fp8,
         w_fp8.shape[1],
-        **window,
-        x_scale=fp8_window_scales(x, **window) if x_scale is None else x_scale,
+        kernel_size,
+        stride,
+        padding,
+        dilation,
+        x_scale=x_scale,
         x_zero=0,
         w_scale=w_scale,
         w_zero=None,

@@ -63,6 +63,7 @@ implicit-GEMM convolution of :mod:`dmquant.kernels.triton_conv` shares the quant
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -76,12 +77,6 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 #: Largest magnitude of float8 e4m3 (``torch.float8_e4m3fn``).
 FP8_MAX = FP8_E4M3.max_value
-
-
-# constants of the jit code
-_FP8_MAX = tl.constexpr(FP8_MAX)
-_ROUNDING_SHIFT = tl.constexpr(12582912.0)  # 1.5 * 2**23: v + shift has no fraction bits for |v| < 2**22
-_CODE_SPAN = tl.constexpr(256.0)  # round(v) + z_x saturates beyond it for every int8 z_x: clamping v changes no code
 
 
 # ----------------------------------------------------------------------------------------------- jit helpers
@@ -102,27 +97,13 @@ def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 
 
 @triton.jit
-def _divide(x, divisor, reciprocal):
-    """``x / divisor`` correctly rounded, from ``reciprocal = RN(1 / divisor)`` and one fma correction (Markstein)."""
-    quotient = x * reciprocal
-    residual = tl.fma(-quotient, divisor, x)
-    return tl.fma(residual, reciprocal, quotient)
-
-
-@triton.jit
-def _round_half_even(v):
-    """``v`` rounded to the nearest integer, ties to even, for ``|v| < 2**22``."""
-    return (v + _ROUNDING_SHIFT) - _ROUNDING_SHIFT
-
-
-@triton.jit
-def _activation_scales(x_scale_ptr, offs_m, m_valid, stride_x_scale, ACT: tl.constexpr):
-    """Per-row activation scale and its correctly rounded reciprocal (``stride_x_scale = 0``: one per tensor)."""
+def _activation_scale(x_scale_ptr, offs_m, m_valid, stride_x_scale, ACT: tl.constexpr):
+    """Per-row activation scale (``stride_x_scale = 0``: one per tensor); 1 for W4A16's unquantized inputs."""
     if ACT == "none":
         scale = tl.full(offs_m.shape, 1.0, tl.float32)
     else:
         scale = tl.load(x_scale_ptr + offs_m * stride_x_scale, mask=m_valid, other=1.0).to(tl.float32)
-    return scale, tl.math.div_rn(tl.full(offs_m.shape, 1.0, tl.float32), scale)
+    return scale
 
 
 @triton.jit
@@ -133,22 +114,14 @@ def _row_sums(codes):
 
 
 @triton.jit
-def _quantize_activations(x, k_valid, scale, reciprocal, x_zero, ACT: tl.constexpr):
-    """The A operand from a float tile ``x`` (BLOCK_M, BLOCK_K): int8 codes, e4m3 values or ``x`` itself.
-
-    Out-of-bounds inputs are loaded as 0.0, so a convolution's padding quantizes to ``z_x`` (the code of the real
-    value 0). Columns past ``K`` (``k_valid`` false) get the code 0 so that they stay out of the row sums.
-    """
-    if ACT == "none":
-        operand = x
+def _activation_operand(loaded, a_mask, k_valid, x_zero, ACT: tl.constexpr):
+    """The A operand from a tile loaded with 0 outside ``a_mask``: int8 codes get ``z_x`` there instead (the code of
+    the real value 0, which a convolution's zero padding must have), except past ``K`` (``k_valid`` false), where
+    they stay 0 to keep out of the row sums. e4m3 and float tiles are right as loaded."""
+    if ACT == "int8":
+        operand = tl.where(a_mask | ~k_valid[None, :], loaded, x_zero.to(tl.int8))
     else:
-        scaled = _divide(x.to(tl.float32), scale[:, None], reciprocal[:, None])
-        if ACT == "int8":
-            bounded = tl.clamp(scaled, -_CODE_SPAN, _CODE_SPAN)
-            codes = tl.clamp(_round_half_even(bounded) + x_zero, -128.0, 127.0)
-            operand = tl.where(k_valid[None, :], codes, 0.0).to(tl.int8)
-        else:
-            operand = tl.clamp(scaled, -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
+        operand = loaded
     return operand
 
 
@@ -250,7 +223,7 @@ def quantized_gemm_tile(
     weight parameters). Returns the tile and the per-row activation scale.
     """
     x_ptr, x_scale_ptr, stride_x_scale, x_zero = activation
-    x_scale, x_reciprocal = _activation_scales(x_scale_ptr, offs_m, m_valid, stride_x_scale, ACT)
+    x_scale = _activation_scale(x_scale_ptr, offs_m, m_valid, stride_x_scale, ACT)
     groups = K // GROUP_SIZE if GROUP_SIZE else 1
     group_size = GROUP_SIZE if GROUP_SIZE else K
     # int8 activations with group-wise weights: one integer accumulator per group, folded at the group's end
@@ -263,13 +236,12 @@ def quantized_gemm_tile(
         offs_k = k_start + tl.arange(0, BLOCK_K)
         k_valid = offs_k < K
         a_ptrs, a_mask = a_tile(x_ptr, a_rows, a_geometry, offs_k, k_valid)
-        x = tl.load(a_ptrs, mask=a_mask, other=0.0)
-        a = _quantize_activations(x, k_valid, x_scale, x_reciprocal, x_zero, ACT)
+        a = _activation_operand(tl.load(a_ptrs, mask=a_mask, other=0.0), a_mask, k_valid, x_zero, ACT)
         if ACT == "int8" and HAS_W_ZERO:
             row_sums += _row_sums(a)
         group = k_start // group_size
         w_tile = _load_weights(weight, k_start, offs_n, n_valid, K, WEIGHT, BLOCK_K)
-        b = _weight_operand(w_tile, params, group, groups, offs_n, n_valid, x.dtype, ACT, WEIGHT, HAS_W_ZERO)
+        b = _weight_operand(w_tile, params, group, groups, offs_n, n_valid, a.dtype, ACT, WEIGHT, HAS_W_ZERO)
         acc = _dot(a, b, acc, ACT, BLOCK_K)
         if FOLD_EACH_GROUP:
             if (k_start + BLOCK_K) % group_size == 0:
@@ -421,7 +393,52 @@ def _zero_point_dtype(w_zero: Tensor | None) -> torch.dtype:
     return torch.float32 if w_zero is not None and w_zero.is_floating_point() else torch.int32
 
 
-def quantized_gemm_arguments(
+def quantize_activations(x: Tensor, scale: Tensor, zero: int, act: str) -> Tensor:
+    """The A operand of a kernel from float activations, computed as the simulated quantizer computes it.
+
+    ``act="int8"``: codes ``clamp(round(x / s) + z, -128, 127)`` (round half to even, the division correctly
+    rounded in float32); ``"fp8"``: ``clamp(x / s, ±448)`` cast to e4m3 (round to nearest even); ``"none"``
+    (W4A16): ``x`` itself. ``scale`` broadcasts against ``x`` (one value, or one per row as an (M, 1) column).
+    Plain torch operations, elementwise, keeping ``x``'s strides: ``torch.compile`` fuses them into the kernel
+    that produces ``x`` (a GroupNorm, a SiLU), so the activations reach memory once, already 8-bit.
+    """
+    if act == "none":
+        return x
+    scaled = x.float() / scale
+    if act == "int8":
+        return torch.clamp(torch.round(scaled) + zero, -128, 127).to(torch.int8)
+    return scaled.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+@dataclass(frozen=True)
+class GemmOperands:
+    """What the Linear and Conv2d wrappers pass to their kernels, validated and in the kernels' layouts.
+
+    ``a`` is the A operand (:func:`quantize_activations`); ``x_scale`` the (1,) or (M,) float32 activation
+    scale applied in the epilogue; the weight parameters are (N, groups) arrays; ``group_size`` 0 means one
+    group per row; ``x_zero`` is 0 unless the activations are int8 codes with a zero point.
+    """
+
+    a: Tensor
+    x_scale: Tensor
+    x_zero: int
+    w: Tensor
+    w_scale: Tensor
+    w_zero: Tensor | None
+    w_colsum: Tensor | None
+    bias: Tensor | None
+    act: str
+    weight: str
+    group_size: int
+    depth: int
+
+    def op_arguments(self) -> tuple:
+        """The positional arguments of the ``dmquant::`` custom ops, in order."""
+        return (self.a, self.w, self.x_scale, self.w_scale, self.w_zero, self.w_colsum, self.bias, self.x_zero,
+                self.act, self.weight, self.group_size, self.depth)  # fmt: skip
+
+
+def gemm_operands(
     x: Tensor,
     x_scale: float | Tensor | None,
     x_zero: int,
@@ -436,10 +453,10 @@ def quantized_gemm_arguments(
     depth: int,
     group_size: int | None,
     rows: int,
-) -> dict:
-    """Kernel arguments shared by the Linear and Conv2d wrappers, validated (everything but the A geometry).
+) -> GemmOperands:
+    """Validate a call's arguments and quantize ``x`` (any view: the A operand keeps its strides).
 
-    ``rows`` is M, for a per-row (dynamic) activation scale.
+    ``rows`` is M, for a per-row (dynamic) activation scale, which ``x`` must have as its leading dimension.
     """
     if act == "none" and x.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"W4A16 keeps activations in bf16/fp16, got {x.dtype}")
@@ -457,26 +474,48 @@ def quantized_gemm_arguments(
     scale = _scale_tensor(x_scale, x.device)
     if scale.numel() not in (1, rows):
         raise ValueError(f"the activation scale has {scale.numel()} values, expected 1 or {rows}")
-    if act != "int8":
-        x_zero = 0
+    x_zero = int(x_zero) if act == "int8" else 0
     if x_zero and w_colsum is None:
         w_colsum = weight_colsums(w, group or None)
+    per_row = scale.reshape(-1, *[1] * (x.dim() - 1)) if scale.numel() > 1 else scale
+    return GemmOperands(
+        a=quantize_activations(x, per_row, x_zero, act),
+        x_scale=scale,
+        x_zero=x_zero,
+        w=w,
+        w_scale=_group_array(w_scale, channels, groups, torch.float32),
+        w_zero=_group_array(w_zero, channels, groups, _zero_point_dtype(w_zero)),
+        w_colsum=_group_array(w_colsum, channels, groups, torch.int32) if x_zero else None,
+        bias=None if bias is None else bias.contiguous(),
+        act=act,
+        weight=weight,
+        group_size=group,
+        depth=depth,
+    )
+
+
+def kernel_arguments(
+    a: Tensor, w: Tensor, x_scale: Tensor, w_scale: Tensor, w_zero: Tensor | None, w_colsum: Tensor | None,
+    bias: Tensor | None, x_zero: int, act: str, weight: str, group_size: int, depth: int,
+) -> dict:  # fmt: skip
+    """The keyword arguments shared by the Linear and Conv2d kernels (everything but the A geometry)."""
     return {
+        "x_ptr": a,
         "w_ptr": w,
-        "bias_ptr": None if bias is None else bias.contiguous(),
-        "x_scale_ptr": scale,
-        "w_scale_ptr": _group_array(w_scale, channels, groups, torch.float32),
-        "w_zero_ptr": _group_array(w_zero, channels, groups, _zero_point_dtype(w_zero)),
-        "w_colsum_ptr": _group_array(w_colsum, channels, groups, torch.int32) if x_zero else None,
-        "x_zero": int(x_zero),
-        "N": channels,
+        "bias_ptr": bias,
+        "x_scale_ptr": x_scale,
+        "w_scale_ptr": w_scale,
+        "w_zero_ptr": w_zero,
+        "w_colsum_ptr": w_colsum,
+        "x_zero": x_zero,
+        "N": w.shape[0],
         "K": depth,
-        "stride_x_scale": 1 if scale.numel() > 1 else 0,
+        "stride_x_scale": 1 if x_scale.numel() > 1 else 0,
         "stride_wn": w.stride(0),
         "stride_wk": w.stride(1),
         "ACT": act,
         "WEIGHT": weight,
-        "GROUP_SIZE": group,
+        "GROUP_SIZE": group_size,
         "HAS_W_ZERO": w_zero is not None,
         "HAS_X_ZERO": bool(x_zero),
         "HAS_BIAS": bias is not None,
@@ -493,24 +532,40 @@ def m_bucket(rows: int) -> int:
     return min(triton.next_power_of_2(rows), 16384)
 
 
+@torch.library.custom_op("dmquant::quantized_linear", mutates_args=())
+def quantized_linear(
+    a: Tensor, w: Tensor, x_scale: Tensor, w_scale: Tensor, w_zero: Tensor | None, w_colsum: Tensor | None,
+    bias: Tensor | None, x_zero: int, act: str, weight: str, group_size: int, depth: int, out_dtype: torch.dtype,
+) -> Tensor:  # fmt: skip
+    """``_linear_kernel`` on :class:`GemmOperands` (``a``: (M, K)), as a custom op: ``torch.compile`` keeps it
+    whole in its graph (no graph break at the Triton launch) and CUDA graphs capture it. Returns (M, N)."""
+    rows = a.shape[0]
+    out = torch.empty(rows, w.shape[0], dtype=out_dtype, device=a.device)
+    arguments = kernel_arguments(a, w, x_scale, w_scale, w_zero, w_colsum, bias, x_zero, act, weight, group_size, depth)
+    _linear_kernel[launch_grid(rows, w.shape[0])](
+        out_ptr=out,
+        M=rows,
+        m_bucket=m_bucket(rows),
+        stride_xm=a.stride(0),
+        stride_xk=a.stride(1),
+        stride_om=out.stride(0),
+        stride_on=out.stride(1),
+        **arguments,
+    )
+    return out
+
+
+@quantized_linear.register_fake
+def _(a: Tensor, w: Tensor, *args) -> Tensor:
+    return a.new_empty(a.shape[0], w.shape[0], dtype=args[-1])
+
+
 def _linear(x: Tensor, w: Tensor, depth: int, **arguments) -> Tensor:
     if x.shape[-1] != depth:
         raise ValueError(f"x has {x.shape[-1]} inputs, the weight {depth}")
     flat = x.reshape(-1, depth)
-    rows = flat.shape[0]
-    kernel_args = quantized_gemm_arguments(flat, w=w, depth=depth, rows=rows, **arguments)
-    out = torch.empty(rows, w.shape[0], dtype=x.dtype, device=x.device)
-    _linear_kernel[launch_grid(rows, w.shape[0])](
-        x_ptr=flat,
-        out_ptr=out,
-        M=rows,
-        m_bucket=m_bucket(rows),
-        stride_xm=flat.stride(0),
-        stride_xk=flat.stride(1),
-        stride_om=out.stride(0),
-        stride_on=out.stride(1),
-        **kernel_args,
-    )
+    operands = gemm_operands(flat, w=w, depth=depth, rows=flat.shape[0], **arguments)
+    out = quantized_linear(*operands.op_arguments(), x.dtype)
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
