@@ -26,7 +26,14 @@ The libraries quantize only some layer types, and silently leave some shapes alo
 reports, for every ``nn.Linear`` and ``nn.Conv2d``, whether the library quantized it, and why not
 (:class:`PeerResult`), so that a benchmark table never credits a peer with layers it left in full
 precision. Layers a library would reject or skip for their shape are excluded up front by a
-filter, with the reason in ``notes``.
+filter, with the reason in ``notes``. Some limits depend on the inputs too: ``torch._int_mm`` on CUDA
+takes only products of more than 16 rows, so the timestep-embedding projections of a denoiser run
+at batch 2 (M = 2) break the int8 peer (eagerly, torchao catches the refusal and multiplies in
+float32; under ``torch.compile`` it raises). Pass the rows each ``nn.Linear`` sees
+(:func:`linear_rows` records them on one forward pass) as ``apply_peer(..., rows=...)``, and the int8
+peer leaves those layers in full precision, saying why. fp8 ``torch._scaled_mm`` with row-wise scales
+has no such limit: it needs only the inner and output dimensions to be multiples of 16, whatever
+the rows.
 
 Compute dtypes: torchao's int4 and fp8 configs need bfloat16 weights, so those peers return a
 bfloat16 model; the others keep the model's dtype. Feed the returned model inputs of
@@ -76,6 +83,7 @@ __all__ = [
     "cast_floating",
     "check_available",
     "count_layers",
+    "linear_rows",
     "model_dtype",
     "peer_versions",
 ]
@@ -84,6 +92,9 @@ __all__ = [
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 #: torchao int4: group sizes tried per layer, largest first (each must divide ``in_features``).
 INT4_GROUP_SIZES: tuple[int, ...] = (128, 64, 32)
+#: torch._int_mm on CUDA refuses a left operand of this many rows or fewer (cuBLAS int8; the CPU
+#: kernel takes any number).
+INT_MM_CUDA_MAX_REFUSED_ROWS = 16
 
 
 class PeerUnavailable(Exception):
@@ -189,7 +200,9 @@ PEERS: dict[str, PeerSpec] = {
             description=(
                 "torchao Int8DynamicActivationInt8WeightConfig: symmetric int8 weights per output channel, "
                 "symmetric int8 activations per token computed on the fly, int8 matmul (torch._int_mm). "
-                "nn.Linear only; every Conv2d stays in full precision. Keeps the model's dtype."
+                "nn.Linear only; every Conv2d stays in full precision, and so, on CUDA, does every Linear "
+                f"whose product has {INT_MM_CUDA_MAX_REFUSED_ROWS} rows or fewer (when the rows are given), "
+                "which torch._int_mm refuses. Keeps the model's dtype."
             ),
             needs=_TORCHAO,
         ),
@@ -312,6 +325,33 @@ def _device(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
+@torch.no_grad()
+def linear_rows(model: nn.Module, call: Callable[[], Any]) -> dict[str, int]:
+    """The rows M of the matrix product of every ``nn.Linear`` in ``model`` during ``call()``.
+
+    ``call`` runs one forward pass of ``model`` (under ``torch.no_grad()``); a layer's M is its
+    input's element count over ``in_features`` (batch × tokens), the fewest over its calls. Layers
+    ``call`` does not reach are absent. Returns qualified layer name -> M, the ``rows`` of
+    :func:`apply_peer`.
+    """
+    rows: dict[str, int] = {}
+    handles = []
+    for layer_name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+
+            def record(layer: nn.Linear, args: tuple, key: str = layer_name) -> None:
+                seen = args[0].numel() // layer.in_features
+                rows[key] = min(rows.get(key, seen), seen)
+
+            handles.append(module.register_forward_pre_hook(record))
+    try:
+        call()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # Requirements
 
@@ -397,6 +437,7 @@ def apply_peer(
     name: str,
     denoiser: nn.Module,
     calibrate: Callable[[nn.Module], None] | None = None,
+    rows: Mapping[str, int] | None = None,
 ) -> PeerResult:
     """Quantize a copy of ``denoiser`` with peer ``name`` and report what it covered.
 
@@ -409,6 +450,10 @@ def apply_peer(
             ``torch.no_grad()``, with inputs cast to that model's dtype (:func:`model_dtype`).
             Required by the peers that calibrate activations (``spec.calibrates``: quanto), ignored by
             the others.
+        rows: qualified ``nn.Linear`` name -> rows M of its matrix product at the inputs the model
+            will be run on (:func:`linear_rows`). With them, ``torchao-int8-dynamic`` on CUDA leaves
+            the layers of 16 rows or fewer in full precision, which ``torch._int_mm`` refuses;
+            without them every Linear is quantized. The other peers have no such limit.
 
     Returns:
         A :class:`PeerResult` with the quantized copy, per-type counts of quantized and skipped
@@ -434,7 +479,7 @@ def apply_peer(
             model = nn.Module.to(model, spec.needs.compute_dtype)
     layers = {module_name: _layer_type(module) for module_name, module in model.named_modules() if _layer_type(module)}
     if spec.library == "torchao":
-        (reasons, notes), unquantized_inputs = _apply_torchao(name, model), {}
+        (reasons, notes), unquantized_inputs = _apply_torchao(name, model, rows or {}), {}
         is_quantized = _torchao_is_quantized
     else:
         reasons, notes, unquantized_inputs = _apply_quanto(name, model, calibrate)
@@ -485,8 +530,11 @@ def _torchao_is_quantized(module: nn.Module) -> bool:
     return isinstance(getattr(module, "weight", None), TorchAOBaseTensor)
 
 
-def _torchao_reason(name: str, module: nn.Module) -> str | None:
-    """Why torchao's config ``name`` would not quantize ``module`` (``None``: it will)."""
+def _torchao_reason(name: str, module: nn.Module, device: torch.device, rows: int | None = None) -> str | None:
+    """Why torchao's config ``name`` would not quantize ``module`` on ``device`` (``None``: it will).
+
+    ``rows`` is the number of rows M of the layer's matrix product, where known (:func:`linear_rows`).
+    """
     if isinstance(module, nn.Conv2d):
         return "torchao's quantize_ takes nn.Linear only (its default filter); convolutions are not quantized"
     if not isinstance(module, nn.Linear):
@@ -497,6 +545,14 @@ def _torchao_reason(name: str, module: nn.Module) -> str | None:
     if name == "torchao-fp8-dynamic" and (module.in_features % 16 or module.out_features % 16):
         # torch._scaled_mm needs both dims multiples of 16; torchao would skip it silently (_fp8_mm_compat)
         return f"fp8 _scaled_mm needs in/out features multiples of 16, got {module.in_features}x{module.out_features}"
+    if (
+        name == "torchao-int8-dynamic"
+        and device.type == "cuda"
+        and rows is not None
+        and rows <= INT_MM_CUDA_MAX_REFUSED_ROWS
+    ):
+        # eagerly torchao's safe_int_mm catches the refusal and multiplies in float32; compiled, it raises
+        return f"torch._int_mm needs more than {INT_MM_CUDA_MAX_REFUSED_ROWS} rows on CUDA; this layer sees M={rows}"
     return None
 
 
@@ -504,8 +560,11 @@ def _int4_group_size(in_features: int) -> int | None:
     return next((size for size in INT4_GROUP_SIZES if in_features % size == 0), None)
 
 
-def _apply_torchao(name: str, model: nn.Module) -> tuple[dict[str, str], list[str]]:
-    """Run torchao's ``quantize_`` in place; returns the reasons of the layers excluded up front, and notes."""
+def _apply_torchao(name: str, model: nn.Module, rows: Mapping[str, int]) -> tuple[dict[str, str], list[str]]:
+    """Run torchao's ``quantize_`` in place; returns the reasons of the layers excluded up front, and notes.
+
+    ``rows``: the rows M of each Linear's product that are known (see :func:`apply_peer`).
+    """
     from torchao.quantization import (
         Float8DynamicActivationFloat8WeightConfig,
         Int4WeightOnlyConfig,
@@ -515,10 +574,11 @@ def _apply_torchao(name: str, model: nn.Module) -> tuple[dict[str, str], list[st
     )
     from torchao.quantization.quantize_.workflows import Int4PackingFormat
 
+    device = _device(model)
     reasons = {
         layer_name: reason
         for layer_name, module in model.named_modules()
-        if (reason := _torchao_reason(name, module)) is not None
+        if (reason := _torchao_reason(name, module, device, rows.get(layer_name))) is not None
     }
 
     def eligible(module: nn.Module, fqn: str, group_size: int | None = None) -> bool:
@@ -553,7 +613,7 @@ def _apply_torchao(name: str, model: nn.Module) -> tuple[dict[str, str], list[st
         sizes = Counter(_int4_group_size(module.in_features) for module in linears)
         listed = ", ".join(f"{size} x{count}" for size, count in sorted(sizes.items(), reverse=True))
         notes.append(f"int4 weight groups (group size x layers): {listed}")
-    if name == "torchao-int8-dynamic" and _device(model).type == "cuda":
+    if name == "torchao-int8-dynamic" and device.type == "cuda":
         odd = sum(module.in_features % 8 != 0 or module.out_features % 8 != 0 for module in linears)
         if odd:
             # torchao.kernel.intmm.safe_int_mm: cuBLAS int8 needs both dims multiples of 8

@@ -4,8 +4,12 @@ Reads every ``*.json`` under ``--results`` (default ``bench/results/quality``; `
 writes one file per cell, ``<model>/<method>__<bits>.json``), and writes ``--output`` (default
 ``BENCHMARKS.md``) with one table per zoo model, plus two PNG plots per model under ``--plots``
 (default ``docs/bench``): ``<model>-fid.png`` (FID-proxy against bit setting, one line per method)
-and ``<model>-sqnr.png`` (SQNR of the noise estimate per sampling step). The output depends only
-on the JSON, so rerunning on the same files gives the same page; every file is written atomically.
+and ``<model>-sqnr.png`` (SQNR of the noise estimate per sampling step). Sections of their own
+follow for the results found next to ``--results``: calibration cost (``calibration-cost/``),
+deployment fidelity (``fidelity/``, from ``bench/fidelity.py``), speed (``speed/``, from
+``bench/speed.py``) and layer throughput (``layer-speed/``, from ``bench/layer_speed.py``). The
+output depends only on the JSON, so rerunning on the same files gives the same page; every file is
+written atomically.
 
 Cell schema (version 1), one JSON object per file::
 
@@ -80,9 +84,15 @@ FEATURE_NAMES = {"glyphnet": "GlyphNet", "inception": "Inception-v3"}
 MISSING = "—"
 
 DEFAULT_RESULTS = Path("bench/results/quality")
-#: Where the calibration-cost and the speed cells are, next to the quality results by default.
+#: Where the calibration-cost, speed, deployment-fidelity and layer-throughput results are, next to
+#: the quality results by default.
 COST_FOLDER = "calibration-cost"
 SPEED_FOLDER = "speed"
+FIDELITY_FOLDER = "fidelity"
+LAYER_SPEED_FOLDER = "layer-speed"
+#: The columns of the layer-throughput table, in order (``bench/layer_speed.py``'s paths); a path
+#: not listed here gets a column after them.
+LAYER_SPEED_PATHS = ("bf16", "int8", "fp8", "w4a8", "w4a16", "torch-int8", "torch-fp8")
 DEFAULT_OUTPUT = Path("BENCHMARKS.md")
 DEFAULT_PLOTS = Path("docs/bench")
 #: Folder of the results holding the hand-written reading notes: ``<table>.md`` goes under that
@@ -142,6 +152,17 @@ def validate_cell(data: object, source: str) -> Cell:
     return data
 
 
+def read_result(path: Path) -> dict[str, Any]:
+    """One result file's JSON object; :class:`CellError` naming the file if it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CellError(f"{path}: cannot read a JSON result: {error}") from error
+    if not isinstance(data, dict):
+        raise CellError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def load_cells(results: str | os.PathLike[str]) -> list[Cell]:
     """Every cell under ``results`` (searched recursively), validated and in table order.
 
@@ -156,11 +177,7 @@ def load_cells(results: str | os.PathLike[str]) -> list[Cell]:
     cells: list[Cell] = []
     seen: dict[tuple[str, str, str], Path] = {}
     for path in sorted(results.rglob("*.json")):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise CellError(f"{path}: cannot read a JSON cell: {error}") from error
-        cell = validate_cell(data, str(path))
+        cell = validate_cell(read_result(path), str(path))
         key = (table_name(cell), cell["method"], cell["bits"])
         if key in seen:
             raise CellError(f"{path} and {seen[key]} are both table {key[0]}, method {key[1]}, bits {key[2]}")
@@ -603,6 +620,12 @@ def commands(cells: Sequence[Cell]) -> list[str]:
     return list(dict.fromkeys(cell["command"].strip() for cell in cells if (cell.get("command") or "").strip()))
 
 
+def reproduce_lines(cells: Sequence[Cell]) -> list[str]:
+    """A "Reproduce:" block of the cells' :func:`commands` as page lines (none without commands)."""
+    reproduce = commands(cells)
+    return ["Reproduce:", "", "```sh", *reproduce, "```", ""] if reproduce else []
+
+
 def spread_text(cells: Sequence[Cell]) -> str:
     if not any(cell["kind"] == "fp" and cell["method"] != "fp" for cell in cells):
         return "No FP run with other seeds was measured for this model, so its seed-to-seed spread is not known."
@@ -831,9 +854,7 @@ def model_section(
     missing = missing_text(cells, everywhere)
     if missing:
         lines += [missing, ""]
-    reproduce = commands(cells)
-    if reproduce:
-        lines += ["Reproduce:", "", "```sh", *reproduce, "```", ""]
+    lines += reproduce_lines(cells)
     lines += [provenance_text(cells), ""]
     written = []
     for suffix, plot, caption in (
@@ -879,10 +900,7 @@ def calibration_cost_section(cells: Sequence[Cell], notes: Path | None = None) -
     reading = reading_notes(notes, "all")
     if reading:
         lines += [reading, ""]
-    reproduce = commands(cells)
-    if reproduce:
-        lines += ["Reproduce:", "", "```sh", *reproduce, "```", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + reproduce_lines(cells))
 
 
 def speed_section(results: Path) -> str | None:
@@ -897,6 +915,125 @@ def speed_section(results: Path) -> str | None:
     return "\n".join(lines + ([reading, ""] if reading else []))
 
 
+FIDELITY_INTRO = """\
+Each zoo model is quantized at the formats of the speed benchmark's dmquant rows (minmax, attention
+matmuls off) and sampled twice from the same seeds (`bench/fidelity.py`): simulated (fake-quantized,
+as in the tables above) and converted to real low-bit layers. A PSNR of the converted samples
+against the simulated ones at or above the bound ({bounds}) means that the quality measured on the
+simulated model holds for the deployed one; "identical" marks bit-identical samples. The PSNR of the
+simulated samples against FP gives the size of the quantization error itself, for scale."""
+
+
+def _bounds_text(cells: Sequence[Mapping[str, Any]]) -> str:
+    bounds = sorted({float(cell["bound_db"]) for cell in cells if _is_number(cell.get("bound_db"))})
+    return ", ".join(f"{bound:g} dB" for bound in bounds) or "not recorded"
+
+
+def _psnr_converted_text(cell: Mapping[str, Any]) -> str:
+    """The converted-vs-simulated PSNR; ``None`` recorded means identical samples."""
+    key = "psnr_converted_vs_simulated_db"
+    if key in cell and cell[key] is None:
+        return "identical"
+    return _display(cell.get(key), fmt_fixed(1))
+
+
+def _yes_no(value: object) -> str:
+    return MISSING if value is None else ("yes" if value else "**no**")
+
+
+def _sampling_seconds_text(cell: Mapping[str, Any]) -> str:
+    seconds = cell.get("sampling_s") or {}
+    return " / ".join(_display(seconds.get(model), fmt_duration) for model in ("simulated", "converted"))
+
+
+def fidelity_section(results: Path) -> str | None:
+    """The deployment-fidelity table (``bench/fidelity.py``, ``<model>/<format>.json``) with its
+    reading notes, if there are cells."""
+    cells = [read_result(path) for path in sorted(results.glob("*/*.json"))]
+    if not cells:
+        return None
+    cells.sort(key=lambda cell: (model_key(str(cell.get("model"))), str(cell.get("format"))))
+    header = ["model", "format", "PSNR converted vs simulated (dB)", "meets the bound"]
+    header += ["PSNR simulated vs FP (dB)", "samples × steps", "sampling simulated / converted", "device"]
+    rows = [
+        [
+            str(cell.get("model")),
+            str(cell.get("format")),
+            _psnr_converted_text(cell),
+            _yes_no(cell.get("meets_bound")),
+            _display(cell.get("psnr_simulated_vs_fp_db"), fmt_fixed(1)),
+            f"{_display(cell.get('num_samples'), _plain)} × {_display(cell.get('steps'), _plain)}",
+            _sampling_seconds_text(cell),
+            str((cell.get("environment") or {}).get("device") or MISSING),
+        ]
+        for cell in cells
+    ]
+    lines = ["## Deployment fidelity", "", FIDELITY_INTRO.format(bounds=_bounds_text(cells)), ""]
+    lines += [markdown_table(header, rows), "", f"Measured {_dates_text(cells)}{_commits_text(cells)}.", ""]
+    reading = reading_notes(results / NOTES_FOLDER, "all")
+    if reading:
+        lines += [reading, ""]
+    return "\n".join(lines + reproduce_lines(cells))
+
+
+LAYER_SPEED_INTRO = """\
+Single layers at SD-1.5 shapes (batch 2, 64×64 latents; `bench/layer_speed.py`), milliseconds per
+call (median of CUDA-event timings after warm-up): **bf16** is cuDNN / cuBLAS; **int8**, **fp8**,
+**w4a8** and **w4a16** are dmquant's kernels, activation quantization included; **torch-int8** and
+**torch-fp8** are `torch._int_mm` and `torch._scaled_mm` (row-wise scales) on operands quantized
+beforehand, the matrix product alone. Shapes: 3×3 convs N×C×H×W (C output channels), Linears M×K×N.
+A blank is a path not run on that layer; "—" one that raised."""
+
+
+def _layer_key(row: Mapping[str, Any]) -> tuple[str, str, str]:
+    shape = "×".join(str(size) for size in row.get("shape") or [])
+    return str(row.get("op")), shape, str(row.get("layout") or "")
+
+
+def layer_speed_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """One line per (op, shape, layout), in the order measured, with the ms of each path as columns."""
+    paths = [
+        *LAYER_SPEED_PATHS,
+        *dict.fromkeys(row.get("path") for row in rows if row.get("path") not in LAYER_SPEED_PATHS),
+    ]
+    timings: dict[tuple[str, str, str], dict[str, str]] = {}
+    for row in rows:
+        shown = MISSING if "error" in row else _display(row.get("ms"), fmt_fixed(3))
+        timings.setdefault(_layer_key(row), {})[row.get("path")] = shown
+    lines = [[*layer, *(measured.get(path, "") for path in paths)] for layer, measured in timings.items()]
+    return markdown_table(["op", "shape", "layout", *(str(path) for path in paths)], lines)
+
+
+def _layer_errors_text(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """The errors of the paths that raised, one line each."""
+    errors = [
+        f"- {row.get('path')} on {' '.join(filter(None, _layer_key(row)))}: {row['error']}"
+        for row in rows
+        if "error" in row
+    ]
+    return "\n".join(["Paths that raised:", "", *errors]) if errors else None
+
+
+def layer_speed_section(results: Path) -> str | None:
+    """The layer-throughput tables (``bench/layer_speed.py``, one JSON per device) with their reading
+    notes, if there are any."""
+    records = [read_result(path) for path in sorted(results.glob("*.json"))]
+    if not records:
+        return None
+    lines = ["## Layer throughput", "", LAYER_SPEED_INTRO, ""]
+    for record in records:
+        rows = record.get("rows") or []
+        where = f"{_environment_text(record.get('environment'))}, {_dates_text([record])}{_commits_text([record])}"
+        lines += [f"Measured on {where} (ms per call):", "", layer_speed_table(rows), ""]
+        errors = _layer_errors_text(rows)
+        if errors:
+            lines += [errors, ""]
+    reading = reading_notes(results / NOTES_FOLDER, "all")
+    if reading:
+        lines += [reading, ""]
+    return "\n".join(lines + reproduce_lines(records))
+
+
 def render(
     cells: Sequence[Cell],
     *,
@@ -906,11 +1043,13 @@ def render(
     notes: Path | None = None,
     cost_cells: Sequence[Cell] = (),
     cost_notes: Path | None = None,
+    fidelity: str | None = None,
     speed: str | None = None,
+    layer_speed: str | None = None,
 ) -> tuple[str, list[Path]]:
     """The whole page for ``cells`` (plots are written under ``plots``; the page is returned, not
-    written), ending with the calibration cost of ``cost_cells`` and the ``speed`` section when
-    there are any."""
+    written), ending with the calibration cost of ``cost_cells`` (if any) and the ``fidelity``,
+    ``speed`` and ``layer_speed`` sections (each if given)."""
     groups = by_model(cells)
     sections = [INTRO.format(results=_relative_link(results, output)).rstrip("\n"), ""]
     reading = reading_notes(notes, "all")
@@ -930,8 +1069,7 @@ def render(
         written += paths
     if cost_cells:
         sections.append(calibration_cost_section(cost_cells, cost_notes))
-    if speed:
-        sections.append(speed)
+    sections += [section for section in (fidelity, speed, layer_speed) if section]
     return "\n".join(sections).rstrip("\n") + "\n", written
 
 
@@ -975,6 +1113,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="cells measuring calibration cost with a GPU to itself, shown in a section of their own, with"
         f" their notes from COST_RESULTS/{NOTES_FOLDER} (default: RESULTS/../{COST_FOLDER}; skipped if absent)",
     )
+    parser.add_argument(
+        "--fidelity-results",
+        type=Path,
+        help="deployment-fidelity cells of bench/fidelity.py (<model>/<format>.json), with their notes from"
+        f" FIDELITY_RESULTS/{NOTES_FOLDER} (default: RESULTS/../{FIDELITY_FOLDER}; skipped if absent)",
+    )
+    parser.add_argument(
+        "--layer-speed-results",
+        type=Path,
+        help="layer timings of bench/layer_speed.py (one JSON per device), with their notes from"
+        f" LAYER_SPEED_RESULTS/{NOTES_FOLDER} (default: RESULTS/../{LAYER_SPEED_FOLDER}; skipped if absent)",
+    )
     return parser
 
 
@@ -991,8 +1141,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes = args.notes or args.results / NOTES_FOLDER
     cost_results = args.cost_results or args.results.parent / COST_FOLDER
     speed_results = args.results.parent / SPEED_FOLDER
+    fidelity_results = args.fidelity_results or args.results.parent / FIDELITY_FOLDER
+    layer_speed_results = args.layer_speed_results or args.results.parent / LAYER_SPEED_FOLDER
     try:
         cost_cells = load_cells(cost_results) if cost_results.is_dir() else []
+        fidelity = fidelity_section(fidelity_results)
+        layer_speed = layer_speed_section(layer_speed_results)
     except CellError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -1004,7 +1158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         notes=notes,
         cost_cells=cost_cells,
         cost_notes=cost_results / NOTES_FOLDER,
+        fidelity=fidelity,
         speed=speed_section(speed_results),
+        layer_speed=layer_speed,
     )
     write_page(args.output, text)
     tables = len(by_model(cells))

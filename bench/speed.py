@@ -65,6 +65,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import gc
 import importlib.metadata
 import json
@@ -203,9 +204,13 @@ class Workload:
     def batch(self) -> int:
         return self.sample.shape[0]
 
-    def inputs(self, dtype: torch.dtype) -> tuple[tuple[Tensor, Tensor], dict[str, Tensor]]:
-        """Positional and keyword arguments of a call in ``dtype`` (integer tensors left alone)."""
-        return (self.sample.to(dtype), self.timestep), peers.cast_floating(self.cond, dtype)
+    def inputs(
+        self, dtype: torch.dtype, memory_format: torch.memory_format = torch.contiguous_format
+    ) -> tuple[tuple[Tensor, Tensor], dict[str, Tensor]]:
+        """Positional and keyword arguments of a call in ``dtype`` (integer tensors left alone), the sample in
+        ``memory_format``."""
+        sample = self.sample.to(dtype).contiguous(memory_format=memory_format)
+        return (sample, self.timestep), peers.cast_floating(self.cond, dtype)
 
     def shapes(self) -> dict[str, list[int]]:
         tensors = {"sample": self.sample, "timestep": self.timestep, **self.cond}
@@ -316,6 +321,8 @@ EAGER, COMPILED, GRAPHED = "eager", "compiled", "compiled+cudagraph"
 SETTINGS = (EAGER, COMPILED, GRAPHED)
 #: The bf16 row each setting is compared with.
 REFERENCE_ROW = {EAGER: "bf16-eager", COMPILED: "bf16-compiled", GRAPHED: "bf16-compiled-cudagraphs"}
+#: ``--memory-format`` choices.
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 #: Where regional compilation (``--compile-scope blocks``) applies torch.compile: the outermost of these.
 COMPILED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D", "Attention")
 #: torch._inductor settings of every compiled row (torchao's recommended_inductor_config_setter
@@ -586,10 +593,16 @@ def build_bf16(bench: ModelBench, row: Row) -> Built:
 
 
 def build_torchao(bench: ModelBench, row: Row) -> Built:
-    """The torchao peer on a bf16 copy (``peers.apply_peer``: its own exclusions, in the cell)."""
+    """The torchao peer on a bf16 copy (``peers.apply_peer``: its own exclusions, in the cell).
+
+    The rows of each Linear's product are recorded on one call with the workload's inputs first, so
+    that the peer can leave out the layers its kernels refuse at this batch (``peers.linear_rows``).
+    """
     peers.check_available(row.peer, bench.device)
     source = _bf16_copy(bench)
-    result = peers.apply_peer(row.peer, source)  # a copy, bfloat16 on CUDA like its source
+    args_, kwargs = bench.workload.inputs(bench.dtype)
+    rows = peers.linear_rows(source, functools.partial(source, *args_, **kwargs))
+    result = peers.apply_peer(row.peer, source, rows=rows)  # a copy, bfloat16 on CUDA like its source
     del source
     exclusions = [{"layers": n, "reason": why} for why, n in Counter(result.skipped_layers.values()).items()]
     details = {
@@ -879,12 +892,22 @@ class ModelBench:
         return None, None
 
 
+def convs_in_memory_format(model: nn.Module, memory_format: torch.memory_format) -> nn.Module:
+    """The 4-D weights of ``model``'s float ``nn.Conv2d`` layers in ``memory_format``, in place (converted layers and
+    tensor subclasses left as they are, unlike ``nn.Module.to``); returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and type(module.weight) is nn.Parameter:
+            module.weight.data = module.weight.data.contiguous(memory_format=memory_format)
+    return model
+
+
 @torch.no_grad()
 def measure(bench: ModelBench, row: Row, built: Built) -> dict[str, Any]:
     """Every selected setting of ``row`` on ``built``: latency, memory, compile time, kernels."""
     settings = bench.settings(row)
-    args_, kwargs = bench.workload.inputs(bench.dtype)
-    model = built.model
+    memory_format = MEMORY_FORMATS[bench.args.memory_format]
+    args_, kwargs = bench.workload.inputs(bench.dtype, memory_format)
+    model = convs_in_memory_format(built.model, memory_format)
 
     def call() -> Any:
         return model(*args_, **kwargs)
@@ -1007,6 +1030,7 @@ def _row_settings(bench: ModelBench, row: Row, headline: str, compile_settings: 
     }
     return {
         "dtype": str(bench.dtype).removeprefix("torch."),
+        "memory_format": bench.args.memory_format,
         "measured": settings,
         "headline": headline,
         "warmup": bench.args.warmup,
@@ -1354,6 +1378,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS, metavar="SETTING",
                         help=f"execution settings measured (default: all): {', '.join(SETTINGS)}; "
                         "a row with none of them is left out")  # fmt: skip
+    parser.add_argument("--memory-format", choices=list(MEMORY_FORMATS), default="channels_last",
+                        help="layout of every row's 4-D weights and latents (default: %(default)s, as diffusers "
+                        "recommends for UNets; cuDNN and dmquant's convolutions both read NHWC)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per setting (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

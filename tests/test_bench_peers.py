@@ -190,11 +190,68 @@ def test_torchao_int8_dynamic_quantizes_linears_only(kind):
 
 def test_torchao_filters_report_shape_skips():
     pytest.importorskip("torchao")
-    linear = torch.nn.Linear(48, 40)
-    assert "not a multiple of 32" in peers._torchao_reason("torchao-int4-weight-only", linear)
-    assert "multiples of 16" in peers._torchao_reason("torchao-fp8-dynamic", linear)
-    assert peers._torchao_reason("torchao-int8-dynamic", linear) is None
+    linear, cuda = torch.nn.Linear(48, 40), torch.device("cuda")
+    assert "not a multiple of 32" in peers._torchao_reason("torchao-int4-weight-only", linear, cuda)
+    assert "multiples of 16" in peers._torchao_reason("torchao-fp8-dynamic", linear, cuda)
+    assert peers._torchao_reason("torchao-int8-dynamic", linear, cuda) is None
     assert peers._int4_group_size(192) == 64 and peers._int4_group_size(256) == 128
+
+
+def test_int8_filter_leaves_out_products_of_16_rows_or_fewer_on_cuda_only():
+    linear, cuda, cpu = torch.nn.Linear(64, 64), torch.device("cuda"), torch.device("cpu")
+    assert peers._torchao_reason("torchao-int8-dynamic", linear, cuda, rows=2) == (
+        "torch._int_mm needs more than 16 rows on CUDA; this layer sees M=2"
+    )
+    assert "M=16" in peers._torchao_reason("torchao-int8-dynamic", linear, cuda, rows=16)
+    assert peers._torchao_reason("torchao-int8-dynamic", linear, cuda, rows=17) is None
+    assert peers._torchao_reason("torchao-int8-dynamic", linear, cpu, rows=2) is None  # the CPU kernel takes any M
+    # fp8 _scaled_mm (row-wise scales) and int4 tinygemm have no row limit
+    for name in ("torchao-fp8-dynamic", "torchao-int4-weight-only"):
+        assert peers._torchao_reason(name, linear, cuda, rows=2) is None
+
+
+class _TwiceLinear(torch.nn.Module):
+    """One Linear applied to a sequence and to its mean token, and one never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = torch.nn.Linear(8, 8)
+        self.unused = torch.nn.Linear(8, 8)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.shared(tokens) + self.shared(tokens.mean(dim=1, keepdim=True))
+
+
+def test_linear_rows_are_batch_times_tokens_the_fewest_over_calls():
+    model = _TwiceLinear()
+    tokens = torch.randn(3, 5, 8)
+    assert peers.linear_rows(model, lambda: model(tokens)) == {"shared": 3}  # 3 x 5 and 3 x 1 rows
+    assert not model.shared._forward_pre_hooks  # the hooks are removed
+    dit = tiny.tiny_dit()
+    x, t, cond = _batch(dit, seed=0, size=2)
+    rows = peers.linear_rows(dit, lambda: dit(x, t, **cond))
+    tokens_per_image = (dit.config.sample_size // dit.config.patch_size) ** 2
+    assert rows["proj_out_1"] == rows["transformer_blocks.0.norm1.emb.timestep_embedder.linear_1"] == 2
+    assert rows["transformer_blocks.0.attn1.to_q"] == 2 * tokens_per_image
+    assert set(rows) == {name for name, module in dit.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
+def test_int8_peer_given_rows_excludes_the_small_products_of_a_cuda_model(monkeypatch):
+    pytest.importorskip("torchao")
+    model = tiny.tiny_dit()
+    x, t, cond = _batch(model, seed=0, size=2)
+    rows = peers.linear_rows(model, lambda: model(x, t, **cond))
+    linears = count_layers(model)["Linear"]
+    assert apply_peer("torchao-int8-dynamic", model, rows=rows).quantized == {"Linear": linears}  # on the CPU
+    # the same model, taken for a CUDA one: the layers of M = 2 stay in full precision, with the reason
+    monkeypatch.setattr(peers, "_device", lambda module: torch.device("cuda"))
+    result = apply_peer("torchao-int8-dynamic", model, rows=rows)
+    _assert_counts_add_up(result, model)
+    small = {name for name, m in rows.items() if m <= 16}
+    reason = "torch._int_mm needs more than 16 rows on CUDA; this layer sees M=2"
+    assert small and {name for name, why in result.skipped_layers.items() if why == reason} == small
+    assert result.quantized == {"Linear": linears - len(small)}
+    assert f"Linear x{len(small)} not quantized: {reason}" in result.notes
 
 
 @pytest.mark.gpu
@@ -243,4 +300,33 @@ def test_gpu_shape_skips_are_reported(name, skipped):
     with torch.no_grad():
         reference = model(x)
         error = (result.model(x.to(result.dtype)).float() - reference).norm() / reference.norm()
+    assert error < 0.1
+
+
+class _PooledAndTokens(torch.nn.Module):
+    """A Linear on a pooled vector (one row per image, like a timestep embedding) and one on tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.pooled = torch.nn.Linear(64, 64)
+        self.tokens = torch.nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tokens(x) + self.pooled(x.mean(dim=1))[:, None]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_int8_peer_compiles_once_the_small_products_are_left_out():
+    pytest.importorskip("torchao")
+    model = _PooledAndTokens().cuda()
+    x = torch.randn(2, 32, 64, device="cuda")
+    rows = peers.linear_rows(model, lambda: model(x))
+    assert rows == {"pooled": 2, "tokens": 64}
+    result = apply_peer("torchao-int8-dynamic", model, rows=rows)
+    assert set(result.skipped_layers) == {"pooled"} and result.quantized == {"Linear": 1}
+    compiled = torch.compile(result.model, dynamic=False)
+    with torch.no_grad():
+        reference = model(x)
+        error = (compiled(x) - reference).norm() / reference.norm()
     assert error < 0.1

@@ -303,3 +303,94 @@ def test_speed_cells_next_to_the_results_get_a_section(tmp_path):
     assert bench_report.main(argv) == 0
     section = output.read_text().split("## Speed")[1]
     assert f"| {MODEL} | bf16-eager | 12.50 |" in section
+
+
+def _fidelity_cell(model, fmt, psnr, *, meets, device="NVIDIA H200"):
+    return {
+        "format": fmt,
+        "model": model,
+        "psnr_converted_vs_simulated_db": psnr,
+        "meets_bound": meets,
+        "psnr_simulated_vs_fp_db": 22.81,
+        "sampling_s": {"simulated": 0.58, "converted": 46.6},
+        "num_samples": 64,
+        "steps": 20,
+        "bound_db": 35.0,
+        "command": f"python bench/fidelity.py --models {model}",
+        "environment": ENVIRONMENT | {"device": device},
+        "git_commit": "abc123",
+    }
+
+
+def test_deployment_fidelity_gets_a_section_of_its_own(tmp_path, capsys):
+    _write_cells(tmp_path / "results", [_cell("fp", "fp", "FP32")])
+    fidelity = tmp_path / "fidelity"
+    cells = [
+        _fidelity_cell("dit-glyphs", "w8a8-int8", 29.49, meets=False),
+        _fidelity_cell(MODEL, "w8a8-int8", None, meets=True, device="cpu"),  # None: identical samples
+        _fidelity_cell(MODEL, "w8a8-fp8", 35.38, meets=True),
+    ]
+    for cell in cells:
+        (fidelity / cell["model"]).mkdir(parents=True, exist_ok=True)
+        (fidelity / cell["model"] / f"{cell['format']}.json").write_text(json.dumps(cell))
+    (fidelity / "notes").mkdir()
+    (fidelity / "notes" / "all.md").write_text("Why DiT misses the bound.\n")
+    output = tmp_path / "BENCHMARKS.md"
+    argv = ["--results", str(tmp_path / "results"), "--output", str(output), "--plots", str(tmp_path / "plots")]
+    assert bench_report.main(argv) == 0
+    section = output.read_text().split("## Deployment fidelity")[1]
+    header, _, *rows = _table_rows(section)
+    assert header[:4] == ["model", "format", "PSNR converted vs simulated (dB)", "meets the bound"]
+    assert header[-1] == "device"
+    assert [row[:4] for row in rows] == [  # zoo model order, then format
+        [MODEL, "w8a8-fp8", "35.4", "yes"],
+        [MODEL, "w8a8-int8", "identical", "yes"],
+        ["dit-glyphs", "w8a8-int8", "29.5", "**no**"],
+    ]
+    assert rows[0][4:] == ["22.8", "64 × 20", "0.6 s / 46.6 s", "NVIDIA H200"] and rows[1][-1] == "cpu"
+    assert "at or above the bound (35 dB)" in section and "Measured on 2026-11-21, at commit abc123." in section
+    assert "Why DiT misses the bound." in section
+    assert f"python bench/fidelity.py --models {MODEL}\npython bench/fidelity.py --models dit-glyphs" in section
+    assert bench_report.main([*argv, "--fidelity-results", str(tmp_path / "absent")]) == 0
+    assert "## Deployment fidelity" not in output.read_text()
+    (fidelity / MODEL / "w4a8.json").write_text("[]")
+    assert bench_report.main(argv) == 2
+    assert "w4a8.json: expected a JSON object, got list" in capsys.readouterr().err
+
+
+def test_layer_throughput_has_one_line_per_layer_and_a_column_per_path(tmp_path):
+    _write_cells(tmp_path / "results", [_cell("fp", "fp", "FP32")])
+    conv = {"op": "conv3x3", "shape": [2, 320, 64, 64], "layout": "channels_last"}
+    linear = {"op": "linear", "shape": [2, 320, 1280]}
+    timings = [
+        conv | {"path": "bf16", "ms": 0.05816, "tflops": 259.6},
+        conv | {"path": "int8", "ms": 0.1751, "tflops": 86.2},
+        linear | {"path": "bf16", "ms": 0.02155, "tflops": 0.076},
+        linear | {"path": "torch-int8", "error": "self.size(0) needs to be greater than 16, but got 2"},
+        linear | {"path": "torch-fp8", "ms": 0.02301, "tflops": 0.071},
+    ]
+    record = {
+        "rows": timings,
+        "environment": ENVIRONMENT,
+        "git_commit": "abc123",
+        "command": "python bench/layer_speed.py",
+    }
+    layer_speed = tmp_path / "layer-speed"
+    (layer_speed / "notes").mkdir(parents=True)
+    (layer_speed / "NVIDIA-H100.json").write_text(json.dumps(record))
+    (layer_speed / "notes" / "all.md").write_text("The int8 GEMM is the bottleneck.\n")
+    output = tmp_path / "BENCHMARKS.md"
+    argv = ["--results", str(tmp_path / "results"), "--output", str(output), "--plots", str(tmp_path / "plots")]
+    assert bench_report.main(argv) == 0
+    section = output.read_text().split("## Layer throughput")[1]
+    header, _, *rows = _table_rows(section)
+    assert header == ["op", "shape", "layout", *bench_report.LAYER_SPEED_PATHS]
+    assert rows == [
+        ["conv3x3", "2×320×64×64", "channels_last", "0.058", "0.175", "", "", "", "", ""],
+        ["linear", "2×320×1280", "", "0.022", "", "", "", "", "—", "0.023"],
+    ]
+    assert "Measured on NVIDIA H100 80GB HBM3, torch 2.11.0" in section and "on 2026-11-21, at commit abc123" in section
+    assert "- torch-int8 on linear 2×320×1280: self.size(0) needs to be greater than 16, but got 2" in section
+    assert "The int8 GEMM is the bottleneck." in section and "python bench/layer_speed.py" in section
+    assert bench_report.main([*argv, "--layer-speed-results", str(tmp_path / "absent")]) == 0
+    assert "## Layer throughput" not in output.read_text()

@@ -168,6 +168,25 @@ def test_weight_bytes_count_a_torchao_tensor_subclass_at_its_real_storage():
     assert 128 * 64 + 64 * 4 <= stored < 128 * 64 + 64 * 4 + 1024  # int8 codes, fp32 bias, row scales
 
 
+def test_torchao_rows_leave_out_the_linears_whose_products_the_int8_kernel_refuses(monkeypatch):
+    pytest.importorskip("torchao")
+    from dmquant.zoo import tiny
+
+    model = tiny.tiny_dit()
+    size, labels = model.config.sample_size, torch.tensor([0, 1])
+    workload = speed.Workload(model, torch.randn(2, 4, size, size), torch.tensor([1, 900]), {"class_labels": labels},
+                              "tiny DiT")  # fmt: skip
+    bench = argparse.Namespace(workload=workload, dtype=torch.float32, device=torch.device("cpu"))
+    # the copy taken for a CUDA model, where torch._int_mm refuses 16 rows or fewer
+    monkeypatch.setattr(speed.peers, "_device", lambda module: torch.device("cuda"))
+    details = speed.build_torchao(bench, speed.ROWS["int8-dynamic"]).details
+    pooled = 3 * model.config.num_layers + 1  # per block: timestep embedder (2) and adaLN; proj_out_1
+    reason = "torch._int_mm needs more than 16 rows on CUDA; this layer sees M=2"
+    assert {"layers": pooled, "reason": reason} in details["exclusions"]
+    assert details["coverage"]["skipped"]["Linear"] == pooled
+    assert details["coverage"]["quantized"]["Linear"] == speed.peers.count_layers(model)["Linear"] - pooled
+
+
 def test_w4_rows_quantize_weights_per_output_channel_which_every_layer_takes():
     config = speed.dmquant_config(speed.ROWS["dmquant-w4a8"])
     assert config.weight.granularity_spec.kind == "channel"
