@@ -11,7 +11,9 @@ the 3×3 convs of each resolution and the attention / feed-forward Linears. Each
   (``torch._scaled_mm`` with row-wise scales on pre-quantized fp8 operands) for Linears: the GEMM alone,
   the ceiling of a library path.
 
-Median of CUDA-event timings after warm-up (which includes Triton's autotuning); TFLOP/s = 2·M·N·K / time.
+Each path is timed two ways, medians of CUDA-event timings after warm-up (which includes Triton's autotuning):
+``ms``, one call captured in a CUDA graph and replayed — the GPU's time alone, as inside a graphed model — and
+``eager_ms``, one call launched from Python, host overhead included. TFLOP/s = 2·M·N·K / ``ms``.
 Results: ``--results`` (default ``bench/results/layer-speed``) as one JSON per device. Needs CUDA.
 """
 
@@ -39,10 +41,11 @@ LINEARS = [(8192, 320, 320), (8192, 320, 2560), (8192, 1280, 320), (2048, 640, 6
            (154, 768, 320), (2, 320, 1280)]  # fmt: skip
 
 
-def _timed_ms(call: Callable[[], Any], repeats: int) -> float:
-    for _ in range(3):
-        call()
-    torch.cuda.synchronize()
+#: How ``ms`` is measured, kept in the results (the first results, without it, timed eager calls).
+TIMING = "ms: one call captured in a CUDA graph and replayed (GPU time); eager_ms: the call launched from Python"
+
+
+def _median_ms(call: Callable[[], Any], repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -52,6 +55,21 @@ def _timed_ms(call: Callable[[], Any], repeats: int) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def _timed(call: Callable[[], Any], repeats: int) -> dict[str, float]:
+    """``ms``: a CUDA graph of one call, replayed; ``eager_ms``: the call itself (after 3 warm-up calls)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return {"ms": _median_ms(graph.replay, repeats), "eager_ms": _median_ms(call, repeats)}
 
 
 def _int8_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,9 +103,9 @@ def conv_rows(shape: tuple[int, ...], repeats: int) -> list[dict[str, Any]]:
     rows = []
     for layout, tensor in layouts.items():
         for name, call in calls.items():
-            ms = _timed_ms(lambda call=call, tensor=tensor: call(tensor), repeats)
-            rows.append({"op": "conv3x3", "shape": list(shape), "layout": layout, "path": name, "ms": ms,
-                         "tflops": flops / ms / 1e9})  # fmt: skip
+            times = _timed(lambda call=call, tensor=tensor: call(tensor), repeats)
+            rows.append({"op": "conv3x3", "shape": list(shape), "layout": layout, "path": name, **times,
+                         "tflops": flops / times["ms"] / 1e9})  # fmt: skip
     return rows
 
 
@@ -120,11 +138,12 @@ def linear_rows(shape: tuple[int, int, int], repeats: int) -> list[dict[str, Any
     rows = []
     for name, call in calls.items():
         try:
-            ms = _timed_ms(call, repeats)
+            times = _timed(call, repeats)
         except RuntimeError as error:  # torch._int_mm refuses M <= 16
             rows.append({"op": "linear", "shape": list(shape), "path": name, "error": str(error).splitlines()[0]})
             continue
-        rows.append({"op": "linear", "shape": list(shape), "path": name, "ms": ms, "tflops": 2 * m * n * k / ms / 1e9})
+        rows.append({"op": "linear", "shape": list(shape), "path": name, **times,
+                     "tflops": 2 * m * n * k / times["ms"] / 1e9})  # fmt: skip
     return rows
 
 
@@ -152,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows += linear_rows(shape, args.repeats)
         print(*(f"{r['op']} {r['shape']} {r['path']}: {r.get('ms', r.get('error'))}" for r in rows[-7:]), sep="\n")
     env = environment()
-    record = {"rows": rows, "environment": env, "git_commit": git_commit(), "command": "python bench/layer_speed.py"}
+    record = {"rows": rows, "timing": TIMING, "environment": env, "git_commit": git_commit(),
+              "command": "python bench/layer_speed.py"}  # fmt: skip
     write_cell(args.results / f"{env['device'].replace(' ', '-')}.json", record)
     return 0
 

@@ -921,7 +921,11 @@ matmuls off) and sampled twice from the same seeds (`bench/fidelity.py`): simula
 as in the tables above) and converted to real low-bit layers. A PSNR of the converted samples
 against the simulated ones at or above the bound ({bounds}) means that the quality measured on the
 simulated model holds for the deployed one; "identical" marks bit-identical samples. The PSNR of the
-simulated samples against FP gives the size of the quantization error itself, for scale."""
+simulated samples against FP gives the size of the quantization error itself, for scale. The floor is
+the PSNR of the simulated model sampled on the CPU against itself sampled on the GPU — two float32
+computations of one quantized model that differ in rounding order only — and the relative error is
+that of one denoiser call, converted against simulated (both recorded since the kernels' second
+version; a blank where a cell predates them)."""
 
 
 def _bounds_text(cells: Sequence[Mapping[str, Any]]) -> str:
@@ -953,14 +957,17 @@ def fidelity_section(results: Path) -> str | None:
     if not cells:
         return None
     cells.sort(key=lambda cell: (model_key(str(cell.get("model"))), str(cell.get("format"))))
-    header = ["model", "format", "PSNR converted vs simulated (dB)", "meets the bound"]
-    header += ["PSNR simulated vs FP (dB)", "samples × steps", "sampling simulated / converted", "device"]
+    header = ["model", "format", "PSNR converted vs simulated (dB)", "meets the bound", "floor (dB)"]
+    header += ["one call's relative error", "PSNR simulated vs FP (dB)", "samples × steps"]
+    header += ["sampling simulated / converted", "device"]
     rows = [
         [
             str(cell.get("model")),
             str(cell.get("format")),
             _psnr_converted_text(cell),
             _yes_no(cell.get("meets_bound")),
+            _display(cell.get("floor_psnr_db"), fmt_fixed(1)),
+            _display(cell.get("denoiser_relative_error"), "{:.1e}".format),
             _display(cell.get("psnr_simulated_vs_fp_db"), fmt_fixed(1)),
             f"{_display(cell.get('num_samples'), _plain)} × {_display(cell.get('steps'), _plain)}",
             _sampling_seconds_text(cell),
@@ -978,8 +985,9 @@ def fidelity_section(results: Path) -> str | None:
 
 LAYER_SPEED_INTRO = """\
 Single layers at SD-1.5 shapes (batch 2, 64×64 latents; `bench/layer_speed.py`), milliseconds per
-call (median of CUDA-event timings after warm-up): **bf16** is cuDNN / cuBLAS; **int8**, **fp8**,
-**w4a8** and **w4a16** are dmquant's kernels, activation quantization included; **torch-int8** and
+call (median of CUDA-event timings after warm-up, timed as each table says): **bf16** is cuDNN /
+cuBLAS; **int8**, **fp8**, **w4a8** and **w4a16** are dmquant's kernels, activation quantization
+included; **torch-int8** and
 **torch-fp8** are `torch._int_mm` and `torch._scaled_mm` (row-wise scales) on operands quantized
 beforehand, the matrix product alone. Shapes: 3×3 convs N×C×H×W (C output channels), Linears M×K×N.
 A blank is a path not run on that layer; "—" one that raised."""
@@ -988,6 +996,10 @@ A blank is a path not run on that layer; "—" one that raised."""
 def _layer_key(row: Mapping[str, Any]) -> tuple[str, str, str]:
     shape = "×".join(str(size) for size in row.get("shape") or [])
     return str(row.get("op")), shape, str(row.get("layout") or "")
+
+
+#: The timing of layer-throughput results that do not say (the first ones).
+EAGER_LAYER_TIMING = "each call launched from Python and timed alone, host overhead included"
 
 
 def layer_speed_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -1024,7 +1036,8 @@ def layer_speed_section(results: Path) -> str | None:
     for record in records:
         rows = record.get("rows") or []
         where = f"{_environment_text(record.get('environment'))}, {_dates_text([record])}{_commits_text([record])}"
-        lines += [f"Measured on {where} (ms per call):", "", layer_speed_table(rows), ""]
+        timing = record.get("timing", EAGER_LAYER_TIMING)
+        lines += [f"Measured on {where} (ms per call; {timing}):", "", layer_speed_table(rows), ""]
         errors = _layer_errors_text(rows)
         if errors:
             lines += [errors, ""]

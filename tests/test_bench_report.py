@@ -311,6 +311,8 @@ def _fidelity_cell(model, fmt, psnr, *, meets, device="NVIDIA H200"):
         "model": model,
         "psnr_converted_vs_simulated_db": psnr,
         "meets_bound": meets,
+        "floor_psnr_db": 30.07,
+        "denoiser_relative_error": 0.00123,
         "psnr_simulated_vs_fp_db": 22.81,
         "sampling_s": {"simulated": 0.58, "converted": 46.6},
         "num_samples": 64,
@@ -347,7 +349,8 @@ def test_deployment_fidelity_gets_a_section_of_its_own(tmp_path, capsys):
         [MODEL, "w8a8-int8", "identical", "yes"],
         ["dit-glyphs", "w8a8-int8", "29.5", "**no**"],
     ]
-    assert rows[0][4:] == ["22.8", "64 × 20", "0.6 s / 46.6 s", "NVIDIA H200"] and rows[1][-1] == "cpu"
+    assert rows[0][4:] == ["30.1", "1.2e-03", "22.8", "64 × 20", "0.6 s / 46.6 s", "NVIDIA H200"]
+    assert rows[1][-1] == "cpu"
     assert "at or above the bound (35 dB)" in section and "Measured on 2026-11-21, at commit abc123." in section
     assert "Why DiT misses the bound." in section
     assert f"python bench/fidelity.py --models {MODEL}\npython bench/fidelity.py --models dit-glyphs" in section
