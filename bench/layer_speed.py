@@ -5,7 +5,7 @@ the kernel that makes it slow. Shapes are SD-1.5's at batch 2 with 64×64×4 lat
 the 3×3 convs of each resolution and the attention / feed-forward Linears. Each shape is run as
 
 * ``bf16``: ``F.conv2d`` / ``F.linear`` on bfloat16 (cuDNN / cuBLAS), NCHW and channels-last inputs;
-* ``int8``, ``fp8``, ``w4a8``: dmquant's kernels (activation quantization fused into the A-tile load),
+* ``int8``, ``fp8``, ``w4a8``: dmquant's kernels (activation quantization included),
   on NCHW and channels-last inputs for convs;
 * ``torch-int8`` (``torch._int_mm`` on pre-quantized int8 operands) and ``torch-fp8``
   (``torch._scaled_mm`` with row-wise scales on pre-quantized fp8 operands) for Linears: the GEMM alone,

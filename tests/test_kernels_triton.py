@@ -439,3 +439,23 @@ def test_gpu_conv2d_at_unet_shapes(stride):
     y = fp8_conv2d(x, 0.03, w8, w8_scale, **window)
     weight = _nchw_order(w8.double() * w8_scale.double()[:, None], conv)
     assert _relative_error(y, F.conv2d(F.pad(_fp8_values(x, 0.03), (1, 1, 1, 1)), weight, stride=stride)) < 1e-2
+
+
+# ------------------------------------------------------------------------------------------------ autotuning
+
+
+@pytest.mark.parametrize(
+    ("act", "group", "m", "n", "k"),
+    [("int8", 0, 8192, 320, 2880), ("int8", 0, 2, 1280, 320), ("int8", 32, 512, 64, 256), ("none", 64, 4096, 4, 288),
+     ("fp8", 0, 37, 96, 96), ("int8", 128, 20, 48, 1024)],
+)  # fmt: skip
+def test_autotuning_benchmarks_only_configs_that_fit_the_call(act, group, m, n, k):
+    from dmquant.kernels import triton_gemm
+
+    args = {"ACT": act, "GROUP_SIZE": group, "M": m, "N": n, "K": k}
+    usable = triton_gemm._usable_configs(triton_gemm._HOPPER_CONFIGS, args)
+    assert usable
+    for config in usable:
+        tile = config.kwargs
+        assert (tile["BLOCK_M"] == 16) == (m <= 16)
+        assert not group or group % tile["BLOCK_K"] == 0

@@ -568,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
         "convert",
         help="run a checkpoint's Linear and Conv2d layers on real low-bit kernels, and check them",
         description="Convert a quantized checkpoint's layers to real low-bit ones (weights stored as int8, packed "
-        "int4 or fp8 codes; activations quantized inside the kernels) and list what each layer became. With "
+        "int4 or fp8 codes; activations quantized to 8 bits for the kernels) and list what each layer became. With "
         "--num-samples, sample the simulated and the converted model from the same seeds and report their PSNR. "
         "On CPU the converted layers take the reference path and match bit for bit; on CUDA they run on the "
         "kernels. `dmquant sample` and `dmquant eval` take --real-kernels to sample with converted layers.",

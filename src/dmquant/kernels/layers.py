@@ -40,7 +40,7 @@ from .weights import LowBitWeight
 
 def activation_mode(quantizer: Quantizer) -> str | None:
     """How a kernel takes the input at the quantizer's current step: ``"int8"`` (8-bit integer,
-    quantized in the kernel), ``"fp8"`` (e4m3), ``"none"`` (left in floating point: a disabled
+    quantized just before the kernel), ``"fp8"`` (e4m3), ``"none"`` (left in floating point: a disabled
     quantizer or 16 bits); None when no kernel takes it (other widths, per-channel parameters)."""
     fmt = quantizer.fmt
     if not quantizer.enabled or (not fmt.is_float and fmt.bits == 16):

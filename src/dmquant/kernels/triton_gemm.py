@@ -1,8 +1,12 @@
 """Triton GEMMs that run quantized Linear layers in real low precision on Hopper GPUs (H100/H200).
 
 Every kernel computes ``y = x · Wᵀ + b`` for ``x`` of shape ``(M, K)`` (any leading shape, flattened) and a
-weight of logical shape ``(N, K)``, and reads the float activations directly: their quantization is fused
-into the load of the A operand, so no quantized copy of ``x`` is ever written to memory.
+weight of logical shape ``(N, K)``. The wrappers quantize ``x`` once, elementwise, with plain torch operations
+(:func:`quantize_activations`), and the kernels read the 8-bit A operand it gives: one byte per input, loads
+pipelined with ``cp.async`` and no ALU work before the tensor cores. Under ``torch.compile`` that quantization
+fuses into the kernel that produces ``x`` (a GroupNorm, an activation), so ``x`` reaches memory once, already
+8-bit. The launches are torch custom ops (``dmquant::quantized_linear``, ``dmquant::quantized_conv2d``), so
+``torch.compile`` keeps a converted model in one graph and CUDA graphs capture them.
 
 Modes (activation × weight):
 
@@ -35,12 +39,9 @@ Operand layouts: ``x`` (M, K) with any strides, float32/bf16/fp16 (bf16/fp16 onl
 and ``2j + 1`` in its high nibble (``dmquant.core.packing.pack_codes(codes, 4, qmin)`` with ``u = code − qmin``);
 ``s_w``, ``z_w`` and the column sums (N, K/G). The output is (..., N) in the activation's dtype.
 
-Numerics of the fused quantization: ``x / s_x`` is the correctly rounded fp32 quotient, computed as ``x · r``
-with ``r = RN(1 / s_x)`` and one fma correction (Markstein 1990, "Computation of elementary functions on the IBM
-RISC System/6000 processor", IBM J. Res. Dev. 34(1)), so codes equal ``torch.round(x.float() / s_x)`` exactly
-(the simulated quantizer's). Ties round to even by adding and subtracting ``1.5 · 2**23`` (exact for
-``|v| < 2**22``, ensured by a clamp that changes no code), which also runs in Triton's interpreter where libdevice
-does not. fp8 casts round to nearest even with saturation (``cvt.rn.satfinite`` on sm_90).
+Numerics of the quantization: the codes are ``torch.round(x.float() / s_x)`` (the correctly rounded float32
+quotient, ties to even) plus ``z_x``, clamped — the simulated quantizer's computation, so they are its codes
+exactly; fp8 values are ``x / s_x`` saturated and cast by torch (round to nearest even).
 
 Hopper constraints relied on: ``tl.dot`` of int8×int8→int32, e4m3×e4m3→fp32 and bf16/fp16→fp32 lowers to
 ``wgmma`` when ``num_warps`` is a multiple of 4, ``BLOCK_M`` a multiple of 64 and ``BLOCK_K`` ≥ 32 (8-bit) or
@@ -51,13 +52,12 @@ sums to fp32 once per K tile (``max_num_imprecise_acc = BLOCK_K``): Hopper's fp8
 mantissa bits than fp32. Every config of ``_HOPPER_CONFIGS`` was compiled for sm_90a on a machine without a GPU
 (``triton.compile`` with ``GPUTarget("cuda", 90, 32)``, ``ptxas -v``) in every mode, Linear and Conv2d: wgmma
 for ``BLOCK_M ≥ 64``, global loads pipelined with ``cp.async``, no register spills. W4A8 with groups keeps a
-second (per-group) accumulator and is limited to ``BLOCK_M = 64`` tiles, which spill at 128. The fused
-quantization costs ALU work on every A tile of every N tile, so wide ``BLOCK_N`` tiles amortize it best. Under
+second (per-group) accumulator and is limited to ``BLOCK_M = 64`` tiles, which spill at 128. Under
 ``TRITON_INTERPRET=1`` a single small config is used instead of autotuning; the interpreter cannot multiply bf16
 operands, so W4A16 is verified there with fp16 activations.
 
 The A-tile addressing is a parameter of :func:`quantized_gemm_tile` (a ``tl.constexpr`` function), so the
-implicit-GEMM convolution of :mod:`dmquant.kernels.triton_conv` shares the quantization, main loop and epilogue.
+implicit-GEMM convolution of :mod:`dmquant.kernels.triton_conv` shares the main loop and epilogue.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 from torch import Tensor
 
 from ..core.primitives import FP8_E4M3, choose_qparams
@@ -302,10 +303,14 @@ def _tile_fits(tile: dict, args: dict) -> bool:
 
 
 def _tile_suits(tile: dict, args: dict) -> bool:
-    """Whether a K tile suits the operand width (8-bit: long, 16-bit: short) and does not exceed K."""
+    """Whether a K tile suits the operand width (8-bit: long, 16-bit: short), and no tile dimension is wider than
+    the problem's (rounded up to a power of two, at least 64 in M and N, 32 in K)."""
     eight_bit = args["ACT"] != "none"
-    return (tile["BLOCK_K"] >= 64 if eight_bit else tile["BLOCK_K"] <= 64) and tile["BLOCK_K"] <= max(
-        32, triton.next_power_of_2(args["K"])
+    return (
+        (tile["BLOCK_K"] >= 64 if eight_bit else tile["BLOCK_K"] <= 64)
+        and tile["BLOCK_K"] <= max(32, triton.next_power_of_2(args["K"]))
+        and tile["BLOCK_N"] <= max(64, triton.next_power_of_2(args["N"]))
+        and tile["BLOCK_M"] <= max(64, triton.next_power_of_2(args["M"]))
     )
 
 
@@ -316,11 +321,20 @@ def _usable_configs(configs: list[triton.Config], named_args: dict, **kwargs) ->
     return [c for c in fitting if _tile_suits(c.kwargs, args)] or fitting
 
 
-#: Autotuning shared by the Linear and Conv2d kernels: keyed on the M bucket, N, K and the operand formats.
+def _quick_bench(kernel_call, quantiles=None):
+    """Triton's ``do_bench`` with 5 ms of warm-up and 20 ms of timing per config instead of 25 and 100: a model
+    has dozens of GEMM shapes, and the default makes its first call take minutes."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+#: Autotuning shared by the Linear and Conv2d kernels: keyed on the M bucket, N, K and the operand formats; the
+#: choices are kept in Triton's cache directory, so a later process skips the benchmarking.
 autotune_quantized_gemm = triton.autotune(
     configs=_INTERPRETER_CONFIGS if INTERPRETING else _HOPPER_CONFIGS,
     key=["m_bucket", "N", "K", "ACT", "WEIGHT", "GROUP_SIZE", "HAS_W_ZERO", "HAS_X_ZERO"],
     prune_configs_by={"early_config_prune": _usable_configs},
+    do_bench=_quick_bench,
+    cache_results=True,
 )
 
 
@@ -369,7 +383,7 @@ def fp8_row_scales(x: Tensor) -> Tensor:
     """Per-row (token) fp8 scales of ``x`` (..., K) flattened to (M,).
 
     A torch reduction, not a Triton pass: one bandwidth-bound read of ``x`` that torch already does at full
-    speed, after which the GEMM divides each row by its scale in the fused A-load exactly as for a static scale.
+    speed, after which each row is divided by its scale exactly as by a static one.
     """
     return fp8_scales_from_absmax(x.reshape(-1, x.shape[-1]).abs().amax(dim=1))
 
@@ -579,7 +593,7 @@ def int8_linear(
     w_colsum: Tensor | None = None,
     bias: Tensor | None = None,
 ) -> Tensor:
-    """W8A8-INT8 ``y = x · Wᵀ + b`` with ``x`` quantized per tensor in the kernel.
+    """W8A8-INT8 ``y = x · Wᵀ + b`` with ``x`` quantized per tensor (:func:`quantize_activations`).
 
     Args:
         x: (..., K) float32/bf16/fp16, any strides.
@@ -657,7 +671,7 @@ def int4_linear(
 def fp8_linear(
     x: Tensor, x_scale: float | Tensor | None, w_fp8: Tensor, w_scale: Tensor, bias: Tensor | None = None
 ) -> Tensor:
-    """W8A8-FP8 ``y = x · Wᵀ + b`` with ``x`` cast to e4m3 in the kernel.
+    """W8A8-FP8 ``y = x · Wᵀ + b`` with ``x`` scaled and cast to e4m3 (:func:`quantize_activations`).
 
     Args:
         x: (..., K) float32/bf16/fp16.
