@@ -9,6 +9,7 @@ import logging
 import math
 import shutil
 import sys
+import textwrap
 import time
 import warnings
 from collections.abc import Sequence
@@ -38,12 +39,14 @@ MODEL_HELP = (
 
 
 class _HelpFormatter(argparse.HelpFormatter):
-    """Wraps descriptions as usual but keeps the example lines of an epilog as written."""
+    """Wraps descriptions without splitting words at hyphens (an option like --real-kernels stays whole), and
+    keeps the example lines of an epilog as written."""
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         if text.startswith("example:"):
             return "".join(indent + line for line in text.splitlines(keepends=True))
-        return super()._fill_text(text, width, indent)
+        text = " ".join(text.split())
+        return textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False)
 
 
 def _bits(value: str) -> int | str:
@@ -568,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
         "convert",
         help="run a checkpoint's Linear and Conv2d layers on real low-bit kernels, and check them",
         description="Convert a quantized checkpoint's layers to real low-bit ones (weights stored as int8, packed "
-        "int4 or fp8 codes; activations quantized to 8 bits for the kernels) and list what each layer became. With "
+        "int4 or fp8 codes; activations quantized just before each kernel) and list what each layer became. With "
         "--num-samples, sample the simulated and the converted model from the same seeds and report their PSNR. "
         "On CPU the converted layers take the reference path and match bit for bit; on CUDA they run on the "
         "kernels. `dmquant sample` and `dmquant eval` take --real-kernels to sample with converted layers.",
