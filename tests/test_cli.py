@@ -137,10 +137,23 @@ def test_version(capsys):
                 "--quiet",
             ],
         ),
-        ("eval", ["--base", "--json", "--num-samples", "--steps", "--seed", "--batch-size", "--real-kernels"]),
+        (
+            "eval",
+            ["--base", "--json", "--num-samples", "--steps", "--seed", "--batch-size", "--real-kernels", "--compile"],
+        ),
         (
             "convert",
-            ["--num-samples", "--base", "--device", "int8", "packed int4", "fp8", "--real-kernels", "--dynamic-fp8"],
+            [
+                "--num-samples",
+                "--base",
+                "--device",
+                "int8",
+                "packed int4",
+                "fp8",
+                "--real-kernels",
+                "--dynamic-fp8",
+                "--compile",
+            ],
         ),
         ("inspect", ["--recipe", "--w-bits", "--a-bits", "--quiet", "split shortcut"]),
         ("demo", ["--model", "--recipe", "--output", "--num-samples", "--steps", "--quiet", "W4A8", "FID-proxies"]),
@@ -380,6 +393,14 @@ def test_convert_lists_each_layer_and_matches_the_simulated_samples_on_cpu(w4_ch
     assert out.startswith("converted ")
     with np.load(tmp_path / "q.npz") as simulated, np.load(tmp_path / "r.npz") as real:
         np.testing.assert_array_equal(simulated["images"], real["images"])
+
+
+@pytest.mark.slow
+def test_convert_compiles_the_converted_model_and_still_matches(w4_checkpoint, capsys):
+    output, _ = w4_checkpoint
+    code, out, err = run(["convert", str(output), *SAMPLING, "--compile", "-q"], capsys)
+    assert code == 0, err
+    assert "converted vs simulated, 2 samples from the same seeds on cpu: PSNR inf dB" in out
 
 
 def test_sample_non_png_output_is_a_clean_error(tmp_path, capsys):

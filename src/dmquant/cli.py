@@ -110,6 +110,14 @@ def _prepared(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel
     return model.with_scheduler(scheduler) if scheduler else model
 
 
+def _compiled(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel:
+    """The model with its denoiser compiled in place under ``--compile`` (with CUDA graphs on CUDA)."""
+    if args.compile:
+        on_cuda = torch.device(args.device).type == "cuda"
+        model.denoiser.compile(mode="reduce-overhead" if on_cuda else None)
+    return model
+
+
 def _recipe(args: argparse.Namespace, bits: tuple = (None, None)) -> QuantConfig:
     """The recipe with the command line's overrides (bits, calibration size) applied and validated."""
     weight_bits = bits[0] if bits[0] is not None else getattr(args, "w_bits", None)
@@ -143,6 +151,17 @@ def _add_real_kernels_option(parser: argparse.ArgumentParser) -> None:
         "--real-kernels",
         action="store_true",
         help="run a checkpoint's Linear and Conv2d layers on real low-bit kernels (see `dmquant convert`)",
+    )
+    _add_compile_option(parser)
+
+
+def _add_compile_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the denoiser (on CUDA with CUDA graphs: mode reduce-overhead). Each distinct set of "
+        "per-step quantization parameters (a bit schedule's precisions, per-step activation ranges) gets its own "
+        "graph, compiled and captured once and replayed at every step that uses it; the first steps are slow",
     )
 
 
@@ -231,7 +250,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     if Path(args.output).suffix.lower() != ".png":
         raise DmquantError(f"--output {args.output}: the grid is written as PNG; give a name ending in .png")
-    model = _prepared(open_model(args.model, base=args.base), args)
+    model = _compiled(_prepared(open_model(args.model, base=args.base), args), args)
     images, conditioning = generate(
         model, args.num_samples, labels=args.labels, prompts=args.prompt, **_sampling_kwargs(args)
     )
@@ -279,7 +298,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     quantized = _prepared(open_model(args.model, base=args.base), args)
     source = args.base or info(quantized.denoiser).source
-    fp = _prepared(open_model(source), args)
+    quantized, fp = (_compiled(model, args) for model in (quantized, _prepared(open_model(source), args)))
     results = compare(fp, quantized, num_samples=args.num_samples, **_sampling_kwargs(args))
     print(f"{args.model} vs FP {source} ({args.num_samples} samples, {args.steps} steps, seed {args.seed})\n")
     print(_compare_table(results))
@@ -364,6 +383,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         )
     simulated = _prepared(open_model(args.model, base=args.base), args)
     converted = simulated.with_denoiser(convert_model(simulated.denoiser, dynamic_fp8=args.dynamic_fp8))
+    converted = _compiled(converted, args)
     report = getattr(converted.denoiser, REPORT_ATTRIBUTE)
     print(f"{args.model}: {report.summary()}\n")
     print(markdown_table(report.layers, ["name", "kind", "weight", "group_size", "activation"]))
@@ -585,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Linear layers with fp8 activations take per-token scales from each input, not the calibrated one",
     )
+    _add_compile_option(p)
     _add_sampling_options(p, num_samples=0)
 
     p = _command(
