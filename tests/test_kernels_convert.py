@@ -125,6 +125,21 @@ def test_per_step_activation_parameters_follow_the_sampling_step(unet, calibrati
         assert torch.equal(_outputs(converted, calibration), _outputs(quantized, calibration))
 
 
+def test_a_compiled_converted_model_follows_the_sampling_step_without_going_stale(unet, calibration):
+    """torch.compile guards on the quantizers' step: each parameter set gets its graph, reused when it comes back."""
+    converted = convert_model(_quantized(unet, calibration, 4, 8, per_step_activations=True))
+    expected = {}
+    for step in (0, 3):
+        set_step(converted, step)
+        expected[step] = _outputs(converted, calibration)
+    assert not torch.equal(expected[0], expected[3])
+    torch._dynamo.reset()
+    converted.compile(backend="eager")
+    for step in (0, 3, 0):
+        set_step(converted, step)
+        assert torch.equal(_outputs(converted, calibration), expected[step])
+
+
 def test_kernels_get_the_current_steps_activation_parameters_with_codes_shifted_into_int8(unet, calibration):
     quantized = _quantized(unet, calibration, 4, 8, per_step_activations=True)
     layer = next(m for m in convert_model(quantized).modules() if isinstance(m, LowBitLinear))
