@@ -28,6 +28,7 @@ from .errors import DmquantError
 from .eval.images import psnr, to_unit_range
 from .jobs import compare, generate, open_model, quantize_model
 from .kernels.convert import REPORT_ATTRIBUTE, convert_model
+from .kernels.dispatch import load_kernels
 from .models import BUILTIN_MODELS, SCHEDULERS, DiffusionModel
 from .precision.sqnr import analyze_sensitivity
 from .report import markdown_table, save_image_grid, save_samples_npz, sensitivity_bars, sensitivity_heatmap
@@ -114,6 +115,8 @@ def _compiled(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel
     """The model with its denoiser compiled in place under ``--compile`` (with CUDA graphs on CUDA)."""
     if args.compile:
         on_cuda = torch.device(args.device).type == "cuda"
+        if on_cuda:
+            load_kernels()
         model.denoiser.compile(mode="reduce-overhead" if on_cuda else None)
     return model
 

@@ -38,6 +38,13 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def load_kernels() -> None:
+    """Import the Triton kernel modules now, where Triton is installed: they register dmquant's custom ops, and
+    ``torch.compile`` then finds them loaded instead of breaking its graph at the first converted layer."""
+    if triton_available():
+        from . import triton_conv, triton_gemm  # noqa: F401
+
+
 def _runs_on_a_kernel(mode: str | None, weight: LowBitWeight, x: Tensor) -> bool:
     if (mode, weight.layout) not in _PAIRS or not x.is_cuda or not triton_available():
         return False
