@@ -54,7 +54,7 @@ from dmquant.models import DiffusionModel, load_model
 from dmquant.provenance import environment
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quality import git_commit, write_cell  # noqa: E402
+from quality import docstring_parser, git_commit, write_cell  # noqa: E402
 from speed import ROWS, ZOO_MODELS, conversion_summary, dmquant_config  # noqa: E402
 
 #: The formats: speed.py's dmquant rows (without their ``dmquant-`` prefix), and fp8 with per-token scales.
@@ -162,11 +162,7 @@ def run(args: argparse.Namespace, command: str) -> int:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = docstring_parser(__doc__)
     parser.add_argument("--models", nargs="+", default=list(ZOO_MODELS), choices=ZOO_MODELS, metavar="MODEL",
                         help=f"zoo models (default: all): {', '.join(ZOO_MODELS)}")  # fmt: skip
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS), metavar="FORMAT",

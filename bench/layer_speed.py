@@ -32,7 +32,8 @@ from torch.nn import functional as F
 from dmquant.provenance import environment
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quality import git_commit, write_cell  # noqa: E402
+from quality import docstring_parser, git_commit, write_cell  # noqa: E402
+from speed import capture_graph  # noqa: E402
 
 #: (batch, channels, height, width) of SD-1.5's 3×3 convs at each resolution, output channels = input.
 CONVS = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 1280, 8, 8)]
@@ -58,18 +59,9 @@ def _median_ms(call: Callable[[], Any], repeats: int) -> float:
 
 
 def _timed(call: Callable[[], Any], repeats: int) -> dict[str, float]:
-    """``ms``: a CUDA graph of one call, replayed; ``eager_ms``: the call itself (after 3 warm-up calls)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    return {"ms": _median_ms(graph.replay, repeats), "eager_ms": _median_ms(call, repeats)}
+    """``ms``: a CUDA graph of one call, replayed; ``eager_ms``: the call itself (after the graph's warm-up)."""
+    replay = capture_graph(call)
+    return {"ms": _median_ms(replay, repeats), "eager_ms": _median_ms(call, repeats)}
 
 
 def _int8_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,11 +140,7 @@ def linear_rows(shape: tuple[int, int, int], repeats: int) -> list[dict[str, Any
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = docstring_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=50, help="timed calls per kernel (default: %(default)s)")
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "layer-speed")
     return parser.parse_args(argv)

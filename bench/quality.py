@@ -492,6 +492,16 @@ def run_cell(bench: ModelBench, cell: Cell, command: str) -> dict[str, Any]:
     return record
 
 
+def docstring_parser(doc: str) -> argparse.ArgumentParser:
+    """An argument parser whose description is the first paragraph of a bench script's docstring and whose
+    epilog is the rest, as written."""
+    return argparse.ArgumentParser(
+        description=doc.split("\n\n")[0],
+        epilog=doc.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def write_cell(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(record, indent=2)  # an SQNR of inf (identical estimates) is written as Infinity

@@ -988,8 +988,8 @@ Single layers at SD-1.5 shapes (batch 2, 64×64 latents; `bench/layer_speed.py`)
 call (median of CUDA-event timings after warm-up, timed as each table says): **bf16** is cuDNN /
 cuBLAS; **int8**, **fp8**, **w4a8** and **w4a16** are dmquant's kernels, activation quantization
 included; **torch-int8** and **torch-fp8** are `torch._int_mm` and `torch._scaled_mm` (row-wise
-scales) on operands quantized beforehand, the matrix product alone. Shapes: 3×3 convs N×C×H×W (C output channels), Linears M×K×N.
-A blank is a path not run on that layer; "—" one that raised."""
+scales) on operands quantized beforehand, the matrix product alone. Shapes: 3×3 convs N×C×H×W (C
+output channels), Linears M×K×N. A blank is a path not run on that layer; "—" one that raised."""
 
 
 def _layer_key(row: Mapping[str, Any]) -> tuple[str, str, str]:
