@@ -31,7 +31,10 @@ Methods:
   ``unsupported`` cell saying why; what it leaves in full precision is in the cell's coverage.
 
 ``--eta`` takes several values: each is a sampler setting of its own (cells of eta > 0 are
-filed apart), sharing the quantized models. Results go to ``--results`` (default
+filed apart), sharing the quantized models. ``--real-kernels`` samples the recipe cells' quantized
+models converted to real low-bit layers (``dmquant.kernels``; the Triton kernels on CUDA), filed
+apart (``__kernels``) and tabled as ``<model>-kernels``: the quality of the deployed model, beside
+the simulated one's. Results go to ``--results`` (default
 ``bench/results/quality``) as ``<model>/<method>__<bits>.json`` in the schema of ``report.py``;
 recipe cells also record the bit operations of a denoiser call (``compute``). The matrix resumes: a cell
 whose file exists is skipped (``--force`` redoes it), and ``--max-minutes`` stops before a cell
@@ -70,6 +73,7 @@ from dmquant.config import CorrectionConfig, QuantConfig, available_recipes, loa
 from dmquant.eval.images import psnr, ssim, to_unit_range
 from dmquant.eval.noise import noise_estimate_error
 from dmquant.jobs import forward_cost, quantize_model, record_for
+from dmquant.kernels.convert import REPORT_ATTRIBUTE, convert_model
 from dmquant.models import DiffusionModel, load_model
 from dmquant.provenance import environment
 from dmquant.sampling import Conditioning
@@ -119,6 +123,7 @@ class Cell:
     method: str
     bits: str
     eta: float = 0.0
+    real_kernels: bool = False
 
     @property
     def kind(self) -> str:
@@ -128,13 +133,19 @@ class Cell:
 
     def path(self, results: Path) -> Path:
         sampler = f"__eta{self.eta:g}" if self.eta else ""
-        return results / self.model / f"{self.method}__{self.bits}{sampler}.json"
+        kernels = "__kernels" if self.real_kernels else ""
+        return results / self.model / f"{self.method}__{self.bits}{sampler}{kernels}.json"
 
 
 def plan_cells(
-    models: Sequence[str], methods: Sequence[str], bits: Sequence[str], etas: Sequence[float] = (0.0,)
+    models: Sequence[str],
+    methods: Sequence[str],
+    bits: Sequence[str],
+    etas: Sequence[float] = (0.0,),
+    real_kernels: bool = False,
 ) -> list[Cell]:
-    """The matrix in run order: per model and eta, FP rows, recipes × bit settings, then peers (their own bits)."""
+    """The matrix in run order: per model and eta, FP rows, recipes × bit settings, then peers (their own bits);
+    with ``real_kernels`` the recipe cells sample converted models (FP and peer cells are unchanged)."""
     cells = []
     for model in models:
         for eta in etas:
@@ -144,7 +155,7 @@ def plan_cells(
                 elif method in peers.PEERS:
                     cells.append(Cell(model, method, peers.PEERS[method].bits, eta))
                 else:
-                    cells.extend(Cell(model, method, setting, eta) for setting in bits)
+                    cells.extend(Cell(model, method, setting, eta, real_kernels) for setting in bits)
     return cells
 
 
@@ -408,8 +419,10 @@ def run_recipe(bench: ModelBench, cell: Cell) -> dict[str, Any]:
     info(quantized).config.correction = config.correction
     if config.correction.enabled:
         cost = cost | _noise_statistics(bench, key, quantized, config.correction)
-    measured = _measured(bench, quantized, cost, cell.eta)
-    return measured | {"compute": _compute(bench, quantized), "recipe": config.to_dict()}
+    sampled = convert_model(quantized) if cell.real_kernels else quantized
+    measured = _measured(bench, sampled, cost, cell.eta)
+    conversion = {"conversion": getattr(sampled, REPORT_ATTRIBUTE).summary()} if cell.real_kernels else {}
+    return measured | conversion | {"compute": _compute(bench, quantized), "recipe": config.to_dict()}
 
 
 def _noise_statistics(bench: ModelBench, key: str, quantized: nn.Module, correction: CorrectionConfig) -> dict:
@@ -479,7 +492,7 @@ def run_cell(bench: ModelBench, cell: Cell, command: str) -> dict[str, Any]:
         "status": "ok",
         "reason": None,
         "coverage": None,
-        "sampling": bench.sampling(bench.args.seed, cell.eta),
+        "sampling": bench.sampling(bench.args.seed, cell.eta) | ({"real_kernels": True} if cell.real_kernels else {}),
         "features": "glyphnet",
     }
     try:
@@ -521,7 +534,8 @@ def pending(cells: Sequence[Cell], results: Path, force: bool) -> list[Cell]:
 def run_matrix(args: argparse.Namespace, command: str) -> int:
     """Run the pending cells, model by model, within ``--max-minutes``; returns how many are left."""
     results = Path(args.results)
-    todo = pending(plan_cells(args.models, args.methods, args.bits, args.eta), results, args.force)
+    cells = plan_cells(args.models, args.methods, args.bits, args.eta, args.real_kernels)
+    todo = pending(cells, results, args.force)
     started, longest = time.monotonic(), 0.0
 
     def out_of_time() -> bool:
@@ -577,6 +591,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=[0.0],
         help="DDIM eta, one or more: 0 deterministic (default), 1 as stochastic as DDPM; cells of eta > 0"
         " are filed apart and share the quantized models",
+    )
+    parser.add_argument(
+        "--real-kernels",
+        action="store_true",
+        help="recipe cells sample their quantized model converted to real low-bit layers (dmquant.kernels: the "
+        "Triton kernels on CUDA); filed apart (__kernels) and tabled as <model>-kernels, against the same FP cells",
     )
     parser.add_argument("--batch-size", type=int, default=1000, help="sampling batch (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the compared samples (default: 0)")

@@ -218,9 +218,11 @@ def sampler_eta(cell: Cell) -> float:
 
 
 def table_name(cell: Cell) -> str:
-    """The table a cell belongs to: its model, with ``-eta<η>`` for a stochastic sampler."""
+    """The table a cell belongs to: its model, with ``-eta<η>`` for a stochastic sampler and ``-kernels`` for
+    samples from real low-bit kernels."""
     eta = sampler_eta(cell)
-    return cell["model"] if eta == 0 else f"{cell['model']}-eta{eta:g}"
+    name = cell["model"] if eta == 0 else f"{cell['model']}-eta{eta:g}"
+    return name + ("-kernels" if (cell.get("sampling") or {}).get("real_kernels") else "")
 
 
 def row_key(cell: Cell) -> tuple:
@@ -593,6 +595,8 @@ def _sampling_text(cell: Cell) -> str:
         parts.append(f"guidance scale {_plain(sampling.pop('guidance_scale'))}")
     if "num_samples" in sampling:
         parts.append(f"N = {_plain(sampling.pop('num_samples'))} samples")
+    if sampling.pop("real_kernels", False):
+        parts.append("quantized models on real low-bit kernels")
     parts += [f"{key} = {_plain(value)}" for key, value in sorted(sampling.items())]
     features = cell.get("features")
     if features:

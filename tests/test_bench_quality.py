@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 
 import quality  # noqa: E402
+import report  # noqa: E402
 from report import validate_cell  # noqa: E402
 
 
@@ -49,19 +50,20 @@ def test_a_time_limit_stops_before_the_next_model_and_says_how_to_resume(tmp_pat
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-    """The FP row, a recipe cell and a peer cell of ddpm-glyphs32 at toy sizes on CPU."""
+    """The FP row, a recipe cell (simulated, and on converted layers) and a peer cell of ddpm-glyphs32 at toy
+    sizes on CPU."""
     results = tmp_path_factory.mktemp("results")
     torch.manual_seed(0)
-    argv = ["--models", "ddpm-glyphs32", "--methods", "fp", "minmax", "torchao-int4-weight-only"]
-    argv += ["--bits", "W8A8", "--num-samples", "16", "--steps", "2", "--batch-size", "8"]
-    argv += ["--device", "cpu", "--results", str(results), "-q"]
-    quality.main(argv)
+    sizes = ["--bits", "W8A8", "--num-samples", "16", "--steps", "2", "--batch-size", "8"]
+    sizes += ["--device", "cpu", "--results", str(results), "-q"]
+    quality.main(["--models", "ddpm-glyphs32", "--methods", "fp", "minmax", "torchao-int4-weight-only", *sizes])
+    quality.main(["--models", "ddpm-glyphs32", "--methods", "minmax", "--real-kernels", *sizes])
     return {path.stem: json.loads(path.read_text()) for path in (results / "ddpm-glyphs32").glob("*.json")}
 
 
 @pytest.mark.slow
 def test_cells_follow_the_report_schema(small_run):
-    assert set(small_run) == {"fp__FP32", "minmax__W8A8", "torchao-int4-weight-only__W4A16"}
+    assert set(small_run) == {"fp__FP32", "minmax__W8A8", "minmax__W8A8__kernels", "torchao-int4-weight-only__W4A16"}
     for name, cell in small_run.items():
         validate_cell(cell, name)
         assert cell["command"].startswith("python bench/quality.py --models ddpm-glyphs32")
@@ -78,6 +80,16 @@ def test_recipe_cell_measures_against_fp_and_records_calibration(small_run):
     assert cell["calibration_s"] > 0
     assert cell["recipe"]["weight"]["bits"] == 8 and cell["recipe"]["attention"]["enabled"] is False
     assert cell["metrics"]["fid_floor"] == fp["metrics"]["fid_floor"]
+
+
+@pytest.mark.slow
+def test_real_kernel_cells_are_filed_and_tabled_apart_and_equal_their_simulated_twins_on_cpu(small_run):
+    simulated, converted = small_run["minmax__W8A8"], small_run["minmax__W8A8__kernels"]
+    assert converted["status"] == "ok", converted["reason"]
+    assert converted["metrics"] == simulated["metrics"]  # the reference path: bit for bit
+    assert converted["sampling"]["real_kernels"] and "real_kernels" not in simulated["sampling"]
+    assert converted["conversion"].startswith("converted ")
+    assert report.table_name(converted) == "ddpm-glyphs32-kernels" and report.table_name(simulated) == "ddpm-glyphs32"
 
 
 @pytest.mark.slow
