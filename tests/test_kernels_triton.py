@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 from dmquant.core.packing import pack_codes  # noqa: E402
 from dmquant.kernels.integer import Codes, integer_conv2d, integer_linear  # noqa: E402
 from dmquant.kernels.triton_conv import fp8_conv2d, int4_conv2d, int8_conv2d  # noqa: E402
-from dmquant.kernels.triton_gemm import fp8_linear, int4_linear, int8_linear  # noqa: E402
+from dmquant.kernels.triton_gemm import fp8_linear, int4_linear, int8_linear, quantize_activations  # noqa: E402
 from dmquant.kernels.weights import weight_colsums  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -404,6 +404,18 @@ def test_gpu_w4a16_and_fp8_linear_with_bf16_activations():
         x_values = _fp8_values(x, scale)
         y = fp8_linear(x, x_scale, w8, w8_scale)
         assert _relative_error(y, x_values @ (w8.double() * w8_scale.double()[:, None]).T) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("act", "zero"), [("int8", -17), ("fp8", 0)])
+def test_gpu_compiled_activation_quantization_gives_the_eager_codes(act, zero):
+    """Under torch.compile the quantization runs in inductor's code: it must divide as torch does (correctly
+    rounded), or codes would differ from the simulated quantizer's near rounding boundaries."""
+    x = torch.randn(1 << 20, device="cuda", generator=torch.Generator("cuda").manual_seed(0)) * 3
+    scale = torch.tensor([0.0371], device="cuda")
+    eager = quantize_activations(x, scale, zero, act)
+    compiled = torch.compile(quantize_activations)(x, scale, zero, act)
+    assert torch.equal(compiled.view(torch.int8), eager.view(torch.int8))
 
 
 @pytest.mark.gpu
