@@ -35,12 +35,16 @@ from torch import Tensor
 
 from .triton_gemm import (
     autotune_quantized_gemm,
+    fp8_arguments,
     gemm_operands,
+    int4_arguments,
+    int8_arguments,
     kernel_arguments,
     launch_grid,
     m_bucket,
     quantized_gemm_tile,
     store_output,
+    stored_depth,
     tile_offsets,
 )
 
@@ -151,7 +155,8 @@ def _(a: Tensor, w: Tensor, *args) -> Tensor:
     return a.new_empty(batch, out_h, out_w, w.shape[0], dtype=out_dtype)
 
 
-def _conv2d(x: Tensor, w: Tensor, depth: int, kernel_size, stride, padding, dilation, **arguments) -> Tensor:
+def _conv2d(x: Tensor, w: Tensor, kernel_size, stride, padding, dilation, **arguments) -> Tensor:
+    depth = stored_depth(w, arguments["weight"], arguments["act"])
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = map(_pair, (kernel_size, stride, padding, dilation))
     batch, channels, height, width = x.shape
     if kh * kw * channels != depth:
@@ -185,26 +190,8 @@ def int8_conv2d(
     ``x``: (B, Cin, H, W) float, any strides (channels_last best); ``w_codes``: (Cout, KH·KW·Cin) int8, K ordered
     ``(kh, kw, cin)``. Returns (B, Cout, Ho, Wo) in channels_last memory format, ``x.dtype``.
     """
-    if w_codes.dtype != torch.int8:
-        raise TypeError(f"int8 weights expected, got {w_codes.dtype}")
-    return _conv2d(
-        x,
-        w_codes,
-        w_codes.shape[1],
-        kernel_size,
-        stride,
-        padding,
-        dilation,
-        x_scale=x_scale,
-        x_zero=x_zero,
-        w_scale=w_scale,
-        w_zero=w_zero,
-        w_colsum=w_colsum,
-        bias=bias,
-        act="int8",
-        weight="int8",
-        group_size=None,
-    )
+    arguments = int8_arguments(x_scale, x_zero, w_scale, w_zero, w_colsum, bias)
+    return _conv2d(x, w_codes, kernel_size, stride, padding, dilation, **arguments)
 
 
 def int4_conv2d(
@@ -229,28 +216,8 @@ def int4_conv2d(
     ``w_packed``: (Cout, KH·KW·Cin / 2) uint8 packing the (kh, kw, cin)-ordered weight; groups run along that K.
     Returns (B, Cout, Ho, Wo) in channels_last memory format, ``x.dtype``.
     """
-    if w_packed.dtype != torch.uint8:
-        raise TypeError(f"packed int4 weights (uint8) expected, got {w_packed.dtype}")
-    if act not in ("int8", "none"):
-        raise ValueError(f"int4 weights run with act='int8' (W4A8) or act='none' (W4A16), got {act!r}")
-    return _conv2d(
-        x,
-        w_packed,
-        2 * w_packed.shape[1],
-        kernel_size,
-        stride,
-        padding,
-        dilation,
-        x_scale=x_scale,
-        x_zero=x_zero,
-        w_scale=w_scale,
-        w_zero=w_zero,
-        w_colsum=w_colsum,
-        bias=bias,
-        act=act,
-        weight="int4",
-        group_size=group_size,
-    )
+    arguments = int4_arguments(x_scale, x_zero, w_scale, w_zero, group_size, w_colsum, bias, act)
+    return _conv2d(x, w_packed, kernel_size, stride, padding, dilation, **arguments)
 
 
 def fp8_conv2d(
@@ -270,26 +237,7 @@ def fp8_conv2d(
     ``w_fp8``: (Cout, KH·KW·Cin) ``torch.float8_e4m3fn``, K ordered ``(kh, kw, cin)``; ``w_scale``: (Cout,).
     Returns (B, Cout, Ho, Wo) in channels_last memory format, ``x.dtype``.
     """
-    if w_fp8.dtype != torch.float8_e4m3fn:
-        raise TypeError(f"float8_e4m3fn weights expected, got {w_fp8.dtype}")
     if x_scale is None:
         raise ValueError("fp8 convolutions take a static activation scale (a dynamic one per input would differ "
                          "between the receptive fields an input belongs to)")  # fmt: skip
-    return _conv2d(
-        x,
-        w_fp8,
-        w_fp8.shape[1],
-        kernel_size,
-        stride,
-        padding,
-        dilation,
-        x_scale=x_scale,
-        x_zero=0,
-        w_scale=w_scale,
-        w_zero=None,
-        w_colsum=None,
-        bias=bias,
-        act="fp8",
-        weight="fp8",
-        group_size=None,
-    )
+    return _conv2d(x, w_fp8, kernel_size, stride, padding, dilation, **fp8_arguments(x_scale, w_scale, bias))

@@ -574,13 +574,56 @@ def _(a: Tensor, w: Tensor, *args) -> Tensor:
     return a.new_empty(a.shape[0], w.shape[0], dtype=args[-1])
 
 
-def _linear(x: Tensor, w: Tensor, depth: int, **arguments) -> Tensor:
+#: Per weight layout: its storage dtype, the inputs one stored element holds, and its name in errors.
+_WEIGHT_STORAGE = {
+    "int8": (torch.int8, 1, "int8 weights"),
+    "int4": (torch.uint8, 2, "packed int4 weights (uint8)"),
+    "fp8": (torch.float8_e4m3fn, 1, "float8_e4m3fn weights"),
+}
+
+
+def stored_depth(w: Tensor, weight: str, act: str) -> int:
+    """K of a weight stored in layout ``weight``, once its dtype (and, for int4, the activation mode) is checked."""
+    dtype, inputs_per_element, name = _WEIGHT_STORAGE[weight]
+    if w.dtype != dtype:
+        raise TypeError(f"{name} expected, got {w.dtype}")
+    if weight == "int4" and act not in ("int8", "none"):
+        raise ValueError(f"int4 weights run with act='int8' (W4A8) or act='none' (W4A16), got {act!r}")
+    return inputs_per_element * w.shape[1]
+
+
+def _linear(x: Tensor, w: Tensor, **arguments) -> Tensor:
+    depth = stored_depth(w, arguments["weight"], arguments["act"])
     if x.shape[-1] != depth:
         raise ValueError(f"x has {x.shape[-1]} inputs, the weight {depth}")
     flat = x.reshape(-1, depth)
     operands = gemm_operands(flat, w=w, depth=depth, rows=flat.shape[0], **arguments)
     out = quantized_linear(*operands.op_arguments(), x.dtype)
     return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+def int8_arguments(
+    x_scale: float | Tensor | None, x_zero: int, w_scale: Tensor, w_zero: Tensor | None, w_colsum: Tensor | None,
+    bias: Tensor | None,
+) -> dict:  # fmt: skip
+    """The keyword arguments of a W8A8-INT8 call (Linear or Conv2d) for :func:`gemm_operands`."""
+    return {"x_scale": x_scale, "x_zero": x_zero, "w_scale": w_scale, "w_zero": w_zero, "w_colsum": w_colsum,
+            "bias": bias, "act": "int8", "weight": "int8", "group_size": None}  # fmt: skip
+
+
+def int4_arguments(
+    x_scale: float | Tensor | None, x_zero: int, w_scale: Tensor, w_zero: Tensor | None, group_size: int | None,
+    w_colsum: Tensor | None, bias: Tensor | None, act: str,
+) -> dict:  # fmt: skip
+    """The keyword arguments of a W4A8 / W4A16 call (Linear or Conv2d) for :func:`gemm_operands`."""
+    return {"x_scale": x_scale, "x_zero": x_zero, "w_scale": w_scale, "w_zero": w_zero, "w_colsum": w_colsum,
+            "bias": bias, "act": act, "weight": "int4", "group_size": group_size}  # fmt: skip
+
+
+def fp8_arguments(x_scale: float | Tensor | None, w_scale: Tensor, bias: Tensor | None) -> dict:
+    """The keyword arguments of a W8A8-FP8 call (Linear or Conv2d) for :func:`gemm_operands`."""
+    return {"x_scale": x_scale, "x_zero": 0, "w_scale": w_scale, "w_zero": None, "w_colsum": None, "bias": bias,
+            "act": "fp8", "weight": "fp8", "group_size": None}  # fmt: skip
 
 
 def int8_linear(
@@ -605,22 +648,7 @@ def int8_linear(
 
     Returns: (..., N) in ``x.dtype``.
     """
-    if w_codes.dtype != torch.int8:
-        raise TypeError(f"int8 weights expected, got {w_codes.dtype}")
-    return _linear(
-        x,
-        w_codes,
-        w_codes.shape[1],
-        x_scale=x_scale,
-        x_zero=x_zero,
-        w_scale=w_scale,
-        w_zero=w_zero,
-        w_colsum=w_colsum,
-        bias=bias,
-        act="int8",
-        weight="int8",
-        group_size=None,
-    )
+    return _linear(x, w_codes, **int8_arguments(x_scale, x_zero, w_scale, w_zero, w_colsum, bias))
 
 
 def int4_linear(
@@ -648,24 +676,7 @@ def int4_linear(
 
     Returns: (..., N) in ``x.dtype``.
     """
-    if w_packed.dtype != torch.uint8:
-        raise TypeError(f"packed int4 weights (uint8) expected, got {w_packed.dtype}")
-    if act not in ("int8", "none"):
-        raise ValueError(f"int4 weights run with act='int8' (W4A8) or act='none' (W4A16), got {act!r}")
-    return _linear(
-        x,
-        w_packed,
-        2 * w_packed.shape[1],
-        x_scale=x_scale,
-        x_zero=x_zero,
-        w_scale=w_scale,
-        w_zero=w_zero,
-        w_colsum=w_colsum,
-        bias=bias,
-        act=act,
-        weight="int4",
-        group_size=group_size,
-    )
+    return _linear(x, w_packed, **int4_arguments(x_scale, x_zero, w_scale, w_zero, group_size, w_colsum, bias, act))
 
 
 def fp8_linear(
@@ -681,19 +692,4 @@ def fp8_linear(
 
     Returns: (..., N) in ``x.dtype``.
     """
-    if w_fp8.dtype != torch.float8_e4m3fn:
-        raise TypeError(f"float8_e4m3fn weights expected, got {w_fp8.dtype}")
-    return _linear(
-        x,
-        w_fp8,
-        w_fp8.shape[1],
-        x_scale=fp8_row_scales(x) if x_scale is None else x_scale,
-        x_zero=0,
-        w_scale=w_scale,
-        w_zero=None,
-        w_colsum=None,
-        bias=bias,
-        act="fp8",
-        weight="fp8",
-        group_size=None,
-    )
+    return _linear(x, w_fp8, **fp8_arguments(fp8_row_scales(x) if x_scale is None else x_scale, w_scale, bias))
