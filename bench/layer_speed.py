@@ -2,11 +2,13 @@
 
 Where ``speed.py`` times whole denoiser calls, this times single layers, so a slow model can be traced to
 the kernel that makes it slow. Shapes are SD-1.5's at batch 2 with 64×64×4 latents (tokens = 2·H·W):
-the 3×3 convs of each resolution and the attention / feed-forward Linears. Each shape is run as
+the 3×3 convs of each resolution, 1×1 convs (transformer projections, resnet shortcuts) and the attention /
+feed-forward Linears. Each shape is run as
 
 * ``bf16``: ``F.conv2d`` / ``F.linear`` on bfloat16 (cuDNN / cuBLAS), NCHW and channels-last inputs;
-* ``int8``, ``fp8``, ``w4a8``: dmquant's kernels (activation quantization included),
-  on NCHW and channels-last inputs for convs;
+* ``int8``, ``fp8``, ``w4a8``: dmquant's layers' paths (activation quantization included): cuBLASLt for W8A8
+  Linears and 1×1 convs where it takes the call, the Triton kernels otherwise; on NCHW and channels-last inputs
+  for convs; ``int8-triton``, ``fp8-triton``: the Triton kernels where cuBLASLt would be chosen;
 * ``torch-int8`` (``torch._int_mm`` on pre-quantized int8 operands) and ``torch-fp8``
   (``torch._scaled_mm`` with row-wise scales on pre-quantized fp8 operands) for Linears: the GEMM alone,
   the ceiling of a library path.
@@ -35,8 +37,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from quality import docstring_parser, git_commit, write_cell  # noqa: E402
 from speed import capture_graph  # noqa: E402
 
-#: (batch, channels, height, width) of SD-1.5's 3×3 convs at each resolution, output channels = input.
-CONVS = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 1280, 8, 8)]
+#: ((batch, channels, height, width), kernel size) of SD-1.5's 3×3 convs at each resolution and of its 1×1
+#: convs at the largest and smallest transformer resolutions; output channels = input.
+CONVS = [((2, 320, 64, 64), 3), ((2, 640, 32, 32), 3), ((2, 1280, 16, 16), 3), ((2, 1280, 8, 8), 3),
+         ((2, 320, 64, 64), 1), ((2, 1280, 16, 16), 1)]  # fmt: skip
 #: (M, K, N) of SD-1.5 Linears: attention projections, feed-forward in/out, cross-attention K/V, time embedding;
 #: then 8192³, where each path reaches its peak rate (does an int8 kernel beat bf16 where cuBLAS's does not?).
 LINEARS = [(8192, 320, 320), (8192, 320, 2560), (8192, 1280, 320), (2048, 640, 640), (512, 1280, 1280),
@@ -69,7 +73,7 @@ def _int8_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8), torch.rand(n, device="cuda") * 1e-3
 
 
-def conv_rows(shape: tuple[int, ...], repeats: int) -> list[dict[str, Any]]:
+def conv_rows(shape: tuple[int, ...], size: int, repeats: int) -> list[dict[str, Any]]:
     from dmquant.core.packing import pack_codes
     from dmquant.kernels.triton_conv import fp8_conv2d, int4_conv2d, int8_conv2d
     from dmquant.kernels.weights import weight_colsums
@@ -77,27 +81,31 @@ def conv_rows(shape: tuple[int, ...], repeats: int) -> list[dict[str, Any]]:
     batch, channels, height, width = shape
     x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     layouts = {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last)}
-    weight = torch.randn(channels, channels, 3, 3, device="cuda", dtype=torch.bfloat16) * 0.02
-    depth = 9 * channels
+    weight = torch.randn(channels, channels, size, size, device="cuda", dtype=torch.bfloat16) * 0.02
+    depth = size * size * channels
     w8, w8_scale = _int8_weight(channels, depth)
     colsum = weight_colsums(w8)
     w_fp8 = torch.randn(channels, depth, device="cuda").to(torch.float8_e4m3fn)
     packed = pack_codes(torch.randint(-8, 8, (channels, depth), device="cuda"), 4, -8).reshape(channels, -1)
     w4_scale, w4_zero = torch.rand(channels, 1, device="cuda") * 1e-3, torch.full((channels, 1), 8, device="cuda")
-    window = {"kernel_size": 3, "padding": 1}
+    window = {"kernel_size": size, "padding": size // 2}
     x_scale = torch.tensor([0.03], device="cuda")
     calls = {
-        "bf16": lambda x: F.conv2d(x, weight, padding=1),
+        "bf16": lambda x: F.conv2d(x, weight, padding=size // 2),
         "int8": lambda x: int8_conv2d(x, x_scale, -3, w8, w8_scale, None, colsum, **window),
         "fp8": lambda x: fp8_conv2d(x, x_scale, w_fp8, w8_scale, **window),
         "w4a8": lambda x: int4_conv2d(x, x_scale, -3, packed, w4_scale, w4_zero.int(), None, **window),
     }
+    if size == 1:
+        calls["int8-triton"] = lambda x: int8_conv2d(x, x_scale, -3, w8, w8_scale, None, colsum, **window,
+                                                     backend="triton")  # fmt: skip
+        calls["fp8-triton"] = lambda x: fp8_conv2d(x, x_scale, w_fp8, w8_scale, **window, backend="triton")
     flops = 2 * batch * height * width * channels * depth
     rows = []
     for layout, tensor in layouts.items():
         for name, call in calls.items():
             times = _timed(lambda call=call, tensor=tensor: call(tensor), repeats)
-            rows.append({"op": "conv3x3", "shape": list(shape), "layout": layout, "path": name, **times,
+            rows.append({"op": f"conv{size}x{size}", "shape": list(shape), "layout": layout, "path": name, **times,
                          "tflops": flops / times["ms"] / 1e9})  # fmt: skip
     return rows
 
@@ -123,6 +131,8 @@ def linear_rows(shape: tuple[int, int, int], repeats: int) -> list[dict[str, Any
         "bf16": lambda: F.linear(x, weight),
         "int8": lambda: int8_linear(x, x_scale, -3, w8, w8_scale, None, colsum),
         "fp8": lambda: fp8_linear(x, x_scale, w_fp8, w8_scale),
+        "int8-triton": lambda: int8_linear(x, x_scale, -3, w8, w8_scale, None, colsum, backend="triton"),
+        "fp8-triton": lambda: fp8_linear(x, x_scale, w_fp8, w8_scale, backend="triton"),
         "w4a8": lambda: int4_linear(x, x_scale, -3, packed, w4_scale, w4_zero, None),
         "w4a16": lambda: int4_linear(x, None, 0, packed, w4_scale, w4_zero, None, act="none"),
         "torch-int8": lambda: torch._int_mm(x8, w8.T),
@@ -153,12 +163,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench/layer_speed.py needs a CUDA device", file=sys.stderr)
         return 2
     rows = []
-    for shape in CONVS:
-        rows += conv_rows(shape, args.repeats)
-        print(*(f"{r['op']} {r['shape']} {r['layout']} {r['path']}: {r['ms']:.3f} ms" for r in rows[-8:]), sep="\n")
+    for shape, size in CONVS:
+        new = conv_rows(shape, size, args.repeats)
+        print(*(f"{r['op']} {r['shape']} {r['layout']} {r['path']}: {r['ms']:.3f} ms" for r in new), sep="\n")
+        rows += new
     for shape in LINEARS:
-        rows += linear_rows(shape, args.repeats)
-        print(*(f"{r['op']} {r['shape']} {r['path']}: {r.get('ms', r.get('error'))}" for r in rows[-7:]), sep="\n")
+        new = linear_rows(shape, args.repeats)
+        print(*(f"{r['op']} {r['shape']} {r['path']}: {r.get('ms', r.get('error'))}" for r in new), sep="\n")
+        rows += new
     env = environment()
     record = {"rows": rows, "timing": TIMING, "environment": env, "git_commit": git_commit(),
               "command": "python bench/layer_speed.py"}  # fmt: skip

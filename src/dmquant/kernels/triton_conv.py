@@ -28,13 +28,17 @@ between the receptive fields that share it).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from .cublas_gemm import vendor_gemm
 from .triton_gemm import (
     autotune_quantized_gemm,
+    check_backend,
     fp8_arguments,
     gemm_operands,
     int4_arguments,
@@ -46,6 +50,7 @@ from .triton_gemm import (
     store_output,
     stored_depth,
     tile_offsets,
+    uses_vendor_gemm,
 )
 
 
@@ -155,16 +160,25 @@ def _(a: Tensor, w: Tensor, *args) -> Tensor:
     return a.new_empty(batch, out_h, out_w, w.shape[0], dtype=out_dtype)
 
 
-def _conv2d(x: Tensor, w: Tensor, kernel_size, stride, padding, dilation, **arguments) -> Tensor:
+def _conv2d(x: Tensor, w: Tensor, kernel_size, stride, padding, dilation, backend="auto", **arguments) -> Tensor:
     depth = stored_depth(w, arguments["weight"], arguments["act"])
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = map(_pair, (kernel_size, stride, padding, dilation))
     batch, channels, height, width = x.shape
     if kh * kw * channels != depth:
         raise ValueError(f"a {kh}x{kw} kernel over {channels} channels has K={kh * kw * channels}, the weight {depth}")
+    check_backend(backend)
+    pointwise = (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0)
+    if backend == "cublas" and not pointwise:
+        raise ValueError("cuBLASLt runs only 1x1 convolutions of stride 1 without padding (a GEMM over pixels)")
     # rows=1: per-tensor activation scales only (a per-row one would belong to output pixels, not inputs)
     operands = gemm_operands(x.permute(0, 2, 3, 1), w=w, depth=depth, rows=1, **arguments)
     # the A operand in NHWC, C contiguous: a copy of the 8-bit codes unless x was channels_last already
     a = operands.a.contiguous()
+    if pointwise:
+        pixels = replace(operands, a=a.view(-1, channels))
+        if uses_vendor_gemm(pixels, backend):
+            out = vendor_gemm(pixels, x.dtype).view(batch, height, width, -1)
+            return out.permute(0, 3, 1, 2)
     window = [kh, kw, sh, sw, ph, pw, dh, dw]
     out = quantized_conv2d(a, *operands.op_arguments()[1:], x.dtype, window)
     return out.permute(0, 3, 1, 2)
@@ -184,14 +198,17 @@ def int8_conv2d(
     stride: int | tuple[int, int] = 1,
     padding: int | tuple[int, int] = 0,
     dilation: int | tuple[int, int] = 1,
+    backend: str = "auto",
 ) -> Tensor:
     """W8A8-INT8 convolution; arguments as :func:`dmquant.kernels.triton_gemm.int8_linear`.
 
     ``x``: (B, Cin, H, W) float, any strides (channels_last best); ``w_codes``: (Cout, KH·KW·Cin) int8, K ordered
-    ``(kh, kw, cin)``. Returns (B, Cout, Ho, Wo) in channels_last memory format, ``x.dtype``.
+    ``(kh, kw, cin)``. A 1×1 convolution of stride 1 without padding is a GEMM over the pixels of the NHWC codes:
+    ``backend="auto"`` runs it on cuBLASLt's ``_int_mm`` where that takes it, as a Linear. Returns
+    (B, Cout, Ho, Wo) in channels_last memory format, ``x.dtype``.
     """
     arguments = int8_arguments(x_scale, x_zero, w_scale, w_zero, w_colsum, bias)
-    return _conv2d(x, w_codes, kernel_size, stride, padding, dilation, **arguments)
+    return _conv2d(x, w_codes, kernel_size, stride, padding, dilation, backend, **arguments)
 
 
 def int4_conv2d(
@@ -231,13 +248,16 @@ def fp8_conv2d(
     stride: int | tuple[int, int] = 1,
     padding: int | tuple[int, int] = 0,
     dilation: int | tuple[int, int] = 1,
+    backend: str = "auto",
 ) -> Tensor:
     """W8A8-FP8 convolution with a static per-tensor activation scale ``x_scale``.
 
     ``w_fp8``: (Cout, KH·KW·Cin) ``torch.float8_e4m3fn``, K ordered ``(kh, kw, cin)``; ``w_scale``: (Cout,).
-    Returns (B, Cout, Ho, Wo) in channels_last memory format, ``x.dtype``.
+    1×1 convolutions take ``backend`` as :func:`int8_conv2d` does (``_scaled_mm``). Returns (B, Cout, Ho, Wo) in
+    channels_last memory format, ``x.dtype``.
     """
     if x_scale is None:
         raise ValueError("fp8 convolutions take a static activation scale (a dynamic one per input would differ "
                          "between the receptive fields an input belongs to)")  # fmt: skip
-    return _conv2d(x, w_fp8, kernel_size, stride, padding, dilation, **fp8_arguments(x_scale, w_scale, bias))
+    arguments = fp8_arguments(x_scale, w_scale, bias)
+    return _conv2d(x, w_fp8, kernel_size, stride, padding, dilation, backend, **arguments)

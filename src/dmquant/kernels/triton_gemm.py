@@ -1,11 +1,13 @@
 """Triton GEMMs that run quantized Linear layers in real low precision on Hopper GPUs (H100/H200).
 
-Every kernel computes ``y = x · Wᵀ + b`` for ``x`` of shape ``(M, K)`` (any leading shape, flattened) and a
-weight of logical shape ``(N, K)``. The wrappers quantize ``x`` once, elementwise, with plain torch operations
-(:func:`quantize_activations`), and the kernels read the 8-bit A operand it gives: one byte per input, loads
-pipelined with ``cp.async`` and no ALU work before the tensor cores. Under ``torch.compile`` that quantization
-fuses into the kernel that produces ``x`` (a GroupNorm, an activation), so ``x`` reaches memory once, already
-8-bit. The launches are torch custom ops (``dmquant::quantized_linear``, ``dmquant::quantized_conv2d``), so
+W8A8 Linears (and 1×1 convolutions) whose shapes cuBLASLt takes run on its int8 / fp8 GEMMs instead
+(:mod:`~dmquant.kernels.cublas_gemm`), which are faster than these kernels at those shapes; ``backend="triton"``
+keeps them here. Every kernel computes ``y = x · Wᵀ + b`` for ``x`` of shape ``(M, K)`` (any leading shape,
+flattened) and a weight of logical shape ``(N, K)``. The wrappers quantize ``x`` once, elementwise, with plain torch
+operations (:func:`quantize_activations`), and the kernels read the 8-bit A operand it gives: one byte per input,
+loads pipelined with ``cp.async`` and no ALU work before the tensor cores. Under ``torch.compile`` that quantization
+fuses into the kernel that produces ``x`` (a GroupNorm, an activation), so ``x`` reaches memory once, already 8-bit.
+The launches are torch custom ops (``dmquant::quantized_linear``, ``dmquant::quantized_conv2d``), so
 ``torch.compile`` keeps a converted model in one graph and CUDA graphs capture them.
 
 Modes (activation × weight):
@@ -72,6 +74,7 @@ import triton.testing
 from torch import Tensor
 
 from ..core.primitives import FP8_E4M3, choose_qparams
+from .cublas_gemm import vendor_gemm, vendor_takes
 from .weights import GROUP_ALIGNMENT, weight_colsums
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -281,6 +284,7 @@ _HOPPER_CONFIGS = [
     # (ptxas -v), BLOCK_K = 32 ones for groups of 32; BLOCK_M = 64 ones also serve W4A8 with groups, whose
     # second (per-group) accumulator spills at BLOCK_M = 128
     *(_config(*shape) for shape in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3)]),
+    _config(128, 128, 128, 8, 4),  # (128, 256, 128) would spill: 255 registers and a stack at sm_90
     *(_config(*shape) for shape in [(64, 256, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]),
     *(_config(*shape) for shape in [(128, 128, 32, 8, 4), (64, 256, 32, 8, 4), (64, 128, 32, 4, 4)]),
     # M <= 16 (timestep embeddings, single tokens): mma.sync tiles, narrow in N for more programs
@@ -407,6 +411,20 @@ def _zero_point_dtype(w_zero: Tensor | None) -> torch.dtype:
     return torch.float32 if w_zero is not None and w_zero.is_floating_point() else torch.int32
 
 
+def correctly_rounded_quotient(x: Tensor, scale: Tensor) -> Tensor:
+    """``x / s`` correctly rounded to float32 (the simulated quantizer's quotient), eager or compiled.
+
+    Eager torch divides float32 tensors correctly rounded, but the Triton code ``torch.compile`` generates divides
+    with ``div.full.f32``, which is within 2 ulp and moves codes across rounding boundaries. Compiled, the quotient
+    is taken in float64 (``div.rn.f64``) and rounded once to float32, which equals the correctly rounded float32
+    quotient: double rounding is innocuous for division when the wider format has at least 2p + 2 bits, 53 ≥ 50
+    (S. A. Figueroa, "When is double rounding innocuous?", SIGNUM Newsletter 30(3), 1995).
+    """
+    if torch.compiler.is_compiling():
+        return (x.double() / scale.double()).float()
+    return x.float() / scale
+
+
 def quantize_activations(x: Tensor, scale: Tensor, zero: int, act: str) -> Tensor:
     """The A operand of a kernel from float activations, computed as the simulated quantizer computes it.
 
@@ -418,7 +436,7 @@ def quantize_activations(x: Tensor, scale: Tensor, zero: int, act: str) -> Tenso
     """
     if act == "none":
         return x
-    scaled = x.float() / scale
+    scaled = correctly_rounded_quotient(x, scale)
     if act == "int8":
         return torch.clamp(torch.round(scaled) + zero, -128, 127).to(torch.int8)
     return scaled.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
@@ -592,14 +610,42 @@ def stored_depth(w: Tensor, weight: str, act: str) -> int:
     return inputs_per_element * w.shape[1]
 
 
-def _linear(x: Tensor, w: Tensor, **arguments) -> Tensor:
+#: Where a Linear GEMM runs: ``"auto"`` on cuBLASLt where it takes the call (:mod:`~dmquant.kernels.cublas_gemm`),
+#: else the Triton kernel; ``"triton"`` always on the Triton kernel; ``"cublas"`` on cuBLASLt or an error.
+BACKENDS = ("auto", "triton", "cublas")
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def uses_vendor_gemm(operands: GemmOperands, backend: str) -> bool:
+    """Whether a (M, K) GEMM call goes to cuBLASLt under ``backend`` (one of :data:`BACKENDS`)."""
+    check_backend(backend)
+    takes = backend != "triton" and vendor_takes(operands)
+    if backend == "cublas" and not takes:
+        raise ValueError(
+            "cuBLASLt does not take this call: it needs CUDA, W8A8 with per-channel weights, and for int8 M > 16 "
+            "with K, N multiples of 8, for fp8 K, N multiples of 16"
+        )
+    return takes
+
+
+def linear_gemm(operands: GemmOperands, out_dtype: torch.dtype, backend: str) -> Tensor:
+    """The (M, N) output of a Linear's GEMM (``operands.a``: (M, K)) on the path ``backend`` chooses."""
+    if uses_vendor_gemm(operands, backend):
+        return vendor_gemm(operands, out_dtype)
+    return quantized_linear(*operands.op_arguments(), out_dtype)
+
+
+def _linear(x: Tensor, w: Tensor, backend: str = "auto", **arguments) -> Tensor:
     depth = stored_depth(w, arguments["weight"], arguments["act"])
     if x.shape[-1] != depth:
         raise ValueError(f"x has {x.shape[-1]} inputs, the weight {depth}")
     flat = x.reshape(-1, depth)
     operands = gemm_operands(flat, w=w, depth=depth, rows=flat.shape[0], **arguments)
-    out = quantized_linear(*operands.op_arguments(), x.dtype)
-    return out.reshape(*x.shape[:-1], w.shape[0])
+    return linear_gemm(operands, x.dtype, backend).reshape(*x.shape[:-1], w.shape[0])
 
 
 def int8_arguments(
@@ -635,6 +681,8 @@ def int8_linear(
     w_zero: Tensor | None = None,
     w_colsum: Tensor | None = None,
     bias: Tensor | None = None,
+    *,
+    backend: str = "auto",
 ) -> Tensor:
     """W8A8-INT8 ``y = x · Wᵀ + b`` with ``x`` quantized per tensor (:func:`quantize_activations`).
 
@@ -645,10 +693,12 @@ def int8_linear(
         w_codes: (N, K) int8. ``w_scale``: (N,) float32. ``w_zero``: (N,) int32 or None (symmetric).
         w_colsum: :func:`weight_colsums` of ``w_codes``; computed per call when needed and not given.
         bias: (N,) or None.
+        backend: ``"auto"`` (cuBLASLt's ``_int_mm`` where it takes the call, else Triton), ``"triton"`` or
+            ``"cublas"`` (:data:`BACKENDS`).
 
     Returns: (..., N) in ``x.dtype``.
     """
-    return _linear(x, w_codes, **int8_arguments(x_scale, x_zero, w_scale, w_zero, w_colsum, bias))
+    return _linear(x, w_codes, backend, **int8_arguments(x_scale, x_zero, w_scale, w_zero, w_colsum, bias))
 
 
 def int4_linear(
@@ -680,7 +730,13 @@ def int4_linear(
 
 
 def fp8_linear(
-    x: Tensor, x_scale: float | Tensor | None, w_fp8: Tensor, w_scale: Tensor, bias: Tensor | None = None
+    x: Tensor,
+    x_scale: float | Tensor | None,
+    w_fp8: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None = None,
+    *,
+    backend: str = "auto",
 ) -> Tensor:
     """W8A8-FP8 ``y = x · Wᵀ + b`` with ``x`` scaled and cast to e4m3 (:func:`quantize_activations`).
 
@@ -689,7 +745,10 @@ def fp8_linear(
         x_scale: static per-tensor scale (float or one-element tensor), a per-row (M,) tensor, or None for dynamic
             per-row scales ``max|x[m]| / 448`` (:func:`fp8_row_scales`, one torch reduction per call).
         w_fp8: (N, K) ``torch.float8_e4m3fn``; ``w_scale``: (N,) float32.
+        backend: ``"auto"`` (cuBLASLt's ``_scaled_mm`` where it takes the call, else Triton), ``"triton"`` or
+            ``"cublas"`` (:data:`BACKENDS`).
 
     Returns: (..., N) in ``x.dtype``.
     """
-    return _linear(x, w_fp8, **fp8_arguments(fp8_row_scales(x) if x_scale is None else x_scale, w_scale, bias))
+    scale = fp8_row_scales(x) if x_scale is None else x_scale
+    return _linear(x, w_fp8, backend, **fp8_arguments(scale, w_scale, bias))
