@@ -163,3 +163,22 @@ def test_gpu_vendor_and_triton_linears_agree_at_unet_shapes(dtype):
     fp8 = [fp8_linear(x, None, w8, scale, backend=backend).double() for backend in ("cublas", "triton")]
     rounding = 2**-12 if dtype == torch.float32 else 8e-3  # Hopper's fp8 accumulation; bf16 outputs
     torch.testing.assert_close(*fp8, rtol=rounding, atol=rounding * fp8[1].abs().max().item())
+
+
+@pytest.mark.parametrize("act", ["int8", "fp8"])
+def test_vendor_gemms_compile_into_one_graph_with_the_eager_result(act, vendor_on_any_device):
+    """The vendor path with its quantization and epilogue under ``torch.compile(fullgraph=True)``."""
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randn(40, 64, generator=gen) * 2).to(DEVICE)
+    scale = (torch.rand(48, generator=gen) * 0.01 + 1e-3).to(DEVICE)
+    bias = torch.randn(48, generator=gen).to(DEVICE)
+    if act == "int8":
+        w = torch.randint(-128, 128, (48, 64), generator=gen, dtype=torch.int8).to(DEVICE)
+        zero = torch.randint(-20, 20, (48,), generator=gen, dtype=torch.int32).to(DEVICE)
+        x_scale = torch.tensor([0.03], device=DEVICE)
+        layer = lambda x: int8_linear(x, x_scale, -5, w, scale, zero, weight_colsums(w), bias, backend="cublas")  # noqa: E731
+    else:
+        w = torch.randn(48, 64, generator=gen).to(FP8).to(DEVICE)
+        layer = lambda x: fp8_linear(x, None, w, scale, bias, backend="cublas")  # noqa: E731
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x), rtol=1e-6, atol=1e-6)
