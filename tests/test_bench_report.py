@@ -101,6 +101,12 @@ def page(tmp_path):
     return output, plots, argv
 
 
+def _report_arguments(tmp_path: Path) -> tuple[Path, list[str]]:
+    """Where the report goes and the arguments that write it from ``tmp_path / "results"``."""
+    output = tmp_path / "BENCHMARKS.md"
+    return output, ["--results", str(tmp_path / "results"), "--output", str(output), "--plots", str(tmp_path / "plots")]
+
+
 def _table_rows(text: str) -> list[list[str]]:
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     return [[cell.strip() for cell in row.strip("|").split(" | ")] for row in rows]
@@ -227,8 +233,7 @@ def test_a_stochastic_sampler_gets_tables_of_its_own(tmp_path):
     groups = bench_report.by_model(bench_report.load_cells(tmp_path / "results"))
     assert list(groups) == [MODEL, f"{MODEL}-eta1"]
     assert [c["method"] for c in groups[f"{MODEL}-eta1"]] == ["fp"]
-    output = tmp_path / "BENCHMARKS.md"
-    argv = ["--results", str(tmp_path / "results"), "--output", str(output), "--plots", str(tmp_path / "plots")]
+    output, argv = _report_arguments(tmp_path)
     assert bench_report.main(argv) == 0
     text = output.read_text()
     assert f"## {MODEL}-eta1" in text and "η = 1" in text
@@ -264,8 +269,7 @@ def test_reading_notes_go_under_their_table_and_after_the_intro(tmp_path):
     notes.mkdir()
     (notes / f"{MODEL}.md").write_text("What this table shows.\n")
     (notes / "all.md").write_text("How these runs were made.\n")
-    output = tmp_path / "BENCHMARKS.md"
-    argv = ["--results", str(tmp_path / "results"), "--output", str(output), "--plots", str(tmp_path / "plots")]
+    output, argv = _report_arguments(tmp_path)
     assert bench_report.main([*argv, "--notes", str(notes)]) == 0
     text = output.read_text()
     assert text.index("How these runs were made.") < text.index(f"## {MODEL}") < text.index("What this table shows.")
@@ -278,8 +282,7 @@ def test_calibration_cost_gets_a_section_that_names_the_models_not_measured(tmp_
     cost = _write_cells(tmp_path / "cost", [measured, resumed])
     (cost / "notes").mkdir()
     (cost / "notes" / "all.md").write_text("One process per GPU.\n")
-    output = tmp_path / "BENCHMARKS.md"
-    argv = ["--results", str(tmp_path / "results"), "--output", str(output), "--plots", str(tmp_path / "plots")]
+    output, argv = _report_arguments(tmp_path)
     assert bench_report.main([*argv, "--cost-results", str(cost)]) == 0
     section = output.read_text().split("## Calibration cost")[1]
     rows = {row[2]: row for row in _table_rows(section)[2:]}
@@ -293,8 +296,7 @@ def test_calibration_cost_gets_a_section_that_names_the_models_not_measured(tmp_
 
 def test_speed_cells_next_to_the_results_get_a_section(tmp_path):
     _write_cells(tmp_path / "results", [_cell("fp", "fp", "FP32")])
-    output = tmp_path / "BENCHMARKS.md"
-    argv = ["--results", str(tmp_path / "results"), "--output", str(output), "--plots", str(tmp_path / "plots")]
+    output, argv = _report_arguments(tmp_path)
     assert bench_report.main(argv) == 0
     assert "## Speed" not in output.read_text()
     cell = {"model": MODEL, "row": "bf16-eager", "kind": "bf16", "status": "ok", "metrics": {"median_ms": 12.5}}
@@ -337,8 +339,7 @@ def test_deployment_fidelity_gets_a_section_of_its_own(tmp_path, capsys):
         (fidelity / cell["model"] / f"{cell['format']}.json").write_text(json.dumps(cell))
     (fidelity / "notes").mkdir()
     (fidelity / "notes" / "all.md").write_text("Why DiT misses the bound.\n")
-    output = tmp_path / "BENCHMARKS.md"
-    argv = ["--results", str(tmp_path / "results"), "--output", str(output), "--plots", str(tmp_path / "plots")]
+    output, argv = _report_arguments(tmp_path)
     assert bench_report.main(argv) == 0
     section = output.read_text().split("## Deployment fidelity")[1]
     header, _, *rows = _table_rows(section)
@@ -382,8 +383,7 @@ def test_layer_throughput_has_one_line_per_layer_and_a_column_per_path(tmp_path)
     (layer_speed / "notes").mkdir(parents=True)
     (layer_speed / "NVIDIA-H100.json").write_text(json.dumps(record))
     (layer_speed / "notes" / "all.md").write_text("The int8 GEMM is the bottleneck.\n")
-    output = tmp_path / "BENCHMARKS.md"
-    argv = ["--results", str(tmp_path / "results"), "--output", str(output), "--plots", str(tmp_path / "plots")]
+    output, argv = _report_arguments(tmp_path)
     assert bench_report.main(argv) == 0
     section = output.read_text().split("## Layer throughput")[1]
     header, _, *rows = _table_rows(section)

@@ -160,7 +160,7 @@ def _(a: Tensor, w: Tensor, *args) -> Tensor:
     return a.new_empty(batch, out_h, out_w, w.shape[0], dtype=out_dtype)
 
 
-def _conv2d(x: Tensor, w: Tensor, kernel_size, stride, padding, dilation, backend="auto", **arguments) -> Tensor:
+def _conv2d(x: Tensor, w: Tensor, kernel_size, stride, padding, dilation, backend: str = "auto", **arguments) -> Tensor:
     depth = stored_depth(w, arguments["weight"], arguments["act"])
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = map(_pair, (kernel_size, stride, padding, dilation))
     batch, channels, height, width = x.shape
