@@ -31,7 +31,7 @@ def test_the_inner_term_is_the_loss_of_every_layer_but_the_last():
     x = torch.randn(64, 16)
     loss = InnerLayerLoss(quantized, fp, lambda index: ((x[index],), {}), weight=0.8)
     index = torch.arange(64)
-    with loss.term(index) as term:
+    with loss.term(*loss.inputs(index)) as term:
         quantized(x)
         value = term()
     with torch.no_grad():

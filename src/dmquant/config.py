@@ -218,6 +218,9 @@ class ReconstructionConfig:
     the loss of each block's inner quantized layers' outputs, weighted by it, joins the block loss.
     ``num_samples`` calibration rows (drawn at random with ``seed`` when the set is larger) are
     cached per block within ``memory_budget_mb`` of accelerator memory (the rest spills to host).
+    ``cuda_graphs`` replays each unit's optimisation step from a CUDA graph on CUDA devices
+    (:mod:`dmquant.recon.graphed`): the same computation without the host's per-kernel launch
+    work, which bounds small models; ``false`` runs every step eagerly.
     """
 
     enabled: bool = False
@@ -235,6 +238,7 @@ class ReconstructionConfig:
     drop_probability: float = 0.0
     inner_loss_weight: float = 0.0
     memory_budget_mb: int = 4096
+    cuda_graphs: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

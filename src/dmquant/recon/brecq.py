@@ -16,6 +16,7 @@ callable mapping sample indices to ``(args, kwargs, target)`` — exactly what
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
@@ -29,11 +30,16 @@ from ..core.layers import QUANT_LAYERS, QuantConv2d, QuantLinear, activation_qua
 from ..errors import ConfigError
 from .adaround import AdaRoundWeights, BetaSchedule, reconstruction_loss
 from .cache import block_output
+from .graphed import ReplayedIteration, graphs_available
 from .objectives import InnerLayerLoss
 from .qdrop import dropped_activations
 
 #: ``sample(indices) -> (args, kwargs, target)`` for the unit's forward.
 Sampler = Callable[[Tensor], tuple[Sequence[Any], dict[str, Any], Tensor]]
+
+#: One iteration's data: ``(args, kwargs, target, fp_inputs)``, ``fp_inputs`` the FP unit's
+#: ``(args, kwargs)`` for EDA-DM's inner-layer loss (empty without it).
+Batch = tuple[Sequence[Any], dict[str, Any], Tensor, tuple[Any, ...]]
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,20 @@ def _unit_device(unit: nn.Module) -> torch.device:
     return next(unit.parameters()).device
 
 
+def _cosine_annealed(base: float, t: int, iterations: int) -> float:
+    """Cosine annealing from ``base`` to 0 over ``iterations`` (Loshchilov & Hutter 2017, eq. 5,
+    without restarts): the learning rate of iteration ``t``, ``base · (1 + cos(π t / T)) / 2``."""
+    return base * (1.0 + math.cos(math.pi * t / iterations)) / 2.0
+
+
+def _set_learning_rate(optimizer: torch.optim.Optimizer, value: float) -> None:
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], Tensor):
+            group["lr"].fill_(value)  # in place: a replayed step reads this tensor
+        else:
+            group["lr"] = value
+
+
 def reconstruct(
     unit: nn.Module,
     sample: Sampler,
@@ -103,6 +123,7 @@ def reconstruct(
     drop_probability: float = 0.0,
     inner_loss: InnerLayerLoss | None = None,
     generator: torch.Generator | None = None,
+    cuda_graph: bool = True,
     progress: bool = True,
     desc: str = "reconstruct",
 ) -> ReconstructionResult:
@@ -126,6 +147,10 @@ def reconstruct(
     sizes, batch 32, regulariser weight 0.01, β from 20 to 2 after a 20 % warm-up) are BRECQ's
     and Q-Diffusion's; they run 20k iterations per unit, the AdaRound paper 10k per layer. The
     default 2000 is a cheaper setting for small models.
+
+    On a CUDA device with ``cuda_graph`` the iteration is captured once and replayed
+    (:class:`~dmquant.recon.graphed.ReplayedIteration`): the same computation with a fraction of
+    the host's launch work, which bounds small models; ``False`` runs it eagerly.
     """
     if count < 1:
         raise ValueError("reconstruction needs at least one sample")
@@ -135,7 +160,8 @@ def reconstruct(
         raise ValueError("nothing to learn: set learn_rounding and/or learn_activation_scales")
     schedule = BetaSchedule(iterations, warmup=warmup, start=beta_start, end=beta_end)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    drop_generator = torch.Generator(device=_unit_device(unit))
+    device = _unit_device(unit)
+    drop_generator = torch.Generator(device=device)
     drop_generator.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
     chunk = max(batch_size, 256)
 
@@ -145,14 +171,39 @@ def reconstruct(
         raise ConfigError(f"{type(unit).__name__} has no calibrated activation quantizer whose step size to learn")
     initial_mse = _output_mse(unit, sample, count, chunk)
     own = [(p, p.requires_grad) for p in unit.parameters()]  # before the step sizes become parameters
+    graphed = cuda_graph and graphs_available(device)
     optimizers: list[torch.optim.Optimizer] = []
     if roundings:
-        optimizers.append(torch.optim.Adam([p for r in roundings for p in r.parameters()], lr=learning_rate))
+        logits = [p for r in roundings for p in r.parameters()]
+        optimizers.append(torch.optim.Adam(logits, lr=learning_rate, capturable=graphed))
     scales = [q.learn_scale() for q in scaled]
-    scheduler = None
-    if scales:
-        optimizers.append(torch.optim.Adam(scales, lr=activation_learning_rate))
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizers[-1], T_max=iterations, eta_min=0.0)
+    if scales:  # its learning rate changes every iteration: a device tensor when the step is replayed
+        scale_rate = torch.tensor(activation_learning_rate, device=device) if graphed else activation_learning_rate
+        optimizers.append(torch.optim.Adam(scales, lr=scale_rate, capturable=graphed))
+
+    def step(batch: Batch, beta: Tensor | float, weight: Tensor | float) -> Tensor:
+        args, kwargs, target, fp_inputs = batch
+        with inner_loss.term(*fp_inputs) if inner_loss else nullcontext(lambda: 0.0) as inner_term:
+            output = block_output(unit(*args, **kwargs))
+            loss = reconstruction_loss(output, target, _channel_dim(output)) + inner_term()
+        if roundings:  # weight is 0 during the warm-up: the term then adds exact zeros
+            loss = loss + regularizer_scale * weight * sum(rounding.regularizer(beta) for rounding in roundings)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        with torch.no_grad():
+            for scale in scales:
+                scale.clamp_(min=torch.finfo(scale.dtype).tiny)
+        return loss.detach()
+
+    def batch(index: Tensor) -> Batch:
+        args, kwargs, target = (train_sample or sample)(index)
+        return args, kwargs, target, inner_loss.inputs(index) if inner_loss else ()
+
+    drawn = [drop_generator] if drop_probability > 0 else []
+    iteration = ReplayedIteration(step, device, enabled=graphed, generators=drawn)
     report_every = max(1, iterations // 100)
     try:
         for parameter, _ in own:
@@ -163,25 +214,11 @@ def reconstruct(
             stack.enter_context(dropped_activations(activation_quantizers(unit), drop_probability, drop_generator))
             bar = stack.enter_context(tqdm(total=iterations, desc=desc, unit="it", leave=False, disable=not progress))
             for t in range(iterations):
+                if scales:
+                    _set_learning_rate(optimizers[-1], _cosine_annealed(activation_learning_rate, t, iterations))
                 index = torch.randperm(count, generator=generator)[:batch_size]
-                args, kwargs, target = (train_sample or sample)(index)
-                with inner_loss.term(index) if inner_loss else nullcontext(lambda: 0.0) as inner_term:
-                    output = block_output(unit(*args, **kwargs))
-                    loss = reconstruction_loss(output, target, _channel_dim(output)) + inner_term()
                 weight = schedule.regularizer_weight(t) if roundings else 0.0
-                if weight:
-                    regularizer = sum(rounding.regularizer(schedule.beta(t)) for rounding in roundings)
-                    loss = loss + regularizer_scale * weight * regularizer
-                for optimizer in optimizers:
-                    optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                for optimizer in optimizers:
-                    optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                    with torch.no_grad():
-                        for scale in scales:
-                            scale.clamp_(min=torch.finfo(scale.dtype).tiny)
+                loss = iteration(batch(index), schedule.beta(t), weight)
                 bar.update()
                 if progress and (t % report_every == 0 or t == iterations - 1):
                     bar.set_postfix(loss=f"{loss.item():.4g}", beta=f"{schedule.beta(t):.3g}")

@@ -177,6 +177,7 @@ def _reconstruct_unit(
         beta_end=config.beta_end,
         drop_probability=config.drop_probability,
         generator=generator,
+        cuda_graph=config.cuda_graphs,
         progress=progress,
         desc=desc,
     )

@@ -52,11 +52,15 @@ class InnerLayerLoss:
         self.fp_inputs = fp_inputs
         self.weight = weight
 
+    def inputs(self, indices: Tensor) -> tuple[Sequence[Any], dict[str, Any]]:
+        """The FP unit's ``(args, kwargs)`` for the samples ``indices`` (what :meth:`term` takes)."""
+        return self.fp_inputs(indices)
+
     @contextmanager
-    def term(self, indices: Tensor) -> Iterator[Callable[[], Tensor | float]]:
-        """Run the FP unit on ``indices``, record the quantized unit's layers while open, and yield
-        a function giving the weighted term once the quantized unit has run."""
-        args, kwargs = self.fp_inputs(indices)
+    def term(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Iterator[Callable[[], Tensor | float]]:
+        """Run the FP unit on ``args`` / ``kwargs`` (from :meth:`inputs`), record the quantized
+        unit's layers while open, and yield a function giving the weighted term once the
+        quantized unit has run."""
         with torch.no_grad(), recorded_outputs(self.fp_layers) as fp_outputs:
             self.fp_unit(*args, **kwargs)
         inner = list(fp_outputs)[:-1]
