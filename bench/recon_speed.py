@@ -98,11 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench/recon_speed.py needs a CUDA device", file=sys.stderr)
         return 2
-    rows = [model_row(name, args.iterations, args.activation_iterations, args.order) for name in args.models]
     env = environment()
     command = "python bench/recon_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    record = {"rows": rows, "environment": env, "git_commit": git_commit(), "command": command.strip()}
-    write_cell(args.results / f"{env['device'].replace(' ', '-')}.json", record)
+    rows = []
+    for name in args.models:  # written after each model: a run cut short keeps what it measured
+        rows.append(model_row(name, args.iterations, args.activation_iterations, args.order))
+        record = {"rows": rows, "environment": env, "git_commit": git_commit(), "command": command.strip()}
+        write_cell(args.results / f"{env['device'].replace(' ', '-')}.json", record)
     return 0
 
 
