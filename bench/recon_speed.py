@@ -1,24 +1,23 @@
-"""Reconstruction speed: each unit's optimisation step replayed from a CUDA graph against the eager loop.
+"""Reconstruction speed: a unit's optimisation step replayed from a CUDA graph against the eager step.
 
-For each model the W4A8 ``q-diffusion`` recipe's calibration set is recorded once; then the recipe's
-quantization (ranges, BRECQ/AdaRound block reconstruction, activation recalibration, LSQ step sizes)
-runs twice from it on the same GPU, with ``reconstruction.cuda_graphs`` on and off, in the order
-``--order`` gives. Reconstruction runs ``--iterations`` / ``--activation-iterations`` per unit (the
-recipe's are 2000 / 500; fewer keep the eager runs short, and the per-unit costs that do not scale
-with iterations — capturing block inputs, the graph capture — weigh more at fewer iterations, so the
-ratio is a lower bound of the recipe's). Recorded per mode: the reconstruction time (the units'
-seconds summed) by unit kind, the whole quantization's wall time, and the relative difference of the
-two quantized models' noise estimates on a calibration batch (they differ only by floating-point
-order: capturable Adam, cuBLAS / cuDNN algorithms). Results: ``--results`` (default
-``bench/results/recon-speed``), one JSON per device. Needs CUDA.
+For each model, the W4A8 ``q-diffusion`` recipe's ranges are set on a calibration set of its own
+trajectories (``--trajectories`` of them), and the first unit of each kind (a lone layer, a residual
+block, a transformer / DiT block) is reconstructed as the recipe's first pass does — AdaRound on its
+weights, activations in full precision — from the same captured block inputs, ``--iterations`` steps
+with ``cuda_graph`` on and off, side by side. Only the optimisation loop is timed (CUDA-synchronised
+wall time of :func:`dmquant.recon.brecq.reconstruct`, which also measures the block's error before and
+after on all samples and, graphed, captures the step once); what a unit costs besides (capturing the
+block's inputs) is the same either way. The result per unit: ms per iteration both ways and their
+ratio, and both runs' final reconstruction error (they differ only by floating-point order). Results:
+``--results`` (default ``bench/results/recon-speed``), one JSON per device. Needs CUDA.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,82 +26,77 @@ import torch
 
 from dmquant import api
 from dmquant.config import load_recipe
-from dmquant.denoiser import Denoiser
+from dmquant.core.layers import activation_quantizers
 from dmquant.jobs import record_for
 from dmquant.models import REFERENCE_MODELS, load_model
 from dmquant.provenance import environment
+from dmquant.recon.blocks import reconstruction_units
+from dmquant.recon.brecq import reconstruct
+from dmquant.recon.cache import calibration_runner, capture_block_io, paired
 
 sys.path.insert(0, str(Path(__file__).parent))
 from quality import docstring_parser, git_commit, write_cell  # noqa: E402
 
-MODES = {"graphed": True, "eager": False}
+
+def _timed_reconstruction(unit: torch.nn.Module, sample, count: int, iterations: int, graphed: bool) -> dict:
+    twin = copy.deepcopy(unit)
+    for quantizer in activation_quantizers(twin):  # the first pass: weights only
+        quantizer.enabled = False
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    result = reconstruct(twin, sample, count, iterations=iterations, cuda_graph=graphed, progress=False)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    return {"ms_per_iteration": round(1e3 * seconds / iterations, 3), "final_mse": result.final_mse}
 
 
-def _reconstruction_seconds(quantized: torch.nn.Module) -> dict[str, Any]:
-    by_kind: dict[str, float] = defaultdict(float)
-    for record in api.info(quantized).extra["reconstruction"]:
-        by_kind[f"{record['pass_name']}/{record['kind']}"] += record["seconds"]
-    return {
-        "reconstruction_s": round(sum(by_kind.values()), 2),
-        "by_kind_s": {k: round(v, 2) for k, v in by_kind.items()},
-    }
-
-
-def model_row(name: str, iterations: int, activation_iterations: int, order: Sequence[str]) -> dict[str, Any]:
+def model_rows(name: str, trajectories: int, iterations: int) -> list[dict[str, Any]]:
     model = load_model(name)
-    model.denoiser.to("cuda")
+    fp = model.denoiser.to("cuda").eval()
     recipe = load_recipe("q-diffusion").with_bits(4, 8)
-    recipe = dataclasses.replace(
-        recipe, calibration=dataclasses.replace(recipe.calibration, guidance_scale=model.guidance_scale)
+    calibration = dataclasses.replace(
+        recipe.calibration, guidance_scale=model.guidance_scale, num_trajectories=trajectories
     )
-    calibration = record_for(model, recipe.calibration, progress=False)
-    x, t, cond, _ = next(calibration.to("cuda").batches(64))
-    row: dict[str, Any] = {"model": name, "iterations": iterations, "activation_iterations": activation_iterations}
-    outputs = {}
-    for mode in order:
-        reconstruction = dataclasses.replace(
-            recipe.reconstruction,
-            iterations=iterations,
-            activation_iterations=activation_iterations,
-            cuda_graphs=MODES[mode],
+    data = record_for(model, calibration, progress=False)
+    quantized = api.quantize(fp, recipe.ranges_only(), data, progress=False)
+    units = reconstruction_units(quantized, calibration_runner(quantized, data.rows(torch.arange(2)), batch_size=2))
+    firsts = {unit.kind: unit for unit in reversed(units)}  # the first unit of each kind
+    rows = []
+    for kind, unit in sorted(firsts.items()):
+        fp_cache = capture_block_io(fp, fp.get_submodule(unit.name), calibration_runner(fp, data, batch_size=64))
+        quant_cache = capture_block_io(
+            quantized, unit.module, calibration_runner(quantized, data, batch_size=64), record_output=False
         )
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        quantized = api.quantize(
-            model.denoiser, dataclasses.replace(recipe, reconstruction=reconstruction), calibration, progress=False
-        )
-        torch.cuda.synchronize()
-        row[mode] = {"quantize_s": round(time.perf_counter() - started, 2), **_reconstruction_seconds(quantized)}
-        with torch.no_grad():
-            outputs[mode] = Denoiser(quantized)(x, t, cond).float()
-        print(f"{name} {mode}: {row[mode]}", flush=True)
-        del quantized
-    row["speedup"] = round(row["eager"]["reconstruction_s"] / row["graphed"]["reconstruction_s"], 2)
-    difference = (outputs["graphed"] - outputs["eager"]).pow(2).mean() / outputs["eager"].pow(2).mean()
-    row["output_relative_mse"] = float(difference)
-    return row
+        pairs = paired(fp_cache, quant_cache)
+
+        def sample(index: torch.Tensor, pairs=pairs):
+            args, kwargs, _, _, target = pairs.batch(index)
+            return args, kwargs, target
+
+        row = {"model": name, "unit": unit.name, "kind": kind, "samples": len(pairs), "iterations": iterations}
+        row["eager"] = _timed_reconstruction(unit.module, sample, len(pairs), iterations, graphed=False)
+        row["graphed"] = _timed_reconstruction(unit.module, sample, len(pairs), iterations, graphed=True)
+        row["speedup"] = round(row["eager"]["ms_per_iteration"] / row["graphed"]["ms_per_iteration"], 2)
+        print(row, flush=True)
+        rows.append(row)
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = docstring_parser(__doc__)
     parser.add_argument("--models", nargs="+", default=list(REFERENCE_MODELS), help="zoo models (default: all)")
-    parser.add_argument("--iterations", type=int, default=200, help="rounding steps per unit (default: %(default)s)")
-    parser.add_argument(
-        "--activation-iterations", type=int, default=50, help="step-size steps per unit (default: %(default)s)"
-    )
-    parser.add_argument("--order", nargs=2, choices=sorted(MODES), default=["eager", "graphed"], help="run order")
+    parser.add_argument("--trajectories", type=int, default=16, help="calibration trajectories (default: %(default)s)")
+    parser.add_argument("--iterations", type=int, default=300, help="steps per unit and way (default: %(default)s)")
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "recon-speed")
     args = parser.parse_args(argv)
-    if set(args.order) != set(MODES):
-        parser.error("--order names both modes")
     if not torch.cuda.is_available():
         print("bench/recon_speed.py needs a CUDA device", file=sys.stderr)
         return 2
     env = environment()
     command = "python bench/recon_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in args.models:  # written after each model: a run cut short keeps what it measured
-        rows.append(model_row(name, args.iterations, args.activation_iterations, args.order))
+        rows += model_rows(name, args.trajectories, args.iterations)
         record = {"rows": rows, "environment": env, "git_commit": git_commit(), "command": command.strip()}
         write_cell(args.results / f"{env['device'].replace(' ', '-')}.json", record)
     return 0

@@ -166,9 +166,11 @@ def test_model_reconstruction_on_cuda_graphs_matches_the_eager_loop(name, recons
         with torch.no_grad():
             outputs[graphs] = Denoiser(quantized)(x, t, cond)
         records[graphs] = api.info(quantized).extra["reconstruction"]
+    # the two differ only in floating-point order (capturable Adam), and a rounding decided differently
+    # moves the later units' inputs a little: the first unit starts alike, every unit ends close
     assert [r["unit"] for r in records[True]] == [r["unit"] for r in records[False]]
+    assert records[True][0]["initial_mse"] == pytest.approx(records[False][0]["initial_mse"], rel=1e-6)
     for graph, eager in zip(records[True], records[False], strict=True):
-        assert graph["initial_mse"] == pytest.approx(eager["initial_mse"], rel=1e-3)
         assert graph["final_mse"] == pytest.approx(eager["final_mse"], rel=0.05, abs=1e-7)
     difference = (outputs[True] - outputs[False]).pow(2).mean() / outputs[False].pow(2).mean()
     assert float(difference) < 1e-3

@@ -105,6 +105,7 @@ class ReplayedIteration:
         leaves, spec = tree_flatten(batch)
         static = [leaf.clone() if isinstance(leaf, Tensor) else leaf for leaf in leaves]
         graph = torch.cuda.CUDAGraph()
+        positions = [generator.get_state() for generator in self.generators]
         for generator in self.generators:
             graph.register_generator_state(generator)
         try:
@@ -112,6 +113,8 @@ class ReplayedIteration:
                 loss = self.step(tree_unflatten(static, spec), self._beta, self._weight)
         except RuntimeError as error:
             self.graphed = False
+            for generator, position in zip(self.generators, positions, strict=True):
+                _release(generator, position)
             warnings.warn(
                 f"the reconstruction iteration could not be captured as a CUDA graph ({error}); "
                 "running it eagerly (slower on small models, same result)",
@@ -135,3 +138,11 @@ class ReplayedIteration:
                     f"for {tuple(static.shape)} {static.dtype}"
                 )
             static.copy_(tensor, non_blocking=True)
+
+
+def _release(generator: torch.Generator, position: Tensor) -> None:
+    """Give ``generator`` a fresh state at ``position``: a capture that failed leaves the state it
+    registered marked as capturing, and an eager draw from it would then fail."""
+    fresh = torch.Generator(device=generator.device)
+    fresh.set_state(position)
+    generator.graphsafe_set_state(fresh)
