@@ -57,8 +57,11 @@ def model_rows(name: str, trajectories: int, iterations: int) -> list[dict[str, 
     calibration = dataclasses.replace(
         recipe.calibration, guidance_scale=model.guidance_scale, num_trajectories=trajectories
     )
+    started = time.perf_counter()
     data = record_for(model, calibration, progress=False)
+    print(f"{name}: calibration set of {len(data)} rows recorded ({time.perf_counter() - started:.0f} s)", flush=True)
     quantized = api.quantize(fp, recipe.ranges_only(), data, progress=False)
+    print(f"{name}: ranges set ({time.perf_counter() - started:.0f} s)", flush=True)
     units = reconstruction_units(quantized, calibration_runner(quantized, data.rows(torch.arange(2)), batch_size=2))
     firsts = {unit.kind: unit for unit in reversed(units)}  # the first unit of each kind
     rows = []
