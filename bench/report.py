@@ -6,8 +6,9 @@ writes one file per cell, ``<model>/<method>__<bits>.json``), and writes ``--out
 (default ``docs/bench``): ``<model>-fid.png`` (FID-proxy against bit setting, one line per method)
 and ``<model>-sqnr.png`` (SQNR of the noise estimate per sampling step). Sections of their own
 follow for the results found next to ``--results``: calibration cost (``calibration-cost/``),
-deployment fidelity (``fidelity/``, from ``bench/fidelity.py``), speed (``speed/``, from
-``bench/speed.py``) and layer throughput (``layer-speed/``, from ``bench/layer_speed.py``). The
+reconstruction speed (``recon-speed/``, from ``bench/recon_speed.py``), deployment fidelity
+(``fidelity/``, from ``bench/fidelity.py``), speed (``speed/``, from ``bench/speed.py``) and layer
+throughput (``layer-speed/``, from ``bench/layer_speed.py``). The
 output depends only on the JSON, so rerunning on the same files gives the same page; every file is
 written atomically.
 
@@ -84,12 +85,13 @@ FEATURE_NAMES = {"glyphnet": "GlyphNet", "inception": "Inception-v3"}
 MISSING = "—"
 
 DEFAULT_RESULTS = Path("bench/results/quality")
-#: Where the calibration-cost, speed, deployment-fidelity and layer-throughput results are, next to
-#: the quality results by default.
+#: Where the calibration-cost, reconstruction-speed, speed, deployment-fidelity and layer-throughput
+#: results are, next to the quality results by default.
 COST_FOLDER = "calibration-cost"
 SPEED_FOLDER = "speed"
 FIDELITY_FOLDER = "fidelity"
 LAYER_SPEED_FOLDER = "layer-speed"
+RECON_SPEED_FOLDER = "recon-speed"
 #: The columns of the layer-throughput table, in order (``bench/layer_speed.py``'s paths); a path
 #: not listed here gets a column after them.
 LAYER_SPEED_PATHS = ("bf16", "int8", "fp8", "int8-triton", "fp8-triton", "w4a8", "w4a16", "torch-int8", "torch-fp8")
@@ -879,11 +881,20 @@ def _calibration_total(cell: Cell) -> float | None:
     return seconds + resumed if _is_number(seconds) and _is_number(resumed) else seconds
 
 
+def _reconstruction_steps(cell: Cell) -> str:
+    """How the cell's reconstruction ran its optimisation steps: replayed from CUDA graphs, or eagerly
+    (also every cell from before ``cuda_graphs`` existed)."""
+    reconstruction = (cell.get("recipe") or {}).get("reconstruction") or {}
+    if not reconstruction.get("enabled"):
+        return MISSING
+    return "CUDA graphs" if reconstruction.get("cuda_graphs") else "eager"
+
+
 def calibration_cost_section(cells: Sequence[Cell], notes: Path | None = None) -> str:
     """What calibrating costs with a GPU to itself: wall time and peak memory per model and recipe,
     from cells measured one process at a time without resuming (``bench/results/calibration-cost``)."""
     header = ["model", "recipe", "bits", "calibration wall time", "of it in a resumed run", "peak GPU memory (GiB)"]
-    header.append("measured on")
+    header += ["reconstruction steps", "measured on"]
     rows = [
         [
             cell["model"],
@@ -892,7 +903,8 @@ def calibration_cost_section(cells: Sequence[Cell], notes: Path | None = None) -
             _display(_calibration_total(cell), fmt_duration),
             _display(cell.get("resumed_reconstruction_s"), fmt_duration),
             _display(cell.get("peak_memory_gib"), fmt_fixed(2)),
-            f"{_environment_text(cell.get('environment'))}, {_dates_text([cell])}",
+            _reconstruction_steps(cell),
+            f"{_environment_text(cell.get('environment'))}, {_dates_text([cell])}{_commits_text([cell])}",
         ]
         for cell in cells
         if _ok(cell)
@@ -1053,6 +1065,42 @@ def layer_speed_section(results: Path) -> str | None:
     return "\n".join(lines + reproduce_lines(records))
 
 
+RECON_SPEED_INTRO = """\
+The optimisation step of block reconstruction (AdaRound on a unit's weights, the recipe's first pass)
+replayed from a CUDA graph against the same step run eagerly, on the same captured block inputs, side by
+side in one process (`bench/recon_speed.py`): milliseconds per iteration, the first unit of each kind per
+model. Equal final errors mean the two optimisations ended at the same rounding."""
+
+
+def recon_speed_section(results: Path) -> str | None:
+    """The reconstruction-step timings (``bench/recon_speed.py``, one JSON per device), if there are any."""
+    records = [read_result(path) for path in sorted(results.glob("*.json"))]
+    if not records:
+        return None
+    header = ["model", "unit", "kind", "eager ms/it", "graphed ms/it", "speed-up", "final error eager", "graphed"]
+    lines = ["## Reconstruction speed", "", RECON_SPEED_INTRO, ""]
+    for record in records:
+        rows = [
+            [
+                row.get("model"),
+                row.get("unit"),
+                row.get("kind"),
+                _display(row["eager"].get("ms_per_iteration"), fmt_fixed(2)),
+                _display(row["graphed"].get("ms_per_iteration"), fmt_fixed(2)),
+                _display(row.get("speedup"), lambda value: f"{value:.1f}×"),
+                _display(row["eager"].get("final_mse"), lambda value: f"{value:.3g}"),
+                _display(row["graphed"].get("final_mse"), lambda value: f"{value:.3g}"),
+            ]
+            for row in record.get("rows") or []
+        ]
+        where = f"{_environment_text(record.get('environment'))}, {_dates_text([record])}{_commits_text([record])}"
+        lines += [f"Measured on {where}:", "", markdown_table(header, rows), ""]
+    reading = reading_notes(results / NOTES_FOLDER, "all")
+    if reading:
+        lines += [reading, ""]
+    return "\n".join(lines + reproduce_lines(records))
+
+
 def render(
     cells: Sequence[Cell],
     *,
@@ -1065,10 +1113,11 @@ def render(
     fidelity: str | None = None,
     speed: str | None = None,
     layer_speed: str | None = None,
+    recon_speed: str | None = None,
 ) -> tuple[str, list[Path]]:
     """The whole page for ``cells`` (plots are written under ``plots``; the page is returned, not
-    written), ending with the calibration cost of ``cost_cells`` (if any) and the ``fidelity``,
-    ``speed`` and ``layer_speed`` sections (each if given)."""
+    written), ending with the calibration cost of ``cost_cells`` (if any), ``recon_speed`` and the
+    ``fidelity``, ``speed`` and ``layer_speed`` sections (each if given)."""
     groups = by_model(cells)
     sections = [INTRO.format(results=_relative_link(results, output)).rstrip("\n"), ""]
     reading = reading_notes(notes, "all")
@@ -1088,7 +1137,7 @@ def render(
         written += paths
     if cost_cells:
         sections.append(calibration_cost_section(cost_cells, cost_notes))
-    sections += [section for section in (fidelity, speed, layer_speed) if section]
+    sections += [section for section in (recon_speed, fidelity, speed, layer_speed) if section]
     return "\n".join(sections).rstrip("\n") + "\n", written
 
 
@@ -1144,6 +1193,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="layer timings of bench/layer_speed.py (one JSON per device), with their notes from"
         f" LAYER_SPEED_RESULTS/{NOTES_FOLDER} (default: RESULTS/../{LAYER_SPEED_FOLDER}; skipped if absent)",
     )
+    parser.add_argument(
+        "--recon-speed-results",
+        type=Path,
+        help="reconstruction-step timings of bench/recon_speed.py (one JSON per device), with their notes from"
+        f" RECON_SPEED_RESULTS/{NOTES_FOLDER} (default: RESULTS/../{RECON_SPEED_FOLDER}; skipped if absent)",
+    )
     return parser
 
 
@@ -1162,10 +1217,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     speed_results = args.results.parent / SPEED_FOLDER
     fidelity_results = args.fidelity_results or args.results.parent / FIDELITY_FOLDER
     layer_speed_results = args.layer_speed_results or args.results.parent / LAYER_SPEED_FOLDER
+    recon_speed_results = args.recon_speed_results or args.results.parent / RECON_SPEED_FOLDER
     try:
         cost_cells = load_cells(cost_results) if cost_results.is_dir() else []
         fidelity = fidelity_section(fidelity_results)
         layer_speed = layer_speed_section(layer_speed_results)
+        recon_speed = recon_speed_section(recon_speed_results)
     except CellError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -1180,6 +1237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fidelity=fidelity,
         speed=speed_section(speed_results),
         layer_speed=layer_speed,
+        recon_speed=recon_speed,
     )
     write_page(args.output, text)
     tables = len(by_model(cells))

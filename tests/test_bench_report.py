@@ -288,10 +288,61 @@ def test_calibration_cost_gets_a_section_that_names_the_models_not_measured(tmp_
     rows = {row[2]: row for row in _table_rows(section)[2:]}
     assert rows["W4A8"][:6] == [MODEL, "q-diffusion", "W4A8", "7.0 min", "—", "3.10"]
     assert rows["W8A8"][3:5] == ["7.0 min", "5.3 min"]  # a resumed run's cost counts the earlier run's blocks
+    assert rows["W4A8"][6] == "—"  # the cell's recipe does not reconstruct
     others = [model for model in bench_report.ZOO_MODELS if model != MODEL]
     assert f"Not measured: {', '.join(others)}." in section and "One process per GPU." in section
     assert bench_report.main([*argv, "--cost-results", str(tmp_path / "absent")]) == 0
     assert "## Calibration cost" not in output.read_text()
+
+
+def test_the_cost_table_says_how_the_reconstruction_steps_ran(tmp_path):
+    _write_cells(tmp_path / "results", [_cell("fp", "fp", "FP32")])
+
+    def reconstructing(bits, **reconstruction):
+        recipe = {"reconstruction": {"enabled": True, **reconstruction}}
+        return _cell("q-diffusion", "recipe", bits) | {"calibration_s": 60.0, "recipe": recipe, "git_commit": "abc123"}
+
+    cost = _write_cells(tmp_path / "cost", [reconstructing("W4A8", cuda_graphs=True), reconstructing("W8A8")])
+    output, argv = _report_arguments(tmp_path)
+    assert bench_report.main([*argv, "--cost-results", str(cost)]) == 0
+    rows = {row[2]: row for row in _table_rows(output.read_text().split("## Calibration cost")[1])[2:]}
+    assert rows["W4A8"][6] == "CUDA graphs" and rows["W8A8"][6] == "eager"  # W8A8's recipe predates the switch
+    assert rows["W4A8"][7].endswith(", at commit abc123")
+
+
+def test_reconstruction_speed_gets_a_section(tmp_path):
+    _write_cells(tmp_path / "results", [_cell("fp", "fp", "FP32")])
+    row = {"model": MODEL, "unit": "down_blocks.0.resnets.0", "kind": "resnet", "samples": 400, "iterations": 300}
+    row |= {
+        "eager": {"ms_per_iteration": 6.727, "final_mse": 2.4e-4},
+        "graphed": {"ms_per_iteration": 1.063, "final_mse": 2.4e-4},
+    }
+    row["speedup"] = 6.33
+    record = {
+        "rows": [row],
+        "environment": ENVIRONMENT,
+        "git_commit": "abc123",
+        "command": "python bench/recon_speed.py",
+    }
+    results = tmp_path / "recon-speed"
+    results.mkdir()
+    (results / "NVIDIA-H100.json").write_text(json.dumps(record))
+    output, argv = _report_arguments(tmp_path)
+    assert bench_report.main(argv) == 0
+    section = output.read_text().split("## Reconstruction speed")[1]
+    assert _table_rows(section)[2] == [
+        MODEL,
+        "down_blocks.0.resnets.0",
+        "resnet",
+        "6.73",
+        "1.06",
+        "6.3×",
+        "0.00024",
+        "0.00024",
+    ]
+    assert "at commit abc123" in section and "python bench/recon_speed.py" in section
+    assert bench_report.main([*argv, "--recon-speed-results", str(tmp_path / "absent")]) == 0
+    assert "## Reconstruction speed" not in output.read_text()
 
 
 def test_speed_cells_next_to_the_results_get_a_section(tmp_path):
