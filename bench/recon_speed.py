@@ -32,19 +32,21 @@ from dmquant.models import REFERENCE_MODELS, load_model
 from dmquant.provenance import environment
 from dmquant.recon.blocks import reconstruction_units
 from dmquant.recon.brecq import reconstruct
-from dmquant.recon.cache import calibration_runner, capture_block_io, paired
+from dmquant.recon.cache import PairedBlockIO, calibration_runner, capture_paired_io
 
 sys.path.insert(0, str(Path(__file__).parent))
 from quality import docstring_parser, git_commit, write_cell  # noqa: E402
 
 
-def _timed_reconstruction(unit: torch.nn.Module, sample, count: int, iterations: int, graphed: bool) -> dict:
+def _timed_reconstruction(unit: torch.nn.Module, pairs: PairedBlockIO, iterations: int, graphed: bool) -> dict:
     twin = copy.deepcopy(unit)
     for quantizer in activation_quantizers(twin):  # the first pass: weights only
         quantizer.enabled = False
     torch.cuda.synchronize()
     started = time.perf_counter()
-    result = reconstruct(twin, sample, count, iterations=iterations, cuda_graph=graphed, progress=False)
+    result = reconstruct(
+        twin, pairs.quantized_batch, len(pairs), iterations=iterations, cuda_graph=graphed, progress=False
+    )
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     return {"ms_per_iteration": round(1e3 * seconds / iterations, 3), "final_mse": result.final_mse}
@@ -66,19 +68,10 @@ def model_rows(name: str, trajectories: int, iterations: int) -> list[dict[str, 
     firsts = {unit.kind: unit for unit in reversed(units)}  # the first unit of each kind
     rows = []
     for kind, unit in sorted(firsts.items()):
-        fp_cache = capture_block_io(fp, fp.get_submodule(unit.name), calibration_runner(fp, data, batch_size=64))
-        quant_cache = capture_block_io(
-            quantized, unit.module, calibration_runner(quantized, data, batch_size=64), record_output=False
-        )
-        pairs = paired(fp_cache, quant_cache)
-
-        def sample(index: torch.Tensor, pairs=pairs):
-            args, kwargs, _, _, target = pairs.batch(index)
-            return args, kwargs, target
-
+        pairs = capture_paired_io(fp, quantized, unit.name, data, batch_size=64)
         row = {"model": name, "unit": unit.name, "kind": kind, "samples": len(pairs), "iterations": iterations}
-        row["eager"] = _timed_reconstruction(unit.module, sample, len(pairs), iterations, graphed=False)
-        row["graphed"] = _timed_reconstruction(unit.module, sample, len(pairs), iterations, graphed=True)
+        row["eager"] = _timed_reconstruction(unit.module, pairs, iterations, graphed=False)
+        row["graphed"] = _timed_reconstruction(unit.module, pairs, iterations, graphed=True)
         row["speedup"] = round(row["eager"]["ms_per_iteration"] / row["graphed"]["ms_per_iteration"], 2)
         print(row, flush=True)
         rows.append(row)

@@ -20,6 +20,7 @@ from dmquant.recon.cache import (
     block_output,
     calibration_runner,
     capture_block_io,
+    capture_paired_io,
     paired,
 )
 from dmquant.zoo.tiny import TINY_NUM_CLASSES, TINY_TEXT_DIM, tiny_dit, tiny_unet2d, tiny_unet2d_condition
@@ -161,6 +162,15 @@ def test_calibration_runner_feeds_a_calibration_set(models):
     reference = capture_block_io(model, block, _runner(model, batches))
     # other batch sizes: equal up to the kernels' batch-dependent rounding
     assert torch.allclose(cache.batch(range(6))[2], reference.batch(range(6))[2], atol=1e-5)
+    quant_model = copy.deepcopy(model)
+    with torch.no_grad():
+        quant_model.conv_in.weight.mul_(1.01)
+    pair = capture_paired_io(model, quant_model, "down_blocks.0.resnets.0", calibration, batch_size=4)
+    quant_cache = capture_block_io(
+        quant_model, quant_model.down_blocks[0].resnets[0], calibration_runner(quant_model, calibration, batch_size=4)
+    )
+    (fed, *_), _, target = pair.quantized_batch(range(6))
+    assert torch.equal(fed, quant_cache.batch(range(6))[0][0]) and torch.equal(target, cache.batch(range(6))[2])
 
 
 # --------------------------------------------------------------------------------------
@@ -413,6 +423,9 @@ def test_paired_caches(models):
     assert torch.equal(quant_args[1], fp_args[1])  # temb does not depend on conv_in
     assert torch.equal(fp_args[0], fp.batch([0, 3])[0][0]) and torch.equal(target, fp.batch([0, 3])[2])
     assert next(pair.sample_batches(2)).tolist() == next(fp.sample_batches(2)).tolist()
+    fed_args, fed_kwargs, fed_target = pair.quantized_batch([0, 3])  # what BRECQ feeds the quantized block
+    assert all(torch.equal(a, b) for a, b in zip(fed_args, quant_args, strict=True) if isinstance(a, torch.Tensor))
+    assert fed_kwargs.keys() == quant_kwargs.keys() and torch.equal(fed_target, target)
 
     with pytest.raises(CalibrationError, match="holds no output"):
         paired(quant, fp)

@@ -495,6 +495,12 @@ class PairedBlockIO:
         assert target is not None  # checked by paired()
         return quant_args, quant_kwargs, fp_args, fp_kwargs, target
 
+    def quantized_batch(self, indices: Indices) -> tuple[tuple[Any, ...], dict[str, Any], Tensor]:
+        """``(quant_args, quant_kwargs, fp_target)`` of the samples ``indices``: what BRECQ feeds the
+        quantized block and what it compares the output with."""
+        quant_args, quant_kwargs, _, _, target = self.batch(indices)
+        return quant_args, quant_kwargs, target
+
     def sample_batches(
         self,
         batch_size: int,
@@ -834,3 +840,24 @@ def calibration_runner(
             denoiser(x.to(target), t.to(target), {name: value.to(target) for name, value in cond.items()})
 
     return run
+
+
+def capture_paired_io(
+    fp_model: nn.Module,
+    model: nn.Module,
+    name: str,
+    calibration: Any,
+    *,
+    batch_size: int = 32,
+    device: torch.device | str | None = None,
+    memory_budget_bytes: int | None = None,
+) -> PairedBlockIO:
+    """The block ``name``'s FP inputs and output (on ``fp_model``) paired with its inputs in the
+    quantized ``model``, both captured over ``calibration`` in batches of ``batch_size``, each cache
+    within ``memory_budget_bytes`` (see :func:`capture_block_io`)."""
+    options = {"device": device, "memory_budget_bytes": memory_budget_bytes}
+    fp_runner = calibration_runner(fp_model, calibration, batch_size=batch_size)
+    fp_cache = capture_block_io(fp_model, fp_model.get_submodule(name), fp_runner, **options)
+    quant_runner = calibration_runner(model, calibration, batch_size=batch_size)
+    quant_cache = capture_block_io(model, model.get_submodule(name), quant_runner, record_output=False, **options)
+    return paired(fp_cache, quant_cache)

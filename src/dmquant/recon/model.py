@@ -38,7 +38,7 @@ from ..config import ReconstructionConfig
 from ..core.layers import QUANT_LAYERS, activation_quantizers
 from .blocks import ReconUnit, reconstruction_units
 from .brecq import reconstruct
-from .cache import calibration_runner, capture_block_io, paired
+from .cache import calibration_runner, capture_paired_io
 from .objectives import InnerLayerLoss
 from .qdrop import mix_inputs
 from .state import ReconstructionState, fingerprint
@@ -130,18 +130,11 @@ def _reconstruct_unit(
     desc: str,
 ) -> dict[str, Any]:
     budget = config.memory_budget_mb * 2**20 // 2  # the FP and the quantized-input cache share it
-    options = {"device": device, "memory_budget_bytes": budget}
-    fp_runner = calibration_runner(fp_model, data, batch_size=capture_batch_size)
-    fp_cache = capture_block_io(fp_model, fp_model.get_submodule(unit.name), fp_runner, **options)
-    quant_runner = calibration_runner(model, data, batch_size=capture_batch_size)
-    quant_cache = capture_block_io(model, unit.module, quant_runner, record_output=False, **options)
-    pairs = paired(fp_cache, quant_cache)
+    pairs = capture_paired_io(
+        fp_model, model, unit.name, data, batch_size=capture_batch_size, device=device, memory_budget_bytes=budget
+    )
     mixing = torch.Generator(device=device)
     mixing.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-
-    def sample(index: torch.Tensor) -> tuple[Any, Any, torch.Tensor]:
-        args, kwargs, _, _, target = pairs.batch(index)
-        return args, kwargs, target
 
     def train_sample(index: torch.Tensor) -> tuple[Any, Any, torch.Tensor]:
         args, kwargs, fp_args, fp_kwargs, target = pairs.batch(index)
@@ -161,7 +154,7 @@ def _reconstruct_unit(
         inner_loss = InnerLayerLoss(unit.module, fp_model.get_submodule(unit.name), fp_inputs, config.inner_loss_weight)
     result = reconstruct(
         unit.module,
-        sample,
+        pairs.quantized_batch,
         len(pairs),
         train_sample=train_sample if config.drop_probability > 0 else None,
         inner_loss=inner_loss,
