@@ -9,6 +9,8 @@ feed-forward Linears. Each shape is run as
 * ``int8``, ``fp8``, ``w4a8``: dmquant's layers' paths (activation quantization included): cuBLASLt for W8A8
   Linears and 1×1 convs where it takes the call, the Triton kernels otherwise; on NCHW and channels-last inputs
   for convs; ``int8-triton``, ``fp8-triton``: the Triton kernels where cuBLASLt would be chosen;
+  ``int8-gather``, ``fp8-gather``: 3×3 convs on the implicit GEMM that gathers its A tiles, where dmquant runs
+  stride-1 convolutions on the shifted-window kernel (TMA-loaded boxes of the padded input) since it exists;
 * ``torch-int8`` (``torch._int_mm`` on pre-quantized int8 operands) and ``torch-fp8``
   (``torch._scaled_mm`` with row-wise scales on pre-quantized fp8 operands) for Linears: the GEMM alone,
   the ceiling of a library path.
@@ -27,6 +29,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from torch.nn import functional as F
@@ -73,6 +76,17 @@ def _int8_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8), torch.rand(n, device="cuda") * 1e-3
 
 
+def _gathering(call: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor], Any]:
+    """``call`` with the shifted-window kernel switched off: its convolution gathers its A tiles instead."""
+    from dmquant.kernels import triton_conv
+
+    def gathering(x: torch.Tensor) -> Any:
+        with mock.patch.object(triton_conv, "_takes_shifted_window", return_value=False):
+            return call(x)
+
+    return gathering
+
+
 def conv_rows(shape: tuple[int, ...], size: int, repeats: int) -> list[dict[str, Any]]:
     from dmquant.core.packing import pack_codes
     from dmquant.kernels.triton_conv import fp8_conv2d, int4_conv2d, int8_conv2d
@@ -96,6 +110,9 @@ def conv_rows(shape: tuple[int, ...], size: int, repeats: int) -> list[dict[str,
         "fp8": lambda x: fp8_conv2d(x, x_scale, w_fp8, w8_scale, **window),
         "w4a8": lambda x: int4_conv2d(x, x_scale, -3, packed, w4_scale, w4_zero.int(), None, **window),
     }
+    if size == 3:
+        calls["int8-gather"] = _gathering(calls["int8"])
+        calls["fp8-gather"] = _gathering(calls["fp8"])
     if size == 1:
         calls["int8-triton"] = lambda x: int8_conv2d(x, x_scale, -3, w8, w8_scale, None, colsum, **window,
                                                      backend="triton")  # fmt: skip

@@ -94,7 +94,10 @@ LAYER_SPEED_FOLDER = "layer-speed"
 RECON_SPEED_FOLDER = "recon-speed"
 #: The columns of the layer-throughput table, in order (``bench/layer_speed.py``'s paths); a path
 #: not listed here gets a column after them.
-LAYER_SPEED_PATHS = ("bf16", "int8", "fp8", "int8-triton", "fp8-triton", "w4a8", "w4a16", "torch-int8", "torch-fp8")
+LAYER_SPEED_PATHS = (
+    "bf16", "int8", "fp8", "int8-gather", "fp8-gather", "int8-triton", "fp8-triton", "w4a8", "w4a16", "torch-int8",
+    "torch-fp8",
+)  # fmt: skip
 DEFAULT_OUTPUT = Path("BENCHMARKS.md")
 DEFAULT_PLOTS = Path("docs/bench")
 #: Folder of the results holding the hand-written reading notes: ``<table>.md`` goes under that
@@ -1005,7 +1008,9 @@ call (median of CUDA-event timings after warm-up, timed as each table says): **b
 cuBLAS; **int8**, **fp8**, **w4a8** and **w4a16** are dmquant's layers, activation quantization
 included (W8A8 Linears and 1×1 convs on cuBLASLt where it takes the call, since the results that
 show **int8-triton** / **fp8-triton** columns — the Triton kernels on the same calls — and on the
-Triton kernels before); **torch-int8** and **torch-fp8** are `torch._int_mm` and
+Triton kernels before); stride-1 W8A8 convs on the shifted-window kernel since the results that
+show **int8-gather** / **fp8-gather** columns — the gathering implicit GEMM on the same calls;
+**torch-int8** and **torch-fp8** are `torch._int_mm` and
 `torch._scaled_mm` (row-wise scales) on operands quantized beforehand, the matrix product alone.
 Shapes: convs N×C×H×W (C output channels), Linears M×K×N. A blank is a path not run on that
 layer; "—" one that raised."""

@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from dmquant.core.packing import pack_codes  # noqa: E402
+from dmquant.kernels import triton_conv  # noqa: E402
 from dmquant.kernels.integer import Codes, integer_conv2d, integer_linear  # noqa: E402
 from dmquant.kernels.triton_conv import fp8_conv2d, int4_conv2d, int8_conv2d  # noqa: E402
 from dmquant.kernels.triton_gemm import fp8_linear, int4_linear, int8_linear, quantize_activations  # noqa: E402
@@ -377,6 +378,46 @@ def test_fp8_conv2d_refuses_a_dynamic_scale():
 # ------------------------------------------------------------------------------------------------ GPU only
 
 
+#: Stride-1 windows of the shifted-window kernel: 3x3 "same", 1x1, dilated, unpadded ("valid"), non-square
+SHIFTED_WINDOWS = [(3, 1, 1, 1), (1, 1, 0, 1), (3, 1, 2, 2), (3, 1, 0, 1), ((3, 1), 1, (1, 0), 1)]
+
+
+@pytest.mark.parametrize("window", SHIFTED_WINDOWS, ids=_window_id)
+@pytest.mark.parametrize("act", ["int8", "fp8"])
+def test_stride_one_conv2d_over_whole_k_tiles_runs_the_shifted_window_kernel(window, act, monkeypatch):
+    """64 channels (whole K tiles): the shifted-window kernel, checked against the convolution of the values the
+    codes stand for, padding included (int8 pads with the code z_x, which stands for 0)."""
+    launches = []
+    monkeypatch.setattr(triton_conv, "shifted_window_conv2d", _counted(triton_conv.shifted_window_conv2d, launches))
+    gen = _generator(75)
+    conv = _conv(64, 12, window)
+    x = _image(gen, channels=64)
+    bias = torch.randn(12, generator=gen)
+    if act == "int8":
+        w, w_scale, _ = _int8_weight(12, conv.weight[0].numel(), True, gen)
+        x_scale, x_zero = 0.03, -100
+        y = int8_conv2d(x.to(DEVICE), x_scale, x_zero, *_on_device(w, w_scale), None, None, bias.to(DEVICE),
+                        **_window_args(window))  # fmt: skip
+        x_values = x_scale * (_int8_codes(x, x_scale, x_zero).double() - x_zero)
+        weight, tolerance = _dequantized(w, w_scale, None, w.shape[1]), OUTPUT_ROUNDING[torch.float32]
+    else:
+        w, w_scale = _fp8_weight(12, conv.weight[0].numel(), gen)
+        y = fp8_conv2d(*_on_device(x), 0.03, *_on_device(w, w_scale), bias.to(DEVICE), **_window_args(window))
+        x_values, weight, tolerance = _fp8_values(x, 0.03), w.double() * w_scale.double()[:, None], FP8_ACCUMULATION
+    assert launches == [1]
+    assert y.shape == conv(x).shape and y.is_contiguous(memory_format=torch.channels_last)
+    expected = F.conv2d(x_values, _nchw_order(weight, conv), bias.double(), 1, conv.padding, conv.dilation)
+    _assert_matches(y, expected, tolerance)
+
+
+def _counted(function, launches: list):
+    def counted(*args, **kwargs):
+        launches.append(1)
+        return function(*args, **kwargs)
+
+    return counted
+
+
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
 
@@ -446,6 +487,10 @@ def test_gpu_conv2d_at_unet_shapes(stride):
     w, w_scale, w_zero = _on_device(*_int8_weight(320, 2880, False, _generator(6)))
     weight = _nchw_order(_dequantized(w, w_scale, w_zero, 2880), conv)
     y = int8_conv2d(x, x_scale, x_zero, w, w_scale, w_zero, weight_colsums(w), **window)
+    assert _relative_error(y, F.conv2d(x_values, weight, stride=stride)) < OUTPUT_ROUNDING[torch.bfloat16]
+    # symmetric weights: the shifted-window kernel at stride 1, the gathering one at stride 2
+    y = int8_conv2d(x, x_scale, x_zero, w, w_scale, None, weight_colsums(w), **window)
+    weight = _nchw_order(_dequantized(w, w_scale, None, 2880), conv)
     assert _relative_error(y, F.conv2d(x_values, weight, stride=stride)) < OUTPUT_ROUNDING[torch.bfloat16]
     u, packed, w4_scale, w4_zero = _on_device(*_int4_weight(320, 2880, 64, True, _generator(7)))
     weight = _nchw_order(_dequantized(u, w4_scale, w4_zero, 64), conv)

@@ -87,8 +87,9 @@ FP8_MAX = FP8_E4M3.max_value
 
 
 @triton.jit
-def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Rows and columns of this program's output tile, programs ordered in groups of ``GROUP_M`` row tiles (L2)."""
+def tile_starts(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """First row and column of this program's output tile, programs ordered in groups of ``GROUP_M`` row tiles
+    (L2 reuse)."""
     pid = tl.program_id(0)
     tiles_m = (M + BLOCK_M - 1) // BLOCK_M
     tiles_n = (N + BLOCK_N - 1) // BLOCK_N
@@ -97,11 +98,18 @@ def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
     rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
     pid_m = first_m + (pid % programs_per_group) % rows_in_group
     pid_n = (pid % programs_per_group) // rows_in_group
-    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_m * BLOCK_M, pid_n * BLOCK_N
 
 
 @triton.jit
-def _activation_scale(x_scale_ptr, offs_m, m_valid, stride_x_scale, ACT: tl.constexpr):
+def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Rows and columns of this program's output tile (:func:`tile_starts`)."""
+    m_start, n_start = tile_starts(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    return m_start + tl.arange(0, BLOCK_M), n_start + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def activation_scale(x_scale_ptr, offs_m, m_valid, stride_x_scale, ACT: tl.constexpr):
     """Per-row activation scale (``stride_x_scale = 0``: one per tensor); 1 for W4A16's unquantized inputs."""
     if ACT == "none":
         scale = tl.full(offs_m.shape, 1.0, tl.float32)
@@ -178,7 +186,7 @@ def _weight_operand(tile, params, group, groups, offs_n, n_valid, operand_dtype,
 
 
 @triton.jit
-def _dot(a, b, acc, ACT: tl.constexpr, BLOCK_K: tl.constexpr):
+def dot_accumulate(a, b, acc, ACT: tl.constexpr, BLOCK_K: tl.constexpr):
     if ACT == "int8":
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     elif ACT == "fp8":
@@ -189,7 +197,7 @@ def _dot(a, b, acc, ACT: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _fold_group(acc, row_sums, x_zero, params, group, groups, group_size, offs_n, n_valid,
+def fold_group(acc, row_sums, x_zero, params, group, groups, group_size, offs_n, n_valid,
                 ACT: tl.constexpr, HAS_W_ZERO: tl.constexpr, HAS_X_ZERO: tl.constexpr):  # fmt: skip
     """One group's accumulator in fp32 with its weight scale applied, and eq. 7's corrections for int8 activations.
 
@@ -227,7 +235,7 @@ def quantized_gemm_tile(
     weight parameters). Returns the tile and the per-row activation scale.
     """
     x_ptr, x_scale_ptr, stride_x_scale, x_zero = activation
-    x_scale = _activation_scale(x_scale_ptr, offs_m, m_valid, stride_x_scale, ACT)
+    x_scale = activation_scale(x_scale_ptr, offs_m, m_valid, stride_x_scale, ACT)
     groups = K // GROUP_SIZE if GROUP_SIZE else 1
     group_size = GROUP_SIZE if GROUP_SIZE else K
     # int8 activations with group-wise weights: one integer accumulator per group, folded at the group's end
@@ -246,15 +254,15 @@ def quantized_gemm_tile(
         group = k_start // group_size
         w_tile = _load_weights(weight, k_start, offs_n, n_valid, K, WEIGHT, BLOCK_K)
         b = _weight_operand(w_tile, params, group, groups, offs_n, n_valid, a.dtype, ACT, WEIGHT, HAS_W_ZERO)
-        acc = _dot(a, b, acc, ACT, BLOCK_K)
+        acc = dot_accumulate(a, b, acc, ACT, BLOCK_K)
         if FOLD_EACH_GROUP:
             if (k_start + BLOCK_K) % group_size == 0:
-                total += _fold_group(acc, row_sums, x_zero, params, group, groups, group_size, offs_n, n_valid,
+                total += fold_group(acc, row_sums, x_zero, params, group, groups, group_size, offs_n, n_valid,
                                      ACT, HAS_W_ZERO, HAS_X_ZERO)  # fmt: skip
                 acc = tl.full((BLOCK_M, BLOCK_N), 0, acc_dtype)
                 row_sums = tl.full((BLOCK_M,), 0, tl.int32)
     if not FOLD_EACH_GROUP:
-        total = _fold_group(acc, row_sums, x_zero, params, 0, groups, group_size, offs_n, n_valid,
+        total = fold_group(acc, row_sums, x_zero, params, 0, groups, group_size, offs_n, n_valid,
                             ACT, HAS_W_ZERO, HAS_X_ZERO)  # fmt: skip
     return total, x_scale
 
@@ -273,9 +281,13 @@ def store_output(total, x_scale, offs_m, m_valid, offs_n, n_valid, out_ptr, stri
 # ----------------------------------------------------------------------------------------------- autotuning
 
 
-def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:
+def gemm_config(block_m: int, block_n: int, block_k: int, warps: int, stages: int, pre_hook=None) -> triton.Config:
+    """A tile config of these kernels (programs grouped by 8 row tiles); ``pre_hook`` runs before each launch."""
     return triton.Config(
-        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}, num_warps=warps, num_stages=stages
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+        num_warps=warps,
+        num_stages=stages,
+        pre_hook=pre_hook,
     )
 
 
@@ -283,15 +295,15 @@ _HOPPER_CONFIGS = [
     # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). M > 16: wgmma tiles, all free of register spills at sm_90
     # (ptxas -v), BLOCK_K = 32 ones for groups of 32; BLOCK_M = 64 ones also serve W4A8 with groups, whose
     # second (per-group) accumulator spills at BLOCK_M = 128
-    *(_config(*shape) for shape in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3)]),
-    _config(128, 128, 128, 8, 4),  # (128, 256, 128) would spill: 255 registers and a stack at sm_90
-    *(_config(*shape) for shape in [(64, 256, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]),
-    *(_config(*shape) for shape in [(128, 128, 32, 8, 4), (64, 256, 32, 8, 4), (64, 128, 32, 4, 4)]),
+    *(gemm_config(*shape) for shape in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3)]),
+    gemm_config(128, 128, 128, 8, 4),  # (128, 256, 128) would spill: 255 registers and a stack at sm_90
+    *(gemm_config(*shape) for shape in [(64, 256, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]),
+    *(gemm_config(*shape) for shape in [(128, 128, 32, 8, 4), (64, 256, 32, 8, 4), (64, 128, 32, 4, 4)]),
     # M <= 16 (timestep embeddings, single tokens): mma.sync tiles, narrow in N for more programs
-    *(_config(*shape) for shape in [(16, 64, 128, 4, 4), (16, 32, 128, 4, 4), (16, 64, 64, 4, 4)]),
-    *(_config(*shape) for shape in [(16, 64, 32, 4, 4), (16, 128, 64, 4, 3)]),
+    *(gemm_config(*shape) for shape in [(16, 64, 128, 4, 4), (16, 32, 128, 4, 4), (16, 64, 64, 4, 4)]),
+    *(gemm_config(*shape) for shape in [(16, 64, 32, 4, 4), (16, 128, 64, 4, 3)]),
 ]
-_INTERPRETER_CONFIGS = [_config(16, 32, 32, 4, 1)]
+_INTERPRETER_CONFIGS = [gemm_config(16, 32, 32, 4, 1)]
 
 
 def _tile_fits(tile: dict, args: dict) -> bool:
@@ -325,7 +337,7 @@ def _usable_configs(configs: list[triton.Config], named_args: dict, **kwargs) ->
     return [c for c in fitting if _tile_suits(c.kwargs, args)] or fitting
 
 
-def _quick_bench(kernel_call, quantiles=None):
+def quick_bench(kernel_call, quantiles=None):
     """Triton's ``do_bench`` with 5 ms of warm-up and 20 ms of timing per config instead of 25 and 100: a model
     has dozens of GEMM shapes, and the default makes its first call take minutes."""
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
@@ -337,7 +349,7 @@ autotune_quantized_gemm = triton.autotune(
     configs=_INTERPRETER_CONFIGS if INTERPRETING else _HOPPER_CONFIGS,
     key=["m_bucket", "N", "K", "ACT", "WEIGHT", "GROUP_SIZE", "HAS_W_ZERO", "HAS_X_ZERO"],
     prune_configs_by={"early_config_prune": _usable_configs},
-    do_bench=_quick_bench,
+    do_bench=quick_bench,
     cache_results=True,
 )
 
