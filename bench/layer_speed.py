@@ -179,19 +179,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench/layer_speed.py needs a CUDA device", file=sys.stderr)
         return 2
-    rows = []
-    for shape, size in CONVS:
-        new = conv_rows(shape, size, args.repeats)
-        print(*(f"{r['op']} {r['shape']} {r['layout']} {r['path']}: {r['ms']:.3f} ms" for r in new), sep="\n")
-        rows += new
-    for shape in LINEARS:
-        new = linear_rows(shape, args.repeats)
-        print(*(f"{r['op']} {r['shape']} {r['path']}: {r.get('ms', r.get('error'))}" for r in new), sep="\n")
-        rows += new
     env = environment()
-    record = {"rows": rows, "timing": TIMING, "environment": env, "git_commit": git_commit(),
-              "command": "python bench/layer_speed.py"}  # fmt: skip
-    write_cell(args.results / f"{env['device'].replace(' ', '-')}.json", record)
+    path = args.results / f"{env['device'].replace(' ', '-')}.json"
+    rows = []
+
+    def add(new: list[dict[str, Any]]) -> None:
+        """Print a shape's rows and rewrite the results with them, so a run cut short keeps what it measured."""
+        for r in new:
+            layout = f" {r['layout']}" if "layout" in r else ""
+            print(f"{r['op']} {r['shape']}{layout} {r['path']}: {r.get('ms', r.get('error'))}")
+        rows.extend(new)
+        record = {"rows": rows, "timing": TIMING, "environment": env, "git_commit": git_commit(),
+                  "command": "python bench/layer_speed.py"}  # fmt: skip
+        write_cell(path, record)
+
+    for shape, size in CONVS:
+        add(conv_rows(shape, size, args.repeats))
+    for shape in LINEARS:
+        add(linear_rows(shape, args.repeats))
     return 0
 
 
