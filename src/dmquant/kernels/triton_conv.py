@@ -66,6 +66,7 @@ from .triton_gemm import (
     stored_depth,
     tile_offsets,
     tile_starts,
+    tile_suits,
     uses_vendor_gemm,
 )
 
@@ -139,15 +140,11 @@ def _shifted_configs() -> list[triton.Config]:
 
 
 def _shifted_configs_for(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Configs whose K tile divides the channels, narrowed to tiles no wider than the problem where any are."""
+    """Configs whose K tile divides the channels, narrowed to those that suit the GEMM where any do."""
     args = {**named_args, **kwargs}
     fitting = [c for c in configs if args["C"] % c.kwargs["BLOCK_K"] == 0]
-    suiting = [
-        c for c in fitting
-        if c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(args["N"]))
-        and c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(args["R"]))
-    ]  # fmt: skip
-    return suiting or fitting
+    gemm = {**args, "M": args["R"], "K": args["KH"] * args["KW"] * args["C"]}  # the GEMM it computes
+    return [c for c in fitting if tile_suits(c.kwargs, gemm)] or fitting
 
 
 @triton.autotune(

@@ -318,7 +318,7 @@ def _tile_fits(tile: dict, args: dict) -> bool:
     )
 
 
-def _tile_suits(tile: dict, args: dict) -> bool:
+def tile_suits(tile: dict, args: dict) -> bool:
     """Whether a K tile suits the operand width (8-bit: long, 16-bit: short), and no tile dimension is wider than
     the problem's (rounded up to a power of two, at least 64 in M and N, 32 in K)."""
     eight_bit = args["ACT"] != "none"
@@ -334,7 +334,7 @@ def _usable_configs(configs: list[triton.Config], named_args: dict, **kwargs) ->
     """The configs worth benchmarking for a call: those that fit it, narrowed to those that suit it if any do."""
     args = {**named_args, **kwargs}
     fitting = [c for c in configs if _tile_fits(c.kwargs, args)]
-    return [c for c in fitting if _tile_suits(c.kwargs, args)] or fitting
+    return [c for c in fitting if tile_suits(c.kwargs, args)] or fitting
 
 
 def quick_bench(kernel_call, quantiles=None):
