@@ -328,8 +328,10 @@ COMPILED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D", "Attention")
 #: torch._inductor settings of every compiled row (torchao's recommended_inductor_config_setter
 #: less coordinate-descent tuning, which multiplies compile time).
 INDUCTOR_SETTINGS = {"force_fuse_int_mm_with_mul": True, "fx_graph_cache": True, "triton.unique_kernel_names": True}
-#: torch._dynamo limits raised so that one compiled graph per distinct block shape fits.
-DYNAMO_SETTINGS = {"recompile_limit": 64, "accumulated_recompile_limit": 1024}
+#: torch._dynamo limits raised so that every compiled block fits: one graph per distinct block shape, and for
+#: W8A8-INT8 one per block (dynamo specialises on each layer's activation zero point, a Python int; SDXL has 70
+#: transformer blocks).
+DYNAMO_SETTINGS = {"recompile_limit": 128, "accumulated_recompile_limit": 1024}
 QUANTIZED_SETTINGS = (COMPILED, EAGER, GRAPHED)
 
 

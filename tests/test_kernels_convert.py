@@ -224,14 +224,30 @@ def _stored_weight(bits, granularity, out_features=8, in_features=64, symmetric=
 def test_a_kernel_is_chosen_only_for_the_pairs_and_shapes_it_takes(monkeypatch, mode, bits, granularity, dtype, runs):
     from dmquant.kernels import dispatch
 
-    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    monkeypatch.setattr(dispatch, "TRITON_AVAILABLE", True)
     symmetric = bits == "fp8_e4m3"
     weight = _stored_weight(bits, granularity, symmetric=symmetric)
     on_gpu = types.SimpleNamespace(is_cuda=True, dtype=dtype)
     assert dispatch._runs_on_a_kernel(mode, weight, on_gpu) is runs
     assert not dispatch._runs_on_a_kernel(mode, weight, types.SimpleNamespace(is_cuda=False, dtype=dtype))
-    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+    monkeypatch.setattr(dispatch, "TRITON_AVAILABLE", False)
     assert not dispatch._runs_on_a_kernel(mode, weight, on_gpu)
+
+
+def test_the_kernel_choice_compiles_into_the_callers_graph():
+    """torch.compile traces the choice of kernel without a graph break (else every converted layer of a compiled
+    block would be a graph of its own, its quantization unfused)."""
+    from dmquant.kernels import dispatch
+
+    weight = _stored_weight(8, "channel", symmetric=False)
+    on_gpu = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def choose(x):
+        return x + 1 if dispatch.linear_kernel("int8", weight, on_gpu) is None else x - 1
+
+    expected = torch.ones(2) + (1 if not dispatch.TRITON_AVAILABLE else -1)
+    torch.testing.assert_close(choose(torch.ones(2)), expected)
 
 
 def test_a_kernel_call_gets_the_weight_tensors_and_the_current_steps_activation_parameters(monkeypatch):

@@ -20,7 +20,6 @@ weights with float activations) and other shapes take the reference path.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 from collections.abc import Callable
 
@@ -33,20 +32,21 @@ Kernel = Callable[..., Tensor]
 _PAIRS = {("int8", "int8"), ("int8", "int4"), ("none", "int4"), ("fp8", "fp8")}
 
 
-@functools.cache
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+#: Whether Triton is installed, read once at import: ``torch.compile`` cannot trace the module lookup, and a lookup
+#: per call would break the compiled graph at every converted layer (its quantization then no longer fuses into
+#: the kernel that produces its input).
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
 def load_kernels() -> None:
     """Import the Triton kernel modules now, where Triton is installed: they register dmquant's custom ops, and
     ``torch.compile`` then finds them loaded instead of breaking its graph at the first converted layer."""
-    if triton_available():
+    if TRITON_AVAILABLE:
         from . import triton_conv, triton_gemm  # noqa: F401
 
 
 def _runs_on_a_kernel(mode: str | None, weight: LowBitWeight, x: Tensor) -> bool:
-    if (mode, weight.layout) not in _PAIRS or not x.is_cuda or not triton_available():
+    if (mode, weight.layout) not in _PAIRS or not x.is_cuda or not TRITON_AVAILABLE:
         return False
     if mode == "none" and x.dtype not in (torch.bfloat16, torch.float16):
         return False
