@@ -669,14 +669,15 @@ def conversion_summary(model: nn.Module) -> dict[str, Any] | None:
 
 
 def cast_outside_low_bit_layers(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast the floating parameters and buffers to ``dtype``, except those of converted low-bit layers
-    (their fp8 codes and float32 scales are as their kernels take them). Returns ``model``."""
+    """Cast the floating parameters and buffers to ``dtype``, except the buffers of converted low-bit layers
+    (their fp8 codes and float32 scales are as their kernels take them). Their biases are cast too: every
+    floating parameter is then in ``dtype``, which is how diffusers reads a model's dtype (``ModelMixin.dtype``,
+    the first one; UNet2DModel casts its time embedding to it). Returns ``model``."""
     low_bit = outermost(model, lambda module: type(module).__module__.startswith("dmquant.kernels"))
     kept = {id(inner) for layer in low_bit.values() for inner in layer.modules()}
     for module in model.modules():
-        if id(module) in kept:
-            continue
-        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        buffers = [] if id(module) in kept else module.named_buffers(recurse=False)
+        for name, tensor in [*module.named_parameters(recurse=False), *buffers]:
             if tensor.is_floating_point():
                 if isinstance(tensor, nn.Parameter):
                     tensor.data = tensor.data.to(dtype)

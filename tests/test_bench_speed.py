@@ -157,7 +157,10 @@ def test_casting_a_converted_model_keeps_the_low_bit_layers_as_their_kernels_tak
     assert converted.head.weight.dtype == torch.bfloat16
     assert converted.linear.weight.stored.dtype == torch.float8_e4m3fn
     assert converted.linear.weight.scale.dtype == torch.float32
+    assert converted.linear.bias.dtype == torch.bfloat16  # every floating parameter: the model's dtype is bf16
     assert speed.conversion_summary(converted)["converted"] == {"fp8": 3}
+    x = torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)
+    assert converted(x, None).dtype == torch.bfloat16  # the reference path takes a bf16 bias
 
 
 def test_weight_bytes_count_a_torchao_tensor_subclass_at_its_real_storage():

@@ -52,6 +52,11 @@ def activation_mode(quantizer: Quantizer) -> str | None:
     return "int8" if not fmt.is_float and fmt.bits == 8 else None
 
 
+def _float(bias: Tensor | None) -> Tensor | None:
+    """A bias in float32, as the reference path computes (a model cast for inference may hold it in bf16)."""
+    return None if bias is None else bias.float()
+
+
 class KernelActivation(nn.Module):
     """An activation quantizer's per-tensor parameters as the kernels take them, fixed at conversion:
     one scale per parameter set as a tensor that moves with the layer (read on the device, no host
@@ -127,7 +132,7 @@ class LowBitLinear(_Smoothing):
 
     def reference(self, x: Tensor) -> Tensor:
         """The simulated layer's computation (in float32, as the quantizers compute), in ``x``'s dtype."""
-        return F.linear(self.activation.fake_quant(x), self.weight.dequantize(), self.bias).to(x.dtype)
+        return F.linear(self.activation.fake_quant(x), self.weight.dequantize(), _float(self.bias)).to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.unsmoothed(x, -1)
@@ -185,7 +190,7 @@ class LowBitConv2d(_Smoothing):
         (in float32, as the quantizers compute), in ``x``'s dtype."""
         inputs = torch.cat([part.input_quantizer(x[:, part.channels]) for part in self.parts], dim=1)
         weight = torch.cat([part.weight_4d(self.kernel_size) for part in self.parts], dim=1)
-        output = F.conv2d(inputs, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        output = F.conv2d(inputs, weight, _float(self.bias), self.stride, self.padding, self.dilation, self.groups)
         return output.to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
