@@ -89,6 +89,8 @@ DEFAULT_RESULTS = Path("bench/results/quality")
 #: results are, next to the quality results by default.
 COST_FOLDER = "calibration-cost"
 SPEED_FOLDER = "speed"
+#: The speed rows compiled as one whole-model graph (``bench/speed.py --compile-scope model``), next to ``speed/``.
+SPEED_MODEL_SCOPE_FOLDER = "speed-model-scope"
 FIDELITY_FOLDER = "fidelity"
 LAYER_SPEED_FOLDER = "layer-speed"
 RECON_SPEED_FOLDER = "recon-speed"
@@ -922,8 +924,16 @@ def calibration_cost_section(cells: Sequence[Cell], notes: Path | None = None) -
     return "\n".join(lines + reproduce_lines(cells))
 
 
-def speed_section(results: Path) -> str | None:
-    """The speed benchmark's table (``bench/speed.py``) with its reading notes, if it has cells."""
+SPEED_MODEL_SCOPE_INTRO = """\
+The same rows with `torch.compile` over the whole model instead of its outermost blocks, each against a
+bf16 row compiled the same way in the same run (`python bench/speed.py --compile-scope model --results
+bench/results/speed-model-scope`): the layers between the blocks (conv_in/conv_out, down- and upsamplers,
+the transformers' projections, the time embedding) are then compiled too."""
+
+
+def speed_section(results: Path, model_scope: Path | None = None) -> str | None:
+    """The speed benchmark's table (``bench/speed.py``) with its reading notes, then the whole-model-compile
+    table from ``model_scope`` with its own notes, for those that have cells."""
     if not any(results.glob("*/*.json")):
         return None
     sys.path.insert(0, str(Path(__file__).parent))
@@ -931,7 +941,12 @@ def speed_section(results: Path) -> str | None:
 
     lines = ["## Speed", "", speed.speed_table(results), ""]
     reading = reading_notes(results / NOTES_FOLDER, "all")
-    return "\n".join(lines + ([reading, ""] if reading else []))
+    lines += [reading, ""] if reading else []
+    if model_scope is not None and any(model_scope.glob("*/*.json")):
+        lines += ["### Whole-model compile", "", SPEED_MODEL_SCOPE_INTRO, "", speed.speed_table(model_scope), ""]
+        reading = reading_notes(model_scope / NOTES_FOLDER, "all")
+        lines += [reading, ""] if reading else []
+    return "\n".join(lines)
 
 
 FIDELITY_INTRO = """\
@@ -1240,7 +1255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cost_cells=cost_cells,
         cost_notes=cost_results / NOTES_FOLDER,
         fidelity=fidelity,
-        speed=speed_section(speed_results),
+        speed=speed_section(speed_results, args.results.parent / SPEED_MODEL_SCOPE_FOLDER),
         layer_speed=layer_speed,
         recon_speed=recon_speed,
     )

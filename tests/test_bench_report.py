@@ -356,6 +356,14 @@ def test_speed_cells_next_to_the_results_get_a_section(tmp_path):
     assert bench_report.main(argv) == 0
     section = output.read_text().split("## Speed")[1]
     assert f"| {MODEL} | bf16-eager | 12.50 |" in section
+    assert "### Whole-model compile" not in section
+    (tmp_path / "speed-model-scope" / MODEL).mkdir(parents=True)
+    whole = cell | {"metrics": {"median_ms": 10.25}}
+    (tmp_path / "speed-model-scope" / MODEL / "bf16-eager.json").write_text(json.dumps(whole))
+    assert bench_report.main(argv) == 0
+    blocks, whole_model = output.read_text().split("## Speed")[1].split("### Whole-model compile")
+    assert f"| {MODEL} | bf16-eager | 12.50 |" in blocks
+    assert f"| {MODEL} | bf16-eager | 10.25 |" in whole_model
 
 
 def _fidelity_cell(model, fmt, psnr, *, meets, device="NVIDIA H200"):
