@@ -58,6 +58,10 @@ cells are marked ``"representative": false``.
 Example (an H100; rerun to resume)::
 
     python bench/speed.py --max-minutes 9
+
+The whole-model compile goes to a folder of its own, which ``bench/report.py`` shows as a second table::
+
+    python bench/speed.py --compile-scope model --results bench/results/speed-model-scope
 """
 
 from __future__ import annotations
