@@ -37,6 +37,32 @@ def test_a_quantizer_switches_format_and_range_with_the_step():
     assert "bits by step uint4/uint8" in repr(quantizer)
 
 
+def test_a_compiled_scheduled_quantizer_compiles_once_per_parameter_set_not_per_step():
+    """Switching precision by step replays the graph of the step's parameter set: torch.compile specialises on the
+    set, so 10 steps of an A4-early / A8-late schedule compile 2 graphs (not one per step, past the recompile
+    limit, after which the steps would run eagerly)."""
+    quantizer = Quantizer(A8)
+    quantizer.schedule_formats([A8.with_bits(4).format] * 3 + [A8.format] * 7)
+    x = torch.linspace(-1, 1, 1001)
+    quantizer.observing = True
+    for step in range(10):
+        set_step(quantizer, step)
+        quantizer(x * (step + 1))
+    quantizer.finalize()
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(quantizer, backend=counting_backend)
+    for step in range(10):
+        set_step(quantizer, step)
+        torch.testing.assert_close(compiled(x), quantizer(x), rtol=0, atol=0)
+    assert len(graphs) == 2
+
+
 def test_per_step_ranges_and_a_schedule_do_not_combine():
     with pytest.raises(CalibrationError, match="do not combine"):
         Quantizer(A8, num_steps=5).schedule_formats([A8.format] * 5)

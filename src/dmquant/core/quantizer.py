@@ -49,11 +49,28 @@ class Quantizer(nn.Module):
     def has_observations(self) -> bool:
         return bool(self._observers)
 
+    @property
+    def step(self) -> int:
+        """The sampling step whose parameters (and format) the quantizer uses."""
+        return self._step
+
+    @step.setter
+    def step(self, index: int) -> None:
+        self._step = index
+        self._select_slot()
+
+    def _select_slot(self) -> None:
+        """Resolve the current step to its parameter set once, when the step or the schedule changes: the forward
+        reads only the slot, so ``torch.compile`` specialises on the parameter set (one graph per distinct set),
+        not on the step (one graph per step, past its recompile limit)."""
+        if self.step_slots is not None:
+            self._slot = self.step_slots[min(self._step, len(self.step_slots) - 1)]
+        else:
+            self._slot = self._step if self.num_steps > 1 else 0
+
     def slot(self) -> int:
         """Index of the parameter set (and format) the current ``step`` uses."""
-        if self.step_slots is not None:
-            return self.step_slots[min(self.step, len(self.step_slots) - 1)]
-        return self.step if self.num_steps > 1 else 0
+        return self._slot
 
     @property
     def fmt(self) -> QFormat:
@@ -75,6 +92,7 @@ class Quantizer(nn.Module):
         self.slot_formats = distinct
         self.step_slots = [distinct.index(fmt) for fmt in formats]
         self.num_steps = len(distinct)
+        self._select_slot()
         self._observers.clear()
         self.scale, self.zero_point = torch.empty(0), torch.empty(0)
 
