@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -9,13 +10,17 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from dmquant.cli import main
+from dmquant.cli import _compiled, main
+from dmquant.config import QuantizerConfig
+from dmquant.core.quantizer import Quantizer
 
 CALIB = ["--calib-trajectories", "2", "--calib-steps", "3"]
 SAMPLING = ["--num-samples", "2", "--steps", "3", "--batch-size", "2"]
@@ -637,3 +642,13 @@ def test_a_checkpoint_with_per_step_statistics_samples_with_its_own_steps(tmp_pa
     assert "(2 samples, 4 steps" in out
     code, _, err = run(["eval", str(output), "--num-samples", "2", "--steps", "3", "-q"], capsys)
     assert code == 2 and "measure them for this sampler" in err
+
+
+def test_compile_allows_one_graph_per_step_parameter_set(monkeypatch):
+    """A model with per-step ranges for 20 steps compiles up to 20 graphs (twice: full and last batches), past
+    dynamo's default limit of 8, after which the remaining steps would run eagerly."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    per_step = Quantizer(QuantizerConfig(bits=8, granularity="tensor"), num_steps=20)
+    model = types.SimpleNamespace(denoiser=torch.nn.Sequential(per_step))
+    _compiled(model, argparse.Namespace(compile=True, device="cpu"))
+    assert torch._dynamo.config.recompile_limit == 40

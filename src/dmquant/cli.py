@@ -23,6 +23,7 @@ from .api import INFO_ATTRIBUTE, info, required_steps, sampling_hooks, save
 from .checkpoint import MANIFEST_FILE, check_target
 from .config import QuantConfig, available_recipes, load_recipe
 from .core.attach import attach_quantizers, find_shortcut_splits
+from .core.quantizer import quantizers
 from .denoiser import Denoiser
 from .errors import DmquantError
 from .eval.images import psnr, to_unit_range
@@ -112,11 +113,16 @@ def _prepared(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel
 
 
 def _compiled(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel:
-    """The model with its denoiser compiled in place under ``--compile`` (with CUDA graphs on CUDA)."""
+    """The model with its denoiser compiled in place under ``--compile`` (with CUDA graphs on CUDA). One graph per
+    per-step parameter set, for the full batches and for a smaller last one: dynamo's recompile limit is raised to
+    twice the model's number of sets, so that no step falls back to eager."""
     if args.compile:
         on_cuda = torch.device(args.device).type == "cuda"
         if on_cuda:
             load_kernels()
+        parameter_sets = max((quantizer.num_steps for quantizer in quantizers(model.denoiser)), default=1)
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, 2 * parameter_sets)
         model.denoiser.compile(mode="reduce-overhead" if on_cuda else None)
     return model
 
