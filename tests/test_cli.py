@@ -644,11 +644,11 @@ def test_a_checkpoint_with_per_step_statistics_samples_with_its_own_steps(tmp_pa
     assert code == 2 and "measure them for this sampler" in err
 
 
-def test_compile_allows_one_graph_per_step_parameter_set(monkeypatch):
+def test_compile_allows_one_graph_per_step_parameter_set():
     """A model with per-step ranges for 20 steps compiles up to 20 graphs (twice: full and last batches), past
     dynamo's default limit of 8, after which the remaining steps would run eagerly."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     per_step = Quantizer(QuantizerConfig(bits=8, granularity="tensor"), num_steps=20)
     model = types.SimpleNamespace(denoiser=torch.nn.Sequential(per_step))
-    _compiled(model, argparse.Namespace(compile=True, device="cpu"))
-    assert torch._dynamo.config.recompile_limit == 40
+    with torch._dynamo.config.patch(recompile_limit=8):  # restored on exit
+        _compiled(model, argparse.Namespace(compile=True, device="cpu"))
+        assert torch._dynamo.config.recompile_limit == 40
