@@ -157,6 +157,7 @@ def test_version(capsys):
                 "fp8",
                 "--real-kernels",
                 "--dynamic-fp8",
+                "--fp8-fast-accumulation",
                 "--compile",
             ],
         ),

@@ -267,3 +267,32 @@ def test_a_kernel_call_gets_the_weight_tensors_and_the_current_steps_activation_
     assert arguments["x_scale"].item() == 0.5 and arguments["x_zero"] == -3 and arguments["act"] == "int8"
     assert arguments["w_packed"] is weight.stored and arguments["group_size"] == 32
     assert torch.equal(arguments["w_colsum"], weight.codes().reshape(8, 2, 32).sum(-1))
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_fp8_fast_accumulation_reaches_the_fp8_kernels_of_linears_and_convs(unet, calibration, monkeypatch, fast):
+    from dmquant.kernels import dispatch
+
+    calls = []
+    record = lambda x, **arguments: calls.append(arguments) or x  # noqa: E731
+    gemm, conv = types.ModuleType("dmquant.kernels.triton_gemm"), types.ModuleType("dmquant.kernels.triton_conv")
+    gemm.int8_linear = gemm.int4_linear = gemm.fp8_linear = record
+    conv.int8_conv2d = conv.int4_conv2d = conv.fp8_conv2d = lambda x, **arguments: calls.append(arguments) or x
+    for name, module in (("triton_gemm", gemm), ("triton_conv", conv)):
+        monkeypatch.setitem(sys.modules, f"dmquant.kernels.{name}", module)
+        monkeypatch.setattr(dmquant.kernels, name, module, raising=False)
+    monkeypatch.setattr(dispatch, "_runs_on_a_kernel", lambda *args: True)
+    converted = convert_model(_quantized(unet, calibration, "fp8_e4m3", "fp8_e4m3"), fp8_fast_accumulation=fast)
+    linear = next(m for m in converted.modules() if isinstance(m, LowBitLinear) and m.activation.mode == "fp8")
+    conv_layer = next(
+        m
+        for m in converted.modules()
+        if isinstance(m, LowBitConv2d) and [part.activation.mode for part in m.parts] == ["fp8"]
+    )
+    linear(torch.zeros(2, linear.in_features))
+    conv_layer(torch.zeros(1, conv_layer.in_channels, 4, 4))
+    assert [arguments["fast_accumulation"] for arguments in calls] == [fast, fast]
+    calls.clear()
+    int8 = next(m for m in convert_model(_quantized(unet, calibration, 8, 8)).modules() if isinstance(m, LowBitLinear))
+    int8(torch.zeros(2, int8.in_features))
+    assert "fast_accumulation" not in calls[0]  # only the fp8 kernels take it

@@ -150,6 +150,22 @@ def test_pointwise_convolutions_run_as_a_gemm_over_pixels(act, vendor_on_any_dev
     torch.testing.assert_close(vendor, triton_kernel, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["fp32-accumulation", "fast-accumulation"])
+def test_fp8_fast_accumulation_is_asked_of_cublaslt(fast, vendor_on_any_device, monkeypatch):
+    """``fast_accumulation`` reaches ``_scaled_mm`` as ``use_fast_accum`` on both epilogues and through a 1x1 conv."""
+    asked, scaled_mm = [], torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *args, **kwargs: asked.append(kwargs) or scaled_mm(*args, **kwargs))
+    gen = torch.Generator().manual_seed(13)
+    w = torch.randn(16, 32, generator=gen).to(FP8).to(DEVICE)
+    scale = (torch.rand(16, generator=gen) * 0.01 + 1e-3).to(DEVICE)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(24, 32, generator=gen).to(dtype).to(DEVICE)
+        fp8_linear(x, 0.02, w, scale, backend="cublas", fast_accumulation=fast)
+    pixels = torch.randn(2, 32, 3, 3, generator=gen).to(DEVICE)
+    fp8_conv2d(pixels, 0.02, w, scale, kernel_size=1, backend="cublas", fast_accumulation=fast)
+    assert [kwargs["use_fast_accum"] for kwargs in asked] == [fast] * 3
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_vendor_and_triton_linears_agree_at_unet_shapes(dtype):
@@ -166,6 +182,9 @@ def test_gpu_vendor_and_triton_linears_agree_at_unet_shapes(dtype):
     fp8 = [fp8_linear(x, None, w8, scale, backend=backend).double() for backend in ("cublas", "triton")]
     rounding = 2**-12 if dtype == torch.float32 else 8e-3  # Hopper's fp8 accumulation; bf16 outputs
     torch.testing.assert_close(*fp8, rtol=rounding, atol=rounding * fp8[1].abs().max().item())
+    # fast accumulation: the tensor cores' reduced-precision sums, not promoted to fp32 (K = 1280 products)
+    fast = fp8_linear(x, None, w8, scale, backend="cublas", fast_accumulation=True).double()
+    torch.testing.assert_close(fast, fp8[0], rtol=2**-7, atol=2**-7 * fp8[0].abs().max().item())
 
 
 @pytest.mark.parametrize("act", ["int8", "fp8"])

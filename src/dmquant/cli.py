@@ -391,7 +391,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
             f"{args.model}: not a dmquant checkpoint directory (no {MANIFEST_FILE}); make one with `dmquant quantize`"
         )
     simulated = _prepared(open_model(args.model, base=args.base), args)
-    converted = simulated.with_denoiser(convert_model(simulated.denoiser, dynamic_fp8=args.dynamic_fp8))
+    converted = simulated.with_denoiser(
+        convert_model(
+            simulated.denoiser, dynamic_fp8=args.dynamic_fp8, fp8_fast_accumulation=args.fp8_fast_accumulation
+        )
+    )
     converted = _compiled(converted, args)
     report = getattr(converted.denoiser, REPORT_ATTRIBUTE)
     print(f"{args.model}: {report.summary()}\n")
@@ -613,6 +617,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dynamic-fp8",
         action="store_true",
         help="Linear layers with fp8 activations take per-token scales from each input, not the calibrated one",
+    )
+    p.add_argument(
+        "--fp8-fast-accumulation",
+        action="store_true",
+        help="fp8 GEMMs on cuBLASLt (Linear, 1x1 conv) accumulate in the tensor cores' reduced precision, as "
+        "torchao's fp8 does: faster kernels, further from the simulated model (bench/fidelity.py measures both)",
     )
     _add_compile_option(p)
     _add_sampling_options(p, num_samples=0)

@@ -41,8 +41,10 @@ class ConversionReport:
         return text + (f"; {len(self.kept)} kept simulated" if self.kept else "")
 
 
-def _low_bit(layer: nn.Module, dynamic_fp8: bool) -> LowBitLinear | LowBitConv2d:
-    return LowBitLinear(layer, dynamic_fp8=dynamic_fp8) if isinstance(layer, QuantLinear) else LowBitConv2d(layer)
+def _low_bit(layer: nn.Module, dynamic_fp8: bool, fast_accumulation: bool) -> LowBitLinear | LowBitConv2d:
+    if isinstance(layer, QuantLinear):
+        return LowBitLinear(layer, dynamic_fp8=dynamic_fp8, fast_accumulation=fast_accumulation)
+    return LowBitConv2d(layer, fast_accumulation=fast_accumulation)
 
 
 def _activation_text(activation: KernelActivation) -> str:
@@ -58,13 +60,18 @@ def _weights(layer: LowBitLinear | LowBitConv2d) -> list[tuple[LowBitWeight, Ker
     return [(part.weight, part.activation) for part in layer.parts]
 
 
-def convert_model(model: nn.Module, *, inplace: bool = False, dynamic_fp8: bool = False) -> nn.Module:
+def convert_model(
+    model: nn.Module, *, inplace: bool = False, dynamic_fp8: bool = False, fp8_fast_accumulation: bool = False
+) -> nn.Module:
     """``model`` with its quantized Linear and Conv2d layers in real low precision (a copy unless ``inplace``).
 
     The converted model computes what the simulated one does: on CPU bit for bit (the reference
     path), on CUDA within the kernels' accumulation error. ``dynamic_fp8`` gives Linear layers with
     fp8 e4m3 activations per-token scales computed from each input instead of their calibrated
     per-tensor scale (convolutions keep theirs); those layers then differ from the simulated ones.
+    ``fp8_fast_accumulation`` lets the fp8 GEMMs on cuBLASLt (Linear and 1×1 convolutions) accumulate in the
+    tensor cores' reduced precision, as torchao's fp8 rows do: faster kernels, a larger distance from the
+    simulated model (``bench/fidelity.py`` measures both).
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -74,7 +81,7 @@ def convert_model(model: nn.Module, *, inplace: bool = False, dynamic_fp8: bool 
         raise ValueError(f"{type(model).__name__} has no quantized Linear or Conv2d layer: quantize it first")
     for name, layer in targets:
         try:
-            converted = _low_bit(layer, dynamic_fp8)
+            converted = _low_bit(layer, dynamic_fp8, fp8_fast_accumulation)
         except (UnsupportedWeight, ValueError) as why:
             report.kept[name] = str(why)
             continue

@@ -13,9 +13,13 @@ widths that are not multiples of 8 or 16) and the formats they lack (packed int4
       y[m, n] = s_x[m] · s_w[n] · (acc[m, n] − z_w[n] · Σ_k c_x[m, k] + z_x · (K · z_w[n] − Σ_k c_w[n, k])) + b[n]
 
   plain torch operations after the GEMM, which ``torch.compile`` fuses into one pass over the output.
-* **FP8**: ``acc = _scaled_mm(a, wᵀ)`` with fp32 accumulation (``use_fast_accum=False``); for bf16 outputs the
-  scales ``s_x[m]`` (a static one repeated per row) and ``s_w[n]`` and the bias are applied in cuBLASLt's
-  epilogue (row-wise scaling), otherwise the fp32 product is scaled as above.
+* **FP8**: ``acc = _scaled_mm(a, wᵀ)``; for bf16 outputs the scales ``s_x[m]`` (a static one repeated per row)
+  and ``s_w[n]`` and the bias are applied in cuBLASLt's epilogue (row-wise scaling), otherwise the fp32 product is
+  scaled as above. Hopper's fp8 tensor cores add into an accumulator with fewer mantissa bits than fp32; by
+  default cuBLASLt promotes the partial sums into fp32 as it goes (``use_fast_accum=False``), the accuracy the
+  simulated model assumes. ``GemmOperands.fast_accumulation`` lets the tensor cores accumulate without that
+  promotion (``use_fast_accum=True``, torchao's default for its fp8 rows): other, faster kernels, at a cost in
+  fidelity that ``bench/fidelity.py`` measures.
 
 Requirements checked by :func:`vendor_takes`: CUDA tensors, per-channel weight parameters (integer zero points),
 and the shapes cuBLASLt accepts — int8: ``M > 16``, ``K`` and ``N`` multiples of 8; fp8: ``K`` and ``N``
@@ -89,8 +93,11 @@ def fp8_gemm(operands: GemmOperands, out_dtype: torch.dtype) -> Tensor:
         x_scale = operands.x_scale.reshape(-1, 1).expand(rows, 1).contiguous()
         bias = None if operands.bias is None else operands.bias.to(torch.bfloat16)
         return torch._scaled_mm(
-            a, w_t, scale_a=x_scale, scale_b=operands.w_scale.reshape(1, -1), bias=bias, out_dtype=torch.bfloat16
-        )
+            a, w_t, scale_a=x_scale, scale_b=operands.w_scale.reshape(1, -1), bias=bias, out_dtype=torch.bfloat16,
+            use_fast_accum=operands.fast_accumulation,
+        )  # fmt: skip
     one = torch.ones((), dtype=torch.float32, device=a.device)
-    product = torch._scaled_mm(a, w_t, scale_a=one, scale_b=one, out_dtype=torch.float32)
+    product = torch._scaled_mm(
+        a, w_t, scale_a=one, scale_b=one, out_dtype=torch.float32, use_fast_accum=operands.fast_accumulation
+    )
     return _scaled(product, operands, out_dtype)

@@ -76,21 +76,27 @@ def _weight_arguments(weight: LowBitWeight) -> dict:
     }
 
 
-def _arguments(mode: str, activation, weight: LowBitWeight) -> dict:
+def _arguments(mode: str, activation, weight: LowBitWeight, fast_accumulation: bool) -> dict:
     """A call's arguments: the weight's tensors and the current step's activation parameters (an fp8
-    scale of None asks the kernel for dynamic per-row scales)."""
+    scale of None asks the kernel for dynamic per-row scales); fp8 calls also take ``fast_accumulation``."""
     arguments = _weight_arguments(weight) | ({"act": mode} if weight.layout == "int4" else {})
     if mode == "none":
         return arguments | {"x_scale": None, "x_zero": 0}
     scale, zero = activation.parameters_now()
-    return arguments | {"x_scale": scale} | ({} if mode == "fp8" else {"x_zero": zero})
+    if mode == "fp8":
+        return arguments | {"x_scale": scale, "fast_accumulation": fast_accumulation}
+    return arguments | {"x_scale": scale, "x_zero": zero}
 
 
 def _kernel(functions: dict[str, Kernel], mode: str) -> Kernel:
-    """``run(x, activation, weight, bias, **geometry)`` calling the function of the weight's layout."""
+    """``run(x, activation, weight, bias, fast_accumulation=False, **geometry)`` calling the function of the
+    weight's layout."""
 
-    def run(x: Tensor, activation, weight: LowBitWeight, bias: Tensor | None, **geometry) -> Tensor:
-        return functions[weight.layout](x, bias=bias, **_arguments(mode, activation, weight), **geometry)
+    def run(
+        x: Tensor, activation, weight: LowBitWeight, bias: Tensor | None, fast_accumulation: bool = False, **geometry
+    ) -> Tensor:
+        arguments = _arguments(mode, activation, weight, fast_accumulation)
+        return functions[weight.layout](x, bias=bias, **arguments, **geometry)
 
     return run
 

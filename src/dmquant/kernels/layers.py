@@ -19,6 +19,10 @@ step it was captured at: capture one graph per distinct parameter set (two for a
 A8-late schedule) and replay the one of each step — switching precision replays another graph,
 it never recaptures.
 
+``fast_accumulation`` (a conversion option) lets the FP8 GEMMs that run on cuBLASLt accumulate in the fp8
+tensor cores' reduced precision (:mod:`~dmquant.kernels.cublas_gemm`): faster kernels, and a layer that no longer
+matches its simulated twin to fp32 accumulation. The reference path is unaffected.
+
 A convolution with a split input (Q-Diffusion's shortcut split) has one part per input slice,
 each with its own activation and weight parameters: the kernel path sums one convolution per
 part (the bias added once), the reference path concatenates them into one as the simulated layer
@@ -119,9 +123,10 @@ class _Smoothing(nn.Module):
 class LowBitLinear(_Smoothing):
     """``y = x_q · W_qᵀ + b`` with ``W_q`` stored as codes."""
 
-    def __init__(self, layer: QuantLinear, *, dynamic_fp8: bool = False) -> None:
+    def __init__(self, layer: QuantLinear, *, dynamic_fp8: bool = False, fast_accumulation: bool = False) -> None:
         super().__init__(layer.smoothing)
         self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.fast_accumulation = fast_accumulation
         self.activation = KernelActivation(layer.input_quantizer, dynamic=dynamic_fp8)
         self.weight = LowBitWeight.from_quantizer(layer.weight_quantizer, layer.weight.detach())
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
@@ -137,7 +142,9 @@ class LowBitLinear(_Smoothing):
     def forward(self, x: Tensor) -> Tensor:
         x = self.unsmoothed(x, -1)
         kernel = dispatch.linear_kernel(self.activation.mode, self.weight, x)
-        return self.reference(x) if kernel is None else kernel(x, self.activation, self.weight, self.bias)
+        if kernel is None:
+            return self.reference(x)
+        return kernel(x, self.activation, self.weight, self.bias, fast_accumulation=self.fast_accumulation)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -167,10 +174,11 @@ class _ConvPart(nn.Module):
 class LowBitConv2d(_Smoothing):
     """A Conv2d with its weight stored as codes; ``groups == 1`` and zero padding run on kernels."""
 
-    def __init__(self, layer: QuantConv2d) -> None:
+    def __init__(self, layer: QuantConv2d, *, fast_accumulation: bool = False) -> None:
         super().__init__(layer.smoothing)
         if layer.padding_mode != "zeros":
             raise ValueError(f"padding_mode={layer.padding_mode!r}: only zero padding is converted")
+        self.fast_accumulation = fast_accumulation
         self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
         self.kernel_size, self.stride, self.padding = layer.kernel_size, layer.stride, layer.padding
         self.dilation = layer.dilation
@@ -198,9 +206,10 @@ class LowBitConv2d(_Smoothing):
         kernels = [dispatch.conv2d_kernel(part.activation.mode, part.weight, x, self.groups) for part in self.parts]
         if None in kernels:
             return self.reference(x)
-        geometry = {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
+        options = {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
+        options |= {"kernel_size": self.kernel_size, "fast_accumulation": self.fast_accumulation}
         first, *others = (
-            kernel(x[:, part.channels], part.activation, part.weight, bias, kernel_size=self.kernel_size, **geometry)
+            kernel(x[:, part.channels], part.activation, part.weight, bias, **options)
             for kernel, part, bias in zip(kernels, self.parts, [self.bias, None], strict=False)
         )
         return sum(others, first)

@@ -411,15 +411,16 @@ def fp8_conv2d(
     padding: int | tuple[int, int] = 0,
     dilation: int | tuple[int, int] = 1,
     backend: str = "auto",
+    fast_accumulation: bool = False,
 ) -> Tensor:
     """W8A8-FP8 convolution with a static per-tensor activation scale ``x_scale``.
 
     ``w_fp8``: (Cout, KH·KW·Cin) ``torch.float8_e4m3fn``, K ordered ``(kh, kw, cin)``; ``w_scale``: (Cout,).
-    1×1 convolutions take ``backend`` as :func:`int8_conv2d` does (``_scaled_mm``). Returns (B, Cout, Ho, Wo) in
-    channels_last memory format, ``x.dtype``.
+    1×1 convolutions take ``backend`` and ``fast_accumulation`` as :func:`~dmquant.kernels.triton_gemm.fp8_linear`
+    does (``_scaled_mm``). Returns (B, Cout, Ho, Wo) in channels_last memory format, ``x.dtype``.
     """
     if x_scale is None:
         raise ValueError("fp8 convolutions take a static activation scale (a dynamic one per input would differ "
                          "between the receptive fields an input belongs to)")  # fmt: skip
-    arguments = fp8_arguments(x_scale, w_scale, bias)
+    arguments = fp8_arguments(x_scale, w_scale, bias, fast_accumulation)
     return _conv2d(x, w_fp8, kernel_size, stride, padding, dilation, backend, **arguments)

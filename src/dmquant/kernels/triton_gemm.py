@@ -461,6 +461,8 @@ class GemmOperands:
     ``a`` is the A operand (:func:`quantize_activations`); ``x_scale`` the (1,) or (M,) float32 activation
     scale applied in the epilogue; the weight parameters are (N, groups) arrays; ``group_size`` 0 means one
     group per row; ``x_zero`` is 0 unless the activations are int8 codes with a zero point.
+    ``fast_accumulation`` (fp8 on cuBLASLt only, :mod:`~dmquant.kernels.cublas_gemm`): accumulate without
+    promoting the tensor cores' partial sums to fp32; the Triton kernels promote once per K tile regardless.
     """
 
     a: Tensor
@@ -475,6 +477,7 @@ class GemmOperands:
     weight: str
     group_size: int
     depth: int
+    fast_accumulation: bool = False
 
     def op_arguments(self) -> tuple:
         """The positional arguments of the ``dmquant::`` custom ops, in order."""
@@ -497,6 +500,7 @@ def gemm_operands(
     depth: int,
     group_size: int | None,
     rows: int,
+    fast_accumulation: bool = False,
 ) -> GemmOperands:
     """Validate a call's arguments and quantize ``x`` (any view: the A operand keeps its strides).
 
@@ -535,6 +539,7 @@ def gemm_operands(
         weight=weight,
         group_size=group,
         depth=depth,
+        fast_accumulation=fast_accumulation,
     )
 
 
@@ -678,10 +683,12 @@ def int4_arguments(
             "bias": bias, "act": act, "weight": "int4", "group_size": group_size}  # fmt: skip
 
 
-def fp8_arguments(x_scale: float | Tensor | None, w_scale: Tensor, bias: Tensor | None) -> dict:
+def fp8_arguments(
+    x_scale: float | Tensor | None, w_scale: Tensor, bias: Tensor | None, fast_accumulation: bool
+) -> dict:
     """The keyword arguments of a W8A8-FP8 call (Linear or Conv2d) for :func:`gemm_operands`."""
     return {"x_scale": x_scale, "x_zero": 0, "w_scale": w_scale, "w_zero": None, "w_colsum": None, "bias": bias,
-            "act": "fp8", "weight": "fp8", "group_size": None}  # fmt: skip
+            "act": "fp8", "weight": "fp8", "group_size": None, "fast_accumulation": fast_accumulation}  # fmt: skip
 
 
 def int8_linear(
@@ -749,6 +756,7 @@ def fp8_linear(
     bias: Tensor | None = None,
     *,
     backend: str = "auto",
+    fast_accumulation: bool = False,
 ) -> Tensor:
     """W8A8-FP8 ``y = x · Wᵀ + b`` with ``x`` scaled and cast to e4m3 (:func:`quantize_activations`).
 
@@ -759,8 +767,10 @@ def fp8_linear(
         w_fp8: (N, K) ``torch.float8_e4m3fn``; ``w_scale``: (N,) float32.
         backend: ``"auto"`` (cuBLASLt's ``_scaled_mm`` where it takes the call, else Triton), ``"triton"`` or
             ``"cublas"`` (:data:`BACKENDS`).
+        fast_accumulation: on cuBLASLt, accumulate in the tensor cores' reduced precision
+            (``use_fast_accum=True``; :mod:`~dmquant.kernels.cublas_gemm`); the Triton kernel ignores it.
 
     Returns: (..., N) in ``x.dtype``.
     """
     scale = fp8_row_scales(x) if x_scale is None else x_scale
-    return _linear(x, w_fp8, backend, **fp8_arguments(scale, w_scale, bias))
+    return _linear(x, w_fp8, backend, **fp8_arguments(scale, w_scale, bias, fast_accumulation))
