@@ -49,13 +49,13 @@ from dmquant.core.quantizer import set_step
 from dmquant.denoiser import Denoiser
 from dmquant.eval.images import psnr, to_unit_range
 from dmquant.jobs import generate, record_for
-from dmquant.kernels.convert import REPORT_ATTRIBUTE, convert_model
+from dmquant.kernels.convert import REPORT_ATTRIBUTE
 from dmquant.models import DiffusionModel, load_model
 from dmquant.provenance import environment
 
 sys.path.insert(0, str(Path(__file__).parent))
 from quality import docstring_parser, git_commit, write_cell  # noqa: E402
-from speed import ROWS, ZOO_MODELS, conversion_summary, dmquant_config  # noqa: E402
+from speed import ROWS, ZOO_MODELS, conversion_summary, convert_for, dmquant_config  # noqa: E402
 
 #: The formats: speed.py's dmquant rows (without their ``dmquant-`` prefix), and fp8 with per-token scales.
 FORMATS = {row.removeprefix("dmquant-"): (row, False) for row in ROWS if row.startswith("dmquant-")}
@@ -106,10 +106,10 @@ def run_cell(
 ) -> dict[str, Any]:
     """Quantize ``fp`` at ``fmt``, convert it, and compare the two models' samples."""
     row, dynamic_fp8 = FORMATS[fmt]
-    config = dmquant_config(ROWS[row])
+    config = dmquant_config(ROWS[row], fp.denoiser)
     calibration = record_for(fp, config.calibration, progress=False)
     simulated = fp.with_denoiser(quantize(fp.denoiser, config, calibration, progress=False))
-    converted = simulated.with_denoiser(convert_model(simulated.denoiser, dynamic_fp8=dynamic_fp8))
+    converted = simulated.with_denoiser(convert_for(ROWS[row], simulated.denoiser, dynamic_fp8=dynamic_fp8))
     expected, simulated_s = _timed_samples(simulated, args)
     got, converted_s = _timed_samples(converted, args)
     value = psnr(expected, got).item()

@@ -34,9 +34,12 @@ Rows (``--rows``), each measured in the execution settings it lists (the first i
 - dmquant: ``quantize`` with the ``minmax`` recipe at the row's formats, attention matmuls off,
   calibrated on 2 random rows shaped like the inputs, then ``dmquant.kernels.convert.convert_model``
   (real low-bit kernels): ``dmquant-w8a8-fp8`` (fp8 e4m3 weights per channel and activations per
-  tensor), ``dmquant-w8a8-int8`` (int8 symmetric per-channel weights, asymmetric per-tensor
-  activations), ``dmquant-w4a8`` and ``dmquant-w4a16`` (packed int4 weights per output channel,
-  which every layer takes, where torchao's int4 row groups by 128/64/32 inputs).
+  tensor), ``dmquant-w8a8-fp8-fast`` (the same, its fp8 GEMMs on cuBLASLt with fast accumulation,
+  as torchao's fp8 row), ``dmquant-w8a8-fp8-linear-fast`` (that on the nn.Linear layers only, the
+  convolutions left in bfloat16 as torchao leaves them), ``dmquant-w8a8-int8`` (int8 symmetric
+  per-channel weights, asymmetric per-tensor activations), ``dmquant-w4a8`` and ``dmquant-w4a16``
+  (packed int4 weights per output channel, which every layer takes, where torchao's int4 row groups
+  by 128/64/32 inputs).
   A conversion that raises makes an ``unsupported`` cell with the reason.
 
 Quantized rows are measured eager, compiled and compiled+CUDA graph (headline: compiled), each
@@ -92,7 +95,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from dmquant.api import info, quantize
 from dmquant.calib.record import CalibrationSet
-from dmquant.config import QuantConfig, load_recipe
+from dmquant.config import LayerRule, QuantConfig, load_recipe
 from dmquant.core.layers import QUANT_LAYERS
 from dmquant.eval.cost import attention_macs, layer_macs
 from dmquant.kernels.convert import REPORT_ATTRIBUTE, convert_model
@@ -350,6 +353,8 @@ class Row:
         description: what the row runs, exactly.
         peer: the ``peers.py`` name of a torchao row.
         formats: a dmquant row's (weight bits, activation bits, weight granularity).
+        fast_accumulation: a dmquant row's fp8 GEMMs on cuBLASLt accumulate without fp32 promotion.
+        linear_only: a dmquant row quantizes nn.Linear layers only, its convolutions left in the compute dtype.
     """
 
     name: str
@@ -358,6 +363,8 @@ class Row:
     description: str
     peer: str | None = None
     formats: tuple[int | str, int | str, str] | None = None
+    fast_accumulation: bool = False
+    linear_only: bool = False
 
 
 _DMQUANT = (
@@ -385,6 +392,14 @@ ROWS: dict[str, Row] = {
         Row("dmquant-w8a8-fp8", "dmquant", QUANTIZED_SETTINGS,
             _DMQUANT.format(what="fp8 e4m3 weights per output channel and activations per tensor"),
             formats=("fp8_e4m3", "fp8_e4m3", "channel")),
+        Row("dmquant-w8a8-fp8-fast", "dmquant", QUANTIZED_SETTINGS,
+            _DMQUANT.format(what="fp8 as dmquant-w8a8-fp8, its fp8 GEMMs on cuBLASLt with fast accumulation "
+                            "(use_fast_accum=True, as torchao's fp8 rows)"),
+            formats=("fp8_e4m3", "fp8_e4m3", "channel"), fast_accumulation=True),
+        Row("dmquant-w8a8-fp8-linear-fast", "dmquant", QUANTIZED_SETTINGS,
+            _DMQUANT.format(what="fp8 as dmquant-w8a8-fp8-fast on the nn.Linear layers only, the convolutions left "
+                            "in bfloat16 on cuDNN (torchao's layer coverage, with static activation scales)"),
+            formats=("fp8_e4m3", "fp8_e4m3", "channel"), fast_accumulation=True, linear_only=True),
         Row("dmquant-w8a8-int8", "dmquant", QUANTIZED_SETTINGS,
             _DMQUANT.format(what="int8 symmetric per-channel weights, int8 asymmetric per-tensor activations"),
             formats=(8, 8, "channel")),
@@ -620,8 +635,9 @@ def build_torchao(bench: ModelBench, row: Row) -> Built:
     return Built(result.model, details)
 
 
-def dmquant_config(row: Row) -> QuantConfig:
-    """minmax at the row's formats (the weight granularity included), attention matmuls off."""
+def dmquant_config(row: Row, model: nn.Module) -> QuantConfig:
+    """minmax at the row's formats (the weight granularity included), attention matmuls off; for a
+    ``linear_only`` row, a first rule that keeps ``model``'s convolutions in full precision."""
     weight_bits, activation_bits, granularity = row.formats
     config = load_recipe("minmax").with_bits(weight_bits, activation_bits)
     config.weight = dataclasses.replace(config.weight, granularity=granularity)
@@ -630,18 +646,27 @@ def dmquant_config(row: Row) -> QuantConfig:
         config.rules = [
             dataclasses.replace(rule, weight_bits=weight_bits, activation_bits=activation_bits) for rule in config.rules
         ]
+    if row.linear_only:
+        convolutions = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+        if convolutions:
+            config.rules = [LayerRule("|".join(convolutions), keep_fp=True), *config.rules]
     return config
+
+
+def convert_for(row: Row, model: nn.Module, **options) -> nn.Module:
+    """``convert_model`` of a quantized ``model`` with the row's conversion options (and ``options``)."""
+    return convert_model(model, fp8_fast_accumulation=row.fast_accumulation, **options)
 
 
 def build_dmquant(bench: ModelBench, row: Row) -> Built:
     """quantize the float32 master (a copy), convert it to real low-bit layers, cast the rest of the
     model to the compute dtype."""
     master = bench.workload.model
-    config = dmquant_config(row)
+    config = dmquant_config(row, master)
     quantized = quantize(master, config, bench.workload.calibration(), batch_size=2, progress=bench.args.progress)
     layers = info(quantized).report.layers
     try:
-        converted = convert_model(quantized)
+        converted = convert_for(row, quantized)
     except Exception as error:  # a conversion that refuses is a row this build cannot run
         raise RowUnsupported(f"convert_model raised {type(error).__name__}: {error}") from error
     del quantized

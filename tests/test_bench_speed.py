@@ -191,11 +191,27 @@ def test_torchao_rows_leave_out_the_linears_whose_products_the_int8_kernel_refus
 
 
 def test_w4_rows_quantize_weights_per_output_channel_which_every_layer_takes():
-    config = speed.dmquant_config(speed.ROWS["dmquant-w4a8"])
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Flatten(), nn.LazyLinear(4))
+    config = speed.dmquant_config(speed.ROWS["dmquant-w4a8"], model)
     assert config.weight.granularity_spec.kind == "channel"
     assert config.weight.bits == 4 and config.activation.bits == 8 and not config.attention.enabled
-    fp8 = speed.dmquant_config(speed.ROWS["dmquant-w8a8-fp8"])
+    fp8 = speed.dmquant_config(speed.ROWS["dmquant-w8a8-fp8"], model)
     assert {rule.weight_bits for rule in fp8.rules} == {"fp8_e4m3"}
+
+
+def test_the_linear_only_row_keeps_the_convolutions_in_full_precision_and_accumulates_fast():
+    row = speed.ROWS["dmquant-w8a8-fp8-linear-fast"]
+    torch.manual_seed(0)
+    model, x = ConvThenLinear(), torch.randn(2, 3, 8, 8)
+    calibration = CalibrationSet(x, torch.zeros(2), torch.zeros(2, dtype=torch.long), {}, 1)
+    quantized = quantize(model, speed.dmquant_config(row, model), calibration, progress=False)
+    assert {(layer.kind, layer.quantized) for layer in speed.info(quantized).report.layers} == {
+        ("Linear", True),
+        ("Conv2d", False),
+    }
+    converted = speed.convert_for(row, quantized)
+    assert isinstance(converted.conv, nn.Conv2d) and converted.linear.fast_accumulation
+    assert not speed.convert_for(speed.ROWS["dmquant-w8a8-fp8"], quantized).linear.fast_accumulation
 
 
 def _fake_cell(results: Path, model: str, row: str, **fields) -> None:
@@ -226,10 +242,10 @@ def dit_run(tmp_path_factory):
     which W4A8's conversion refuses."""
     results = tmp_path_factory.mktemp("speed")
 
-    def convert_all_but_int4(model: nn.Module) -> nn.Module:
+    def convert_all_but_int4(model: nn.Module, **options) -> nn.Module:
         if info(model).config.weight.bits == 4:
             raise NotImplementedError("no int4 layout in this build")
-        return convert_model(model)
+        return convert_model(model, **options)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(speed, "convert_model", convert_all_but_int4)
