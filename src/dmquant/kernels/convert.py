@@ -70,8 +70,8 @@ def convert_model(
     fp8 e4m3 activations per-token scales computed from each input instead of their calibrated
     per-tensor scale (convolutions keep theirs); those layers then differ from the simulated ones.
     ``fp8_fast_accumulation`` lets the fp8 GEMMs on cuBLASLt (Linear and 1×1 convolutions) accumulate in the
-    tensor cores' reduced precision, as torchao's fp8 rows do: faster kernels, a larger distance from the
-    simulated model (``bench/fidelity.py`` measures both).
+    tensor cores' reduced precision, as torchao's fp8 rows do: other kernels, a larger distance from the
+    simulated model (``bench/speed.py`` and ``bench/fidelity.py`` measure both).
     """
     if not inplace:
         model = copy.deepcopy(model)

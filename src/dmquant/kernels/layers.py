@@ -20,7 +20,7 @@ A8-late schedule) and replay the one of each step — switching precision replay
 it never recaptures.
 
 ``fast_accumulation`` (a conversion option) lets the FP8 GEMMs that run on cuBLASLt accumulate in the fp8
-tensor cores' reduced precision (:mod:`~dmquant.kernels.cublas_gemm`): faster kernels, and a layer that no longer
+tensor cores' reduced precision (:mod:`~dmquant.kernels.cublas_gemm`): other kernels, and a layer that no longer
 matches its simulated twin to fp32 accumulation. The reference path is unaffected.
 
 A convolution with a split input (Q-Diffusion's shortcut split) has one part per input slice,
