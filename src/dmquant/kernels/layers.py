@@ -206,8 +206,13 @@ class LowBitConv2d(_Smoothing):
         kernels = [dispatch.conv2d_kernel(part.activation.mode, part.weight, x, self.groups) for part in self.parts]
         if None in kernels:
             return self.reference(x)
-        options = {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
-        options |= {"kernel_size": self.kernel_size, "fast_accumulation": self.fast_accumulation}
+        options = {
+            "kernel_size": self.kernel_size,
+            "stride": self.stride,
+            "padding": self.padding,
+            "dilation": self.dilation,
+            "fast_accumulation": self.fast_accumulation,
+        }
         first, *others = (
             kernel(x[:, part.channels], part.activation, part.weight, bias, **options)
             for kernel, part, bias in zip(kernels, self.parts, [self.bias, None], strict=False)
