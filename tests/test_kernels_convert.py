@@ -149,7 +149,28 @@ def test_kernels_get_the_current_steps_activation_parameters_with_codes_shifted_
         set_step(layer, step)
         scale, zero = layer.activation.parameters_now()
         assert scale.shape == (1,) and scale.item() == quantizer.scale[step].item()
-        assert zero == int(quantizer.zero_point[step]) - 128
+        assert zero.shape == (1,) and zero.dtype == torch.int32
+        assert zero.item() == int(quantizer.zero_point[step]) - 128
+
+
+def test_layers_that_differ_only_in_their_activation_parameters_share_one_compiled_graph(unet, calibration):
+    quantized = _quantized(unet, calibration, 8, 8)
+    layers = [m for m in convert_model(quantized).modules() if isinstance(m, LowBitLinear) and m.activation.has_zero]
+    zeros = {layer.activation.zero_point.item() for layer in layers}
+    assert len(zeros) > 1, "the fixture should calibrate different zero points"
+    counter = torch._dynamo.testing.CompileCounter()
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def kernel_inputs(activation, x):  # what dispatch hands a kernel: the current step's parameters
+        scale, zero = activation.parameters_now()
+        return torch.round(x / scale) + zero
+
+    torch._dynamo.reset()
+    for layer in layers:
+        scale, zero = layer.activation.parameters_now()
+        x = torch.randn(4)
+        assert torch.equal(kernel_inputs(layer.activation, x), torch.round(x / scale) + zero)
+    assert counter.frame_count == 1
 
 
 def test_four_bit_weights_take_under_a_third_of_their_bf16_bytes(unet, calibration):
@@ -174,7 +195,7 @@ def test_dynamic_fp8_gives_linear_layers_per_token_scales_and_leaves_convs_stati
     quantized = _quantized(unet, calibration, "fp8_e4m3", "fp8_e4m3")
     converted = convert_model(quantized, dynamic_fp8=True)
     linear = next(m for m in converted.modules() if isinstance(m, LowBitLinear))
-    assert linear.activation.dynamic and linear.activation.parameters_now() == (None, 0)
+    assert linear.activation.dynamic and linear.activation.parameters_now() == (None, None)
     assert not any(
         part.activation.dynamic for m in converted.modules() if isinstance(m, LowBitConv2d) for part in m.parts
     )
@@ -261,10 +282,10 @@ def test_a_kernel_call_gets_the_weight_tensors_and_the_current_steps_activation_
     monkeypatch.setattr(dmquant.kernels, "triton_gemm", fake, raising=False)
     monkeypatch.setattr(dispatch, "_runs_on_a_kernel", lambda *args: True)
     weight = _stored_weight(4, "group:32")
-    activation = types.SimpleNamespace(parameters_now=lambda: (torch.tensor([0.5]), -3))
+    activation = types.SimpleNamespace(parameters_now=lambda: (torch.tensor([0.5]), torch.tensor([-3])))
     dispatch.linear_kernel("int8", weight, torch.zeros(1))(torch.zeros(2, 64), activation, weight, None)
     (arguments,) = calls
-    assert arguments["x_scale"].item() == 0.5 and arguments["x_zero"] == -3 and arguments["act"] == "int8"
+    assert arguments["x_scale"].item() == 0.5 and arguments["x_zero"].item() == -3 and arguments["act"] == "int8"
     assert arguments["w_packed"] is weight.stored and arguments["group_size"] == 32
     assert torch.equal(arguments["w_colsum"], weight.codes().reshape(8, 2, 32).sum(-1))
 

@@ -79,7 +79,7 @@ def int8_gemm(operands: GemmOperands, out_dtype: torch.dtype) -> Tensor:
     zero = None if operands.w_zero is None else operands.w_zero[:, 0]
     if zero is not None:
         acc = acc - zero * a.sum(dim=1, dtype=torch.int32)[:, None]
-    if operands.x_zero:
+    if operands.x_zero is not None:
         folded_zero = 0 if zero is None else operands.depth * zero
         acc = acc + operands.x_zero * (folded_zero - operands.w_colsum[:, 0])
     return _scaled(acc.float(), operands, out_dtype)

@@ -81,7 +81,7 @@ def _arguments(mode: str, activation, weight: LowBitWeight, fast_accumulation: b
     scale of None asks the kernel for dynamic per-row scales); fp8 calls also take ``fast_accumulation``."""
     arguments = _weight_arguments(weight) | ({"act": mode} if weight.layout == "int4" else {})
     if mode == "none":
-        return arguments | {"x_scale": None, "x_zero": 0}
+        return arguments | {"x_scale": None, "x_zero": None}
     scale, zero = activation.parameters_now()
     if mode == "fp8":
         return arguments | {"x_scale": scale, "fast_accumulation": fast_accumulation}

@@ -62,10 +62,13 @@ def _float(bias: Tensor | None) -> Tensor | None:
 
 
 class KernelActivation(nn.Module):
-    """An activation quantizer's per-tensor parameters as the kernels take them, fixed at conversion:
-    one scale per parameter set as a tensor that moves with the layer (read on the device, no host
-    sync per call) and one zero point per set as a Python int, shifted like the weight codes into
-    ``[-128, 127]`` (an unsigned 8-bit zero point ``z`` becomes ``z − 128``).
+    """An activation quantizer's per-tensor parameters as the kernels take them, fixed at conversion, one
+    per parameter set (sampling-step slot): scales as a float32 tensor and 8-bit zero points as an int32
+    tensor, shifted like the weight codes into ``[-128, 127]`` (an unsigned 8-bit zero point ``z`` becomes
+    ``z − 128``). Both move with the layer and are read on the device: no host sync per call, and
+    ``torch.compile`` does not specialize on their values, so blocks that differ only in their calibrated
+    parameters share one compiled graph. ``has_zero`` (whether any zero point is nonzero) is the one
+    value-dependent choice left to the compiler: layers without zero points skip eq. 7's correction.
 
     With ``dynamic`` (fp8 e4m3 quantizers only) the calibrated scale is replaced by one computed per
     row (token) of each input, ``max|x[m]| / 448``, as fp8 inference libraries do; the layer then
@@ -80,21 +83,26 @@ class KernelActivation(nn.Module):
         scale = quantizer.scale.detach().float().reshape(quantizer.num_steps, -1)[:, 0] if per_tensor else None
         self.register_buffer("scale", scale)
         zeros = quantizer.zero_point.reshape(quantizer.num_steps, -1)[:, 0].tolist() if per_tensor else []
-        self.zeros = [
-            int(zero) - (128 if not fmt.is_float and fmt.qmax > 127 else 0)
+        # only 8-bit integer slots reach a kernel with their zero point ("int8" mode); the others keep 0
+        shifted = [
+            int(zero) - (128 if fmt.qmax > 127 else 0) if not fmt.is_float and fmt.bits == 8 else 0
             for zero, fmt in zip(zeros, quantizer.slot_formats, strict=True)
         ]
+        self.has_zero = any(shifted)
+        self.register_buffer("zero_point", torch.tensor(shifted, dtype=torch.int32) if per_tensor else None)
 
     @property
     def mode(self) -> str | None:
         return "fp8" if self.dynamic else activation_mode(self.quantizer)
 
-    def parameters_now(self) -> tuple[Tensor | None, int]:
-        """Scale (a one-element tensor; None: dynamic per row) and shifted zero point of the current step."""
+    def parameters_now(self) -> tuple[Tensor | None, Tensor | None]:
+        """Scale (a one-element tensor; None: dynamic per row) and shifted zero point (a one-element tensor;
+        None: 0) of the current step."""
         if self.dynamic:
-            return None, 0
+            return None, None
         slot = self.quantizer.slot()
-        return self.scale[slot : slot + 1], self.zeros[slot]
+        zero = self.zero_point[slot : slot + 1] if self.has_zero else None
+        return self.scale[slot : slot + 1], zero
 
     def fake_quant(self, x: Tensor) -> Tensor:
         """The reference path's quantized input (float32): the quantizer's, or per-row fp8 when dynamic."""

@@ -48,6 +48,7 @@ from .triton_gemm import (
     INTERPRETING,
     GemmOperands,
     activation_scale,
+    activation_zero,
     autotune_quantized_gemm,
     check_backend,
     dot_accumulate,
@@ -90,7 +91,7 @@ def _conv_a_tile(x_ptr, a_rows, a_geometry, offs_k, k_valid):
 @autotune_quantized_gemm
 @triton.jit
 def _conv2d_kernel(
-    x_ptr, w_ptr, out_ptr, bias_ptr, x_scale_ptr, w_scale_ptr, w_zero_ptr, w_colsum_ptr, x_zero,
+    x_ptr, w_ptr, out_ptr, bias_ptr, x_scale_ptr, w_scale_ptr, w_zero_ptr, w_colsum_ptr, x_zero_ptr,
     M, N, K, m_bucket, H, W, C, Ho, Wo, KW, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
     stride_xb, stride_xh, stride_xw, stride_xc, stride_x_scale, stride_wn, stride_wk, stride_om, stride_on,
     ACT: tl.constexpr, WEIGHT: tl.constexpr, GROUP_SIZE: tl.constexpr,
@@ -109,7 +110,7 @@ def _conv2d_kernel(
     total, x_scale = quantized_gemm_tile(
         _conv_a_tile, (window_offsets, ih0, iw0, m_valid),
         (H, W, C, KW, stride_xh, stride_xw, stride_xc, dilation_h, dilation_w),
-        (x_ptr, x_scale_ptr, stride_x_scale, x_zero), (w_ptr, stride_wn, stride_wk),
+        (x_ptr, x_scale_ptr, stride_x_scale, x_zero_ptr), (w_ptr, stride_wn, stride_wk),
         (w_scale_ptr, w_zero_ptr, w_colsum_ptr), offs_m, m_valid, offs_n, n_valid, K,
         ACT, WEIGHT, GROUP_SIZE, HAS_W_ZERO, HAS_X_ZERO, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
@@ -156,7 +157,7 @@ def _shifted_configs_for(configs: list[triton.Config], named_args: dict, **kwarg
 )
 @triton.jit
 def _shifted_window_conv2d_kernel(
-    a_desc, w_desc, out_ptr, bias_ptr, x_scale_ptr, w_scale_ptr, w_colsum_ptr, x_zero,
+    a_desc, w_desc, out_ptr, bias_ptr, x_scale_ptr, w_scale_ptr, w_colsum_ptr, x_zero_ptr,
     R, N, C, m_bucket, Hp, Wp, Ho, Wo, KH, KW, dilation_h, dilation_w, stride_om, stride_on,
     ACT: tl.constexpr, HAS_X_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -177,6 +178,7 @@ def _shifted_window_conv2d_kernel(
         acc = dot_accumulate(a, tl.trans(b), acc, ACT, BLOCK_K)
     offs_n = n_start + tl.arange(0, BLOCK_N)
     n_valid = offs_n < N
+    x_zero = activation_zero(x_zero_ptr, HAS_X_ZERO)
     total = fold_group(acc, 0, x_zero, (w_scale_ptr, None, w_colsum_ptr), 0, 1, KH * KW * C, offs_n, n_valid,
                        ACT, False, HAS_X_ZERO)  # fmt: skip
     # rows of the padded grid → output pixels; windows that start in the padding are not outputs
@@ -194,7 +196,7 @@ def _shifted_window_conv2d_kernel(
 @torch.library.custom_op("dmquant::shifted_window_conv2d", mutates_args=())
 def shifted_window_conv2d(
     padded: Tensor, w: Tensor, x_scale: Tensor, w_scale: Tensor, w_colsum: Tensor | None, bias: Tensor | None,
-    x_zero: int, act: str, out_dtype: torch.dtype, window: list[int],
+    x_zero: Tensor | None, act: str, out_dtype: torch.dtype, window: list[int],
 ) -> Tensor:  # fmt: skip
     """A stride-1 W8A8 (int8 or fp8) convolution of the zero-padded NHWC codes ``padded`` (B, Hp, Wp, C), as a
     custom op. ``window`` is ``[kh, kw, dh, dw]``. Returns the (B, Ho, Wo, Cout) output, contiguous.
@@ -220,7 +222,7 @@ def shifted_window_conv2d(
         a_desc, w_desc, flat_out, bias, x_scale, w_scale, w_colsum, x_zero,
         rows, w.shape[0], channels, m_bucket(rows), hp, wp, out_h, out_w, kh, kw, dh, dw,
         flat_out.stride(0), flat_out.stride(1),
-        ACT=act, HAS_X_ZERO=bool(x_zero), HAS_BIAS=bias is not None,
+        ACT=act, HAS_X_ZERO=x_zero is not None, HAS_BIAS=bias is not None,
     )  # fmt: skip
     return out
 
@@ -245,13 +247,17 @@ def _takes_shifted_window(operands: GemmOperands, channels: int, stride: tuple[i
     )
 
 
-def _padded_codes(codes: Tensor, padding: tuple[int, int], x_zero: int) -> Tensor:
-    """The NHWC codes padded by ``padding`` pixels on each side with the code of 0: ``z_x`` for int8, +0 for fp8
-    (padded as bytes: e4m3's +0 is the byte 0)."""
+def _padded_codes(codes: Tensor, padding: tuple[int, int], x_zero: Tensor | None) -> Tensor:
+    """The NHWC codes padded by ``padding`` pixels on each side with the code of 0: ``z_x`` for int8 (a tensor:
+    the codes less ``z_x`` in int32, padded with 0, plus ``z_x``), +0 for fp8 (padded as bytes: e4m3's +0 is the
+    byte 0)."""
     ph, pw = padding
+    pads = (0, 0, pw, pw, ph, ph)
     if codes.dtype == torch.float8_e4m3fn:
-        return F.pad(codes.view(torch.uint8), (0, 0, pw, pw, ph, ph)).view(torch.float8_e4m3fn)
-    return F.pad(codes, (0, 0, pw, pw, ph, ph), value=x_zero)
+        return F.pad(codes.view(torch.uint8), pads).view(torch.float8_e4m3fn)
+    if x_zero is None:
+        return F.pad(codes, pads)
+    return (F.pad(codes.int() - x_zero, pads) + x_zero).to(torch.int8)
 
 
 # ------------------------------------------------------------------------------------------------ wrappers
@@ -268,8 +274,8 @@ def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: in
 @torch.library.custom_op("dmquant::quantized_conv2d", mutates_args=())
 def quantized_conv2d(
     a: Tensor, w: Tensor, x_scale: Tensor, w_scale: Tensor, w_zero: Tensor | None, w_colsum: Tensor | None,
-    bias: Tensor | None, x_zero: int, act: str, weight: str, group_size: int, depth: int, out_dtype: torch.dtype,
-    window: list[int],
+    bias: Tensor | None, x_zero: Tensor | None, act: str, weight: str, group_size: int, depth: int,
+    out_dtype: torch.dtype, window: list[int],
 ) -> Tensor:  # fmt: skip
     """``_conv2d_kernel`` on :class:`~dmquant.kernels.triton_gemm.GemmOperands` whose ``a`` is the (B, H, W, Cin)
     input (NHWC; any strides, C contiguous reads best), as a custom op (see ``quantized_linear``). ``window`` is
@@ -349,7 +355,7 @@ def _conv2d(x: Tensor, w: Tensor, kernel_size, stride, padding, dilation, backen
 def int8_conv2d(
     x: Tensor,
     x_scale: float | Tensor,
-    x_zero: int,
+    x_zero: int | Tensor,
     w_codes: Tensor,
     w_scale: Tensor,
     w_zero: Tensor | None = None,
@@ -376,7 +382,7 @@ def int8_conv2d(
 def int4_conv2d(
     x: Tensor,
     x_scale: float | Tensor | None,
-    x_zero: int,
+    x_zero: int | Tensor | None,
     w_packed: Tensor,
     w_scale: Tensor,
     w_zero: Tensor | None,

@@ -126,14 +126,22 @@ def _row_sums(codes):
 
 
 @triton.jit
-def _activation_operand(loaded, a_mask, k_valid, x_zero, ACT: tl.constexpr):
-    """The A operand from a tile loaded with 0 outside ``a_mask``: int8 codes get ``z_x`` there instead (the code of
-    the real value 0, which a convolution's zero padding must have), except past ``K`` (``k_valid`` false), where
-    they stay 0 to keep out of the row sums. e4m3 and float tiles are right as loaded."""
-    if ACT == "int8":
+def activation_zero(x_zero_ptr, HAS_X_ZERO: tl.constexpr):
+    """The activation zero point ``z_x`` (int32), read from its one-element tensor; 0 without one."""
+    zero = 0
+    if HAS_X_ZERO:
+        zero = tl.load(x_zero_ptr).to(tl.int32)
+    return zero
+
+
+@triton.jit
+def _activation_operand(loaded, a_mask, k_valid, x_zero, HAS_X_ZERO: tl.constexpr):
+    """The A operand from a tile loaded with 0 outside ``a_mask``: int8 codes with a zero point get ``z_x`` there
+    instead (the code of the real value 0, which a convolution's zero padding must have), except past ``K``
+    (``k_valid`` false), where they stay 0 to keep out of the row sums. Other tiles are right as loaded."""
+    operand = loaded
+    if HAS_X_ZERO:
         operand = tl.where(a_mask | ~k_valid[None, :], loaded, x_zero.to(tl.int8))
-    else:
-        operand = loaded
     return operand
 
 
@@ -228,14 +236,15 @@ def quantized_gemm_tile(
 ):  # fmt: skip
     """This program's (BLOCK_M, BLOCK_N) tile of ``x · Wᵀ`` in fp32, before the activation scale and the bias.
 
-    ``activation = (x_ptr, x_scale_ptr, stride_x_scale, x_zero)``, ``weight`` and ``params`` as in
+    ``activation = (x_ptr, x_scale_ptr, stride_x_scale, x_zero_ptr)``, ``weight`` and ``params`` as in
     :func:`_load_weights` and :func:`_weight_operand`. ``a_tile(x_ptr, a_rows, a_geometry, offs_k, k_valid)``
     gives the pointers and in-bounds mask of the float A tile at inputs ``offs_k``: the only part that differs
     between a Linear and an implicit-GEMM convolution. ``GROUP_SIZE = 0``: one group over all of K (per-channel
     weight parameters). Returns the tile and the per-row activation scale.
     """
-    x_ptr, x_scale_ptr, stride_x_scale, x_zero = activation
+    x_ptr, x_scale_ptr, stride_x_scale, x_zero_ptr = activation
     x_scale = activation_scale(x_scale_ptr, offs_m, m_valid, stride_x_scale, ACT)
+    x_zero = activation_zero(x_zero_ptr, HAS_X_ZERO)
     groups = K // GROUP_SIZE if GROUP_SIZE else 1
     group_size = GROUP_SIZE if GROUP_SIZE else K
     # int8 activations with group-wise weights: one integer accumulator per group, folded at the group's end
@@ -248,7 +257,7 @@ def quantized_gemm_tile(
         offs_k = k_start + tl.arange(0, BLOCK_K)
         k_valid = offs_k < K
         a_ptrs, a_mask = a_tile(x_ptr, a_rows, a_geometry, offs_k, k_valid)
-        a = _activation_operand(tl.load(a_ptrs, mask=a_mask, other=0.0), a_mask, k_valid, x_zero, ACT)
+        a = _activation_operand(tl.load(a_ptrs, mask=a_mask, other=0.0), a_mask, k_valid, x_zero, HAS_X_ZERO)
         if ACT == "int8" and HAS_W_ZERO:
             row_sums += _row_sums(a)
         group = k_start // group_size
@@ -369,7 +378,7 @@ def _linear_a_tile(x_ptr, a_rows, a_geometry, offs_k, k_valid):
 @autotune_quantized_gemm
 @triton.jit
 def _linear_kernel(
-    x_ptr, w_ptr, out_ptr, bias_ptr, x_scale_ptr, w_scale_ptr, w_zero_ptr, w_colsum_ptr, x_zero,
+    x_ptr, w_ptr, out_ptr, bias_ptr, x_scale_ptr, w_scale_ptr, w_zero_ptr, w_colsum_ptr, x_zero_ptr,
     M, N, K, m_bucket, stride_xm, stride_xk, stride_x_scale, stride_wn, stride_wk, stride_om, stride_on,
     ACT: tl.constexpr, WEIGHT: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HAS_W_ZERO: tl.constexpr, HAS_X_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -379,7 +388,7 @@ def _linear_kernel(
     m_valid = offs_m < M
     n_valid = offs_n < N
     total, x_scale = quantized_gemm_tile(
-        _linear_a_tile, (offs_m * stride_xm, m_valid), (stride_xk,), (x_ptr, x_scale_ptr, stride_x_scale, x_zero),
+        _linear_a_tile, (offs_m * stride_xm, m_valid), (stride_xk,), (x_ptr, x_scale_ptr, stride_x_scale, x_zero_ptr),
         (w_ptr, stride_wn, stride_wk), (w_scale_ptr, w_zero_ptr, w_colsum_ptr), offs_m, m_valid, offs_n, n_valid, K,
         ACT, WEIGHT, GROUP_SIZE, HAS_W_ZERO, HAS_X_ZERO, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
@@ -413,6 +422,23 @@ def _scale_tensor(x_scale: float | Tensor | None, device: torch.device) -> Tenso
     return torch.full((1,), float(x_scale), dtype=torch.float32, device=device)
 
 
+def _zero_tensor(x_zero: int | Tensor | None, device: torch.device) -> Tensor | None:
+    """The activation zero point as a (1,) int32 tensor on ``device``, None for 0.
+
+    An int is checked against the int8 range here; a tensor is taken as it is (checking its value would wait for
+    the GPU: :class:`~dmquant.kernels.layers.KernelActivation` checks its zero points once, at conversion). A
+    tensor keeps ``torch.compile`` from specializing a graph on the value: layers that differ only in their zero
+    points then share one compiled graph.
+    """
+    if isinstance(x_zero, Tensor):
+        return x_zero.to(device=device, dtype=torch.int32).reshape(1)
+    if x_zero is None or int(x_zero) == 0:
+        return None
+    if not -128 <= int(x_zero) <= 127:
+        raise ValueError(f"the activation zero point {x_zero} is outside the int8 range")
+    return torch.full((1,), int(x_zero), dtype=torch.int32, device=device)
+
+
 def _group_array(values: Tensor | None, rows: int, groups: int, dtype: torch.dtype) -> Tensor | None:
     """Per-(channel, group) parameters as a contiguous (N, groups) array of ``dtype`` (no copy when they are)."""
     return None if values is None else values.reshape(rows, groups).to(dtype).contiguous()
@@ -437,12 +463,13 @@ def correctly_rounded_quotient(x: Tensor, scale: Tensor) -> Tensor:
     return x.float() / scale
 
 
-def quantize_activations(x: Tensor, scale: Tensor, zero: int, act: str) -> Tensor:
+def quantize_activations(x: Tensor, scale: Tensor, zero: Tensor | int | None, act: str) -> Tensor:
     """The A operand of a kernel from float activations, computed as the simulated quantizer computes it.
 
     ``act="int8"``: codes ``clamp(round(x / s) + z, -128, 127)`` (round half to even, the division correctly
     rounded in float32); ``"fp8"``: ``clamp(x / s, ±448)`` cast to e4m3 (round to nearest even); ``"none"``
-    (W4A16): ``x`` itself. ``scale`` broadcasts against ``x`` (one value, or one per row as an (M, 1) column).
+    (W4A16): ``x`` itself. ``scale`` broadcasts against ``x`` (one value, or one per row as an (M, 1) column),
+    ``zero`` too (a one-element tensor or an int; None: 0).
     Plain torch operations, elementwise, keeping ``x``'s strides: ``torch.compile`` fuses them into the kernel
     that produces ``x`` (a GroupNorm, a SiLU), so the activations reach memory once, already 8-bit.
     """
@@ -450,7 +477,8 @@ def quantize_activations(x: Tensor, scale: Tensor, zero: int, act: str) -> Tenso
         return x
     scaled = correctly_rounded_quotient(x, scale)
     if act == "int8":
-        return torch.clamp(torch.round(scaled) + zero, -128, 127).to(torch.int8)
+        codes = torch.round(scaled) if zero is None else torch.round(scaled) + zero
+        return torch.clamp(codes, -128, 127).to(torch.int8)
     return scaled.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
@@ -460,14 +488,14 @@ class GemmOperands:
 
     ``a`` is the A operand (:func:`quantize_activations`); ``x_scale`` the (1,) or (M,) float32 activation
     scale applied in the epilogue; the weight parameters are (N, groups) arrays; ``group_size`` 0 means one
-    group per row; ``x_zero`` is 0 unless the activations are int8 codes with a zero point.
+    group per row; ``x_zero`` is the (1,) int32 zero point of int8 activation codes, None for none (or 0).
     ``fast_accumulation`` (fp8 on cuBLASLt only, :mod:`~dmquant.kernels.cublas_gemm`): accumulate without
     promoting the tensor cores' partial sums to fp32; the Triton kernels promote once per K tile regardless.
     """
 
     a: Tensor
     x_scale: Tensor
-    x_zero: int
+    x_zero: Tensor | None
     w: Tensor
     w_scale: Tensor
     w_zero: Tensor | None
@@ -488,7 +516,7 @@ class GemmOperands:
 def gemm_operands(
     x: Tensor,
     x_scale: float | Tensor | None,
-    x_zero: int,
+    x_zero: int | Tensor | None,
     w: Tensor,
     w_scale: Tensor,
     w_zero: Tensor | None,
@@ -512,8 +540,6 @@ def gemm_operands(
         raise TypeError(f"activations must be float32, bf16 or fp16, got {x.dtype}")
     if x.numel() >= 2**31 or w.numel() >= 2**31:
         raise ValueError("the kernels address tensors with 32-bit offsets: fewer than 2**31 elements")
-    if not -128 <= int(x_zero) <= 127:
-        raise ValueError(f"the activation zero point {x_zero} is outside the int8 range")
     channels = w.shape[0]
     group = group_size if group_size and group_size != depth else 0
     if group and (depth % group or group % GROUP_ALIGNMENT):
@@ -522,8 +548,8 @@ def gemm_operands(
     scale = _scale_tensor(x_scale, x.device)
     if scale.numel() not in (1, rows):
         raise ValueError(f"the activation scale has {scale.numel()} values, expected 1 or {rows}")
-    x_zero = int(x_zero) if act == "int8" else 0
-    if x_zero and w_colsum is None:
+    x_zero = _zero_tensor(x_zero, x.device) if act == "int8" else None
+    if x_zero is not None and w_colsum is None:
         w_colsum = weight_colsums(w, group or None)
     per_row = scale.reshape(-1, *[1] * (x.dim() - 1)) if scale.numel() > 1 else scale
     return GemmOperands(
@@ -533,7 +559,7 @@ def gemm_operands(
         w=w,
         w_scale=_group_array(w_scale, channels, groups, torch.float32),
         w_zero=_group_array(w_zero, channels, groups, _zero_point_dtype(w_zero)),
-        w_colsum=_group_array(w_colsum, channels, groups, torch.int32) if x_zero else None,
+        w_colsum=None if x_zero is None else _group_array(w_colsum, channels, groups, torch.int32),
         bias=None if bias is None else bias.contiguous(),
         act=act,
         weight=weight,
@@ -545,7 +571,7 @@ def gemm_operands(
 
 def kernel_arguments(
     a: Tensor, w: Tensor, x_scale: Tensor, w_scale: Tensor, w_zero: Tensor | None, w_colsum: Tensor | None,
-    bias: Tensor | None, x_zero: int, act: str, weight: str, group_size: int, depth: int,
+    bias: Tensor | None, x_zero: Tensor | None, act: str, weight: str, group_size: int, depth: int,
 ) -> dict:  # fmt: skip
     """The keyword arguments shared by the Linear and Conv2d kernels (everything but the A geometry)."""
     return {
@@ -556,7 +582,7 @@ def kernel_arguments(
         "w_scale_ptr": w_scale,
         "w_zero_ptr": w_zero,
         "w_colsum_ptr": w_colsum,
-        "x_zero": x_zero,
+        "x_zero_ptr": x_zero,
         "N": w.shape[0],
         "K": depth,
         "stride_x_scale": 1 if x_scale.numel() > 1 else 0,
@@ -566,7 +592,7 @@ def kernel_arguments(
         "WEIGHT": weight,
         "GROUP_SIZE": group_size,
         "HAS_W_ZERO": w_zero is not None,
-        "HAS_X_ZERO": bool(x_zero),
+        "HAS_X_ZERO": x_zero is not None,
         "HAS_BIAS": bias is not None,
     }
 
@@ -584,7 +610,8 @@ def m_bucket(rows: int) -> int:
 @torch.library.custom_op("dmquant::quantized_linear", mutates_args=())
 def quantized_linear(
     a: Tensor, w: Tensor, x_scale: Tensor, w_scale: Tensor, w_zero: Tensor | None, w_colsum: Tensor | None,
-    bias: Tensor | None, x_zero: int, act: str, weight: str, group_size: int, depth: int, out_dtype: torch.dtype,
+    bias: Tensor | None, x_zero: Tensor | None, act: str, weight: str, group_size: int, depth: int,
+    out_dtype: torch.dtype,
 ) -> Tensor:  # fmt: skip
     """``_linear_kernel`` on :class:`GemmOperands` (``a``: (M, K)), as a custom op: ``torch.compile`` keeps it
     whole in its graph (no graph break at the Triton launch) and CUDA graphs capture it. Returns (M, N)."""
@@ -666,8 +693,8 @@ def _linear(x: Tensor, w: Tensor, backend: str = "auto", **arguments) -> Tensor:
 
 
 def int8_arguments(
-    x_scale: float | Tensor | None, x_zero: int, w_scale: Tensor, w_zero: Tensor | None, w_colsum: Tensor | None,
-    bias: Tensor | None,
+    x_scale: float | Tensor | None, x_zero: int | Tensor | None, w_scale: Tensor, w_zero: Tensor | None,
+    w_colsum: Tensor | None, bias: Tensor | None,
 ) -> dict:  # fmt: skip
     """The keyword arguments of a W8A8-INT8 call (Linear or Conv2d) for :func:`gemm_operands`."""
     return {"x_scale": x_scale, "x_zero": x_zero, "w_scale": w_scale, "w_zero": w_zero, "w_colsum": w_colsum,
@@ -675,8 +702,8 @@ def int8_arguments(
 
 
 def int4_arguments(
-    x_scale: float | Tensor | None, x_zero: int, w_scale: Tensor, w_zero: Tensor | None, group_size: int | None,
-    w_colsum: Tensor | None, bias: Tensor | None, act: str,
+    x_scale: float | Tensor | None, x_zero: int | Tensor | None, w_scale: Tensor, w_zero: Tensor | None,
+    group_size: int | None, w_colsum: Tensor | None, bias: Tensor | None, act: str,
 ) -> dict:  # fmt: skip
     """The keyword arguments of a W4A8 / W4A16 call (Linear or Conv2d) for :func:`gemm_operands`."""
     return {"x_scale": x_scale, "x_zero": x_zero, "w_scale": w_scale, "w_zero": w_zero, "w_colsum": w_colsum,
@@ -687,14 +714,14 @@ def fp8_arguments(
     x_scale: float | Tensor | None, w_scale: Tensor, bias: Tensor | None, fast_accumulation: bool
 ) -> dict:
     """The keyword arguments of a W8A8-FP8 call (Linear or Conv2d) for :func:`gemm_operands`."""
-    return {"x_scale": x_scale, "x_zero": 0, "w_scale": w_scale, "w_zero": None, "w_colsum": None, "bias": bias,
+    return {"x_scale": x_scale, "x_zero": None, "w_scale": w_scale, "w_zero": None, "w_colsum": None, "bias": bias,
             "act": "fp8", "weight": "fp8", "group_size": None, "fast_accumulation": fast_accumulation}  # fmt: skip
 
 
 def int8_linear(
     x: Tensor,
     x_scale: float | Tensor,
-    x_zero: int,
+    x_zero: int | Tensor,
     w_codes: Tensor,
     w_scale: Tensor,
     w_zero: Tensor | None = None,
@@ -708,7 +735,8 @@ def int8_linear(
     Args:
         x: (..., K) float32/bf16/fp16, any strides.
         x_scale, x_zero: the activation quantizer's scale (float or one-element float32 tensor; a tensor avoids
-            a host-to-device copy) and int8-range zero point: ``x ≈ x_scale · (c_x − x_zero)``.
+            a host-to-device copy) and int8-range zero point (int or one-element integer tensor; a tensor also
+            keeps ``torch.compile`` from specializing on its value): ``x ≈ x_scale · (c_x − x_zero)``.
         w_codes: (N, K) int8. ``w_scale``: (N,) float32. ``w_zero``: (N,) int32 or None (symmetric).
         w_colsum: :func:`weight_colsums` of ``w_codes``; computed per call when needed and not given.
         bias: (N,) or None.
@@ -723,7 +751,7 @@ def int8_linear(
 def int4_linear(
     x: Tensor,
     x_scale: float | Tensor | None,
-    x_zero: int,
+    x_zero: int | Tensor | None,
     w_packed: Tensor,
     w_scale: Tensor,
     w_zero: Tensor | None,
