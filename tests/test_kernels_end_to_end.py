@@ -9,6 +9,7 @@ fp8 and W4A16 need a GPU here (the interpreter mis-rounds e4m3 casts and has no 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 
@@ -99,3 +100,28 @@ def test_converted_layers_on_their_kernels_compile_into_one_graph(unet, calibrat
         torch._dynamo.reset()
         compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(*inputs["args"])
     torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+@pytest.mark.parametrize("weight_bits", [8, 4], ids=["W8A8-INT8", "W4A8"])
+def test_a_model_converted_on_the_gpu_replays_in_a_cuda_graph(unet, calibration, weight_bits):
+    """Quantized and converted where it runs (the parameters conversion creates are born on the GPU), the whole
+    denoiser call captures into one CUDA graph: no host copy or sync in any converted layer."""
+    config = load_recipe("minmax").with_bits(weight_bits, 8)
+    on_gpu = calibration.to(DEVICE)
+    converted = convert_model(api.quantize(copy.deepcopy(unet.denoiser).to(DEVICE), config, on_gpu, progress=False))
+    assert all(buffer.is_cuda for buffer in converted.buffers())
+    x, t, cond, _ = next(on_gpu.batches(1))
+    denoiser = Denoiser(converted)
+    with torch.no_grad():
+        eager = denoiser(x, t, cond)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            denoiser(x, t, cond)  # the Triton kernels autotune outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = denoiser(x, t, cond)
+        graph.replay()
+    torch.testing.assert_close(captured, eager)

@@ -89,7 +89,10 @@ class KernelActivation(nn.Module):
             for zero, fmt in zip(zeros, quantizer.slot_formats, strict=True)
         ]
         self.has_zero = any(shifted)
-        self.register_buffer("zero_point", torch.tensor(shifted, dtype=torch.int32) if per_tensor else None)
+        zero_point = (
+            torch.tensor(shifted, dtype=torch.int32, device=quantizer.zero_point.device) if per_tensor else None
+        )
+        self.register_buffer("zero_point", zero_point)
 
     @property
     def mode(self) -> str | None:
