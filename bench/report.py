@@ -91,6 +91,8 @@ COST_FOLDER = "calibration-cost"
 SPEED_FOLDER = "speed"
 #: The speed rows compiled as one whole-model graph (``bench/speed.py --compile-scope model``), next to ``speed/``.
 SPEED_MODEL_SCOPE_FOLDER = "speed-model-scope"
+#: The rows of the speed table's specification measured in one process on one H100, next to ``speed/``.
+SPEED_ONE_H100_FOLDER = "speed-h100"
 FIDELITY_FOLDER = "fidelity"
 LAYER_SPEED_FOLDER = "layer-speed"
 RECON_SPEED_FOLDER = "recon-speed"
@@ -931,9 +933,14 @@ bench/results/speed-model-scope`): the layers between the blocks (conv_in/conv_o
 the transformers' projections, the time embedding) are then compiled too."""
 
 
-def speed_section(results: Path, model_scope: Path | None = None) -> str | None:
-    """The speed benchmark's table (``bench/speed.py``) with its reading notes, then the whole-model-compile
-    table from ``model_scope`` with its own notes, for those that have cells."""
+SPEED_ONE_H100_INTRO = """\
+The rows of the benchmark's specification run in one process on one H100 (`python bench/speed.py --rows
+<the ten rows> --results bench/results/speed-h100`), each quantized row against the bf16 row of that process."""
+
+
+def speed_section(results: Path, subtables: Sequence[tuple[Path, str, str]] = ()) -> str | None:
+    """The speed benchmark's table (``bench/speed.py``) with its reading notes, then each of ``subtables``
+    (folder, title, introduction) that has cells, with its own notes."""
     if not any(results.glob("*/*.json")):
         return None
     sys.path.insert(0, str(Path(__file__).parent))
@@ -942,10 +949,11 @@ def speed_section(results: Path, model_scope: Path | None = None) -> str | None:
     lines = ["## Speed", "", speed.speed_table(results), ""]
     reading = reading_notes(results / NOTES_FOLDER, "all")
     lines += [reading, ""] if reading else []
-    if model_scope is not None and any(model_scope.glob("*/*.json")):
-        lines += ["### Whole-model compile", "", SPEED_MODEL_SCOPE_INTRO, "", speed.speed_table(model_scope), ""]
-        reading = reading_notes(model_scope / NOTES_FOLDER, "all")
-        lines += [reading, ""] if reading else []
+    for folder, title, intro in subtables:
+        if any(folder.glob("*/*.json")):
+            lines += [f"### {title}", "", intro, "", speed.speed_table(folder), ""]
+            reading = reading_notes(folder / NOTES_FOLDER, "all")
+            lines += [reading, ""] if reading else []
     return "\n".join(lines)
 
 
@@ -1255,7 +1263,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cost_cells=cost_cells,
         cost_notes=cost_results / NOTES_FOLDER,
         fidelity=fidelity,
-        speed=speed_section(speed_results, args.results.parent / SPEED_MODEL_SCOPE_FOLDER),
+        speed=speed_section(
+            speed_results,
+            [
+                (args.results.parent / SPEED_MODEL_SCOPE_FOLDER, "Whole-model compile", SPEED_MODEL_SCOPE_INTRO),
+                (args.results.parent / SPEED_ONE_H100_FOLDER, "One process on one H100", SPEED_ONE_H100_INTRO),
+            ],
+        ),
         layer_speed=layer_speed,
         recon_speed=recon_speed,
     )
