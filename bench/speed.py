@@ -51,8 +51,9 @@ device's measured peaks (bf16 ``torch.mm``, fp8 ``torch._scaled_mm`` with row-wi
 ``torch._int_mm``, all 8192³) in ``peaks.json``. A cell whose file exists is skipped (``--force``
 redoes it); ``--max-minutes`` leaves a model that would not finish in time for the next run of the
 same command, and a first model that alone would not finish is split by rows (those left compare with
-the stored bf16 cells). The whole matrix should take an H100 half an hour or more, mostly compiling:
-run the same command until it says nothing is left. ``--table`` prints the results as markdown.
+the stored bf16 cells). The ten rows of the specification on the six models take an H100 about 40
+minutes in one process, mostly compiling: run the same command until it says nothing is left.
+``--table`` prints the results as markdown.
 
 Without CUDA the script runs on the CPU in float32 (no CUDA graphs, fp8 and int4 rows
 unsupported); ``--tiny`` shrinks the SD/SDXL/DiT configs and the zoo batch for smoke tests. Such
@@ -171,15 +172,16 @@ MODELS = ("sd15-unet", "sdxl-unet", "dit-xl-2-256", *ZOO_MODELS)
 BATCH = 2
 #: Samples per batch of bench/quality.py; the zoo models are timed at it (twice under guidance).
 ZOO_SAMPLING_BATCH = 1000
-#: Guessed seconds one H100 takes for a model with every row and setting, not yet measured: eight
-#: torch.compile runs (about 2-5 s per distinct block graph) and the autotuning of dmquant's Triton
-#: kernels (per GEMM/conv shape) dominate. ``--max-minutes`` scales them by the pending rows and by
-#: how far off the models run so far were.
+#: Seconds one H100 takes for a model with every row and setting: what ten rows took in one process
+#: (commit 87f6929) scaled to all rows; ldm-glyphs64's is a guess. The torch.compile runs (about 2-5 s
+#: per distinct block graph) and the autotuning of dmquant's Triton kernels (per GEMM/conv shape)
+#: dominate. ``--max-minutes`` scales them by the pending rows and by how far off the models run so
+#: far were.
 ESTIMATED_SECONDS = {
-    "sd15-unet": 480,
-    "sdxl-unet": 720,
+    "sd15-unet": 1030,
+    "sdxl-unet": 810,
     "dit-xl-2-256": 180,
-    "ddpm-glyphs32": 360,
+    "ddpm-glyphs32": 320,
     "dit-glyphs": 120,
     "ldm-glyphs64": 360,
 }
