@@ -426,9 +426,9 @@ def _zero_tensor(x_zero: int | Tensor | None, device: torch.device) -> Tensor | 
     """The activation zero point as a (1,) int32 tensor on ``device``, None for 0.
 
     An int is checked against the int8 range here; a tensor is taken as it is (checking its value would wait for
-    the GPU: :class:`~dmquant.kernels.layers.KernelActivation` checks its zero points once, at conversion). A
-    tensor keeps ``torch.compile`` from specializing a graph on the value: layers that differ only in their zero
-    points then share one compiled graph.
+    the GPU; :class:`~dmquant.kernels.layers.KernelActivation`'s are in range by construction: 8-bit zero points
+    shifted into ``[-128, 127]``). A tensor keeps ``torch.compile`` from specializing a graph on the value: layers
+    that differ only in their zero points then share one compiled graph.
     """
     if isinstance(x_zero, Tensor):
         return x_zero.to(device=device, dtype=torch.int32).reshape(1)
