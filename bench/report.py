@@ -933,9 +933,11 @@ bench/results/speed-model-scope`): the layers between the blocks (conv_in/conv_o
 the transformers' projections, the time embedding) are then compiled too."""
 
 
+SPEED_ONE_H100_TITLE = "The specification's rows on one H100"
 SPEED_ONE_H100_INTRO = """\
-The rows of the benchmark's specification run in one process on one H100 (`python bench/speed.py --rows
-<the ten rows> --results bench/results/speed-h100`), each quantized row against the bf16 row of that process."""
+The ten rows of the benchmark's specification on one H100 (`python bench/speed.py --rows <the ten rows>
+--results bench/results/speed-h100`), all rows of a model in one process, each quantized row against the bf16
+row of that process."""
 
 
 def speed_section(results: Path, subtables: Sequence[tuple[Path, str, str]] = ()) -> str | None:
@@ -1267,7 +1269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             speed_results,
             [
                 (args.results.parent / SPEED_MODEL_SCOPE_FOLDER, "Whole-model compile", SPEED_MODEL_SCOPE_INTRO),
-                (args.results.parent / SPEED_ONE_H100_FOLDER, "One process on one H100", SPEED_ONE_H100_INTRO),
+                (args.results.parent / SPEED_ONE_H100_FOLDER, SPEED_ONE_H100_TITLE, SPEED_ONE_H100_INTRO),
             ],
         ),
         layer_speed=layer_speed,

@@ -51,9 +51,9 @@ device's measured peaks (bf16 ``torch.mm``, fp8 ``torch._scaled_mm`` with row-wi
 ``torch._int_mm``, all 8192³) in ``peaks.json``. A cell whose file exists is skipped (``--force``
 redoes it); ``--max-minutes`` leaves a model that would not finish in time for the next run of the
 same command, and a first model that alone would not finish is split by rows (those left compare with
-the stored bf16 cells). The ten rows of the specification on the six models take an H100 about 40
-minutes in one process, mostly compiling: run the same command until it says nothing is left.
-``--table`` prints the results as markdown.
+the stored bf16 cells). The ten rows of the specification on the six models take an H100 about 47
+minutes, mostly compiling: run the same command until it says nothing is left. ``--table`` prints the
+results as markdown.
 
 Without CUDA the script runs on the CPU in float32 (no CUDA graphs, fp8 and int4 rows
 unsupported); ``--tiny`` shrinks the SD/SDXL/DiT configs and the zoo batch for smoke tests. Such
@@ -172,18 +172,18 @@ MODELS = ("sd15-unet", "sdxl-unet", "dit-xl-2-256", *ZOO_MODELS)
 BATCH = 2
 #: Samples per batch of bench/quality.py; the zoo models are timed at it (twice under guidance).
 ZOO_SAMPLING_BATCH = 1000
-#: Seconds one H100 takes for a model with every row and setting: what ten rows took in one process
-#: (commit 87f6929) scaled to all rows; ldm-glyphs64's is a guess. The torch.compile runs (about 2-5 s
-#: per distinct block graph) and the autotuning of dmquant's Triton kernels (per GEMM/conv shape)
-#: dominate. ``--max-minutes`` scales them by the pending rows and by how far off the models run so
-#: far were.
+#: Seconds one H100 takes for a model with every row and setting: what the ten rows of the
+#: specification took (commit bc1055c, each model's rows in one process) scaled to all rows. The
+#: torch.compile runs (about 2-5 s per distinct block graph) and the autotuning of dmquant's Triton
+#: kernels (per GEMM/conv shape) dominate. ``--max-minutes`` scales them by the pending rows and by how
+#: far off the models run so far were.
 ESTIMATED_SECONDS = {
-    "sd15-unet": 1030,
-    "sdxl-unet": 810,
-    "dit-xl-2-256": 180,
-    "ddpm-glyphs32": 320,
-    "dit-glyphs": 120,
-    "ldm-glyphs64": 360,
+    "sd15-unet": 1135,
+    "sdxl-unet": 940,
+    "dit-xl-2-256": 192,
+    "ddpm-glyphs32": 419,
+    "dit-glyphs": 146,
+    "ldm-glyphs64": 584,
 }
 
 
@@ -357,6 +357,8 @@ class Row:
         formats: a dmquant row's (weight bits, activation bits, weight granularity).
         fast_accumulation: a dmquant row's fp8 GEMMs on cuBLASLt accumulate without fp32 promotion.
         linear_only: a dmquant row quantizes nn.Linear layers only, its convolutions left in the compute dtype.
+        compute: the number format of its low-bit GEMMs' tensor-core math (``"bf16"``, ``"fp8"`` or ``"int8"``),
+            whose measured peak its GEMM/conv throughput is compared with.
     """
 
     name: str
@@ -367,6 +369,7 @@ class Row:
     formats: tuple[int | str, int | str, str] | None = None
     fast_accumulation: bool = False
     linear_only: bool = False
+    compute: str = "bf16"
 
 
 _DMQUANT = (
@@ -386,28 +389,28 @@ ROWS: dict[str, Row] = {
             "bf16-compiled with its whole call captured into one explicit torch.cuda.CUDAGraph and replayed",
         ),
         Row("int8-dynamic", "torchao", QUANTIZED_SETTINGS, peers.PEERS["torchao-int8-dynamic"].description,
-            peer="torchao-int8-dynamic"),
+            peer="torchao-int8-dynamic", compute="int8"),
         Row("fp8-dynamic-row", "torchao", QUANTIZED_SETTINGS, peers.PEERS["torchao-fp8-dynamic"].description,
-            peer="torchao-fp8-dynamic"),
+            peer="torchao-fp8-dynamic", compute="fp8"),
         Row("int4-weight-only", "torchao", QUANTIZED_SETTINGS, peers.PEERS["torchao-int4-weight-only"].description,
             peer="torchao-int4-weight-only"),
         Row("dmquant-w8a8-fp8", "dmquant", QUANTIZED_SETTINGS,
             _DMQUANT.format(what="fp8 e4m3 weights per output channel and activations per tensor"),
-            formats=("fp8_e4m3", "fp8_e4m3", "channel")),
+            formats=("fp8_e4m3", "fp8_e4m3", "channel"), compute="fp8"),
         Row("dmquant-w8a8-fp8-fast", "dmquant", QUANTIZED_SETTINGS,
             _DMQUANT.format(what="fp8 as dmquant-w8a8-fp8, its fp8 GEMMs on cuBLASLt with fast accumulation "
                             "(use_fast_accum=True, as torchao's fp8 rows)"),
-            formats=("fp8_e4m3", "fp8_e4m3", "channel"), fast_accumulation=True),
+            formats=("fp8_e4m3", "fp8_e4m3", "channel"), fast_accumulation=True, compute="fp8"),
         Row("dmquant-w8a8-fp8-linear-fast", "dmquant", QUANTIZED_SETTINGS,
             _DMQUANT.format(what="fp8 as dmquant-w8a8-fp8-fast on the nn.Linear layers only, the convolutions left "
                             "in bfloat16 on cuDNN (torchao's layer coverage, with static activation scales)"),
-            formats=("fp8_e4m3", "fp8_e4m3", "channel"), fast_accumulation=True, linear_only=True),
+            formats=("fp8_e4m3", "fp8_e4m3", "channel"), fast_accumulation=True, linear_only=True, compute="fp8"),
         Row("dmquant-w8a8-int8", "dmquant", QUANTIZED_SETTINGS,
             _DMQUANT.format(what="int8 symmetric per-channel weights, int8 asymmetric per-tensor activations"),
-            formats=(8, 8, "channel")),
+            formats=(8, 8, "channel"), compute="int8"),
         Row("dmquant-w4a8", "dmquant", QUANTIZED_SETTINGS,
             _DMQUANT.format(what="int4 weights per output channel, int8 per-tensor activations"),
-            formats=(4, 8, "channel")),
+            formats=(4, 8, "channel"), compute="int8"),
         Row("dmquant-w4a16", "dmquant", QUANTIZED_SETTINGS,
             _DMQUANT.format(what="int4 weights per output channel, 16-bit activations"),
             formats=(4, 16, "channel")),
@@ -1174,9 +1177,14 @@ def _peak_tflops(run: Callable[[], Any], flops: int, device: torch.device, repea
     return flops / statistics.median(times) / 1e12
 
 
+#: The ``peaks.json`` entry of each compute format (:attr:`Row.compute`), and how the table names it.
+PEAK_KEYS = {"bf16": "bf16_tflops", "fp8": "fp8_rowwise_tflops", "int8": "int8_tops"}
+PEAK_LABELS = {"bf16": "bf16", "fp8": "fp8 row-wise", "int8": "int8"}
+
+
 def peak_kernels(size: int, device: torch.device) -> dict[str, Callable[[], Any]]:
-    """The peak probes on ``size``³: bf16 ``torch.mm``, fp8 e4m3 ``torch._scaled_mm`` with row-wise
-    scales, int8 ``torch._int_mm``."""
+    """The peak probes on ``size``³ under their ``PEAK_KEYS``: bf16 ``torch.mm``, fp8 e4m3
+    ``torch._scaled_mm`` with row-wise scales, int8 ``torch._int_mm``."""
     generator = torch.Generator(device=device).manual_seed(0)
 
     def random(dtype: torch.dtype) -> Tensor:
@@ -1189,11 +1197,11 @@ def peak_kernels(size: int, device: torch.device) -> dict[str, Callable[[], Any]
     a_int8 = torch.randint(-128, 128, (size, size), device=device, dtype=torch.int8)
     b_int8 = torch.randint(-128, 128, (size, size), device=device, dtype=torch.int8).t()
     return {
-        "bf16_tflops": lambda: torch.mm(a_bf16, b_bf16),
-        "fp8_rowwise_tflops": lambda: torch._scaled_mm(
+        PEAK_KEYS["bf16"]: lambda: torch.mm(a_bf16, b_bf16),
+        PEAK_KEYS["fp8"]: lambda: torch._scaled_mm(
             a_fp8, b_fp8, scale_a=row_scale, scale_b=column_scale, out_dtype=torch.bfloat16
         ),
-        "int8_tops": lambda: torch._int_mm(a_int8, b_int8),
+        PEAK_KEYS["int8"]: lambda: torch._int_mm(a_int8, b_int8),
     }
 
 
@@ -1347,13 +1355,26 @@ def _row_order(cell: dict[str, Any]) -> tuple[int, int, str]:
     return model_rank, row_rank, f"{model}/{row}"
 
 
+def _gemm_conv_throughput(metrics: dict[str, Any], row: str, peaks: dict[str, Any]) -> str:
+    """The GEMM/conv kernels' TFLOP/s, with its share of the measured peak of the row's compute format."""
+    tflops = metrics.get("gemm_conv_tflops")
+    compute = ROWS[row].compute if row in ROWS else None
+    peak = peaks.get(PEAK_KEYS[compute]) if compute else None
+    if tflops is None or not peak:
+        return _number(tflops, ".0f")
+    return f"{tflops:.0f} ({100 * tflops / peak:.0f}% of {compute})"
+
+
 def speed_table(results_dir: str | Path) -> str:
     """The speed cells under ``results_dir`` as a markdown table (plus the device peaks, when measured)."""
     results = Path(results_dir)
     cells = [json.loads(path.read_text()) for path in results.glob("*/*.json")]
+    peaks_file = results / "peaks.json"
+    peaks = json.loads(peaks_file.read_text()) if peaks_file.exists() else {}
     header = (
-        "| model | row | median ms | speed-up vs bf16 (same compile) | peak GiB | weight MiB | TFLOP/s | notes |\n"
-        "|---|---|---:|---:|---:|---:|---:|---|"
+        "| model | row | median ms | speed-up vs bf16 (same compile) | peak GiB | weight MiB | TFLOP/s "
+        "| GEMM/conv TFLOP/s (of peak) | notes |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---|"
     )
     lines = [header]
     for cell in sorted(cells, key=_row_order):
@@ -1367,19 +1388,22 @@ def speed_table(results_dir: str | Path) -> str:
             _number(metrics.get("peak_memory_gib"), ".2f"),
             _number(metrics.get("weight_mib"), ".1f"),
             _number(metrics.get("tflops"), ".3g"),
+            _gemm_conv_throughput(metrics, cell.get("row", ""), peaks),
             _table_notes(cell).replace("|", "/"),
         ]
         lines.append("| " + " | ".join(str(value) for value in values) + " |")
-    peaks_file = results / "peaks.json"
-    if peaks_file.exists():
-        peaks = json.loads(peaks_file.read_text())
+    if peaks:
         size = peaks.get("size")
         measured = ", ".join(
-            f"{label} {_number(peaks.get(key), '.3g')}"
-            for key, label in (("bf16_tflops", "bf16"), ("fp8_rowwise_tflops", "fp8 row-wise"), ("int8_tops", "int8"))
+            f"{PEAK_LABELS[compute]} {_number(peaks.get(key), '.3g')}" for compute, key in PEAK_KEYS.items()
         )
         device = (peaks.get("environment") or {}).get("device")
-        lines.append(f"\nDevice peaks on {device} ({size}³ products, TFLOP/s; int8 in TOPS): {measured}.")
+        lines.append(
+            f"\nDevice peaks on {device} ({size}³ products, TFLOP/s; int8 in TOPS): {measured}. GEMM/conv TFLOP/s:"
+            " the FLOPs of the Linear and Conv2d layers over the time of the GEMM and convolution kernels in one"
+            " profiled call, against the peak of the format its low-bit layers compute in (a row that leaves layers"
+            " in bf16, as torchao's leave the convolutions, mixes formats)."
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -364,14 +364,16 @@ def test_speed_cells_next_to_the_results_get_a_section(tmp_path):
     blocks, whole_model = output.read_text().split("## Speed")[1].split("### Whole-model compile")
     assert f"| {MODEL} | bf16-eager | 12.50 |" in blocks
     assert f"| {MODEL} | bf16-eager | 10.25 |" in whole_model
-    assert "### One process on one H100" not in whole_model
+    assert f"### {bench_report.SPEED_ONE_H100_TITLE}" not in whole_model
     (tmp_path / "speed-h100" / MODEL).mkdir(parents=True)
     one_run = cell | {"metrics": {"median_ms": 11.75}}
     (tmp_path / "speed-h100" / MODEL / "bf16-eager.json").write_text(json.dumps(one_run))
     (tmp_path / "speed-h100" / "notes").mkdir()
     (tmp_path / "speed-h100" / "notes" / "all.md").write_text("Why some rows are missing.\n")
     assert bench_report.main(argv) == 0
-    whole_model, one_h100 = output.read_text().split("### Whole-model compile")[1].split("### One process on one H100")
+    whole_model, one_h100 = (
+        output.read_text().split("### Whole-model compile")[1].split(f"### {bench_report.SPEED_ONE_H100_TITLE}")
+    )
     assert f"| {MODEL} | bf16-eager | 10.25 |" in whole_model and "11.75" not in whole_model
     assert f"| {MODEL} | bf16-eager | 11.75 |" in one_h100 and "Why some rows are missing." in one_h100
 

@@ -231,9 +231,27 @@ def test_table_lists_cells_in_model_and_row_order_with_reasons_for_the_rest(tmp_
     assert lines[0].startswith("| model | row | median ms | speed-up vs bf16 (same compile) |")
     rows = [line.split(" | ")[:2] for line in lines[2:]]
     assert rows == [["| sd15-unet", "bf16-eager"], ["| sd15-unet", "fp8-dynamic-row"], ["| dit-glyphs", "int8-dynamic"]]
-    assert "| 12.35 | 1.50x | 3.21 | 1234.5 | 250 | compiled; eager 0.80x; 25% of Linear/Conv FLOPs" in lines[4]
-    assert "unsupported: needs sm >= 8.9 / CUDA" in lines[3] and lines[3].count("—") == 5
-    assert all(line.count(" | ") == 7 for line in lines[2:])
+    assert "| 12.35 | 1.50x | 3.21 | 1234.5 | 250 | — | compiled; eager 0.80x; 25% of Linear/Conv FLOPs" in lines[4]
+    assert "unsupported: needs sm >= 8.9 / CUDA" in lines[3] and lines[3].count("—") == 6
+    assert all(line.count(" | ") == 8 for line in lines[2:])
+
+
+def test_table_compares_gemm_throughput_with_the_peak_of_the_rows_compute_format(tmp_path):
+    speed.write_cell(tmp_path / "peaks.json", {"size": 8192, "bf16_tflops": 800.0, "fp8_rowwise_tflops": 1250.0,
+                                               "int8_tops": 1000.0})  # fmt: skip
+    for row, tflops in [("bf16-compiled", 400.0), ("dmquant-w8a8-fp8", 250.0), ("dmquant-w4a8", 100.0),
+                        ("dmquant-w4a16", 200.0), ("int8-dynamic", None)]:  # fmt: skip
+        _fake_cell(tmp_path, "sd15-unet", row, metrics={"median_ms": 1.0, "gemm_conv_tflops": tflops})
+    lines = speed.speed_table(tmp_path).splitlines()
+    throughput = {line.split(" | ")[1]: line.split(" | ")[7] for line in lines[2:7]}
+    assert throughput == {
+        "bf16-compiled": "400 (50% of bf16)",
+        "int8-dynamic": "—",
+        "dmquant-w8a8-fp8": "250 (20% of fp8)",
+        "dmquant-w4a8": "100 (10% of int8)",
+        "dmquant-w4a16": "200 (25% of bf16)",
+    }
+    assert "fp8 row-wise 1.25e+03, int8 1e+03." in lines[-1]
 
 
 @pytest.fixture(scope="module")
