@@ -357,8 +357,8 @@ class Row:
         formats: a dmquant row's (weight bits, activation bits, weight granularity).
         fast_accumulation: a dmquant row's fp8 GEMMs on cuBLASLt accumulate without fp32 promotion.
         linear_only: a dmquant row quantizes nn.Linear layers only, its convolutions left in the compute dtype.
-        compute: the number format of its low-bit GEMMs' tensor-core math (``"bf16"``, ``"fp8"`` or ``"int8"``),
-            whose measured peak its GEMM/conv throughput is compared with.
+        compute: a torchao row's number format of its quantized GEMMs' tensor-core math (``"fp8"`` or
+            ``"int8"``); see :attr:`compute_format`.
     """
 
     name: str
@@ -369,7 +369,15 @@ class Row:
     formats: tuple[int | str, int | str, str] | None = None
     fast_accumulation: bool = False
     linear_only: bool = False
-    compute: str = "bf16"
+    compute: str | None = None
+
+    @property
+    def compute_format(self) -> str:
+        """The tensor-core math of the row's low-bit GEMMs (``"bf16"``, ``"fp8"`` or ``"int8"``), whose measured
+        peak its GEMM/conv throughput is compared with: a dmquant row's follows its activation format."""
+        if self.formats is not None:
+            return {"fp8_e4m3": "fp8", 8: "int8"}.get(self.formats[1], "bf16")
+        return self.compute or "bf16"
 
 
 _DMQUANT = (
@@ -396,21 +404,21 @@ ROWS: dict[str, Row] = {
             peer="torchao-int4-weight-only"),
         Row("dmquant-w8a8-fp8", "dmquant", QUANTIZED_SETTINGS,
             _DMQUANT.format(what="fp8 e4m3 weights per output channel and activations per tensor"),
-            formats=("fp8_e4m3", "fp8_e4m3", "channel"), compute="fp8"),
+            formats=("fp8_e4m3", "fp8_e4m3", "channel")),
         Row("dmquant-w8a8-fp8-fast", "dmquant", QUANTIZED_SETTINGS,
             _DMQUANT.format(what="fp8 as dmquant-w8a8-fp8, its fp8 GEMMs on cuBLASLt with fast accumulation "
                             "(use_fast_accum=True, as torchao's fp8 rows)"),
-            formats=("fp8_e4m3", "fp8_e4m3", "channel"), fast_accumulation=True, compute="fp8"),
+            formats=("fp8_e4m3", "fp8_e4m3", "channel"), fast_accumulation=True),
         Row("dmquant-w8a8-fp8-linear-fast", "dmquant", QUANTIZED_SETTINGS,
             _DMQUANT.format(what="fp8 as dmquant-w8a8-fp8-fast on the nn.Linear layers only, the convolutions left "
                             "in bfloat16 on cuDNN (torchao's layer coverage, with static activation scales)"),
-            formats=("fp8_e4m3", "fp8_e4m3", "channel"), fast_accumulation=True, linear_only=True, compute="fp8"),
+            formats=("fp8_e4m3", "fp8_e4m3", "channel"), fast_accumulation=True, linear_only=True),
         Row("dmquant-w8a8-int8", "dmquant", QUANTIZED_SETTINGS,
             _DMQUANT.format(what="int8 symmetric per-channel weights, int8 asymmetric per-tensor activations"),
-            formats=(8, 8, "channel"), compute="int8"),
+            formats=(8, 8, "channel")),
         Row("dmquant-w4a8", "dmquant", QUANTIZED_SETTINGS,
             _DMQUANT.format(what="int4 weights per output channel, int8 per-tensor activations"),
-            formats=(4, 8, "channel"), compute="int8"),
+            formats=(4, 8, "channel")),
         Row("dmquant-w4a16", "dmquant", QUANTIZED_SETTINGS,
             _DMQUANT.format(what="int4 weights per output channel, 16-bit activations"),
             formats=(4, 16, "channel")),
@@ -1177,7 +1185,7 @@ def _peak_tflops(run: Callable[[], Any], flops: int, device: torch.device, repea
     return flops / statistics.median(times) / 1e12
 
 
-#: The ``peaks.json`` entry of each compute format (:attr:`Row.compute`), and how the table names it.
+#: The ``peaks.json`` entry of each compute format (:attr:`Row.compute_format`), and how the table names it.
 PEAK_KEYS = {"bf16": "bf16_tflops", "fp8": "fp8_rowwise_tflops", "int8": "int8_tops"}
 PEAK_LABELS = {"bf16": "bf16", "fp8": "fp8 row-wise", "int8": "int8"}
 
@@ -1358,7 +1366,7 @@ def _row_order(cell: dict[str, Any]) -> tuple[int, int, str]:
 def _gemm_conv_throughput(metrics: dict[str, Any], row: str, peaks: dict[str, Any]) -> str:
     """The GEMM/conv kernels' TFLOP/s, with its share of the measured peak of the row's compute format."""
     tflops = metrics.get("gemm_conv_tflops")
-    compute = ROWS[row].compute if row in ROWS else None
+    compute = ROWS[row].compute_format if row in ROWS else None
     peak = peaks.get(PEAK_KEYS[compute]) if compute else None
     if tflops is None or not peak:
         return _number(tflops, ".0f")
