@@ -74,6 +74,7 @@ import triton.testing
 from torch import Tensor
 
 from ..core.primitives import FP8_E4M3, choose_qparams
+from . import triton_quantize
 from .cublas_gemm import vendor_gemm, vendor_takes
 from .weights import GROUP_ALIGNMENT, weight_colsums
 
@@ -471,10 +472,14 @@ def quantize_activations(x: Tensor, scale: Tensor, zero: Tensor | int | None, ac
     (W4A16): ``x`` itself. ``scale`` broadcasts against ``x`` (one value, or one per row as an (M, 1) column),
     ``zero`` too (a one-element tensor or an int; None: 0).
     Plain torch operations, elementwise, keeping ``x``'s strides: ``torch.compile`` fuses them into the kernel
-    that produces ``x`` (a GroupNorm, a SiLU), so the activations reach memory once, already 8-bit.
+    that produces ``x`` (a GroupNorm, a SiLU), so the activations reach memory once, already 8-bit. Run eagerly on
+    CUDA, a dense ``x`` with one scale is quantized in one pass instead (:mod:`~dmquant.kernels.triton_quantize`,
+    the same codes), where those operations would be five kernels.
     """
     if act == "none":
         return x
+    if x.is_cuda and not torch.compiler.is_compiling() and triton_quantize.takes(x, scale):
+        return triton_quantize.quantize(x, scale, _zero_tensor(zero, x.device) if zero is not None else None, act)
     scaled = correctly_rounded_quotient(x, scale)
     if act == "int8":
         codes = torch.round(scaled) if zero is None else torch.round(scaled) + zero
