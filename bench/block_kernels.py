@@ -1,8 +1,9 @@
 """The kernels of one compiled DiT-XL/2 block, bf16 against W8A8-FP8: where a converted block's time goes.
 
 Builds block 0 of DiT-XL/2 (``speed.DIT_XL_2_256``, random weights) at ``--batches`` (256 tokens per image),
-compiles it with ``torch.compile`` (default mode, ``dynamic=False``) in three forms — bf16; dmquant W8A8-FP8 with
-every converted layer on its fp8 kernel; and W8A8-FP8 with each layer's path measured
+compiles it with ``torch.compile`` (default mode, ``dynamic=False``) in three forms — bf16; dmquant W8A8-FP8 as
+``speed.py``'s ``dmquant-w8a8-fp8-fast`` row converts it (minmax, attention matmuls in bf16, fast accumulation)
+with every converted layer on its fp8 kernel; and that with each layer's path measured
 (``dmquant.kernels.paths``) — and records for each: the number of Triton kernels inductor generated (a standalone
 activation-quantize pass would add one per quantized input), the profiled kernels of one call (name, µs,
 category) and the median time of CUDA-graph replays of the call. One JSON file, ``--output``.
@@ -24,8 +25,6 @@ from diffusers import DiTTransformer2DModel
 
 from dmquant import api
 from dmquant.calib.record import CalibrationSet
-from dmquant.config import load_recipe
-from dmquant.kernels.convert import convert_model
 from dmquant.kernels.dispatch import load_kernels
 from dmquant.kernels.paths import select_paths
 
@@ -84,14 +83,14 @@ def run(batch: int, seed: int) -> dict:
         cond={"class_labels": labels[:rows]},
         num_inference_steps=1,
     )
-    config = load_recipe("minmax").with_bits("fp8_e4m3", "fp8_e4m3")
-    quantized = api.quantize(copy.deepcopy(block), config, calibration, progress=False)
+    row = speed.ROWS["dmquant-w8a8-fp8-fast"]  # the default conversion: fast accumulation, attention matmuls in bf16
+    quantized = api.quantize(copy.deepcopy(block), speed.dmquant_config(row, block), calibration, progress=False)
     args = (tokens.to(torch.bfloat16), timestep, labels)
     forms = {
         "bf16": block.to(torch.bfloat16),
-        "fp8-every-layer": convert_model(quantized).to(torch.bfloat16),
+        "fp8-every-layer": speed.convert_for(row, quantized).to(torch.bfloat16),
     }
-    measured = convert_model(quantized).to(torch.bfloat16)
+    measured = speed.convert_for(row, quantized).to(torch.bfloat16)
     with torch.no_grad():
         report = select_paths(measured, lambda: measured(*args))
     forms["fp8-measured-paths"] = measured

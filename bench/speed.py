@@ -585,9 +585,9 @@ ROWS: dict[str, Row] = {
             _DMQUANT.format(what="fp8 e4m3 weights per output channel and activations per tensor"),
             formats=("fp8_e4m3", "fp8_e4m3", "channel")),
         Row("dmquant-w8a8-fp8-every-layer", "dmquant", QUANTIZED_SETTINGS,
-            _DMQUANT.format(what="fp8 as dmquant-w8a8-fp8, every converted layer on its fp8 kernel (no measured "
-                            "choice of paths)"),
-            formats=("fp8_e4m3", "fp8_e4m3", "channel"), measured_paths=False),
+            _DMQUANT.format(what="fp8 as dmquant-w8a8-fp8-fast, every converted layer on its fp8 kernel (no "
+                            "measured choice of paths)"),
+            formats=("fp8_e4m3", "fp8_e4m3", "channel"), fast_accumulation=True, measured_paths=False),
         Row("dmquant-w8a8-fp8-fast", "dmquant", QUANTIZED_SETTINGS,
             _DMQUANT.format(what="fp8 as dmquant-w8a8-fp8, its fp8 GEMMs on cuBLASLt with fast accumulation "
                             "(use_fast_accum=True, as torchao's fp8 rows)"),

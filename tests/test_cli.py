@@ -157,7 +157,7 @@ def test_version(capsys):
                 "fp8",
                 "--real-kernels",
                 "--dynamic-fp8",
-                "--fp8-fast-accumulation",
+                "--fp8-exact-accumulation",
                 "--compile",
             ],
         ),

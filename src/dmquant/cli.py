@@ -25,6 +25,7 @@ from .config import QuantConfig, available_recipes, load_recipe
 from .core.attach import attach_quantizers, find_shortcut_splits
 from .core.quantizer import quantizers
 from .denoiser import Denoiser
+from .deployment import choose_kernel_paths, speedup_line
 from .errors import DmquantError
 from .eval.images import psnr, to_unit_range
 from .jobs import compare, generate, open_model, quantize_model
@@ -104,12 +105,24 @@ def _prepared(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel
     converted to low-bit layers under ``--real-kernels``."""
     if getattr(args, "steps", 0) is None:
         args.steps = required_steps(model.denoiser) or DEFAULT_STEPS
-    if getattr(args, "real_kernels", False) and getattr(model.denoiser, INFO_ATTRIBUTE, None) is not None:
+    converting = getattr(args, "real_kernels", False) and getattr(model.denoiser, INFO_ATTRIBUTE, None) is not None
+    if converting:
         model = model.with_denoiser(convert_model(model.denoiser, inplace=True))
         print(getattr(model.denoiser, REPORT_ATTRIBUTE).summary())
     model = model.to(args.device)
+    if converting:
+        _choose_kernel_paths(model, args)
     scheduler = getattr(args, "scheduler", None)
     return model.with_scheduler(scheduler) if scheduler else model
+
+
+def _choose_kernel_paths(converted: DiffusionModel, args: argparse.Namespace) -> None:
+    """On CUDA, unless ``--every-layer-on-kernels``: each converted layer's fastest path, measured on calls shaped
+    like this command's batches (``dmquant.kernels.paths``), with what was chosen printed."""
+    if torch.device(args.device).type != "cuda" or args.every_layer_on_kernels:
+        return
+    report = choose_kernel_paths(converted, args.batch_size, args.guidance, progress=not args.quiet)
+    print(report.summary())
 
 
 def _compiled(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel:
@@ -159,9 +172,23 @@ def _add_real_kernels_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--real-kernels",
         action="store_true",
-        help="run a checkpoint's Linear and Conv2d layers on real low-bit kernels (see `dmquant convert`)",
+        help="run a checkpoint's Linear and Conv2d layers on real low-bit kernels (see `dmquant convert`); with "
+        "--compile on CUDA, `sample` also times a denoiser call of the FP model and of the converted one and prints "
+        "the speed-up",
     )
+    _add_path_option(parser)
     _add_compile_option(parser)
+
+
+def _add_path_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--every-layer-on-kernels",
+        action="store_true",
+        help="keep every converted layer on its low-bit kernel; by default, on CUDA, each layer's paths (cuBLASLt, "
+        "Triton, bf16 with its dequantized weight) are timed on calls shaped like this command's batches and the "
+        "fastest kept, so that no layer runs slower than in bf16 (decisions cached per GPU and shape in "
+        "$DMQUANT_CACHE_DIR, default ~/.cache/dmquant)",
+    )
 
 
 def _add_compile_option(parser: argparse.ArgumentParser) -> None:
@@ -260,6 +287,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if Path(args.output).suffix.lower() != ".png":
         raise DmquantError(f"--output {args.output}: the grid is written as PNG; give a name ending in .png")
     model = _compiled(_prepared(open_model(args.model, base=args.base), args), args)
+    if args.real_kernels and args.compile and torch.device(args.device).type == "cuda":
+        fp = _compiled(_prepared(open_model(args.base or info(model.denoiser).source), args), args)
+        print(speedup_line(fp, model, args.batch_size, args.guidance))
+        del fp
     images, conditioning = generate(
         model, args.num_samples, labels=args.labels, prompts=args.prompt, **_sampling_kwargs(args)
     )
@@ -393,9 +424,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     simulated = _prepared(open_model(args.model, base=args.base), args)
     converted = simulated.with_denoiser(
         convert_model(
-            simulated.denoiser, dynamic_fp8=args.dynamic_fp8, fp8_fast_accumulation=args.fp8_fast_accumulation
+            simulated.denoiser, dynamic_fp8=args.dynamic_fp8, fp8_fast_accumulation=not args.fp8_exact_accumulation
         )
     )
+    _choose_kernel_paths(converted, args)
     converted = _compiled(converted, args)
     report = getattr(converted.denoiser, REPORT_ATTRIBUTE)
     print(f"{args.model}: {report.summary()}\n")
@@ -619,12 +651,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Linear layers with fp8 activations take per-token scales from each input, not the calibrated one",
     )
     p.add_argument(
-        "--fp8-fast-accumulation",
+        "--fp8-exact-accumulation",
         action="store_true",
-        help="fp8 GEMMs on cuBLASLt (Linear, 1x1 conv) accumulate in the tensor cores' reduced precision, as "
-        "torchao's fp8 does: other kernels (on an H200 within 3%% of the default's time at UNet/DiT shapes), "
-        "further from the simulated model (bench/fidelity.py measures it)",
+        help="fp8 GEMMs on cuBLASLt (Linear, 1x1 conv) promote their partial sums to fp32, as the simulated model "
+        "assumes, instead of accumulating in the tensor cores' reduced precision as torchao and TensorRT do (the "
+        "default: faster kernels, within the fidelity floor on the zoo models; bench/fidelity.py measures both)",
     )
+    _add_path_option(p)
     _add_compile_option(p)
     _add_sampling_options(p, num_samples=0)
 
