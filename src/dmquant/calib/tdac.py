@@ -2,7 +2,7 @@
 the density and diversity of the model's own features along the trajectory.
 
 EDA-DM (Liu et al. 2024, "Enhanced Distribution Alignment for Post-Training Quantization of
-Diffusion Models", Sec. 4.1, eqs. 6-8) looks at one feature map ``F_t`` per sampling step along
+Diffusion Models", Sec. 4.1) looks at one feature map ``F_t`` per sampling step along
 FP trajectories and gives a step more calibration samples the more steps it is typical of
 (*density*) and the more it differs from the others (*diversity*). ``F_t`` is the input of a
 chosen layer (default: the attention of the UNet's middle block, or the middle transformer block
@@ -13,7 +13,8 @@ for tokens, and the scores are computed as the reference code (BienLuky/EDA-DM,
     D_t = #{s ≠ t : mean((F_t − F_s)²) ≤ r}
           (mean over every element of the batch: trajectory b at step t against itself at step s)
     V_t = Σ_{s ≠ t} Σ_{b, p} (1 − cos(F_t[b, :, p], F_s[b, :, p]))
-          (cosine over the channel vector at each position p of each trajectory b, summed)
+          (cosine over the channel vector at each position p of each trajectory b, summed;
+           for tokens F_t[b, p, :], the reference having no transformer model)
     w_t = D̂_t + λ · V̂_t        (^: min-max normalised over the steps; all zeros when constant)
 
 and ``N`` calibration samples are allocated in proportion to ``w_t``. Each calibration
