@@ -211,9 +211,12 @@ class ReconstructionConfig:
       quantized, learning rounding and step sizes together;
     - ``fixed``: one pass with activations quantized at their calibrated ranges, rounding only.
 
-    ``drop_probability`` is QDrop's: during reconstruction each quantized activation element is
-    replaced by its full-precision value with this probability, and so is each element of the
-    block's input (QDrop's ``prob = input_prob = 0.5`` keep the quantized value half the time).
+    ``drop_probability`` is QDrop's ``p``: during reconstruction each quantized activation element
+    is replaced by its full-precision value (its quantization dropped) with this probability, and
+    so is each element of the block's input. QDrop's and PTQ4DM's code count the other way (their
+    ``drop_prob`` / ``prob`` / ``input_prob`` is the probability of keeping the quantized value),
+    so their ``v`` is ``1 − v`` here; their released 0.5 is 0.5 either way
+    (:mod:`dmquant.recon.qdrop`).
     ``inner_loss_weight`` is EDA-DM's FBR γ (0.8 in its experiments; 0: BRECQ's block loss only):
     the loss of each block's inner quantized layers' outputs, weighted by it, joins the block loss.
     ``num_samples`` calibration rows (drawn at random with ``seed`` when the set is larger) are
