@@ -404,7 +404,7 @@ def _flux(args: argparse.Namespace, device: torch.device) -> Workload:
         "guidance": torch.full((batch,), 3.5),
     }
     workload = _diffusers_workload(FluxDenoiser, config, (batch, image, config["in_channels"]), cond, device,
-                                   args.seed, rebuilt=not args.tiny)  # fmt: skip
+                                   args.seed, rebuilt=True)  # fmt: skip
     workload.timestep = torch.rand(batch, generator=torch.Generator().manual_seed(args.seed)).to(device)
     return workload
 
@@ -418,7 +418,7 @@ def _sd3(args: argparse.Namespace, device: torch.device) -> Workload:
         "pooled_projections": torch.randn(batch, config["pooled_projection_dim"]),
     }
     sample_shape = (batch, config["in_channels"], size, size)
-    return _diffusers_workload(SD3Denoiser, config, sample_shape, cond, device, args.seed, rebuilt=not args.tiny)
+    return _diffusers_workload(SD3Denoiser, config, sample_shape, cond, device, args.seed, rebuilt=True)
 
 
 def _pixart(args: argparse.Namespace, device: torch.device) -> Workload:
