@@ -94,9 +94,13 @@ def test_the_fastest_path_is_the_least_total_over_the_paths_every_call_took():
 
 def test_the_bf16_path_replaces_the_layer_and_the_others_set_its_backend():
     model = _converted()
-    paths._apply(model, "proj", model.proj, "bf16", torch.float32)
+    image = torch.randn(1, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    dense_conv = paths.dense_module(model.conv, torch.float32, channels_last=True)
+    assert dense_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(dense_conv(image), paths.dense_module(model.conv, torch.float32)(image))
+    paths._apply(model, "proj", model.proj, "bf16", torch.randn(2, 32))
     assert type(model.proj) is nn.Linear
-    paths._apply(model, "conv", model.conv, "triton", torch.float32)
+    paths._apply(model, "conv", model.conv, "triton", torch.randn(1, 16, 8, 8))
     assert isinstance(model.conv, LowBitConv2d) and model.conv.backend == "triton"
 
 

@@ -166,9 +166,10 @@ def signature(layer: LowBitLayer, x: Tensor) -> dict[str, Any]:
     return key
 
 
-def dense_module(layer: LowBitLayer, dtype: torch.dtype) -> nn.Module:
+def dense_module(layer: LowBitLayer, dtype: torch.dtype, channels_last: bool = False) -> nn.Module:
     """The layer as a plain ``nn.Linear`` / ``nn.Conv2d`` in ``dtype`` with its dequantized weight (SmoothQuant's
-    division folded in), on the layer's device: the ``"bf16"`` path."""
+    division folded in), on the layer's device: the ``"bf16"`` path. ``channels_last``: a convolution's weight in
+    that layout, as cuDNN takes it best for channels-last inputs."""
     smoothing = layer.smoothing
     if isinstance(layer, LowBitLinear):
         weight = layer.weight.dequantize()
@@ -187,6 +188,8 @@ def dense_module(layer: LowBitLayer, dtype: torch.dtype) -> nn.Module:
     dense.weight.data.copy_(weight.reshape(dense.weight.shape))
     if layer.bias is not None:
         dense.bias.data.copy_(layer.bias.detach())
+    if channels_last and isinstance(dense, nn.Conv2d):
+        dense.weight.data = dense.weight.data.contiguous(memory_format=torch.channels_last)
     return dense.eval().requires_grad_(False)
 
 
@@ -209,7 +212,7 @@ def _candidates(layer: LowBitLayer, x: Tensor, dense_for_int4: bool) -> dict[str
             candidates[path] = _with_backend(layer, x, "auto" if path == "cublas" else "triton")
     if candidates and not dense_for_int4 and any(weight.layout == "int4" for weight in weights):
         return candidates
-    dense = dense_module(layer, x.dtype)
+    dense = dense_module(layer, x.dtype, channels_last=_layout(x) == "channels_last")
     candidates["bf16"] = lambda: dense(x)
     return candidates
 
@@ -311,7 +314,7 @@ def select_paths(
             entries.append(cache[key])
         path, totals = fastest(entries)
         report.choices.append(PathChoice(name, path, totals, [list(m.shape) for m in inputs[name]], cached))
-        _apply(model, name, layer, path, inputs[name][0].dtype)
+        _apply(model, name, layer, path, inputs[name][0])
     if use_cache:
         _write_cache(cache_file, cache)
     setattr(model, REPORT_ATTRIBUTE, report)
@@ -325,10 +328,13 @@ def fastest(entries: list[dict[str, float]]) -> tuple[str, dict[str, float]]:
     return min(totals, key=totals.__getitem__), totals
 
 
-def _apply(model: nn.Module, name: str, layer: LowBitLayer, path: str, dtype: torch.dtype) -> None:
+def _apply(model: nn.Module, name: str, layer: LowBitLayer, path: str, example: Tensor) -> None:
+    """Put ``path`` in place for ``layer`` (``example``: its first recorded input, for the dense layer's dtype and
+    layout)."""
     if path == "bf16":
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, dense_module(layer, dtype))
+        dense = dense_module(layer, example.dtype, channels_last=_layout(example) == "channels_last")
+        setattr(model.get_submodule(parent), child, dense)
     else:
         layer.backend = "triton" if path == "triton" else "auto"
 
