@@ -13,7 +13,7 @@ from dmquant.checkpoint import MANIFEST_FILE, TENSORS_FILE
 from dmquant.config import load_recipe
 from dmquant.core.quantizer import set_step
 from dmquant.denoiser import Denoiser
-from dmquant.errors import CalibrationError, CheckpointError, ModelError
+from dmquant.errors import CalibrationError, CheckpointError, ModelError, OutputError
 from dmquant.zoo.tiny import tiny_unet2d
 
 
@@ -73,9 +73,9 @@ def test_existing_directory_is_refused_unless_overwrite(quantized, tmp_path):
     target = tmp_path / "q"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
-    with pytest.raises(CheckpointError, match="exists"):
+    with pytest.raises(OutputError, match="exists"):
         api.save(quantized, target)
-    with pytest.raises(CheckpointError, match="holds no dmquant checkpoint"):
+    with pytest.raises(OutputError, match="dmquant did not write"):
         api.save(quantized, target, overwrite=True)  # overwrite replaces checkpoints, nothing else
     assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
     (target / "keep.txt").unlink()

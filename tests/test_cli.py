@@ -233,7 +233,7 @@ def test_quantize_refuses_existing_output_then_overwrites(tmp_path, capsys):
     assert (output / "keep.txt").read_text() == "precious"
 
     code, out, err = run([*argv, "--overwrite"], capsys)  # --overwrite replaces checkpoints only
-    assert "holds no dmquant checkpoint" in assert_one_line_error(code, err, "quantize")
+    assert "not a dmquant checkpoint" in assert_one_line_error(code, err, "quantize")
     assert (output / "keep.txt").read_text() == "precious"
 
     (output / "keep.txt").unlink()
