@@ -7,7 +7,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import sys
 import textwrap
 import time
@@ -32,6 +31,7 @@ from .kernels.convert import REPORT_ATTRIBUTE, convert_model
 from .kernels.dispatch import load_kernels
 from .models import BUILTIN_MODELS, SCHEDULERS, DiffusionModel
 from .precision.sqnr import analyze_sensitivity
+from .recon.state import read_progress, remove_state
 from .report import markdown_table, save_image_grid, save_samples_npz, sensitivity_bars, sensitivity_heatmap
 
 MODEL_HELP = (
@@ -239,8 +239,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"activations {config.activation.describe()}"
     )
     state_dir = Path(args.state_dir) if args.state_dir else output.with_name(output.name + ".reconstruction")
-    if config.reconstruction.enabled and state_dir.exists():
-        print(f"resuming the reconstruction saved in {state_dir}")
+    progress = read_progress(state_dir) if config.reconstruction.enabled else None
+    if progress is not None:
+        print(f"resuming the reconstruction saved in {state_dir} ({len(progress['units'])} units done)")
     started = time.perf_counter()
     try:
         quantized = quantize_model(model, config, progress=not args.quiet, state_dir=state_dir)
@@ -250,7 +251,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise
     save(quantized.denoiser, output, overwrite=args.overwrite)
     if config.reconstruction.enabled and not args.state_dir:
-        shutil.rmtree(state_dir, ignore_errors=True)
+        remove_state(state_dir)
     report = info(quantized.denoiser).report
     print(f"{report.num_quantized} layers quantized in {time.perf_counter() - started:.1f} s; saved to {output}")
     return 0
