@@ -487,6 +487,16 @@ def test_demo_writes_report_images_and_checkpoints(tmp_path, capsys):
     page = (output / "report.html").read_text()
     assert "<table>" in page and "sqnr.png" in page and "comparison.png" in page
     assert "random-initialised" in out
+    assert set(results["files"]) == {p.name for p in output.iterdir()}
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # no staging directory or lock left
+
+    # an earlier report is replaced only with --overwrite, and only while it holds nothing else
+    code, _, err = run(argv, capsys)
+    assert "--overwrite" in assert_one_line_error(code, err, "demo")
+    (output / "notes.txt").write_text("mine")
+    code, _, err = run([*argv, "--overwrite"], capsys)
+    assert "dmquant did not write" in assert_one_line_error(code, err, "demo")
+    assert (output / "notes.txt").read_text() == "mine" and (output / "report.md").exists()
 
 
 @pytest.mark.slow
@@ -605,6 +615,16 @@ def test_quantize_with_reconstruction_resumes_from_its_state_and_cleans_up(tmp_p
     manifest = json.loads((output / "dmquant.json").read_text())
     assert manifest["recipe"]["reconstruction"]["iterations"] == 2
     assert {r["pass_name"] for r in manifest["extra"]["reconstruction"]} == {"weights", "activations"}
+
+
+def test_a_state_directory_that_is_not_dmquant_progress_is_neither_resumed_nor_removed(tmp_path, capsys):
+    output, state = tmp_path / "qdiff", tmp_path / "qdiff.reconstruction"
+    state.mkdir()
+    (state / "notes.txt").write_text("mine")
+    code, out, err = run(["quantize", "tiny-unet", "-o", str(output), "--recipe", "q-diffusion", *CALIB, "-q"], capsys)
+    assert "not the reconstruction progress" in assert_one_line_error(code, err, "quantize")
+    assert "resuming" not in out
+    assert [p.name for p in state.iterdir()] == ["notes.txt"] and not output.exists()
 
 
 def test_no_reconstruction_skips_it(tmp_path, capsys):

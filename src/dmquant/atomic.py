@@ -98,15 +98,13 @@ def staging_directory(target: Path) -> Path:
 
 
 def fsync_directory(directory: Path) -> None:
-    """Flush every file in ``directory`` and the directory itself to disk."""
-    for path in directory.iterdir():
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    """Flush every entry of ``directory`` (files and subdirectories) and the directory itself to disk."""
+    for path in (*directory.iterdir(), directory):
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 _RENAME_EXCHANGE = 2
@@ -142,6 +140,30 @@ def swap_into_place(staging: Path, target: Path) -> None:
         shutil.rmtree(staging)  # it holds the old directory now
     else:
         _retire_and_rename(staging, target)
+
+
+@contextlib.contextmanager
+def directory_written_atomically(
+    target: Path, *, overwrite: bool, ours: Callable[[Path], bool], complete: Callable[[Path], bool], what: str
+) -> Iterator[Path]:
+    """Yield a staging directory to fill; on a normal exit it becomes ``target`` (see :func:`swap_into_place`).
+
+    Under ``target``'s lock: leftovers of an interrupted write are recovered first, ``target`` is
+    checked (:func:`check_output`; ``ours(directory)``: every entry is one dmquant writes there),
+    and on any error the staging directory is removed and ``target`` is left as it was.
+    """
+    check_output(target, overwrite=overwrite, replaceable=ours, what=what)
+    with output_lock(target):
+        recover(target, ours=ours, complete=complete)
+        check_output(target, overwrite=overwrite, replaceable=ours, what=what)
+        staging = staging_directory(target)
+        try:
+            yield staging
+            fsync_directory(staging)
+            swap_into_place(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 def leftovers(target: Path) -> list[Path]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import stat
 from pathlib import Path
 from typing import Any
@@ -29,15 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import (
-    check_output,
-    fsync_directory,
-    output_lock,
-    recover,
-    recover_when_free,
-    staging_directory,
-    swap_into_place,
-)
+from .atomic import check_output, directory_written_atomically, recover_when_free
 from .core.layers import QUANT_LAYERS
 from .core.packing import decode_e2m1, encode_e2m1, pack_codes, unpack_codes
 from .core.primitives import FP4_E2M1, IntFormat, QFormat
@@ -164,25 +155,18 @@ def write_checkpoint(
 
     Leftovers of an interrupted earlier save are recovered or removed first (with a message).
     """
-    target = check_target(directory, overwrite=overwrite)
-    with output_lock(target):
-        recover(target, ours=_is_ours, complete=_is_complete)
-        target = check_target(directory, overwrite=overwrite)
-        staging = staging_directory(target)
-        try:
-            save_file(tensors, str(staging / TENSORS_FILE), metadata={"format": "dmquant"})
-            manifest = {
-                **manifest,
-                "format_version": FORMAT_VERSION,
-                "sha256": sha256(staging / TENSORS_FILE),
-                "tensors_bytes": (staging / TENSORS_FILE).stat().st_size,
-            }
-            (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-            fsync_directory(staging)
-            swap_into_place(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+    target = Path(directory)
+    with directory_written_atomically(
+        target, overwrite=overwrite, ours=_is_ours, complete=_is_complete, what="a dmquant checkpoint"
+    ) as staging:
+        save_file(tensors, str(staging / TENSORS_FILE), metadata={"format": "dmquant"})
+        manifest = {
+            **manifest,
+            "format_version": FORMAT_VERSION,
+            "sha256": sha256(staging / TENSORS_FILE),
+            "tensors_bytes": (staging / TENSORS_FILE).stat().st_size,
+        }
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
     return target
 
 

@@ -418,8 +418,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoOptions, demo_table, run_demo
 
     output = Path(args.output or time.strftime("runs/%Y%m%d-%H%M%S"))
-    if output.exists() and any(output.iterdir()) and not (output / "report.md").exists():
-        raise DmquantError(f"{output} is a non-empty directory without a demo report; not writing into it")
     options = DemoOptions(
         num_samples=args.num_samples,
         num_inference_steps=args.steps,
@@ -438,6 +436,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         options=options,
         device=args.device,
         recipe_name=args.recipe,
+        overwrite=args.overwrite,
     )
     print("\n" + demo_table(result))
     if result.floors:
@@ -487,6 +486,7 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
         max_minutes=args.max_minutes,
         steps=args.steps,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
     status = "finished" if result.finished else "stopped on the time limit (run again to resume)"
     print(f"{args.name}: {status} at step {result.step} after {result.elapsed_s / 60:.1f} min; state in {state}/")
@@ -674,6 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="ddpm-glyphs32", help="model to run on (default: %(default)s)")
     p.add_argument("--recipe", default="mse", help="recipe (default: %(default)s)")
     p.add_argument("-o", "--output", help="new directory for the report (default: runs/<date>-<time>)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it holds an earlier demo report")
     p.add_argument("--num-samples", type=_positive_int, default=256, help="samples per setting (default: %(default)s)")
     p.add_argument("--steps", type=_positive_int, default=20, help="sampling steps (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="samples per batch (default: %(default)s)")
@@ -709,6 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="zoo model (see `dmquant zoo list`)")
     p.add_argument("--state", help="training state directory (default: runs/zoo/NAME)")
     p.add_argument("--export", help="where the trained model goes (default: the package's zoo/weights/NAME)")
+    p.add_argument("--overwrite", action="store_true", help="replace --export if it holds something else")
     p.add_argument("--max-minutes", type=float, help="stop after this many minutes (state is saved; rerun resumes)")
     p.add_argument("--steps", type=_positive_int, help="total steps instead of the plan's")
     p = _command(
