@@ -78,8 +78,11 @@ def quantize(
     """
     if isinstance(config, (str, Path)):
         config = load_recipe(config)
+    if not isinstance(calibration, CalibrationSet):
+        raise CalibrationError(f"calibration: expected a CalibrationSet, got {type(calibration).__name__}")
     if len(calibration) == 0:
         raise CalibrationError("the calibration set is empty: record at least one sample")
+    calibration.check_fits(Denoiser(model))
     fp_model = copy.deepcopy(model).eval() if config.reconstruction.enabled else None
     if not inplace:
         model = copy.deepcopy(model)
@@ -142,7 +145,7 @@ class StepSelector(StepHook):
     def begin_step(self, ctx: StepContext) -> None:
         if self.num_steps is not None and ctx.num_steps != self.num_steps:
             raise CalibrationError(
-                f"this model's activation bits follow a {self.num_steps}-step schedule; "
+                f"this model's activation parameters are made for {self.num_steps} steps; "
                 f"sample with {self.num_steps} steps, not {ctx.num_steps}"
             )
         set_step(self.model, ctx.step_index)
@@ -169,7 +172,7 @@ def _range_hooks(model: nn.Module, quant: QuantizationInfo) -> list[StepHook]:
     schedule = quant.config.step_precision
     if schedule.enabled:
         return [StepSelector(model, schedule.num_inference_steps)]
-    return [StepSelector(model)] if quant.num_steps > 1 else []
+    return [StepSelector(model, quant.num_steps)] if quant.num_steps > 1 else []
 
 
 def sampling_hooks(model: nn.Module) -> list[StepHook]:
@@ -263,6 +266,12 @@ def save(model: nn.Module, directory: str | Path, *, overwrite: bool = False) ->
         "extra": quant.extra,
     }
     return write_checkpoint(directory, tensors, manifest, overwrite=overwrite)
+
+
+def same_architecture(first: nn.Module, second: nn.Module) -> bool:
+    """Both modules are of one class and, for diffusers models, of one configuration."""
+    configs = [_json_roundtrip(dict(getattr(module, "config", {}))) for module in (first, second)]
+    return type(first) is type(second) and configs[0] == configs[1]
 
 
 def _build_base(manifest: dict[str, Any], model: nn.Module | None) -> nn.Module:

@@ -52,7 +52,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 
 def _bits(value: str) -> int | str:
-    return int(value) if value.isdigit() else value
+    return int(value) if value.isascii() and value.isdigit() else value
 
 
 def _positive_int(value: str) -> int:
@@ -98,12 +98,52 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+#: Seeds torch's generators take (batch i of a run uses seed + i).
+MAX_SEED = 2**63 - 1
+
+
+def _check_device(name: str) -> None:
+    """``name`` is a torch device this machine has (``cuda`` needs CUDA, ``cuda:3`` a fourth GPU)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as error:
+        raise DmquantError(f"--device {name}: not a torch device ({error})") from None
+    if device.type == "cpu":
+        return
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", lambda: False)()
+    count = getattr(backend, "device_count", lambda: 1)() if available else 0
+    if (device.index or 0) >= count:
+        raise DmquantError(f"--device {name}: no such device on this machine ({count} {device.type} device(s))")
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Values argparse's types let through but no command can use: each a one-line error."""
+    guidance = getattr(args, "guidance", None)
+    for value in guidance if isinstance(guidance, list) else [guidance]:
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise DmquantError(f"--guidance {value}: must be a finite number >= 0")
+    eta = getattr(args, "eta", 0.0)
+    if not (math.isfinite(eta) and eta >= 0):
+        raise DmquantError(f"--eta {eta}: must be a finite number >= 0 (0: deterministic DDIM)")
+    if not 0 <= getattr(args, "seed", 0) <= MAX_SEED:
+        raise DmquantError(f"--seed {args.seed}: must lie in [0, {MAX_SEED}]")
+    if hasattr(args, "device"):
+        _check_device(args.device)
+
+
 def _prepared(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel:
     """The model on ``--device``, with ``--scheduler`` applied where the command has it, an
     unset ``--steps`` set to what the (first) model opened needs, and a quantized denoiser
     converted to low-bit layers under ``--real-kernels``."""
+    required = required_steps(model.denoiser)
     if getattr(args, "steps", 0) is None:
-        args.steps = required_steps(model.denoiser) or DEFAULT_STEPS
+        args.steps = required or DEFAULT_STEPS
+    elif hasattr(args, "steps") and required is not None and args.steps != required:
+        raise DmquantError(
+            f"--steps {args.steps}: this checkpoint's per-step parameters (ranges, bit schedule or noise "
+            f"statistics) were made for {required} steps; sample with --steps {required}"
+        )
     if getattr(args, "real_kernels", False) and getattr(model.denoiser, INFO_ATTRIBUTE, None) is not None:
         model = model.with_denoiser(convert_model(model.denoiser, inplace=True))
         print(getattr(model.denoiser, REPORT_ATTRIBUTE).summary())
@@ -366,6 +406,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         report = quant.report
     else:
         config = _recipe(args)
+        schedule = config.step_precision
+        if schedule.enabled and schedule.switch_step is None:
+            print(
+                f"note: recipe {config.name} switches the activations to {schedule.late_bits} bits at a step chosen "
+                "while quantizing (from the measured SQNR); shown: the bits before the switch\n"
+            )
+            config.step_precision = dataclasses.replace(schedule, enabled=False)
         denoiser = Denoiser(model.denoiser)
         conditioning = model.make_conditioning(1, guidance_scale=1.0)
         x = torch.zeros(1, denoiser.in_channels, denoiser.sample_size, denoiser.sample_size, device=denoiser.device)
@@ -767,6 +814,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _log_to_stderr(getattr(args, "quiet", False))
     try:
+        _check_arguments(args)
         return args.run(args)
     except DmquantError as error:
         print(f"dmquant {args.command}: error: {error}", file=sys.stderr)
