@@ -1,6 +1,7 @@
 """quantize / save / load, and every way bad input is refused with a clear error."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -147,6 +148,30 @@ def test_empty_calibration_set_is_refused(unet, calibration):
     )
     with pytest.raises(CalibrationError, match="empty"):
         api.quantize(unet.denoiser, "minmax", empty, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("samples", lambda c: c.samples[:, :, 0], "samples: expected a float (N, C, H, W) tensor"),
+        ("samples", lambda c: c.samples.to(torch.int64), "samples: expected a float"),
+        ("samples", lambda c: c.samples.tolist(), "samples: expected a tensor with a row per sample, got a list"),
+        ("samples", lambda c: c.samples[:, :1], "samples: 1 channels, the model takes 3"),
+        ("samples", lambda c: c.samples[:, :, :8, :8], "samples: (8, 8) pixels, the model takes"),
+        ("timesteps", lambda c: c.timesteps[:, None], "timesteps: expected a real (N,) tensor"),
+        ("step_indices", lambda c: c.step_indices.float(), "step_indices: expected an integer (N,) tensor"),
+        ("step_indices", lambda c: c.step_indices + 100, "step_indices: must lie in [0, 4)"),
+        ("cond", lambda c: {k: 3 for k in c.cond}, "cond.class_labels: expected a tensor"),
+        ("cond", lambda c: "labels", "cond: expected a mapping"),
+        ("num_inference_steps", lambda c: "4", "num_inference_steps: expected an integer"),
+    ],
+)
+def test_calibration_data_of_the_wrong_shape_dtype_or_rank_names_the_tensor(unet, calibration, field, value, message):
+    fields = {name: getattr(calibration, name) for name in ("samples", "timesteps", "step_indices", "cond")}
+    fields["num_inference_steps"] = calibration.num_inference_steps
+    fields[field] = value(calibration)
+    with pytest.raises(CalibrationError, match=re.escape(message)):
+        api.quantize(unet.denoiser, "minmax", CalibrationSet(**fields), progress=False)
 
 
 def test_non_finite_calibration_activation_names_layer_and_step(unet, calibration):

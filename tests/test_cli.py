@@ -662,7 +662,7 @@ def test_a_checkpoint_with_per_step_statistics_samples_with_its_own_steps(tmp_pa
     assert code == 0, err
     assert "(2 samples, 4 steps" in out
     code, _, err = run(["eval", str(output), "--num-samples", "2", "--steps", "3", "-q"], capsys)
-    assert code == 2 and "measure them for this sampler" in err
+    assert "made for 4 steps; sample with --steps 4" in assert_one_line_error(code, err, "eval")
 
 
 def test_compile_allows_one_graph_per_step_parameter_set():
@@ -673,3 +673,62 @@ def test_compile_allows_one_graph_per_step_parameter_set():
     with torch._dynamo.config.patch(recompile_limit=8):  # restored on exit
         _compiled(model, argparse.Namespace(compile=True, device="cpu"))
         assert torch._dynamo.config.recompile_limit == 40
+
+
+# ---------------------------------------------------------------- values no command can use
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["sample", "tiny-unet", "--guidance", "nan"], "--guidance nan: must be a finite number"),
+        (["sample", "tiny-unet", "--guidance", "inf"], "--guidance inf: must be a finite number"),
+        (["sample", "tiny-unet", "--eta", "-1"], "--eta -1.0: must be a finite number >= 0"),
+        (["sample", "tiny-unet", "--seed", "-1"], "--seed -1: must lie in"),
+        (["sample", "tiny-unet", "--seed", str(2**64)], "--seed 18446744073709551616: must lie in"),
+        (["sample", "tiny-unet", "--device", "nope"], "--device nope: not a torch device"),
+        (["sample", "tiny-unet", "--device", "meta"], "--device meta: no such device"),
+        (["inspect", "tiny-unet", "--device", "cuda:99"], "--device cuda:99: no such device"),
+        (["zoo", "evaluate", "ddpm-glyphs32", "--guidance", "1", "nan"], "--guidance nan"),
+        (["sample", "tiny-unet", "--prompt", "a red car"], "class-conditional: it takes class labels, not prompts"),
+        (["sample", "tiny-unet-text", "--labels", "1"], "text-conditional: it takes prompts, not class labels"),
+        (["inspect", "tiny-unet", "--w-bits", "²"], "unknown quantization format '²'"),
+    ],
+)
+def test_a_value_no_command_can_use_is_a_one_line_error(tmp_path, capsys, argv, message):
+    command = "zoo" if argv[0] == "zoo" else argv[0]
+    if argv[0] == "sample":
+        argv = [*argv, "-o", str(tmp_path / "x.png"), "--num-samples", "1", "--steps", "2"]
+    code, _, err = run([*argv, "-q"], capsys)
+    assert message in assert_one_line_error(code, err, command)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA")
+def test_device_cuda_without_cuda_is_a_one_line_error(capsys):
+    code, _, err = run(["inspect", "tiny-unet", "--device", "cuda", "-q"], capsys)
+    assert "--device cuda: no such device on this machine (0 cuda device(s))" in assert_one_line_error(
+        code, err, "inspect"
+    )
+
+
+def test_inspect_shows_a_recipe_whose_switch_step_is_chosen_while_quantizing(capsys):
+    code, out, err = run(["inspect", "tiny-unet", "--recipe", "ptqd-mixed", "--a-bits", "4", "-q"], capsys)
+    assert code == 0, err
+    assert "switches the activations to 8 bits at a step chosen while quantizing" in out
+    assert {row["activation"] for row in table_rows(out, "name") if row["rule"] == "—" and row["kind"] == "Conv2d"} == {
+        "uint4"
+    }
+
+
+@pytest.mark.parametrize("steps", ["2", "5"], ids=["fewer", "more"])
+def test_a_per_step_checkpoint_sampled_with_another_step_count_is_a_one_line_error(tmp_path, capsys, steps):
+    recipe = tmp_path / "per-step.yaml"
+    recipe.write_text("base: minmax\nper_step_activations: true\n")
+    output = tmp_path / "per-step"
+    code, _, err = run(["quantize", "tiny-unet", "-o", str(output), "--recipe", str(recipe), *CALIB, "-q"], capsys)
+    assert code == 0, err
+    argv = ["sample", str(output), "-o", str(tmp_path / "x.png"), "--num-samples", "1", "--steps", steps, "-q"]
+    code, _, err = run(argv, capsys)
+    assert "made for 3 steps; sample with --steps 3" in assert_one_line_error(code, err, "sample")
+    assert not (tmp_path / "x.png").exists()
