@@ -20,7 +20,7 @@ from .calibrate import calibrate_activations, calibrate_weights, name_quantizers
 from .checkpoint import read_checkpoint, restore_weights, state_for_saving, write_checkpoint
 from .config import CorrectionConfig, QuantConfig, load_recipe
 from .core.attach import QuantReport, attach_quantizers, find_shortcut_splits
-from .core.quantizer import quantizers, set_step
+from .core.quantizer import Quantizer, quantizers, set_step
 from .correct.statistics import NoiseStatistics, collect_noise_statistics
 from .correct.step import NoiseCorrection
 from .denoiser import Denoiser
@@ -333,6 +333,17 @@ def _bounded_parameters(limit: int) -> Iterator[None]:
             hook.remove()
 
 
+def _plausible_parameters(quantizer: Quantizer) -> bool:
+    """One finite, positive scale set (and a zero point set of its shape) per parameter slot."""
+    scale, zero_point = quantizer.scale, quantizer.zero_point
+    return (
+        scale.shape == zero_point.shape
+        and scale.dim() >= 1
+        and scale.shape[0] == len(quantizer.slot_formats)
+        and bool(torch.isfinite(scale).all() and (scale > 0).all() and torch.isfinite(zero_point).all())
+    )
+
+
 def _check_splits(model: nn.Module, splits: dict[str, int]) -> None:
     """Each split names a Conv2d of ``model`` and a channel strictly inside its input."""
     convs = {name: module for name, module in model.named_modules() if isinstance(module, nn.Conv2d)}
@@ -366,6 +377,10 @@ def load(directory: str | Path, *, model: nn.Module | None = None) -> nn.Module:
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     state = {k: v for k, v in tensors.items() if k not in layout}
+    expected_dtypes = {name: tensor.dtype for name, tensor in base.state_dict().items()}
+    retyped = sorted(name for name, tensor in state.items() if tensor.dtype != expected_dtypes[name])
+    if retyped:
+        raise CheckpointError(f"{directory}: {retyped[0]} is stored as {state[retyped[0]].dtype}, not as the model's")
     try:
         base.load_state_dict(state, strict=False)
     except RuntimeError as error:
@@ -374,6 +389,8 @@ def load(directory: str | Path, *, model: nn.Module | None = None) -> nn.Module:
     for quantizer in quantizers(base):
         # quantize() leaves every enabled quantizer calibrated; an empty scale marks one it disabled
         quantizer.enabled = quantizer.enabled and quantizer.calibrated
+        if quantizer.calibrated and not _plausible_parameters(quantizer):
+            raise CheckpointError(f"{directory}: {quantizer.name}: malformed scales or zero points")
     try:
         report = QuantReport.from_rows(manifest["report"], manifest.get("unmatched_rules", []))
     except TypeError as error:

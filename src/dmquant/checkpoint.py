@@ -51,10 +51,19 @@ def _encode(codes: torch.Tensor, fmt: QFormat) -> torch.Tensor:
         return pack_codes(codes, fmt.bits, fmt.qmin)
     if fmt == FP4_E2M1:
         return pack_codes(encode_e2m1(codes).to(torch.int32), 4, 0)
-    return codes.to(torch.float8_e4m3fn if fmt.name == "fp8_e4m3" else torch.float8_e5m2)
+    return codes.to(_stored_dtype(fmt))
+
+
+def _stored_dtype(fmt: QFormat) -> torch.dtype:
+    """The dtype a weight's codes are stored in: packed bytes, or FP8 itself."""
+    if isinstance(fmt, IntFormat) or fmt == FP4_E2M1:
+        return torch.uint8
+    return torch.float8_e4m3fn if fmt.name == "fp8_e4m3" else torch.float8_e5m2
 
 
 def _decode(stored: torch.Tensor, fmt: QFormat, shape: list[int]) -> torch.Tensor:
+    if stored.dtype != _stored_dtype(fmt):
+        raise ValueError(f"stored as {stored.dtype}, expected {_stored_dtype(fmt)}")
     if isinstance(fmt, IntFormat):
         return unpack_codes(stored, fmt.bits, fmt.qmin, shape)
     if fmt == FP4_E2M1:
@@ -109,17 +118,15 @@ def restore_weights(model: nn.Module, tensors: dict[str, torch.Tensor], layout: 
             key, _, quantizer, part, channels = entries[codes_key]
             expected = {"weight": key, "format": quantizer.fmt.name, "shape": list(part.shape), "channels": channels}
             if entry != expected:
-                raise CheckpointError(
-                    f"dmquant.json: weight_codes.{codes_key}: {entry} does not fit the model ({expected})"
-                )
-            shape = part.shape
+                raise CheckpointError(f"dmquant.json: weight_codes.{codes_key}: does not fit the model ({expected})")
             try:
-                codes = _decode(tensors[codes_key], quantizer.fmt, list(shape))
+                codes = _decode(tensors[codes_key], quantizer.fmt, list(part.shape))
+                decoded = quantizer.decode(codes, part.shape)
             except (KeyError, ValueError, RuntimeError) as error:
-                raise CheckpointError(f"{codes_key}: corrupt weight codes ({error})") from None
+                raise CheckpointError(f"{codes_key}: corrupt weight codes or scales ({error})") from None
             start, stop = channels
             weight = model.get_parameter(key)
-            weight[:, start:stop].copy_(quantizer.decode(codes, shape).to(weight.dtype))
+            weight[:, start:stop].copy_(decoded.to(weight.dtype))
 
 
 def sha256(path: Path) -> str:
