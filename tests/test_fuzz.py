@@ -264,22 +264,33 @@ OPTIONS = {
 
 @st.composite
 def command_lines(draw, checkpoint: Path, output: Path) -> list[str]:
-    command = draw(st.sampled_from(["sample", "inspect"]))
-    model = draw(st.sampled_from(["tiny-unet", str(checkpoint), "nope", "/etc", str(output)]))
-    argv = [command, model]
+    command = draw(st.sampled_from(["sample", "inspect", "quantize"]))
+    model = draw(st.sampled_from(["tiny-unet", str(checkpoint), "nope", "/etc", str(output / "foreign")]))
+    argv = [command, model if command != "quantize" else "tiny-unet"]
     if command == "sample":
         argv += ["-o", str(output / "grid.png"), "--num-samples", "1", "--steps", "2"]
-    usable = [name for name in OPTIONS if command == "sample" or name in ("--device", "--w-bits", "--recipe")]
+    if command == "quantize":
+        target = draw(st.sampled_from(["q", "file", "file/q", "foreign", "foreign/q"]))
+        argv += ["-o", str(output / target), "--calib-trajectories", "1", "--calib-steps", "2"]
+        argv += ["--overwrite"] if draw(st.booleans()) else []
+        argv += ["--recipe", draw(st.sampled_from(["minmax", "nope", "/dev/null", "/"]))]  # the quick ones
+    chosen = {"sample": list(OPTIONS), "inspect": ["--device", "--w-bits", "--recipe"], "quantize": ["--w-bits"]}
+    usable = chosen[command]
     for name in draw(st.lists(st.sampled_from(usable), max_size=3, unique=True)):
         argv += [name, draw(OPTIONS[name])]
     return [*argv, "-q"]
 
 
-@settings(FUZZ, max_examples=40)
+@settings(FUZZ, max_examples=50)
 @given(data=st.data())
-def test_a_fuzzed_command_line_exits_0_or_2_with_a_one_line_error(checkpoint, data, tmp_path_factory, capsys):
+def test_a_fuzzed_command_line_exits_0_or_2_with_a_one_line_error(checkpoint, data, capsys):
+    """Inside the output directory too, the user's files (a file, a directory of notes) survive every command."""
     root = checkpoint.parent
     output = root / "out"
+    shutil.rmtree(output, ignore_errors=True)  # what the last case wrote
+    (output / "foreign").mkdir(parents=True)
+    (output / "file").write_text("mine")
+    (output / "foreign" / "notes.txt").write_text("mine")
     argv = data.draw(command_lines(checkpoint, output))
     before = snapshot(root, outside=output)
     with time_limit():
@@ -294,4 +305,4 @@ def test_a_fuzzed_command_line_exits_0_or_2_with_a_one_line_error(checkpoint, da
     if code == 2 and "usage:" not in err:
         assert len(err.strip().splitlines()) == 1, err
     assert snapshot(root, outside=output) == before
-    shutil.rmtree(output, ignore_errors=True)
+    assert (output / "file").read_text() == "mine" and (output / "foreign" / "notes.txt").read_text() == "mine"
