@@ -24,7 +24,6 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from dmquant import api
 from dmquant.checkpoint import MANIFEST_FILE, TENSORS_FILE, sha256
 from dmquant.cli import main
 from dmquant.config import load_recipe
