@@ -1,7 +1,9 @@
 """quantize / save / load, and every way bad input is refused with a clear error."""
 
 import json
+import os
 import re
+import stat
 
 import pytest
 import torch
@@ -85,6 +87,35 @@ def test_existing_directory_is_refused_unless_overwrite(quantized, tmp_path):
     api.save(quantized, target, overwrite=True)
     assert (target / MANIFEST_FILE).stat().st_mtime_ns >= stamp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no staging or retired directories left
+
+
+def test_overwrite_refuses_a_checkpoint_directory_that_also_holds_other_files(quantized, tmp_path):
+    target = api.save(quantized, tmp_path / "q")
+    (target / "notes.txt").write_text("mine")
+    before = {path.name: path.read_bytes() for path in target.iterdir()}
+    with pytest.raises(OutputError, match="dmquant did not write"):
+        api.save(quantized, target, overwrite=True)
+    assert {path.name: path.read_bytes() for path in target.iterdir()} == before
+
+
+def test_a_checkpoint_gets_the_permissions_of_the_umask(quantized, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        target = api.save(quantized, tmp_path / "q")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(path.stat().st_mode) for path in target.iterdir()} == {0o644}
+
+
+def test_leftovers_of_an_interrupted_save_are_cleaned_by_the_next_load_with_a_message(quantized, tmp_path, caplog):
+    target = api.save(quantized, tmp_path / "q")
+    partial = tmp_path / ".q.tmp-killed"
+    partial.mkdir()
+    (partial / TENSORS_FILE).write_bytes(b"partial")
+    api.load(target)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["q"]
+    assert "removed .q.tmp-killed, left by an interrupted save" in caplog.text
 
 
 def test_interrupted_save_leaves_nothing(quantized, tmp_path, monkeypatch):

@@ -159,6 +159,9 @@ def directory_written_atomically(
         staging = staging_directory(target)
         try:
             yield staging
+            for path in staging.iterdir():  # as open() would make them (some writers make files 0600)
+                if path.is_file() and not path.is_symlink():
+                    os.chmod(path, 0o666 & ~_umask())
             fsync_directory(staging)
             swap_into_place(staging, target)
         except BaseException:

@@ -19,6 +19,7 @@ import torch
 
 from . import __version__
 from .api import INFO_ATTRIBUTE, info, required_steps, sampling_hooks, save
+from .atomic import check_output
 from .checkpoint import MANIFEST_FILE, check_target
 from .config import QuantConfig, available_recipes, load_recipe
 from .core.attach import attach_quantizers, find_shortcut_splits
@@ -279,6 +280,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"activations {config.activation.describe()}"
     )
     state_dir = Path(args.state_dir) if args.state_dir else output.with_name(output.name + ".reconstruction")
+    if config.reconstruction.enabled:  # its progress is written along the way: it must be writable now
+        check_output(state_dir, overwrite=True, replaceable=lambda _: True, what="reconstruction progress")
     progress = read_progress(state_dir) if config.reconstruction.enabled else None
     if progress is not None:
         print(f"resuming the reconstruction saved in {state_dir} ({len(progress['units'])} units done)")
