@@ -732,3 +732,20 @@ def test_a_per_step_checkpoint_sampled_with_another_step_count_is_a_one_line_err
     code, _, err = run(argv, capsys)
     assert "made for 3 steps; sample with --steps 3" in assert_one_line_error(code, err, "sample")
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sample", "tiny-unet", "-o", "{file}/grid.png", "--num-samples", "1", "--steps", "2"],
+        ["analyze", "tiny-unet", "-o", "{file}/sqnr", "--num-samples", "1", "--steps", "2"],
+        ["quantize", "tiny-unet", "-o", "{file}/q", *CALIB],
+        ["demo", "--model", "tiny-unet", "-o", "{file}/demo", "--num-samples", "1", "--steps", "2"],
+    ],
+)
+def test_an_output_below_a_file_is_refused_before_any_work(tmp_path, capsys, argv):
+    (tmp_path / "file").write_text("mine")
+    argv = [arg.format(file=tmp_path / "file") for arg in argv]
+    code, out, err = run([*argv, "-q"], capsys)
+    assert "is a file, so nothing can be created below it" in assert_one_line_error(code, err, argv[0])
+    assert [p.name for p in tmp_path.iterdir()] == ["file"] and (tmp_path / "file").read_text() == "mine"

@@ -9,7 +9,7 @@
 * :func:`output_lock` serialises the processes writing one output: the second fails at once.
 * :func:`check_output` refuses an output path before any work is done: below a file, in a
   directory that cannot be written, or existing without ``overwrite`` (or holding files that
-  dmquant did not write).
+  dmquant did not write); :func:`check_writable` checks the place of single-file outputs.
 
 Every output gets the permissions a plain ``open``/``mkdir`` would give it (the umask applies).
 """
@@ -65,27 +65,31 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], N
     return path
 
 
+def check_writable(directory: Path) -> None:
+    """``directory`` is, or can be made, a directory that can be written: no component of it is a file."""
+    existing = next((path for path in (directory, *directory.parents) if path.exists()), Path("."))
+    if not existing.is_dir():
+        raise OutputError(f"{directory}: {existing} is a file, so nothing can be created below it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{directory}: cannot write in {existing} (permission denied)")
+
+
 def check_output(target: Path, *, overwrite: bool, replaceable: Callable[[Path], bool], what: str) -> Path:
     """``target`` if it can become the output ``what`` (e.g. "a dmquant checkpoint"), else an OutputError.
 
-    Checked before any work: no path component is a file, the nearest existing directory can
-    be written, and an existing ``target`` is replaced only with ``overwrite`` and only when it
-    is an empty directory or ``replaceable(target)`` (every entry in it is one dmquant writes).
+    Checked before any work: its place can be written (:func:`check_writable`), and an existing
+    ``target`` is replaced only with ``overwrite`` and only when it is an empty directory or
+    ``replaceable(target)`` (every entry in it is one dmquant writes).
     """
     target = Path(target)
-    existing = next((p for p in (target, *target.parents) if p.exists()), Path("."))
-    if existing != target and not existing.is_dir():
-        raise OutputError(f"{target}: {existing} is a file, so nothing can be created below it")
-    if existing == target:
+    if target.exists():
         if not overwrite:
             raise OutputError(f"{target} exists; choose another directory or pass overwrite=True (--overwrite)")
         if not target.is_dir():
             raise OutputError(f"{target} is a file, not {what}; it is left as it is")
         if any(target.iterdir()) and not replaceable(target):
             raise OutputError(f"{target} holds files dmquant did not write (it is not {what}); not overwriting it")
-    writable = target.parent if existing == target else existing
-    if not os.access(writable, os.W_OK | os.X_OK):
-        raise OutputError(f"{target}: cannot write in {writable} (permission denied)")
+    check_writable(target.parent)
     return target
 
 

@@ -19,7 +19,7 @@ import torch
 
 from . import __version__
 from .api import INFO_ATTRIBUTE, info, required_steps, sampling_hooks, save
-from .atomic import check_output
+from .atomic import check_output, check_writable
 from .checkpoint import MANIFEST_FILE, check_target
 from .config import QuantConfig, available_recipes, load_recipe
 from .core.attach import attach_quantizers, find_shortcut_splits
@@ -303,6 +303,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     if Path(args.output).suffix.lower() != ".png":
         raise DmquantError(f"--output {args.output}: the grid is written as PNG; give a name ending in .png")
+    check_writable(Path(args.output).parent)
     model = _compiled(_prepared(open_model(args.model, base=args.base), args), args)
     images, conditioning = generate(
         model, args.num_samples, labels=args.labels, prompts=args.prompt, **_sampling_kwargs(args)
@@ -349,6 +350,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise DmquantError(
             f"{args.model}: not a dmquant checkpoint directory (no {MANIFEST_FILE}); make one with `dmquant quantize`"
         )
+    if args.json:
+        check_writable(Path(args.json).parent)
     quantized = _prepared(open_model(args.model, base=args.base), args)
     source = args.base or info(quantized.denoiser).source
     quantized, fp = (_compiled(model, args) for model in (quantized, _prepared(open_model(source), args)))
@@ -364,6 +367,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    check_writable(Path(args.output))
     if (Path(args.model) / MANIFEST_FILE).exists():
         quantized = _prepared(open_model(args.model, base=args.base), args)
         fp = _prepared(open_model(args.base or info(quantized.denoiser).source), args)

@@ -31,7 +31,7 @@ from ..errors import CalibrationError
 logger = logging.getLogger(__name__)
 
 #: ``progress.json["format"]``.
-STATE_FORMAT = "dmquant.reconstruction/1"
+STATE_FORMAT = "dmquant.reconstruction/2"
 _PROGRESS = "progress.json"
 
 
