@@ -82,6 +82,8 @@ def check_output(target: Path, *, overwrite: bool, replaceable: Callable[[Path],
     ``replaceable(target)`` (every entry in it is one dmquant writes).
     """
     target = Path(target)
+    if target.is_symlink():
+        raise OutputError(f"{target} is a symbolic link; it is left as it is: give the directory it points to")
     if target.exists():
         if not overwrite:
             raise OutputError(f"{target} exists; choose another directory or pass overwrite=True (--overwrite)")
