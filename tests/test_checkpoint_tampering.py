@@ -47,6 +47,12 @@ def _set(path: str, value):
     return edit
 
 
+def _statistics(**changed) -> dict:
+    """Noise statistics of a 2-step trajectory, with ``changed`` fields."""
+    fields = {"num_inference_steps": 2, "timesteps": [500, 0], "correlation": [1.0, 1.0], "residual_std": [0.0, 0.0]}
+    return fields | {"bias": [[0.0], [0.0]], "num_samples": 1} | changed
+
+
 def _first_codes(manifest) -> str:
     return next(iter(manifest["weight_codes"]))
 
@@ -72,6 +78,8 @@ def _first_codes(manifest) -> str:
         (_set("source", 42), "source: expected a string"),
         (_set("extra", []), "extra: expected a mapping"),
         (_set("extra", {"noise_statistics": {"k": 1}}), "extra.noise_statistics"),
+        (_set("extra", {"noise_statistics": _statistics(correlation=["x", 1.0])}), "not a finite number"),
+        (_set("extra", {"noise_statistics": _statistics(bias=[[0.0], [0.0, 1.0]])}), "one bias per channel"),
         (_set("sha256", "0" * 63), "sha256: expected a SHA-256"),
         (_set("tensors_bytes", 10), "tensors_bytes: the tensor file has"),
         (lambda m: m.pop("weight_codes"), "weight_codes: required key missing"),
