@@ -109,11 +109,16 @@ def mutated(document, path: tuple, operation: str, value):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A small per-step W4A8 checkpoint of ``tiny-unet`` that records its source."""
-    output = tmp_path_factory.mktemp("fuzz") / "q"
-    argv = ["quantize", "tiny-unet", "-o", str(output), "--calib-trajectories", "1", "--calib-steps", "2", "-q"]
-    assert main([*argv, "--recipe", "minmax", "--w-bits", "4"]) == 0
-    return output
+    """A small W4A8 checkpoint of ``tiny-unet`` with per-step ranges and PTQD's noise statistics, for 2 steps."""
+    root = tmp_path_factory.mktemp("fuzz")
+    recipe = root / "recipe.yaml"
+    recipe.write_text(
+        "base: minmax\nper_step_activations: true\n"
+        "correction: {enabled: true, num_samples: 1, num_inference_steps: 2, batch_size: 1}\n"
+    )
+    argv = ["quantize", "tiny-unet", "-o", str(root / "q"), "--calib-trajectories", "1", "--calib-steps", "2", "-q"]
+    assert main([*argv, "--recipe", str(recipe), "--w-bits", "4"]) == 0
+    return root / "q"
 
 
 def _loads_or_refuses(directory: Path) -> None:
