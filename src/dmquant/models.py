@@ -273,7 +273,13 @@ def _from_model_dir(path: Path) -> DiffusionModel:
     else:
         config = _read_json(scheduler_dir / "scheduler_config.json")
         scheduler_class = getattr(diffusers, str(config.get("_class_name")), DDIMScheduler)
-        scheduler = scheduler_class.from_config(config)
+        if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, diffusers.SchedulerMixin)):
+            name = config.get("_class_name")
+            raise ModelError(f"{scheduler_dir}: scheduler_config.json names {name!r}, not a scheduler")
+        try:
+            scheduler = scheduler_class.from_config(config)
+        except Exception as error:  # diffusers raises many types for a config it cannot build
+            raise ModelError(f"{scheduler_dir}: cannot build the {scheduler_class.__name__} ({error})") from None
     return _conditioning_from_config(DiffusionModel(path.name, denoiser, scheduler))
 
 
