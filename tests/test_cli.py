@@ -749,3 +749,15 @@ def test_an_output_below_a_file_is_refused_before_any_work(tmp_path, capsys, arg
     code, out, err = run([*argv, "-q"], capsys)
     assert "is a file, so nothing can be created below it" in assert_one_line_error(code, err, argv[0])
     assert [p.name for p in tmp_path.iterdir()] == ["file"] and (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_write_the_machine_refuses_is_a_one_line_error(w4_checkpoint, tmp_path, capsys, monkeypatch):
+    output, _ = w4_checkpoint
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "eval.json"))
+
+    monkeypatch.setattr(Path, "write_text", no_space)
+    argv = ["eval", str(output), "--json", str(tmp_path / "eval.json"), "--num-samples", "1", "--steps", "2", "-q"]
+    code, _, err = run(argv, capsys)
+    assert assert_one_line_error(code, err, "eval").endswith("eval.json: No space left on device")

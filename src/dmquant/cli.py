@@ -826,6 +826,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DmquantError as error:
         print(f"dmquant {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the machine refused a read or write (no space, no such place, no permission)
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"dmquant {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"dmquant {args.command}: interrupted", file=sys.stderr)
         return 130
