@@ -115,6 +115,18 @@ _WEIGHT_CODES = _record(
     }
 )
 
+_LAYER_ROW = _record(
+    {
+        "name": _string,
+        "kind": _string,
+        "weight": _string,
+        "activation": _string,
+        "granularity": _string,
+        "split": _INDEX,
+        "rule": _optional(_string),
+    }
+)
+
 _MANIFEST = _record(
     {
         "format_version": _integer(0, 1 << 31),
@@ -126,7 +138,7 @@ _MANIFEST = _record(
         "recipe": _mapping,
         "splits": _mapping_of(_integer(1, 1 << 31)),
         "num_steps": _integer(1, MAX_STEPS),
-        "report": _list_of(_mapping),
+        "report": _list_of(_LAYER_ROW),
         "unmatched_rules": _list_of(_string),
         "weight_codes": _mapping_of(_WEIGHT_CODES),
         "source": _optional(_string),
