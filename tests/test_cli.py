@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -761,3 +763,19 @@ def test_a_write_the_machine_refuses_is_a_one_line_error(w4_checkpoint, tmp_path
     argv = ["eval", str(output), "--json", str(tmp_path / "eval.json"), "--num-samples", "1", "--steps", "2", "-q"]
     code, _, err = run(argv, capsys)
     assert assert_one_line_error(code, err, "eval").endswith("eval.json: No space left on device")
+
+
+def test_quantize_onto_an_output_another_process_is_writing_fails_before_calibrating(tmp_path, capsys, monkeypatch):
+    import dmquant.cli as cli
+
+    output = tmp_path / "q"
+    calibrated = []
+    monkeypatch.setattr(cli, "quantize_model", lambda *args, **kwargs: calibrated.append(args))
+    descriptor = os.open(tmp_path / ".q.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)  # as another dmquant process holds it
+    try:
+        code, _, err = run(["quantize", "tiny-unet", "-o", str(output), *CALIB, "-q"], capsys)
+    finally:
+        os.close(descriptor)
+    assert "another process is writing it" in assert_one_line_error(code, err, "quantize")
+    assert calibrated == [] and not output.exists()

@@ -204,11 +204,22 @@ def recover(target: Path, *, ours: Callable[[Path], bool], complete: Callable[[P
             logger.warning("%s: left %s alone: it holds files dmquant did not write", target, path.name)
 
 
+#: Lock files this process holds: a job that holds its output's lock from the start writes it at the end.
+_held: set[Path] = set()
+
+
 @contextlib.contextmanager
 def output_lock(target: Path) -> Iterator[None]:
-    """Hold the lock of output ``target`` (``.NAME.lock`` beside it) or fail at once with an OutputError."""
+    """Hold the lock of output ``target`` (``.NAME.lock`` beside it) or fail at once with an OutputError.
+
+    Within one process the lock is reentrant: holding it again (the save at the end of a job that
+    took it at the start) is a no-op.
+    """
+    path = (target.parent / f".{target.name}.lock").absolute()
+    if path in _held:
+        yield
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
-    path = target.parent / f".{target.name}.lock"
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -217,9 +228,11 @@ def output_lock(target: Path) -> Iterator[None]:
     except (BlockingIOError, FileNotFoundError):
         os.close(descriptor)
         raise OutputError(f"{target}: another process is writing it; try again when it has finished") from None
+    _held.add(path)
     try:
         yield
     finally:
+        _held.discard(path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         os.close(descriptor)
