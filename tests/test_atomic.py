@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,10 +122,34 @@ def test_outputs_get_the_permissions_of_the_umask(tmp_path):
 
 def test_a_second_writer_fails_cleanly_while_the_first_holds_the_lock(tmp_path):
     target = tmp_path / "out"
-    with output_lock(target):
+    other = subprocess.Popen(  # another process holding the lock
+        [sys.executable, "-c", HOLD_LOCK, str(target)], stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True
+    )
+    try:
+        assert other.stdout.readline() == "held\n"
         with pytest.raises(OutputError, match="another process is writing it"):
             _written(target, "second")
+    finally:
+        other.communicate("")  # lets it release the lock and end
     _written(target, "third")  # the lock is free again, and its file gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+HOLD_LOCK = """
+import sys
+from pathlib import Path
+from dmquant.atomic import output_lock
+with output_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_the_lock_is_reentrant_within_a_process(tmp_path):
+    target = tmp_path / "out"
+    with output_lock(target):
+        _written(target, "inner")  # a job holding its output's lock saves at the end
+        assert (tmp_path / ".out.lock").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
