@@ -139,7 +139,7 @@ def manifest_mutations(draw, manifest: dict):
     return path, draw(st.sampled_from(["replace", "remove", "add"])), draw(JSON_VALUES)
 
 
-@settings(FUZZ, max_examples=60)
+@settings(FUZZ, max_examples=100)
 @given(data=st.data())
 def test_a_mutated_manifest_loads_or_is_refused(checkpoint, data):
     manifest = json.loads((checkpoint / MANIFEST_FILE).read_text())
@@ -156,7 +156,7 @@ def _header(data: bytes) -> tuple[dict, bytes]:
     return json.loads(data[8 : 8 + length]), data[8 + length :]
 
 
-@settings(FUZZ, max_examples=40)
+@settings(FUZZ, max_examples=60)
 @given(data=st.data())
 def test_a_mutated_and_re_signed_safetensors_header_loads_or_is_refused(checkpoint, data):
     """The checksum is recomputed after the mutation, as an attacker would, so the header parser is reached."""
@@ -234,7 +234,7 @@ def recipe_texts(draw) -> bytes:
     return bytes(text)
 
 
-@settings(FUZZ, max_examples=120)
+@settings(FUZZ, max_examples=150)
 @given(text=recipe_texts(), suffix=st.sampled_from([".yaml", ".toml"]))
 def test_a_mutated_recipe_file_loads_or_is_a_config_error(text, suffix):
     with tempfile.TemporaryDirectory() as scratch:
@@ -285,7 +285,7 @@ def command_lines(draw, checkpoint: Path, output: Path) -> list[str]:
     return [*argv, "-q"]
 
 
-@settings(FUZZ, max_examples=50)
+@settings(FUZZ, max_examples=60)
 @given(data=st.data())
 def test_a_fuzzed_command_line_exits_0_or_2_with_a_one_line_error(checkpoint, data, capsys):
     """Inside the output directory too, the user's files (a file, a directory of notes) survive every command."""
