@@ -1,5 +1,6 @@
 """quantize / save / load, and every way bad input is refused with a clear error."""
 
+import dataclasses
 import json
 import os
 import re
@@ -16,7 +17,7 @@ from dmquant.checkpoint import MANIFEST_FILE, TENSORS_FILE
 from dmquant.config import load_recipe
 from dmquant.core.quantizer import set_step
 from dmquant.denoiser import Denoiser
-from dmquant.errors import CalibrationError, CheckpointError, ModelError, OutputError
+from dmquant.errors import CalibrationError, CheckpointError, ConfigError, ModelError, OutputError
 from dmquant.zoo.tiny import tiny_unet2d
 
 
@@ -203,6 +204,17 @@ def test_calibration_data_of_the_wrong_shape_dtype_or_rank_names_the_tensor(unet
     fields[field] = value(calibration)
     with pytest.raises(CalibrationError, match=re.escape(message)):
         api.quantize(unet.denoiser, "minmax", CalibrationSet(**fields), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("granularity", "message"),
+    [("channel:9", "channel axis 9 is out of range"), ("group:7", "group_size 7 does not divide")],
+)
+def test_a_granularity_that_does_not_fit_a_layer_is_a_config_error(unet, calibration, granularity, message):
+    config = load_recipe("minmax")
+    config.weight = dataclasses.replace(config.weight, granularity=granularity)
+    with pytest.raises(ConfigError, match=f"granularity: .* does not fit conv_in.weight_quantizer .*{message}"):
+        api.quantize(unet.denoiser, config, calibration, progress=False)
 
 
 def test_non_finite_calibration_activation_names_layer_and_step(unet, calibration):
