@@ -276,29 +276,34 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     config = _recipe(args)
     output = check_target(args.output, overwrite=args.overwrite)
     with output_lock(output):  # held until saved: a second run on OUT fails now, not after calibrating
-        print(
-            f"quantizing {model.name} with recipe {config.name}: weights {config.weight.describe()}, "
-            f"activations {config.activation.describe()}"
-        )
-        state_dir = Path(args.state_dir) if args.state_dir else output.with_name(output.name + ".reconstruction")
-        if config.reconstruction.enabled:  # its progress is written along the way: it must be writable now
-            check_output(state_dir, overwrite=True, replaceable=lambda _: True, what="reconstruction progress")
-        progress = read_progress(state_dir) if config.reconstruction.enabled else None
-        if progress is not None:
-            print(f"resuming the reconstruction saved in {state_dir} ({len(progress['units'])} units done)")
-        started = time.perf_counter()
-        try:
-            quantized = quantize_model(model, config, progress=not args.quiet, state_dir=state_dir)
-        except KeyboardInterrupt:
-            if config.reconstruction.enabled and state_dir.exists():
-                print(f"the finished blocks are kept in {state_dir}: rerun the same command to resume", file=sys.stderr)
-            raise
-        save(quantized.denoiser, output, overwrite=args.overwrite)
-        if config.reconstruction.enabled and not args.state_dir:
-            remove_state(state_dir)
-        report = info(quantized.denoiser).report
-        print(f"{report.num_quantized} layers quantized in {time.perf_counter() - started:.1f} s; saved to {output}")
-        return 0
+        return _quantize_and_save(model, config, output, args)
+
+
+def _quantize_and_save(model: DiffusionModel, config: QuantConfig, output: Path, args: argparse.Namespace) -> int:
+    """Calibrate, quantize (resuming a reconstruction from its saved progress) and save to ``output``."""
+    print(
+        f"quantizing {model.name} with recipe {config.name}: weights {config.weight.describe()}, "
+        f"activations {config.activation.describe()}"
+    )
+    state_dir = Path(args.state_dir) if args.state_dir else output.with_name(output.name + ".reconstruction")
+    if config.reconstruction.enabled:  # its progress is written along the way: it must be writable now
+        check_output(state_dir, overwrite=True, replaceable=lambda _: True, what="reconstruction progress")
+    progress = read_progress(state_dir) if config.reconstruction.enabled else None
+    if progress is not None:
+        print(f"resuming the reconstruction saved in {state_dir} ({len(progress['units'])} units done)")
+    started = time.perf_counter()
+    try:
+        quantized = quantize_model(model, config, progress=not args.quiet, state_dir=state_dir)
+    except KeyboardInterrupt:
+        if config.reconstruction.enabled and state_dir.exists():
+            print(f"the finished blocks are kept in {state_dir}: rerun the same command to resume", file=sys.stderr)
+        raise
+    save(quantized.denoiser, output, overwrite=args.overwrite)
+    if config.reconstruction.enabled and not args.state_dir:
+        remove_state(state_dir)
+    report = info(quantized.denoiser).report
+    print(f"{report.num_quantized} layers quantized in {time.perf_counter() - started:.1f} s; saved to {output}")
+    return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
