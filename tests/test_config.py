@@ -569,3 +569,9 @@ def test_a_duplicate_key_in_a_toml_recipe_is_a_config_error(tmp_path):
     path.write_text("[weight]\nbits = 4\nbits = 8\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("name", ["/dev/null", "../mse", "./mse", "/"])
+def test_a_recipe_path_without_a_recipe_suffix_is_not_taken_for_a_name(name):
+    with pytest.raises(ConfigError, match=f"{re.escape(name)}: not a recipe file"):
+        load_recipe(name)

@@ -519,7 +519,10 @@ def available_recipes() -> list[str]:
 
 
 def _recipe_path(name_or_path: str | Path) -> Path:
+    """The file of a shipped recipe's name (no suffix, no directory), or a recipe file's path."""
     path = Path(name_or_path)
+    if not path.suffix and path.name != str(name_or_path):
+        raise ConfigError(f"{name_or_path}: not a recipe file (a recipe file's name ends in .yaml or .toml)")
     if not path.suffix:
         candidates = [RECIPES_DIR / f"{name_or_path}.yaml", RECIPES_DIR / f"{name_or_path}.toml"]
         found = [c for c in candidates if c.exists()]
