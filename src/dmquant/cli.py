@@ -7,7 +7,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import sys
 import textwrap
 import time
@@ -20,6 +19,7 @@ import torch
 
 from . import __version__
 from .api import INFO_ATTRIBUTE, info, required_steps, sampling_hooks, save
+from .atomic import check_output, check_writable, output_lock
 from .checkpoint import MANIFEST_FILE, check_target
 from .config import QuantConfig, available_recipes, load_recipe
 from .core.attach import attach_quantizers, find_shortcut_splits
@@ -33,6 +33,7 @@ from .kernels.convert import REPORT_ATTRIBUTE, convert_model
 from .kernels.dispatch import load_kernels
 from .models import BUILTIN_MODELS, SCHEDULERS, DiffusionModel
 from .precision.sqnr import analyze_sensitivity
+from .recon.state import read_progress, remove_state
 from .report import markdown_table, save_image_grid, save_samples_npz, sensitivity_bars, sensitivity_heatmap
 
 MODEL_HELP = (
@@ -53,7 +54,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 
 def _bits(value: str) -> int | str:
-    return int(value) if value.isdigit() else value
+    return int(value) if value.isascii() and value.isdigit() else value
 
 
 def _positive_int(value: str) -> int:
@@ -99,12 +100,52 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+#: Seeds torch's generators take (batch i of a run uses seed + i).
+MAX_SEED = 2**63 - 1
+
+
+def _check_device(name: str) -> None:
+    """``name`` is a torch device this machine has (``cuda`` needs CUDA, ``cuda:3`` a fourth GPU)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as error:
+        raise DmquantError(f"--device {name}: not a torch device ({error})") from None
+    if device.type == "cpu":
+        return
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", lambda: False)()
+    count = getattr(backend, "device_count", lambda: 1)() if available else 0
+    if (device.index or 0) >= count:
+        raise DmquantError(f"--device {name}: no such device on this machine ({count} {device.type} device(s))")
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Values argparse's types let through but no command can use: each a one-line error."""
+    guidance = getattr(args, "guidance", None)
+    for value in guidance if isinstance(guidance, list) else [guidance]:
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise DmquantError(f"--guidance {value}: must be a finite number >= 0")
+    eta = getattr(args, "eta", 0.0)
+    if not (math.isfinite(eta) and eta >= 0):
+        raise DmquantError(f"--eta {eta}: must be a finite number >= 0 (0: deterministic DDIM)")
+    if not 0 <= getattr(args, "seed", 0) <= MAX_SEED:
+        raise DmquantError(f"--seed {args.seed}: must lie in [0, {MAX_SEED}]")
+    if hasattr(args, "device"):
+        _check_device(args.device)
+
+
 def _prepared(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel:
     """The model on ``--device``, with ``--scheduler`` applied where the command has it, an
     unset ``--steps`` set to what the (first) model opened needs, and a quantized denoiser
     converted to low-bit layers under ``--real-kernels``."""
+    required = required_steps(model.denoiser)
     if getattr(args, "steps", 0) is None:
-        args.steps = required_steps(model.denoiser) or DEFAULT_STEPS
+        args.steps = required or DEFAULT_STEPS
+    elif hasattr(args, "steps") and required is not None and args.steps != required:
+        raise DmquantError(
+            f"--steps {args.steps}: this checkpoint's per-step parameters (ranges, bit schedule or noise "
+            f"statistics) were made for {required} steps; sample with --steps {required}"
+        )
     converting = getattr(args, "real_kernels", False) and getattr(model.denoiser, INFO_ATTRIBUTE, None) is not None
     if converting:
         model = model.with_denoiser(convert_model(model.denoiser, inplace=True))
@@ -261,13 +302,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     model = _prepared(open_model(args.model), args)
     config = _recipe(args)
     output = check_target(args.output, overwrite=args.overwrite)
+    with output_lock(output):  # held until saved: a second run on OUT fails now, not after calibrating
+        return _quantize_and_save(model, config, output, args)
+
+
+def _quantize_and_save(model: DiffusionModel, config: QuantConfig, output: Path, args: argparse.Namespace) -> int:
+    """Calibrate, quantize (resuming a reconstruction from its saved progress) and save to ``output``."""
     print(
         f"quantizing {model.name} with recipe {config.name}: weights {config.weight.describe()}, "
         f"activations {config.activation.describe()}"
     )
     state_dir = Path(args.state_dir) if args.state_dir else output.with_name(output.name + ".reconstruction")
-    if config.reconstruction.enabled and state_dir.exists():
-        print(f"resuming the reconstruction saved in {state_dir}")
+    if config.reconstruction.enabled:  # its progress is written along the way: it must be writable now
+        check_output(state_dir, overwrite=True, replaceable=lambda _: True, what="reconstruction progress")
+    progress = read_progress(state_dir) if config.reconstruction.enabled else None
+    if progress is not None:
+        print(f"resuming the reconstruction saved in {state_dir} ({len(progress['units'])} units done)")
     started = time.perf_counter()
     try:
         quantized = quantize_model(model, config, progress=not args.quiet, state_dir=state_dir)
@@ -277,7 +327,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise
     save(quantized.denoiser, output, overwrite=args.overwrite)
     if config.reconstruction.enabled and not args.state_dir:
-        shutil.rmtree(state_dir, ignore_errors=True)
+        remove_state(state_dir)
     report = info(quantized.denoiser).report
     print(f"{report.num_quantized} layers quantized in {time.perf_counter() - started:.1f} s; saved to {output}")
     return 0
@@ -286,6 +336,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     if Path(args.output).suffix.lower() != ".png":
         raise DmquantError(f"--output {args.output}: the grid is written as PNG; give a name ending in .png")
+    check_writable(Path(args.output).parent)
     model = _compiled(_prepared(open_model(args.model, base=args.base), args), args)
     if args.real_kernels and args.compile and torch.device(args.device).type == "cuda":
         fp = _compiled(_prepared(open_model(args.base or info(model.denoiser).source), args), args)
@@ -336,6 +387,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise DmquantError(
             f"{args.model}: not a dmquant checkpoint directory (no {MANIFEST_FILE}); make one with `dmquant quantize`"
         )
+    if args.json:
+        check_writable(Path(args.json).parent)
     quantized = _prepared(open_model(args.model, base=args.base), args)
     source = args.base or info(quantized.denoiser).source
     quantized, fp = (_compiled(model, args) for model in (quantized, _prepared(open_model(source), args)))
@@ -351,6 +404,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    check_writable(Path(args.output))
     if (Path(args.model) / MANIFEST_FILE).exists():
         quantized = _prepared(open_model(args.model, base=args.base), args)
         fp = _prepared(open_model(args.base or info(quantized.denoiser).source), args)
@@ -396,6 +450,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         report = quant.report
     else:
         config = _recipe(args)
+        schedule = config.step_precision
+        if schedule.enabled and schedule.switch_step is None:
+            print(
+                f"note: recipe {config.name} switches the activations to {schedule.late_bits} bits at a step chosen "
+                "while quantizing (from the measured SQNR); shown: the bits before the switch\n"
+            )
+            config.step_precision = dataclasses.replace(schedule, enabled=False)
         denoiser = Denoiser(model.denoiser)
         conditioning = model.make_conditioning(1, guidance_scale=1.0)
         x = torch.zeros(1, denoiser.in_channels, denoiser.sample_size, denoiser.sample_size, device=denoiser.device)
@@ -449,8 +510,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoOptions, demo_table, run_demo
 
     output = Path(args.output or time.strftime("runs/%Y%m%d-%H%M%S"))
-    if output.exists() and any(output.iterdir()) and not (output / "report.md").exists():
-        raise DmquantError(f"{output} is a non-empty directory without a demo report; not writing into it")
     options = DemoOptions(
         num_samples=args.num_samples,
         num_inference_steps=args.steps,
@@ -469,6 +528,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         options=options,
         device=args.device,
         recipe_name=args.recipe,
+        overwrite=args.overwrite,
     )
     print("\n" + demo_table(result))
     if result.floors:
@@ -518,6 +578,7 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
         max_minutes=args.max_minutes,
         steps=args.steps,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
     status = "finished" if result.finished else "stopped on the time limit (run again to resume)"
     print(f"{args.name}: {status} at step {result.step} after {result.elapsed_s / 60:.1f} min; state in {state}/")
@@ -706,6 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="ddpm-glyphs32", help="model to run on (default: %(default)s)")
     p.add_argument("--recipe", default="mse", help="recipe (default: %(default)s)")
     p.add_argument("-o", "--output", help="new directory for the report (default: runs/<date>-<time>)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it holds an earlier demo report")
     p.add_argument("--num-samples", type=_positive_int, default=256, help="samples per setting (default: %(default)s)")
     p.add_argument("--steps", type=_positive_int, default=20, help="sampling steps (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="samples per batch (default: %(default)s)")
@@ -741,6 +803,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="zoo model (see `dmquant zoo list`)")
     p.add_argument("--state", help="training state directory (default: runs/zoo/NAME)")
     p.add_argument("--export", help="where the trained model goes (default: the package's zoo/weights/NAME)")
+    p.add_argument("--overwrite", action="store_true", help="replace --export if it holds something else")
     p.add_argument("--max-minutes", type=float, help="stop after this many minutes (state is saved; rerun resumes)")
     p.add_argument("--steps", type=_positive_int, help="total steps instead of the plan's")
     p = _command(
@@ -797,9 +860,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _log_to_stderr(getattr(args, "quiet", False))
     try:
+        _check_arguments(args)
         return args.run(args)
     except DmquantError as error:
         print(f"dmquant {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the machine refused a read or write (no space, no such place, no permission)
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"dmquant {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dmquant {args.command}: interrupted", file=sys.stderr)

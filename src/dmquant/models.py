@@ -86,12 +86,16 @@ class DiffusionModel:
         """Conditioning for ``batch_size`` samples; labels/prompts cycle over their defaults."""
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         if self.conditioning == "class":
+            if prompts:
+                raise ModelError(f"{self.name} is class-conditional: it takes class labels, not prompts")
             chosen = list(labels) if labels else list(range(self.num_classes))
             if any(not 0 <= label < self.num_classes for label in chosen):
                 raise ModelError(f"class labels must lie in [0, {self.num_classes}), got {chosen}")
             batch = torch.tensor([chosen[i % len(chosen)] for i in range(batch_size)])
             return Conditioning.classes(batch, null_label=self.null_class, guidance_scale=scale)
         if self.conditioning == "text":
+            if labels:
+                raise ModelError(f"{self.name} is text-conditional: it takes prompts, not class labels")
             chosen = list(prompts) if prompts else self.default_prompts
             if not chosen:
                 raise ModelError(f"{self.name}: give prompts, or default_prompts in {MODEL_INFO_FILE}")
@@ -269,7 +273,13 @@ def _from_model_dir(path: Path) -> DiffusionModel:
     else:
         config = _read_json(scheduler_dir / "scheduler_config.json")
         scheduler_class = getattr(diffusers, str(config.get("_class_name")), DDIMScheduler)
-        scheduler = scheduler_class.from_config(config)
+        if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, diffusers.SchedulerMixin)):
+            name = config.get("_class_name")
+            raise ModelError(f"{scheduler_dir}: scheduler_config.json names {name!r}, not a scheduler")
+        try:
+            scheduler = scheduler_class.from_config(config)
+        except Exception as error:  # diffusers raises many types for a config it cannot build
+            raise ModelError(f"{scheduler_dir}: cannot build the {scheduler_class.__name__} ({error})") from None
     return _conditioning_from_config(DiffusionModel(path.name, denoiser, scheduler))
 
 

@@ -112,6 +112,11 @@ class NoiseStatistics:
                 f"noise statistics for {self.num_inference_steps} steps hold per-step lists "
                 f"of lengths {sorted(lengths)}"
             )
+        numbers = [*self.correlation, *self.residual_std, *(value for channels in self.bias for value in channels)]
+        if not all(isinstance(value, (int, float)) and math.isfinite(value) for value in numbers):
+            raise CalibrationError("noise statistics hold a value that is not a finite number")
+        if not all(isinstance(value, int) for value in self.timesteps) or len({len(b) for b in self.bias}) > 1:
+            raise CalibrationError("noise statistics need integer timesteps and one bias per channel at every step")
 
     def to_json(self) -> dict[str, Any]:
         return {
