@@ -15,7 +15,8 @@ class Quantizer(nn.Module):
     """Fake-quantizes a tensor with a scale and zero point per granularity block.
 
     It has three states: disabled (identity), observing (identity; feeds a range observer),
-    and quantizing (fake-quant, straight-through gradients). With ``num_steps > 1`` it holds one
+    and quantizing (fake-quant, straight-through gradients). It computes in float32 and returns the
+    input's dtype, so a quantized model runs in bf16 / fp16 like its FP original. With ``num_steps > 1`` it holds one
     set of parameters per sampling step (``step`` selects the set), for activations whose range
     changes along the trajectory. :meth:`schedule_formats` instead gives it one set per format of
     a per-step bit schedule (step-aware mixed precision): ``step`` then selects the format and
@@ -113,7 +114,7 @@ class Quantizer(nn.Module):
         if not self.calibrated:
             raise CalibrationError(f"{self.name or 'quantizer'}: used before calibration")
         scale, zero_point = self.qparams(x.shape)
-        return fake_quant(x, scale, zero_point, self.fmt)
+        return fake_quant(x, scale, zero_point, self.fmt).to(x.dtype)
 
     def qparams(self, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point of the current step, broadcastable against a tensor of ``shape``."""
@@ -194,6 +195,16 @@ class Quantizer(nn.Module):
     def decode(self, codes: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         scale, zero_point = self.qparams(shape)
         return dequantize(codes, scale, zero_point, self.fmt)
+
+    def _apply(self, fn, recurse=True):
+        """Move the parameters with the module but keep their float32: ``model.to(torch.bfloat16)`` or
+        ``.half()`` changes the dtype the model computes in, not the calibrated scales (rounded to bf16 they
+        would quantize onto another grid). :meth:`forward` computes in float32 and returns ``x``'s dtype."""
+        kept = {key: self._buffers[key] for key in ("scale", "zero_point") if key in self._buffers}
+        super()._apply(fn, recurse)
+        for key, before in kept.items():
+            self._buffers[key] = before.to(self._buffers[key].device)
+        return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The parameter shapes depend on the calibrated tensor: adopt the stored ones.
