@@ -186,9 +186,13 @@ def test_missing_subcommand_is_a_usage_error(capsys):
 
 def test_quantize_writes_checkpoint(w4_checkpoint):
     output, stdout = w4_checkpoint
-    assert sorted(p.name for p in output.iterdir()) == ["dmquant.json", "quantized_model.safetensors"]
+    assert sorted(p.name for p in output.iterdir()) == ["config.json", "dmquant.json", "quantized_model.safetensors"]
     manifest = json.loads((output / "dmquant.json").read_text())
     assert manifest["source"] == "tiny-dit"
+    config = json.loads((output / "config.json").read_text())  # what diffusers' tools read
+    assert (
+        config["_class_name"] == "DiTTransformer2DModel" and config["quantization_config"]["quant_method"] == "dmquant"
+    )
     assert manifest["base"]["class"] == "DiTTransformer2DModel"
     assert manifest["recipe"]["name"] == "mse"
     # the calibration options reach the saved recipe
@@ -239,7 +243,7 @@ def test_quantize_refuses_existing_output_then_overwrites(tmp_path, capsys):
     (output / "keep.txt").unlink()
     code, out, err = run([*argv, "--overwrite"], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in output.iterdir()) == ["dmquant.json", "quantized_model.safetensors"]
+    assert sorted(p.name for p in output.iterdir()) == ["config.json", "dmquant.json", "quantized_model.safetensors"]
     assert json.loads((output / "dmquant.json").read_text())["recipe"]["name"] == "minmax"
     assert f"saved to {output}" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
@@ -453,6 +457,10 @@ def test_eval_prints_metrics_and_writes_json(w4_checkpoint, tmp_path, capsys):
     assert all({"timestep", "sqnr_db", "mse"} <= set(step) for step in results["steps"])
     assert results["psnr_db"] == pytest.approx(psnr, rel=1e-3)
     assert results["sqnr_db_min"] == pytest.approx(min(step["sqnr_db"] for step in results["steps"]))
+    run_record = results["run"]  # enough to rerun it and to know where it ran
+    assert run_record["checkpoint"] == str(output.resolve()) and run_record["base"] == "tiny-dit"
+    assert run_record["seed"] == 0 and run_record["torch_device"] == "cpu"
+    assert {"device", "torch", "diffusers", "dmquant", "date"} <= set(run_record)
     assert results["size_bytes"] < results["fp_size_bytes"]
 
 

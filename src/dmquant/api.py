@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,12 +15,12 @@ import torch
 from torch import nn
 
 from . import __version__
-from .calib.record import CalibrationSet
+from .calib.record import CalibrationSet, record_forward_loop
 from .calibrate import calibrate_activations, calibrate_weights, name_quantizers
-from .checkpoint import read_checkpoint, restore_weights, state_for_saving, write_checkpoint
+from .checkpoint import MANIFEST_FILE, read_checkpoint, restore_weights, state_for_saving, write_checkpoint
 from .config import CorrectionConfig, QuantConfig, load_recipe
 from .core.attach import QuantReport, attach_quantizers, find_shortcut_splits
-from .core.quantizer import quantizers, set_step
+from .core.quantizer import STEPS_DRIVEN, quantizers, set_step
 from .correct.statistics import NoiseStatistics, collect_noise_statistics
 from .correct.step import NoiseCorrection
 from .denoiser import Denoiser
@@ -55,7 +56,7 @@ def info(model: nn.Module) -> QuantizationInfo:
 def quantize(
     model: nn.Module,
     config: QuantConfig | str | Path,
-    calibration: CalibrationSet,
+    calibration: CalibrationSet | Callable[[nn.Module], Any],
     *,
     inplace: bool = False,
     batch_size: int = 32,
@@ -67,15 +68,19 @@ def quantize(
 
     ``config`` is a :class:`~dmquant.config.QuantConfig` or a recipe name/path; ``calibration``
     holds (x_t, t, conditioning) recorded from the FP model's own trajectories (see
-    :func:`dmquant.calib.record_calibration`). Steps: find split shortcuts, attach quantizers
-    (rules decide per layer), set weight ranges, then activation ranges on the calibration data,
-    then — if ``config.reconstruction.enabled`` — block reconstruction
+    :func:`dmquant.calib.record_calibration`), or is a ``forward_loop(model)`` that runs the model on
+    representative inputs — e.g. ``lambda unet: pipe(prompts, num_inference_steps=20)`` with ``pipe.unet``
+    being ``model`` — whose calls are recorded (:func:`dmquant.calib.record.record_forward_loop`).
+    Steps: find split shortcuts, attach quantizers (rules decide per layer), set weight ranges, then
+    activation ranges on the calibration data, then — if ``config.reconstruction.enabled`` — block reconstruction
     (:func:`dmquant.recon.model.reconstruct_model`; with ``state_dir`` a killed run resumes
     from the last finished block when called again with the same arguments).
     Returns the quantized model (a copy unless ``inplace``), with ``model.dmquant_info``.
     """
     if isinstance(config, (str, Path)):
         config = load_recipe(config)
+    if not isinstance(calibration, CalibrationSet):
+        calibration = record_forward_loop(model, calibration)
     if len(calibration) == 0:
         raise CalibrationError("the calibration set is empty: record at least one sample")
     fp_model = copy.deepcopy(model).eval() if config.reconstruction.enabled else None
@@ -112,8 +117,47 @@ def quantize(
             progress=progress,
         )
         extra["reconstruction"] = [asdict(record) for record in records]
-    setattr(model, INFO_ATTRIBUTE, QuantizationInfo(config, report, splits, num_steps, source=source, extra=extra))
+    mark_quantized(model, QuantizationInfo(config, report, splits, num_steps, source=source, extra=extra))
     return model
+
+
+def mark_quantized(model: nn.Module, quant: QuantizationInfo) -> None:
+    """Keep ``quant`` on ``model`` as ``model.dmquant_info``, and make the model refuse what would silently
+    lose its quantization.
+
+    * A model with per-step parts (per-step ranges, a bit schedule, PTQD's corrections) refuses to run until
+      something drives its steps — :func:`sampling_hooks` in dmquant's loop, :func:`dmquant.hook_pipeline`
+      inside a diffusers pipeline, or :func:`~dmquant.core.quantizer.set_step` — instead of running every
+      step with step 0's parameters. The check reads one attribute per call.
+    * ``model.save_pretrained`` (what ``pipe.save_pretrained`` calls) raises: diffusers would write the
+      float weights without the quantization; :func:`save` and :func:`dmquant.save_pipeline` keep it.
+    """
+    setattr(model, INFO_ATTRIBUTE, quant)
+    model.__dict__[STEPS_DRIVEN] = False
+    if not any(hook is _refuse_undriven for hook in model._forward_pre_hooks.values()):
+        model.register_forward_pre_hook(_refuse_undriven)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained = _refuse_save_pretrained
+
+
+def _refuse_undriven(model: nn.Module, args: tuple) -> None:
+    if model.__dict__.get(STEPS_DRIVEN, True) or required_steps(model) is None:
+        return
+    raise ModelError(
+        f"this quantized {type(model).__name__} has per-step parts (recipe {info(model).config.name!r}) and "
+        "nothing selects its sampling step: in a diffusers pipeline use dmquant.load_pipeline, or call "
+        "dmquant.hook_pipeline(pipe) after setting the model on it; in dmquant.sampling.sample pass "
+        "hooks=dmquant.sampling_hooks(model); in a loop of your own call "
+        "dmquant.core.quantizer.set_step(model, step_index) before each step"
+    )
+
+
+def _refuse_save_pretrained(*args: Any, **kwargs: Any) -> None:
+    raise ModelError(
+        "save_pretrained would write this quantized model's float weights and drop its quantization: "
+        "save a pipeline with dmquant.save_pipeline(pipe, directory), "
+        "the model alone with dmquant.save(model, directory)"
+    )
 
 
 def _smooth(model: nn.Module, config: QuantConfig, calibration: CalibrationSet, batch_size: int) -> None:
@@ -130,7 +174,8 @@ class StepSelector(StepHook):
     """Selects each sampling step's activation parameters (per-step ranges, or a step-aware bit schedule).
 
     ``num_steps`` (when given) is the trajectory length the parameters were made for; sampling
-    with another is an error rather than a silent mismatch of steps and parameters.
+    with another is an error rather than a silent mismatch of steps and parameters. After the last
+    step the model counts as undriven again (see :func:`mark_quantized`).
     """
 
     def __init__(self, model: nn.Module, num_steps: int | None = None):
@@ -144,6 +189,10 @@ class StepSelector(StepHook):
                 f"sample with {self.num_steps} steps, not {ctx.num_steps}"
             )
         set_step(self.model, ctx.step_index)
+
+    def end_step(self, ctx: StepContext, prev_sample: torch.Tensor) -> None:
+        if ctx.step_index == ctx.num_steps - 1:
+            self.model.__dict__[STEPS_DRIVEN] = False
 
 
 #: ``info(model).extra`` key of the PTQD noise statistics.
@@ -163,11 +212,13 @@ def required_steps(model: nn.Module) -> int | None:
     return quant.num_steps if quant.num_steps > 1 else None
 
 
-def _range_hooks(model: nn.Module, quant: QuantizationInfo) -> list[StepHook]:
-    schedule = quant.config.step_precision
-    if schedule.enabled:
-        return [StepSelector(model, schedule.num_inference_steps)]
-    return [StepSelector(model)] if quant.num_steps > 1 else []
+def _range_hooks(model: nn.Module) -> list[StepHook]:
+    """A :class:`StepSelector` for a model with per-step parts (checking the length of a bit schedule;
+    noise statistics check their own)."""
+    if required_steps(model) is None:
+        return []
+    schedule = info(model).config.step_precision
+    return [StepSelector(model, schedule.num_inference_steps if schedule.enabled else None)]
 
 
 def sampling_hooks(model: nn.Module) -> list[StepHook]:
@@ -180,7 +231,7 @@ def sampling_hooks(model: nn.Module) -> list[StepHook]:
     quant = getattr(model, INFO_ATTRIBUTE, None)
     if quant is None:
         return []
-    hooks = _range_hooks(model, quant)
+    hooks = _range_hooks(model)
     correction = quant.config.correction
     if correction.enabled:
         if NOISE_STATISTICS not in quant.extra:
@@ -225,7 +276,7 @@ def measure_noise(
         conditioning=conditioning,
         batch_size=config.batch_size,
         generator=torch.Generator().manual_seed(config.seed),
-        quantized_hooks=_range_hooks(model, quant),
+        quantized_hooks=_range_hooks(model),
         progress=progress,
     )
     quant.extra[NOISE_STATISTICS] = statistics.to_json()
@@ -258,9 +309,52 @@ def save(model: nn.Module, directory: str | Path, *, overwrite: bool = False) ->
         "unmatched_rules": quant.report.unmatched_rules,
         "weight_codes": layout,
         "source": quant.source,
+        "source_relative": _relative_source(quant.source, directory),
         "extra": quant.extra,
     }
-    return write_checkpoint(directory, tensors, manifest, overwrite=overwrite)
+    base = manifest["base"]
+    files = {}
+    if base["library"] == "diffusers":
+        files[DIFFUSERS_CONFIG_FILE] = json.dumps(_diffusers_config(base, quant), indent=2, sort_keys=True)
+    return write_checkpoint(directory, tensors, manifest, overwrite=overwrite, files=files)
+
+
+#: The diffusers model config a checkpoint of a diffusers model carries beside its manifest.
+DIFFUSERS_CONFIG_FILE = "config.json"
+
+
+def _diffusers_config(base: dict[str, Any], quant: QuantizationInfo) -> dict[str, Any]:
+    """The base model's diffusers config with a ``quantization_config`` naming dmquant.
+
+    Tools that read a model folder's ``config.json`` (``ModelMixin.load_config``, hub viewers) see the
+    architecture; ``from_pretrained`` of the folder stops at the quantization method it does not know rather
+    than building the model from weights it cannot find. :func:`load` reads the manifest, not this file.
+    """
+    config = {key: value for key, value in base["config"].items() if not key.startswith("_")}
+    return {
+        "_class_name": base["class"],
+        "_diffusers_version": diffusers.__version__,
+        **config,
+        "quantization_config": {"quant_method": "dmquant", "recipe": quant.config.name, "manifest": MANIFEST_FILE},
+    }
+
+
+def _relative_source(source: str | None, directory: str | Path) -> str | None:
+    """The source model's path relative to the checkpoint, when the source is a directory: a checkpoint
+    and its model moved together find each other again (see :func:`load`)."""
+    if source is None or not Path(source).is_absolute():
+        return None
+    return os.path.relpath(source, Path(directory).absolute())
+
+
+def _found_source(manifest: dict[str, Any], directory: Path) -> str | None:
+    """The recorded source model, or where it is now relative to the checkpoint if it moved with it."""
+    source, relative = manifest.get("source"), manifest.get("source_relative")
+    if source is not None and relative is not None and not Path(source).exists():
+        moved = (directory.absolute() / relative).resolve()
+        if moved.exists():
+            return str(moved)
+    return source
 
 
 def _build_base(manifest: dict[str, Any], model: nn.Module | None) -> nn.Module:
@@ -318,11 +412,15 @@ def load(directory: str | Path, *, model: nn.Module | None = None) -> nn.Module:
         # quantize() leaves every enabled quantizer calibrated; an empty scale marks one it disabled
         quantizer.enabled = quantizer.enabled and quantizer.calibrated
     report = QuantReport.from_rows(manifest["report"], manifest.get("unmatched_rules", []))
-    setattr(
+    mark_quantized(
         base,
-        INFO_ATTRIBUTE,
         QuantizationInfo(
-            config, report, manifest["splits"], manifest["num_steps"], manifest.get("source"), manifest.get("extra", {})
+            config,
+            report,
+            manifest["splits"],
+            manifest["num_steps"],
+            _found_source(manifest, Path(directory)),
+            manifest.get("extra", {}),
         ),
     )
     return base

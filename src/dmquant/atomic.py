@@ -1,10 +1,12 @@
-"""Atomic file writes: a temporary file in the target's directory, renamed into place."""
+"""Atomic writes: a temporary file (or directory) beside the target, renamed into place."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -36,3 +38,28 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], N
         os.unlink(temporary)
         raise
     return path
+
+
+@contextmanager
+def staged_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary directory beside ``target`` that becomes ``target`` when the block ends without error.
+
+    An existing ``target`` is swapped out and removed only once the new one is complete; on any error the
+    temporary directory is removed and ``target`` is left as it was. Checking whether ``target`` may be
+    replaced is the caller's business.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            retired = target.parent / f".{target.name}.old-{os.getpid()}"
+            target.rename(retired)
+            staging.rename(target)
+            shutil.rmtree(retired)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -130,9 +130,14 @@ def check_target(directory: str | Path, *, overwrite: bool) -> Path:
 
 
 def write_checkpoint(
-    directory: str | Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], *, overwrite: bool = False
+    directory: str | Path,
+    tensors: dict[str, torch.Tensor],
+    manifest: dict[str, Any],
+    *,
+    overwrite: bool = False,
+    files: dict[str, str] | None = None,
 ) -> Path:
-    """Write tensors + manifest to ``directory`` atomically (temp dir + rename)."""
+    """Write tensors + manifest (and the text ``files``, by name) to ``directory`` atomically (temp dir + rename)."""
     target = check_target(directory, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -140,6 +145,8 @@ def write_checkpoint(
         save_file(tensors, str(staging / TENSORS_FILE), metadata={"format": "dmquant"})
         manifest = {**manifest, "format_version": FORMAT_VERSION, "sha256": sha256(staging / TENSORS_FILE)}
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        for name, text in (files or {}).items():
+            (staging / name).write_text(text)
         for path in staging.iterdir():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())

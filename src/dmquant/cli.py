@@ -27,11 +27,12 @@ from .core.quantizer import quantizers
 from .denoiser import Denoiser
 from .errors import DmquantError
 from .eval.images import psnr, to_unit_range
-from .jobs import compare, generate, open_model, quantize_model
+from .jobs import compare, generate, open_model, quantize_model, quantized_checkpoint
 from .kernels.convert import REPORT_ATTRIBUTE, convert_model
 from .kernels.dispatch import load_kernels
 from .models import BUILTIN_MODELS, SCHEDULERS, DiffusionModel
 from .precision.sqnr import analyze_sensitivity
+from .provenance import environment
 from .report import markdown_table, save_image_grid, save_samples_npz, sensitivity_bars, sensitivity_heatmap
 
 MODEL_HELP = (
@@ -230,9 +231,45 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------- commands
 
 
+def _calibration_prompts(args: argparse.Namespace) -> list[str]:
+    """``--prompt`` values, then the lines of ``--prompts FILE`` (blank lines skipped)."""
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        try:
+            lines = Path(args.prompts).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise DmquantError(f"--prompts {args.prompts}: cannot read it ({error})") from None
+        from_file = [line.strip() for line in lines if line.strip()]
+        if not from_file:
+            raise DmquantError(f"--prompts {args.prompts}: no prompts in it (one prompt a line)")
+        prompts += from_file
+    return prompts
+
+
+def _quantize_pipeline(args: argparse.Namespace, config: QuantConfig, prompts: list[str]) -> int:
+    """``dmquant quantize PIPELINE_DIR``: the pipeline with its denoiser quantized, as a pipeline directory."""
+    from .models import read_pipeline
+    from .pipelines import check_pipeline_target, quantize_pipeline, save_pipeline
+
+    output = check_pipeline_target(args.output, overwrite=args.overwrite)
+    pipe = read_pipeline(Path(args.model)).to(args.device)
+    print(f"quantizing the denoiser of pipeline {args.model} with recipe {config.name}")
+    started = time.perf_counter()
+    state_dir = Path(args.state_dir) if args.state_dir else output.with_name(output.name + ".reconstruction")
+    quantize_pipeline(pipe, config, prompts=prompts, labels=args.labels, progress=not args.quiet, state_dir=state_dir)
+    save_pipeline(pipe, output, overwrite=args.overwrite)
+    if config.reconstruction.enabled and not args.state_dir:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    print(f"quantized in {time.perf_counter() - started:.1f} s; pipeline saved to {output} (dmquant.load_pipeline)")
+    return 0
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
-    model = _prepared(open_model(args.model), args)
     config = _recipe(args)
+    prompts = _calibration_prompts(args)
+    if (Path(args.model) / "model_index.json").exists():
+        return _quantize_pipeline(args, config, prompts)
+    model = _prepared(open_model(args.model), args).with_defaults(prompts=prompts, labels=args.labels)
     output = check_target(args.output, overwrite=args.overwrite)
     print(
         f"quantizing {model.name} with recipe {config.name}: weights {config.weight.describe()}, "
@@ -301,7 +338,7 @@ def _json_ready(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    if not (Path(args.model) / MANIFEST_FILE).exists():
+    if quantized_checkpoint(Path(args.model)) is None:
         raise DmquantError(
             f"{args.model}: not a dmquant checkpoint directory (no {MANIFEST_FILE}); make one with `dmquant quantize`"
         )
@@ -309,6 +346,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     source = args.base or info(quantized.denoiser).source
     quantized, fp = (_compiled(model, args) for model in (quantized, _prepared(open_model(source), args)))
     results = compare(fp, quantized, num_samples=args.num_samples, **_sampling_kwargs(args))
+    results["run"] = {
+        "checkpoint": str(Path(args.model).resolve()),
+        "base": source,
+        "seed": args.seed,
+        "guidance_scale": args.guidance if args.guidance is not None else fp.guidance_scale,
+        "eta": args.eta,
+        "torch_device": args.device,
+        **environment(),
+        "dmquant": __version__,
+    }
     print(f"{args.model} vs FP {source} ({args.num_samples} samples, {args.steps} steps, seed {args.seed})\n")
     print(_compare_table(results))
     print("\nper step:\n" + markdown_table(results["steps"], ["step_index", "timestep", "sqnr_db", "mse"]))
@@ -320,7 +367,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    if (Path(args.model) / MANIFEST_FILE).exists():
+    if quantized_checkpoint(Path(args.model)) is not None:
         quantized = _prepared(open_model(args.model, base=args.base), args)
         fp = _prepared(open_model(args.base or info(quantized.denoiser).source), args)
         what = f"checkpoint {args.model}"
@@ -386,7 +433,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    if not (Path(args.model) / MANIFEST_FILE).exists():
+    if quantized_checkpoint(Path(args.model)) is None:
         raise DmquantError(
             f"{args.model}: not a dmquant checkpoint directory (no {MANIFEST_FILE}); make one with `dmquant quantize`"
         )
@@ -555,8 +602,10 @@ def build_parser() -> argparse.ArgumentParser:
         commands,
         "quantize",
         help="calibrate on the model's own trajectories and save a quantized checkpoint",
-        description="Record calibration data from the FP model's sampling trajectories, "
-        "quantize its denoiser as the recipe says, and save a checkpoint directory.",
+        description="Record calibration data from the FP model's sampling trajectories (on your prompts with "
+        "--prompts/--prompt, your classes with --labels), quantize its denoiser as the recipe says, and save a "
+        "checkpoint directory. A diffusers pipeline directory gives a pipeline directory: its other components "
+        "as they were, the denoiser quantized (load it with dmquant.load_pipeline).",
         example="dmquant quantize tiny-unet -o out/w4a8 --recipe mse --w-bits 4 --a-bits 8",
         run=cmd_quantize,
     )
@@ -565,6 +614,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     _add_recipe_options(p)
     _add_calibration_options(p)
+    group = p.add_argument_group("calibration inputs (default: the model's own)")
+    group.add_argument("--prompts", metavar="FILE", help="text-to-image models: calibrate on these prompts, one a line")
+    group.add_argument("--prompt", action="append", help="a calibration prompt (repeatable; added to --prompts)")
+    group.add_argument(
+        "--labels", type=lambda s: [int(v) for v in s.split(",")], help="class-conditional models: classes, e.g. 1,2,3"
+    )
     _add_reconstruction_options(p)
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler for calibration instead of the model's own")
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import DiTTransformer2DModel, ModelMixin, UNet2DConditionModel, UNet2DModel
 from torch import Tensor, nn
 
 from dmquant.errors import ModelError
@@ -86,12 +86,41 @@ class Denoiser:
             raise ModelError(
                 f"{type(self.model).__name__} needs the conditioning {sorted(missing)}, got {sorted(cond)}"
             )
-        output = self.model(sample, timestep, **cond)
+        keywords = nest_conditioning(cond)
+        if isinstance(self.model, ModelMixin):  # SD3 / FLUX transformers take encoder_hidden_states second
+            output = self.model(sample, timestep=timestep, **keywords)
+        else:
+            output = self.model(sample, timestep, **keywords)
         return output if isinstance(output, Tensor) else output.sample
 
     def noise_channels(self, output: Tensor) -> Tensor:
         """The noise estimate part of ``output``: learned-variance channels dropped, as ``DiTPipeline`` does."""
         return output[:, : self.in_channels] if self.learned_variance else output
+
+
+def nest_conditioning(cond: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Keywords of a model call from flat conditioning: ``"added_cond_kwargs.time_ids"`` becomes
+    ``added_cond_kwargs={"time_ids": ...}`` (SDXL's UNet takes its pooled text embeddings and size
+    conditions so). Calibration sets hold every conditioning tensor flat, batched along dim 0."""
+    keywords: dict[str, Any] = {}
+    for name, tensor in cond.items():
+        outer, dot, inner = name.partition(".")
+        if dot:
+            keywords.setdefault(outer, {})[inner] = tensor
+        else:
+            keywords[name] = tensor
+    return keywords
+
+
+def flatten_conditioning(keywords: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The inverse of :func:`nest_conditioning` for the tensors among a call's keywords (others are dropped)."""
+    flat: dict[str, Tensor] = {}
+    for name, value in keywords.items():
+        if isinstance(value, Tensor):
+            flat[name] = value
+        elif isinstance(value, Mapping):
+            flat.update({f"{name}.{key}": tensor for key, tensor in value.items() if isinstance(tensor, Tensor)})
+    return flat
 
 
 def as_denoiser(model_or_denoiser: nn.Module | Denoiser) -> Denoiser:

@@ -21,7 +21,7 @@ from .errors import ModelError
 from .eval.cost import model_size
 from .eval.images import psnr, ssim, to_unit_range
 from .eval.noise import noise_estimate_error
-from .models import DiffusionModel, load_model
+from .models import DiffusionModel, from_pipeline, load_model
 from .precision.hybrid import plan_hybrid, promotion_rules
 from .precision.sqnr import analyze_sensitivity
 from .precision.step_schedule import choose_switch_step, trajectory_bops
@@ -130,7 +130,7 @@ def quantize_model(
         calibration,
         batch_size=config.calibration.batch_size,
         progress=progress,
-        source=model.name,
+        source=model.source or model.name,
         state_dir=state_dir,
     )
     if config.correction.enabled:  # on the estimate sampling uses: at the model's own guidance scale
@@ -277,16 +277,32 @@ def compare(
     }
 
 
+def quantized_checkpoint(path: Path) -> Path | None:
+    """The checkpoint in ``path``: ``path`` itself, or the denoiser folder of a pipeline directory written by
+    :func:`dmquant.save_pipeline`; ``None`` when there is none."""
+    from .pipelines import DENOISER_COMPONENTS
+
+    folders = [path] + ([path / n for n in DENOISER_COMPONENTS] if (path / "model_index.json").exists() else [])
+    return next((folder for folder in folders if (folder / MANIFEST_FILE).exists()), None)
+
+
 def open_model(source: str, *, base: str | None = None) -> DiffusionModel:
     """A built-in name, a diffusers directory, or a dmquant checkpoint (with the FP model it came from).
 
-    For a checkpoint, the scheduler, conditioning and decoder come from ``base`` or, by
-    default, from the source model recorded when it was quantized.
+    A checkpoint is a directory written by :func:`dmquant.save` or a pipeline directory written by
+    :func:`dmquant.save_pipeline`. Its scheduler, conditioning and decoder come from ``base`` or, by
+    default, from the source model recorded when it was quantized (for a pipeline directory without
+    one, from the pipeline itself).
     """
-    if not (Path(source) / MANIFEST_FILE).exists():
+    checkpoint = quantized_checkpoint(Path(source))
+    if checkpoint is None:
         return load_model(source)
-    denoiser = load(source)
+    denoiser = load(checkpoint)
     origin = base or info(denoiser).source
+    if origin is None and checkpoint != Path(source):
+        from .pipelines import load_pipeline
+
+        return from_pipeline(load_pipeline(source), Path(source).name)
     if origin is None:
         raise ModelError(f"{source}: the checkpoint does not record its source model; pass the FP model with --base")
     return load_model(origin).with_denoiser(denoiser)
