@@ -79,6 +79,7 @@ def quantize(
     """
     if isinstance(config, (str, Path)):
         config = load_recipe(config)
+    refuse_unfused_adapters(model, "quantizing it")
     if not isinstance(calibration, CalibrationSet):
         calibration = record_forward_loop(model, calibration)
     if len(calibration) == 0:
@@ -131,6 +132,8 @@ def mark_quantized(model: nn.Module, quant: QuantizationInfo) -> None:
       step with step 0's parameters. The check reads one attribute per call.
     * ``model.save_pretrained`` (what ``pipe.save_pretrained`` calls) raises: diffusers would write the
       float weights without the quantization; :func:`save` and :func:`dmquant.save_pipeline` keep it.
+    * ``model.load_lora_adapter`` and ``model.fuse_lora`` (what ``pipe.load_lora_weights`` and
+      ``pipe.fuse_lora`` call) raise: LoRA is fused into the full-precision model before quantizing.
     """
     setattr(model, INFO_ATTRIBUTE, quant)
     model.__dict__[STEPS_DRIVEN] = False
@@ -138,6 +141,38 @@ def mark_quantized(model: nn.Module, quant: QuantizationInfo) -> None:
         model.register_forward_pre_hook(_refuse_undriven)
     if hasattr(model, "save_pretrained"):
         model.save_pretrained = _refuse_save_pretrained
+    for method in ("load_lora_adapter", "fuse_lora"):
+        if hasattr(model, method):
+            setattr(model, method, _refuse_lora)
+
+
+def unfused_adapters(model: nn.Module) -> list[str]:
+    """Names of the layers of ``model`` that carry LoRA adapters not fused into their weights: PEFT's tuner
+    layers (``lora_A`` / ``lora_B``, also once merged but not unloaded) and diffusers' LoRA-compatible layers."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") or getattr(module, "lora_layer", None) is not None
+    ]
+
+
+def refuse_unfused_adapters(model: nn.Module, action: str) -> None:
+    """Raise :class:`ModelError` when ``model`` carries unfused LoRA adapters: quantizing or saving them
+    would quantize the adapters apart from the weights they add to, and the checkpoint would not load."""
+    names = unfused_adapters(model)
+    if names:
+        raise ModelError(
+            f"{type(model).__name__} carries LoRA adapters not fused into its weights ({', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}); fuse them before {action}: pipe.fuse_lora() then "
+            "pipe.unload_lora_weights() (or model.fuse_lora() then model.unload_lora()), then quantize"
+        )
+
+
+def _refuse_lora(*args: Any, **kwargs: Any) -> None:
+    raise ModelError(
+        "LoRA cannot be loaded or fused into a quantized model: its calibrated ranges and weight codes were "
+        "made for the weights without it. Fuse the LoRA into the full-precision model, then quantize that"
+    )
 
 
 def _refuse_undriven(model: nn.Module, args: tuple) -> None:
@@ -295,8 +330,11 @@ def _base_description(model: nn.Module) -> dict[str, Any]:
 
 
 def save(model: nn.Module, directory: str | Path, *, overwrite: bool = False) -> Path:
-    """Save a quantized model to ``directory`` (atomically; refuses an existing one unless ``overwrite``)."""
+    """Save a quantized model to ``directory`` (atomically; refuses an existing one unless ``overwrite``).
+
+    A model carrying unfused LoRA adapters is refused (:func:`refuse_unfused_adapters`)."""
     quant = info(model)
+    refuse_unfused_adapters(model, "saving it")
     tensors, layout = state_for_saving(model)
     manifest = {
         "dmquant_version": __version__,
