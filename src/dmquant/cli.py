@@ -1,4 +1,8 @@
-"""The ``dmquant`` command: quantize, sample, eval, analyze, inspect, demo."""
+"""The ``dmquant`` command: quantize, sample, eval, analyze, inspect, demo.
+
+Each command imports what it runs on when it runs: ``dmquant --help`` and argument errors answer without
+importing torch (the names the options offer come from :mod:`dmquant.catalog`).
+"""
 
 from __future__ import annotations
 
@@ -14,29 +18,18 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .api import INFO_ATTRIBUTE, info, required_steps, sampling_hooks, save
-from .checkpoint import MANIFEST_FILE, check_target
-from .config import QuantConfig, available_recipes, load_recipe
-from .core.attach import attach_quantizers, find_shortcut_splits
-from .core.quantizer import quantizers
-from .denoiser import Denoiser
+from .catalog import REFERENCE_MODELS, SCHEDULER_NAMES, TINY_MODELS, available_recipes
 from .errors import DmquantError
-from .eval.images import psnr, to_unit_range
-from .jobs import compare, generate, open_model, quantize_model, quantized_checkpoint
-from .kernels.convert import REPORT_ATTRIBUTE, convert_model
-from .kernels.dispatch import load_kernels
-from .models import BUILTIN_MODELS, SCHEDULERS, DiffusionModel
-from .precision.sqnr import analyze_sensitivity
-from .provenance import environment
-from .report import markdown_table, save_image_grid, save_samples_npz, sensitivity_bars, sensitivity_heatmap
+
+if TYPE_CHECKING:
+    from .config import QuantConfig
+    from .models import DiffusionModel
 
 MODEL_HELP = (
-    "a built-in model (" + ", ".join(BUILTIN_MODELS) + "), a diffusers pipeline or model directory, "
+    "a built-in model (" + ", ".join((*REFERENCE_MODELS, *TINY_MODELS)) + "), a diffusers pipeline or model directory, "
     "or (where it makes sense) a dmquant checkpoint directory"
 )
 
@@ -84,7 +77,7 @@ def _add_sampling_options(parser: argparse.ArgumentParser, num_samples: int) -> 
         "--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)"
     )
     group.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default: 0)")
-    group.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler to use instead of the model's own")
+    group.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES), help="sampler to use instead of the model's own")
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -103,6 +96,9 @@ def _prepared(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel
     """The model on ``--device``, with ``--scheduler`` applied where the command has it, an
     unset ``--steps`` set to what the (first) model opened needs, and a quantized denoiser
     converted to low-bit layers under ``--real-kernels``."""
+    from .api import INFO_ATTRIBUTE, required_steps
+    from .kernels.convert import REPORT_ATTRIBUTE, convert_model
+
     if getattr(args, "steps", 0) is None:
         args.steps = required_steps(model.denoiser) or DEFAULT_STEPS
     if getattr(args, "real_kernels", False) and getattr(model.denoiser, INFO_ATTRIBUTE, None) is not None:
@@ -117,6 +113,11 @@ def _compiled(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel
     """The model with its denoiser compiled in place under ``--compile`` (with CUDA graphs on CUDA). One graph per
     per-step parameter set, for the full batches and for a smaller last one: dynamo's recompile limit is raised to
     twice the model's number of sets, so that no step falls back to eager."""
+    import torch
+
+    from .core.quantizer import quantizers
+    from .kernels.dispatch import load_kernels
+
     if args.compile:
         on_cuda = torch.device(args.device).type == "cuda"
         if on_cuda:
@@ -130,6 +131,8 @@ def _compiled(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel
 
 def _recipe(args: argparse.Namespace, bits: tuple = (None, None)) -> QuantConfig:
     """The recipe with the command line's overrides (bits, calibration size) applied and validated."""
+    from .config import load_recipe
+
     weight_bits = bits[0] if bits[0] is not None else getattr(args, "w_bits", None)
     activation_bits = bits[1] if bits[1] is not None else getattr(args, "a_bits", None)
     config = load_recipe(args.recipe).with_bits(weight_bits, activation_bits)
@@ -265,6 +268,10 @@ def _quantize_pipeline(args: argparse.Namespace, config: QuantConfig, prompts: l
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from .api import info, save
+    from .checkpoint import check_target
+    from .jobs import open_model, quantize_model
+
     config = _recipe(args)
     prompts = _calibration_prompts(args)
     if (Path(args.model) / "model_index.json").exists():
@@ -296,6 +303,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     if Path(args.output).suffix.lower() != ".png":
         raise DmquantError(f"--output {args.output}: the grid is written as PNG; give a name ending in .png")
+    from .jobs import generate, open_model
+    from .report import save_image_grid, save_samples_npz
+
     model = _compiled(_prepared(open_model(args.model, base=args.base), args), args)
     images, conditioning = generate(
         model, args.num_samples, labels=args.labels, prompts=args.prompt, **_sampling_kwargs(args)
@@ -308,6 +318,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _compare_table(results: dict[str, Any]) -> str:
+    from .report import markdown_table
+
     return markdown_table(
         [
             {"metric": "PSNR vs FP (dB)", "value": results["psnr_db"]},
@@ -338,6 +350,12 @@ def _json_ready(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .api import info
+    from .checkpoint import MANIFEST_FILE
+    from .jobs import compare, open_model, quantized_checkpoint
+    from .provenance import environment
+    from .report import markdown_table
+
     if quantized_checkpoint(Path(args.model)) is None:
         raise DmquantError(
             f"{args.model}: not a dmquant checkpoint directory (no {MANIFEST_FILE}); make one with `dmquant quantize`"
@@ -367,6 +385,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    import torch
+
+    from .api import info, sampling_hooks
+    from .jobs import open_model, quantize_model, quantized_checkpoint
+    from .precision.sqnr import analyze_sensitivity
+    from .report import markdown_table, sensitivity_bars, sensitivity_heatmap
+
     if quantized_checkpoint(Path(args.model)) is not None:
         quantized = _prepared(open_model(args.model, base=args.base), args)
         fp = _prepared(open_model(args.base or info(quantized.denoiser).source), args)
@@ -405,6 +430,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    from .api import info
+    from .core.attach import attach_quantizers, find_shortcut_splits
+    from .denoiser import Denoiser
+    from .jobs import open_model
+    from .report import markdown_table
+
     model = _prepared(open_model(args.model), args)
     if getattr(model.denoiser, "dmquant_info", None) is not None:
         quant = info(model.denoiser)
@@ -433,6 +466,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import MANIFEST_FILE
+    from .eval.images import psnr, to_unit_range
+    from .jobs import generate, open_model, quantized_checkpoint
+    from .kernels.convert import REPORT_ATTRIBUTE, convert_model
+    from .report import markdown_table
+
     if quantized_checkpoint(Path(args.model)) is None:
         raise DmquantError(
             f"{args.model}: not a dmquant checkpoint directory (no {MANIFEST_FILE}); make one with `dmquant quantize`"
@@ -498,6 +537,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo_list(args: argparse.Namespace) -> int:
+    from .report import markdown_table
     from .zoo.reference import ZOO, read_model_card
 
     rows = []
@@ -540,6 +580,7 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo_evaluate(args: argparse.Namespace) -> int:
+    from .report import markdown_table
     from .zoo.jobs import evaluate_zoo_model
 
     features = None
@@ -621,7 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--labels", type=lambda s: [int(v) for v in s.split(",")], help="class-conditional models: classes, e.g. 1,2,3"
     )
     _add_reconstruction_options(p)
-    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler for calibration instead of the model's own")
+    p.add_argument(
+        "--scheduler", choices=sorted(SCHEDULER_NAMES), help="sampler for calibration instead of the model's own"
+    )
 
     p = _command(
         commands,

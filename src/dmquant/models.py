@@ -21,12 +21,13 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import nn
 
+from .catalog import REFERENCE_MODELS, SCHEDULER_NAMES, TINY_MODELS
 from .errors import ModelError
 from .sampling import Conditioning, copy_scheduler
 from .zoo import WEIGHTS_DIR, tiny
 
 #: Scheduler names accepted by ``--scheduler``; each is built from the model's own scheduler config.
-SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm-solver": DPMSolverMultistepScheduler}
+SCHEDULERS = dict(zip(SCHEDULER_NAMES, (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler), strict=True))
 #: Denoiser classes dmquant loads from a model directory.
 DENOISER_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
 #: Prompts used for calibration and sampling of text-to-image pipelines when none are given.
@@ -199,15 +200,11 @@ def _shipped(name: str) -> Callable[[], DiffusionModel]:
     return load
 
 
-#: Trained reference models that ship with dmquant (see ``dmquant zoo list``).
-REFERENCE_MODELS = ("ddpm-glyphs32", "ldm-glyphs64", "dit-glyphs")
 #: Models by name: the shipped reference models, then tiny random-initialised ones built in code
 #: (useful to exercise the machinery, not to judge quality).
 BUILTIN_MODELS: dict[str, Callable[[], DiffusionModel]] = {
     **{name: _shipped(name) for name in REFERENCE_MODELS},
-    "tiny-unet": _tiny_unet,
-    "tiny-unet-text": _tiny_unet_text,
-    "tiny-dit": _tiny_dit,
+    **dict(zip(TINY_MODELS, (_tiny_unet, _tiny_unet_text, _tiny_dit), strict=True)),
 }
 
 
