@@ -27,6 +27,7 @@ from .errors import DmquantError
 if TYPE_CHECKING:
     from .config import QuantConfig
     from .models import DiffusionModel
+    from .verdict import Verdict
 
 MODEL_HELP = (
     "a built-in model (" + ", ".join((*REFERENCE_MODELS, *TINY_MODELS)) + "), a diffusers pipeline or model directory, "
@@ -355,6 +356,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .jobs import compare, open_model, quantized_checkpoint
     from .provenance import environment
     from .report import markdown_table
+    from .verdict import Verdict
 
     if quantized_checkpoint(Path(args.model)) is None:
         raise DmquantError(
@@ -363,7 +365,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     quantized = _prepared(open_model(args.model, base=args.base), args)
     source = args.base or info(quantized.denoiser).source
     quantized, fp = (_compiled(model, args) for model in (quantized, _prepared(open_model(source), args)))
-    results = compare(fp, quantized, num_samples=args.num_samples, **_sampling_kwargs(args))
+    label = info(quantized.denoiser).config.name
+    results = compare(fp, quantized, num_samples=args.num_samples, label=label, **_sampling_kwargs(args))
+    results["verdict"] = vars(_eval_verdict(fp, results, args, label))
     results["run"] = {
         "checkpoint": str(Path(args.model).resolve()),
         "base": source,
@@ -381,7 +385,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(_json_ready(results), indent=2))
         print(f"\nwrote {args.json}")
+    print("\nverdict: " + Verdict(**results["verdict"]).line())
     return 0
+
+
+def _eval_verdict(fp: DiffusionModel, results: dict[str, Any], args: argparse.Namespace, recipe: str) -> Verdict:
+    """The quantized model's verdict: on the zoo's glyph models, class accuracy and FID-proxy against FP
+    sampled from other seeds (sampled here); on others, no metric has a seed spread and the verdict says so."""
+    from .demo import glyph_judge, glyph_metrics
+    from .jobs import generate
+    from .verdict import OTHER_SEEDS, OTHER_SEEDS_OFFSET, judge
+
+    row = {"PSNR vs FP (dB)": results["psnr_db"]}
+    references = glyph_judge(fp, args.num_samples, args.device, not args.quiet)
+    if references is None:
+        return judge(Path(args.model).name, row, {}, None, recipe=recipe)
+    options = {**_sampling_kwargs(args), "seed": args.seed + OTHER_SEEDS_OFFSET}
+    other_images, conditioning = generate(fp, args.num_samples, desc=OTHER_SEEDS, **options)
+    labels = conditioning.cond.get("class_labels")
+    measured = {
+        name: glyph_metrics(references, results["images"][name], labels, not args.quiet) for name in ("fp", "quantized")
+    }
+    other = glyph_metrics(references, other_images, labels, not args.quiet)
+    results["glyph_metrics"] = {**measured, "fp_other_seeds": other}
+    return judge(Path(args.model).name, {**row, **measured["quantized"]}, measured["fp"], other, recipe=recipe)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -533,6 +560,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\nreport: {result.report} (and report.html); total {result.total_seconds:.0f} s")
     if args.model.startswith("tiny-"):
         print("note: the tiny built-in models are random-initialised; their samples look like nothing")
+    print("\n" + "\n".join("verdict: " + verdict.line() for verdict in result.verdicts))
     return 0
 
 
