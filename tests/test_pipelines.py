@@ -44,7 +44,8 @@ def quantized_sd():
     return dmquant.quantize_pipeline(pipe, _per_step_recipe(), prompts=PROMPTS, progress=False)
 
 
-def test_per_step_recipe_inside_pipe_matches_dmquants_own_loop(quantized_sd):
+@pytest.mark.parametrize("eta", [0.0, 1.0])  # at eta 1 PTQD also takes the residual's variance out of the noise
+def test_per_step_recipe_inside_pipe_matches_dmquants_own_loop(quantized_sd, eta):
     pipe = quantized_sd
     assert isinstance(pipe.scheduler, pipelines.HookedScheduler)
     model = from_pipeline(pipe, "tiny-sd")
@@ -56,10 +57,11 @@ def test_per_step_recipe_inside_pipe_matches_dmquants_own_loop(quantized_sd):
         num_inference_steps=STEPS,
         conditioning=conditioning,
         generator=torch.Generator().manual_seed(0),
+        eta=eta,
         hooks=dmquant.sampling_hooks(pipe.unet),
         progress=False,
     )
-    assert torch.equal(_latents(pipe), own)
+    assert torch.equal(_latents(pipe, eta=eta), own)
     unhooked = pipelines.hook_pipeline(tiny_pipeline("sd"))  # an FP pipeline needs no hooks
     assert not isinstance(unhooked.scheduler, pipelines.HookedScheduler)
 
@@ -153,6 +155,9 @@ def test_cli_quantizes_a_pipeline_on_prompts_from_a_file_and_the_result_moves_wi
     (tmp_path / "work").rename(moved)  # checkpoint and model moved together
     assert api.info(api.load(moved / "tiny-sd-w8a8" / "unet")).source == str((moved / "tiny-sd").resolve())
     assert open_model(str(moved / "tiny-sd-w8a8")).conditioning == "text"
+    code, out, err = _cli(["eval", str(moved / "tiny-sd-w8a8"), "--num-samples", "1", "--steps", "2", "-q"], capsys)
+    assert code == 0, err
+    assert out.startswith(f"{moved / 'tiny-sd-w8a8'} vs FP {(moved / 'tiny-sd').resolve()}") and "verdict: " in out
 
 
 def test_cli_refuses_calibration_inputs_a_model_does_not_take(tmp_path, capsys):
