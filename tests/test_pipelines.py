@@ -3,10 +3,13 @@ methods applied inside ``pipe(...)``, and what would silently lose the quantizat
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
 import dmquant
 from dmquant import api, pipelines
@@ -178,3 +181,11 @@ def test_prompts_and_labels_choose_what_models_calibrate_on():
     text = load_model("tiny-unet-text")
     states = text.with_defaults(prompts=PROMPTS).make_conditioning(2).cond["encoder_hidden_states"]
     assert torch.equal(states, text.encode_prompts(PROMPTS))
+
+
+def test_a_hooked_scheduler_copies_whole_and_keeps_the_signatures_pipelines_inspect():
+    hooked = pipelines.HookedScheduler(DDIMScheduler(), [])
+    copied = copy.deepcopy(hooked)
+    copied.set_timesteps(3)
+    assert len(copied.timesteps) == 3 and hooked.scheduler.num_inference_steps is None
+    assert {"eta", "generator"} <= set(inspect.signature(hooked.step).parameters)

@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,24 +64,29 @@ class HookedScheduler:
     """
 
     def __init__(self, scheduler: Any, hooks: Sequence[StepHook]):
-        attributes = self.__dict__
-        attributes["scheduler"] = scheduler
-        attributes["hooks"] = list(hooks)
-        attributes["step_index_"] = 0
+        self.__dict__.update(scheduler=scheduler, hooks=list(hooks), step_index_=0)
 
-        def set_timesteps(*args: Any, **kwargs: Any) -> Any:
-            result = scheduler.set_timesteps(*args, **kwargs)
-            attributes["step_index_"] = 0
-            self._begin(None, 0.0)
-            return result
+    @property
+    def set_timesteps(self) -> Callable[..., Any]:
+        """The scheduler's ``set_timesteps`` (its signature kept), then step 0 begins."""
+        return functools.update_wrapper(
+            functools.partial(HookedScheduler._set_timesteps, self), self.scheduler.set_timesteps
+        )
 
-        def step(model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            return self._step(model_output, timestep, sample, *args, **kwargs)
+    @property
+    def step(self) -> Callable[..., Any]:
+        """The scheduler's ``step`` (its signature kept, so pipelines pass ``eta`` and ``generator``), hooked."""
+        return functools.update_wrapper(functools.partial(HookedScheduler._step, self), self.scheduler.step)
 
-        attributes["set_timesteps"] = functools.update_wrapper(set_timesteps, scheduler.set_timesteps)
-        attributes["step"] = functools.update_wrapper(step, scheduler.step)
+    def _set_timesteps(self, *args: Any, **kwargs: Any) -> Any:
+        result = self.scheduler.set_timesteps(*args, **kwargs)
+        self.__dict__["step_index_"] = 0
+        self._begin(None, 0.0)
+        return result
 
     def __getattr__(self, name: str) -> Any:
+        if "scheduler" not in self.__dict__:  # a copy being built (copy.deepcopy) has no state yet
+            raise AttributeError(name)
         return getattr(self.__dict__["scheduler"], name)
 
     def __setattr__(self, name: str, value: Any) -> None:
