@@ -13,6 +13,8 @@ def test_a_setting_that_moved_less_than_fp_across_seeds_is_within():
     assert verdict.within is True
     assert "class accuracy and FID-proxy" in verdict.detail and "seed spread 0.02" in verdict.detail
     assert "dmquant convert" in verdict.next_step
+    better = judge("W8A8", {"class accuracy": 0.95, "FID-proxy": 8.0}, FP, OTHER_SEEDS)
+    assert better.within is True  # better than FP by more than the spread is no loss
 
 
 def test_the_metric_that_left_the_spread_is_named_and_the_next_step_fits_the_recipe():

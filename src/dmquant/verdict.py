@@ -17,8 +17,8 @@ from dataclasses import dataclass
 OTHER_SEEDS_OFFSET = 10_000
 #: Setting name of the FP run from other seeds in tables.
 OTHER_SEEDS = "FP (other seeds)"
-#: Metrics with a seed spread, in the order they are reported.
-SPREAD_METRICS = ("class accuracy", "FID-proxy")
+#: Metrics with a seed spread, in the order they are reported, each with the sign of "better" (+1: higher).
+SPREAD_METRICS = {"class accuracy": +1, "FID-proxy": -1}
 #: Recipes that already reconstruct blocks (so reconstruction is not the next thing to suggest).
 RECONSTRUCTING = frozenset({"q-diffusion", "ptq4dm", "eda-dm", "ptqd", "ptqd-mixed"})
 
@@ -70,7 +70,8 @@ def judge(
     """The verdict of quantized ``row`` against ``fp`` (same seeds) and ``fp_other_seeds`` (the spread).
 
     ``within`` holds when, on every metric of :data:`SPREAD_METRICS` measured, the quantized value is no
-    further from FP's than FP from other seeds is; ``detail`` names the metric that decided.
+    worse than FP's by more than FP from other seeds differs from FP (one draw of the spread: a setting
+    better than FP is within); ``detail`` names the metric that decided.
     """
     metrics = [m for m in SPREAD_METRICS if fp_other_seeds and m in row and m in fp and m in fp_other_seeds]
     if not metrics:
@@ -82,9 +83,10 @@ def judge(
         return Verdict(setting, None, detail, _next_step(None, recipe))
     parts, outside = [], []
     for metric in metrics:
-        gap, spread = abs(row[metric] - fp[metric]), abs(fp_other_seeds[metric] - fp[metric])
+        loss = SPREAD_METRICS[metric] * (fp[metric] - row[metric])
+        spread = abs(fp_other_seeds[metric] - fp[metric])
         parts.append(f"{metric} {row[metric]:.3g} vs FP {fp[metric]:.3g} (seed spread {spread:.3g})")
-        if gap > spread:
+        if loss > spread:
             outside.append(metric)
     within = not outside
     detail = ("on " + " and ".join(metrics) if within else "on " + " and ".join(outside)) + ": " + "; ".join(parts)
