@@ -933,6 +933,17 @@ bench/results/speed-model-scope`): the layers between the blocks (conv_in/conv_o
 the transformers' projections, the time embedding) are then compiled too."""
 
 
+#: The architectures at the shapes users run them (``bench/speed.py --models <DEPLOYMENT_MODELS>``), next to ``speed/``.
+SPEED_DEPLOYMENT_FOLDER = "speed-deployment"
+SPEED_DEPLOYMENT_TITLE = "Deployment shapes"
+SPEED_DEPLOYMENT_INTRO = """\
+FLUX.1-dev's transformer (1024², 4,096 image + 512 text tokens, batch 1, with its guidance embedding), SD3-medium
+and PixArt-Σ (1024², batch 2), SDXL's and SD-1.5's UNets at batch 8, random weights (`python bench/speed.py
+--models <model> --settings compiled+cudagraph --results bench/results/speed-deployment`): every row compiled and
+captured in one CUDA graph, each against the bf16 row of its own process. `dmquant-w8a8-fp8-fast` is what
+`convert_model` does by default (fast fp8 accumulation, each layer's path measured on the GPU: `kernels/paths.py`);
+`dmquant-w8a8-fp8-every-layer` keeps every converted layer on its fp8 kernel."""
+
 SPEED_ONE_H100_TITLE = "The specification's rows on one H100"
 SPEED_ONE_H100_INTRO = """\
 The ten rows of the benchmark's specification on one H100 (`python bench/speed.py --rows <the ten rows>
@@ -1268,6 +1279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         speed=speed_section(
             speed_results,
             [
+                (args.results.parent / SPEED_DEPLOYMENT_FOLDER, SPEED_DEPLOYMENT_TITLE, SPEED_DEPLOYMENT_INTRO),
                 (args.results.parent / SPEED_MODEL_SCOPE_FOLDER, "Whole-model compile", SPEED_MODEL_SCOPE_INTRO),
                 (args.results.parent / SPEED_ONE_H100_FOLDER, SPEED_ONE_H100_TITLE, SPEED_ONE_H100_INTRO),
             ],

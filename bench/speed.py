@@ -77,6 +77,7 @@ import functools
 import gc
 import importlib.metadata
 import json
+import math
 import re
 import shlex
 import statistics
@@ -89,7 +90,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DiTTransformer2DModel, UNet2DConditionModel
+from diffusers import (
+    DiTTransformer2DModel,
+    FluxTransformer2DModel,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
@@ -101,6 +108,7 @@ from dmquant.core.layers import QUANT_LAYERS
 from dmquant.eval.cost import attention_macs, layer_macs
 from dmquant.kernels.convert import REPORT_ATTRIBUTE, convert_model
 from dmquant.kernels.layers import LowBitConv2d, LowBitLinear
+from dmquant.kernels.paths import select_paths
 from dmquant.models import load_model
 from dmquant.provenance import environment
 
@@ -153,6 +161,54 @@ DIT_XL_2_256 = {
     "sample_size": 32,
     "num_embeds_ada_norm": 1000,
 }
+#: FLUX.1-dev's transformer (12 B parameters); at 1024² its 128×128×16 latent is packed into 4,096 tokens of 64.
+FLUX_DEV = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+FLUX_TEXT_TOKENS = 512
+FLUX_IMAGE_TOKENS = 4096
+#: SD3-medium's MMDiT (2 B parameters) at 1024²: latents 16×128×128, 77 CLIP + 256 T5 text tokens.
+SD3_MEDIUM = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "out_channels": 16,
+    "pos_embed_max_size": 192,
+}
+SD3_TEXT_TOKENS = 333
+#: PixArt-Σ XL/2 at 1024² (0.6 B parameters): latents 4×128×128, 300 T5 tokens.
+PIXART_SIGMA = {
+    "sample_size": 128,
+    "num_layers": 28,
+    "attention_head_dim": 72,
+    "num_attention_heads": 16,
+    "in_channels": 4,
+    "out_channels": 8,
+    "patch_size": 2,
+    "cross_attention_dim": 1152,
+    "caption_channels": 4096,
+    "norm_type": "ada_norm_single",
+    "norm_elementwise_affine": False,
+    "norm_eps": 1e-6,
+    "use_additional_conditions": False,
+    "interpolation_scale": 2,
+}
+PIXART_TEXT_TOKENS = 300
 #: ``--tiny``: the same architectures shrunk for CPU smoke tests (not representative of anything).
 TINY_OVERRIDES = {
     "sd15-unet": {"sample_size": 16, "block_out_channels": (32, 32, 64, 64), "layers_per_block": 1,
@@ -162,14 +218,28 @@ TINY_OVERRIDES = {
                   "cross_attention_dim": 32, "addition_time_embed_dim": 8,
                   "projection_class_embeddings_input_dim": 32 + 6 * 8, "norm_num_groups": 8},
     "dit-xl-2-256": {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16, "sample_size": 8},
+    "flux-dev": {"in_channels": 16, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
+                 "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 16,
+                 "axes_dims_rope": (4, 6, 6)},
+    "sd3-medium": {"sample_size": 16, "in_channels": 4, "out_channels": 4, "num_layers": 2, "attention_head_dim": 16,
+                   "num_attention_heads": 2, "joint_attention_dim": 32, "caption_projection_dim": 32,
+                   "pooled_projection_dim": 16, "pos_embed_max_size": 16},
+    "pixart-sigma": {"sample_size": 8, "num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
+                     "cross_attention_dim": 32, "caption_channels": 32},
 }  # fmt: skip
+#: ``--tiny`` text lengths and image tokens (FLUX: an 4×4 grid).
+TINY_TOKENS = {"flux-dev": (8, 16), "sd3-medium": (8, None), "pixart-sigma": (8, None)}
 TINY_SDXL_TEXT_EMBEDS = 32
 #: Prompt length of the SD text encoders.
 TEXT_TOKENS = 77
 ZOO_MODELS = ("ddpm-glyphs32", "dit-glyphs", "ldm-glyphs64")
-MODELS = ("sd15-unet", "sdxl-unet", "dit-xl-2-256", *ZOO_MODELS)
+#: The architectures at the shapes users run them (random weights; the batch is in the name where it is not 2).
+DEPLOYMENT_MODELS = ("flux-dev", "sd3-medium", "pixart-sigma", "sdxl-unet-b8", "sd15-unet-b8")
+MODELS = ("sd15-unet", "sdxl-unet", "dit-xl-2-256", *ZOO_MODELS, *DEPLOYMENT_MODELS)
 #: Denoiser batch of the SD/SDXL/DiT models: one image's conditional and unconditional copy.
 BATCH = 2
+#: The batch of the ``-b8`` workloads: four images with guidance.
+LARGE_BATCH = 8
 #: Samples per batch of bench/quality.py; the zoo models are timed at it (twice under guidance).
 ZOO_SAMPLING_BATCH = 1000
 #: Seconds one H100 takes for a model with every row and setting: what the ten rows of the
@@ -184,6 +254,12 @@ ESTIMATED_SECONDS = {
     "ddpm-glyphs32": 419,
     "dit-glyphs": 146,
     "ldm-glyphs64": 584,
+    # guesses, before a measured run: the new models' rows (compile of few distinct blocks; FLUX builds 12 B weights)
+    "flux-dev": 900,
+    "sd3-medium": 500,
+    "pixart-sigma": 400,
+    "sdxl-unet-b8": 1200,
+    "sd15-unet-b8": 1300,
 }
 
 
@@ -199,15 +275,57 @@ class FlatConditionUNet(UNet2DConditionModel):
         return super().forward(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, **kwargs)
 
 
+class FluxDenoiser(FluxTransformer2DModel):
+    """FLUX's transformer called as ``f(sample, timestep, **cond)``, ``sample`` its packed (B, tokens, 64) latent.
+
+    The position ids (``img_ids``: 0, row, column per latent token of a square image; ``txt_ids``: zeros) are made
+    from the shapes per call, as FluxPipeline makes them, instead of riding in ``cond``: they have no batch axis.
+    """
+
+    def forward(self, sample: Tensor, timestep: Tensor, **cond: Any) -> Any:
+        side = math.isqrt(sample.shape[1])
+        rows, columns = torch.meshgrid(
+            torch.arange(side, device=sample.device), torch.arange(side, device=sample.device), indexing="ij"
+        )
+        img_ids = torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(-1, 3).to(sample.dtype)
+        txt_ids = sample.new_zeros(cond["encoder_hidden_states"].shape[1], 3)
+        return super().forward(hidden_states=sample, timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, **cond)
+
+
+class SD3Denoiser(SD3Transformer2DModel):
+    """SD3's MMDiT called as ``f(sample, timestep, **cond)``."""
+
+    def forward(self, sample: Tensor, timestep: Tensor, **cond: Any) -> Any:
+        return super().forward(hidden_states=sample, timestep=timestep, **cond)
+
+
+class PixArtDenoiser(PixArtTransformer2DModel):
+    """PixArt-Σ called as ``f(sample, timestep, **cond)``, without its resolution conditions (Σ has none)."""
+
+    def forward(self, sample: Tensor, timestep: Tensor, **cond: Any) -> Any:
+        added = {"resolution": None, "aspect_ratio": None}
+        return super().forward(sample, timestep=timestep, added_cond_kwargs=added, **cond)
+
+
 @dataclass
 class Workload:
-    """A model in float32 on the device (the master every row copies) and the inputs of one call."""
+    """A model in float32 on the device (the master every row copies) and the inputs of one call.
 
-    model: nn.Module
+    ``factory`` rebuilds the master (same seed, same weights) for models too large to hold a float32 master beside
+    a row's copy (FLUX's 12 B parameters are 48 GB in float32): the bench then drops ``model`` once it has counted
+    its FLOPs, and every row builds its own from ``factory``.
+    """
+
+    model: nn.Module | None
     sample: Tensor
     timestep: Tensor
     cond: dict[str, Tensor]
     description: str
+    factory: Callable[[], nn.Module] | None = None
+
+    def master(self) -> nn.Module:
+        """The float32 model: the one held, or a fresh one from ``factory``."""
+        return self.model if self.model is not None else self.factory()
 
     @property
     def batch(self) -> int:
@@ -218,7 +336,8 @@ class Workload:
     ) -> tuple[tuple[Tensor, Tensor], dict[str, Tensor]]:
         """Positional and keyword arguments of a call in ``dtype`` (integer tensors left alone), the sample in
         ``memory_format``."""
-        sample = self.sample.to(dtype).contiguous(memory_format=memory_format)
+        layout = memory_format if self.sample.dim() == 4 else torch.contiguous_format
+        sample = self.sample.to(dtype).contiguous(memory_format=layout)
         return (sample, self.timestep), peers.cast_floating(self.cond, dtype)
 
     def shapes(self) -> dict[str, list[int]]:
@@ -247,16 +366,16 @@ def _architecture(name: str, base: dict, tiny: bool) -> dict:
     return base | TINY_OVERRIDES[name] if tiny else dict(base)
 
 
-def _sd15(args: argparse.Namespace, device: torch.device) -> Workload:
+def _sd15(args: argparse.Namespace, device: torch.device, default_batch: int = BATCH) -> Workload:
     config = _architecture("sd15-unet", SD15_UNET, args.tiny)
-    batch, size = args.batch_size or BATCH, config["sample_size"]
+    batch, size = args.batch_size or default_batch, config["sample_size"]
     cond = {"encoder_hidden_states": torch.randn(batch, TEXT_TOKENS, config["cross_attention_dim"])}
     return _diffusers_workload(UNet2DConditionModel, config, (batch, 4, size, size), cond, device, args.seed)
 
 
-def _sdxl(args: argparse.Namespace, device: torch.device) -> Workload:
+def _sdxl(args: argparse.Namespace, device: torch.device, default_batch: int = BATCH) -> Workload:
     config = _architecture("sdxl-unet", SDXL_UNET, args.tiny)
-    batch, size = args.batch_size or BATCH, config["sample_size"]
+    batch, size = args.batch_size or default_batch, config["sample_size"]
     text_embeds = TINY_SDXL_TEXT_EMBEDS if args.tiny else SDXL_TEXT_EMBEDS
     resolution = 8.0 * size
     cond = {
@@ -275,6 +394,42 @@ def _dit(args: argparse.Namespace, device: torch.device) -> Workload:
     return _diffusers_workload(DiTTransformer2DModel, config, (batch, 4, size, size), cond, device, args.seed)
 
 
+def _flux(args: argparse.Namespace, device: torch.device) -> Workload:
+    config = _architecture("flux-dev", FLUX_DEV, args.tiny)
+    text, image = TINY_TOKENS["flux-dev"] if args.tiny else (FLUX_TEXT_TOKENS, FLUX_IMAGE_TOKENS)
+    batch = args.batch_size or 1
+    cond = {
+        "encoder_hidden_states": torch.randn(batch, text, config["joint_attention_dim"]),
+        "pooled_projections": torch.randn(batch, config["pooled_projection_dim"]),
+        "guidance": torch.full((batch,), 3.5),
+    }
+    workload = _diffusers_workload(FluxDenoiser, config, (batch, image, config["in_channels"]), cond, device,
+                                   args.seed, rebuilt=True)  # fmt: skip
+    workload.timestep = torch.rand(batch, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    return workload
+
+
+def _sd3(args: argparse.Namespace, device: torch.device) -> Workload:
+    config = _architecture("sd3-medium", SD3_MEDIUM, args.tiny)
+    text = TINY_TOKENS["sd3-medium"][0] if args.tiny else SD3_TEXT_TOKENS
+    batch, size = args.batch_size or BATCH, config["sample_size"]
+    cond = {
+        "encoder_hidden_states": torch.randn(batch, text, config["joint_attention_dim"]),
+        "pooled_projections": torch.randn(batch, config["pooled_projection_dim"]),
+    }
+    sample_shape = (batch, config["in_channels"], size, size)
+    return _diffusers_workload(SD3Denoiser, config, sample_shape, cond, device, args.seed, rebuilt=True)
+
+
+def _pixart(args: argparse.Namespace, device: torch.device) -> Workload:
+    config = _architecture("pixart-sigma", PIXART_SIGMA, args.tiny)
+    text = TINY_TOKENS["pixart-sigma"][0] if args.tiny else PIXART_TEXT_TOKENS
+    batch, size = args.batch_size or BATCH, config["sample_size"]
+    cond = {"encoder_hidden_states": torch.randn(batch, text, config["caption_channels"])}
+    sample_shape = (batch, config["in_channels"], size, size)
+    return _diffusers_workload(PixArtDenoiser, config, sample_shape, cond, device, args.seed)
+
+
 def _diffusers_workload(
     factory: Callable[..., nn.Module],
     config: dict,
@@ -282,13 +437,16 @@ def _diffusers_workload(
     cond: dict[str, Tensor],
     device: torch.device,
     seed: int,
+    rebuilt: bool = False,
 ) -> Workload:
-    model = _random_model(factory, config, device, seed)
+    """The model from ``config`` with random weights; ``rebuilt``: per row (:class:`Workload`'s ``factory``)."""
+    build = functools.partial(_random_model, factory, config, device, seed)
     generator = torch.Generator().manual_seed(seed)
     sample = torch.randn(sample_shape, generator=generator)
     timestep = torch.randint(0, 1000, (sample_shape[0],), generator=generator)
     description = f"{factory.__name__}, random weights; config {json.dumps(config)}"
-    return Workload(model, sample.to(device), timestep.to(device), _on(cond, device), description)
+    return Workload(build(), sample.to(device), timestep.to(device), _on(cond, device), description,
+                    factory=build if rebuilt else None)  # fmt: skip
 
 
 def _zoo(name: str) -> Callable[[argparse.Namespace, torch.device], Workload]:
@@ -320,6 +478,11 @@ WORKLOADS: dict[str, Callable[[argparse.Namespace, torch.device], Workload]] = {
     "sdxl-unet": _sdxl,
     "dit-xl-2-256": _dit,
     **{name: _zoo(name) for name in ZOO_MODELS},
+    "flux-dev": _flux,
+    "sd3-medium": _sd3,
+    "pixart-sigma": _pixart,
+    "sdxl-unet-b8": functools.partial(_sdxl, default_batch=LARGE_BATCH),
+    "sd15-unet-b8": functools.partial(_sd15, default_batch=LARGE_BATCH),
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -333,7 +496,14 @@ REFERENCE_ROW = {EAGER: "bf16-eager", COMPILED: "bf16-compiled", GRAPHED: "bf16-
 #: ``--memory-format`` choices.
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 #: Where regional compilation (``--compile-scope blocks``) applies torch.compile: the outermost of these.
-COMPILED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D", "Attention")
+COMPILED_BLOCKS = (
+    "BasicTransformerBlock",
+    "ResnetBlock2D",
+    "Attention",
+    "FluxTransformerBlock",
+    "FluxSingleTransformerBlock",
+    "JointTransformerBlock",
+)
 #: torch._inductor settings of every compiled row (torchao's recommended_inductor_config_setter
 #: less coordinate-descent tuning, which multiplies compile time).
 INDUCTOR_SETTINGS = {"force_fuse_int_mm_with_mul": True, "fx_graph_cache": True, "triton.unique_kernel_names": True}
@@ -359,6 +529,9 @@ class Row:
         linear_only: a dmquant row quantizes nn.Linear layers only, its convolutions left in the compute dtype.
         compute: a torchao row's number format of its quantized GEMMs' tensor-core math (``"fp8"`` or
             ``"int8"``); see :attr:`compute_format`.
+        measured_paths: a dmquant row's converted layers take the path measured fastest on the device
+            (cuBLASLt, Triton or bf16: :mod:`dmquant.kernels.paths`), as ``dmquant convert`` does by default;
+            without it, every layer runs on its low-bit kernel.
     """
 
     name: str
@@ -370,6 +543,7 @@ class Row:
     fast_accumulation: bool = False
     linear_only: bool = False
     compute: str | None = None
+    measured_paths: bool = True
 
     @property
     def compute_format(self) -> str:
@@ -384,6 +558,11 @@ _DMQUANT = (
     "dmquant.quantize with the minmax recipe (first/last layer at 8 bits), attention matmuls off, {what}, "
     "calibrated on 2 random input rows; then dmquant.kernels.convert.convert_model; the model but its low-bit "
     "layers (codes, float32 scales) cast to the compute dtype"
+)
+#: How a row with ``measured_paths`` ends (appended to its description).
+_MEASURED_PATHS = (
+    "; on CUDA each converted W8A8 layer then takes the path measured fastest there (cuBLASLt, Triton, or bf16 with "
+    "its dequantized weight; dmquant.kernels.paths), int4 layers keep their kernel"
 )
 ROWS: dict[str, Row] = {
     row.name: row
@@ -405,6 +584,10 @@ ROWS: dict[str, Row] = {
         Row("dmquant-w8a8-fp8", "dmquant", QUANTIZED_SETTINGS,
             _DMQUANT.format(what="fp8 e4m3 weights per output channel and activations per tensor"),
             formats=("fp8_e4m3", "fp8_e4m3", "channel")),
+        Row("dmquant-w8a8-fp8-every-layer", "dmquant", QUANTIZED_SETTINGS,
+            _DMQUANT.format(what="fp8 as dmquant-w8a8-fp8-fast, every converted layer on its fp8 kernel (no "
+                            "measured choice of paths)"),
+            formats=("fp8_e4m3", "fp8_e4m3", "channel"), fast_accumulation=True, measured_paths=False),
         Row("dmquant-w8a8-fp8-fast", "dmquant", QUANTIZED_SETTINGS,
             _DMQUANT.format(what="fp8 as dmquant-w8a8-fp8, its fp8 GEMMs on cuBLASLt with fast accumulation "
                             "(use_fast_accum=True, as torchao's fp8 rows)"),
@@ -616,7 +799,9 @@ def _free_memory() -> None:
 
 
 def _bf16_copy(bench: ModelBench) -> nn.Module:
-    return nn.Module.to(copy.deepcopy(bench.workload.model), bench.dtype).eval()
+    workload = bench.workload
+    master = copy.deepcopy(workload.model) if workload.model is not None else workload.master()
+    return nn.Module.to(master, bench.dtype).eval()
 
 
 def build_bf16(bench: ModelBench, row: Row) -> Built:
@@ -672,26 +857,40 @@ def convert_for(row: Row, model: nn.Module, **options) -> nn.Module:
 
 
 def build_dmquant(bench: ModelBench, row: Row) -> Built:
-    """quantize the float32 master (a copy), convert it to real low-bit layers, cast the rest of the
-    model to the compute dtype."""
-    master = bench.workload.model
+    """quantize the float32 master (a copy, or a fresh one for a rebuilt workload, quantized in place), convert it
+    to real low-bit layers, cast the rest of the model to the compute dtype; then, for rows with
+    ``measured_paths`` on CUDA, time each converted layer's paths on the workload's call and keep the fastest
+    (:func:`dmquant.kernels.paths.select_paths`)."""
+    workload = bench.workload
+    fresh = workload.model is None
+    master = workload.master()
     config = dmquant_config(row, master)
-    quantized = quantize(master, config, bench.workload.calibration(), batch_size=2, progress=bench.args.progress)
+    quantized = quantize(master, config, workload.calibration(), batch_size=2, progress=bench.args.progress,
+                         inplace=fresh)  # fmt: skip
     layers = info(quantized).report.layers
     try:
-        converted = convert_for(row, quantized)
+        converted = convert_for(row, quantized, inplace=fresh)
     except Exception as error:  # a conversion that refuses is a row this build cannot run
         raise RowUnsupported(f"convert_model raised {type(error).__name__}: {error}") from error
-    del quantized
+    del quantized, master
+    _free_memory()
+    model = cast_outside_low_bit_layers(converted, bench.dtype).eval()
     details = {
         "recipe": config.to_dict(),
         "coverage": {
             "quantized": dict(Counter(layer.kind for layer in layers if layer.quantized)),
             "skipped": dict(Counter(layer.kind for layer in layers if not layer.quantized)),
         },
-        "conversion": conversion_summary(converted),
+        "conversion": conversion_summary(model),
     }
-    return Built(cast_outside_low_bit_layers(converted, bench.dtype).eval(), details)
+    if row.measured_paths and bench.device.type == "cuda":
+        memory_format = MEMORY_FORMATS[bench.args.memory_format]
+        args_, kwargs = workload.inputs(bench.dtype, memory_format)
+        convs_in_memory_format(model, memory_format)
+        began = time.perf_counter()
+        paths = select_paths(model, lambda: model(*args_, **kwargs), progress=bench.args.progress)
+        details["paths"] = paths.to_dict() | {"seconds": time.perf_counter() - began, "summary": paths.summary()}
+    return Built(model, details)
 
 
 def conversion_summary(model: nn.Module) -> dict[str, Any] | None:
@@ -902,6 +1101,8 @@ class ModelBench:
         master = self.workload.model
         args_, kwargs = self.workload.inputs(torch.float32)
         self.fp_flops = count_flops(master, lambda: master(*args_, **kwargs))
+        if self.workload.factory is not None:  # rebuilt per row: not held beside the rows' copies
+            self.workload.model = master = None
         self.medians: dict[tuple[str, str], float] = {}
         self.kept_compiled: Built | None = None
         _free_memory()
@@ -1122,7 +1323,7 @@ def run_cell(bench: ModelBench, cell: Cell, command: str, compile_settings: dict
         "model_description": bench.workload.description,
         "row": cell.row,
         "kind": row.kind,
-        "description": row.description,
+        "description": row.description + (_MEASURED_PATHS if row.kind == "dmquant" and row.measured_paths else ""),
         "status": "ok",
         "reason": None,
         "representative": bench.device.type == "cuda" and not bench.args.tiny,

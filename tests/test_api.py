@@ -1,6 +1,10 @@
 """quantize / save / load, and every way bad input is refused with a clear error."""
 
+import dataclasses
 import json
+import os
+import re
+import stat
 
 import pytest
 import torch
@@ -13,7 +17,7 @@ from dmquant.checkpoint import MANIFEST_FILE, TENSORS_FILE
 from dmquant.config import load_recipe
 from dmquant.core.quantizer import set_step
 from dmquant.denoiser import Denoiser
-from dmquant.errors import CalibrationError, CheckpointError, ModelError
+from dmquant.errors import CalibrationError, CheckpointError, ConfigError, ModelError, OutputError
 from dmquant.zoo.tiny import tiny_unet2d
 
 
@@ -73,9 +77,9 @@ def test_existing_directory_is_refused_unless_overwrite(quantized, tmp_path):
     target = tmp_path / "q"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
-    with pytest.raises(CheckpointError, match="exists"):
+    with pytest.raises(OutputError, match="exists"):
         api.save(quantized, target)
-    with pytest.raises(CheckpointError, match="holds no dmquant checkpoint"):
+    with pytest.raises(OutputError, match="dmquant did not write"):
         api.save(quantized, target, overwrite=True)  # overwrite replaces checkpoints, nothing else
     assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
     (target / "keep.txt").unlink()
@@ -84,6 +88,45 @@ def test_existing_directory_is_refused_unless_overwrite(quantized, tmp_path):
     api.save(quantized, target, overwrite=True)
     assert (target / MANIFEST_FILE).stat().st_mtime_ns >= stamp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no staging or retired directories left
+
+
+def test_overwrite_refuses_a_checkpoint_directory_that_also_holds_other_files(quantized, tmp_path):
+    target = api.save(quantized, tmp_path / "q")
+    (target / "notes.txt").write_text("mine")
+    before = {path.name: path.read_bytes() for path in target.iterdir()}
+    with pytest.raises(OutputError, match="dmquant did not write"):
+        api.save(quantized, target, overwrite=True)
+    assert {path.name: path.read_bytes() for path in target.iterdir()} == before
+
+
+def test_a_diffusers_checkpoint_carries_its_config_json_and_overwrite_replaces_it(quantized, tmp_path):
+    target = api.save(quantized, tmp_path / "q")
+    assert sorted(path.name for path in target.iterdir()) == ["config.json", MANIFEST_FILE, TENSORS_FILE]
+    api.save(quantized, target, overwrite=True)  # config.json is a checkpoint file: the directory is dmquant's
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["q"]
+    with pytest.raises(ValueError, match="not files a checkpoint holds"):  # extra files only of the known kinds
+        checkpoint_module.write_checkpoint(tmp_path / "other", {}, {}, files={"notes.txt": "mine"})
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_checkpoint_gets_the_permissions_of_the_umask(quantized, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        target = api.save(quantized, tmp_path / "q")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(path.stat().st_mode) for path in target.iterdir()} == {0o644}
+
+
+def test_leftovers_of_an_interrupted_save_are_cleaned_by_the_next_load_with_a_message(quantized, tmp_path, caplog):
+    target = api.save(quantized, tmp_path / "q")
+    partial = tmp_path / ".q.tmp-killed"
+    partial.mkdir()
+    (partial / TENSORS_FILE).write_bytes(b"partial")
+    api.load(target)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["q"]
+    assert "removed .q.tmp-killed, left by an interrupted save" in caplog.text
 
 
 def test_interrupted_save_leaves_nothing(quantized, tmp_path, monkeypatch):
@@ -147,6 +190,41 @@ def test_empty_calibration_set_is_refused(unet, calibration):
     )
     with pytest.raises(CalibrationError, match="empty"):
         api.quantize(unet.denoiser, "minmax", empty, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("samples", lambda c: c.samples[:, :, 0], "samples: expected a float (N, C, H, W) tensor"),
+        ("samples", lambda c: c.samples.to(torch.int64), "samples: expected a float"),
+        ("samples", lambda c: c.samples.tolist(), "samples: expected a tensor with a row per sample, got a list"),
+        ("samples", lambda c: c.samples[:, :1], "samples: 1 channels, the model takes 3"),
+        ("samples", lambda c: c.samples[:, :, :8, :8], "samples: (8, 8) pixels, the model takes"),
+        ("timesteps", lambda c: c.timesteps[:, None], "timesteps: expected a real (N,) tensor"),
+        ("step_indices", lambda c: c.step_indices.float(), "step_indices: expected an integer (N,) tensor"),
+        ("step_indices", lambda c: c.step_indices + 100, "step_indices: must lie in [0, 4)"),
+        ("cond", lambda c: {k: 3 for k in c.cond}, "cond.class_labels: expected a tensor"),
+        ("cond", lambda c: "labels", "cond: expected a mapping"),
+        ("num_inference_steps", lambda c: "4", "num_inference_steps: expected an integer"),
+    ],
+)
+def test_calibration_data_of_the_wrong_shape_dtype_or_rank_names_the_tensor(unet, calibration, field, value, message):
+    fields = {name: getattr(calibration, name) for name in ("samples", "timesteps", "step_indices", "cond")}
+    fields["num_inference_steps"] = calibration.num_inference_steps
+    fields[field] = value(calibration)
+    with pytest.raises(CalibrationError, match=re.escape(message)):
+        api.quantize(unet.denoiser, "minmax", CalibrationSet(**fields), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("granularity", "message"),
+    [("channel:9", "channel axis 9 is out of range"), ("group:7", "group_size 7 does not divide")],
+)
+def test_a_granularity_that_does_not_fit_a_layer_is_a_config_error(unet, calibration, granularity, message):
+    config = load_recipe("minmax")
+    config.weight = dataclasses.replace(config.weight, granularity=granularity)
+    with pytest.raises(ConfigError, match=f"granularity: .* does not fit conv_in.weight_quantizer .*{message}"):
+        api.quantize(unet.denoiser, config, calibration, progress=False)
 
 
 def test_non_finite_calibration_activation_names_layer_and_step(unet, calibration):

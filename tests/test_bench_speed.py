@@ -313,3 +313,35 @@ def test_cpu_run_renders_as_a_table(dit_run, capsys):
     speed.main(["--table", "--results", str(results)])
     table = capsys.readouterr().out
     assert table.count("| dit-glyphs |") == 4 and "not representative" in table
+
+
+@pytest.mark.parametrize("model", ["flux-dev", "sd3-medium", "pixart-sigma"])
+def test_the_deployment_transformers_run_as_denoisers_and_quantize(model):
+    """The FLUX, SD3 and PixArt-Σ workloads (``--tiny``) are called as ``f(sample, timestep, **cond)``, quantize
+    and convert like every other model; FLUX and SD3 are rebuilt per row from their seed, to the same weights."""
+    args = speed.parse_args(["--tiny", "--device", "cpu", "--models", model])
+    workload = speed.WORKLOADS[model](args, torch.device("cpu"))
+    (sample, timestep), cond = workload.inputs(torch.float32)
+    with torch.no_grad():
+        expected = workload.model(sample, timestep, **cond).sample
+    assert expected.shape[0] == workload.batch
+    if workload.factory is not None:
+        rebuilt = workload.factory()
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(rebuilt.state_dict().values(), workload.model.state_dict().values(), strict=True)
+        )
+    row = speed.ROWS["dmquant-w8a8-int8"]
+    quantized = quantize(workload.master(), speed.dmquant_config(row, workload.model), workload.calibration(),
+                         progress=False)  # fmt: skip
+    converted = convert_model(quantized)
+    with torch.no_grad():
+        assert converted(sample, timestep, **cond).sample.shape == expected.shape
+
+
+def test_the_fp8_rows_differ_only_in_accumulation_and_paths():
+    default, every, exact = (speed.ROWS[name] for name in
+                             ("dmquant-w8a8-fp8-fast", "dmquant-w8a8-fp8-every-layer", "dmquant-w8a8-fp8"))  # fmt: skip
+    assert default.fast_accumulation and default.measured_paths
+    assert every.fast_accumulation and not every.measured_paths
+    assert not exact.fast_accumulation and default.formats == every.formats == exact.formats

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -15,25 +13,68 @@ from dmquant.sampling import Conditioning
 from dmquant.zoo import tiny
 
 
+def reference_scores(features, radius):
+    """EDA-DM's loops (scripts/calibration.py) over steps i != j, written out again: the density
+    counts the steps whose mean squared difference is at most r, the diversity sums
+    1 - cos over the channel vector at every position of every trajectory."""
+    steps = len(features)
+    channel = 1 if features[0].ndim == 4 else features[0].ndim - 1
+    density, diversity = [0] * steps, [0.0] * steps
+    for i in range(steps):
+        for j in range(steps):
+            if i != j:
+                a, b = features[i].double(), features[j].double()
+                if torch.mean((a - b) ** 2) <= radius:
+                    density[i] += 1
+                cosine = torch.nn.functional.cosine_similarity(a, b, dim=channel, eps=1e-6)
+                diversity[i] += float(torch.sum(1 - cosine))
+    return density, diversity
+
+
 def test_density_and_diversity_by_hand():
-    features = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]])
-    density, diversity = density_and_diversity(features, radius=0.1)
-    assert density.tolist() == [1, 1, 1, 1]  # each step has exactly one neighbour within r
-    assert density_and_diversity(features, radius=2.0)[0].tolist() == [3, 3, 3, 3]
+    # 4 steps, 1 trajectory, 2 positions (tokens) of 2 channels each
+    features = torch.tensor(
+        [
+            [[[1.0, 0.0], [0.0, 1.0]]],
+            [[[1.0, 0.0], [0.0, 2.0]]],
+            [[[0.0, 1.0], [0.0, 1.0]]],
+            [[[0.0, 3.0], [1.0, 0.0]]],
+        ]
+    )
+    # mean squared differences: (0,1) 0.25, (0,2) 0.5, (0,3) 2.5, (1,2) 1.25, (1,3) 3, (2,3) 1.75
+    density, diversity = density_and_diversity(features, radius=0.5)
+    assert density.tolist() == [2, 1, 1, 0]
+    assert density_and_diversity(features, radius=0.25)[0].tolist() == [1, 1, 0, 0]  # r itself counts
+    # cosines per position: (0,1) 1, 1; (0,2) 0, 1; (0,3) 0, 0; (1,2) 0, 1; (1,3) 0, 0; (2,3) 1, 0
+    assert diversity.tolist() == pytest.approx([0 + 1 + 2, 0 + 1 + 2, 1 + 1 + 1, 2 + 2 + 1])
 
-    def cosine(a, b):
-        return sum(x * y for x, y in zip(a, b, strict=True)) / math.hypot(*a) / math.hypot(*b)
 
-    rows = features.tolist()
-    expected = [sum(1 - cosine(rows[t], rows[s]) for s in range(4) if s != t) for t in range(4)]
-    assert diversity.tolist() == pytest.approx(expected, rel=1e-9)
+@pytest.mark.parametrize("layout", ["feature maps (B, C, H, W)", "tokens (B, N, C)"])
+def test_scores_match_the_reference_loops(layout):
+    generator = torch.Generator().manual_seed(0)
+    shape = (7, 3, 5, 4, 4) if layout.startswith("feature") else (7, 3, 6, 5)
+    # each trajectory's features drift over the steps, so that some pairs of steps are within r
+    drift = torch.linspace(0, 2, 7).reshape(-1, *[1] * (len(shape) - 1))
+    trajectories = torch.randn(1, *shape[1:], generator=generator)
+    features = trajectories + 0.3 * torch.randn(shape, generator=generator) + drift
+    features[:, :, 0] += 1.5  # a channel (maps) / a token (tokens) offset: the cosine's axis matters
+    for radius in (0.5, 1.5, 3.0):
+        density, diversity = density_and_diversity(features, radius)
+        expected_density, expected_diversity = reference_scores(features, radius)
+        assert density.tolist() == expected_density
+        assert diversity.tolist() == pytest.approx(expected_diversity, rel=1e-9)
+        if radius == 1.5:
+            assert len(set(expected_density)) > 1  # r separates the steps: the comparison means something
 
 
-def test_channel_vectors_are_spatial_means_of_feature_maps():
-    maps = torch.randn(3, 4, 5, 5)
-    _, from_maps = density_and_diversity(maps, radius=1.0)
-    _, from_vectors = density_and_diversity(maps.mean(dim=(2, 3)), radius=1.0)
-    assert from_maps.tolist() == pytest.approx(from_vectors.tolist(), rel=1e-6)
+def test_each_trajectory_is_compared_with_itself_not_with_the_batch_mean():
+    # two trajectories of opposite sign: their mean is 0 at every step, their own features are not
+    step = torch.tensor([[1.0, 2.0], [-1.0, -2.0]])
+    features = torch.stack([step, 2 * step, -step])
+    density, diversity = density_and_diversity(features, radius=3.0)
+    assert density.tolist() == [1, 1, 0]  # mean squared differences: (0,1) 2.5, (0,2) 10, (1,2) 22.5
+    # cosines: (0,1) 1, (0,2) -1, (1,2) -1 for both trajectories
+    assert diversity.tolist() == pytest.approx([0 + 4, 0 + 4, 4 + 4])
 
 
 @pytest.mark.parametrize(
@@ -83,6 +124,7 @@ def test_recorded_set_follows_the_allocation_of_the_model_features():
         batch_size=4,
         generator=torch.Generator().manual_seed(0),
     )
+    assert features.shape[:2] == (steps, 4)  # each probe trajectory kept
     density, diversity = density_and_diversity(features, 0.05)
     expected = allocate((min_max(density) + 1.2 * min_max(diversity)).tolist(), trajectories)
     recorded = torch.bincount(calibration.step_indices, minlength=steps).tolist()

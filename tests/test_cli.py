@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -158,7 +160,7 @@ def test_version(capsys):
                 "fp8",
                 "--real-kernels",
                 "--dynamic-fp8",
-                "--fp8-fast-accumulation",
+                "--fp8-exact-accumulation",
                 "--compile",
             ],
         ),
@@ -238,7 +240,7 @@ def test_quantize_refuses_existing_output_then_overwrites(tmp_path, capsys):
     assert (output / "keep.txt").read_text() == "precious"
 
     code, out, err = run([*argv, "--overwrite"], capsys)  # --overwrite replaces checkpoints only
-    assert "holds no dmquant checkpoint" in assert_one_line_error(code, err, "quantize")
+    assert "not a dmquant checkpoint" in assert_one_line_error(code, err, "quantize")
     assert (output / "keep.txt").read_text() == "precious"
 
     (output / "keep.txt").unlink()
@@ -502,6 +504,16 @@ def test_demo_writes_report_images_and_checkpoints(tmp_path, capsys):
     assert all(verdict["within"] is None and verdict["next_step"] for verdict in results["verdicts"])
     assert out.rstrip().splitlines()[-1].startswith("verdict: W4A8: no seed spread")
     assert report.rstrip().splitlines()[-1].startswith("- Verdict: W4A8:")
+    assert set(results["files"]) == {p.name for p in output.iterdir()}
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # no staging directory or lock left
+
+    # an earlier report is replaced only with --overwrite, and only while it holds nothing else
+    code, _, err = run(argv, capsys)
+    assert "--overwrite" in assert_one_line_error(code, err, "demo")
+    (output / "notes.txt").write_text("mine")
+    code, _, err = run([*argv, "--overwrite"], capsys)
+    assert "dmquant did not write" in assert_one_line_error(code, err, "demo")
+    assert (output / "notes.txt").read_text() == "mine" and (output / "report.md").exists()
 
 
 @pytest.mark.slow
@@ -625,6 +637,16 @@ def test_quantize_with_reconstruction_resumes_from_its_state_and_cleans_up(tmp_p
     assert {r["pass_name"] for r in manifest["extra"]["reconstruction"]} == {"weights", "activations"}
 
 
+def test_a_state_directory_that_is_not_dmquant_progress_is_neither_resumed_nor_removed(tmp_path, capsys):
+    output, state = tmp_path / "qdiff", tmp_path / "qdiff.reconstruction"
+    state.mkdir()
+    (state / "notes.txt").write_text("mine")
+    code, out, err = run(["quantize", "tiny-unet", "-o", str(output), "--recipe", "q-diffusion", *CALIB, "-q"], capsys)
+    assert "not the reconstruction progress" in assert_one_line_error(code, err, "quantize")
+    assert "resuming" not in out
+    assert [p.name for p in state.iterdir()] == ["notes.txt"] and not output.exists()
+
+
 def test_no_reconstruction_skips_it(tmp_path, capsys):
     output = tmp_path / "plain"
     code, out, err = run(
@@ -660,7 +682,7 @@ def test_a_checkpoint_with_per_step_statistics_samples_with_its_own_steps(tmp_pa
     assert code == 0, err
     assert "(2 samples, 4 steps" in out
     code, _, err = run(["eval", str(output), "--num-samples", "2", "--steps", "3", "-q"], capsys)
-    assert code == 2 and "measure them for this sampler" in err
+    assert "made for 4 steps; sample with --steps 4" in assert_one_line_error(code, err, "eval")
 
 
 def test_compile_allows_one_graph_per_step_parameter_set():
@@ -671,3 +693,107 @@ def test_compile_allows_one_graph_per_step_parameter_set():
     with torch._dynamo.config.patch(recompile_limit=8):  # restored on exit
         _compiled(model, argparse.Namespace(compile=True, device="cpu"))
         assert torch._dynamo.config.recompile_limit == 40
+
+
+# ---------------------------------------------------------------- values no command can use
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["sample", "tiny-unet", "--guidance", "nan"], "--guidance nan: must be a finite number"),
+        (["sample", "tiny-unet", "--guidance", "inf"], "--guidance inf: must be a finite number"),
+        (["sample", "tiny-unet", "--eta", "-1"], "--eta -1.0: must be a finite number >= 0"),
+        (["sample", "tiny-unet", "--seed", "-1"], "--seed -1: must lie in"),
+        (["sample", "tiny-unet", "--seed", str(2**64)], "--seed 18446744073709551616: must lie in"),
+        (["sample", "tiny-unet", "--device", "nope"], "--device nope: not a torch device"),
+        (["sample", "tiny-unet", "--device", "meta"], "--device meta: no such device"),
+        (["inspect", "tiny-unet", "--device", "cuda:99"], "--device cuda:99: no such device"),
+        (["zoo", "evaluate", "ddpm-glyphs32", "--guidance", "1", "nan"], "--guidance nan"),
+        (["sample", "tiny-unet", "--prompt", "a red car"], "class-conditional: it takes class labels, not prompts"),
+        (["sample", "tiny-unet-text", "--labels", "1"], "text-conditional: it takes prompts, not class labels"),
+        (["inspect", "tiny-unet", "--w-bits", "²"], "unknown quantization format '²'"),
+    ],
+)
+def test_a_value_no_command_can_use_is_a_one_line_error(tmp_path, capsys, argv, message):
+    command = "zoo" if argv[0] == "zoo" else argv[0]
+    if argv[0] == "sample":
+        argv = [*argv, "-o", str(tmp_path / "x.png"), "--num-samples", "1", "--steps", "2"]
+    code, _, err = run([*argv, "-q"], capsys)
+    assert message in assert_one_line_error(code, err, command)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA")
+def test_device_cuda_without_cuda_is_a_one_line_error(capsys):
+    code, _, err = run(["inspect", "tiny-unet", "--device", "cuda", "-q"], capsys)
+    assert "--device cuda: no such device on this machine (0 cuda device(s))" in assert_one_line_error(
+        code, err, "inspect"
+    )
+
+
+def test_inspect_shows_a_recipe_whose_switch_step_is_chosen_while_quantizing(capsys):
+    code, out, err = run(["inspect", "tiny-unet", "--recipe", "ptqd-mixed", "--a-bits", "4", "-q"], capsys)
+    assert code == 0, err
+    assert "switches the activations to 8 bits at a step chosen while quantizing" in out
+    assert {row["activation"] for row in table_rows(out, "name") if row["rule"] == "—" and row["kind"] == "Conv2d"} == {
+        "uint4"
+    }
+
+
+@pytest.mark.parametrize("steps", ["2", "5"], ids=["fewer", "more"])
+def test_a_per_step_checkpoint_sampled_with_another_step_count_is_a_one_line_error(tmp_path, capsys, steps):
+    recipe = tmp_path / "per-step.yaml"
+    recipe.write_text("base: minmax\nper_step_activations: true\n")
+    output = tmp_path / "per-step"
+    code, _, err = run(["quantize", "tiny-unet", "-o", str(output), "--recipe", str(recipe), *CALIB, "-q"], capsys)
+    assert code == 0, err
+    argv = ["sample", str(output), "-o", str(tmp_path / "x.png"), "--num-samples", "1", "--steps", steps, "-q"]
+    code, _, err = run(argv, capsys)
+    assert "made for 3 steps; sample with --steps 3" in assert_one_line_error(code, err, "sample")
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sample", "tiny-unet", "-o", "{file}/grid.png", "--num-samples", "1", "--steps", "2"],
+        ["analyze", "tiny-unet", "-o", "{file}/sqnr", "--num-samples", "1", "--steps", "2"],
+        ["quantize", "tiny-unet", "-o", "{file}/q", *CALIB],
+        ["demo", "--model", "tiny-unet", "-o", "{file}/demo", "--num-samples", "1", "--steps", "2"],
+    ],
+)
+def test_an_output_below_a_file_is_refused_before_any_work(tmp_path, capsys, argv):
+    (tmp_path / "file").write_text("mine")
+    argv = [arg.format(file=tmp_path / "file") for arg in argv]
+    code, out, err = run([*argv, "-q"], capsys)
+    assert "is a file, so nothing can be created below it" in assert_one_line_error(code, err, argv[0])
+    assert [p.name for p in tmp_path.iterdir()] == ["file"] and (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_write_the_machine_refuses_is_a_one_line_error(w4_checkpoint, tmp_path, capsys, monkeypatch):
+    output, _ = w4_checkpoint
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "eval.json"))
+
+    monkeypatch.setattr(Path, "write_text", no_space)
+    argv = ["eval", str(output), "--json", str(tmp_path / "eval.json"), "--num-samples", "1", "--steps", "2", "-q"]
+    code, _, err = run(argv, capsys)
+    assert assert_one_line_error(code, err, "eval").endswith("eval.json: No space left on device")
+
+
+def test_quantize_onto_an_output_another_process_is_writing_fails_before_calibrating(tmp_path, capsys, monkeypatch):
+    import dmquant.jobs as jobs  # the command imports quantize_model from there when it runs
+
+    output = tmp_path / "q"
+    calibrated = []
+    monkeypatch.setattr(jobs, "quantize_model", lambda *args, **kwargs: calibrated.append(args))
+    descriptor = os.open(tmp_path / ".q.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)  # as another dmquant process holds it
+    try:
+        code, _, err = run(["quantize", "tiny-unet", "-o", str(output), *CALIB, "-q"], capsys)
+    finally:
+        os.close(descriptor)
+    assert "another process is writing it" in assert_one_line_error(code, err, "quantize")
+    assert calibrated == [] and not output.exists()

@@ -533,3 +533,45 @@ def test_a_strategy_s_options_are_replaced_not_merged(tmp_path):
     )
     config = load_recipe(tmp_path / "child.yaml")
     assert config.calibration.strategy_options == {"mean": 0.5} and config.calibration.num_trajectories == 64
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"weight:\n  bits: 4\n  bits: 8\n", "bits: key given twice (line 2)"),
+        (b"weight: {bits: 4}\nweight: {bits: 8}\n", "weight: key given twice"),
+        (b"\xff\xfeweight: 1\n", "not UTF-8 text"),
+        (b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested too deeply"),
+        (b"weight:\n  p: .nan\n", "weight.p: expected a finite number, got nan"),
+        (b"reconstruction:\n  learning_rate: .inf\n", "reconstruction.learning_rate: expected a finite number"),
+        ("weight:\n  bits: int²\n".encode(), "weight.bits: unknown quantization format 'int²'"),
+        ("weight:\n  granularity: 'group:٣'\n".encode(), "weight.granularity: bad granularity"),
+        (b"? [1]\n: 2\n", "not valid YAML"),
+        (b"weight: [\n", "not valid YAML"),
+    ],
+    ids=lambda value: value[:12] if isinstance(value, bytes) else None,
+)
+def test_a_malformed_recipe_file_is_a_config_error_naming_the_key(tmp_path, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_recipe(path)
+
+
+def test_a_recipe_path_that_is_a_directory_is_a_config_error(tmp_path):
+    (tmp_path / "dir.yaml").mkdir()
+    with pytest.raises(ConfigError, match="not a recipe file"):
+        load_recipe(tmp_path / "dir.yaml")
+
+
+def test_a_duplicate_key_in_a_toml_recipe_is_a_config_error(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[weight]\nbits = 4\nbits = 8\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("name", ["/dev/null", "../mse", "./mse", "/"])
+def test_a_recipe_path_without_a_recipe_suffix_is_not_taken_for_a_name(name):
+    with pytest.raises(ConfigError, match=f"{re.escape(name)}: not a recipe file"):
+        load_recipe(name)

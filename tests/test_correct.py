@@ -53,6 +53,21 @@ def test_moments_recover_slope_bias_and_residual_spread(k):
     assert spread == pytest.approx(direct_spread, rel=1e-9)
 
 
+def test_residual_spread_is_taken_about_the_channel_biases_not_each_sample_mean():
+    """σ_res is the pooled spread left after the bias; PTQD's analysis script averages each sample's
+    standard deviation about its own mean, which also counts the spread of the channel biases."""
+    bias, sigma = [0.3, -0.3, 0.0], 0.1
+    eps_fp, eps_q = _synthetic(0.1, bias, sigma, shape=(128, 3, 16, 16))
+    moments = ErrorMoments()
+    moments.update(eps_fp, eps_q)
+    slope, spread, _ = moments.solve()
+    residual = (eps_q - eps_fp - slope * eps_fp).double()
+    reference = torch.stack([sample.std() for sample in residual]).mean().item()
+    assert spread == pytest.approx(sigma, rel=0.02)
+    # the biases' population variance, (0.09 + 0.09 + 0) / 3 = 0.06, joins σ² in the reference's
+    assert reference == pytest.approx(math.sqrt(sigma**2 + 0.06), rel=0.02)
+
+
 def test_no_recorded_estimates_is_an_error():
     with pytest.raises(CalibrationError, match="no noise estimates"):
         ErrorMoments().solve()
@@ -141,6 +156,29 @@ def test_corrected_step_matches_the_fp_step_in_mean_and_variance(name, eta):
     assert corrected.var().item() == pytest.approx(fp.var().item(), rel=0.01)
     uncorrected_var = (fp - fp.mean()).var().item() + (eps_coefficient(scheduler, int(t), eta) * residual) ** 2
     assert uncorrected_var > 1.05 * corrected.var().item()
+
+
+def test_variance_calibration_keeps_the_direction_term_of_the_asked_sampler():
+    """VSC scales only the injected noise: the DDIM step's direction term keeps σ_t (PTQD's code
+    puts σ'_t there too, which moves x_{t-1} itself)."""
+    scheduler, step_index, eta = _prepared("ddim"), 3, 1.0
+    t = scheduler.timesteps[step_index]
+    sigma, c = noise_std(scheduler, int(t), eta), eps_coefficient(scheduler, int(t), eta)
+    residual = 0.8 * sigma / abs(c)  # leaves σ' = sqrt(σ² − c² residual²) = 0.6 σ
+    hook = NoiseCorrection(_statistics(0.0, [0.0] * 3, residual, 20, scheduler.timesteps))
+    x = torch.full((1, 3, 1, 1), 0.4, dtype=torch.float64)
+    eps = torch.full_like(x, -0.7)
+    scale = hook.noise_scale(_context(scheduler, step_index, x, eta))
+    assert scale == pytest.approx(0.6, rel=1e-9)
+    stepped = scheduler.step(eps, t, x, eta=eta, variance_noise=torch.zeros_like(x)).prev_sample
+    # DDIM by hand, x_{t-1} = sqrt(ᾱ_prev) x̂_0 + sqrt(1 − ᾱ_prev − s²) ε, with s = σ and with s = σ'
+    alpha = float(scheduler.alphas_cumprod[int(t)])
+    alpha_prev = float(scheduler.alphas_cumprod[int(t) - 1000 // 20])
+    x0 = (0.4 + 0.7 * math.sqrt(1 - alpha)) / math.sqrt(alpha)
+    ours = math.sqrt(alpha_prev) * x0 - 0.7 * math.sqrt(1 - alpha_prev - sigma**2)
+    theirs = math.sqrt(alpha_prev) * x0 - 0.7 * math.sqrt(1 - alpha_prev - (scale * sigma) ** 2)
+    assert stepped.flatten().tolist() == pytest.approx([ours] * 3, rel=1e-6)  # the schedule is float32
+    assert abs(theirs - ours) > 0.05
 
 
 def _ddpm_mean(scheduler, t, x, eps):

@@ -134,6 +134,23 @@ def test_model_dir_with_scheduler_does_not_warn(unet_dir):
     assert not [w for w in caught if NO_SCHEDULER_MESSAGE in str(w.message)]
 
 
+@pytest.mark.parametrize(
+    ("class_name", "value", "message"),
+    [
+        ("DiffusionPipeline", None, "names 'DiffusionPipeline', not a scheduler"),
+        ("__version__", None, "not a scheduler"),
+        ("DDIMScheduler", {"beta_schedule": "nope"}, "cannot build the DDIMScheduler"),
+    ],
+)
+def test_a_scheduler_config_that_names_no_scheduler_is_refused(unet_dir, tmp_path, class_name, value, message):
+    model_dir = shutil.copytree(unet_dir, tmp_path / "unet")
+    path = model_dir / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text()) | {"_class_name": class_name} | (value or {})
+    path.write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=message):
+        load_model(model_dir)
+
+
 def test_model_info_file_overrides_inferred_conditioning(tmp_path):
     path = save_unet_dir(tmp_path / "override")
     write_info(path, {"conditioning": "class", "num_classes": 3, "null_class": 10, "guidance_scale": 2.5})

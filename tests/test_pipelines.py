@@ -4,18 +4,20 @@ methods applied inside ``pipe(...)``, and what would silently lose the quantizat
 from __future__ import annotations
 
 import copy
+import fcntl
 import inspect
 import json
+import os
 
 import pytest
 import torch
 from diffusers import DDIMScheduler
 
 import dmquant
-from dmquant import api, pipelines
+from dmquant import api, atomic, pipelines
 from dmquant.cli import main
 from dmquant.config import QuantConfig, load_recipe
-from dmquant.errors import CheckpointError, ConfigError, ModelError
+from dmquant.errors import ConfigError, ModelError, OutputError
 from dmquant.jobs import open_model
 from dmquant.models import from_pipeline, load_model
 from dmquant.sampling import sample
@@ -74,11 +76,58 @@ def test_saved_pipeline_loads_and_generates_the_same(quantized_sd, tmp_path):
     assert (target / "unet" / "config.json").exists() and (target / "model_index.json").exists()
     loaded = dmquant.load_pipeline(target)
     assert torch.equal(_latents(loaded), _latents(quantized_sd))
-    with pytest.raises(CheckpointError, match="exists"):
+    with pytest.raises(OutputError, match="exists"):
         dmquant.save_pipeline(quantized_sd, target)
     dmquant.save_pipeline(quantized_sd, target, overwrite=True)
     bf16 = dmquant.load_pipeline(target, torch_dtype=torch.bfloat16)
     assert bf16.unet.dtype == torch.bfloat16 and torch.isfinite(_latents(bf16).float()).all()
+
+
+def test_overwrite_replaces_what_save_pipeline_wrote_and_nothing_else(quantized_sd, tmp_path):
+    target = dmquant.save_pipeline(quantized_sd, tmp_path / "pipe")
+    recorded = json.loads((target / pipelines.PIPELINE_RECORD).read_text())
+    # what diffusers' save_pretrained wrote is recorded as written by dmquant, and the checkpoint too
+    written = sorted(path.relative_to(target).as_posix() for path in target.rglob("*") if path.is_file())
+    assert recorded["writing"] is None and sorted([*recorded["files"], pipelines.PIPELINE_RECORD]) == written
+    assert {"unet/dmquant.json", "unet/config.json", "scheduler/scheduler_config.json", "model_index.json"} <= set(
+        recorded["files"]
+    )
+    dmquant.save_pipeline(quantized_sd, target, overwrite=True)  # a second save replaces the first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # no staging directory or lock left
+
+    (target / "vae" / "notes.txt").write_text("mine")  # a file dmquant did not write, however deep
+    with pytest.raises(OutputError, match="dmquant did not write"):
+        dmquant.save_pipeline(quantized_sd, target, overwrite=True)
+    assert (target / "vae" / "notes.txt").read_text() == "mine"
+    (target / "vae" / "notes.txt").unlink()
+    (target / pipelines.PIPELINE_RECORD).unlink()  # without the record nothing in it is known as dmquant's
+    with pytest.raises(OutputError, match="dmquant did not write"):
+        dmquant.save_pipeline(quantized_sd, target, overwrite=True)
+    plain = tmp_path / "plain"
+    tiny_pipeline("sd").save_pretrained(plain)  # a pipeline directory dmquant did not write
+    with pytest.raises(OutputError, match="dmquant did not write"):
+        dmquant.save_pipeline(quantized_sd, plain, overwrite=True)
+
+
+def test_a_pipeline_save_killed_midway_is_cleaned_up_by_the_next_one(quantized_sd, tmp_path, monkeypatch):
+    target = tmp_path / "pipe"
+    save_pretrained = type(quantized_sd.vae).save_pretrained
+
+    def killed(self, directory, *args, **kwargs):
+        save_pretrained(self, directory, *args, **kwargs)
+        raise KeyboardInterrupt  # as if killed while diffusers wrote a component
+
+    monkeypatch.setattr(type(quantized_sd.vae), "save_pretrained", killed)
+    monkeypatch.setattr(atomic.shutil, "rmtree", lambda *args, **kwargs: None)  # a kill cleans nothing
+    with pytest.raises(KeyboardInterrupt):
+        dmquant.save_pipeline(quantized_sd, target)
+    monkeypatch.undo()
+    (staging,) = atomic.leftovers(target)  # the staging directory a kill leaves behind
+    assert json.loads((staging / pipelines.PIPELINE_RECORD).read_text())["writing"] == "vae"
+    assert any((staging / "vae").iterdir())
+    dmquant.save_pipeline(quantized_sd, target)  # recognised as dmquant's from its record, and removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+    assert torch.equal(_latents(dmquant.load_pipeline(target)), _latents(quantized_sd))
 
 
 def test_a_failed_save_leaves_nothing_behind(quantized_sd, tmp_path, monkeypatch):
@@ -161,6 +210,23 @@ def test_cli_quantizes_a_pipeline_on_prompts_from_a_file_and_the_result_moves_wi
     code, out, err = _cli(["eval", str(moved / "tiny-sd-w8a8"), "--num-samples", "1", "--steps", "2", "-q"], capsys)
     assert code == 0, err
     assert out.startswith(f"{moved / 'tiny-sd-w8a8'} vs FP {(moved / 'tiny-sd').resolve()}") and "verdict: " in out
+
+
+def test_cli_quantizing_a_pipeline_onto_an_output_another_process_is_writing_fails_before_calibrating(
+    tmp_path, capsys, monkeypatch
+):
+    source = tmp_path / "tiny-sd"
+    tiny_pipeline("sd").save_pretrained(source)
+    calibrated = []
+    monkeypatch.setattr(pipelines, "quantize_pipeline", lambda *args, **kwargs: calibrated.append(args))
+    descriptor = os.open(tmp_path / ".q.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)  # as another dmquant process holds it
+    try:
+        code, _, err = _cli(["quantize", str(source), "-o", str(tmp_path / "q"), "--prompt", "a red q", "-q"], capsys)
+    finally:
+        os.close(descriptor)
+    assert code == 2 and "another process is writing it" in err
+    assert calibrated == [] and not (tmp_path / "q").exists()
 
 
 def test_cli_refuses_calibration_inputs_a_model_does_not_take(tmp_path, capsys):

@@ -197,6 +197,15 @@ def test_soft_weight_assembles_split_parts_and_patches_forward():
     assert torch.equal(layer(x), layer._conv_forward(x, layer.quantized_weight(), layer.bias))
 
 
+def test_rounding_loss_of_a_split_conv_covers_both_halves():
+    layer = _split_conv()
+    rounding = AdaRoundWeights(layer)
+    with torch.no_grad():  # V = 0: h = σ(0)(ζ − γ) + γ = 0.5 · 1.2 − 0.1 = 1/2, one unit of loss per weight
+        for logits in rounding.logits.values():
+            logits.zero_()
+    assert rounding.regularizer(beta=2.0).item() == pytest.approx(6 * 3 * 9 + 6 * 5 * 9, rel=1e-5)  # both halves
+
+
 @pytest.mark.parametrize("kind", ["linear", "split_conv"])
 def test_harden_makes_the_ordinary_quantizer_reproduce_the_learned_codes(kind):
     if kind == "linear":

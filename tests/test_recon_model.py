@@ -14,6 +14,7 @@ from dmquant.errors import CalibrationError, ConfigError
 from dmquant.jobs import record_for
 from dmquant.models import load_model
 from dmquant.recon.model import plan_passes
+from dmquant.recon.state import remove_state
 
 SMALL = CalibrationConfig(num_inference_steps=4, num_trajectories=4, batch_size=4)
 FAST = ReconstructionConfig(enabled=True, num_samples=16, iterations=12, activation_iterations=6, batch_size=8)
@@ -150,6 +151,40 @@ def test_a_state_directory_of_another_run_is_refused(unet, calibration, tmp_path
     _quantize(unet, calibration, state_dir=tmp_path, activation_iterations=0)
     with pytest.raises(CalibrationError, match="another reconstruction"):
         _quantize(unet, calibration, state_dir=tmp_path, iterations=13, activation_iterations=0)
+
+
+def test_a_damaged_unit_is_refused_by_its_checksum_not_restored(unet, calibration, tmp_path):
+    _quantize(unet, calibration, state_dir=tmp_path, activation_iterations=0)
+    unit = sorted(tmp_path.glob("*.safetensors"))[0]
+    data = bytearray(unit.read_bytes())
+    data[-3] ^= 0x01  # one flipped bit in a tensor: still a readable safetensors file
+    unit.write_bytes(bytes(data))
+    with pytest.raises(CalibrationError, match="checksum mismatch"):
+        _quantize(unet, calibration, state_dir=tmp_path, activation_iterations=0)
+
+
+def test_a_directory_that_is_not_dmquant_progress_is_neither_used_nor_removed(unet, calibration, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(CalibrationError, match="not the reconstruction progress"):
+        _quantize(unet, calibration, state_dir=tmp_path, activation_iterations=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    with pytest.raises(CalibrationError, match="not the reconstruction progress"):
+        remove_state(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_removing_the_progress_removes_only_what_it_wrote(unet, calibration, tmp_path):
+    state = tmp_path / "state"
+    _quantize(unet, calibration, state_dir=state, activation_iterations=0)
+    written = sorted(p.name for p in state.iterdir())
+    assert "progress.json" in written and len(written) > 2
+    (state / "notes.txt").write_text("mine")
+    remove_state(state)
+    assert [p.name for p in state.iterdir()] == ["notes.txt"]
+    (state / "notes.txt").unlink()
+    _quantize(unet, calibration, state_dir=state, activation_iterations=0)
+    remove_state(state)
+    assert not state.exists()
 
 
 @pytest.mark.parametrize(

@@ -314,6 +314,20 @@ def test_zoo_train_glyphnet_exports_the_ema_in_fp16(tmp_path, capsys, small_plan
     assert written["test_accuracy"] == small_plans[0]
 
 
+def test_zoo_train_refuses_an_existing_export_directory_of_something_else(tmp_path, capsys, small_plans):
+    state, export = tmp_path / "state", tmp_path / "export"
+    export.mkdir()
+    (export / "notes.txt").write_text("mine")
+    argv = ["zoo", "train", "glyphnet", "--steps", "1", "--state", str(state), "--export", str(export), "-q"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert not state.exists()  # refused before any training
+    assert [p.name for p in export.iterdir()] == ["notes.txt"]
+    assert main([*argv, "--overwrite"]) == 0
+    assert (export / MODEL_CARD_FILE).exists()
+
+
 def test_zoo_train_ddpm_exports_a_loadable_model(tmp_path, capsys, small_plans):
     state, export = tmp_path / "state", tmp_path / "export"
     args = ["zoo", "train", "ddpm-glyphs32", "--state", str(state), "--export", str(export), "-q"]

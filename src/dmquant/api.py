@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,14 +18,15 @@ from torch import nn
 from . import __version__
 from .calib.record import CalibrationSet, record_forward_loop
 from .calibrate import calibrate_activations, calibrate_weights, name_quantizers
-from .checkpoint import MANIFEST_FILE, read_checkpoint, restore_weights, state_for_saving, write_checkpoint
+from .checkpoint import CONFIG_FILE, MANIFEST_FILE, read_checkpoint, restore_weights, state_for_saving, write_checkpoint
 from .config import CorrectionConfig, QuantConfig, load_recipe
 from .core.attach import QuantReport, attach_quantizers, find_shortcut_splits
-from .core.quantizer import STEPS_DRIVEN, quantizers, set_step
+from .core.quantizer import STEPS_DRIVEN, Quantizer, quantizers, set_step
 from .correct.statistics import NoiseStatistics, collect_noise_statistics
 from .correct.step import NoiseCorrection
 from .denoiser import Denoiser
-from .errors import CalibrationError, CheckpointError, ModelError
+from .errors import CalibrationError, CheckpointError, ConfigError, ModelError
+from .manifest import CODES_PER_BYTE
 from .precision.smoothquant import input_absmax, smooth, smoothed_layers
 from .recon.cache import calibration_runner
 from .recon.model import reconstruct_model
@@ -81,7 +83,13 @@ def quantize(
         config = load_recipe(config)
     refuse_unfused_adapters(model, "quantizing it")
     if not isinstance(calibration, CalibrationSet):
+        if not callable(calibration):
+            raise CalibrationError(
+                f"calibration: expected a CalibrationSet or a forward_loop(model), got {type(calibration).__name__}"
+            )
         calibration = record_forward_loop(model, calibration)
+    elif len(calibration) > 0:  # a recorded forward loop holds what the model itself was fed: it fits
+        calibration.check_fits(Denoiser(model))
     if len(calibration) == 0:
         raise CalibrationError("the calibration set is empty: record at least one sample")
     fp_model = copy.deepcopy(model).eval() if config.reconstruction.enabled else None
@@ -220,7 +228,7 @@ class StepSelector(StepHook):
     def begin_step(self, ctx: StepContext) -> None:
         if self.num_steps is not None and ctx.num_steps != self.num_steps:
             raise CalibrationError(
-                f"this model's activation bits follow a {self.num_steps}-step schedule; "
+                f"this model's activation parameters are made for {self.num_steps} steps; "
                 f"sample with {self.num_steps} steps, not {ctx.num_steps}"
             )
         set_step(self.model, ctx.step_index)
@@ -248,12 +256,15 @@ def required_steps(model: nn.Module) -> int | None:
 
 
 def _range_hooks(model: nn.Module) -> list[StepHook]:
-    """A :class:`StepSelector` for a model with per-step parts (checking the length of a bit schedule;
-    noise statistics check their own)."""
+    """A :class:`StepSelector` for a model with per-step parts, checking the trajectory length that a bit
+    schedule or per-step ranges were made for (noise statistics check their own)."""
     if required_steps(model) is None:
         return []
-    schedule = info(model).config.step_precision
-    return [StepSelector(model, schedule.num_inference_steps if schedule.enabled else None)]
+    quant = info(model)
+    schedule = quant.config.step_precision
+    if schedule.enabled:
+        return [StepSelector(model, schedule.num_inference_steps)]
+    return [StepSelector(model, quant.num_steps if quant.num_steps > 1 else None)]
 
 
 def sampling_hooks(model: nn.Module) -> list[StepHook]:
@@ -358,7 +369,7 @@ def save(model: nn.Module, directory: str | Path, *, overwrite: bool = False) ->
 
 
 #: The diffusers model config a checkpoint of a diffusers model carries beside its manifest.
-DIFFUSERS_CONFIG_FILE = "config.json"
+DIFFUSERS_CONFIG_FILE = CONFIG_FILE
 
 
 def _diffusers_config(base: dict[str, Any], quant: QuantizationInfo) -> dict[str, Any]:
@@ -395,29 +406,95 @@ def _found_source(manifest: dict[str, Any], directory: Path) -> str | None:
     return source
 
 
+def _architecture(config: Any) -> dict[str, Any]:
+    """A diffusers config without its bookkeeping keys (``_name_or_path``, ``_diffusers_version``, ...): where
+    and by which version a model was loaded says nothing about its architecture, and changes when it moves."""
+    return {key: value for key, value in _json_roundtrip(dict(config)).items() if not key.startswith("_")}
+
+
+def same_architecture(first: nn.Module, second: nn.Module) -> bool:
+    """Both modules are of one class and, for diffusers models, of one configuration."""
+    configs = [_architecture(getattr(module, "config", {})) for module in (first, second)]
+    return type(first) is type(second) and configs[0] == configs[1]
+
+
 def _build_base(manifest: dict[str, Any], model: nn.Module | None) -> nn.Module:
-    base = manifest.get("base") or {}
+    base = manifest["base"]
     if model is not None:
-        if type(model).__name__ != base.get("class"):
+        if type(model).__name__ != base["class"]:
             raise CheckpointError(
-                f"the checkpoint is for a {base.get('class')}, the given model is a {type(model).__name__}"
+                f"the checkpoint is for a {base['class']}, the given model is a {type(model).__name__}"
             )
-        given = _json_roundtrip(dict(model.config)) if base.get("config") is not None else None
-        if given is not None and given != base["config"]:
-            diff = sorted(k for k in set(base["config"]) | set(given) if given.get(k) != base["config"].get(k))
-            raise CheckpointError(
-                f"the checkpoint is for another {base.get('class')} configuration (differs in {diff})"
-            )
+        given = _architecture(getattr(model, "config", {})) if base["config"] is not None else None
+        expected = _architecture(base["config"]) if base["config"] is not None else None
+        if given is not None and given != expected:
+            diff = sorted(k for k in set(expected) | set(given) if given.get(k) != expected.get(k))
+            raise CheckpointError(f"the checkpoint is for another {base['class']} configuration (differs in {diff})")
         return copy.deepcopy(model)
-    if base.get("library") != "diffusers":
+    if base["library"] != "diffusers":
         raise CheckpointError(
-            f"the checkpoint's base model is a {base.get('class')}, not a diffusers model: "
+            f"the checkpoint's base model is a {base['class']}, not a diffusers model: "
             "pass an instance of it as load(directory, model=...)"
         )
-    model_class = getattr(diffusers, str(base.get("class")), None)
-    if model_class is None:
-        raise CheckpointError(f"the checkpoint's base class {base.get('class')!r} is not in this diffusers")
-    return model_class.from_config(base["config"])
+    model_class = getattr(diffusers, base["class"])
+    with _bounded_parameters(CODES_PER_BYTE * manifest["tensors_bytes"]), torch.device("meta"):
+        _from_config(model_class, base["config"])  # sizes checked on the meta device, nothing allocated
+    return _from_config(model_class, base["config"])
+
+
+def _from_config(model_class: type, config: dict[str, Any]) -> nn.Module:
+    try:
+        return model_class.from_config(dict(config))
+    except CheckpointError:
+        raise
+    except Exception as error:  # diffusers raises many types for a config it cannot build
+        raise CheckpointError(
+            f"dmquant.json: base.config: no {model_class.__name__} can be built from it ({error})"
+        ) from None
+
+
+@contextlib.contextmanager
+def _bounded_parameters(limit: int) -> Iterator[None]:
+    """Abort any module construction whose parameters and buffers exceed ``limit`` elements in total."""
+    total = 0
+
+    def count(module: nn.Module, name: str, tensor: torch.Tensor | None) -> None:
+        nonlocal total
+        total += 0 if tensor is None else tensor.numel()
+        if total > limit:
+            raise CheckpointError(
+                f"dmquant.json: base.config: the model it describes has more than {limit} parameters, "
+                "more than the tensor file holds"
+            )
+
+    hooks = [
+        torch.nn.modules.module.register_module_parameter_registration_hook(count),
+        torch.nn.modules.module.register_module_buffer_registration_hook(count),
+    ]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _plausible_parameters(quantizer: Quantizer) -> bool:
+    """One finite, positive scale set (and a zero point set of its shape) per parameter slot."""
+    scale, zero_point = quantizer.scale, quantizer.zero_point
+    return (
+        scale.shape == zero_point.shape
+        and scale.dim() >= 1
+        and scale.shape[0] == len(quantizer.slot_formats)
+        and bool(torch.isfinite(scale).all() and (scale > 0).all() and torch.isfinite(zero_point).all())
+    )
+
+
+def _check_splits(model: nn.Module, splits: dict[str, int]) -> None:
+    """Each split names a Conv2d of ``model`` and a channel strictly inside its input."""
+    convs = {name: module for name, module in model.named_modules() if isinstance(module, nn.Conv2d)}
+    for name, channel in splits.items():
+        if name not in convs or not 0 < channel < convs[name].in_channels:
+            raise CheckpointError(f"dmquant.json: splits.{name}: {channel} is no input channel of a Conv2d there")
 
 
 def load(directory: str | Path, *, model: nn.Module | None = None) -> nn.Module:
@@ -427,8 +504,12 @@ def load(directory: str | Path, *, model: nn.Module | None = None) -> nn.Module:
     passed as ``model`` (an instance of the same architecture; its weights are replaced).
     """
     tensors, manifest = read_checkpoint(directory)
-    config = QuantConfig.from_dict(manifest["recipe"])
+    try:
+        config = QuantConfig.from_dict(manifest["recipe"])
+    except ConfigError as error:
+        raise CheckpointError(f"dmquant.json: recipe.{error}") from None
     base = _build_base(manifest, model).eval()
+    _check_splits(base, manifest["splits"])
     attach_quantizers(base, config, splits=manifest["splits"], num_steps=manifest["num_steps"], warn=False)
     name_quantizers(base)
     layout = manifest["weight_codes"]
@@ -441,6 +522,10 @@ def load(directory: str | Path, *, model: nn.Module | None = None) -> nn.Module:
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     state = {k: v for k, v in tensors.items() if k not in layout}
+    expected_dtypes = {name: tensor.dtype for name, tensor in base.state_dict().items()}
+    retyped = sorted(name for name, tensor in state.items() if tensor.dtype != expected_dtypes[name])
+    if retyped:
+        raise CheckpointError(f"{directory}: {retyped[0]} is stored as {state[retyped[0]].dtype}, not as the model's")
     try:
         base.load_state_dict(state, strict=False)
     except RuntimeError as error:
@@ -449,16 +534,22 @@ def load(directory: str | Path, *, model: nn.Module | None = None) -> nn.Module:
     for quantizer in quantizers(base):
         # quantize() leaves every enabled quantizer calibrated; an empty scale marks one it disabled
         quantizer.enabled = quantizer.enabled and quantizer.calibrated
-    report = QuantReport.from_rows(manifest["report"], manifest.get("unmatched_rules", []))
+        if quantizer.calibrated and not _plausible_parameters(quantizer):
+            raise CheckpointError(f"{directory}: {quantizer.name}: malformed scales or zero points")
+    try:
+        report = QuantReport.from_rows(manifest["report"], manifest.get("unmatched_rules", []))
+    except TypeError as error:
+        raise CheckpointError(f"dmquant.json: report: malformed layer rows ({error})") from None
+    extra = manifest.get("extra", {})
+    if NOISE_STATISTICS in extra:
+        try:
+            NoiseStatistics.from_json(extra[NOISE_STATISTICS])
+        except CalibrationError as error:
+            raise CheckpointError(f"dmquant.json: extra.{NOISE_STATISTICS}: {error}") from None
     mark_quantized(
         base,
         QuantizationInfo(
-            config,
-            report,
-            manifest["splits"],
-            manifest["num_steps"],
-            _found_source(manifest, Path(directory)),
-            manifest.get("extra", {}),
+            config, report, manifest["splits"], manifest["num_steps"], _found_source(manifest, Path(directory)), extra
         ),
     )
     return base

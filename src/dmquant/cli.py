@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import sys
 import textwrap
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .atomic import check_output, check_writable, output_lock
 from .catalog import REFERENCE_MODELS, SCHEDULER_NAMES, TINY_MODELS, available_recipes
 from .errors import DmquantError
 
@@ -47,7 +47,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 
 def _bits(value: str) -> int | str:
-    return int(value) if value.isdigit() else value
+    return int(value) if value.isascii() and value.isdigit() else value
 
 
 def _positive_int(value: str) -> int:
@@ -93,6 +93,44 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+#: Seeds torch's generators take (batch i of a run uses seed + i).
+MAX_SEED = 2**63 - 1
+
+
+def _check_device(name: str) -> None:
+    """``name`` is a torch device this machine has (``cuda`` needs CUDA, ``cuda:3`` a fourth GPU)."""
+    if name == "cpu":  # the default: answered without importing torch
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as error:
+        raise DmquantError(f"--device {name}: not a torch device ({error})") from None
+    if device.type == "cpu":
+        return
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", lambda: False)()
+    count = getattr(backend, "device_count", lambda: 1)() if available else 0
+    if (device.index or 0) >= count:
+        raise DmquantError(f"--device {name}: no such device on this machine ({count} {device.type} device(s))")
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Values argparse's types let through but no command can use: each a one-line error."""
+    guidance = getattr(args, "guidance", None)
+    for value in guidance if isinstance(guidance, list) else [guidance]:
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise DmquantError(f"--guidance {value}: must be a finite number >= 0")
+    eta = getattr(args, "eta", 0.0)
+    if not (math.isfinite(eta) and eta >= 0):
+        raise DmquantError(f"--eta {eta}: must be a finite number >= 0 (0: deterministic DDIM)")
+    if not 0 <= getattr(args, "seed", 0) <= MAX_SEED:
+        raise DmquantError(f"--seed {args.seed}: must lie in [0, {MAX_SEED}]")
+    if hasattr(args, "device"):
+        _check_device(args.device)
+
+
 def _prepared(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel:
     """The model on ``--device``, with ``--scheduler`` applied where the command has it, an
     unset ``--steps`` set to what the (first) model opened needs, and a quantized denoiser
@@ -100,14 +138,36 @@ def _prepared(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel
     from .api import INFO_ATTRIBUTE, required_steps
     from .kernels.convert import REPORT_ATTRIBUTE, convert_model
 
+    required = required_steps(model.denoiser)
     if getattr(args, "steps", 0) is None:
-        args.steps = required_steps(model.denoiser) or DEFAULT_STEPS
-    if getattr(args, "real_kernels", False) and getattr(model.denoiser, INFO_ATTRIBUTE, None) is not None:
+        args.steps = required or DEFAULT_STEPS
+    elif hasattr(args, "steps") and required is not None and args.steps != required:
+        raise DmquantError(
+            f"--steps {args.steps}: this checkpoint's per-step parameters (ranges, bit schedule or noise "
+            f"statistics) were made for {required} steps; sample with --steps {required}"
+        )
+    converting = getattr(args, "real_kernels", False) and getattr(model.denoiser, INFO_ATTRIBUTE, None) is not None
+    if converting:
         model = model.with_denoiser(convert_model(model.denoiser, inplace=True))
         print(getattr(model.denoiser, REPORT_ATTRIBUTE).summary())
     model = model.to(args.device)
+    if converting:
+        _choose_kernel_paths(model, args)
     scheduler = getattr(args, "scheduler", None)
     return model.with_scheduler(scheduler) if scheduler else model
+
+
+def _choose_kernel_paths(converted: DiffusionModel, args: argparse.Namespace) -> None:
+    """On CUDA, unless ``--every-layer-on-kernels``: each converted layer's fastest path, measured on calls shaped
+    like this command's batches (``dmquant.kernels.paths``), with what was chosen printed."""
+    import torch
+
+    from .deployment import choose_kernel_paths
+
+    if torch.device(args.device).type != "cuda" or args.every_layer_on_kernels:
+        return
+    report = choose_kernel_paths(converted, args.batch_size, args.guidance, progress=not args.quiet)
+    print(report.summary())
 
 
 def _compiled(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel:
@@ -164,9 +224,23 @@ def _add_real_kernels_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--real-kernels",
         action="store_true",
-        help="run a checkpoint's Linear and Conv2d layers on real low-bit kernels (see `dmquant convert`)",
+        help="run a checkpoint's Linear and Conv2d layers on real low-bit kernels (see `dmquant convert`); with "
+        "--compile on CUDA, `sample` also times a denoiser call of the FP model and of the converted one and prints "
+        "the speed-up",
     )
+    _add_path_option(parser)
     _add_compile_option(parser)
+
+
+def _add_path_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--every-layer-on-kernels",
+        action="store_true",
+        help="keep every converted layer on its low-bit kernel; by default, on CUDA, each layer's paths (cuBLASLt, "
+        "Triton, bf16 with its dequantized weight) are timed on calls shaped like this command's batches and the "
+        "fastest kept, so that no layer runs slower than in bf16 (decisions cached per GPU and shape in "
+        "$DMQUANT_CACHE_DIR, default ~/.cache/dmquant)",
+    )
 
 
 def _add_compile_option(parser: argparse.ArgumentParser) -> None:
@@ -250,28 +324,55 @@ def _calibration_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def _reconstruction_state(config: QuantConfig, output: Path, args: argparse.Namespace) -> Path:
+    """Where a reconstruction keeps its progress (``--state-dir``, default OUTPUT.reconstruction): checked
+    writable now, since it is written along the way, and any progress found there announced as resumed."""
+    from .recon.state import read_progress
+
+    state_dir = Path(args.state_dir) if args.state_dir else output.with_name(output.name + ".reconstruction")
+    if config.reconstruction.enabled:
+        check_output(state_dir, overwrite=True, replaceable=lambda _: True, what="reconstruction progress")
+        progress = read_progress(state_dir)
+        if progress is not None:
+            print(f"resuming the reconstruction saved in {state_dir} ({len(progress['units'])} units done)")
+    return state_dir
+
+
+def _remove_reconstruction_state(config: QuantConfig, state_dir: Path, args: argparse.Namespace) -> None:
+    """The default progress directory goes once the result is saved; a ``--state-dir`` given is kept."""
+    from .recon.state import remove_state
+
+    if config.reconstruction.enabled and not args.state_dir:
+        remove_state(state_dir)
+
+
 def _quantize_pipeline(args: argparse.Namespace, config: QuantConfig, prompts: list[str]) -> int:
     """``dmquant quantize PIPELINE_DIR``: the pipeline with its denoiser quantized, as a pipeline directory."""
-    from .models import read_pipeline
-    from .pipelines import check_pipeline_target, quantize_pipeline, save_pipeline
+    from .pipelines import check_pipeline_target
 
     output = check_pipeline_target(args.output, overwrite=args.overwrite)
+    with output_lock(output):  # held until saved: a second run on OUT fails now, not after calibrating
+        return _quantize_and_save_pipeline(args, config, prompts, output)
+
+
+def _quantize_and_save_pipeline(args: argparse.Namespace, config: QuantConfig, prompts: list[str], output: Path) -> int:
+    from .models import read_pipeline
+    from .pipelines import quantize_pipeline, save_pipeline
+
     pipe = read_pipeline(Path(args.model)).to(args.device)
     print(f"quantizing the denoiser of pipeline {args.model} with recipe {config.name}")
+    state_dir = _reconstruction_state(config, output, args)
     started = time.perf_counter()
-    state_dir = Path(args.state_dir) if args.state_dir else output.with_name(output.name + ".reconstruction")
     quantize_pipeline(pipe, config, prompts=prompts, labels=args.labels, progress=not args.quiet, state_dir=state_dir)
     save_pipeline(pipe, output, overwrite=args.overwrite)
-    if config.reconstruction.enabled and not args.state_dir:
-        shutil.rmtree(state_dir, ignore_errors=True)
+    _remove_reconstruction_state(config, state_dir, args)
     print(f"quantized in {time.perf_counter() - started:.1f} s; pipeline saved to {output} (dmquant.load_pipeline)")
     return 0
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .api import info, save
     from .checkpoint import check_target
-    from .jobs import open_model, quantize_model
+    from .jobs import open_model
 
     config = _recipe(args)
     prompts = _calibration_prompts(args)
@@ -279,13 +380,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         return _quantize_pipeline(args, config, prompts)
     model = _prepared(open_model(args.model), args).with_defaults(prompts=prompts, labels=args.labels)
     output = check_target(args.output, overwrite=args.overwrite)
+    with output_lock(output):  # held until saved: a second run on OUT fails now, not after calibrating
+        return _quantize_and_save(model, config, output, args)
+
+
+def _quantize_and_save(model: DiffusionModel, config: QuantConfig, output: Path, args: argparse.Namespace) -> int:
+    """Calibrate, quantize (resuming a reconstruction from its saved progress) and save to ``output``."""
+    from .api import info, save
+    from .jobs import quantize_model
+
     print(
         f"quantizing {model.name} with recipe {config.name}: weights {config.weight.describe()}, "
         f"activations {config.activation.describe()}"
     )
-    state_dir = Path(args.state_dir) if args.state_dir else output.with_name(output.name + ".reconstruction")
-    if config.reconstruction.enabled and state_dir.exists():
-        print(f"resuming the reconstruction saved in {state_dir}")
+    state_dir = _reconstruction_state(config, output, args)
     started = time.perf_counter()
     try:
         quantized = quantize_model(model, config, progress=not args.quiet, state_dir=state_dir)
@@ -294,8 +402,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             print(f"the finished blocks are kept in {state_dir}: rerun the same command to resume", file=sys.stderr)
         raise
     save(quantized.denoiser, output, overwrite=args.overwrite)
-    if config.reconstruction.enabled and not args.state_dir:
-        shutil.rmtree(state_dir, ignore_errors=True)
+    _remove_reconstruction_state(config, state_dir, args)
     report = info(quantized.denoiser).report
     print(f"{report.num_quantized} layers quantized in {time.perf_counter() - started:.1f} s; saved to {output}")
     return 0
@@ -304,10 +411,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     if Path(args.output).suffix.lower() != ".png":
         raise DmquantError(f"--output {args.output}: the grid is written as PNG; give a name ending in .png")
+    check_writable(Path(args.output).parent)
+    import torch
+
+    from .api import info
     from .jobs import generate, open_model
     from .report import save_image_grid, save_samples_npz
 
     model = _compiled(_prepared(open_model(args.model, base=args.base), args), args)
+    if args.real_kernels and args.compile and torch.device(args.device).type == "cuda":
+        from .deployment import speedup_line
+
+        fp = _compiled(_prepared(open_model(args.base or info(model.denoiser).source), args), args)
+        print(speedup_line(fp, model, args.batch_size, args.guidance))
+        del fp
     images, conditioning = generate(
         model, args.num_samples, labels=args.labels, prompts=args.prompt, **_sampling_kwargs(args)
     )
@@ -362,6 +479,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise DmquantError(
             f"{args.model}: not a dmquant checkpoint directory (no {MANIFEST_FILE}); make one with `dmquant quantize`"
         )
+    if args.json:
+        check_writable(Path(args.json).parent)
     quantized = _prepared(open_model(args.model, base=args.base), args)
     source = args.base or info(quantized.denoiser).source
     quantized, fp = (_compiled(model, args) for model in (quantized, _prepared(open_model(source), args)))
@@ -419,6 +538,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .precision.sqnr import analyze_sensitivity
     from .report import markdown_table, sensitivity_bars, sensitivity_heatmap
 
+    check_writable(Path(args.output))
     if quantized_checkpoint(Path(args.model)) is not None:
         quantized = _prepared(open_model(args.model, base=args.base), args)
         fp = _prepared(open_model(args.base or info(quantized.denoiser).source), args)
@@ -472,6 +592,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         report = quant.report
     else:
         config = _recipe(args)
+        schedule = config.step_precision
+        if schedule.enabled and schedule.switch_step is None:
+            print(
+                f"note: recipe {config.name} switches the activations to {schedule.late_bits} bits at a step chosen "
+                "while quantizing (from the measured SQNR); shown: the bits before the switch\n"
+            )
+            config.step_precision = dataclasses.replace(schedule, enabled=False)
         denoiser = Denoiser(model.denoiser)
         conditioning = model.make_conditioning(1, guidance_scale=1.0)
         x = torch.zeros(1, denoiser.in_channels, denoiser.sample_size, denoiser.sample_size, device=denoiser.device)
@@ -506,9 +633,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     simulated = _prepared(open_model(args.model, base=args.base), args)
     converted = simulated.with_denoiser(
         convert_model(
-            simulated.denoiser, dynamic_fp8=args.dynamic_fp8, fp8_fast_accumulation=args.fp8_fast_accumulation
+            simulated.denoiser, dynamic_fp8=args.dynamic_fp8, fp8_fast_accumulation=not args.fp8_exact_accumulation
         )
     )
+    _choose_kernel_paths(converted, args)
     converted = _compiled(converted, args)
     report = getattr(converted.denoiser, REPORT_ATTRIBUTE)
     print(f"{args.model}: {report.summary()}\n")
@@ -530,8 +658,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoOptions, demo_table, run_demo
 
     output = Path(args.output or time.strftime("runs/%Y%m%d-%H%M%S"))
-    if output.exists() and any(output.iterdir()) and not (output / "report.md").exists():
-        raise DmquantError(f"{output} is a non-empty directory without a demo report; not writing into it")
     options = DemoOptions(
         num_samples=args.num_samples,
         num_inference_steps=args.steps,
@@ -550,6 +676,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         options=options,
         device=args.device,
         recipe_name=args.recipe,
+        overwrite=args.overwrite,
     )
     print("\n" + demo_table(result))
     if result.floors:
@@ -601,6 +728,7 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
         max_minutes=args.max_minutes,
         steps=args.steps,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
     status = "finished" if result.finished else "stopped on the time limit (run again to resume)"
     print(f"{args.name}: {status} at step {result.step} after {result.elapsed_s / 60:.1f} min; state in {state}/")
@@ -745,12 +873,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Linear layers with fp8 activations take per-token scales from each input, not the calibrated one",
     )
     p.add_argument(
-        "--fp8-fast-accumulation",
+        "--fp8-exact-accumulation",
         action="store_true",
-        help="fp8 GEMMs on cuBLASLt (Linear, 1x1 conv) accumulate in the tensor cores' reduced precision, as "
-        "torchao's fp8 does: other kernels (on an H200 within 3%% of the default's time at UNet/DiT shapes), "
-        "further from the simulated model (bench/fidelity.py measures it)",
+        help="fp8 GEMMs on cuBLASLt (Linear, 1x1 conv) promote their partial sums to fp32, as the simulated model "
+        "assumes, instead of accumulating in the tensor cores' reduced precision as torchao and TensorRT do (the "
+        "default: faster kernels, within the fidelity floor on the zoo models; bench/fidelity.py measures both)",
     )
+    _add_path_option(p)
     _add_compile_option(p)
     _add_sampling_options(p, num_samples=0)
 
@@ -799,6 +928,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="ddpm-glyphs32", help="model to run on (default: %(default)s)")
     p.add_argument("--recipe", default="mse", help="recipe (default: %(default)s)")
     p.add_argument("-o", "--output", help="new directory for the report (default: runs/<date>-<time>)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it holds an earlier demo report")
     p.add_argument("--num-samples", type=_positive_int, default=256, help="samples per setting (default: %(default)s)")
     p.add_argument("--steps", type=_positive_int, default=20, help="sampling steps (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="samples per batch (default: %(default)s)")
@@ -834,6 +964,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="zoo model (see `dmquant zoo list`)")
     p.add_argument("--state", help="training state directory (default: runs/zoo/NAME)")
     p.add_argument("--export", help="where the trained model goes (default: the package's zoo/weights/NAME)")
+    p.add_argument("--overwrite", action="store_true", help="replace --export if it holds something else")
     p.add_argument("--max-minutes", type=float, help="stop after this many minutes (state is saved; rerun resumes)")
     p.add_argument("--steps", type=_positive_int, help="total steps instead of the plan's")
     p = _command(
@@ -890,9 +1021,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _log_to_stderr(getattr(args, "quiet", False))
     try:
+        _check_arguments(args)
         return args.run(args)
     except DmquantError as error:
         print(f"dmquant {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the machine refused a read or write (no space, no such place, no permission)
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"dmquant {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dmquant {args.command}: interrupted", file=sys.stderr)

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import fnmatch
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -210,9 +211,12 @@ class ReconstructionConfig:
       quantized, learning rounding and step sizes together;
     - ``fixed``: one pass with activations quantized at their calibrated ranges, rounding only.
 
-    ``drop_probability`` is QDrop's: during reconstruction each quantized activation element is
-    replaced by its full-precision value with this probability, and so is each element of the
-    block's input (QDrop's ``prob = input_prob = 0.5`` keep the quantized value half the time).
+    ``drop_probability`` is QDrop's ``p``: during reconstruction each quantized activation element
+    is replaced by its full-precision value (its quantization dropped) with this probability, and
+    so is each element of the block's input. QDrop's and PTQ4DM's code count the other way (their
+    ``drop_prob`` / ``prob`` / ``input_prob`` is the probability of keeping the quantized value),
+    so their ``v`` is ``1 − v`` here; their released 0.5 is 0.5 either way
+    (:mod:`dmquant.recon.qdrop`).
     ``inner_loss_weight`` is EDA-DM's FBR γ (0.8 in its experiments; 0: BRECQ's block loss only):
     the loss of each block's inner quantized layers' outputs, weighted by it, joins the block loss.
     ``num_samples`` calibration rows (drawn at random with ``seed`` when the set is larger) are
@@ -501,6 +505,8 @@ def _convert(hint: Any, value: Any, path: str, default: Any = None) -> Any:
         raise ConfigError(f"{path}: expected {_type_names(allowed)}, got a boolean")
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}: expected a finite number, got {value}")
     if not isinstance(value, tuple(t for t in allowed if isinstance(t, type))):
         raise ConfigError(f"{path}: expected {_type_names(allowed)}, got {value!r}")
     return value
@@ -511,7 +517,10 @@ def _type_names(types_: tuple) -> str:
 
 
 def _recipe_path(name_or_path: str | Path) -> Path:
+    """The file of a shipped recipe's name (no suffix, no directory), or a recipe file's path."""
     path = Path(name_or_path)
+    if not path.suffix and path.name != str(name_or_path):
+        raise ConfigError(f"{name_or_path}: not a recipe file (a recipe file's name ends in .yaml or .toml)")
     if not path.suffix:
         candidates = [RECIPES_DIR / f"{name_or_path}.yaml", RECIPES_DIR / f"{name_or_path}.toml"]
         found = [c for c in candidates if c.exists()]
@@ -522,6 +531,8 @@ def _recipe_path(name_or_path: str | Path) -> Path:
         path = found[0]
     if not path.exists():
         raise ConfigError(f"recipe file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a recipe file (a directory or device)")
     return path
 
 
@@ -539,16 +550,47 @@ def _merged(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, A
     return merged
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that names a key twice (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        keys = [self.construct_object(key, deep=True) for key, _ in node.value]
+        for index, key in enumerate(keys):
+            if key in keys[:index]:
+                raise ConfigError(f"{key}: key given twice (line {node.start_mark.line + 1})")
+        return super().construct_mapping(node, deep)
+
+
+#: Recipes are small; a larger file is not one.
+MAX_RECIPE_BYTES = 1 << 20
+
+
+def _parse(path: Path) -> Any:
+    """The YAML or TOML document of a recipe file; any fault of the file is a ConfigError."""
+    kind = "TOML" if path.suffix == ".toml" else "YAML"
+    try:
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size} bytes, more than a recipe can be ({MAX_RECIPE_BYTES})")
+        text = path.read_bytes().decode("utf-8")
+        return tomllib.loads(text) if kind == "TOML" else yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506
+    except ConfigError as error:
+        raise ConfigError(f"{path.name}: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, TypeError) as error:
+        raise ConfigError(f"{path}: not valid {kind}: {' '.join(str(error).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a recipe") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: unreadable ({error.strerror})") from None
+
+
 def _recipe_data(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A recipe file's mapping, with the recipe named by its ``base`` key (if any) underneath."""
     if path.resolve() in seen:
         chain = " -> ".join(p.name for p in (*seen, path.resolve()))
         raise ConfigError(f"recipes inherit from each other in a circle: {chain}")
-    text = path.read_text()
-    try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as error:
-        raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {error}") from None
+    data = _parse(path)
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{path.name}: expected a mapping at the top level, got {type(data).__name__}")

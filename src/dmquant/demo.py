@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .api import save
-from .atomic import write_atomically
+from .atomic import directory_written_atomically, write_atomically
 from .config import QuantConfig
 from .jobs import compare, generate, open_model, quantize_model
 from .models import REFERENCE_MODELS, DiffusionModel
@@ -47,6 +47,8 @@ COLUMNS = (
 #: Samples per grid picture and per row of the comparison picture.
 GRID_SAMPLES = 64
 COMPARISON_SAMPLES = 16
+#: The demo's record: options, rows, environment, and the files it wrote (so a rerun knows what it may replace).
+RESULTS_FILE = "results.json"
 
 
 @dataclass
@@ -111,10 +113,39 @@ def run_demo(
     options: DemoOptions | None = None,
     device: str = "cpu",
     recipe_name: str = "",
+    overwrite: bool = False,
 ) -> DemoResult:
-    """Run the demo on model ``source``; ``recipe(w_bits, a_bits)`` gives each setting's config."""
-    options = options or DemoOptions()
-    output = Path(output)
+    """Run the demo on model ``source``; ``recipe(w_bits, a_bits)`` gives each setting's config.
+
+    The report is written beside ``output`` and swapped in whole at the end; an existing
+    ``output`` is refused unless ``overwrite`` and it holds only what an earlier demo wrote.
+    """
+    target = Path(output)
+    with directory_written_atomically(
+        target, overwrite=overwrite, ours=_is_demo_output, complete=_is_demo_output, what="a demo report"
+    ) as staging:
+        result = _run(source, recipe, staging, options or DemoOptions(), device, recipe_name)
+    result.output, result.report = target, target / result.report.name
+    return result
+
+
+def _is_demo_output(directory: Path) -> bool:
+    """Every entry of ``directory`` is one its ``results.json`` lists as written by the demo."""
+    try:
+        written = json.loads((directory / RESULTS_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(written, list) and all(path.name in written for path in directory.iterdir())
+
+
+def _run(
+    source: str,
+    recipe: Callable[[int | str, int | str], QuantConfig],
+    output: Path,
+    options: DemoOptions,
+    device: str,
+    recipe_name: str,
+) -> DemoResult:
     started = time.perf_counter()
     fp = open_model(source).to(device)
     sampling = {
@@ -153,7 +184,7 @@ def run_demo(
         quantized, quantize_seconds = _timed(
             lambda w=w_bits, a=a_bits: quantize_model(fp, recipe(w, a), progress=options.progress)
         )
-        checkpoint = save(quantized.denoiser, output / label.lower(), overwrite=True)
+        checkpoint = save(quantized.denoiser, output / label.lower())
         reloaded = open_model(str(checkpoint)).to(device)
         results = compare(fp, reloaded, num_samples=options.num_samples, fp_samples=fp_samples, label=label, **sampling)
         images[label] = results["images"]["quantized"]
@@ -223,7 +254,8 @@ def _write_report(
         "total_seconds": result.total_seconds,
         **environment(),
     }
-    write_atomically(output / "results.json", lambda f: f.write(json.dumps(record, indent=2).encode()))
+    record["files"] = sorted([*(path.name for path in output.iterdir()), RESULTS_FILE])
+    write_atomically(output / RESULTS_FILE, lambda f: f.write(json.dumps(record, indent=2).encode()))
 
 
 def demo_table(result: DemoResult) -> str:

@@ -19,3 +19,7 @@ class CheckpointError(DmquantError, RuntimeError):
 
 class ModelError(DmquantError, ValueError):
     """A model cannot be loaded or has nothing dmquant can quantize."""
+
+
+class OutputError(DmquantError, OSError):
+    """An output path cannot be written: it exists, lies below a file, is not writable or is being written."""

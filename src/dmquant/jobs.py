@@ -11,13 +11,13 @@ from typing import Any
 
 import torch
 
-from .api import info, load, measure_noise, quantize, sampling_hooks
+from .api import info, load, measure_noise, quantize, same_architecture, sampling_hooks
 from .calib.record import CalibrationSet, record_calibration
 from .calib.strategies import get_strategy
 from .checkpoint import MANIFEST_FILE
 from .config import CalibrationConfig, QuantConfig
 from .denoiser import Denoiser
-from .errors import ModelError
+from .errors import CheckpointError, ModelError
 from .eval.cost import model_size
 from .eval.images import psnr, ssim, to_unit_range
 from .eval.noise import noise_estimate_error
@@ -311,4 +311,13 @@ def open_model(source: str, *, base: str | None = None) -> DiffusionModel:
         return from_pipeline(load_pipeline(source), Path(source).name)
     if origin is None:
         raise ModelError(f"{source}: the checkpoint does not record its source model; pass the FP model with --base")
-    return load_model(origin).with_denoiser(denoiser)
+    try:
+        fp = load_model(origin)
+    except ModelError as error:
+        if base is not None:
+            raise
+        raise CheckpointError(f"{source}: its source {origin!r} is no model here ({error}); pass --base") from None
+    if not same_architecture(fp.denoiser, denoiser):
+        named = f"--base {origin}" if base is not None else f"its recorded source {origin!r}"
+        raise CheckpointError(f"{source}: {named} is another model than the one the checkpoint was made from")
+    return fp.with_denoiser(denoiser)

@@ -30,6 +30,26 @@ from .zoo import WEIGHTS_DIR, tiny
 SCHEDULERS = dict(zip(SCHEDULER_NAMES, (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler), strict=True))
 #: Denoiser classes dmquant loads from a model directory.
 DENOISER_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
+#: Where diffusers defines its denoisers: the classes a pipeline's ``unet`` or ``transformer`` may be.
+_DENOISER_MODULES = ("diffusers.models.unets.", "diffusers.models.transformers.")
+
+
+def is_denoiser_class(name: str) -> bool:
+    """``name`` names a denoiser a quantized checkpoint may be built on: one of :data:`DENOISER_CLASSES`, or
+    (for :func:`dmquant.quantize_pipeline`'s SD3, FLUX, ... pipelines) another diffusers UNet or transformer
+    model class. Nothing else of diffusers (autoencoders, pipelines, the module's own attributes) is."""
+    if name in DENOISER_CLASSES:
+        return True
+    if not name.isidentifier() or name.startswith("_"):
+        return False
+    model_class = getattr(diffusers, name, None)
+    return (
+        isinstance(model_class, type)
+        and issubclass(model_class, diffusers.ModelMixin)
+        and model_class.__module__.startswith(_DENOISER_MODULES)
+    )
+
+
 #: Prompts used for calibration and sampling of text-to-image pipelines when none are given.
 GENERIC_PROMPTS = (
     "a photograph of a red car on a street",
@@ -108,12 +128,16 @@ class DiffusionModel:
         (``default_labels`` or every class; ``default_prompts``)."""
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         if self.conditioning == "class":
+            if prompts:
+                raise ModelError(f"{self.name} is class-conditional: it takes class labels, not prompts")
             chosen = list(labels or self.default_labels or range(self.num_classes))
             if any(not 0 <= label < self.num_classes for label in chosen):
                 raise ModelError(f"class labels must lie in [0, {self.num_classes}), got {chosen}")
             batch = torch.tensor([chosen[i % len(chosen)] for i in range(batch_size)])
             return Conditioning.classes(batch, null_label=self.null_class, guidance_scale=scale)
         if self.conditioning == "text":
+            if labels:
+                raise ModelError(f"{self.name} is text-conditional: it takes prompts, not class labels")
             chosen = list(prompts) if prompts else self.default_prompts
             if not chosen:
                 raise ModelError(f"{self.name}: give prompts, or default_prompts in {MODEL_INFO_FILE}")
@@ -306,7 +330,13 @@ def _from_model_dir(path: Path) -> DiffusionModel:
     else:
         config = _read_json(scheduler_dir / "scheduler_config.json")
         scheduler_class = getattr(diffusers, str(config.get("_class_name")), DDIMScheduler)
-        scheduler = scheduler_class.from_config(config)
+        if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, diffusers.SchedulerMixin)):
+            name = config.get("_class_name")
+            raise ModelError(f"{scheduler_dir}: scheduler_config.json names {name!r}, not a scheduler")
+        try:
+            scheduler = scheduler_class.from_config(config)
+        except Exception as error:  # diffusers raises many types for a config it cannot build
+            raise ModelError(f"{scheduler_dir}: cannot build the {scheduler_class.__name__} ({error})") from None
     return _conditioning_from_config(DiffusionModel(path.name, denoiser, scheduler))
 
 

@@ -30,7 +30,14 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from torch import nn
 
 from .api import info, load, quantize, sampling_hooks, save
-from .atomic import staged_directory
+from .atomic import (
+    check_output,
+    directory_written_atomically,
+    only_recorded_files,
+    record_files,
+    recorded_complete,
+    recover_when_free,
+)
 from .calib.record import record_forward_loop
 from .calib.strategies import get_strategy
 from .checkpoint import MANIFEST_FILE
@@ -242,35 +249,57 @@ def _source(pipe: diffusers.DiffusionPipeline) -> str | None:
     return where or None
 
 
+#: The record of every file :func:`save_pipeline` wrote into a pipeline directory (its own checkpoint and
+#: what the components' ``save_pretrained`` wrote): ``--overwrite`` replaces a directory holding nothing else.
+PIPELINE_RECORD = "dmquant_files.json"
+PIPELINE = "a pipeline directory written by dmquant"
+
+
+def _is_ours(directory: Path) -> bool:
+    """Every file below ``directory`` is one :func:`save_pipeline` recorded as written there."""
+    return only_recorded_files(directory, PIPELINE_RECORD)
+
+
+def _is_complete(directory: Path) -> bool:
+    return recorded_complete(directory, PIPELINE_RECORD) and (directory / "model_index.json").is_file()
+
+
 def check_pipeline_target(directory: str | Path, *, overwrite: bool) -> Path:
-    """Refuse an output path that exists, unless ``overwrite`` and it is empty or a pipeline directory."""
-    target = Path(directory)
-    if target.exists():
-        if not overwrite:
-            raise CheckpointError(f"{target} exists; choose another directory or pass overwrite=True (--overwrite)")
-        if not target.is_dir() or (any(target.iterdir()) and not (target / "model_index.json").exists()):
-            raise CheckpointError(f"{target} is neither empty nor a pipeline directory; not overwriting it")
-    return target
+    """``directory`` if a pipeline can be saved there: see :func:`~dmquant.atomic.check_output`.
+
+    With ``overwrite`` an existing directory is replaced only if it is empty or holds nothing but the files
+    an earlier :func:`save_pipeline` recorded as written there; anything else might be the user's.
+    """
+    return check_output(Path(directory), overwrite=overwrite, replaceable=_is_ours, what=PIPELINE)
 
 
 def save_pipeline(pipe: diffusers.DiffusionPipeline, directory: str | Path, *, overwrite: bool = False) -> Path:
-    """Write ``pipe`` with its quantized denoiser to ``directory`` (atomically); :func:`load_pipeline` reads it.
+    """Write ``pipe`` with its quantized denoiser to ``directory``; :func:`load_pipeline` reads it.
 
     The denoiser is written by :func:`dmquant.save` into its component folder, every other component by its
-    own ``save_pretrained``, and ``model_index.json`` by the pipeline. An existing ``directory`` is refused
-    unless ``overwrite``, which replaces only an empty directory or an earlier pipeline directory.
+    own ``save_pretrained``, and ``model_index.json`` by the pipeline; ``dmquant_files.json`` records every
+    file written. The directory is written as a checkpoint is (:func:`dmquant.atomic.directory_written_atomically`:
+    staged beside it, swapped in whole, under its lock, leftovers of an interrupted save recovered). An
+    existing ``directory`` is refused unless ``overwrite``, which replaces only an empty directory or one
+    holding nothing but what an earlier ``save_pipeline`` recorded.
     """
     name = denoiser_component(pipe)
     denoiser = getattr(pipe, name)
     info(denoiser)  # a quantized denoiser, or a clear error
-    target = check_pipeline_target(directory, overwrite=overwrite)
-    with staged_directory(target) as staging:
+    target = Path(directory)
+    with directory_written_atomically(
+        target, overwrite=overwrite, ours=_is_ours, complete=_is_complete, what=PIPELINE
+    ) as staging:
         for component_name, component in pipe.components.items():
+            # recorded before each component is written, so that a kill mid-save leaves a staging
+            # directory that the next save recognises as dmquant's and removes
+            record_files(staging, PIPELINE_RECORD, writing=component_name)
             if component is denoiser:
                 save(denoiser, staging / component_name)
             elif hasattr(component, "save_pretrained"):
                 plain_scheduler(component).save_pretrained(staging / component_name)
         pipe.save_config(staging)
+        record_files(staging, PIPELINE_RECORD)
     return target
 
 
@@ -283,6 +312,7 @@ def load_pipeline(
     parameters stay float32); other keywords go to ``DiffusionPipeline.from_pretrained`` (local files only).
     """
     directory = Path(directory)
+    recover_when_free(directory, ours=_is_ours, complete=_is_complete)
     name = next((n for n in DENOISER_COMPONENTS if (directory / n / MANIFEST_FILE).exists()), None)
     if not (directory / "model_index.json").exists() or name is None:
         raise CheckpointError(

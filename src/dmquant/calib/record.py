@@ -28,6 +28,13 @@ from dmquant.denoiser import Denoiser, flatten_conditioning
 from dmquant.errors import CalibrationError, ConfigError
 from dmquant.sampling import Conditioning, StepContext, StepHook, prepare_scheduler, sample
 
+
+def _described(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
 #: ``metadata["format"]`` of a saved calibration set.
 CALIBRATION_FORMAT = "dmquant.calibration/1"
 _COND_PREFIX = "cond."
@@ -55,9 +62,40 @@ class CalibrationSet:
     num_inference_steps: int
 
     def __post_init__(self) -> None:
+        if not isinstance(self.cond, Mapping):
+            raise CalibrationError(f"cond: expected a mapping of tensors, got {type(self.cond).__name__}")
+        for name, tensor in self.named_tensors().items():
+            if not isinstance(tensor, Tensor) or tensor.dim() < 1:
+                raise CalibrationError(f"{name}: expected a tensor with a row per sample, got {_described(tensor)}")
+        checks = {
+            "samples": (self.samples.dim() == 4 and self.samples.is_floating_point(), "a float (N, C, H, W) tensor"),
+            "timesteps": (self.timesteps.dim() == 1 and not self.timesteps.is_complex(), "a real (N,) tensor"),
+            "step_indices": (
+                self.step_indices.dim() == 1 and not self.step_indices.is_floating_point(),
+                "an integer (N,) tensor",
+            ),
+        }
+        for name, (ok, expected) in checks.items():
+            if not ok:
+                raise CalibrationError(f"{name}: expected {expected}, got {_described(getattr(self, name))}")
         lengths = {name: len(tensor) for name, tensor in self.named_tensors().items()}
         if len(set(lengths.values())) > 1:
             raise CalibrationError(f"calibration tensors disagree on the number of rows: {lengths}")
+        if isinstance(self.num_inference_steps, bool) or not isinstance(self.num_inference_steps, int):
+            raise CalibrationError(f"num_inference_steps: expected an integer, got {self.num_inference_steps!r}")
+        if (
+            len(self)
+            and not 0 <= int(self.step_indices.min()) <= int(self.step_indices.max()) < self.num_inference_steps
+        ):
+            raise CalibrationError(f"step_indices: must lie in [0, {self.num_inference_steps}) (num_inference_steps)")
+
+    def check_fits(self, denoiser: Denoiser) -> None:
+        """The samples have the channels (and square size, where the model states one) ``denoiser`` takes."""
+        channels, size = denoiser.in_channels, denoiser.sample_size
+        if channels is not None and self.samples.shape[1] != channels:
+            raise CalibrationError(f"samples: {self.samples.shape[1]} channels, the model takes {channels}")
+        if isinstance(size, int) and tuple(self.samples.shape[2:]) != (size, size):
+            raise CalibrationError(f"samples: {tuple(self.samples.shape[2:])} pixels, the model takes {size}x{size}")
 
     def named_tensors(self) -> dict[str, Tensor]:
         """Every tensor of the set by its file key (conditioning keys prefixed with ``cond.``)."""

@@ -2,19 +2,33 @@
 the density and diversity of the model's own features along the trajectory.
 
 EDA-DM (Liu et al. 2024, "Enhanced Distribution Alignment for Post-Training Quantization of
-Diffusion Models", Sec. 4.1) looks at one feature map ``F_t`` per sampling step along FP
-trajectories and gives a step more calibration samples the more steps it is typical of
-(*density*) and the more it differs from the others (*diversity*)::
+Diffusion Models", Sec. 4.1) looks at one feature map ``F_t`` per sampling step along
+FP trajectories and gives a step more calibration samples the more steps it is typical of
+(*density*) and the more it differs from the others (*diversity*). ``F_t`` is the input of a
+chosen layer (default: the attention of the UNet's middle block, or the middle transformer block
+of a DiT) for a batch of probe trajectories, ``(B, C, H, W)`` for a feature map or ``(B, N, C)``
+for tokens, and the scores are computed as the reference code (BienLuky/EDA-DM,
+``scripts/calibration.py``) computes them::
 
-    D_t = #{s ≠ t : mean((F_t − F_s)²) < r}                (steps within mean-squared distance r)
-    V_t = Σ_{s ≠ t} (1 − cos(c_t, c_s))                   (c_t: the channel vector of F_t)
-    w_t = D̂_t + λ · V̂_t                                   (^: min-max normalised over the steps)
+    D_t = #{s ≠ t : mean((F_t − F_s)²) ≤ r}
+          (mean over every element of the batch: trajectory b at step t against itself at step s)
+    V_t = Σ_{s ≠ t} Σ_{b, p} (1 − cos(F_t[b, :, p], F_s[b, :, p]))
+          (cosine over the channel vector at each position p of each trajectory b, summed;
+           for tokens F_t[b, p, :], the reference having no transformer model)
+    w_t = D̂_t + λ · V̂_t        (^: min-max normalised over the steps; all zeros when constant)
 
-and ``N`` calibration samples are allocated in proportion to ``w_t``, rounded so they sum to
-exactly ``N`` (largest remainders). Here ``F_t`` is the input of a chosen layer (default: the
-attention of the UNet's middle block, or the middle transformer block of a DiT) averaged over
-a few probe trajectories, and each calibration trajectory is then recorded once at its allotted
-step, as PTQ4DM's NDTC records.
+and ``N`` calibration samples are allocated in proportion to ``w_t``. Each calibration
+trajectory is then recorded once at its allotted step, as PTQ4DM's NDTC records.
+
+Deviations from the reference code, on purpose:
+
+- the allocation rounds by largest remainders so the counts sum to exactly ``N``; the reference
+  rounds every share and then adds the missing samples to the largest counts (or takes the
+  surplus from the last steps), which moves at most a sample or so per step;
+- the probe is its own batch of ``probe_trajectories`` FP trajectories sampled before recording
+  (the reference takes the features of its first calibration batch), so the allocation is known
+  before any row is recorded;
+- a score that is equal at every step normalises to zeros (the reference divides by zero).
 """
 
 from __future__ import annotations
@@ -31,20 +45,40 @@ from ..errors import ConfigError
 from ..sampling import Conditioning, sample
 from .strategies import TIMESTEP_STRATEGIES, PerTrajectorySteps
 
-#: Defaults: EDA-DM uses r = 3.0 or 0.3 depending on the model and λ ≈ 1.2.
+#: Defaults: r and λ of EDA-DM's CIFAR-10 run. Its other runs' scripts set r = 3.0 for ImageNet
+#: and 0.3 for LSUN and Stable Diffusion; λ = 1.2 for ImageNet, 1.0 for LSUN, 5.0 for Stable Diffusion.
 DEFAULT_RADIUS = 3.0
 DEFAULT_DIVERSITY_WEIGHT = 1.2
+#: The ``eps`` of the reference's ``nn.CosineSimilarity``: vector norms are taken as at least this.
+COSINE_EPS = 1e-6
+
+
+def channel_dim(features: Tensor) -> int:
+    """The channel axis of one step's features: 1 for feature maps ``(B, C, H, W)``, else the last (tokens)."""
+    return 1 if features.ndim == 4 else features.ndim - 1
 
 
 def density_and_diversity(features: Tensor, radius: float) -> tuple[Tensor, Tensor]:
-    """``(D_t, V_t)`` of per-step features ``(T, C, ...)`` (see the module docstring)."""
-    flat = features.flatten(1).double()
-    distance = torch.cdist(flat, flat).pow(2) / flat.shape[1]  # mean squared distance
-    others = ~torch.eye(len(flat), dtype=torch.bool)
-    density = ((distance < radius) & others).sum(dim=1).double()
-    channels = features.double().flatten(2).mean(dim=2) if features.ndim > 2 else features.double()
-    cosine = nn.functional.cosine_similarity(channels[:, None, :], channels[None, :, :], dim=-1)
-    diversity = ((1.0 - cosine) * others).sum(dim=1)
+    """``(D_t, V_t)`` of per-step features ``(T, B, ...)`` (see the module docstring).
+
+    Each step's ``(B, ...)`` batch is compared with every other step's element by element; the
+    cosine is taken over :func:`channel_dim` of a step's batch.
+    """
+    steps = len(features)
+    flat = features.reshape(steps, -1).double()
+    density = torch.zeros(steps, dtype=torch.float64)
+    for t in range(steps):
+        for s in range(t + 1, steps):
+            if (flat[t] - flat[s]).pow(2).mean() <= radius:
+                density[t] += 1
+                density[s] += 1
+    channels = features.double().movedim(1 + channel_dim(features[0]), -1)
+    norms = channels.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+    unit = (channels / norms).reshape(steps, -1)
+    cosine_sums = unit @ unit.T  # [t, s]: Σ over trajectories and positions of cos(F_t, F_s)
+    vectors = unit.shape[1] // channels.shape[-1]
+    others = ~torch.eye(steps, dtype=torch.bool)
+    diversity = ((vectors - cosine_sums) * others).sum(dim=1)
     return density, diversity
 
 
@@ -91,7 +125,11 @@ def step_features(
     generator: torch.Generator | None,
     eta: float = 0.0,
 ) -> Tensor:
-    """The input of ``layer`` at every step of ``batch_size`` FP trajectories, averaged over them: ``(T, ...)``."""
+    """The input of ``layer`` at every step of ``batch_size`` FP trajectories: ``(T, B, ...)``.
+
+    ``B`` is the batch the layer sees: ``batch_size``, or twice that under classifier-free
+    guidance (the unconditional and the conditional copy, as in the reference's guided runs).
+    """
     denoiser = as_denoiser(model_or_denoiser)
     name = layer or default_feature_layer(denoiser.model)
     try:
@@ -102,7 +140,7 @@ def step_features(
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         inputs = args[0] if args else kwargs["hidden_states"]
-        captured.append(inputs.detach().float().mean(dim=0).cpu())
+        captured.append(inputs.detach().float().cpu())
 
     handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:

@@ -168,7 +168,7 @@ def parse_format(spec: str | int | QFormat) -> QFormat:
             signed, digits = False, text[4:]
         elif text.startswith("int"):
             digits = text[3:]
-        if not digits.isdigit():
+        if not (digits.isascii() and digits.isdigit()):
             raise ConfigError(f"unknown quantization format {spec!r}; expected {valid}")
         bits = int(digits)
     else:
@@ -237,6 +237,8 @@ class Granularity:
             raise ConfigError(f"granularity spec must be a string, got {spec!r}; valid: {valid}")
         kind, *fields = spec.strip().lower().split(":")
         try:
+            if not spec.isascii():  # int() would read other scripts' digits
+                raise ValueError(spec)
             numbers = [int(f) for f in fields]
         except ValueError:
             raise ConfigError(f"bad granularity {spec!r}; valid: {valid}") from None

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from ..config import QuantizerConfig
-from ..errors import CalibrationError
+from ..errors import CalibrationError, ConfigError
 from .observers import RangeObserver, make_observer
-from .primitives import QFormat, choose_qparams, dequantize, expand_params, fake_quant, quantize
+from .primitives import QFormat, choose_qparams, dequantize, expand_params, fake_quant, param_shape, quantize
 
 
 class Quantizer(nn.Module):
@@ -134,6 +134,11 @@ class Quantizer(nn.Module):
             )
         index = self.slot()
         if index not in self._observers:
+            try:
+                param_shape(detached.shape, self.granularity)
+            except ValueError as error:
+                name = self.name or "a tensor"
+                raise ConfigError(f"granularity: {self.granularity} does not fit {name} ({error})") from None
             self._observers[index] = make_observer(
                 self.config.observer,
                 self.granularity,

@@ -22,6 +22,16 @@ channel, fitted by least squares over all elements (samples, channels, positions
 (a single global intercept would let channels whose FP estimate and bias both differ in mean
 tilt the slope). Everything is accumulated as sums in float64, so any number of batches gives
 the statistics of all the elements pooled.
+
+Deviation from the reference code (ziplab/PTQD, ``quant_scripts/analyze_error.py``), on
+purpose: there ``σ_res(t)`` is the average over samples of each sample's standard deviation of
+``Δ − k_t ε_fp`` over its channels and positions. That standard deviation is taken about the
+sample's overall mean, so it also counts the spread of the channel biases ``b_t(c)`` (and of
+the sample means), which bias correction has already removed; and a mean of standard deviations
+is not the standard deviation of the pooled elements. Here ``σ_res(t)`` is the pooled
+root-mean-square about ``b_t(c)``: the spread of exactly the noise left after CNC and BC, which
+is what variance-schedule calibration has to absorb (:mod:`dmquant.correct.step`). The two agree
+when the channel biases are equal and every sample has the same spread.
 """
 
 from __future__ import annotations
@@ -102,6 +112,11 @@ class NoiseStatistics:
                 f"noise statistics for {self.num_inference_steps} steps hold per-step lists "
                 f"of lengths {sorted(lengths)}"
             )
+        numbers = [*self.correlation, *self.residual_std, *(value for channels in self.bias for value in channels)]
+        if not all(isinstance(value, (int, float)) and math.isfinite(value) for value in numbers):
+            raise CalibrationError("noise statistics hold a value that is not a finite number")
+        if not all(isinstance(value, int) for value in self.timesteps) or len({len(b) for b in self.bias}) > 1:
+            raise CalibrationError("noise statistics need integer timesteps and one bias per channel at every step")
 
     def to_json(self) -> dict[str, Any]:
         return {

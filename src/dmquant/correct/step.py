@@ -19,6 +19,17 @@ The same rule holds for DDPM: its step is also ``a_t x_t + c_t ε + σ_t z`` (se
 variance of ``x_{t-1}`` given ``x_t`` and ``σ'_t² = σ_t² − c_t² σ_q²`` keeps it. With deterministic
 DDIM (η = 0) ``σ_t = 0``: VSC has nothing to absorb into and leaves the step alone.
 
+On the step itself: VSC changes only the noise the sampler injects (:meth:`NoiseCorrection.noise_scale`);
+the direction term of a DDIM step, ``sqrt(1 − ᾱ_{t−1} − σ_t²) · ε``, keeps the sampler's ``σ_t``.
+PTQD's reference code (``ldm/models/diffusion/ddim.py``) puts ``σ'_t`` there too. We do not, on
+purpose: the variance budget ``c_t² σ_q²`` is worked out with the coefficient ``c_t`` of the step
+at ``σ_t`` (the reference's own correction term is computed that way too), and putting ``σ'_t``
+into the direction term changes ``c_t`` and the mean of ``x_{t−1}`` — the step becomes DDIM at a
+smaller η rather than the asked sampler with its noise budget met. At ``σ'_t / σ_t = 0.6`` and
+η = 1 (50 DDIM steps of the linear schedule) the two steps' ``x_{t−1}`` differ by about 10 % of
+its RMS at the early steps, 3 % at the late ones. Keeping ``σ_t`` also makes the same rule hold
+for DDPM, whose step has no direction term to change.
+
 On ``k_t``: PTQD's reference code clips it at 0, discarding a negative correlation. Here a
 negative ``k_t`` (the quantized estimate shrunk towards zero, as clipped activation ranges do)
 is corrected like a positive one — it is measured the same way and dividing by ``1 + k_t < 1``

@@ -61,7 +61,7 @@ def _weights(layer: LowBitLinear | LowBitConv2d) -> list[tuple[LowBitWeight, Ker
 
 
 def convert_model(
-    model: nn.Module, *, inplace: bool = False, dynamic_fp8: bool = False, fp8_fast_accumulation: bool = False
+    model: nn.Module, *, inplace: bool = False, dynamic_fp8: bool = False, fp8_fast_accumulation: bool = True
 ) -> nn.Module:
     """``model`` with its quantized Linear and Conv2d layers in real low precision (a copy unless ``inplace``).
 
@@ -69,9 +69,14 @@ def convert_model(
     path), on CUDA within the kernels' accumulation error. ``dynamic_fp8`` gives Linear layers with
     fp8 e4m3 activations per-token scales computed from each input instead of their calibrated
     per-tensor scale (convolutions keep theirs); those layers then differ from the simulated ones.
-    ``fp8_fast_accumulation`` lets the fp8 GEMMs on cuBLASLt (Linear and 1×1 convolutions) accumulate in the
-    tensor cores' reduced precision, as torchao's fp8 rows do: other kernels, a larger distance from the
-    simulated model (``bench/speed.py`` and ``bench/fidelity.py`` measure both).
+    ``fp8_fast_accumulation`` (the default) lets the fp8 GEMMs on cuBLASLt (Linear and 1×1 convolutions)
+    accumulate in the tensor cores' reduced precision, as torchao's fp8 rows and TensorRT do: cuBLASLt's faster
+    kernels (FLUX's fp8 GEMMs took 20 % less time on an H100 with them, ``bench/results/speed-deployment``), at a
+    distance from the simulated model within the floor of two equally valid float computations on every zoo model
+    (``bench/results/fidelity``); ``False`` promotes the partial sums to fp32 as the simulated model assumes.
+
+    On a GPU, :func:`dmquant.kernels.paths.select_paths` then measures each converted layer's paths (cuBLASLt,
+    Triton, bf16) on a call of the model and keeps the fastest; ``dmquant convert`` and ``--real-kernels`` do so.
     """
     if not inplace:
         model = copy.deepcopy(model)

@@ -88,14 +88,21 @@ def _arguments(mode: str, activation, weight: LowBitWeight, fast_accumulation: b
     return arguments | {"x_scale": scale, "x_zero": zero}
 
 
+#: The weight layouts whose kernels choose between cuBLASLt and Triton (a ``backend`` argument).
+VENDOR_LAYOUTS = ("int8", "fp8")
+
+
 def _kernel(functions: dict[str, Kernel], mode: str) -> Kernel:
-    """``run(x, activation, weight, bias, fast_accumulation=False, **geometry)`` calling the function of the
-    weight's layout."""
+    """``run(x, activation, weight, bias, fast_accumulation=False, backend="auto", **geometry)`` calling the function
+    of the weight's layout; ``backend`` (``"auto"``, ``"triton"``) applies to the layouts of ``VENDOR_LAYOUTS``."""
 
     def run(
-        x: Tensor, activation, weight: LowBitWeight, bias: Tensor | None, fast_accumulation: bool = False, **geometry
-    ) -> Tensor:
+        x: Tensor, activation, weight: LowBitWeight, bias: Tensor | None, fast_accumulation: bool = False,
+        backend: str = "auto", **geometry,
+    ) -> Tensor:  # fmt: skip
         arguments = _arguments(mode, activation, weight, fast_accumulation)
+        if weight.layout in VENDOR_LAYOUTS:
+            arguments["backend"] = backend
         return functions[weight.layout](x, bias=bias, **arguments, **geometry)
 
     return run

@@ -39,7 +39,7 @@ from ..core.layers import QuantConv2d, QuantLinear
 from ..core.primitives import FP8_E4M3, choose_qparams, fake_quant
 from ..core.quantizer import Quantizer
 from . import dispatch
-from .weights import LowBitWeight
+from .weights import KeepsDtypes, LowBitWeight
 
 
 def activation_mode(quantizer: Quantizer) -> str | None:
@@ -61,7 +61,7 @@ def _float(bias: Tensor | None) -> Tensor | None:
     return None if bias is None else bias.float()
 
 
-class KernelActivation(nn.Module):
+class KernelActivation(KeepsDtypes):
     """An activation quantizer's per-tensor parameters as the kernels take them, fixed at conversion, one
     per parameter set (sampling-step slot): scales as a float32 tensor and 8-bit zero points as an int32
     tensor, shifted like the weight codes into ``[-128, 127]`` (an unsigned 8-bit zero point ``z`` becomes
@@ -138,6 +138,7 @@ class LowBitLinear(_Smoothing):
         super().__init__(layer.smoothing)
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.fast_accumulation = fast_accumulation
+        self.backend = "auto"  # set by dmquant.kernels.paths where Triton measured faster than cuBLASLt
         self.activation = KernelActivation(layer.input_quantizer, dynamic=dynamic_fp8)
         self.weight = LowBitWeight.from_quantizer(layer.weight_quantizer, layer.weight.detach())
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
@@ -155,7 +156,9 @@ class LowBitLinear(_Smoothing):
         kernel = dispatch.linear_kernel(self.activation.mode, self.weight, x)
         if kernel is None:
             return self.reference(x)
-        return kernel(x, self.activation, self.weight, self.bias, fast_accumulation=self.fast_accumulation)
+        return kernel(
+            x, self.activation, self.weight, self.bias, fast_accumulation=self.fast_accumulation, backend=self.backend
+        )
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -190,6 +193,7 @@ class LowBitConv2d(_Smoothing):
         if layer.padding_mode != "zeros":
             raise ValueError(f"padding_mode={layer.padding_mode!r}: only zero padding is converted")
         self.fast_accumulation = fast_accumulation
+        self.backend = "auto"  # as LowBitLinear's
         self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
         self.kernel_size, self.stride, self.padding = layer.kernel_size, layer.stride, layer.padding
         self.dilation = layer.dilation
@@ -223,6 +227,7 @@ class LowBitConv2d(_Smoothing):
             "padding": self.padding,
             "dilation": self.dilation,
             "fast_accumulation": self.fast_accumulation,
+            "backend": self.backend,
         }
         first, *others = (
             kernel(x[:, part.channels], part.activation, part.weight, bias, **options)

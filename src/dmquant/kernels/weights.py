@@ -88,8 +88,22 @@ def layout_of(quantizer: Quantizer) -> str:
     raise UnsupportedWeight(f"no low-bit layout stores {fmt.name} weights")
 
 
-class LowBitWeight(nn.Module):
-    """One weight in a kernel layout (module docstring); buffers only, so it moves with ``.to()``."""
+class KeepsDtypes(nn.Module):
+    """A module whose buffers keep their dtypes when the model around it is cast (``.to(torch.bfloat16)``,
+    ``.half()``, a pipeline loaded in fp16): kernels read codes, scales and zero points in the dtypes they were
+    stored in, and a float32 scale cast to bf16 would change the layer's function. Device moves apply as usual."""
+
+    def _apply(self, fn, recurse: bool = True):
+        def device_only(tensor: Tensor) -> Tensor:
+            target = fn(tensor.new_empty(0))  # what fn does to this dtype and device, on no data
+            return tensor.to(device=target.device) if target.dtype != tensor.dtype else fn(tensor)
+
+        return super()._apply(device_only, recurse)
+
+
+class LowBitWeight(KeepsDtypes):
+    """One weight in a kernel layout (module docstring); buffers only, so it moves with ``.to()`` (keeping its
+    dtypes, :class:`KeepsDtypes`)."""
 
     def __init__(self, layout: str, stored: Tensor, scale: Tensor, zero: Tensor, shape: torch.Size) -> None:
         super().__init__()

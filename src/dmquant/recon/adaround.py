@@ -271,7 +271,16 @@ class AdaRoundWeights(nn.Module):
         return self._assemble(hard=True)
 
     def regularizer(self, beta: float) -> Tensor:
-        """:func:`rounding_regularizer` summed over all parts."""
+        """:func:`rounding_regularizer` summed over all parts.
+
+        For a shortcut-split ``QuantConv2d`` this covers both halves. Q-Diffusion's reference
+        code (``qdiff/block_recon.py``, ``qdiff/layer_recon.py``) learns the second half's
+        rounding too but leaves it out of the rounding loss (only ``weight_quantizer``'s soft
+        targets enter it, not ``weight_quantizer_0``'s), so that half is never pushed towards
+        {0, 1} and its hardening at the end is unregularised. Both halves are weights rounded
+        the same way, so here both are regularised, as AdaRound (Nagel et al. 2020, eq. 24)
+        regularises every rounded weight.
+        """
         return sum(rounding_regularizer(logits, beta) for logits in self.logits.values())
 
     @torch.no_grad()

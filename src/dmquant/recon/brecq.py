@@ -144,9 +144,11 @@ def reconstruct(
     seeded with 0, so a run is reproducible) and fetched with ``train_sample`` if given (e.g.
     with QDrop's mixed inputs, :func:`~dmquant.recon.qdrop.mix_inputs`), else with ``sample``;
     the reported errors always use ``sample``. Defaults (lr 1e-3 for the rounding, 4e-5 for step
-    sizes, batch 32, regulariser weight 0.01, β from 20 to 2 after a 20 % warm-up) are BRECQ's
-    and Q-Diffusion's; they run 20k iterations per unit, the AdaRound paper 10k per layer. The
-    default 2000 is a cheaper setting for small models.
+    sizes, batch 32, regulariser weight 0.01, β from 20 to 2 after a 20 % warm-up) are those of
+    BRECQ's and Q-Diffusion's reconstruction functions (4e-5 is also PTQ4DM's ``--lr``;
+    Q-Diffusion's scripts pass 4e-4 for the step sizes, which its recipe sets); they run 20k
+    iterations per unit, the AdaRound paper 10k per layer. The default 2000 is a cheaper setting
+    for small models.
 
     On a CUDA device with ``cuda_graph`` the iteration is captured once and replayed
     (:class:`~dmquant.recon.graphed.ReplayedIteration`): the same computation with a fraction of

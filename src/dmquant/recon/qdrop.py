@@ -1,14 +1,23 @@
 """QDrop's random mixing of quantized and full-precision activations during reconstruction.
 
 QDrop (Wei et al. 2022, "QDrop: Randomly Dropping Quantization for Extremely Low-bit
-Post-Training Quantization", Sec. 3.3, eq. 9) replaces each element of a quantized activation by
-its full-precision value with probability ``p`` while a block is reconstructed, so the learned
-rounding and step sizes fit a flatter neighbourhood of the quantized model rather than one point
-of it. Its reference code (and PTQ4DM, which builds on it) applies this at two places:
+Post-Training Quantization", Sec. 3.3, eq. 9) drops the quantization of each element of an
+activation with probability ``p`` while a block is reconstructed — the element keeps its
+full-precision value — so the learned rounding and step sizes fit a flatter neighbourhood of the
+quantized model rather than one point of it. Its reference code (and PTQ4DM, which builds on it)
+applies this at two places:
 
-- inside the block, at every activation quantizer (``prob``): :func:`dropped_activations`;
-- at the block's input, mixing the quantized model's input with the FP model's (``input_prob``):
+- inside the block, at every activation quantizer: :func:`dropped_activations`;
+- at the block's input, mixing the quantized model's input with the FP model's:
   :func:`mix_inputs`.
+
+``probability`` here is ``p``, the probability of dropping the quantization (of keeping the FP
+element), as the paper and the option's name say. The reference code's setting counts the other
+way: QDrop's ``drop_prob`` (wimh966/QDrop, ``fake_quant.py`` and ``solver/recon.py``) and
+PTQ4DM's ``--prob`` / ``--input_prob`` are the probability that an element *keeps its quantized
+value* (``torch.where(rand < drop_prob, quantized, fp)``; 1.0 switches QDrop off). So a value
+``v`` from their configurations is ``1 − v`` here; at the 0.5 that all their released settings
+use, the two are the same.
 
 The reference draws ``torch.rand_like`` from the global generator; here an explicit generator
 makes a reconstruction reproducible given its seed.

@@ -3,15 +3,18 @@
 A state directory holds ``progress.json`` (a fingerprint of what is being reconstructed and one
 record per finished unit) and, per finished unit, ``<pass>-<index>.safetensors`` with the unit's
 whole state dict after its reconstruction (hardened weights, quantizer ranges). Every file is
-written atomically, the unit's tensors before its record, so a record always has its tensors.
-A directory whose fingerprint differs (another model, recipe or calibration set) is refused
-rather than silently mixed in.
+written atomically, the unit's tensors before its record, so a record always has its tensors,
+and the record keeps the SHA-256 of the tensors, so a damaged unit is refused, not restored.
+A directory whose fingerprint differs (another model, recipe or calibration set), or that holds
+anything but this progress, is refused rather than silently mixed in; :func:`remove_state`
+removes only the files the progress lists.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -25,8 +28,10 @@ from torch import Tensor, nn
 from ..atomic import write_atomically
 from ..errors import CalibrationError
 
+logger = logging.getLogger(__name__)
+
 #: ``progress.json["format"]``.
-STATE_FORMAT = "dmquant.reconstruction/1"
+STATE_FORMAT = "dmquant.reconstruction/2"
 _PROGRESS = "progress.json"
 
 
@@ -40,6 +45,53 @@ def fingerprint(settings: Mapping[str, Any], tensors: Iterable[tuple[str, Tensor
     return digest.hexdigest()
 
 
+def read_progress(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The progress saved in ``directory``: ``None`` if there is none (no or an empty directory).
+
+    Anything else (files without a readable ``progress.json`` of this format) is not dmquant's
+    progress, and a CalibrationError: it is neither resumed from nor removed.
+    """
+    directory = Path(directory)
+    if not directory.exists() or (directory.is_dir() and not any(directory.iterdir())):
+        return None
+    progress = directory / _PROGRESS
+    if not directory.is_dir() or not progress.is_file():
+        raise CalibrationError(
+            f"{directory} is not the reconstruction progress dmquant keeps (no {_PROGRESS}); "
+            "choose another state directory"
+        )
+    try:
+        data = json.loads(progress.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        raise CalibrationError(f"{progress} is unreadable ({error}); remove the directory to start over") from None
+    if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+        raise CalibrationError(f"{progress} is not the reconstruction progress of this dmquant ({STATE_FORMAT})")
+    units, checksums = data.get("units"), data.get("checksums")
+    if not isinstance(units, dict) or not isinstance(checksums, dict) or set(units) != set(checksums):
+        raise CalibrationError(f"{progress}: malformed (units and checksums must name the same units)")
+    return data
+
+
+def remove_state(directory: str | os.PathLike[str]) -> None:
+    """Remove the progress in ``directory``: the unit files it lists, itself, then the directory if empty."""
+    directory = Path(directory)
+    data = read_progress(directory)
+    if data is None:
+        return
+    for unit_id in data["checksums"]:
+        (directory / f"{unit_id}.safetensors").unlink(missing_ok=True)
+    (directory / _PROGRESS).unlink()
+    try:
+        directory.rmdir()
+    except OSError:
+        logger.warning("%s: kept: it holds files the reconstruction did not write", directory)
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 class ReconstructionState:
     """Finished units of one reconstruction, kept in ``directory`` (``None``: in memory only)."""
 
@@ -47,21 +99,16 @@ class ReconstructionState:
         self.directory = None if directory is None else Path(directory)
         self.key = key
         self.records: dict[str, dict[str, Any]] = {}
-        if self.directory is None:
+        self.checksums: dict[str, str] = {}
+        data = None if self.directory is None else read_progress(self.directory)
+        if data is None:
             return
-        progress = self.directory / _PROGRESS
-        if not progress.exists():
-            return
-        try:
-            data = json.loads(progress.read_text())
-        except (OSError, ValueError) as error:
-            raise CalibrationError(f"{progress} is unreadable ({error}); remove the directory to start over") from None
-        if data.get("format") != STATE_FORMAT or data.get("key") != key:
+        if data.get("key") != key:
             raise CalibrationError(
                 f"{self.directory} holds the progress of another reconstruction (different model, recipe or "
                 "calibration data); remove it or choose another state directory"
             )
-        self.records = dict(data.get("units", {}))
+        self.records, self.checksums = dict(data["units"]), dict(data["checksums"])
 
     @staticmethod
     def unit_id(pass_name: str, index: int) -> str:
@@ -72,22 +119,28 @@ class ReconstructionState:
         return self.records.get(unit_id)
 
     def restore(self, unit_id: str, module: nn.Module) -> None:
-        """Load the saved state of a finished unit into ``module``."""
+        """Load the saved state of a finished unit into ``module``, after checking its checksum."""
         assert self.directory is not None, "an in-memory state has nothing to restore"
         path = self.directory / f"{unit_id}.safetensors"
         try:
+            if _file_sha256(path) != self.checksums[unit_id]:
+                raise CalibrationError(
+                    f"{path}: checksum mismatch, the saved unit was damaged; remove {self.directory}"
+                )
             tensors = load_file(path, device=str(next(module.parameters()).device))
-        except (FileNotFoundError, SafetensorError, OSError) as error:
+            module.load_state_dict(tensors)
+        except (FileNotFoundError, SafetensorError, OSError, RuntimeError) as error:
             raise CalibrationError(f"{path}: the saved unit is unreadable ({error}); remove {self.directory}") from None
-        module.load_state_dict(tensors)
 
     def finish(self, unit_id: str, module: nn.Module, record: dict[str, Any]) -> None:
-        """Record a finished unit: its state dict, then its record."""
+        """Record a finished unit: its state dict, then its record with the state's checksum."""
         self.records[unit_id] = record
         if self.directory is None:
             return
         tensors = {name: value.detach().cpu().contiguous() for name, value in module.state_dict().items()}
-        write_atomically(self.directory / f"{unit_id}.safetensors", lambda file: file.write(save(tensors)))
-        progress = {"format": STATE_FORMAT, "key": self.key, "units": self.records}
+        data = save(tensors)
+        write_atomically(self.directory / f"{unit_id}.safetensors", lambda file: file.write(data))
+        self.checksums[unit_id] = hashlib.sha256(data).hexdigest()
+        progress = {"format": STATE_FORMAT, "key": self.key, "units": self.records, "checksums": self.checksums}
         text = json.dumps(progress, indent=1).encode()
         write_atomically(self.directory / _PROGRESS, lambda file: file.write(text))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import check_output
 from ..errors import ModelError
 from ..eval.features import FeatureExtractor
 from ..jobs import generate
@@ -32,6 +33,14 @@ def shipped_glyphnet(device: torch.device | str = "cpu") -> GlyphNet:
     return load_glyphnet(ZOO["glyphnet"].directory / GLYPHNET_FILE, device)
 
 
+def _exported_before(directory: Path, name: str) -> bool:
+    """``directory`` holds an earlier export of zoo model ``name`` (its model card says so)."""
+    try:
+        return read_model_card(directory).get("name") == name
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def train_zoo_model(
     name: str,
     *,
@@ -41,13 +50,18 @@ def train_zoo_model(
     max_minutes: float | None = None,
     steps: int | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> TrainingResult:
     """Train (or resume) zoo model ``name`` and export its weights and model card.
 
     The export happens whenever the run stops — finished or out of time — so a time-limited
-    run still leaves usable (EMA) weights; the card says how many steps were done.
+    run still leaves usable (EMA) weights; the card says how many steps were done. An
+    ``export_dir`` that exists is replaced only if it holds an earlier export of this model
+    (its model card names it) or with ``overwrite``; that is checked before training.
     """
     entry = zoo_entry(name)
+    if export_dir is not None and not _exported_before(Path(export_dir), name):
+        check_output(Path(export_dir), overwrite=overwrite, replaceable=lambda _: True, what=f"an export of {name}")
     plan = entry.plan if steps is None else dataclasses.replace(entry.plan, steps=steps)
     entry = dataclasses.replace(entry, plan=plan)
     result = train(

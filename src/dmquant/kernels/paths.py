@@ -1,0 +1,348 @@
+"""Each converted layer's execution path, chosen by timing the candidates on the GPU the model runs on.
+
+A converted layer can run three ways, and which is fastest depends on the GPU and the shape of the call: an fp8
+GEMM of 512 rows (DiT-XL/2 at batch 2) ran slower on an H100 than the bf16 one it replaces, one of 8,192 rows
+faster (``bench/results/speed-h100``). :func:`select_paths` runs one call of the model, records the input of every
+converted layer, times each candidate on an input of that shape and layout, and keeps the fastest:
+
+- ``"cublas"``: the vendor GEMM (cuBLASLt's ``_scaled_mm`` / ``_int_mm``) for W8A8 Linear and 1×1 layers
+  (:mod:`~dmquant.kernels.cublas_gemm`);
+- ``"triton"``: dmquant's Triton GEMM / implicit-GEMM convolution (:mod:`~dmquant.kernels.triton_gemm`,
+  :mod:`~dmquant.kernels.triton_conv`), which every layout takes;
+- ``"bf16"``: the layer's weight dequantized once into the compute dtype and run as a plain ``nn.Linear`` /
+  ``nn.Conv2d`` (cuBLAS, cuDNN), its input left unquantized. The layer then computes with the quantized weight but
+  full-precision activations (weight-only quantization), no longer its simulated twin's function, and keeps
+  16-bit weights; the report says which layers did so. Layers with int4 weights never take it: their point is
+  memory (``dense_for_int4`` lifts that).
+
+A quantized candidate is timed with the quantization of its input (one pass, :mod:`~dmquant.kernels.triton_quantize`),
+although under ``torch.compile`` that pass fuses into the op producing the input: the choice errs towards bf16,
+so that a model never runs slower for being converted. Times are medians of CUDA-graph replays
+(``triton.testing.do_bench_cudagraph``), the first call excluded (it autotunes the Triton tiles).
+
+Decisions are cached in a JSON file (:func:`cache_path`) keyed by the GPU, the torch/Triton/dmquant versions and
+the layer's signature (kind, shape, formats, input shape, dtype and layout), so a shape is measured once per
+device: the blocks of a model that repeat one shape share one measurement, and a second conversion measures
+nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..atomic import write_atomically
+from .layers import LowBitConv2d, LowBitLinear
+
+#: The paths a layer may take, in the order they are tried.
+PATHS = ("cublas", "triton", "bf16")
+#: The environment variable that moves the decision cache (default: ``$XDG_CACHE_HOME/dmquant``).
+CACHE_VARIABLE = "DMQUANT_CACHE_DIR"
+CACHE_FILE = "kernel-paths.json"
+
+LowBitLayer = LowBitLinear | LowBitConv2d
+
+
+@dataclass
+class PathChoice:
+    """What :func:`select_paths` decided for one layer: the path, each candidate's median time per call (ms, summed
+    over the layer's calls in one model call), and whether the times came from the cache."""
+
+    name: str
+    path: str
+    times_ms: dict[str, float]
+    inputs: list[list[int]]
+    cached: bool = False
+
+
+@dataclass
+class PathReport:
+    """The choices of one :func:`select_paths` run, kept on the model as ``model.dmquant_paths``."""
+
+    device: str
+    choices: list[PathChoice] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for choice in self.choices:
+            counts[choice.path] = counts.get(choice.path, 0) + 1
+        return counts
+
+    def summary(self) -> str:
+        chosen = ", ".join(f"{count} {path}" for path, count in sorted(self.counts().items()))
+        best = sum(min(choice.times_ms.values()) for choice in self.choices)
+        dense = sum(choice.times_ms.get("bf16", float("nan")) for choice in self.choices)
+        return (
+            f"paths measured on {self.device}: {chosen}; the converted layers' time per call {best:.3f} ms "
+            f"against {dense:.3f} ms in bf16"
+        )
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One table row per layer: its path and each candidate's time."""
+        return [
+            {"name": c.name, "path": c.path, "input": "; ".join("x".join(map(str, s)) for s in c.inputs)}
+            | {f"{path} ms": f"{c.times_ms[path]:.4f}" if path in c.times_ms else "—" for path in PATHS}
+            for c in self.choices
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "counts": self.counts(), "layers": [asdict(c) for c in self.choices]}
+
+
+#: The attribute of a model that holds its :class:`PathReport`.
+REPORT_ATTRIBUTE = "dmquant_paths"
+
+
+def cache_path() -> Path:
+    """Where decisions are cached: ``$DMQUANT_CACHE_DIR``, else ``$XDG_CACHE_HOME/dmquant``, else
+    ``~/.cache/dmquant``, file :data:`CACHE_FILE`."""
+    folder = os.environ.get(CACHE_VARIABLE)
+    if not folder:
+        folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dmquant")
+    return Path(folder) / CACHE_FILE
+
+
+def _read_cache(path: Path) -> dict[str, dict[str, float]]:
+    """The cached times; an unreadable or malformed file counts as empty (it is only a cache) and is rewritten."""
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(entries, dict):
+        return {}
+    return {
+        key: value
+        for key, value in entries.items()
+        if isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values())
+    }
+
+
+def _environment_key(device: torch.device) -> dict[str, str]:
+    versions = {}
+    for distribution in ("dmquant", "triton"):
+        try:
+            versions[distribution] = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            versions[distribution] = "none"
+    return {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__, **versions}
+
+
+def _layout(x: Tensor) -> str:
+    if x.is_contiguous():
+        return "contiguous"
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return "strided"
+
+
+def signature(layer: LowBitLayer, x: Tensor) -> dict[str, Any]:
+    """What a layer's time on ``x`` depends on: kind, shape, weight layouts, activation modes, options and the
+    input's shape, dtype and layout (never its name or values)."""
+    parts = [(layer.weight, layer.activation)] if isinstance(layer, LowBitLinear) else [
+        (part.weight, part.activation) for part in layer.parts
+    ]  # fmt: skip
+    key: dict[str, Any] = {
+        "kind": type(layer).__name__,
+        "weights": [[w.layout, list(w.shape), w.group_size] for w, _ in parts],
+        "activations": [activation.mode for _, activation in parts],
+        "has_zero": [activation.has_zero for _, activation in parts],
+        "bias": layer.bias is not None,
+        "smoothing": layer.smoothing is not None,
+        "fast_accumulation": layer.fast_accumulation,
+        "input": list(x.shape),
+        "dtype": str(x.dtype),
+        "layout": _layout(x),
+    }
+    if isinstance(layer, LowBitConv2d):
+        key |= {"conv": [layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups]}
+    return key
+
+
+def dense_module(layer: LowBitLayer, dtype: torch.dtype, channels_last: bool = False) -> nn.Module:
+    """The layer as a plain ``nn.Linear`` / ``nn.Conv2d`` in ``dtype`` with its dequantized weight (SmoothQuant's
+    division folded in), on the layer's device: the ``"bf16"`` path. ``channels_last``: a convolution's weight in
+    that layout, as cuDNN takes it best for channels-last inputs."""
+    smoothing = layer.smoothing
+    if isinstance(layer, LowBitLinear):
+        weight = layer.weight.dequantize()
+        if smoothing is not None:
+            weight = weight / smoothing.reshape(1, -1)
+        dense: nn.Module = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    else:
+        weight = torch.cat([part.weight_4d(layer.kernel_size) for part in layer.parts], dim=1)
+        if smoothing is not None:
+            weight = weight / smoothing.reshape(1, -1, 1, 1)
+        dense = nn.Conv2d(
+            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+            layer.groups, bias=layer.bias is not None,
+        )  # fmt: skip
+    dense = dense.to(device=weight.device, dtype=dtype)
+    dense.weight.data.copy_(weight.reshape(dense.weight.shape))
+    if layer.bias is not None:
+        dense.bias.data.copy_(layer.bias.detach())
+    if channels_last and isinstance(dense, nn.Conv2d):
+        dense.weight.data = dense.weight.data.contiguous(memory_format=torch.channels_last)
+    return dense.eval().requires_grad_(False)
+
+
+def _candidates(layer: LowBitLayer, x: Tensor, dense_for_int4: bool) -> dict[str, Callable[[], Tensor]]:
+    """Each path's call on ``x``. A quantized path whose kernel the input does not reach (the reference path on this
+    input) is left out; so is ``"bf16"`` for int4 weights unless ``dense_for_int4`` (or no kernel takes them)."""
+    from . import dispatch
+
+    weights = [layer.weight] if isinstance(layer, LowBitLinear) else [part.weight for part in layer.parts]
+    modes = [layer.activation.mode] if isinstance(layer, LowBitLinear) else [p.activation.mode for p in layer.parts]
+    on_kernel = all(
+        (dispatch.linear_kernel(mode, weight, x) if isinstance(layer, LowBitLinear)
+         else dispatch.conv2d_kernel(mode, weight, x, layer.groups)) is not None
+        for mode, weight in zip(modes, weights, strict=True)
+    )  # fmt: skip
+    candidates: dict[str, Callable[[], Tensor]] = {}
+    if on_kernel:
+        vendor = all(weight.layout in dispatch.VENDOR_LAYOUTS for weight in weights)
+        for path in ("cublas", "triton") if vendor else ("triton",):
+            candidates[path] = _with_backend(layer, x, "auto" if path == "cublas" else "triton")
+    if candidates and not dense_for_int4 and any(weight.layout == "int4" for weight in weights):
+        return candidates
+    dense = dense_module(layer, x.dtype, channels_last=_layout(x) == "channels_last")
+    candidates["bf16"] = lambda: dense(x)
+    return candidates
+
+
+def _with_backend(layer: LowBitLayer, x: Tensor, backend: str) -> Callable[[], Tensor]:
+    def call() -> Tensor:
+        kept, layer.backend = layer.backend, backend
+        try:
+            return layer(x)
+        finally:
+            layer.backend = kept
+
+    return call
+
+
+def _median_ms(call: Callable[[], Tensor]) -> float:
+    import triton.testing
+
+    call()  # the first call autotunes Triton tiles and picks cuBLAS heuristics: not part of a call's time
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench_cudagraph(call, rep=25, return_mode="median"))
+
+
+def measure(layer: LowBitLayer, x: Tensor, dense_for_int4: bool = False) -> dict[str, float]:
+    """Median time (ms) of each candidate path of ``layer`` on a random input shaped and laid out like ``x``.
+
+    A candidate that fails (a shape cuBLASLt refuses, a capture a kernel breaks) is left out; bf16 always runs.
+    """
+    probe = torch.randn_like(x)
+    times = {}
+    for path, call in _candidates(layer, probe, dense_for_int4).items():
+        try:
+            times[path] = _median_ms(call)
+        except (RuntimeError, ValueError):
+            if path == "bf16":
+                raise
+    return times
+
+
+def _record_inputs(model: nn.Module, call: Callable[[], Any]) -> dict[str, list[Tensor]]:
+    """The input of every call of every converted layer of ``model`` during ``call()`` (as meta tensors)."""
+    seen: dict[str, list[Tensor]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, (LowBitLinear, LowBitConv2d)):
+
+            def hook(module: nn.Module, args: tuple, name: str = name) -> None:
+                x = args[0]
+                seen.setdefault(name, []).append(torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta"))
+
+            handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            call()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _materialized(meta: Tensor, device: torch.device) -> Tensor:
+    return torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype, device=device)
+
+
+@torch.no_grad()
+def select_paths(
+    model: nn.Module,
+    call: Callable[[], Any],
+    *,
+    use_cache: bool = True,
+    dense_for_int4: bool = False,
+    progress: bool = False,
+) -> PathReport:
+    """Choose and set each converted layer's path (module docstring) from one ``call()`` of ``model`` on CUDA.
+
+    Layers whose fastest path is ``"bf16"`` are replaced in ``model`` by their :func:`dense_module`; the others get
+    ``backend`` ``"triton"`` or ``"auto"`` (cuBLASLt where it takes the call, so a later call of another shape
+    still runs). A layer called several times per model call (several shapes) takes the path fastest over all of
+    them. Returns the :class:`PathReport`, also kept as ``model.dmquant_paths``.
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (LowBitLinear, LowBitConv2d))}
+    device = next((p.device for layer in layers.values() for p in layer.buffers()), None)
+    if device is None or device.type != "cuda":
+        raise ValueError("select_paths measures kernels on a CUDA device: move the converted model there first")
+    inputs = _record_inputs(model, call)
+    environment = _environment_key(device)
+    cache_file = cache_path()
+    cache = _read_cache(cache_file) if use_cache else {}
+    report = PathReport(device=environment["gpu"])
+    from tqdm.auto import tqdm
+
+    for name in tqdm(list(inputs), desc="measuring kernel paths", disable=not progress, unit="layer"):
+        layer, entries, cached = layers[name], [], True
+        for meta in inputs[name]:
+            key = json.dumps(environment | signature(layer, meta) | {"dense_for_int4": dense_for_int4}, sort_keys=True)
+            if key not in cache:
+                cache[key] = measure(layer, _materialized(meta, device), dense_for_int4)
+                cached = False
+            entries.append(cache[key])
+        path, totals = fastest(entries)
+        report.choices.append(PathChoice(name, path, totals, [list(m.shape) for m in inputs[name]], cached))
+        _apply(model, name, layer, path, inputs[name][0])
+    if use_cache:
+        _write_cache(cache_file, cache)
+    setattr(model, REPORT_ATTRIBUTE, report)
+    return report
+
+
+def fastest(entries: list[dict[str, float]]) -> tuple[str, dict[str, float]]:
+    """The path of least total time over a layer's calls (one entry of times per call), among the paths every call
+    took, and those totals."""
+    totals = {path: sum(entry[path] for entry in entries) for path in PATHS if all(path in e for e in entries)}
+    return min(totals, key=totals.__getitem__), totals
+
+
+def _apply(model: nn.Module, name: str, layer: LowBitLayer, path: str, example: Tensor) -> None:
+    """Put ``path`` in place for ``layer`` (``example``: its first recorded input, for the dense layer's dtype and
+    layout)."""
+    if path == "bf16":
+        parent, _, child = name.rpartition(".")
+        dense = dense_module(layer, example.dtype, channels_last=_layout(example) == "channels_last")
+        setattr(model.get_submodule(parent), child, dense)
+    else:
+        layer.backend = "triton" if path == "triton" else "auto"
+
+
+def _write_cache(path: Path, entries: dict[str, dict[str, float]]) -> None:
+    """Merge ``entries`` into the cache file (another process may have added its own meanwhile)."""
+    merged = _read_cache(path) | entries
+    try:
+        write_atomically(path, lambda file: file.write(json.dumps(merged, indent=1, sort_keys=True).encode()))
+    except OSError as error:  # an unwritable cache costs a later run its measurements, never this one's result
+        print(f"warning: kernel path cache not written to {path}: {error}")

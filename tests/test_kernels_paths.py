@@ -1,0 +1,162 @@
+"""kernels/paths.py: the bf16 path's dense layer, the choice of the fastest path, the decision cache, and on a GPU
+the whole selection on a converted model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dmquant import api
+from dmquant.calib.record import CalibrationSet
+from dmquant.config import load_recipe
+from dmquant.kernels import paths
+from dmquant.kernels.convert import convert_model
+from dmquant.kernels.layers import LowBitConv2d, LowBitLinear
+from dmquant.kernels.weights import LowBitWeight
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(16, 32, 3, padding=1)
+        self.proj = nn.Linear(32, 48)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.silu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def _converted(bits=("fp8_e4m3", "fp8_e4m3"), device="cpu") -> nn.Module:
+    torch.manual_seed(0)
+    model = TwoLayers().to(device)
+    calibration = CalibrationSet(
+        samples=torch.randn(4, 16, 8, 8, device=device),
+        timesteps=torch.zeros(4, device=device),
+        step_indices=torch.zeros(4, dtype=torch.long, device=device),
+        cond={},
+        num_inference_steps=1,
+    )
+    quantized = api.quantize(model, load_recipe("minmax").with_bits(*bits), calibration, progress=False)
+    return convert_model(quantized)
+
+
+def test_the_dense_layer_computes_with_the_dequantized_weight_and_an_unquantized_input():
+    model = _converted()
+    x = torch.randn(3, 16, 8, 8)
+    conv = model.conv
+    expected = F.conv2d(x, conv.parts[0].weight_4d(conv.kernel_size), conv.bias, conv.stride, conv.padding)
+    dense = paths.dense_module(conv, torch.float32)
+    assert type(dense) is nn.Conv2d
+    torch.testing.assert_close(dense(x), expected)
+    linear = model.proj
+    h = torch.randn(5, 32)
+    torch.testing.assert_close(
+        paths.dense_module(linear, torch.float32)(h), F.linear(h, linear.weight.dequantize(), linear.bias)
+    )
+
+
+def test_smoothing_is_folded_into_the_dense_weight():
+    model = _converted()
+    linear = model.proj
+    smoothing = torch.rand(32) + 0.5
+    linear.smoothing = smoothing
+    h = torch.randn(5, 32)
+    expected = F.linear(h / smoothing, linear.weight.dequantize(), linear.bias)
+    torch.testing.assert_close(paths.dense_module(linear, torch.float32)(h), expected)
+
+
+def test_a_signature_names_the_shape_not_the_layer():
+    model = _converted()
+    x = torch.randn(2, 32)
+    first = paths.signature(model.proj, x)
+    assert first == paths.signature(model.proj, x.clone())
+    assert "proj" not in json.dumps(first)
+    assert first != paths.signature(model.proj, torch.randn(3, 32))
+    assert first != paths.signature(model.proj, x.half())
+    image = torch.randn(2, 16, 8, 8)
+    assert paths.signature(model.conv, image) != paths.signature(
+        model.conv, image.contiguous(memory_format=torch.channels_last)
+    )
+
+
+def test_the_fastest_path_is_the_least_total_over_the_paths_every_call_took():
+    entries = [{"cublas": 1.0, "triton": 2.0, "bf16": 1.5}, {"triton": 0.5, "bf16": 0.9}]
+    path, totals = paths.fastest(entries)
+    assert totals == {"triton": 2.5, "bf16": 2.4}
+    assert path == "bf16"
+    assert paths.fastest([{"cublas": 0.2, "bf16": 0.3}]) == ("cublas", {"cublas": 0.2, "bf16": 0.3})
+
+
+def test_the_bf16_path_replaces_the_layer_and_the_others_set_its_backend():
+    model = _converted()
+    image = torch.randn(1, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    dense_conv = paths.dense_module(model.conv, torch.float32, channels_last=True)
+    assert dense_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(dense_conv(image), paths.dense_module(model.conv, torch.float32)(image))
+    paths._apply(model, "proj", model.proj, "bf16", torch.randn(2, 32))
+    assert type(model.proj) is nn.Linear
+    paths._apply(model, "conv", model.conv, "triton", torch.randn(1, 16, 8, 8))
+    assert isinstance(model.conv, LowBitConv2d) and model.conv.backend == "triton"
+
+
+def test_the_cache_location_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(paths.CACHE_VARIABLE, str(tmp_path / "c"))
+    assert paths.cache_path() == tmp_path / "c" / paths.CACHE_FILE
+    monkeypatch.delenv(paths.CACHE_VARIABLE)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert paths.cache_path() == tmp_path / "x" / "dmquant" / paths.CACHE_FILE
+
+
+def test_a_malformed_cache_is_ignored_and_writes_merge(tmp_path):
+    cache = tmp_path / paths.CACHE_FILE
+    cache.write_text("{not json")
+    assert paths._read_cache(cache) == {}
+    cache.write_text(json.dumps({"a": {"bf16": 1.0}, "bad": {"bf16": "fast"}, "list": [1]}))
+    assert paths._read_cache(cache) == {"a": {"bf16": 1.0}}
+    paths._write_cache(cache, {"b": {"triton": 2.0}})
+    assert paths._read_cache(cache) == {"a": {"bf16": 1.0}, "b": {"triton": 2.0}}
+
+
+def test_selection_needs_a_cuda_model():
+    model = _converted()
+    with pytest.raises(ValueError, match="CUDA"):
+        paths.select_paths(model, lambda: model(torch.randn(1, 16, 8, 8), torch.zeros(1)))
+
+
+@pytest.mark.gpu
+def test_selection_on_the_gpu_keeps_the_fastest_path_and_measures_a_shape_once(tmp_path, monkeypatch):
+    monkeypatch.setenv(paths.CACHE_VARIABLE, str(tmp_path))
+    model = _converted(device=DEVICE).to(torch.bfloat16)
+    x = torch.randn(64, 16, 32, 32, device=DEVICE, dtype=torch.bfloat16)
+    report = paths.select_paths(model, lambda: model(x, torch.zeros(64, device=DEVICE)))
+    assert [choice.name for choice in report.choices] == ["conv", "proj"]
+    for choice in report.choices:
+        assert choice.path == min(choice.times_ms, key=choice.times_ms.get)
+        assert "bf16" in choice.times_ms and not choice.cached
+        layer = model.get_submodule(choice.name)
+        assert (type(layer) in (nn.Conv2d, nn.Linear)) == (choice.path == "bf16")
+    model(x, torch.zeros(64, device=DEVICE))
+
+    again = _converted(device=DEVICE).to(torch.bfloat16)
+    monkeypatch.setattr(paths, "measure", lambda *args: pytest.fail("a cached shape was measured again"))
+    second = paths.select_paths(again, lambda: again(x, torch.zeros(64, device=DEVICE)))
+    assert all(choice.cached for choice in second.choices)
+    assert [c.path for c in second.choices] == [c.path for c in report.choices]
+
+
+def test_a_converted_model_cast_to_bf16_keeps_its_codes_and_scales():
+    model = _converted()
+    before = {name: (t.dtype, t.clone()) for name, t in model.named_buffers() if t is not None}
+    cast = model.to(torch.bfloat16)
+    for name, tensor in cast.named_buffers():
+        if name in before and (name.endswith(("stored", "scale", "zero", "zero_point"))):
+            assert tensor.dtype == before[name][0], name
+            assert torch.equal(tensor.float(), before[name][1].float()), name
+    assert cast.proj.bias.dtype == torch.bfloat16
+    assert isinstance(cast.proj, LowBitLinear) and isinstance(cast.proj.weight, LowBitWeight)
+    assert cast(torch.randn(1, 16, 8, 8, dtype=torch.bfloat16), torch.zeros(1)).dtype == torch.bfloat16
