@@ -216,6 +216,30 @@ def test_calibration_data_of_the_wrong_shape_dtype_or_rank_names_the_tensor(unet
         api.quantize(unet.denoiser, "minmax", CalibrationSet(**fields), progress=False)
 
 
+def test_a_packed_token_denoiser_takes_token_calibration_data_and_nothing_else():
+    from diffusers import FluxTransformer2DModel
+
+    flux = FluxTransformer2DModel(
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=[2, 2, 4],
+    )  # fmt: skip
+    rows, tokens = 2, 4
+    fields = {
+        "timesteps": torch.ones(rows),
+        "step_indices": torch.zeros(rows, dtype=torch.long),
+        "cond": {"encoder_hidden_states": torch.randn(rows, 3, 16), "pooled_projections": torch.randn(rows, 8)},
+        "num_inference_steps": 1,
+    }
+    packed = CalibrationSet(samples=torch.randn(rows, tokens, 8), **fields)
+    packed.check_fits(Denoiser(flux))  # (N, L, C) with C the model's in_channels
+    with pytest.raises(CalibrationError, match=re.escape("samples: expected a float (N, L, C) tensor of tokens")):
+        CalibrationSet(samples=torch.randn(rows, 8, 2, 2), **fields).check_fits(Denoiser(flux))
+    with pytest.raises(CalibrationError, match="4 channels per token, the model takes 8"):
+        CalibrationSet(samples=torch.randn(rows, tokens, 4), **fields).check_fits(Denoiser(flux))
+    with pytest.raises(CalibrationError, match=re.escape("samples: expected a float (N, C, H, W) tensor")):
+        packed.check_fits(Denoiser(tiny_unet2d()))  # tokens are no input of a UNet
+
+
 @pytest.mark.parametrize(
     ("granularity", "message"),
     [("channel:9", "channel axis 9 is out of range"), ("group:7", "group_size 7 does not divide")],

@@ -19,6 +19,11 @@ _KINDS: tuple[tuple[type[nn.Module], str], ...] = (
 )
 
 
+#: Denoisers whose sample is a sequence of packed latent tokens ``(N, L, C)`` (FLUX packs 2x2 latent patches),
+#: not a latent image ``(N, C, H, W)``.
+TOKEN_SAMPLE_CLASSES = frozenset({"FluxTransformer2DModel"})
+
+
 def _model_kind(model: nn.Module) -> str:
     for model_type, kind in _KINDS:
         if isinstance(model, model_type):
@@ -63,6 +68,8 @@ class Denoiser:
         self.out_channels: int | None = _config_value(model, "out_channels")
         self.sample_size: int | tuple[int, int] | None = _config_value(model, "sample_size")
         self.required_cond = _required_cond(model, self.kind)
+        #: whether the sample is ``(N, L, C)`` tokens (:data:`TOKEN_SAMPLE_CLASSES`), its channels the last axis
+        self.takes_tokens = any(cls.__name__ in TOKEN_SAMPLE_CLASSES for cls in type(model).__mro__)
 
     @property
     def device(self) -> torch.device:

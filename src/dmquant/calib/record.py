@@ -46,7 +46,8 @@ class CalibrationSet:
     """Model inputs recorded along sampling trajectories, one row per (trajectory, step).
 
     Attributes:
-        samples: (N, C, H, W) model inputs ``x_t`` after ``scheduler.scale_model_input``.
+        samples: (N, C, H, W) model inputs ``x_t`` after ``scheduler.scale_model_input``; (N, L, C) packed
+            latent tokens for a denoiser that takes those (FLUX, see :data:`dmquant.denoiser.TOKEN_SAMPLE_CLASSES`).
         timesteps: (N,) timestep values fed to the model (the scheduler's timesteps).
         step_indices: (N,) long: index of each row's step in the trajectory (0: noisiest).
         cond: conditioning keywords as fed, each (N, ...). Under classifier-free guidance the
@@ -68,7 +69,10 @@ class CalibrationSet:
             if not isinstance(tensor, Tensor) or tensor.dim() < 1:
                 raise CalibrationError(f"{name}: expected a tensor with a row per sample, got {_described(tensor)}")
         checks = {
-            "samples": (self.samples.dim() == 4 and self.samples.is_floating_point(), "a float (N, C, H, W) tensor"),
+            "samples": (
+                self.samples.dim() in (3, 4) and self.samples.is_floating_point(),
+                "a float (N, C, H, W) tensor, or (N, L, C) tokens",
+            ),
             "timesteps": (self.timesteps.dim() == 1 and not self.timesteps.is_complex(), "a real (N,) tensor"),
             "step_indices": (
                 self.step_indices.dim() == 1 and not self.step_indices.is_floating_point(),
@@ -90,8 +94,24 @@ class CalibrationSet:
             raise CalibrationError(f"step_indices: must lie in [0, {self.num_inference_steps}) (num_inference_steps)")
 
     def check_fits(self, denoiser: Denoiser) -> None:
-        """The samples have the channels (and square size, where the model states one) ``denoiser`` takes."""
+        """The samples have the layout, channels (and square size, where the model states one) ``denoiser`` takes:
+        ``(N, C, H, W)``, or ``(N, L, C)`` tokens for a denoiser that takes those (``denoiser.takes_tokens``)."""
         channels, size = denoiser.in_channels, denoiser.sample_size
+        name = type(denoiser.model).__name__
+        if denoiser.takes_tokens:
+            if self.samples.dim() != 3:
+                raise CalibrationError(
+                    f"samples: expected a float (N, L, C) tensor of tokens for a {name}, got {_described(self.samples)}"
+                )
+            if channels is not None and self.samples.shape[2] != channels:
+                raise CalibrationError(
+                    f"samples: {self.samples.shape[2]} channels per token, the model takes {channels}"
+                )
+            return
+        if self.samples.dim() != 4:
+            raise CalibrationError(
+                f"samples: expected a float (N, C, H, W) tensor for a {name}, got {_described(self.samples)}"
+            )
         if channels is not None and self.samples.shape[1] != channels:
             raise CalibrationError(f"samples: {self.samples.shape[1]} channels, the model takes {channels}")
         if isinstance(size, int) and tuple(self.samples.shape[2:]) != (size, size):
