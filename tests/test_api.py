@@ -99,6 +99,16 @@ def test_overwrite_refuses_a_checkpoint_directory_that_also_holds_other_files(qu
     assert {path.name: path.read_bytes() for path in target.iterdir()} == before
 
 
+def test_a_diffusers_checkpoint_carries_its_config_json_and_overwrite_replaces_it(quantized, tmp_path):
+    target = api.save(quantized, tmp_path / "q")
+    assert sorted(path.name for path in target.iterdir()) == ["config.json", MANIFEST_FILE, TENSORS_FILE]
+    api.save(quantized, target, overwrite=True)  # config.json is a checkpoint file: the directory is dmquant's
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["q"]
+    with pytest.raises(ValueError, match="not files a checkpoint holds"):  # extra files only of the known kinds
+        checkpoint_module.write_checkpoint(tmp_path / "other", {}, {}, files={"notes.txt": "mine"})
+    assert not (tmp_path / "other").exists()
+
+
 def test_a_checkpoint_gets_the_permissions_of_the_umask(quantized, tmp_path):
     previous = os.umask(0o022)
     try:
@@ -204,6 +214,30 @@ def test_calibration_data_of_the_wrong_shape_dtype_or_rank_names_the_tensor(unet
     fields[field] = value(calibration)
     with pytest.raises(CalibrationError, match=re.escape(message)):
         api.quantize(unet.denoiser, "minmax", CalibrationSet(**fields), progress=False)
+
+
+def test_a_packed_token_denoiser_takes_token_calibration_data_and_nothing_else():
+    from diffusers import FluxTransformer2DModel
+
+    flux = FluxTransformer2DModel(
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=[2, 2, 4],
+    )  # fmt: skip
+    rows, tokens = 2, 4
+    fields = {
+        "timesteps": torch.ones(rows),
+        "step_indices": torch.zeros(rows, dtype=torch.long),
+        "cond": {"encoder_hidden_states": torch.randn(rows, 3, 16), "pooled_projections": torch.randn(rows, 8)},
+        "num_inference_steps": 1,
+    }
+    packed = CalibrationSet(samples=torch.randn(rows, tokens, 8), **fields)
+    packed.check_fits(Denoiser(flux))  # (N, L, C) with C the model's in_channels
+    with pytest.raises(CalibrationError, match=re.escape("samples: expected a float (N, L, C) tensor of tokens")):
+        CalibrationSet(samples=torch.randn(rows, 8, 2, 2), **fields).check_fits(Denoiser(flux))
+    with pytest.raises(CalibrationError, match="4 channels per token, the model takes 8"):
+        CalibrationSet(samples=torch.randn(rows, tokens, 4), **fields).check_fits(Denoiser(flux))
+    with pytest.raises(CalibrationError, match=re.escape("samples: expected a float (N, C, H, W) tensor")):
+        packed.check_fits(Denoiser(tiny_unet2d()))  # tokens are no input of a UNet
 
 
 @pytest.mark.parametrize(

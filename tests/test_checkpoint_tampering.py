@@ -77,6 +77,11 @@ def _first_codes(manifest) -> str:
         (lambda m: m["report"][0].update(colour="red"), "report: malformed"),
         (_set("recipe", {"weight": {"bits": 99}}), "recipe.weight.bits"),
         (_set("source", 42), "source: expected a string"),
+        (_set("source_relative", "/etc"), "source_relative: expected a relative path"),
+        (_set("source_relative", ["..", "model"]), "source_relative: expected a relative path"),
+        (_set("source_relative", ""), "source_relative: expected a relative path"),
+        (_set("base.class", "DiffusionPipeline"), "base.class: expected a denoiser class dmquant supports"),
+        (_set("base.class", "ModelMixin"), "base.class: expected a denoiser class dmquant supports"),
         (_set("extra", []), "extra: expected a mapping"),
         (_set("extra", {"noise_statistics": {"k": 1}}), "extra.noise_statistics"),
         (_set("extra", {"noise_statistics": _statistics(correlation=["x", 1.0])}), "not a finite number"),
@@ -94,6 +99,13 @@ def test_a_tampered_manifest_is_refused_naming_the_field(saved, edit, field):
     edit_manifest(saved, edit)
     with pytest.raises(CheckpointError, match=re.escape(field)):
         api.load(saved)
+
+
+def test_a_source_recorded_as_an_absolute_and_a_relative_path_is_accepted(saved, tmp_path):
+    source = tmp_path / "model"
+    source.mkdir()
+    edit_manifest(saved, lambda m: m.update(source=str(tmp_path / "gone"), source_relative="../model"))
+    assert api.info(api.load(saved)).source == str(source.resolve())  # found again beside the checkpoint
 
 
 @pytest.mark.parametrize(

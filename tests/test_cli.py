@@ -23,6 +23,7 @@ from PIL import Image
 from dmquant.cli import _compiled, main
 from dmquant.config import QuantizerConfig
 from dmquant.core.quantizer import Quantizer
+from dmquant.report import LABEL_SIZE
 
 CALIB = ["--calib-trajectories", "2", "--calib-steps", "3"]
 SAMPLING = ["--num-samples", "2", "--steps", "3", "--batch-size", "2"]
@@ -188,9 +189,13 @@ def test_missing_subcommand_is_a_usage_error(capsys):
 
 def test_quantize_writes_checkpoint(w4_checkpoint):
     output, stdout = w4_checkpoint
-    assert sorted(p.name for p in output.iterdir()) == ["dmquant.json", "quantized_model.safetensors"]
+    assert sorted(p.name for p in output.iterdir()) == ["config.json", "dmquant.json", "quantized_model.safetensors"]
     manifest = json.loads((output / "dmquant.json").read_text())
     assert manifest["source"] == "tiny-dit"
+    config = json.loads((output / "config.json").read_text())  # what diffusers' tools read
+    assert (
+        config["_class_name"] == "DiTTransformer2DModel" and config["quantization_config"]["quant_method"] == "dmquant"
+    )
     assert manifest["base"]["class"] == "DiTTransformer2DModel"
     assert manifest["recipe"]["name"] == "mse"
     # the calibration options reach the saved recipe
@@ -241,7 +246,7 @@ def test_quantize_refuses_existing_output_then_overwrites(tmp_path, capsys):
     (output / "keep.txt").unlink()
     code, out, err = run([*argv, "--overwrite"], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in output.iterdir()) == ["dmquant.json", "quantized_model.safetensors"]
+    assert sorted(p.name for p in output.iterdir()) == ["config.json", "dmquant.json", "quantized_model.safetensors"]
     assert json.loads((output / "dmquant.json").read_text())["recipe"]["name"] == "minmax"
     assert f"saved to {output}" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
@@ -455,6 +460,11 @@ def test_eval_prints_metrics_and_writes_json(w4_checkpoint, tmp_path, capsys):
     assert all({"timestep", "sqnr_db", "mse"} <= set(step) for step in results["steps"])
     assert results["psnr_db"] == pytest.approx(psnr, rel=1e-3)
     assert results["sqnr_db_min"] == pytest.approx(min(step["sqnr_db"] for step in results["steps"]))
+    run_record = results["run"]  # enough to rerun it and to know where it ran
+    assert run_record["checkpoint"] == str(output.resolve()) and run_record["base"] == "tiny-dit"
+    assert run_record["seed"] == 0 and run_record["torch_device"] == "cpu"
+    assert results["verdict"]["within"] is None and out.rstrip().splitlines()[-1].startswith("verdict: ")
+    assert {"device", "torch", "diffusers", "dmquant", "date"} <= set(run_record)
     assert results["size_bytes"] < results["fp_size_bytes"]
 
 
@@ -467,10 +477,10 @@ def test_demo_writes_report_images_and_checkpoints(tmp_path, capsys):
     code, out, err = run(argv + ["--batch-size", "2"], capsys)
     assert code == 0, err
     for name in ("fp.png", "w8a8.png", "w4a8.png"):
-        with Image.open(output / name) as picture:
-            assert picture.size == (2 * (16 + 2) + 2, 16 + 4), name
-    with Image.open(output / "comparison.png") as picture:  # one row per setting, one column per sample
-        assert picture.size == (2 * (16 + 2) + 2, 3 * (16 + 2) + 2)
+        with Image.open(output / name) as picture:  # a title strip above the grid
+            assert picture.size == (2 * (16 + 2) + 2, 16 + 4 + LABEL_SIZE), name
+    with Image.open(output / "comparison.png") as picture:  # one row per setting, labelled; one column per sample
+        assert picture.size[0] > 2 * (16 + 2) + 2 and picture.size[1] == 3 * (16 + 2) + 2
     with Image.open(output / "sqnr.png") as picture:
         assert picture.size[0] > 300
     for label, weight in (("w8a8", "int8"), ("w4a8", "int4")):
@@ -489,6 +499,11 @@ def test_demo_writes_report_images_and_checkpoints(tmp_path, capsys):
     page = (output / "report.html").read_text()
     assert "<table>" in page and "sqnr.png" in page and "comparison.png" in page
     assert "random-initialised" in out
+    # every setting ends with a verdict and a next step; without glyph metrics there is no seed spread
+    assert [verdict["setting"] for verdict in results["verdicts"]] == ["W8A8", "W4A8"]
+    assert all(verdict["within"] is None and verdict["next_step"] for verdict in results["verdicts"])
+    assert out.rstrip().splitlines()[-1].startswith("verdict: W4A8: no seed spread")
+    assert report.rstrip().splitlines()[-1].startswith("- Verdict: W4A8:")
     assert set(results["files"]) == {p.name for p in output.iterdir()}
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # no staging directory or lock left
 
@@ -507,8 +522,11 @@ def test_demo_on_the_shipped_glyph_model_reports_accuracy_and_fid_with_floor(tmp
     argv = ["demo", "-o", str(output), "--num-samples", "8", "--steps", "4", "--batch-size", "8", "-q"]
     code, out, err = run(argv + ["--recipe", "minmax", "--calib-trajectories", "2", "--calib-steps", "4"], capsys)
     assert code == 0, err
-    rows = {row["setting"]: row for row in json.loads((output / "results.json").read_text())["rows"]}
-    assert set(rows) == {"FP", "W8A8", "W4A8"}
+    results = json.loads((output / "results.json").read_text())
+    rows = {row["setting"]: row for row in results["rows"]}
+    assert set(rows) == {"FP", "FP (other seeds)", "W8A8", "W4A8"}
+    for verdict in results["verdicts"]:  # judged on the glyph metrics against FP from other seeds
+        assert verdict["within"] in (True, False) and "seed spread" in verdict["detail"]
     for row in rows.values():
         assert 0.0 <= row["class accuracy"] <= 1.0
         assert row["FID-proxy"] > 0
@@ -766,11 +784,11 @@ def test_a_write_the_machine_refuses_is_a_one_line_error(w4_checkpoint, tmp_path
 
 
 def test_quantize_onto_an_output_another_process_is_writing_fails_before_calibrating(tmp_path, capsys, monkeypatch):
-    import dmquant.cli as cli
+    import dmquant.jobs as jobs  # the command imports quantize_model from there when it runs
 
     output = tmp_path / "q"
     calibrated = []
-    monkeypatch.setattr(cli, "quantize_model", lambda *args, **kwargs: calibrated.append(args))
+    monkeypatch.setattr(jobs, "quantize_model", lambda *args, **kwargs: calibrated.append(args))
     descriptor = os.open(tmp_path / ".q.lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(descriptor, fcntl.LOCK_EX)  # as another dmquant process holds it
     try:

@@ -1,7 +1,8 @@
-"""The README's examples run as written, on tiny models saved to disk."""
+"""The README's examples run as written, on the shipped models (only sizes made smaller)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -11,9 +12,12 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 import dmquant
+from dmquant import pipelines
+from dmquant.config import load_recipe
 from dmquant.errors import ModelError
 from dmquant.jobs import generate
 from dmquant.models import MODEL_INFO_FILE, load_model
+from dmquant.zoo import WEIGHTS_DIR
 from dmquant.zoo.tiny import tiny_unet2d
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -25,33 +29,30 @@ SMALLER = {
     "count=10": "count=2",
     "num_trajectories=32": "num_trajectories=2",
     "batch_size=8": "batch_size=2",
+    "classes(8)": "classes(2)",
 }
 
 
-def python_example() -> str:
-    """The first python block, preceded by blank lines so that tracebacks give README line numbers."""
+def python_examples() -> list[str]:
+    """The python blocks, each preceded by blank lines so that tracebacks give README line numbers."""
     text = README.read_text()
-    match = re.search(r"^```python\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
-    assert match, "README.md has no ```python block"
-    return "\n" * text.count("\n", 0, match.start(1)) + match.group(1)
+    blocks = list(re.finditer(r"^```python\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE))
+    assert blocks, "README.md has no ```python block"
+    return ["\n" * text.count("\n", 0, match.start(1)) + match.group(1) for match in blocks]
 
 
-def test_python_example_runs(tmp_path, monkeypatch):
-    unet_dir, scheduler_dir = tmp_path / "unet", tmp_path / "scheduler"
-    tiny_unet2d(class_conditional=False).save_pretrained(unet_dir)
-    DDIMScheduler().save_pretrained(scheduler_dir)
-
-    code = python_example()
-    for placeholder, directory in {"path/to/unet": unet_dir, "path/to/scheduler": scheduler_dir}.items():
-        assert f'"{placeholder}"' in code
-        code = code.replace(f'"{placeholder}"', repr(str(directory)))
-    for large, small in SMALLER.items():
+def _run(code: str, sizes: dict[str, str]) -> dict:
+    for large, small in sizes.items():
         assert large in code, f"{large} is no longer in the README example"
         code = code.replace(large, small)
-
-    monkeypatch.chdir(tmp_path)  # the example saves its checkpoint to a relative path
     namespace: dict = {"__name__": "readme_example"}
     exec(compile(code, str(README), "exec"), namespace)
+    return namespace
+
+
+def test_python_example_runs_on_the_shipped_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the example saves its checkpoint to a relative path
+    namespace = _run(python_examples()[0], SMALLER)
 
     assert isinstance(namespace["unet"], UNet2DModel)
     qunet = namespace["qunet"]
@@ -59,10 +60,32 @@ def test_python_example_runs(tmp_path, monkeypatch):
     assert quant.config.name == "mse"
     assert quant.report.num_quantized > 0
     assert len(namespace["calibration"]) == 2 * 2  # 2 trajectories, steps 0 and 2 of 4
+    assert namespace["calibration"].cond["class_labels"].tolist() == [0, 1] * 2
     assert (tmp_path / "unet-w8a8" / "dmquant.json").is_file()
     x0 = namespace["x0"]
-    assert x0.shape == (2, 3, 16, 16)
+    assert x0.shape == (2, 3, 32, 32)
     assert torch.isfinite(x0).all()
+
+
+def test_diffusers_example_runs_on_the_shipped_pipeline(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.txt").write_text(
+        "a red bold capital q on a blue background\na green small a on a white background\n"
+    )
+
+    def smaller(name):  # only the calibration's size changes: 2 trajectories of 2 steps
+        config = load_recipe(name)
+        config.calibration = dataclasses.replace(config.calibration, num_trajectories=2, num_inference_steps=2)
+        return config
+
+    monkeypatch.setattr(pipelines, "load_recipe", smaller)
+    example = next(code for code in python_examples() if "quantize_pipeline" in code)
+    namespace = _run(example, {"num_inference_steps=20": "num_inference_steps=2"})
+
+    pipe = namespace["pipe"]
+    assert dmquant.info(pipe.unet).source == str((WEIGHTS_DIR / "ldm-glyphs64").resolve())
+    assert (tmp_path / "glyphs-w8a8" / "unet" / "config.json").is_file()
+    assert namespace["image"].size == (64, 64)
 
 
 def test_model_info_example_is_accepted(tmp_path):

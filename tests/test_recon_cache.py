@@ -392,8 +392,8 @@ def test_unreadable_files_give_clear_errors(resnet_cache, tmp_path):
     (tmp_path / "garbage.safetensors").write_bytes(b"\x07not a safetensors file at all")
     with pytest.raises(CalibrationError, match="not a readable safetensors"):
         BlockIOCache.load(tmp_path / "garbage.safetensors")
-    calibration = CalibrationSet(
-        samples=torch.zeros(1, 1),
+    calibration = CalibrationSet(  # a valid calibration set: a safetensors file of dmquant's, but no block cache
+        samples=torch.zeros(1, 1, 1, 1),
         timesteps=torch.zeros(1),
         step_indices=torch.zeros(1, dtype=torch.long),
         cond={},

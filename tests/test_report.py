@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dmquant.report import image_grid, markdown_table, save_image_grid, save_samples_npz
+from dmquant.report import comparison_grid, image_grid, markdown_table, save_image_grid, save_samples_npz
 
 
 def _constant_batch(values: list[float], channels: int = 3, height: int = 8, width: int = 6):
@@ -163,3 +163,13 @@ def test_markdown_table_columns_and_format():
     assert markdown_table([], columns=["a"]) == "| a |\n| --- |"
     with pytest.raises(ValueError, match="column"):
         markdown_table([])
+
+
+def test_comparison_grid_labels_each_row_with_its_setting(tmp_path):
+    images = {name: torch.zeros(2, 3, 8, 8) for name in ("FP", "W8A8")}
+    with Image.open(comparison_grid(images, tmp_path / "c.png", count=2)) as picture:
+        pixels = np.asarray(picture)
+    unlabelled_width = 2 * (8 + 2) + 2
+    assert pixels.shape[:2] == (2 * (8 + 2) + 2, pixels.shape[1]) and pixels.shape[1] > unlabelled_width
+    label_column = pixels[:, : pixels.shape[1] - unlabelled_width]
+    assert label_column[:11].max() > 0 and label_column[11:].max() > 0  # text beside both rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,12 +16,12 @@ import torch
 from torch import nn
 
 from . import __version__
-from .calib.record import CalibrationSet
+from .calib.record import CalibrationSet, record_forward_loop
 from .calibrate import calibrate_activations, calibrate_weights, name_quantizers
-from .checkpoint import read_checkpoint, restore_weights, state_for_saving, write_checkpoint
+from .checkpoint import CONFIG_FILE, MANIFEST_FILE, read_checkpoint, restore_weights, state_for_saving, write_checkpoint
 from .config import CorrectionConfig, QuantConfig, load_recipe
 from .core.attach import QuantReport, attach_quantizers, find_shortcut_splits
-from .core.quantizer import Quantizer, quantizers, set_step
+from .core.quantizer import STEPS_DRIVEN, Quantizer, quantizers, set_step
 from .correct.statistics import NoiseStatistics, collect_noise_statistics
 from .correct.step import NoiseCorrection
 from .denoiser import Denoiser
@@ -57,7 +58,7 @@ def info(model: nn.Module) -> QuantizationInfo:
 def quantize(
     model: nn.Module,
     config: QuantConfig | str | Path,
-    calibration: CalibrationSet,
+    calibration: CalibrationSet | Callable[[nn.Module], Any],
     *,
     inplace: bool = False,
     batch_size: int = 32,
@@ -69,20 +70,28 @@ def quantize(
 
     ``config`` is a :class:`~dmquant.config.QuantConfig` or a recipe name/path; ``calibration``
     holds (x_t, t, conditioning) recorded from the FP model's own trajectories (see
-    :func:`dmquant.calib.record_calibration`). Steps: find split shortcuts, attach quantizers
-    (rules decide per layer), set weight ranges, then activation ranges on the calibration data,
-    then — if ``config.reconstruction.enabled`` — block reconstruction
+    :func:`dmquant.calib.record_calibration`), or is a ``forward_loop(model)`` that runs the model on
+    representative inputs — e.g. ``lambda unet: pipe(prompts, num_inference_steps=20)`` with ``pipe.unet``
+    being ``model`` — whose calls are recorded (:func:`dmquant.calib.record.record_forward_loop`).
+    Steps: find split shortcuts, attach quantizers (rules decide per layer), set weight ranges, then
+    activation ranges on the calibration data, then — if ``config.reconstruction.enabled`` — block reconstruction
     (:func:`dmquant.recon.model.reconstruct_model`; with ``state_dir`` a killed run resumes
     from the last finished block when called again with the same arguments).
     Returns the quantized model (a copy unless ``inplace``), with ``model.dmquant_info``.
     """
     if isinstance(config, (str, Path)):
         config = load_recipe(config)
+    refuse_unfused_adapters(model, "quantizing it")
     if not isinstance(calibration, CalibrationSet):
-        raise CalibrationError(f"calibration: expected a CalibrationSet, got {type(calibration).__name__}")
+        if not callable(calibration):
+            raise CalibrationError(
+                f"calibration: expected a CalibrationSet or a forward_loop(model), got {type(calibration).__name__}"
+            )
+        calibration = record_forward_loop(model, calibration)
+    elif len(calibration) > 0:  # a recorded forward loop holds what the model itself was fed: it fits
+        calibration.check_fits(Denoiser(model))
     if len(calibration) == 0:
         raise CalibrationError("the calibration set is empty: record at least one sample")
-    calibration.check_fits(Denoiser(model))
     fp_model = copy.deepcopy(model).eval() if config.reconstruction.enabled else None
     if not inplace:
         model = copy.deepcopy(model)
@@ -117,8 +126,81 @@ def quantize(
             progress=progress,
         )
         extra["reconstruction"] = [asdict(record) for record in records]
-    setattr(model, INFO_ATTRIBUTE, QuantizationInfo(config, report, splits, num_steps, source=source, extra=extra))
+    mark_quantized(model, QuantizationInfo(config, report, splits, num_steps, source=source, extra=extra))
     return model
+
+
+def mark_quantized(model: nn.Module, quant: QuantizationInfo) -> None:
+    """Keep ``quant`` on ``model`` as ``model.dmquant_info``, and make the model refuse what would silently
+    lose its quantization.
+
+    * A model with per-step parts (per-step ranges, a bit schedule, PTQD's corrections) refuses to run until
+      something drives its steps — :func:`sampling_hooks` in dmquant's loop, :func:`dmquant.hook_pipeline`
+      inside a diffusers pipeline, or :func:`~dmquant.core.quantizer.set_step` — instead of running every
+      step with step 0's parameters. The check reads one attribute per call.
+    * ``model.save_pretrained`` (what ``pipe.save_pretrained`` calls) raises: diffusers would write the
+      float weights without the quantization; :func:`save` and :func:`dmquant.save_pipeline` keep it.
+    * ``model.load_lora_adapter`` and ``model.fuse_lora`` (what ``pipe.load_lora_weights`` and
+      ``pipe.fuse_lora`` call) raise: LoRA is fused into the full-precision model before quantizing.
+    """
+    setattr(model, INFO_ATTRIBUTE, quant)
+    model.__dict__[STEPS_DRIVEN] = False
+    if not any(hook is _refuse_undriven for hook in model._forward_pre_hooks.values()):
+        model.register_forward_pre_hook(_refuse_undriven)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained = _refuse_save_pretrained
+    for method in ("load_lora_adapter", "fuse_lora"):
+        if hasattr(model, method):
+            setattr(model, method, _refuse_lora)
+
+
+def unfused_adapters(model: nn.Module) -> list[str]:
+    """Names of the layers of ``model`` that carry LoRA adapters not fused into their weights: PEFT's tuner
+    layers (``lora_A`` / ``lora_B``, also once merged but not unloaded) and diffusers' LoRA-compatible layers."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") or getattr(module, "lora_layer", None) is not None
+    ]
+
+
+def refuse_unfused_adapters(model: nn.Module, action: str) -> None:
+    """Raise :class:`ModelError` when ``model`` carries unfused LoRA adapters: quantizing or saving them
+    would quantize the adapters apart from the weights they add to, and the checkpoint would not load."""
+    names = unfused_adapters(model)
+    if names:
+        raise ModelError(
+            f"{type(model).__name__} carries LoRA adapters not fused into its weights ({', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}); fuse them before {action}: pipe.fuse_lora() then "
+            "pipe.unload_lora_weights() (or model.fuse_lora() then model.unload_lora()), then quantize"
+        )
+
+
+def _refuse_lora(*args: Any, **kwargs: Any) -> None:
+    raise ModelError(
+        "LoRA cannot be loaded or fused into a quantized model: its calibrated ranges and weight codes were "
+        "made for the weights without it. Fuse the LoRA into the full-precision model, then quantize that"
+    )
+
+
+def _refuse_undriven(model: nn.Module, args: tuple) -> None:
+    if model.__dict__.get(STEPS_DRIVEN, True) or required_steps(model) is None:
+        return
+    raise ModelError(
+        f"this quantized {type(model).__name__} has per-step parts (recipe {info(model).config.name!r}) and "
+        "nothing selects its sampling step: in a diffusers pipeline use dmquant.load_pipeline, or call "
+        "dmquant.hook_pipeline(pipe) after setting the model on it; in dmquant.sampling.sample pass "
+        "hooks=dmquant.sampling_hooks(model); in a loop of your own call "
+        "dmquant.core.quantizer.set_step(model, step_index) before each step"
+    )
+
+
+def _refuse_save_pretrained(*args: Any, **kwargs: Any) -> None:
+    raise ModelError(
+        "save_pretrained would write this quantized model's float weights and drop its quantization: "
+        "save a pipeline with dmquant.save_pipeline(pipe, directory), "
+        "the model alone with dmquant.save(model, directory)"
+    )
 
 
 def _smooth(model: nn.Module, config: QuantConfig, calibration: CalibrationSet, batch_size: int) -> None:
@@ -135,7 +217,8 @@ class StepSelector(StepHook):
     """Selects each sampling step's activation parameters (per-step ranges, or a step-aware bit schedule).
 
     ``num_steps`` (when given) is the trajectory length the parameters were made for; sampling
-    with another is an error rather than a silent mismatch of steps and parameters.
+    with another is an error rather than a silent mismatch of steps and parameters. After the last
+    step the model counts as undriven again (see :func:`mark_quantized`).
     """
 
     def __init__(self, model: nn.Module, num_steps: int | None = None):
@@ -149,6 +232,10 @@ class StepSelector(StepHook):
                 f"sample with {self.num_steps} steps, not {ctx.num_steps}"
             )
         set_step(self.model, ctx.step_index)
+
+    def end_step(self, ctx: StepContext, prev_sample: torch.Tensor) -> None:
+        if ctx.step_index == ctx.num_steps - 1:
+            self.model.__dict__[STEPS_DRIVEN] = False
 
 
 #: ``info(model).extra`` key of the PTQD noise statistics.
@@ -168,11 +255,16 @@ def required_steps(model: nn.Module) -> int | None:
     return quant.num_steps if quant.num_steps > 1 else None
 
 
-def _range_hooks(model: nn.Module, quant: QuantizationInfo) -> list[StepHook]:
+def _range_hooks(model: nn.Module) -> list[StepHook]:
+    """A :class:`StepSelector` for a model with per-step parts, checking the trajectory length that a bit
+    schedule or per-step ranges were made for (noise statistics check their own)."""
+    if required_steps(model) is None:
+        return []
+    quant = info(model)
     schedule = quant.config.step_precision
     if schedule.enabled:
         return [StepSelector(model, schedule.num_inference_steps)]
-    return [StepSelector(model, quant.num_steps)] if quant.num_steps > 1 else []
+    return [StepSelector(model, quant.num_steps if quant.num_steps > 1 else None)]
 
 
 def sampling_hooks(model: nn.Module) -> list[StepHook]:
@@ -185,7 +277,7 @@ def sampling_hooks(model: nn.Module) -> list[StepHook]:
     quant = getattr(model, INFO_ATTRIBUTE, None)
     if quant is None:
         return []
-    hooks = _range_hooks(model, quant)
+    hooks = _range_hooks(model)
     correction = quant.config.correction
     if correction.enabled:
         if NOISE_STATISTICS not in quant.extra:
@@ -230,7 +322,7 @@ def measure_noise(
         conditioning=conditioning,
         batch_size=config.batch_size,
         generator=torch.Generator().manual_seed(config.seed),
-        quantized_hooks=_range_hooks(model, quant),
+        quantized_hooks=_range_hooks(model),
         progress=progress,
     )
     quant.extra[NOISE_STATISTICS] = statistics.to_json()
@@ -249,8 +341,11 @@ def _base_description(model: nn.Module) -> dict[str, Any]:
 
 
 def save(model: nn.Module, directory: str | Path, *, overwrite: bool = False) -> Path:
-    """Save a quantized model to ``directory`` (atomically; refuses an existing one unless ``overwrite``)."""
+    """Save a quantized model to ``directory`` (atomically; refuses an existing one unless ``overwrite``).
+
+    A model carrying unfused LoRA adapters is refused (:func:`refuse_unfused_adapters`)."""
     quant = info(model)
+    refuse_unfused_adapters(model, "saving it")
     tensors, layout = state_for_saving(model)
     manifest = {
         "dmquant_version": __version__,
@@ -263,14 +358,63 @@ def save(model: nn.Module, directory: str | Path, *, overwrite: bool = False) ->
         "unmatched_rules": quant.report.unmatched_rules,
         "weight_codes": layout,
         "source": quant.source,
+        "source_relative": _relative_source(quant.source, directory),
         "extra": quant.extra,
     }
-    return write_checkpoint(directory, tensors, manifest, overwrite=overwrite)
+    base = manifest["base"]
+    files = {}
+    if base["library"] == "diffusers":
+        files[DIFFUSERS_CONFIG_FILE] = json.dumps(_diffusers_config(base, quant), indent=2, sort_keys=True)
+    return write_checkpoint(directory, tensors, manifest, overwrite=overwrite, files=files)
+
+
+#: The diffusers model config a checkpoint of a diffusers model carries beside its manifest.
+DIFFUSERS_CONFIG_FILE = CONFIG_FILE
+
+
+def _diffusers_config(base: dict[str, Any], quant: QuantizationInfo) -> dict[str, Any]:
+    """The base model's diffusers config with a ``quantization_config`` naming dmquant.
+
+    Tools that read a model folder's ``config.json`` (``ModelMixin.load_config``, hub viewers) see the
+    architecture; ``from_pretrained`` of the folder stops at the quantization method it does not know rather
+    than building the model from weights it cannot find. :func:`load` reads the manifest, not this file.
+    """
+    config = {key: value for key, value in base["config"].items() if not key.startswith("_")}
+    return {
+        "_class_name": base["class"],
+        "_diffusers_version": diffusers.__version__,
+        **config,
+        "quantization_config": {"quant_method": "dmquant", "recipe": quant.config.name, "manifest": MANIFEST_FILE},
+    }
+
+
+def _relative_source(source: str | None, directory: str | Path) -> str | None:
+    """The source model's path relative to the checkpoint, when the source is a directory: a checkpoint
+    and its model moved together find each other again (see :func:`load`)."""
+    if source is None or not Path(source).is_absolute():
+        return None
+    return os.path.relpath(source, Path(directory).absolute())
+
+
+def _found_source(manifest: dict[str, Any], directory: Path) -> str | None:
+    """The recorded source model, or where it is now relative to the checkpoint if it moved with it."""
+    source, relative = manifest.get("source"), manifest.get("source_relative")
+    if source is not None and relative is not None and not Path(source).exists():
+        moved = (directory.absolute() / relative).resolve()
+        if moved.exists():
+            return str(moved)
+    return source
+
+
+def _architecture(config: Any) -> dict[str, Any]:
+    """A diffusers config without its bookkeeping keys (``_name_or_path``, ``_diffusers_version``, ...): where
+    and by which version a model was loaded says nothing about its architecture, and changes when it moves."""
+    return {key: value for key, value in _json_roundtrip(dict(config)).items() if not key.startswith("_")}
 
 
 def same_architecture(first: nn.Module, second: nn.Module) -> bool:
     """Both modules are of one class and, for diffusers models, of one configuration."""
-    configs = [_json_roundtrip(dict(getattr(module, "config", {}))) for module in (first, second)]
+    configs = [_architecture(getattr(module, "config", {})) for module in (first, second)]
     return type(first) is type(second) and configs[0] == configs[1]
 
 
@@ -281,9 +425,10 @@ def _build_base(manifest: dict[str, Any], model: nn.Module | None) -> nn.Module:
             raise CheckpointError(
                 f"the checkpoint is for a {base['class']}, the given model is a {type(model).__name__}"
             )
-        given = _json_roundtrip(dict(getattr(model, "config", {}))) if base["config"] is not None else None
-        if given is not None and given != base["config"]:
-            diff = sorted(k for k in set(base["config"]) | set(given) if given.get(k) != base["config"].get(k))
+        given = _architecture(getattr(model, "config", {})) if base["config"] is not None else None
+        expected = _architecture(base["config"]) if base["config"] is not None else None
+        if given is not None and given != expected:
+            diff = sorted(k for k in set(expected) | set(given) if given.get(k) != expected.get(k))
             raise CheckpointError(f"the checkpoint is for another {base['class']} configuration (differs in {diff})")
         return copy.deepcopy(model)
     if base["library"] != "diffusers":
@@ -401,9 +546,10 @@ def load(directory: str | Path, *, model: nn.Module | None = None) -> nn.Module:
             NoiseStatistics.from_json(extra[NOISE_STATISTICS])
         except CalibrationError as error:
             raise CheckpointError(f"dmquant.json: extra.{NOISE_STATISTICS}: {error}") from None
-    setattr(
+    mark_quantized(
         base,
-        INFO_ATTRIBUTE,
-        QuantizationInfo(config, report, manifest["splits"], manifest["num_steps"], manifest.get("source"), extra),
+        QuantizationInfo(
+            config, report, manifest["splits"], manifest["num_steps"], _found_source(manifest, Path(directory)), extra
+        ),
     )
     return base

@@ -10,6 +10,9 @@
 * :func:`check_output` refuses an output path before any work is done: below a file, in a
   directory that cannot be written, or existing without ``overwrite`` (or holding files that
   dmquant did not write); :func:`check_writable` checks the place of single-file outputs.
+* A directory whose files are not all named in advance (a pipeline directory, where diffusers'
+  ``save_pretrained`` writes the other components) carries a record of the files written into it
+  (:func:`record_files`), so that :func:`only_recorded_files` can tell them from anything else.
 
 Every output gets the permissions a plain ``open``/``mkdir`` would give it (the umask applies).
 """
@@ -21,6 +24,7 @@ import ctypes
 import errno
 import fcntl
 import glob
+import json
 import logging
 import os
 import shutil
@@ -104,13 +108,23 @@ def staging_directory(target: Path) -> Path:
 
 
 def fsync_directory(directory: Path) -> None:
-    """Flush every entry of ``directory`` (files and subdirectories) and the directory itself to disk."""
-    for path in (*directory.iterdir(), directory):
+    """Flush every entry below ``directory`` (files and subdirectories, at any depth) and the directory itself."""
+    for path in (*_entries_below(directory), directory):
+        if path.is_symlink():
+            continue
         descriptor = os.open(path, os.O_RDONLY)
         try:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
+
+
+def _entries_below(directory: Path) -> list[Path]:
+    """Every file and directory below ``directory``, deepest first (a directory after what it holds)."""
+    found = []
+    for root, directories, files in os.walk(directory, topdown=False):
+        found += [Path(root, name) for name in (*files, *directories)]
+    return found
 
 
 _RENAME_EXCHANGE = 2
@@ -165,14 +179,77 @@ def directory_written_atomically(
         staging = staging_directory(target)
         try:
             yield staging
-            for path in staging.iterdir():  # as open() would make them (some writers make files 0600)
-                if path.is_file() and not path.is_symlink():
-                    os.chmod(path, 0o666 & ~_umask())
+            for path in _entries_below(staging):  # as open()/mkdir would make them (some writers make files 0600)
+                if path.is_symlink():
+                    continue
+                os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
             fsync_directory(staging)
             swap_into_place(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+
+def files_below(directory: Path) -> list[str]:
+    """The paths, relative to ``directory`` and with ``/`` between parts, of every entry below it that is not
+    a directory (files, links, anything else), sorted."""
+    return sorted(
+        path.relative_to(directory).as_posix()
+        for path in _entries_below(directory)
+        if path.is_symlink() or not path.is_dir()
+    )
+
+
+def record_files(directory: Path, record: str, *, writing: str | None = None) -> None:
+    """Write ``directory/record``: every file below ``directory`` now, as written by dmquant.
+
+    ``writing`` names a subdirectory still being filled (by a writer that does not say what it writes,
+    e.g. diffusers' ``save_pretrained``): everything below it, and its own staging, retired and lock
+    entries (``.NAME.tmp-*``, ``.NAME.old-*``, ``.NAME.lock``), counts as dmquant's until the next record.
+    """
+    files = [name for name in files_below(directory) if name != record]
+    (directory / record).write_text(json.dumps({"files": files, "writing": writing}, indent=2))
+
+
+def _read_record(directory: Path, record: str) -> dict | None:
+    path = directory / record
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    files, writing = (content.get("files"), content.get("writing")) if isinstance(content, dict) else (None, None)
+    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+        return None
+    if writing is not None and (not isinstance(writing, str) or not writing or "/" in writing or writing[0] == "."):
+        return None
+    return {"files": set(files), "writing": writing}
+
+
+def only_recorded_files(directory: Path, record: str) -> bool:
+    """Every entry below ``directory`` is one that ``directory/record`` (see :func:`record_files`) names as
+    written by dmquant; False without a readable record."""
+    content = _read_record(directory, record)
+    if content is None:
+        return False
+    writing = content["writing"]
+
+    def being_written(name: str) -> bool:
+        return writing is not None and (name.startswith(f"{writing}/") or name.startswith(f".{writing}."))
+
+    return all(name == record or name in content["files"] or being_written(name) for name in files_below(directory))
+
+
+def recorded_complete(directory: Path, record: str) -> bool:
+    """``directory`` holds a finished record (nothing still being written) and every file it names."""
+    content = _read_record(directory, record)
+    return (
+        content is not None
+        and content["writing"] is None
+        and only_recorded_files(directory, record)
+        and all((directory / name).is_file() for name in content["files"])
+    )
 
 
 def leftovers(target: Path) -> list[Path]:

@@ -7,7 +7,11 @@ A checkpoint directory holds
   the quantizers' scales and zero points, and every other parameter/buffer in its FP dtype;
 * ``dmquant.json`` — format version, dmquant version, the base architecture (class and
   diffusers config), the recipe, the shortcut splits, the layer report, the per-weight code
-  layout, and the SHA-256 of the tensor file.
+  layout, the source model (absolute path, and relative to the checkpoint) and the SHA-256
+  of the tensor file;
+* ``config.json`` (a diffusers model only) — the base model's diffusers config with a
+  ``quantization_config`` naming dmquant, for tools that read a model folder's config;
+  :func:`read_checkpoint` does not read it.
 
 Nothing is pickled. A write goes to a staging sibling directory swapped into place at the end
 (:mod:`dmquant.atomic`), so an interrupted save leaves the old checkpoint or the new one, never
@@ -40,8 +44,14 @@ FORMAT_VERSION = 1
 TENSORS_FILE = "quantized_model.safetensors"
 MANIFEST_FILE = "dmquant.json"
 CODES_SUFFIX = ".codes"
+#: The diffusers model config a checkpoint of a diffusers model carries beside its manifest.
+CONFIG_FILE = "config.json"
+#: What every checkpoint holds.
+REQUIRED_FILES = frozenset({TENSORS_FILE, MANIFEST_FILE})
+#: What a checkpoint may hold besides (``write_checkpoint(..., files=)``).
+OPTIONAL_FILES = frozenset({CONFIG_FILE})
 #: Everything a checkpoint directory holds: ``--overwrite`` replaces a directory with nothing else in it.
-CHECKPOINT_FILES = frozenset({TENSORS_FILE, MANIFEST_FILE})
+CHECKPOINT_FILES = REQUIRED_FILES | OPTIONAL_FILES
 #: A manifest is metadata; a larger file is not one.
 MAX_MANIFEST_BYTES = 64 << 20
 
@@ -143,7 +153,7 @@ def _is_ours(directory: Path) -> bool:
 
 
 def _is_complete(directory: Path) -> bool:
-    return _is_ours(directory) and {path.name for path in directory.iterdir()} == CHECKPOINT_FILES
+    return _is_ours(directory) and REQUIRED_FILES <= {path.name for path in directory.iterdir()}
 
 
 def check_target(directory: str | Path, *, overwrite: bool) -> Path:
@@ -156,13 +166,26 @@ def check_target(directory: str | Path, *, overwrite: bool) -> Path:
 
 
 def write_checkpoint(
-    directory: str | Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], *, overwrite: bool = False
+    directory: str | Path,
+    tensors: dict[str, torch.Tensor],
+    manifest: dict[str, Any],
+    *,
+    overwrite: bool = False,
+    files: dict[str, str] | None = None,
 ) -> Path:
-    """Write tensors + manifest to ``directory``: staged beside it, swapped in whole, under its lock.
+    """Write tensors + manifest (and the text ``files``, by name) to ``directory``: staged beside it, swapped
+    in whole, under its lock.
 
-    Leftovers of an interrupted earlier save are recovered or removed first (with a message).
+    ``files`` may only name the optional files a checkpoint holds (:data:`OPTIONAL_FILES`), so that every
+    file in a checkpoint directory is one ``--overwrite`` knows as dmquant's. Leftovers of an interrupted
+    earlier save are recovered or removed first (with a message).
     """
     target = Path(directory)
+    unknown = sorted(set(files or {}) - OPTIONAL_FILES)
+    if unknown:
+        raise ValueError(
+            f"write_checkpoint: files={unknown} are not files a checkpoint holds ({sorted(OPTIONAL_FILES)})"
+        )
     with directory_written_atomically(
         target, overwrite=overwrite, ours=_is_ours, complete=_is_complete, what="a dmquant checkpoint"
     ) as staging:
@@ -174,6 +197,8 @@ def write_checkpoint(
             "tensors_bytes": (staging / TENSORS_FILE).stat().st_size,
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        for name, text in (files or {}).items():
+            (staging / name).write_text(text)
     return target
 
 

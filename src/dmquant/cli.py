@@ -1,4 +1,8 @@
-"""The ``dmquant`` command: quantize, sample, eval, analyze, inspect, demo."""
+"""The ``dmquant`` command: quantize, sample, eval, analyze, inspect, demo.
+
+Each command imports what it runs on when it runs: ``dmquant --help`` and argument errors answer without
+importing torch (the names the options offer come from :mod:`dmquant.catalog`).
+"""
 
 from __future__ import annotations
 
@@ -13,31 +17,20 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .api import INFO_ATTRIBUTE, info, required_steps, sampling_hooks, save
 from .atomic import check_output, check_writable, output_lock
-from .checkpoint import MANIFEST_FILE, check_target
-from .config import QuantConfig, available_recipes, load_recipe
-from .core.attach import attach_quantizers, find_shortcut_splits
-from .core.quantizer import quantizers
-from .denoiser import Denoiser
-from .deployment import choose_kernel_paths, speedup_line
+from .catalog import REFERENCE_MODELS, SCHEDULER_NAMES, TINY_MODELS, available_recipes
 from .errors import DmquantError
-from .eval.images import psnr, to_unit_range
-from .jobs import compare, generate, open_model, quantize_model
-from .kernels.convert import REPORT_ATTRIBUTE, convert_model
-from .kernels.dispatch import load_kernels
-from .models import BUILTIN_MODELS, SCHEDULERS, DiffusionModel
-from .precision.sqnr import analyze_sensitivity
-from .recon.state import read_progress, remove_state
-from .report import markdown_table, save_image_grid, save_samples_npz, sensitivity_bars, sensitivity_heatmap
+
+if TYPE_CHECKING:
+    from .config import QuantConfig
+    from .models import DiffusionModel
+    from .verdict import Verdict
 
 MODEL_HELP = (
-    "a built-in model (" + ", ".join(BUILTIN_MODELS) + "), a diffusers pipeline or model directory, "
+    "a built-in model (" + ", ".join((*REFERENCE_MODELS, *TINY_MODELS)) + "), a diffusers pipeline or model directory, "
     "or (where it makes sense) a dmquant checkpoint directory"
 )
 
@@ -85,7 +78,7 @@ def _add_sampling_options(parser: argparse.ArgumentParser, num_samples: int) -> 
         "--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)"
     )
     group.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default: 0)")
-    group.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler to use instead of the model's own")
+    group.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES), help="sampler to use instead of the model's own")
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,6 +99,10 @@ MAX_SEED = 2**63 - 1
 
 def _check_device(name: str) -> None:
     """``name`` is a torch device this machine has (``cuda`` needs CUDA, ``cuda:3`` a fourth GPU)."""
+    if name == "cpu":  # the default: answered without importing torch
+        return
+    import torch
+
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as error:
@@ -138,6 +135,9 @@ def _prepared(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel
     """The model on ``--device``, with ``--scheduler`` applied where the command has it, an
     unset ``--steps`` set to what the (first) model opened needs, and a quantized denoiser
     converted to low-bit layers under ``--real-kernels``."""
+    from .api import INFO_ATTRIBUTE, required_steps
+    from .kernels.convert import REPORT_ATTRIBUTE, convert_model
+
     required = required_steps(model.denoiser)
     if getattr(args, "steps", 0) is None:
         args.steps = required or DEFAULT_STEPS
@@ -160,6 +160,10 @@ def _prepared(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel
 def _choose_kernel_paths(converted: DiffusionModel, args: argparse.Namespace) -> None:
     """On CUDA, unless ``--every-layer-on-kernels``: each converted layer's fastest path, measured on calls shaped
     like this command's batches (``dmquant.kernels.paths``), with what was chosen printed."""
+    import torch
+
+    from .deployment import choose_kernel_paths
+
     if torch.device(args.device).type != "cuda" or args.every_layer_on_kernels:
         return
     report = choose_kernel_paths(converted, args.batch_size, args.guidance, progress=not args.quiet)
@@ -170,6 +174,11 @@ def _compiled(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel
     """The model with its denoiser compiled in place under ``--compile`` (with CUDA graphs on CUDA). One graph per
     per-step parameter set, for the full batches and for a smaller last one: dynamo's recompile limit is raised to
     twice the model's number of sets, so that no step falls back to eager."""
+    import torch
+
+    from .core.quantizer import quantizers
+    from .kernels.dispatch import load_kernels
+
     if args.compile:
         on_cuda = torch.device(args.device).type == "cuda"
         if on_cuda:
@@ -183,6 +192,8 @@ def _compiled(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel
 
 def _recipe(args: argparse.Namespace, bits: tuple = (None, None)) -> QuantConfig:
     """The recipe with the command line's overrides (bits, calibration size) applied and validated."""
+    from .config import load_recipe
+
     weight_bits = bits[0] if bits[0] is not None else getattr(args, "w_bits", None)
     activation_bits = bits[1] if bits[1] is not None else getattr(args, "a_bits", None)
     config = load_recipe(args.recipe).with_bits(weight_bits, activation_bits)
@@ -298,9 +309,76 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------- commands
 
 
+def _calibration_prompts(args: argparse.Namespace) -> list[str]:
+    """``--prompt`` values, then the lines of ``--prompts FILE`` (blank lines skipped)."""
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        try:
+            lines = Path(args.prompts).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise DmquantError(f"--prompts {args.prompts}: cannot read it ({error})") from None
+        from_file = [line.strip() for line in lines if line.strip()]
+        if not from_file:
+            raise DmquantError(f"--prompts {args.prompts}: no prompts in it (one prompt a line)")
+        prompts += from_file
+    return prompts
+
+
+def _reconstruction_state(config: QuantConfig, output: Path, args: argparse.Namespace) -> Path:
+    """Where a reconstruction keeps its progress (``--state-dir``, default OUTPUT.reconstruction): checked
+    writable now, since it is written along the way, and any progress found there announced as resumed."""
+    from .recon.state import read_progress
+
+    state_dir = Path(args.state_dir) if args.state_dir else output.with_name(output.name + ".reconstruction")
+    if config.reconstruction.enabled:
+        check_output(state_dir, overwrite=True, replaceable=lambda _: True, what="reconstruction progress")
+        progress = read_progress(state_dir)
+        if progress is not None:
+            print(f"resuming the reconstruction saved in {state_dir} ({len(progress['units'])} units done)")
+    return state_dir
+
+
+def _remove_reconstruction_state(config: QuantConfig, state_dir: Path, args: argparse.Namespace) -> None:
+    """The default progress directory goes once the result is saved; a ``--state-dir`` given is kept."""
+    from .recon.state import remove_state
+
+    if config.reconstruction.enabled and not args.state_dir:
+        remove_state(state_dir)
+
+
+def _quantize_pipeline(args: argparse.Namespace, config: QuantConfig, prompts: list[str]) -> int:
+    """``dmquant quantize PIPELINE_DIR``: the pipeline with its denoiser quantized, as a pipeline directory."""
+    from .pipelines import check_pipeline_target
+
+    output = check_pipeline_target(args.output, overwrite=args.overwrite)
+    with output_lock(output):  # held until saved: a second run on OUT fails now, not after calibrating
+        return _quantize_and_save_pipeline(args, config, prompts, output)
+
+
+def _quantize_and_save_pipeline(args: argparse.Namespace, config: QuantConfig, prompts: list[str], output: Path) -> int:
+    from .models import read_pipeline
+    from .pipelines import quantize_pipeline, save_pipeline
+
+    pipe = read_pipeline(Path(args.model)).to(args.device)
+    print(f"quantizing the denoiser of pipeline {args.model} with recipe {config.name}")
+    state_dir = _reconstruction_state(config, output, args)
+    started = time.perf_counter()
+    quantize_pipeline(pipe, config, prompts=prompts, labels=args.labels, progress=not args.quiet, state_dir=state_dir)
+    save_pipeline(pipe, output, overwrite=args.overwrite)
+    _remove_reconstruction_state(config, state_dir, args)
+    print(f"quantized in {time.perf_counter() - started:.1f} s; pipeline saved to {output} (dmquant.load_pipeline)")
+    return 0
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
-    model = _prepared(open_model(args.model), args)
+    from .checkpoint import check_target
+    from .jobs import open_model
+
     config = _recipe(args)
+    prompts = _calibration_prompts(args)
+    if (Path(args.model) / "model_index.json").exists():
+        return _quantize_pipeline(args, config, prompts)
+    model = _prepared(open_model(args.model), args).with_defaults(prompts=prompts, labels=args.labels)
     output = check_target(args.output, overwrite=args.overwrite)
     with output_lock(output):  # held until saved: a second run on OUT fails now, not after calibrating
         return _quantize_and_save(model, config, output, args)
@@ -308,16 +386,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def _quantize_and_save(model: DiffusionModel, config: QuantConfig, output: Path, args: argparse.Namespace) -> int:
     """Calibrate, quantize (resuming a reconstruction from its saved progress) and save to ``output``."""
+    from .api import info, save
+    from .jobs import quantize_model
+
     print(
         f"quantizing {model.name} with recipe {config.name}: weights {config.weight.describe()}, "
         f"activations {config.activation.describe()}"
     )
-    state_dir = Path(args.state_dir) if args.state_dir else output.with_name(output.name + ".reconstruction")
-    if config.reconstruction.enabled:  # its progress is written along the way: it must be writable now
-        check_output(state_dir, overwrite=True, replaceable=lambda _: True, what="reconstruction progress")
-    progress = read_progress(state_dir) if config.reconstruction.enabled else None
-    if progress is not None:
-        print(f"resuming the reconstruction saved in {state_dir} ({len(progress['units'])} units done)")
+    state_dir = _reconstruction_state(config, output, args)
     started = time.perf_counter()
     try:
         quantized = quantize_model(model, config, progress=not args.quiet, state_dir=state_dir)
@@ -326,8 +402,7 @@ def _quantize_and_save(model: DiffusionModel, config: QuantConfig, output: Path,
             print(f"the finished blocks are kept in {state_dir}: rerun the same command to resume", file=sys.stderr)
         raise
     save(quantized.denoiser, output, overwrite=args.overwrite)
-    if config.reconstruction.enabled and not args.state_dir:
-        remove_state(state_dir)
+    _remove_reconstruction_state(config, state_dir, args)
     report = info(quantized.denoiser).report
     print(f"{report.num_quantized} layers quantized in {time.perf_counter() - started:.1f} s; saved to {output}")
     return 0
@@ -337,8 +412,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if Path(args.output).suffix.lower() != ".png":
         raise DmquantError(f"--output {args.output}: the grid is written as PNG; give a name ending in .png")
     check_writable(Path(args.output).parent)
+    import torch
+
+    from .api import info
+    from .jobs import generate, open_model
+    from .report import save_image_grid, save_samples_npz
+
     model = _compiled(_prepared(open_model(args.model, base=args.base), args), args)
     if args.real_kernels and args.compile and torch.device(args.device).type == "cuda":
+        from .deployment import speedup_line
+
         fp = _compiled(_prepared(open_model(args.base or info(model.denoiser).source), args), args)
         print(speedup_line(fp, model, args.batch_size, args.guidance))
         del fp
@@ -353,6 +436,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _compare_table(results: dict[str, Any]) -> str:
+    from .report import markdown_table
+
     return markdown_table(
         [
             {"metric": "PSNR vs FP (dB)", "value": results["psnr_db"]},
@@ -383,7 +468,14 @@ def _json_ready(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    if not (Path(args.model) / MANIFEST_FILE).exists():
+    from .api import info
+    from .checkpoint import MANIFEST_FILE
+    from .jobs import compare, open_model, quantized_checkpoint
+    from .provenance import environment
+    from .report import markdown_table
+    from .verdict import Verdict
+
+    if quantized_checkpoint(Path(args.model)) is None:
         raise DmquantError(
             f"{args.model}: not a dmquant checkpoint directory (no {MANIFEST_FILE}); make one with `dmquant quantize`"
         )
@@ -392,7 +484,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     quantized = _prepared(open_model(args.model, base=args.base), args)
     source = args.base or info(quantized.denoiser).source
     quantized, fp = (_compiled(model, args) for model in (quantized, _prepared(open_model(source), args)))
-    results = compare(fp, quantized, num_samples=args.num_samples, **_sampling_kwargs(args))
+    label = info(quantized.denoiser).config.name
+    results = compare(fp, quantized, num_samples=args.num_samples, label=label, **_sampling_kwargs(args))
+    results["verdict"] = vars(_eval_verdict(fp, results, args, label))
+    results["run"] = {
+        "checkpoint": str(Path(args.model).resolve()),
+        "base": source,
+        "seed": args.seed,
+        "guidance_scale": args.guidance if args.guidance is not None else fp.guidance_scale,
+        "eta": args.eta,
+        "torch_device": args.device,
+        **environment(),
+        "dmquant": __version__,
+    }
     print(f"{args.model} vs FP {source} ({args.num_samples} samples, {args.steps} steps, seed {args.seed})\n")
     print(_compare_table(results))
     print("\nper step:\n" + markdown_table(results["steps"], ["step_index", "timestep", "sqnr_db", "mse"]))
@@ -400,12 +504,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(_json_ready(results), indent=2))
         print(f"\nwrote {args.json}")
+    print("\nverdict: " + Verdict(**results["verdict"]).line())
     return 0
 
 
+def _eval_verdict(fp: DiffusionModel, results: dict[str, Any], args: argparse.Namespace, recipe: str) -> Verdict:
+    """The quantized model's verdict: on the zoo's glyph models, class accuracy and FID-proxy against FP
+    sampled from other seeds (sampled here); on others, no metric has a seed spread and the verdict says so."""
+    from .demo import glyph_judge, glyph_metrics
+    from .jobs import generate
+    from .verdict import OTHER_SEEDS, OTHER_SEEDS_OFFSET, judge
+
+    row = {"PSNR vs FP (dB)": results["psnr_db"]}
+    references = glyph_judge(fp, args.num_samples, args.device, not args.quiet)
+    if references is None:
+        return judge(Path(args.model).name, row, {}, None, recipe=recipe)
+    options = {**_sampling_kwargs(args), "seed": args.seed + OTHER_SEEDS_OFFSET}
+    other_images, conditioning = generate(fp, args.num_samples, desc=OTHER_SEEDS, **options)
+    labels = conditioning.cond.get("class_labels")
+    measured = {
+        name: glyph_metrics(references, results["images"][name], labels, not args.quiet) for name in ("fp", "quantized")
+    }
+    other = glyph_metrics(references, other_images, labels, not args.quiet)
+    results["glyph_metrics"] = {**measured, "fp_other_seeds": other}
+    return judge(Path(args.model).name, {**row, **measured["quantized"]}, measured["fp"], other, recipe=recipe)
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
+    import torch
+
+    from .api import info, sampling_hooks
+    from .jobs import open_model, quantize_model, quantized_checkpoint
+    from .precision.sqnr import analyze_sensitivity
+    from .report import markdown_table, sensitivity_bars, sensitivity_heatmap
+
     check_writable(Path(args.output))
-    if (Path(args.model) / MANIFEST_FILE).exists():
+    if quantized_checkpoint(Path(args.model)) is not None:
         quantized = _prepared(open_model(args.model, base=args.base), args)
         fp = _prepared(open_model(args.base or info(quantized.denoiser).source), args)
         what = f"checkpoint {args.model}"
@@ -443,6 +577,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    from .api import info
+    from .core.attach import attach_quantizers, find_shortcut_splits
+    from .denoiser import Denoiser
+    from .jobs import open_model
+    from .report import markdown_table
+
     model = _prepared(open_model(args.model), args)
     if getattr(model.denoiser, "dmquant_info", None) is not None:
         quant = info(model.denoiser)
@@ -478,7 +620,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    if not (Path(args.model) / MANIFEST_FILE).exists():
+    from .checkpoint import MANIFEST_FILE
+    from .eval.images import psnr, to_unit_range
+    from .jobs import generate, open_model, quantized_checkpoint
+    from .kernels.convert import REPORT_ATTRIBUTE, convert_model
+    from .report import markdown_table
+
+    if quantized_checkpoint(Path(args.model)) is None:
         raise DmquantError(
             f"{args.model}: not a dmquant checkpoint directory (no {MANIFEST_FILE}); make one with `dmquant quantize`"
         )
@@ -539,10 +687,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\nreport: {result.report} (and report.html); total {result.total_seconds:.0f} s")
     if args.model.startswith("tiny-"):
         print("note: the tiny built-in models are random-initialised; their samples look like nothing")
+    print("\n" + "\n".join("verdict: " + verdict.line() for verdict in result.verdicts))
     return 0
 
 
 def cmd_zoo_list(args: argparse.Namespace) -> int:
+    from .report import markdown_table
     from .zoo.reference import ZOO, read_model_card
 
     rows = []
@@ -586,6 +736,7 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo_evaluate(args: argparse.Namespace) -> int:
+    from .report import markdown_table
     from .zoo.jobs import evaluate_zoo_model
 
     features = None
@@ -648,8 +799,10 @@ def build_parser() -> argparse.ArgumentParser:
         commands,
         "quantize",
         help="calibrate on the model's own trajectories and save a quantized checkpoint",
-        description="Record calibration data from the FP model's sampling trajectories, "
-        "quantize its denoiser as the recipe says, and save a checkpoint directory.",
+        description="Record calibration data from the FP model's sampling trajectories (on your prompts with "
+        "--prompts/--prompt, your classes with --labels), quantize its denoiser as the recipe says, and save a "
+        "checkpoint directory. A diffusers pipeline directory gives a pipeline directory: its other components "
+        "as they were, the denoiser quantized (load it with dmquant.load_pipeline).",
         example="dmquant quantize tiny-unet -o out/w4a8 --recipe mse --w-bits 4 --a-bits 8",
         run=cmd_quantize,
     )
@@ -658,8 +811,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     _add_recipe_options(p)
     _add_calibration_options(p)
+    group = p.add_argument_group("calibration inputs (default: the model's own)")
+    group.add_argument("--prompts", metavar="FILE", help="text-to-image models: calibrate on these prompts, one a line")
+    group.add_argument("--prompt", action="append", help="a calibration prompt (repeatable; added to --prompts)")
+    group.add_argument(
+        "--labels", type=lambda s: [int(v) for v in s.split(",")], help="class-conditional models: classes, e.g. 1,2,3"
+    )
     _add_reconstruction_options(p)
-    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler for calibration instead of the model's own")
+    p.add_argument(
+        "--scheduler", choices=sorted(SCHEDULER_NAMES), help="sampler for calibration instead of the model's own"
+    )
 
     p = _command(
         commands,

@@ -23,11 +23,10 @@ import tomllib
 import yaml
 
 from .calib.strategies import get_strategy
+from .catalog import RECIPES_DIR, available_recipes
 from .core.observers import OBSERVERS
 from .core.primitives import FloatFormat, Granularity, IntFormat, QFormat, parse_format
 from .errors import ConfigError
-
-RECIPES_DIR = Path(__file__).parent / "recipes"
 
 
 @dataclass
@@ -515,10 +514,6 @@ def _convert(hint: Any, value: Any, path: str, default: Any = None) -> Any:
 
 def _type_names(types_: tuple) -> str:
     return " or ".join(getattr(t, "__name__", str(t)) for t in types_ if t is not type(None))
-
-
-def available_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) + sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
 
 
 def _recipe_path(name_or_path: str | Path) -> Path:

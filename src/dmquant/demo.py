@@ -5,7 +5,8 @@ and quantized by a recipe; the checkpoint is saved and reloaded (so the report i
 user would deploy), then sampled from the same seeds as FP. The report compares every setting
 with FP on the same samples: size, BOPs, PSNR/SSIM against the FP samples, the noise estimate's
 SQNR per step, wall times — and, for the glyph models of the zoo, class accuracy and
-FID/sFID-proxies next to their floors (real-vs-real at the same N).
+FID/sFID-proxies next to their floors (real-vs-real at the same N) and next to FP sampled from other
+seeds, the spread each setting's verdict is judged against (:mod:`dmquant.verdict`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .jobs import compare, generate, open_model, quantize_model
 from .models import REFERENCE_MODELS, DiffusionModel
 from .provenance import environment
 from .report import comparison_grid, markdown_table, save_image_grid, sqnr_plot, write_report
+from .verdict import OTHER_SEEDS, OTHER_SEEDS_OFFSET, Verdict, judge
 
 #: Columns of the results table, in order (those a run does not measure are left out).
 COLUMNS = (
@@ -63,7 +65,7 @@ class DemoOptions:
 
 @dataclass
 class DemoResult:
-    """The table rows, per-step SQNR per setting, the FID floors, and where the report is."""
+    """The table rows, per-step SQNR per setting, the FID floors, each setting's verdict, and where the report is."""
 
     rows: list[dict[str, Any]]
     steps: dict[str, list[dict[str, Any]]]
@@ -71,9 +73,10 @@ class DemoResult:
     report: Path
     floors: dict[str, float]
     total_seconds: float
+    verdicts: list[Verdict]
 
 
-def _glyph_judge(model: DiffusionModel, num_samples: int, device: str, progress: bool):
+def glyph_judge(model: DiffusionModel, num_samples: int, device: str, progress: bool):
     """GlyphNet references for the zoo's glyph models; ``None`` for other models."""
     if model.name not in REFERENCE_MODELS:
         return None
@@ -81,6 +84,19 @@ def _glyph_judge(model: DiffusionModel, num_samples: int, device: str, progress:
     from .zoo.quality import ReferenceSet
 
     return ReferenceSet(shipped_glyphnet(device), num_samples, progress=progress)
+
+
+def glyph_metrics(references: Any, images: torch.Tensor, labels: torch.Tensor | None, progress: bool) -> dict:
+    """Class accuracy and FID/sFID-proxies of ``images`` asked for ``labels``, with the proxies' floors
+    (``"fid_floor"``, ``"sfid_floor"``), judged by :func:`glyph_judge`'s references."""
+    judged = references.judge(images, labels, progress=progress)
+    return {
+        "class accuracy": judged.class_accuracy,
+        "FID-proxy": judged.distribution.fid,
+        "sFID-proxy": judged.distribution.sfid,
+        "fid_floor": judged.distribution.fid_floor,
+        "sfid_floor": judged.distribution.sfid_floor,
+    }
 
 
 def _timed(run: Callable[[], Any]) -> tuple[Any, float]:
@@ -138,25 +154,30 @@ def _run(
         "batch_size": options.batch_size,
         "progress": options.progress,
     }
-    judge = _glyph_judge(fp, options.num_samples, device, options.progress)
-    fp_samples, fp_seconds = _timed(lambda: generate(fp, options.num_samples, **sampling))
+    references = glyph_judge(fp, options.num_samples, device, options.progress)
+    fp_samples, fp_seconds = _timed(lambda: generate(fp, options.num_samples, desc="FP", **sampling))
     fp_images, conditioning = fp_samples
     labels = conditioning.cond.get("class_labels")
 
     def quality(images: torch.Tensor) -> dict[str, Any]:
-        if judge is None:
+        if references is None:
             return {}
-        judged = judge.judge(images, labels, progress=options.progress)
-        floors.update(fid=judged.distribution.fid_floor, sfid=judged.distribution.sfid_floor)
-        return {
-            "class accuracy": judged.class_accuracy,
-            "FID-proxy": judged.distribution.fid,
-            "sFID-proxy": judged.distribution.sfid,
-        }
+        metrics = glyph_metrics(references, images, labels, options.progress)
+        floors.update(fid=metrics.pop("fid_floor"), sfid=metrics.pop("sfid_floor"))
+        return metrics
 
     floors: dict[str, float] = {}
     rows = [{"setting": "FP", "sample (s)": fp_seconds, **quality(fp_images)}]
+    other_seeds = None
+    if references is not None:  # the metrics' own seed-to-seed spread, which every verdict is judged against
+        shifted = {**sampling, "seed": options.seed + OTHER_SEEDS_OFFSET}
+        (other_images, _), other_seconds = _timed(
+            lambda: generate(fp, options.num_samples, desc=OTHER_SEEDS, **shifted)
+        )
+        other_seeds = {"setting": OTHER_SEEDS, "sample (s)": other_seconds, **quality(other_images)}
+        rows.append(other_seeds)
     images = {"FP": fp_images}
+    verdicts = []
     steps: dict[str, list[dict[str, Any]]] = {}
     for w_bits, a_bits in options.bit_settings:
         label = f"W{w_bits}A{a_bits}"
@@ -165,7 +186,7 @@ def _run(
         )
         checkpoint = save(quantized.denoiser, output / label.lower())
         reloaded = open_model(str(checkpoint)).to(device)
-        results = compare(fp, reloaded, num_samples=options.num_samples, fp_samples=fp_samples, **sampling)
+        results = compare(fp, reloaded, num_samples=options.num_samples, fp_samples=fp_samples, label=label, **sampling)
         images[label] = results["images"]["quantized"]
         steps[label] = results["steps"]
         rows[0].update({"size (MiB)": results["fp_size_bytes"] / 2**20, "compression": 1.0})
@@ -184,9 +205,10 @@ def _run(
                 "sample (s)": results["sample_seconds"],
             }
         )
+        verdicts.append(judge(label, rows[-1], rows[0], other_seeds, recipe=recipe_name))
     columns = [column for column in COLUMNS if any(column in row for row in rows)]
     rows = [{column: row.get(column) for column in columns} for row in rows]
-    result = DemoResult(rows, steps, output, output / "report.md", floors, time.perf_counter() - started)
+    result = DemoResult(rows, steps, output, output / "report.md", floors, time.perf_counter() - started, verdicts)
     _write_report(result, fp.name, images, options, recipe_name)
     return result
 
@@ -195,13 +217,13 @@ def _write_report(
     result: DemoResult, model_name: str, images: dict[str, torch.Tensor], options: DemoOptions, recipe_name: str
 ) -> None:
     output = result.output
-    comparison_grid(images, output / "comparison.png", count=COMPARISON_SAMPLES)
+    comparison_grid(images, output / "comparison.png", count=COMPARISON_SAMPLES)  # rows labelled by setting
     figures = [("comparison.png", f"first {COMPARISON_SAMPLES} samples, one row per setting (FP on top), same seeds")]
     if result.steps:
         sqnr_plot(result.steps, output / "sqnr.png")
         figures.append(("sqnr.png", "SQNR of the noise estimate against FP at every sampling step"))
     for name, batch in images.items():
-        save_image_grid(batch[:GRID_SAMPLES].cpu(), output / f"{name.lower()}.png", nrow=8)
+        save_image_grid(batch[:GRID_SAMPLES].cpu(), output / f"{name.lower()}.png", nrow=8, title=name)
         figures.append((f"{name.lower()}.png", f"{name}: first {GRID_SAMPLES} samples"))
     summary = (
         f"{model_name}, recipe {recipe_name or 'custom'}: {options.num_samples} samples per setting, "
@@ -217,6 +239,7 @@ def _write_report(
             "Class accuracy: GlyphNet's top-1 agreement with the class each sample was asked for.",
             *notes,
         ]
+    notes += ["Verdict: " + verdict.line() for verdict in result.verdicts]
     write_report(
         output, title=f"dmquant demo — {model_name}", summary=summary, table=result.rows, figures=figures, notes=notes
     )
@@ -227,6 +250,7 @@ def _write_report(
         "rows": result.rows,
         "floors": result.floors,
         "steps": result.steps,
+        "verdicts": [vars(verdict) for verdict in result.verdicts],
         "total_seconds": result.total_seconds,
         **environment(),
     }

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import DiTTransformer2DModel, ModelMixin, UNet2DConditionModel, UNet2DModel
 from torch import Tensor, nn
 
 from dmquant.errors import ModelError
@@ -17,6 +17,11 @@ _KINDS: tuple[tuple[type[nn.Module], str], ...] = (
     (UNet2DModel, "unet2d"),
     (DiTTransformer2DModel, "dit"),
 )
+
+
+#: Denoisers whose sample is a sequence of packed latent tokens ``(N, L, C)`` (FLUX packs 2x2 latent patches),
+#: not a latent image ``(N, C, H, W)``.
+TOKEN_SAMPLE_CLASSES = frozenset({"FluxTransformer2DModel"})
 
 
 def _model_kind(model: nn.Module) -> str:
@@ -63,6 +68,8 @@ class Denoiser:
         self.out_channels: int | None = _config_value(model, "out_channels")
         self.sample_size: int | tuple[int, int] | None = _config_value(model, "sample_size")
         self.required_cond = _required_cond(model, self.kind)
+        #: whether the sample is ``(N, L, C)`` tokens (:data:`TOKEN_SAMPLE_CLASSES`), its channels the last axis
+        self.takes_tokens = any(cls.__name__ in TOKEN_SAMPLE_CLASSES for cls in type(model).__mro__)
 
     @property
     def device(self) -> torch.device:
@@ -86,12 +93,41 @@ class Denoiser:
             raise ModelError(
                 f"{type(self.model).__name__} needs the conditioning {sorted(missing)}, got {sorted(cond)}"
             )
-        output = self.model(sample, timestep, **cond)
+        keywords = nest_conditioning(cond)
+        if isinstance(self.model, ModelMixin):  # SD3 / FLUX transformers take encoder_hidden_states second
+            output = self.model(sample, timestep=timestep, **keywords)
+        else:
+            output = self.model(sample, timestep, **keywords)
         return output if isinstance(output, Tensor) else output.sample
 
     def noise_channels(self, output: Tensor) -> Tensor:
         """The noise estimate part of ``output``: learned-variance channels dropped, as ``DiTPipeline`` does."""
         return output[:, : self.in_channels] if self.learned_variance else output
+
+
+def nest_conditioning(cond: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Keywords of a model call from flat conditioning: ``"added_cond_kwargs.time_ids"`` becomes
+    ``added_cond_kwargs={"time_ids": ...}`` (SDXL's UNet takes its pooled text embeddings and size
+    conditions so). Calibration sets hold every conditioning tensor flat, batched along dim 0."""
+    keywords: dict[str, Any] = {}
+    for name, tensor in cond.items():
+        outer, dot, inner = name.partition(".")
+        if dot:
+            keywords.setdefault(outer, {})[inner] = tensor
+        else:
+            keywords[name] = tensor
+    return keywords
+
+
+def flatten_conditioning(keywords: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The inverse of :func:`nest_conditioning` for the tensors among a call's keywords (others are dropped)."""
+    flat: dict[str, Tensor] = {}
+    for name, value in keywords.items():
+        if isinstance(value, Tensor):
+            flat[name] = value
+        elif isinstance(value, Mapping):
+            flat.update({f"{name}.{key}": tensor for key, tensor in value.items() if isinstance(tensor, Tensor)})
+    return flat
 
 
 def as_denoiser(model_or_denoiser: nn.Module | Denoiser) -> Denoiser:

@@ -21,7 +21,7 @@ from .errors import CheckpointError, ModelError
 from .eval.cost import model_size
 from .eval.images import psnr, ssim, to_unit_range
 from .eval.noise import noise_estimate_error
-from .models import DiffusionModel, load_model
+from .models import DiffusionModel, from_pipeline, load_model
 from .precision.hybrid import plan_hybrid, promotion_rules
 from .precision.sqnr import analyze_sensitivity
 from .precision.step_schedule import choose_switch_step, trajectory_bops
@@ -130,7 +130,7 @@ def quantize_model(
         calibration,
         batch_size=config.calibration.batch_size,
         progress=progress,
-        source=model.name,
+        source=model.source or model.name,
         state_dir=state_dir,
     )
     if config.correction.enabled:  # on the estimate sampling uses: at the model's own guidance scale
@@ -162,8 +162,11 @@ def generate(
     labels: Sequence[int] | None = None,
     prompts: Sequence[str] | None = None,
     progress: bool = True,
+    desc: str = "sampling",
 ) -> tuple[torch.Tensor, Conditioning]:
-    """``num_samples`` images in [-1, 1] and their conditioning; batch ``i`` uses seed ``seed + i``."""
+    """``num_samples`` images in [-1, 1] and their conditioning; batch ``i`` uses seed ``seed + i``.
+
+    ``desc`` is what the progress bars say they run (``"FP"``, ``"W8A8"``, ...)."""
     conditioning = model.make_conditioning(num_samples, labels=labels, prompts=prompts, guidance_scale=guidance_scale)
     images = []
     for index, start in enumerate(range(0, num_samples, batch_size)):
@@ -178,6 +181,7 @@ def generate(
             eta=eta,
             hooks=sampling_hooks(model.denoiser),
             progress=progress,
+            desc=f"{desc} {index + 1}/{math.ceil(num_samples / batch_size)}",
         )
         images.append(model.decode(x0))
     return torch.cat(images), conditioning
@@ -217,6 +221,7 @@ def compare(
     progress: bool = True,
     fp_samples: tuple[torch.Tensor, Conditioning] | None = None,
     sqnr_trajectories: int = 16,
+    label: str = "quantized",
 ) -> dict[str, Any]:
     """Quantized vs FP: per-step noise-estimate error, final-sample PSNR/SSIM, size and BOPs.
 
@@ -224,7 +229,8 @@ def compare(
     what quantization changed, not sampling randomness. ``fp_samples`` — the output of
     :func:`generate` on ``fp`` with the same options — saves sampling FP again when one FP
     model is compared with several quantized ones. The per-step SQNR is measured on the first
-    ``sqnr_trajectories`` FP trajectories (pooled over all their elements).
+    ``sqnr_trajectories`` FP trajectories (pooled over all their elements). ``label`` names the quantized
+    model in the progress bars.
     """
     options = dict(
         num_inference_steps=num_inference_steps,
@@ -234,11 +240,11 @@ def compare(
         eta=eta,
         progress=progress,
     )
-    fp_images, conditioning = fp_samples if fp_samples is not None else generate(fp, num_samples, **options)
+    fp_images, conditioning = fp_samples if fp_samples is not None else generate(fp, num_samples, desc="FP", **options)
     if fp_images.shape[0] != num_samples:
         raise ValueError(f"fp_samples holds {fp_images.shape[0]} images, not num_samples={num_samples}")
     started = time.perf_counter()
-    q_images, _ = generate(quantized, num_samples, **options)
+    q_images, _ = generate(quantized, num_samples, desc=label, **options)
     sample_seconds = time.perf_counter() - started
     traced = min(sqnr_trajectories, batch_size, num_samples)
     steps = noise_estimate_error(
@@ -277,16 +283,32 @@ def compare(
     }
 
 
+def quantized_checkpoint(path: Path) -> Path | None:
+    """The checkpoint in ``path``: ``path`` itself, or the denoiser folder of a pipeline directory written by
+    :func:`dmquant.save_pipeline`; ``None`` when there is none."""
+    from .pipelines import DENOISER_COMPONENTS
+
+    folders = [path] + ([path / n for n in DENOISER_COMPONENTS] if (path / "model_index.json").exists() else [])
+    return next((folder for folder in folders if (folder / MANIFEST_FILE).exists()), None)
+
+
 def open_model(source: str, *, base: str | None = None) -> DiffusionModel:
     """A built-in name, a diffusers directory, or a dmquant checkpoint (with the FP model it came from).
 
-    For a checkpoint, the scheduler, conditioning and decoder come from ``base`` or, by
-    default, from the source model recorded when it was quantized.
+    A checkpoint is a directory written by :func:`dmquant.save` or a pipeline directory written by
+    :func:`dmquant.save_pipeline`. Its scheduler, conditioning and decoder come from ``base`` or, by
+    default, from the source model recorded when it was quantized (for a pipeline directory without
+    one, from the pipeline itself).
     """
-    if not (Path(source) / MANIFEST_FILE).exists():
+    checkpoint = quantized_checkpoint(Path(source))
+    if checkpoint is None:
         return load_model(source)
-    denoiser = load(source)
+    denoiser = load(checkpoint)
     origin = base or info(denoiser).source
+    if origin is None and checkpoint != Path(source):
+        from .pipelines import load_pipeline
+
+        return from_pipeline(load_pipeline(source), Path(source).name)
     if origin is None:
         raise ModelError(f"{source}: the checkpoint does not record its source model; pass the FP model with --base")
     try:

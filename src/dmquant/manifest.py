@@ -3,18 +3,21 @@
 A checkpoint is data, never instructions: every key must have the type and range that
 :func:`dmquant.api.save` writes, sizes must fit in what the tensor file holds, and the base
 model must be a denoiser class dmquant supports, described by a mapping (a string there would
-make diffusers look it up on the hub or read another local file). A violation is a
-:class:`~dmquant.errors.CheckpointError` naming the field.
+make diffusers look it up on the hub or read another local file). The source model is recorded
+as given (an absolute path for a directory) and, optionally, relative to the checkpoint: that
+one must be a relative path. A violation is a :class:`~dmquant.errors.CheckpointError` naming
+the field.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 from .errors import CheckpointError
-from .models import DENOISER_CLASSES
+from .models import DENOISER_CLASSES, is_denoiser_class
 
 #: The trajectory lengths a checkpoint's per-step parameters may be made for.
 MAX_STEPS = 10_000
@@ -94,14 +97,23 @@ def _sha256(value: Any, path: str) -> None:
         _fail(path, "a SHA-256 in hex", value)
 
 
+def _relative_path(value: Any, path: str) -> None:
+    """A path relative to the checkpoint (where its source model lies when the two move together)."""
+    if not isinstance(value, str) or not value or "\0" in value or PurePosixPath(value).is_absolute():
+        _fail(path, "a relative path", value)
+    if PureWindowsPath(value).drive or PureWindowsPath(value).is_absolute():
+        _fail(path, "a relative path", value)
+
+
 def _base(value: Any, path: str) -> None:
     _record({"library": _optional(_string), "class": _string, "config": _optional(_mapping)})(value, path)
     if value["library"] is None:
         return
     if value["library"] != "diffusers":
         _fail(f"{path}.library", "diffusers or null", value["library"])
-    if value["class"] not in DENOISER_CLASSES:
-        _fail(f"{path}.class", f"a denoiser class dmquant supports ({', '.join(DENOISER_CLASSES)})", value["class"])
+    if not is_denoiser_class(value["class"]):
+        supported = f"{', '.join(DENOISER_CLASSES)} or another diffusers UNet or transformer"
+        _fail(f"{path}.class", f"a denoiser class dmquant supports ({supported})", value["class"])
     _mapping(value["config"], f"{path}.config")
 
 
@@ -142,9 +154,10 @@ _MANIFEST = _record(
         "unmatched_rules": _list_of(_string),
         "weight_codes": _mapping_of(_WEIGHT_CODES),
         "source": _optional(_string),
+        "source_relative": _optional(_relative_path),
         "extra": _mapping,
     },
-    optional=frozenset({"tensors_bytes", "unmatched_rules", "source", "extra"}),
+    optional=frozenset({"tensors_bytes", "unmatched_rules", "source", "source_relative", "extra"}),
 )
 
 

@@ -21,14 +21,35 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import nn
 
+from .catalog import REFERENCE_MODELS, SCHEDULER_NAMES, TINY_MODELS
 from .errors import ModelError
 from .sampling import Conditioning, copy_scheduler
 from .zoo import WEIGHTS_DIR, tiny
 
 #: Scheduler names accepted by ``--scheduler``; each is built from the model's own scheduler config.
-SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm-solver": DPMSolverMultistepScheduler}
+SCHEDULERS = dict(zip(SCHEDULER_NAMES, (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler), strict=True))
 #: Denoiser classes dmquant loads from a model directory.
 DENOISER_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
+#: Where diffusers defines its denoisers: the classes a pipeline's ``unet`` or ``transformer`` may be.
+_DENOISER_MODULES = ("diffusers.models.unets.", "diffusers.models.transformers.")
+
+
+def is_denoiser_class(name: str) -> bool:
+    """``name`` names a denoiser a quantized checkpoint may be built on: one of :data:`DENOISER_CLASSES`, or
+    (for :func:`dmquant.quantize_pipeline`'s SD3, FLUX, ... pipelines) another diffusers UNet or transformer
+    model class. Nothing else of diffusers (autoencoders, pipelines, the module's own attributes) is."""
+    if name in DENOISER_CLASSES:
+        return True
+    if not name.isidentifier() or name.startswith("_"):
+        return False
+    model_class = getattr(diffusers, name, None)
+    return (
+        isinstance(model_class, type)
+        and issubclass(model_class, diffusers.ModelMixin)
+        and model_class.__module__.startswith(_DENOISER_MODULES)
+    )
+
+
 #: Prompts used for calibration and sampling of text-to-image pipelines when none are given.
 GENERIC_PROMPTS = (
     "a photograph of a red car on a street",
@@ -44,6 +65,7 @@ MODEL_INFO_FILE = "dmquant_model.json"
 class DiffusionModel:
     """A denoiser, its scheduler, how it is conditioned, and (for latent models) its decoder.
 
+    ``source`` is where :func:`load_model` found it: a built-in name or an absolute directory path.
     ``conditioning`` is ``"none"``, ``"class"`` (labels ``0..num_classes-1``, ``null_class``
     for classifier-free guidance) or ``"text"`` (``encode_prompts`` maps prompts to the
     denoiser's ``encoder_hidden_states``; the empty prompt is the unconditional one).
@@ -58,7 +80,9 @@ class DiffusionModel:
     vae: nn.Module | None = None
     encode_prompts: Callable[[list[str]], torch.Tensor] | None = None
     default_prompts: list[str] = field(default_factory=list)
+    default_labels: list[int] = field(default_factory=list)
     guidance_scale: float = 1.0
+    source: str | None = None
 
     def to(self, device: torch.device | str) -> DiffusionModel:
         """Move the denoiser and the decoder to ``device`` (in place; returns self)."""
@@ -66,6 +90,23 @@ class DiffusionModel:
         if self.vae is not None:
             self.vae.to(device)
         return self
+
+    def with_defaults(
+        self, *, prompts: Sequence[str] | None = None, labels: Sequence[int] | None = None
+    ) -> DiffusionModel:
+        """A copy that calibrates and samples on ``prompts`` (text-conditional models) or class ``labels``
+        (class-conditional ones) unless told otherwise; an empty or ``None`` argument keeps the defaults."""
+        if prompts and self.conditioning != "text":
+            raise ModelError(f"{self.name} is {self.conditioning}-conditioned: it takes no prompts")
+        if labels and self.conditioning != "class":
+            raise ModelError(f"{self.name} is {self.conditioning}-conditioned: it takes no class labels")
+        if labels and any(not 0 <= label < self.num_classes for label in labels):
+            raise ModelError(f"class labels must lie in [0, {self.num_classes}), got {list(labels)}")
+        return dataclasses.replace(
+            self,
+            default_prompts=list(prompts) if prompts else self.default_prompts,
+            default_labels=list(labels) if labels else self.default_labels,
+        )
 
     def with_denoiser(self, denoiser: nn.Module) -> DiffusionModel:
         return dataclasses.replace(self, denoiser=denoiser)
@@ -83,12 +124,13 @@ class DiffusionModel:
         prompts: Sequence[str] | None = None,
         guidance_scale: float | None = None,
     ) -> Conditioning:
-        """Conditioning for ``batch_size`` samples; labels/prompts cycle over their defaults."""
+        """Conditioning for ``batch_size`` samples; labels/prompts cycle over their defaults
+        (``default_labels`` or every class; ``default_prompts``)."""
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         if self.conditioning == "class":
             if prompts:
                 raise ModelError(f"{self.name} is class-conditional: it takes class labels, not prompts")
-            chosen = list(labels) if labels else list(range(self.num_classes))
+            chosen = list(labels or self.default_labels or range(self.num_classes))
             if any(not 0 <= label < self.num_classes for label in chosen):
                 raise ModelError(f"class labels must lie in [0, {self.num_classes}), got {chosen}")
             batch = torch.tensor([chosen[i % len(chosen)] for i in range(batch_size)])
@@ -182,15 +224,11 @@ def _shipped(name: str) -> Callable[[], DiffusionModel]:
     return load
 
 
-#: Trained reference models that ship with dmquant (see ``dmquant zoo list``).
-REFERENCE_MODELS = ("ddpm-glyphs32", "ldm-glyphs64", "dit-glyphs")
 #: Models by name: the shipped reference models, then tiny random-initialised ones built in code
 #: (useful to exercise the machinery, not to judge quality).
 BUILTIN_MODELS: dict[str, Callable[[], DiffusionModel]] = {
     **{name: _shipped(name) for name in REFERENCE_MODELS},
-    "tiny-unet": _tiny_unet,
-    "tiny-unet-text": _tiny_unet_text,
-    "tiny-dit": _tiny_dit,
+    **dict(zip(TINY_MODELS, (_tiny_unet, _tiny_unet_text, _tiny_dit), strict=True)),
 }
 
 
@@ -201,7 +239,7 @@ def load_model(source: str | Path) -> DiffusionModel:
     and simulated quantization run in float32.
     """
     if str(source) in BUILTIN_MODELS:
-        return BUILTIN_MODELS[str(source)]()
+        return dataclasses.replace(BUILTIN_MODELS[str(source)](), source=str(source))
     path = Path(source)
     if not path.is_dir():
         raise ModelError(f"{source!s}: neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a model directory")
@@ -211,7 +249,7 @@ def load_model(source: str | Path) -> DiffusionModel:
         model = _from_model_dir(path)
     else:
         raise ModelError(f"{path}: no model_index.json (pipeline) or config.json (model) in this directory")
-    return _apply_model_info(model, path)
+    return dataclasses.replace(_apply_model_info(model, path), source=str(path.resolve()))
 
 
 def _read_json(path: Path) -> dict:
@@ -221,14 +259,34 @@ def _read_json(path: Path) -> dict:
         raise ModelError(f"{path}: unreadable JSON ({error})") from None
 
 
-def _from_pipeline(path: Path) -> DiffusionModel:
+def read_pipeline(path: Path) -> diffusers.DiffusionPipeline:
+    """The diffusers pipeline in directory ``path``, in float32, from local files."""
     try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+        return diffusers.DiffusionPipeline.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
     except Exception as error:  # diffusers raises many types for a broken directory
         raise ModelError(f"{path}: cannot load the diffusers pipeline ({error})") from None
+
+
+def _from_pipeline(path: Path) -> DiffusionModel:
+    return from_pipeline(read_pipeline(path), path.name)
+
+
+def from_pipeline(pipe: diffusers.DiffusionPipeline, name: str) -> DiffusionModel:
+    """The :class:`DiffusionModel` of a loaded diffusers pipeline (its modules shared, not copied).
+
+    dmquant's own sampling loop drives DDPM/DDIM-style, DiT and Stable-Diffusion-style pipelines; for
+    a denoiser it cannot condition (SDXL's added conditions, SD3 / FLUX transformers) this raises
+    :class:`~dmquant.errors.ModelError` — such pipelines calibrate by running themselves
+    (:func:`dmquant.quantize_pipeline`).
+    """
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     if denoiser is None:
-        raise ModelError(f"{path}: the pipeline has no unet or transformer to quantize")
+        raise ModelError(f"{name}: the pipeline has no unet or transformer to quantize")
+    if type(denoiser).__name__ not in DENOISER_CLASSES or getattr(denoiser.config, "addition_embed_type", None):
+        raise ModelError(f"{name}: dmquant's sampling loop does not condition a {type(denoiser).__name__} of this kind")
+    from .pipelines import plain_scheduler  # pipelines imports the API, which imports this module
+
+    scheduler = plain_scheduler(pipe.scheduler)
     vae = getattr(pipe, "vae", None)
     if getattr(pipe, "text_encoder", None) is not None and hasattr(pipe, "encode_prompt"):
 
@@ -238,17 +296,16 @@ def _from_pipeline(path: Path) -> DiffusionModel:
             return pipe.encode_prompt(prompts, pipe.text_encoder.device, 1, False)[0]
 
         return DiffusionModel(
-            path.name,
+            name,
             denoiser,
-            pipe.scheduler,
+            scheduler,
             "text",
             vae=vae,
             encode_prompts=encode,
             default_prompts=list(GENERIC_PROMPTS),
             guidance_scale=7.5,
         )
-    model = _conditioning_from_config(DiffusionModel(path.name, denoiser, pipe.scheduler, vae=vae))
-    return model
+    return _conditioning_from_config(DiffusionModel(name, denoiser, scheduler, vae=vae))
 
 
 def _from_model_dir(path: Path) -> DiffusionModel:

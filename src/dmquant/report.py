@@ -12,7 +12,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from dmquant.atomic import write_atomically
@@ -90,12 +90,35 @@ def _write_atomically(path: str | os.PathLike[str], suffix: str, write: Callable
     return write_atomically(path, write)
 
 
-def save_image_grid(images: Tensor, path: str | os.PathLike[str], **kwargs: Any) -> Path:
+#: Pixels of the strip or column that holds a grid's labels.
+LABEL_SIZE = 14
+
+
+def _labelled(grid: np.ndarray, *, title: str | None = None, rows: Mapping[str, int] | None = None) -> Image.Image:
+    """``grid`` with ``title`` written in a strip above it and each of ``rows`` (label: the pixel row of its
+    centre) in a column on its left, in PIL's default font."""
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = 6 + max((measure.textlength(label, font=font) for label in rows or {}), default=-6)
+    top = LABEL_SIZE if title else 0
+    picture = Image.new("RGB", (grid.shape[1] + int(left), grid.shape[0] + top))
+    picture.paste(Image.fromarray(grid), (int(left), top))
+    draw = ImageDraw.Draw(picture)
+    if title:
+        draw.text((int(left) + 2, 1), title, fill="white", font=font)
+    for label, centre in (rows or {}).items():
+        draw.text((2, top + centre), label, fill="white", font=font, anchor="lm")
+    return picture
+
+
+def save_image_grid(images: Tensor, path: str | os.PathLike[str], *, title: str | None = None, **kwargs: Any) -> Path:
     """Save :func:`image_grid` of ``images`` as a PNG at ``path`` (atomically) and return it.
 
-    ``kwargs`` go to :func:`image_grid`. ``path`` must end in ``.png``.
+    ``title`` is written in a strip above the grid; ``kwargs`` go to :func:`image_grid`. ``path`` must end in
+    ``.png``.
     """
-    picture = Image.fromarray(image_grid(images, **kwargs))
+    grid = image_grid(images, **kwargs)
+    picture = _labelled(grid, title=title) if title else Image.fromarray(grid)
     return _write_atomically(path, ".png", lambda file: picture.save(file, format="PNG"))
 
 
@@ -175,14 +198,19 @@ def markdown_table(
 
 
 def comparison_grid(images: Mapping[str, Tensor], path: str | os.PathLike[str], *, count: int = 16) -> Path:
-    """One PNG with a row per setting (e.g. FP, W8A8, W4A8) of the first ``count`` samples.
+    """One PNG with a row per setting (e.g. FP, W8A8, W4A8) of the first ``count`` samples, each row
+    labelled with its setting on the left.
 
     Samples of one column share their seed, so the rows show what each setting changed.
     """
     rows = [batch[:count].detach().cpu() for batch in images.values()]
     if len({tuple(row.shape) for row in rows}) != 1:
         raise ValueError(f"every setting needs the same sample shape, got {[tuple(r.shape) for r in rows]}")
-    return save_image_grid(torch.cat(rows), path, nrow=rows[0].shape[0])
+    padding, height = 2, rows[0].shape[2]
+    grid = image_grid(torch.cat(rows), nrow=rows[0].shape[0], padding=padding)
+    centres = {name: padding + index * (height + padding) + height // 2 for index, name in enumerate(images)}
+    picture = _labelled(grid, rows=centres)
+    return _write_atomically(path, ".png", lambda file: picture.save(file, format="PNG"))
 
 
 def sqnr_plot(steps: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike[str]) -> Path:

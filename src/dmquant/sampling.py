@@ -296,6 +296,7 @@ def sample(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    desc: str = "sampling",
 ) -> Tensor:
     """Sample ``x_0`` with ``scheduler``, calling ``hooks`` at every step.
 
@@ -320,6 +321,7 @@ def sample(
         device: where to sample; defaults to the model's device.
         dtype: dtype of the initial noise.
         progress: show a progress bar over the steps.
+        desc: what the progress bar says it runs (``"FP"``, ``"W8A8"``, ...).
 
     Returns:
         The final sample (B, C, H, W): an image in [-1, 1] for pixel models, latents (not decoded)
@@ -340,7 +342,7 @@ def sample(
     model_cond = conditioning.model_cond()
     copies = 2 if conditioning.guided else 1
     timesteps = scheduler.timesteps
-    for step_index, t in enumerate(tqdm(timesteps, desc="sampling", leave=False, disable=not progress)):
+    for step_index, t in enumerate(tqdm(timesteps, desc=desc, leave=False, disable=not progress)):
         model_input = scheduler.scale_model_input(torch.cat([x] * copies), t)
         ctx = StepContext(
             step_index=step_index,

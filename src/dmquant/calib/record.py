@@ -8,6 +8,7 @@ inputs are taken along the trajectories the FP model itself samples, at selected
 
 from __future__ import annotations
 
+import inspect
 import operator
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from dmquant.atomic import write_atomically
 from dmquant.calib.strategies import PerTrajectorySteps
 from dmquant.calib.tdac import FeatureAllocatedSteps
-from dmquant.denoiser import Denoiser
+from dmquant.denoiser import Denoiser, flatten_conditioning
 from dmquant.errors import CalibrationError, ConfigError
 from dmquant.sampling import Conditioning, StepContext, StepHook, prepare_scheduler, sample
 
@@ -45,7 +46,8 @@ class CalibrationSet:
     """Model inputs recorded along sampling trajectories, one row per (trajectory, step).
 
     Attributes:
-        samples: (N, C, H, W) model inputs ``x_t`` after ``scheduler.scale_model_input``.
+        samples: (N, C, H, W) model inputs ``x_t`` after ``scheduler.scale_model_input``; (N, L, C) packed
+            latent tokens for a denoiser that takes those (FLUX, see :data:`dmquant.denoiser.TOKEN_SAMPLE_CLASSES`).
         timesteps: (N,) timestep values fed to the model (the scheduler's timesteps).
         step_indices: (N,) long: index of each row's step in the trajectory (0: noisiest).
         cond: conditioning keywords as fed, each (N, ...). Under classifier-free guidance the
@@ -67,7 +69,10 @@ class CalibrationSet:
             if not isinstance(tensor, Tensor) or tensor.dim() < 1:
                 raise CalibrationError(f"{name}: expected a tensor with a row per sample, got {_described(tensor)}")
         checks = {
-            "samples": (self.samples.dim() == 4 and self.samples.is_floating_point(), "a float (N, C, H, W) tensor"),
+            "samples": (
+                self.samples.dim() in (3, 4) and self.samples.is_floating_point(),
+                "a float (N, C, H, W) tensor, or (N, L, C) tokens",
+            ),
             "timesteps": (self.timesteps.dim() == 1 and not self.timesteps.is_complex(), "a real (N,) tensor"),
             "step_indices": (
                 self.step_indices.dim() == 1 and not self.step_indices.is_floating_point(),
@@ -89,8 +94,24 @@ class CalibrationSet:
             raise CalibrationError(f"step_indices: must lie in [0, {self.num_inference_steps}) (num_inference_steps)")
 
     def check_fits(self, denoiser: Denoiser) -> None:
-        """The samples have the channels (and square size, where the model states one) ``denoiser`` takes."""
+        """The samples have the layout, channels (and square size, where the model states one) ``denoiser`` takes:
+        ``(N, C, H, W)``, or ``(N, L, C)`` tokens for a denoiser that takes those (``denoiser.takes_tokens``)."""
         channels, size = denoiser.in_channels, denoiser.sample_size
+        name = type(denoiser.model).__name__
+        if denoiser.takes_tokens:
+            if self.samples.dim() != 3:
+                raise CalibrationError(
+                    f"samples: expected a float (N, L, C) tensor of tokens for a {name}, got {_described(self.samples)}"
+                )
+            if channels is not None and self.samples.shape[2] != channels:
+                raise CalibrationError(
+                    f"samples: {self.samples.shape[2]} channels per token, the model takes {channels}"
+                )
+            return
+        if self.samples.dim() != 4:
+            raise CalibrationError(
+                f"samples: expected a float (N, C, H, W) tensor for a {name}, got {_described(self.samples)}"
+            )
         if channels is not None and self.samples.shape[1] != channels:
             raise CalibrationError(f"samples: {self.samples.shape[1]} channels, the model takes {channels}")
         if isinstance(size, int) and tuple(self.samples.shape[2:]) != (size, size):
@@ -347,3 +368,56 @@ def record_calibration(
     if not torch.isfinite(calibration.samples).all():
         raise CalibrationError("the FP model's trajectories hold non-finite values at the recorded steps")
     return calibration
+
+
+def record_forward_loop(model: nn.Module, forward_loop: Callable[[nn.Module], Any]) -> CalibrationSet:
+    """Record every call of ``model`` while ``forward_loop(model)`` runs, as a calibration set.
+
+    This is the ``forward_loop`` of ModelOpt's ``mtq.quantize(model, config, forward_loop)``: any code that
+    runs the model on representative inputs — typically a diffusers pipeline called on the user's prompts
+    with ``pipe.unet`` (or ``pipe.transformer``) being ``model``. Each call's sample, timestep and tensor
+    keywords are kept on the CPU (nested ones such as SDXL's ``added_cond_kwargs`` flattened, see
+    :func:`dmquant.denoiser.flatten_conditioning`). A row's step index is the rank of its timestep among
+    the distinct timesteps seen, the largest first: the step index of every trajectory when the loop
+    samples each with the same scheduler and number of steps.
+    """
+    calls: list[tuple[Tensor, Tensor, dict[str, Tensor]]] = []
+
+    def keep(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        arguments = dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)
+        sample = arguments.pop(next(iter(arguments)), None)  # the first argument, whatever its name
+        timestep = arguments.pop("timestep", None)
+        if not isinstance(sample, Tensor) or timestep is None:
+            raise CalibrationError(f"{type(module).__name__} was called without a sample and a timestep")
+        batch = sample.shape[0]
+        timestep = torch.as_tensor(timestep).reshape(-1).expand(batch)
+        cond = flatten_conditioning(arguments)
+        unbatched = sorted(name for name, tensor in cond.items() if tensor.ndim == 0 or tensor.shape[0] != batch)
+        if unbatched:
+            raise CalibrationError(
+                f"the keywords {unbatched} of {type(module).__name__} are not batched with the sample: "
+                "dmquant's calibration sets hold per-sample inputs"
+            )
+        calls.append((sample.detach().cpu(), timestep.detach().cpu(), {k: v.detach().cpu() for k, v in cond.items()}))
+
+    handle = model.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            forward_loop(model)
+    finally:
+        handle.remove()
+    if not calls:
+        raise CalibrationError("forward_loop never called the model: nothing to calibrate on")
+    timesteps = torch.cat([t for _, t, _ in calls])
+    distinct = torch.unique(timesteps.float(), sorted=True).flip(0)
+    step_indices = torch.searchsorted(-distinct, -timesteps.float())
+    keys = {tuple(sorted(cond)) for _, _, cond in calls}
+    if len(keys) > 1:
+        raise CalibrationError(f"the calls of forward_loop disagree on their conditioning keywords: {sorted(keys)}")
+    return CalibrationSet(
+        samples=torch.cat([x for x, _, _ in calls]),
+        timesteps=timesteps,
+        step_indices=step_indices,
+        cond={name: torch.cat([cond[name] for _, _, cond in calls]) for name in calls[0][2]},
+        num_inference_steps=len(distinct),
+    )

@@ -82,11 +82,12 @@ class QuantAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        query = quant.query(attn.head_to_batch_dim(query))
-        key = quant.key(attn.head_to_batch_dim(key))
-        value = quant.value(attn.head_to_batch_dim(value))
+        dtype = query.dtype  # the quantizers answer in float32: back to the model's dtype
+        query = quant.query(attn.head_to_batch_dim(query)).to(dtype)
+        key = quant.key(attn.head_to_batch_dim(key)).to(dtype)
+        value = quant.value(attn.head_to_batch_dim(value)).to(dtype)
 
-        probs = quant.probs(attn.get_attention_scores(query, key, attention_mask))
+        probs = quant.probs(attn.get_attention_scores(query, key, attention_mask)).to(dtype)
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
 
         hidden_states = attn.to_out[0](hidden_states)

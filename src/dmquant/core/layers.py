@@ -1,5 +1,7 @@
 """Quantized Linear and Conv2d layers (simulated: fake-quantized weights and input activations).
 
+They compute in their input's dtype (the quantizers answer in float32; the fake-quantized operands are
+cast back), so a quantized model runs after ``.to(torch.bfloat16)`` or ``.half()`` as its FP original does.
 They subclass ``nn.Linear`` / ``nn.Conv2d`` and keep the original ``weight`` and ``bias``
 parameters under the same names, so a quantized model's state dict is the FP one plus the
 quantizers' buffers, and code that checks ``isinstance(m, nn.Conv2d)`` keeps working.
@@ -59,7 +61,8 @@ class QuantLinear(_Smoothable, nn.Linear):
         return self.weight_quantizer(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(self.input_quantizer(self._unsmoothed(x)), self.quantized_weight(), self.bias)
+        x_q = self.input_quantizer(self._unsmoothed(x)).to(x.dtype)
+        return nn.functional.linear(x_q, self.quantized_weight().to(x.dtype), self.bias)
 
 
 class QuantConv2d(_Smoothable, nn.Conv2d):
@@ -128,7 +131,8 @@ class QuantConv2d(_Smoothable, nn.Conv2d):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quantized_input(self._unsmoothed(x)), self.quantized_weight(), self.bias)
+        x_q = self.quantized_input(self._unsmoothed(x)).to(x.dtype)
+        return self._conv_forward(x_q, self.quantized_weight().to(x.dtype), self.bias)
 
 
 QUANT_LAYERS = (QuantLinear, QuantConv2d)

@@ -15,11 +15,12 @@ class Quantizer(nn.Module):
     """Fake-quantizes a tensor with a scale and zero point per granularity block.
 
     It has three states: disabled (identity), observing (identity; feeds a range observer),
-    and quantizing (fake-quant, straight-through gradients). With ``num_steps > 1`` it holds one
-    set of parameters per sampling step (``step`` selects the set), for activations whose range
-    changes along the trajectory. :meth:`schedule_formats` instead gives it one set per format of
-    a per-step bit schedule (step-aware mixed precision): ``step`` then selects the format and
-    its parameters.
+    and quantizing (fake-quant, straight-through gradients). It computes and answers in float32 whatever
+    the input's dtype; the layers using it cast back, so a quantized model runs in bf16 / fp16. With
+    ``num_steps > 1`` it holds one set of parameters per sampling step (``step`` selects the set), for
+    activations whose range changes along the trajectory. :meth:`schedule_formats` instead gives it one
+    set per format of a per-step bit schedule (step-aware mixed precision): ``step`` then selects the
+    format and its parameters.
 
     Parameters are stored as buffers ``scale`` and ``zero_point`` of shape
     ``(num_steps, *param_shape)``; their shape is fixed by the first observed tensor and taken
@@ -200,6 +201,16 @@ class Quantizer(nn.Module):
         scale, zero_point = self.qparams(shape)
         return dequantize(codes, scale, zero_point, self.fmt)
 
+    def _apply(self, fn, recurse=True):
+        """Move the parameters with the module but keep their float32: ``model.to(torch.bfloat16)`` or
+        ``.half()`` changes the dtype the model computes in, not the calibrated scales (rounded to bf16 they
+        would quantize onto another grid)."""
+        kept = {key: self._buffers[key] for key in ("scale", "zero_point") if key in self._buffers}
+        super()._apply(fn, recurse)
+        for key, before in kept.items():
+            self._buffers[key] = before.to(self._buffers[key].device)
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The parameter shapes depend on the calibrated tensor: adopt the stored ones.
         for key in ("scale", "zero_point"):
@@ -213,7 +224,17 @@ def quantizers(module: nn.Module) -> list[Quantizer]:
     return [m for m in module.modules() if isinstance(m, Quantizer)]
 
 
+#: ``module.__dict__`` key: ``True`` once something selects the module's sampling steps (see :func:`set_step`).
+STEPS_DRIVEN = "dmquant_steps_driven"
+
+
 def set_step(module: nn.Module, step_index: int) -> None:
-    """Select the per-step activation parameters of every quantizer in ``module``."""
+    """Select the per-step activation parameters of every quantizer in ``module``.
+
+    It also marks ``module`` as driven step by step (``module.__dict__[STEPS_DRIVEN]``): a model with
+    per-step parts refuses to run undriven (see :func:`dmquant.api.quantize`) rather than silently
+    staying at step 0.
+    """
+    module.__dict__[STEPS_DRIVEN] = True
     for quantizer in quantizers(module):
         quantizer.step = step_index

@@ -70,6 +70,20 @@ def _sampler(name: str) -> DDIMScheduler:
     )
 
 
+def _load_in_float32(directory: Path) -> None:
+    """Make every component of a saved pipeline load in float32 by default, as diffusers' own models do.
+
+    transformers writes the weights' dtype (fp16 here) into a model's ``config.json`` and loads it back in
+    that dtype, so a plain ``from_pretrained(directory)`` would pair an fp16 text encoder with an fp32
+    UNet and fail on the first prompt; the fp16 weights are only the shipped storage format.
+    """
+    for config_path in directory.glob("*/config.json"):
+        config = json.loads(config_path.read_text())
+        if config.get("dtype", config.get("torch_dtype")) not in (None, "float32"):
+            config = {**config, **{key: "float32" for key in ("dtype", "torch_dtype") if key in config}}
+            config_path.write_text(json.dumps(config, indent=2) + "\n")  # in the staging directory
+
+
 def _write_pipeline(pipeline, directory: Path, info: dict) -> None:
     """fp16 ``save_pretrained`` of ``pipeline``, its ``vae`` a relative link to the shared autoencoder.
 
@@ -80,6 +94,7 @@ def _write_pipeline(pipeline, directory: Path, info: dict) -> None:
     staging = directory.with_name(directory.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     pipeline.save_pretrained(staging, safe_serialization=True)
+    _load_in_float32(staging)
     shutil.rmtree(staging / "vae")
     os.symlink(os.path.relpath(WEIGHTS_DIR / AUTOENCODER_NAME, directory), staging / "vae", target_is_directory=True)
     write_atomically(staging / "dmquant_model.json", lambda f: f.write(json.dumps(info, indent=2).encode()))

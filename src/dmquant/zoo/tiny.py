@@ -11,7 +11,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    DiTTransformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from .text import MAX_LENGTH, build_tokenizer
 
 #: Number of classes of the class-conditional tiny models; label ``TINY_NUM_CLASSES`` is "no class".
 TINY_NUM_CLASSES = 10
@@ -93,3 +103,110 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
             norm_num_groups=8,
             sample_size=16,
         ).eval()
+
+
+def tiny_text_encoder(seed: int = 0, *, projection: bool = False) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """A 2-layer, 32-wide CLIP text encoder over the glyph prompt vocabulary (:func:`dmquant.zoo.text.build_tokenizer`);
+    with ``projection`` the pooled, projected embedding SDXL and SD3 condition on as well (32 wide)."""
+    vocab_size = len(build_tokenizer().get_vocab())
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TINY_TEXT_DIM,
+        intermediate_size=2 * TINY_TEXT_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=MAX_LENGTH,
+        projection_dim=TINY_TEXT_DIM,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    with _seeded(seed):
+        return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def tiny_pipeline(kind: str, seed: int = 0) -> DiffusionPipeline:
+    """A random-initialised text-to-image pipeline of diffusers' ``kind``, 16×16 images, in well under a second.
+
+    ``"sd"``: ``StableDiffusionPipeline`` (:func:`tiny_unet2d_condition`); ``"sdxl"``:
+    ``StableDiffusionXLPipeline``, its UNet with SDXL's added text-and-size conditioning and two text encoders;
+    ``"sd3"``: ``StableDiffusion3Pipeline``, an MM-DiT ``SD3Transformer2DModel`` over two CLIP encoders (no T5:
+    the pipeline pads with zeros) and a flow-matching scheduler.
+    """
+    from diffusers import (  # the pipeline modules pull in transformers' image processors: only when asked
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
+
+    ddim = DDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1
+    )
+    if kind == "sd":
+        return StableDiffusionPipeline(
+            vae=tiny_vae(seed),
+            text_encoder=tiny_text_encoder(seed),
+            tokenizer=build_tokenizer(),
+            unet=tiny_unet2d_condition(seed),
+            scheduler=ddim,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    if kind == "sdxl":
+        with _seeded(seed):
+            unet = UNet2DConditionModel(
+                sample_size=8,
+                in_channels=4,
+                out_channels=4,
+                block_out_channels=(32, 64),
+                layers_per_block=1,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                attention_head_dim=(2, 4),
+                use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=TINY_TEXT_DIM + 6 * 8,
+                cross_attention_dim=2 * TINY_TEXT_DIM,
+                norm_num_groups=8,
+            ).eval()
+        return StableDiffusionXLPipeline(
+            vae=tiny_vae(seed),
+            text_encoder=tiny_text_encoder(seed),
+            text_encoder_2=tiny_text_encoder(seed + 1, projection=True),
+            tokenizer=build_tokenizer(),
+            tokenizer_2=build_tokenizer(),
+            unet=unet,
+            scheduler=ddim,
+        )
+    if kind == "sd3":
+        with _seeded(seed):
+            transformer = SD3Transformer2DModel(
+                sample_size=8,
+                patch_size=1,
+                in_channels=4,
+                out_channels=4,
+                num_layers=1,
+                attention_head_dim=8,
+                num_attention_heads=4,
+                caption_projection_dim=32,
+                joint_attention_dim=2 * TINY_TEXT_DIM,
+                pooled_projection_dim=2 * TINY_TEXT_DIM,
+            ).eval()
+        vae = tiny_vae(seed)
+        vae.register_to_config(shift_factor=0.0)
+        return StableDiffusion3Pipeline(
+            transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=vae,
+            text_encoder=tiny_text_encoder(seed, projection=True),
+            tokenizer=build_tokenizer(),
+            text_encoder_2=tiny_text_encoder(seed + 1, projection=True),
+            tokenizer_2=build_tokenizer(),
+            text_encoder_3=None,
+            tokenizer_3=None,
+        )
+    raise ValueError(f"unknown tiny pipeline kind {kind!r}: choose sd, sdxl or sd3")
