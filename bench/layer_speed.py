@@ -24,7 +24,6 @@ Results: ``--results`` (default ``bench/results/layer-speed``) as one JSON per d
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from unittest import mock
 import torch
 from torch.nn import functional as F
 
+from dmquant.deployment import median_call_ms
 from dmquant.provenance import environment
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -55,15 +55,7 @@ TIMING = "ms: one call captured in a CUDA graph and replayed (GPU time); eager_m
 
 
 def _median_ms(call: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median_call_ms(call, warmup=0, repeats=repeats)
 
 
 def _timed(call: Callable[[], Any], repeats: int) -> dict[str, float]:
