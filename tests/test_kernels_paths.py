@@ -160,3 +160,16 @@ def test_a_converted_model_cast_to_bf16_keeps_its_codes_and_scales():
     assert cast.proj.bias.dtype == torch.bfloat16
     assert isinstance(cast.proj, LowBitLinear) and isinstance(cast.proj.weight, LowBitWeight)
     assert cast(torch.randn(1, 16, 8, 8, dtype=torch.bfloat16), torch.zeros(1)).dtype == torch.bfloat16
+
+
+def test_the_report_lists_each_layer_with_its_candidates_times():
+    report = paths.PathReport("GPU", [
+        paths.PathChoice("a", "cublas", {"cublas": 1.0, "triton": 2.0, "bf16": 1.5}, [[4, 8]]),
+        paths.PathChoice("b", "bf16", {"triton": 3.0, "bf16": 2.5}, [[4, 8], [2, 8]], cached=True),
+    ])  # fmt: skip
+    assert report.counts() == {"cublas": 1, "bf16": 1}
+    rows = report.rows()
+    assert rows[1] == {"name": "b", "path": "bf16", "input": "4x8; 2x8", "cublas ms": "—", "triton ms": "3.0000",
+                       "bf16 ms": "2.5000"}  # fmt: skip
+    assert "3.500 ms against 4.000 ms in bf16" in report.summary()
+    assert report.to_dict()["layers"][1]["cached"] is True

@@ -157,17 +157,18 @@ def _prepared(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel
     return model.with_scheduler(scheduler) if scheduler else model
 
 
-def _choose_kernel_paths(converted: DiffusionModel, args: argparse.Namespace) -> None:
+def _choose_kernel_paths(converted: DiffusionModel, args: argparse.Namespace):
     """On CUDA, unless ``--every-layer-on-kernels``: each converted layer's fastest path, measured on calls shaped
-    like this command's batches (``dmquant.kernels.paths``), with what was chosen printed."""
+    like this command's batches (``dmquant.kernels.paths``), with what was chosen printed; the report, or None."""
     import torch
 
     from .deployment import choose_kernel_paths
 
     if torch.device(args.device).type != "cuda" or args.every_layer_on_kernels:
-        return
+        return None
     report = choose_kernel_paths(converted, args.batch_size, args.guidance, progress=not args.quiet)
     print(report.summary())
+    return report
 
 
 def _compiled(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel:
@@ -636,11 +637,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
             simulated.denoiser, dynamic_fp8=args.dynamic_fp8, fp8_fast_accumulation=not args.fp8_exact_accumulation
         )
     )
-    _choose_kernel_paths(converted, args)
+    paths = _choose_kernel_paths(converted, args)
     converted = _compiled(converted, args)
     report = getattr(converted.denoiser, REPORT_ATTRIBUTE)
     print(f"{args.model}: {report.summary()}\n")
     print(markdown_table(report.layers, ["name", "kind", "weight", "group_size", "activation"]))
+    if paths is not None and paths.choices:
+        rows = paths.rows()
+        print("\neach layer's path on this GPU and the time of each candidate per call:\n")
+        print(markdown_table(rows, list(rows[0])))
     for name, reason in report.kept.items():
         print(f"kept simulated: {name}: {reason}")
     if args.num_samples:
