@@ -469,7 +469,7 @@ def fp8_codes_by_reciprocal(x: Tensor, scale: Tensor) -> Tensor:
 
     The exact quotient (:func:`correctly_rounded_quotient`) costs a float64 division per element, which made the
     fused producer kernels compute-bound (a LayerNorm quantizing for Q, K and V took 47 µs against bf16's 18 µs at
-    4,096 tokens × 1,152 on an H100, ``bench/results/block-kernels``). ``x · (1/s)`` is within 1.5 ulp of float32 of
+    4,096 tokens × 1,152 on an H100, ``bench/results/block-kernels``, whose notes say what else that run shows). ``x · (1/s)`` is within 1.5 ulp of float32 of
     the quotient, and e4m3 keeps 3 mantissa bits: a code can differ from the simulated quantizer's, by one fp8 step,
     only where the quotient lies within 1.5 float32 ulp of a midpoint between two e4m3 values (none of 4M random
     values did in ``tests/test_kernels_quantize.py``). That is far inside the fp8 GEMMs' own accumulation error,
