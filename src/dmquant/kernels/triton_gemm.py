@@ -467,13 +467,15 @@ def correctly_rounded_quotient(x: Tensor, scale: Tensor) -> Tensor:
 def fp8_codes_by_reciprocal(x: Tensor, scale: Tensor) -> Tensor:
     """``clamp(x · (1/s), ±448)`` cast to e4m3: fp8 codes as compiled code computes them.
 
-    The exact quotient (:func:`correctly_rounded_quotient`) costs a float64 division per element, which made the
-    fused producer kernels compute-bound (a LayerNorm quantizing for Q, K and V took 47 µs against bf16's 18 µs at
-    4,096 tokens × 1,152 on an H100, ``bench/results/block-kernels``, whose notes say what else that run shows). ``x · (1/s)`` is within 1.5 ulp of float32 of
-    the quotient, and e4m3 keeps 3 mantissa bits: a code can differ from the simulated quantizer's, by one fp8 step,
-    only where the quotient lies within 1.5 float32 ulp of a midpoint between two e4m3 values (none of 4M random
-    values did in ``tests/test_kernels_quantize.py``). That is far inside the fp8 GEMMs' own accumulation error,
-    which the fidelity bench measures against the floor. Int8 codes, whose ties are common, keep the exact quotient.
+    The exact quotient (:func:`correctly_rounded_quotient`) costs a float64 division per element: the likeliest
+    reason why the producer kernels with the quantization fused in ran longer than bf16's while moving fewer bytes
+    (a LayerNorm quantizing for Q, K and V: 47 µs against 18 µs at 4,096 tokens × 1,152 on an H100,
+    ``bench/results/block-kernels`` and its notes; not yet confirmed by a counter or a rerun). ``x · (1/s)`` is
+    within 1.5 ulp of float32 of the quotient, and e4m3 keeps 3 mantissa bits: a code can differ from the simulated
+    quantizer's, by one fp8 step, only where the quotient lies within 1.5 float32 ulp of a midpoint between two
+    e4m3 values (none of 4M random values did in ``tests/test_kernels_quantize.py``). That is far inside the fp8
+    GEMMs' own accumulation error, which the fidelity bench measures against the floor. Int8 codes, whose ties are
+    common, keep the exact quotient.
     """
     return (x.float() * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
