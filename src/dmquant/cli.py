@@ -201,6 +201,7 @@ def _recipe(args: argparse.Namespace, bits: tuple = (None, None)) -> QuantConfig
     overrides = {
         "num_trajectories": getattr(args, "calib_trajectories", None),
         "num_inference_steps": getattr(args, "calib_steps", None),
+        "batch_size": getattr(args, "calib_batch_size", None),
     }
     overrides = {key: value for key, value in overrides.items() if value is not None}
     try:
@@ -267,6 +268,13 @@ def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="sampling steps of the calibration trajectories (default: the recipe's)",
+    )
+    group.add_argument(
+        "--calib-batch-size",
+        type=_positive_int,
+        metavar="N",
+        help="calibration trajectories sampled at once; on several processes (accelerate launch) the batches "
+        "are spread over them (default: the recipe's)",
     )
 
 
@@ -373,13 +381,19 @@ def _quantize_and_save_pipeline(args: argparse.Namespace, config: QuantConfig, p
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .checkpoint import check_target
-    from .jobs import open_model
+    from .distributed import is_main_process, num_processes
+    from .jobs import open_model, quantize_model
 
     config = _recipe(args)
     prompts = _calibration_prompts(args)
     if (Path(args.model) / "model_index.json").exists():
+        if num_processes() > 1:
+            raise DmquantError(f"{args.model}: a pipeline directory is quantized by one process; launch one")
         return _quantize_pipeline(args, config, prompts)
     model = _prepared(open_model(args.model), args).with_defaults(prompts=prompts, labels=args.labels)
+    if not is_main_process():  # records its share of the calibration trajectories; the main process saves
+        quantize_model(model, config, progress=False)
+        return 0
     output = check_target(args.output, overwrite=args.overwrite)
     with output_lock(output):  # held until saved: a second run on OUT fails now, not after calibrating
         return _quantize_and_save(model, config, output, args)
@@ -416,6 +430,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from .api import info
+    from .distributed import is_main_process
     from .jobs import generate, open_model
     from .report import save_image_grid, save_samples_npz
 
@@ -424,11 +439,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
         from .deployment import speedup_line
 
         fp = _compiled(_prepared(open_model(args.base or info(model.denoiser).source), args), args)
-        print(speedup_line(fp, model, args.batch_size, args.guidance))
+        line = speedup_line(fp, model, args.batch_size, args.guidance)
+        if is_main_process():
+            print(line)
         del fp
     images, conditioning = generate(
         model, args.num_samples, labels=args.labels, prompts=args.prompt, **_sampling_kwargs(args)
     )
+    if not is_main_process():  # every process sampled its share; the main one writes them all
+        return 0
     grid = save_image_grid(images, args.output)
     extra = {k: v.numpy() for k, v in conditioning.cond.items() if k == "class_labels"}
     npz = save_samples_npz(Path(args.output).with_suffix(".npz"), images, **extra)
@@ -471,6 +490,7 @@ def _json_ready(results: dict[str, Any]) -> dict[str, Any]:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .api import info
     from .checkpoint import MANIFEST_FILE
+    from .distributed import is_main_process
     from .jobs import compare, open_model, quantized_checkpoint
     from .provenance import environment
     from .report import markdown_table
@@ -488,6 +508,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     label = info(quantized.denoiser).config.name
     results = compare(fp, quantized, num_samples=args.num_samples, label=label, **_sampling_kwargs(args))
     results["verdict"] = vars(_eval_verdict(fp, results, args, label))
+    if not is_main_process():  # every process sampled its share; the main one reports and writes
+        return 0
     results["run"] = {
         "checkpoint": str(Path(args.model).resolve()),
         "base": source,
@@ -1027,6 +1049,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log_to_stderr(getattr(args, "quiet", False))
     try:
         _check_arguments(args)
+        if getattr(args, "device", "cpu") != "cpu":  # under a launcher of several processes, each on its own GPU
+            from .distributed import device
+
+            args.device = str(device(args.device))
         return args.run(args)
     except DmquantError as error:
         print(f"dmquant {args.command}: error: {error}", file=sys.stderr)

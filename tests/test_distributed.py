@@ -1,0 +1,168 @@
+"""Work spread over processes (:mod:`dmquant.distributed`): each process's batches, the generator taken past
+other processes' batches, and sampling, evaluation and calibration recording on 2 CPU processes (gloo, through
+accelerate's debug launcher) giving what one process gives, bit for bit."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from safetensors.torch import load_file
+
+from dmquant import distributed
+from dmquant.calib.record import record_calibration
+from dmquant.calib.strategies import ndtc, uniform
+from dmquant.checkpoint import TENSORS_FILE
+from dmquant.cli import main
+from dmquant.errors import ConfigError
+from dmquant.jobs import generate
+from dmquant.sampling import Conditioning, advance_generator, sample
+
+SAMPLING = ["--num-samples", "5", "--steps", "3", "--batch-size", "2", "--eta", "0.5", "--seed", "4", "-q"]
+CALIB = ["--recipe", "minmax", "--calib-trajectories", "5", "--calib-steps", "3", "--calib-batch-size", "2", "-q"]
+
+
+def classes(n: int, guidance_scale: float = 2.0) -> Conditioning:
+    return Conditioning.classes(torch.arange(n) % 3, null_label=10, guidance_scale=guidance_scale)
+
+
+def _on(processes: dict[int, int], monkeypatch, index: int) -> None:
+    monkeypatch.setattr(distributed, "num_processes", lambda: processes["count"])
+    monkeypatch.setattr(distributed, "process_index", lambda: index)
+
+
+def test_each_process_takes_every_nth_batch(monkeypatch):
+    shares = []
+    for index in range(3):
+        _on({"count": 3}, monkeypatch, index)
+        shares.append(list(distributed.shard(7, "a job")))
+    assert shares == [[0, 3, 6], [1, 4], [2, 5]]
+
+
+def test_more_processes_than_batches_is_a_clear_error(unet, monkeypatch):
+    _on({"count": 3}, monkeypatch, 1)
+    with pytest.raises(ConfigError, match="3 processes but sampling 4 images in batches of 2 makes only 2 batch"):
+        generate(unet, 4, num_inference_steps=2, batch_size=2, progress=False)
+    with pytest.raises(ConfigError, match="3 processes but recording 2 trajectories in batches of 1 makes only 2"):
+        record_calibration(
+            unet.denoiser,
+            unet.scheduler,
+            num_inference_steps=2,
+            steps=[0],
+            num_trajectories=2,
+            batch_size=1,
+            conditioning=classes,
+        )
+
+
+def test_one_process_without_a_launcher():
+    assert (distributed.num_processes(), distributed.process_index(), distributed.is_main_process()) == (1, 0, True)
+    assert distributed.gather({1: "b", 0: "a"}, 2) == ["a", "b"]
+    with pytest.raises(RuntimeError, match=r"batches \[2\] of 3"):
+        distributed.gather({1: "b", 0: "a"}, 3)
+
+
+@pytest.mark.parametrize(
+    "scheduler, eta, conditioning",
+    [
+        (DDPMScheduler(num_train_timesteps=100), 0.0, classes(2, 1.0)),
+        (DDIMScheduler(num_train_timesteps=100), 1.0, classes(2)),
+    ],
+    ids=["ddpm", "ddim-eta1-guided"],
+)
+def test_advance_generator_draws_what_sampling_draws(unet, scheduler, eta, conditioning):
+    """Stochastic steps draw from the generator at every step: skipping only the initial noise would not do."""
+    options = dict(batch_size=2, num_inference_steps=4, conditioning=conditioning, eta=eta)
+    sampled, skipped = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    sample(unet.denoiser, scheduler, generator=sampled, progress=False, **options)
+    advance_generator(unet.denoiser, scheduler, generator=skipped, **options)
+    assert torch.equal(sampled.get_state(), skipped.get_state())
+
+
+def _recordings(unet) -> dict[str, object]:
+    """Calibration sets of 5 trajectories in batches of 2 along stochastic DDPM trajectories: at uniform steps
+    with guidance, and at a step per trajectory (NDTC)."""
+    scheduler = DDPMScheduler(num_train_timesteps=100)
+    common = dict(num_inference_steps=4, num_trajectories=5, batch_size=2, progress=False)
+    sets = {
+        "uniform": record_calibration(
+            unet.denoiser,
+            scheduler,
+            steps=uniform(count=2),
+            conditioning=classes,
+            generator=torch.Generator().manual_seed(1),
+            **common,
+        ),
+        "ndtc": record_calibration(
+            unet.denoiser,
+            scheduler,
+            steps=ndtc(seed=2),
+            conditioning=lambda n: classes(n, 1.0),
+            generator=torch.Generator().manual_seed(2),
+            **common,
+        ),
+    }
+    return {name: calibration.named_tensors() for name, calibration in sets.items()}
+
+
+def _two_processes(unet, checkpoint: Path, out: Path) -> None:
+    """What each of the two processes runs; process ``r`` writes what it got to ``out/r.pt`` and asks the
+    commands to write into ``out/r/``."""
+    rank = distributed.process_index()
+    assert distributed.num_processes() == 2
+    images, _ = generate(unet, 5, num_inference_steps=3, batch_size=2, seed=4, eta=0.5, progress=False)
+    mine = out / str(rank)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        codes = [
+            main(["sample", "tiny-unet", "-o", str(mine / "grid.png"), *SAMPLING]),
+            main(["eval", str(checkpoint), "--json", str(mine / "eval.json"), *SAMPLING]),
+            main(["quantize", "tiny-unet", "-o", str(mine / "checkpoint"), *CALIB]),
+        ]
+    result = {"images": images, "recordings": _recordings(unet), "codes": codes, "printed": printed.getvalue()}
+    torch.save(result, out / f"{rank}.pt")
+
+
+def test_two_processes_give_what_one_gives(unet, tmp_path, monkeypatch):
+    from accelerate import debug_launcher
+
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # else accelerate sets its own count
+
+    checkpoint = tmp_path / "checkpoint"
+    single = tmp_path / "single"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["quantize", "tiny-unet", "-o", str(checkpoint), *CALIB]) == 0
+        assert main(["sample", "tiny-unet", "-o", str(single / "grid.png"), *SAMPLING]) == 0
+        assert main(["eval", str(checkpoint), "--json", str(single / "eval.json"), *SAMPLING]) == 0
+    images, _ = generate(unet, 5, num_inference_steps=3, batch_size=2, seed=4, eta=0.5, progress=False)
+    recordings = _recordings(unet)
+
+    debug_launcher(_two_processes, args=(unet, checkpoint, tmp_path), num_processes=2)
+
+    results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
+    for result in results:  # every process returns the whole result, the one a single process computes
+        assert result["codes"] == [0, 0, 0]
+        assert torch.equal(result["images"], images)
+        for name, tensors in recordings.items():
+            assert result["recordings"][name].keys() == tensors.keys()
+            for key, tensor in tensors.items():
+                assert torch.equal(result["recordings"][name][key], tensor), (name, key)
+    # only the main process prints and writes
+    assert "wrote" in results[0]["printed"] and results[1]["printed"] == ""
+    assert not (tmp_path / "1").exists()
+    main_out = tmp_path / "0"
+    with np.load(single / "grid.npz") as one, np.load(main_out / "grid.npz") as two:
+        assert one.keys() == two.keys() and all(np.array_equal(one[key], two[key]) for key in one)
+    assert (single / "grid.png").read_bytes() == (main_out / "grid.png").read_bytes()
+    one, two = (json.loads((folder / "eval.json").read_text()) for folder in (single, main_out))
+    for key in ("psnr_db", "ssim", "steps", "sqnr_db_mean", "size_bytes", "gbops_per_call", "verdict"):
+        assert one[key] == two[key], key
+    # calibration recorded over both processes: the same quantized model
+    one, two = (load_file(folder / TENSORS_FILE) for folder in (checkpoint, main_out / "checkpoint"))
+    assert one.keys() == two.keys() and all(torch.equal(one[key], two[key]) for key in one)
