@@ -63,7 +63,7 @@ def test_more_processes_than_batches_is_a_clear_error(unet, monkeypatch):
 
 def test_one_process_without_a_launcher():
     assert (distributed.num_processes(), distributed.process_index(), distributed.is_main_process()) == (1, 0, True)
-    assert distributed.gather({1: "b", 0: "a"}, 2) == ["a", "b"]
+    assert distributed.gather({2: "c", 0: "a", 1: "b"}, 3) == ["a", "b", "c"]
     with pytest.raises(RuntimeError, match=r"batches \[2\] of 3"):
         distributed.gather({1: "b", 0: "a"}, 3)
 
@@ -125,7 +125,14 @@ def _two_processes(unet, checkpoint: Path, out: Path) -> None:
             main(["eval", str(checkpoint), "--json", str(mine / "eval.json"), *SAMPLING]),
             main(["quantize", "tiny-unet", "-o", str(mine / "checkpoint"), *CALIB]),
         ]
-    result = {"images": images, "recordings": _recordings(unet), "codes": codes, "printed": printed.getvalue()}
+    batches = distributed.gather({index: (index, rank) for index in distributed.shard(5, "five batches")}, 5)
+    result = {
+        "batches": batches,
+        "images": images,
+        "recordings": _recordings(unet),
+        "codes": codes,
+        "printed": printed.getvalue(),
+    }
     torch.save(result, out / f"{rank}.pt")
 
 
@@ -147,6 +154,7 @@ def test_two_processes_give_what_one_gives(unet, tmp_path, monkeypatch):
 
     results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
     for result in results:  # every process returns the whole result, the one a single process computes
+        assert result["batches"] == [(0, 0), (1, 1), (2, 0), (3, 1), (4, 0)]
         assert result["codes"] == [0, 0, 0]
         assert torch.equal(result["images"], images)
         for name, tensors in recordings.items():
@@ -166,3 +174,15 @@ def test_two_processes_give_what_one_gives(unet, tmp_path, monkeypatch):
     # calibration recorded over both processes: the same quantized model
     one, two = (load_file(folder / TENSORS_FILE) for folder in (checkpoint, main_out / "checkpoint"))
     assert one.keys() == two.keys() and all(torch.equal(one[key], two[key]) for key in one)
+
+
+def test_num_processes_launches_the_command_on_that_many_processes(tmp_path, capfd):
+    """``--num-processes 2`` on the CPU: torch's launcher, accelerate's state on gloo; one process writes what a
+    single process writes."""
+    single, launched = tmp_path / "single.png", tmp_path / "launched.png"
+    assert main(["sample", "tiny-unet", "-o", str(single), *SAMPLING]) == 0
+    assert main(["sample", "tiny-unet", "-o", str(launched), *SAMPLING, "--num-processes", "2"]) == 0
+    out = capfd.readouterr().out
+    assert out.count(f"wrote {launched}") == 1
+    with np.load(single.with_suffix(".npz")) as one, np.load(launched.with_suffix(".npz")) as two:
+        assert all(np.array_equal(one[key], two[key]) for key in one)

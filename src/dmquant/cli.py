@@ -234,6 +234,36 @@ def _add_real_kernels_option(parser: argparse.ArgumentParser) -> None:
     _add_compile_option(parser)
 
 
+def _add_processes_option(parser: argparse.ArgumentParser, shared: str) -> None:
+    parser.add_argument(
+        "--num-processes",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help=f"run on N processes launched through accelerate (with --device cuda, one per GPU), {shared}, "
+        "gathered by the first process, which alone writes; the same results as one process (default: 1)",
+    )
+
+
+def _launch(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """This command again, on ``--num-processes`` processes: ``accelerate launch --multi_gpu`` on CUDA; on the
+    CPU, torch's launcher with accelerate's state on gloo (accelerate's own starts several CPU processes only
+    through MPI). Returns the launcher's exit status."""
+    import os
+    import subprocess
+
+    count = str(args.num_processes)
+    command = [*argv, "--num-processes", "1"]  # the last value given wins: the processes launch nothing more
+    env = dict(os.environ)
+    if args.device.startswith("cuda"):
+        launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", count, "--num_machines", "1"]
+        launcher += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    else:
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", count]
+        env["ACCELERATE_USE_CPU"] = "true"
+    return subprocess.run([sys.executable, *launcher, "-m", "dmquant.cli", *command], env=env).returncode
+
+
 def _add_path_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--every-layer-on-kernels",
@@ -848,6 +878,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scheduler", choices=sorted(SCHEDULER_NAMES), help="sampler for calibration instead of the model's own"
     )
+    _add_processes_option(p, "each recording a share of the calibration batches (the rest runs on each)")
 
     p = _command(
         commands,
@@ -864,6 +895,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="FP model a checkpoint was made from, if not the recorded one")
     _add_real_kernels_option(p)
     _add_sampling_options(p, num_samples=16)
+    _add_processes_option(p, "each sampling a share of the batches")
 
     p = _command(
         commands,
@@ -879,6 +911,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results to this JSON file")
     _add_real_kernels_option(p)
     _add_sampling_options(p, num_samples=16)
+    _add_processes_option(p, "each sampling a share of the batches")
 
     p = _command(
         commands,
@@ -1045,10 +1078,17 @@ def _log_to_stderr(quiet: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     _log_to_stderr(getattr(args, "quiet", False))
     try:
         _check_arguments(args)
+        if getattr(args, "num_processes", 1) > 1:
+            from .distributed import num_processes
+
+            if num_processes() > 1:
+                raise DmquantError("--num-processes: this is already one of several launched processes; leave it out")
+            return _launch(args, argv)
         if getattr(args, "device", "cpu") != "cpu":  # under a launcher of several processes, each on its own GPU
             from .distributed import device
 
