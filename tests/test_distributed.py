@@ -178,7 +178,7 @@ def test_two_processes_give_what_one_gives(unet, tmp_path, monkeypatch):
 
 def test_num_processes_launches_the_command_on_that_many_processes(tmp_path, capfd):
     """``--num-processes 2`` on the CPU: torch's launcher, accelerate's state on gloo; one process writes what a
-    single process writes."""
+    single process writes. With one batch for the two processes, each says so and the launch fails."""
     single, launched = tmp_path / "single.png", tmp_path / "launched.png"
     assert main(["sample", "tiny-unet", "-o", str(single), *SAMPLING]) == 0
     assert main(["sample", "tiny-unet", "-o", str(launched), *SAMPLING, "--num-processes", "2"]) == 0
@@ -186,3 +186,7 @@ def test_num_processes_launches_the_command_on_that_many_processes(tmp_path, cap
     assert out.count(f"wrote {launched}") == 1
     with np.load(single.with_suffix(".npz")) as one, np.load(launched.with_suffix(".npz")) as two:
         assert all(np.array_equal(one[key], two[key]) for key in one)
+    one_batch = ["--num-samples", "2", "--batch-size", "2", "--num-processes", "2"]
+    assert main(["sample", "tiny-unet", "-o", str(tmp_path / "x.png"), *SAMPLING, *one_batch]) != 0
+    assert "2 processes but sampling 2 images in batches of 2 makes only 1 batch" in capfd.readouterr().err
+    assert not (tmp_path / "x.png").exists()
