@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,11 @@ from dmquant.cli import main
 from dmquant.errors import ConfigError
 from dmquant.jobs import generate
 from dmquant.sampling import Conditioning, advance_generator, sample
+from dmquant.zoo import WEIGHTS_DIR
+from dmquant.zoo.reference import MODEL_CARD_FILE
 
 SAMPLING = ["--num-samples", "5", "--steps", "3", "--batch-size", "2", "--eta", "0.5", "--seed", "4", "-q"]
+ZOO_EVALUATE = ["zoo", "evaluate", "ddpm-glyphs32", "--num-samples", "5", "--batch-size", "2", "--steps", "2", "-q"]
 CALIB = ["--recipe", "minmax", "--calib-trajectories", "5", "--calib-steps", "3", "--calib-batch-size", "2", "-q"]
 
 
@@ -124,6 +128,7 @@ def _two_processes(unet, checkpoint: Path, out: Path) -> None:
             main(["sample", "tiny-unet", "-o", str(mine / "grid.png"), *SAMPLING]),
             main(["eval", str(checkpoint), "--json", str(mine / "eval.json"), *SAMPLING]),
             main(["quantize", "tiny-unet", "-o", str(mine / "checkpoint"), *CALIB]),
+            main([*ZOO_EVALUATE, "--model-dir", str(out / f"zoo{rank}")]),
         ]
     batches = distributed.gather({index: (index, rank) for index in distributed.shard(5, "five batches")}, 5)
     result = {
@@ -143,7 +148,10 @@ def test_two_processes_give_what_one_gives(unet, tmp_path, monkeypatch):
 
     checkpoint = tmp_path / "checkpoint"
     single = tmp_path / "single"
+    for folder in ("zoo", "zoo0", "zoo1"):
+        shutil.copytree(WEIGHTS_DIR / "ddpm-glyphs32", tmp_path / folder)
     with contextlib.redirect_stdout(io.StringIO()):
+        assert main([*ZOO_EVALUATE, "--model-dir", str(tmp_path / "zoo")]) == 0
         assert main(["quantize", "tiny-unet", "-o", str(checkpoint), *CALIB]) == 0
         assert main(["sample", "tiny-unet", "-o", str(single / "grid.png"), *SAMPLING]) == 0
         assert main(["eval", str(checkpoint), "--json", str(single / "eval.json"), *SAMPLING]) == 0
@@ -155,7 +163,7 @@ def test_two_processes_give_what_one_gives(unet, tmp_path, monkeypatch):
     results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
     for result in results:  # every process returns the whole result, the one a single process computes
         assert result["batches"] == [(0, 0), (1, 1), (2, 0), (3, 1), (4, 0)]
-        assert result["codes"] == [0, 0, 0]
+        assert result["codes"] == [0, 0, 0, 0]
         assert torch.equal(result["images"], images)
         for name, tensors in recordings.items():
             assert result["recordings"][name].keys() == tensors.keys()
@@ -171,6 +179,10 @@ def test_two_processes_give_what_one_gives(unet, tmp_path, monkeypatch):
     one, two = (json.loads((folder / "eval.json").read_text()) for folder in (single, main_out))
     for key in ("psnr_db", "ssim", "steps", "sqnr_db_mean", "size_bytes", "gbops_per_call", "verdict"):
         assert one[key] == two[key], key
+    card = (WEIGHTS_DIR / "ddpm-glyphs32" / MODEL_CARD_FILE).read_bytes()
+    assert (tmp_path / "zoo1" / MODEL_CARD_FILE).read_bytes() == card  # written by the main process only
+    one, two = (json.loads((tmp_path / folder / MODEL_CARD_FILE).read_text()) for folder in ("zoo", "zoo0"))
+    assert one["quality"]["results"] == two["quality"]["results"]
     # calibration recorded over both processes: the same quantized model
     one, two = (load_file(folder / TENSORS_FILE) for folder in (checkpoint, main_out / "checkpoint"))
     assert one.keys() == two.keys() and all(torch.equal(one[key], two[key]) for key in one)

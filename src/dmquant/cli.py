@@ -793,6 +793,7 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo_evaluate(args: argparse.Namespace) -> int:
+    from .distributed import is_main_process
     from .report import markdown_table
     from .zoo.jobs import evaluate_zoo_model
 
@@ -826,6 +827,8 @@ def cmd_zoo_evaluate(args: argparse.Namespace) -> int:
         "recall",
     )
     section = "quality" if features is None else f"quality_{features.name}"
+    if not is_main_process():
+        return 0
     print(markdown_table([{k: row[k] for k in columns if k in row} for row in card[section]["results"]]))
     return 0
 
@@ -1045,6 +1048,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the first batch (default: 0)")
     p.add_argument("--batch-size", type=_positive_int, default=500, help="samples per batch (default: %(default)s)")
     p.add_argument("--grid", help="also write a PNG grid of the first 64 samples here")
+    _add_processes_option(p, "each sampling a share of the batches")
     p.add_argument(
         "--features",
         choices=("glyphnet", "inception"),
