@@ -1082,20 +1082,20 @@ def _log_to_stderr(quiet: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .distributed import device, is_main_process, num_processes
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if hasattr(args, "quiet") and not is_main_process():  # progress and log messages from the main process
+        args.quiet = True
     _log_to_stderr(getattr(args, "quiet", False))
     try:
         _check_arguments(args)
         if getattr(args, "num_processes", 1) > 1:
-            from .distributed import num_processes
-
             if num_processes() > 1:
                 raise DmquantError("--num-processes: this is already one of several launched processes; leave it out")
             return _launch(args, argv)
         if getattr(args, "device", "cpu") != "cpu":  # under a launcher of several processes, each on its own GPU
-            from .distributed import device
-
             args.device = str(device(args.device))
         return args.run(args)
     except DmquantError as error:

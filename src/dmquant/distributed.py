@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -54,6 +55,8 @@ def is_main_process() -> bool:
 def device(name: str | torch.device) -> torch.device:
     """The device this process runs on when asked for ``name``: with several processes, ``"cuda"`` (no
     index) is this process's own GPU (accelerate's ``PartialState.device``); anything else as named."""
+    import torch
+
     requested = torch.device(name)
     state = _state()
     if state is None or requested.type != "cuda" or requested.index is not None:
