@@ -131,6 +131,10 @@ def _two_processes(unet, checkpoint: Path, out: Path) -> None:
             main([*ZOO_EVALUATE, "--model-dir", str(out / f"zoo{rank}")]),
         ]
     batches = distributed.gather({index: (index, rank) for index in distributed.shard(5, "five batches")}, 5)
+    refused = io.StringIO()
+    with contextlib.redirect_stderr(refused):  # the commands that run on one process say so
+        codes.append(main(["demo", "-o", str(mine / "demo")]))
+    codes.append("dmquant demo runs on one process" in refused.getvalue())
     result = {
         "batches": batches,
         "images": images,
@@ -163,7 +167,7 @@ def test_two_processes_give_what_one_gives(unet, tmp_path, monkeypatch):
     results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
     for result in results:  # every process returns the whole result, the one a single process computes
         assert result["batches"] == [(0, 0), (1, 1), (2, 0), (3, 1), (4, 0)]
-        assert result["codes"] == [0, 0, 0, 0]
+        assert result["codes"] == [0, 0, 0, 0, 2, True]
         assert torch.equal(result["images"], images)
         for name, tensors in recordings.items():
             assert result["recordings"][name].keys() == tensors.keys()

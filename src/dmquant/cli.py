@@ -1091,6 +1091,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log_to_stderr(getattr(args, "quiet", False))
     try:
         _check_arguments(args)
+        if not hasattr(args, "num_processes") and num_processes() > 1:
+            raise DmquantError(
+                f"dmquant {args.command} runs on one process; sample, eval, quantize and zoo evaluate take several"
+            )
         if getattr(args, "num_processes", 1) > 1:
             if num_processes() > 1:
                 raise DmquantError("--num-processes: this is already one of several launched processes; leave it out")
