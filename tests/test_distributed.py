@@ -134,7 +134,9 @@ def _two_processes(unet, checkpoint: Path, out: Path) -> None:
     refused = io.StringIO()
     with contextlib.redirect_stderr(refused):  # the commands that run on one process say so
         codes.append(main(["demo", "-o", str(mine / "demo")]))
-    codes.append("dmquant demo runs on one process" in refused.getvalue())
+        codes.append(main(["quantize", str(WEIGHTS_DIR / "dit-glyphs"), "-o", str(mine / "pipeline"), "-q"]))
+    said = refused.getvalue()
+    codes.append("dmquant demo runs on one process" in said and "a pipeline directory is quantized by one" in said)
     result = {
         "batches": batches,
         "images": images,
@@ -167,7 +169,7 @@ def test_two_processes_give_what_one_gives(unet, tmp_path, monkeypatch):
     results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
     for result in results:  # every process returns the whole result, the one a single process computes
         assert result["batches"] == [(0, 0), (1, 1), (2, 0), (3, 1), (4, 0)]
-        assert result["codes"] == [0, 0, 0, 0, 2, True]
+        assert result["codes"] == [0, 0, 0, 0, 2, 2, True]
         assert torch.equal(result["images"], images)
         for name, tensors in recordings.items():
             assert result["recordings"][name].keys() == tensors.keys()
