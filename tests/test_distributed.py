@@ -53,16 +53,10 @@ def test_more_processes_than_batches_is_a_clear_error(unet, monkeypatch):
     _on({"count": 3}, monkeypatch, 1)
     with pytest.raises(ConfigError, match="3 processes but sampling 4 images in batches of 2 makes only 2 batch"):
         generate(unet, 4, num_inference_steps=2, batch_size=2, progress=False)
-    with pytest.raises(ConfigError, match="3 processes but recording 2 trajectories in batches of 1 makes only 2"):
-        record_calibration(
-            unet.denoiser,
-            unet.scheduler,
-            num_inference_steps=2,
-            steps=[0],
-            num_trajectories=2,
-            batch_size=1,
-            conditioning=classes,
-        )
+    # a recipe's calibration batches are not the user's choice: the processes past the last one wait
+    assert list(distributed.shard(2, "a recipe's batches", idle=True)) == [1]
+    _on({"count": 3}, monkeypatch, 2)
+    assert list(distributed.shard(2, "a recipe's batches", idle=True)) == []
 
 
 def test_one_process_without_a_launcher():
@@ -91,7 +85,7 @@ def test_advance_generator_draws_what_sampling_draws(unet, scheduler, eta, condi
 
 def _recordings(unet) -> dict[str, object]:
     """Calibration sets of 5 trajectories in batches of 2 along stochastic DDPM trajectories: at uniform steps
-    with guidance, and at a step per trajectory (NDTC)."""
+    with guidance, and at a step per trajectory (NDTC); and of 2 trajectories, one batch."""
     scheduler = DDPMScheduler(num_train_timesteps=100)
     common = dict(num_inference_steps=4, num_trajectories=5, batch_size=2, progress=False)
     sets = {
@@ -112,6 +106,14 @@ def _recordings(unet) -> dict[str, object]:
             **common,
         ),
     }
+    sets["one batch"] = record_calibration(  # fewer batches than processes: the second process waits
+        unet.denoiser,
+        scheduler,
+        steps=[1, 3],
+        conditioning=classes,
+        generator=torch.Generator().manual_seed(3),
+        **(common | {"num_trajectories": 2}),
+    )
     return {name: calibration.named_tensors() for name, calibration in sets.items()}
 
 

@@ -64,11 +64,13 @@ def device(name: str | torch.device) -> torch.device:
     return state.device
 
 
-def shard(num_batches: int, what: str) -> range:
+def shard(num_batches: int, what: str, *, idle: bool = False) -> range:
     """The batch indices of this process: every :func:`num_processes`-th of ``range(num_batches)``, starting at
-    its index. ``what`` names the batches for the error raised when there are fewer than processes."""
+    its index. ``what`` names the batches for the error raised when there are fewer than processes, unless
+    ``idle``: then the processes past the last batch get none (a job whose batching is not the user's choice,
+    such as a recipe's calibration batches)."""
     count = num_processes()
-    if count > num_batches:
+    if count > num_batches and not idle:
         raise ConfigError(
             f"{count} processes but {what} makes only {num_batches} batch(es): each process needs one at least; "
             f"launch at most {num_batches} process(es), or make the batches smaller"

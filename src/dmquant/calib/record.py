@@ -329,12 +329,13 @@ def record_calibration(
         progress: show a progress bar over the batches (on the main process).
 
     Under a launcher of several processes (``accelerate launch``) each process records every N-th batch,
-    taking ``generator`` past the others' batches without running the model
+    taking ``generator`` past the others' batches without the model
     (:func:`dmquant.sampling.advance_generator`), and every process returns the whole set, identical to
-    the one a single process records (:mod:`dmquant.distributed`).
+    the one a single process records (:mod:`dmquant.distributed`). With fewer batches than processes, the
+    processes past the last batch record nothing and wait.
 
     Raises:
-        ConfigError: a step index outside the trajectory, inconsistent sizes, or more processes than batches.
+        ConfigError: a step index outside the trajectory, or inconsistent sizes.
         CalibrationError: nothing would be recorded, or the trajectories hold non-finite values.
     """
     if num_trajectories < 0 or batch_size < 1:
@@ -357,7 +358,7 @@ def record_calibration(
     else:
         recorder = _Recorder(_selected_steps(steps, len(prepared.timesteps)), num_inference_steps)
     starts = range(0, num_trajectories, batch_size)
-    mine = distributed.shard(len(starts), f"recording {num_trajectories} trajectories in batches of {batch_size}")
+    mine = distributed.shard(len(starts), "recording", idle=True)  # the processes past the last batch wait
     records: dict[int, list[CalibrationSet]] = {}
     show = progress and distributed.is_main_process()
     for index, start in enumerate(tqdm(starts, desc="recording calibration data", disable=not show)):
