@@ -42,6 +42,11 @@ that would not finish in time, so a long matrix splits into chunks — run the s
 with ``--state-dir`` even a cell killed during its reconstruction resumes from its last block, and
 one killed while sampling a built model reloads it.
 
+Launched on several processes (``accelerate launch bench/quality.py ...``, one per GPU) each cell's
+sampling and calibration recording are spread over them (:mod:`dmquant.distributed`): the same numbers,
+the cells written and printed by the main process, whose clock ``--max-minutes`` reads; ``--state-dir``
+needs one process.
+
 Example (one chunk on a GPU)::
 
     python bench/quality.py --device cuda --max-minutes 9
@@ -67,6 +72,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dmquant import distributed
 from dmquant.api import info, load, measure_noise, sampling_hooks, save
 from dmquant.atomic import write_atomically
 from dmquant.config import CorrectionConfig, QuantConfig, available_recipes, load_recipe
@@ -535,13 +541,15 @@ def run_matrix(args: argparse.Namespace, command: str) -> int:
     """Run the pending cells, model by model, within ``--max-minutes``; returns how many are left."""
     results = Path(args.results)
     cells = plan_cells(args.models, args.methods, args.bits, args.eta, args.real_kernels)
-    todo = pending(cells, results, args.force)
+    todo = distributed.broadcast(pending(cells, results, args.force))  # launched on several: the main one's
     started, longest = time.monotonic(), 0.0
+    main_process = distributed.is_main_process()
 
     def out_of_time() -> bool:
-        """Whether a cell as long as the longest so far would end past ``--max-minutes``."""
+        """Whether a cell as long as the longest so far would end past ``--max-minutes`` (the main process's
+        clock decides for every process)."""
         elapsed = time.monotonic() - started
-        return args.max_minutes is not None and elapsed + longest > 60 * args.max_minutes
+        return distributed.broadcast(args.max_minutes is not None and elapsed + longest > 60 * args.max_minutes)
 
     for model, cells in _by_model(todo):
         if out_of_time():
@@ -552,14 +560,16 @@ def run_matrix(args: argparse.Namespace, command: str) -> int:
                 break
             began = time.monotonic()
             record = run_cell(bench, cell, command)
-            write_cell(cell.path(results), record)
+            if main_process:
+                write_cell(cell.path(results), record)
             longest = max(longest, time.monotonic() - began)
             sampler = f" eta {cell.eta:g}" if cell.eta else ""
             seconds = time.monotonic() - began
-            print(f"{cell.model} {cell.method} {cell.bits}{sampler}: {record['status']} ({seconds:.0f} s)")
+            if main_process:
+                print(f"{cell.model} {cell.method} {cell.bits}{sampler}: {record['status']} ({seconds:.0f} s)")
             todo.remove(cell)
         del bench
-    if todo:
+    if todo and main_process:
         print(f"{len(todo)} cells left (time limit); run the same command again to resume")
     return len(todo)
 
@@ -615,6 +625,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if distributed.num_processes() > 1:  # `accelerate launch bench/quality.py ...`: each samples a share
+        if args.state_dir is not None:
+            raise SystemExit("--state-dir: kept by one process; run without it on several, or on one")
+        args.device = str(distributed.device(args.device))
+        args.progress = args.progress and distributed.is_main_process()
     command = "python bench/quality.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     run_matrix(args, command)
     return 0

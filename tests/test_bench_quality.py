@@ -202,3 +202,30 @@ def test_a_run_killed_after_building_reloads_the_built_model_and_its_cost(tmp_pa
     assert again["status"] == "ok", again["reason"]
     assert again["calibration_s"] == first["calibration_s"]
     assert again["metrics"]["psnr"] == pytest.approx(first["metrics"]["psnr"])
+
+
+def _cells_on_two_processes(argv: list[str], results: Path) -> None:
+    """Each of two processes runs the matrix, writing (it would) into ``results/<rank>``."""
+    rank = quality.distributed.process_index()
+    assert quality.distributed.num_processes() == 2
+    quality.main([*argv, "--results", str(results / str(rank))])
+
+
+@pytest.mark.slow
+def test_two_processes_measure_what_one_measures_and_one_writes(tmp_path, monkeypatch):
+    """``accelerate launch bench/quality.py``: each process samples and records a share; the main process's
+    cells hold one process's numbers, and the other process writes nothing."""
+    from accelerate import debug_launcher
+
+    argv = ["--models", "ddpm-glyphs32", "--methods", "fp", "minmax", "--bits", "W8A8", "--num-samples", "8"]
+    argv += ["--steps", "2", "--batch-size", "4", "--device", "cpu", "-q"]
+    quality.main([*argv, "--results", str(tmp_path / "single")])
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # else accelerate sets its own count
+    debug_launcher(_cells_on_two_processes, args=(argv, tmp_path), num_processes=2)
+    assert not (tmp_path / "1").exists()
+    for name in ("fp__FP32", "minmax__W8A8"):
+        one, two = (
+            json.loads((tmp_path / run / "ddpm-glyphs32" / f"{name}.json").read_text()) for run in ("single", "0")
+        )
+        assert one["status"] == two["status"] == "ok", (one["reason"], two["reason"])
+        assert one["metrics"] == two["metrics"] and one.get("sqnr_per_step") == two.get("sqnr_per_step")

@@ -201,6 +201,7 @@ def _recipe(args: argparse.Namespace, bits: tuple = (None, None)) -> QuantConfig
     overrides = {
         "num_trajectories": getattr(args, "calib_trajectories", None),
         "num_inference_steps": getattr(args, "calib_steps", None),
+        "batch_size": getattr(args, "calib_batch_size", None),
     }
     overrides = {key: value for key, value in overrides.items() if value is not None}
     try:
@@ -231,6 +232,36 @@ def _add_real_kernels_option(parser: argparse.ArgumentParser) -> None:
     )
     _add_path_option(parser)
     _add_compile_option(parser)
+
+
+def _add_processes_option(parser: argparse.ArgumentParser, shared: str) -> None:
+    parser.add_argument(
+        "--num-processes",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help=f"run on N processes launched through accelerate (with --device cuda, one per GPU), {shared}, "
+        "gathered by the first process, which alone writes; the same results as one process (default: 1)",
+    )
+
+
+def _launch(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """This command again, on ``--num-processes`` processes: ``accelerate launch --multi_gpu`` on CUDA; on the
+    CPU, torch's launcher with accelerate's state on gloo (accelerate's own starts several CPU processes only
+    through MPI). Returns the launcher's exit status."""
+    import os
+    import subprocess
+
+    count = str(args.num_processes)
+    command = [*argv, "--num-processes", "1"]  # the last value given wins: the processes launch nothing more
+    env = dict(os.environ)
+    if args.device.startswith("cuda"):
+        launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", count, "--num_machines", "1"]
+        launcher += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    else:
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", count]
+        env["ACCELERATE_USE_CPU"] = "true"
+    return subprocess.run([sys.executable, *launcher, "-m", "dmquant.cli", *command], env=env).returncode
 
 
 def _add_path_option(parser: argparse.ArgumentParser) -> None:
@@ -267,6 +298,13 @@ def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="sampling steps of the calibration trajectories (default: the recipe's)",
+    )
+    group.add_argument(
+        "--calib-batch-size",
+        type=_positive_int,
+        metavar="N",
+        help="calibration trajectories sampled at once; on several processes (accelerate launch) the batches "
+        "are spread over them (default: the recipe's)",
     )
 
 
@@ -373,13 +411,19 @@ def _quantize_and_save_pipeline(args: argparse.Namespace, config: QuantConfig, p
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .checkpoint import check_target
-    from .jobs import open_model
+    from .distributed import is_main_process, num_processes
+    from .jobs import open_model, quantize_model
 
     config = _recipe(args)
     prompts = _calibration_prompts(args)
     if (Path(args.model) / "model_index.json").exists():
+        if num_processes() > 1:
+            raise DmquantError(f"{args.model}: a pipeline directory is quantized by one process; launch one")
         return _quantize_pipeline(args, config, prompts)
     model = _prepared(open_model(args.model), args).with_defaults(prompts=prompts, labels=args.labels)
+    if not is_main_process():  # records its share of the calibration trajectories; the main process saves
+        quantize_model(model, config, progress=False)
+        return 0
     output = check_target(args.output, overwrite=args.overwrite)
     with output_lock(output):  # held until saved: a second run on OUT fails now, not after calibrating
         return _quantize_and_save(model, config, output, args)
@@ -416,6 +460,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from .api import info
+    from .distributed import is_main_process
     from .jobs import generate, open_model
     from .report import save_image_grid, save_samples_npz
 
@@ -424,11 +469,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
         from .deployment import speedup_line
 
         fp = _compiled(_prepared(open_model(args.base or info(model.denoiser).source), args), args)
-        print(speedup_line(fp, model, args.batch_size, args.guidance))
+        line = speedup_line(fp, model, args.batch_size, args.guidance)
+        if is_main_process():
+            print(line)
         del fp
     images, conditioning = generate(
         model, args.num_samples, labels=args.labels, prompts=args.prompt, **_sampling_kwargs(args)
     )
+    if not is_main_process():  # every process sampled its share; the main one writes them all
+        return 0
     grid = save_image_grid(images, args.output)
     extra = {k: v.numpy() for k, v in conditioning.cond.items() if k == "class_labels"}
     npz = save_samples_npz(Path(args.output).with_suffix(".npz"), images, **extra)
@@ -471,6 +520,7 @@ def _json_ready(results: dict[str, Any]) -> dict[str, Any]:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .api import info
     from .checkpoint import MANIFEST_FILE
+    from .distributed import is_main_process
     from .jobs import compare, open_model, quantized_checkpoint
     from .provenance import environment
     from .report import markdown_table
@@ -488,6 +538,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     label = info(quantized.denoiser).config.name
     results = compare(fp, quantized, num_samples=args.num_samples, label=label, **_sampling_kwargs(args))
     results["verdict"] = vars(_eval_verdict(fp, results, args, label))
+    if not is_main_process():  # every process sampled its share; the main one reports and writes
+        return 0
     results["run"] = {
         "checkpoint": str(Path(args.model).resolve()),
         "base": source,
@@ -741,6 +793,7 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo_evaluate(args: argparse.Namespace) -> int:
+    from .distributed import is_main_process
     from .report import markdown_table
     from .zoo.jobs import evaluate_zoo_model
 
@@ -774,6 +827,8 @@ def cmd_zoo_evaluate(args: argparse.Namespace) -> int:
         "recall",
     )
     section = "quality" if features is None else f"quality_{features.name}"
+    if not is_main_process():
+        return 0
     print(markdown_table([{k: row[k] for k in columns if k in row} for row in card[section]["results"]]))
     return 0
 
@@ -826,6 +881,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scheduler", choices=sorted(SCHEDULER_NAMES), help="sampler for calibration instead of the model's own"
     )
+    _add_processes_option(p, "each recording a share of the calibration batches (the rest runs on each)")
 
     p = _command(
         commands,
@@ -842,6 +898,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="FP model a checkpoint was made from, if not the recorded one")
     _add_real_kernels_option(p)
     _add_sampling_options(p, num_samples=16)
+    _add_processes_option(p, "each sampling a share of the batches")
 
     p = _command(
         commands,
@@ -857,6 +914,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results to this JSON file")
     _add_real_kernels_option(p)
     _add_sampling_options(p, num_samples=16)
+    _add_processes_option(p, "each sampling a share of the batches")
 
     p = _command(
         commands,
@@ -990,6 +1048,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the first batch (default: 0)")
     p.add_argument("--batch-size", type=_positive_int, default=500, help="samples per batch (default: %(default)s)")
     p.add_argument("--grid", help="also write a PNG grid of the first 64 samples here")
+    _add_processes_option(p, "each sampling a share of the batches")
     p.add_argument(
         "--features",
         choices=("glyphnet", "inception"),
@@ -1023,10 +1082,25 @@ def _log_to_stderr(quiet: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .distributed import device, is_main_process, num_processes
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if hasattr(args, "quiet") and not is_main_process():  # progress and log messages from the main process
+        args.quiet = True
     _log_to_stderr(getattr(args, "quiet", False))
     try:
         _check_arguments(args)
+        if not hasattr(args, "num_processes") and num_processes() > 1:
+            raise DmquantError(
+                f"dmquant {args.command} runs on one process; sample, eval, quantize and zoo evaluate take several"
+            )
+        if getattr(args, "num_processes", 1) > 1:
+            if num_processes() > 1:
+                raise DmquantError("--num-processes: this is already one of several launched processes; leave it out")
+            return _launch(args, argv)
+        if getattr(args, "device", "cpu") != "cpu":  # under a launcher of several processes, each on its own GPU
+            args.device = str(device(args.device))
         return args.run(args)
     except DmquantError as error:
         print(f"dmquant {args.command}: error: {error}", file=sys.stderr)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .api import info, load, measure_noise, quantize, same_architecture, sampling_hooks
 from .calib.record import CalibrationSet, record_calibration
 from .calib.strategies import get_strategy
@@ -166,11 +167,15 @@ def generate(
 ) -> tuple[torch.Tensor, Conditioning]:
     """``num_samples`` images in [-1, 1] and their conditioning; batch ``i`` uses seed ``seed + i``.
 
-    ``desc`` is what the progress bars say they run (``"FP"``, ``"W8A8"``, ...)."""
+    ``desc`` is what the progress bars say they run (``"FP"``, ``"W8A8"``, ...). Under a launcher of several
+    processes each samples every N-th batch and every process returns all the images, the ones a single process
+    samples (:mod:`dmquant.distributed`); progress shows on the main process."""
     conditioning = model.make_conditioning(num_samples, labels=labels, prompts=prompts, guidance_scale=guidance_scale)
-    images = []
-    for index, start in enumerate(range(0, num_samples, batch_size)):
-        stop = min(start + batch_size, num_samples)
+    num_batches = math.ceil(num_samples / batch_size)
+    mine = distributed.shard(num_batches, f"sampling {num_samples} images in batches of {batch_size}")
+    images = {}
+    for index in mine:
+        start, stop = index * batch_size, min((index + 1) * batch_size, num_samples)
         x0 = sample(
             model.denoiser,
             model.scheduler,
@@ -180,11 +185,12 @@ def generate(
             generator=torch.Generator().manual_seed(seed + index),
             eta=eta,
             hooks=sampling_hooks(model.denoiser),
-            progress=progress,
-            desc=f"{desc} {index + 1}/{math.ceil(num_samples / batch_size)}",
+            progress=progress and distributed.is_main_process(),
+            desc=f"{desc} {index + 1}/{num_batches}",
         )
-        images.append(model.decode(x0))
-    return torch.cat(images), conditioning
+        images[index] = model.decode(x0)
+    device = images[mine[0]].device
+    return torch.cat([image.to(device) for image in distributed.gather(images, num_batches)]), conditioning
 
 
 def forward_cost(model: DiffusionModel, conditioning: Conditioning, num_steps: int = 1) -> dict[str, Any]:
@@ -231,6 +237,9 @@ def compare(
     model is compared with several quantized ones. The per-step SQNR is measured on the first
     ``sqnr_trajectories`` FP trajectories (pooled over all their elements). ``label`` names the quantized
     model in the progress bars.
+
+    Under a launcher of several processes the images are sampled as :func:`generate` spreads them, the
+    per-step SQNR is traced on the main process, and every process returns the same results.
     """
     options = dict(
         num_inference_steps=num_inference_steps,
@@ -247,18 +256,21 @@ def compare(
     q_images, _ = generate(quantized, num_samples, desc=label, **options)
     sample_seconds = time.perf_counter() - started
     traced = min(sqnr_trajectories, batch_size, num_samples)
-    steps = noise_estimate_error(
-        fp.denoiser,
-        quantized.denoiser,
-        fp.scheduler,
-        num_inference_steps=num_inference_steps,
-        batch_size=traced,
-        conditioning=conditioning.slice(0, traced),
-        generator=torch.Generator().manual_seed(seed),
-        eta=eta,
-        test_hooks=sampling_hooks(quantized.denoiser),
-        progress=progress,
-    )
+    steps = None
+    if distributed.is_main_process():  # one batch: traced on the main process, its rows sent to the others
+        steps = noise_estimate_error(
+            fp.denoiser,
+            quantized.denoiser,
+            fp.scheduler,
+            num_inference_steps=num_inference_steps,
+            batch_size=traced,
+            conditioning=conditioning.slice(0, traced),
+            generator=torch.Generator().manual_seed(seed),
+            eta=eta,
+            test_hooks=sampling_hooks(quantized.denoiser),
+            progress=progress,
+        )
+    steps = distributed.broadcast(steps)
     reference, test = to_unit_range(fp_images), to_unit_range(q_images)
     size, fp_size = model_size(quantized.denoiser), model_size(fp.denoiser)
     cost = forward_cost(quantized, conditioning, num_inference_steps)

@@ -371,3 +371,53 @@ def sample(
         for hook in hooks:
             hook.end_step(ctx, x)
     return x
+
+
+class _ZeroNoiseEstimate(Denoiser):
+    """A denoiser's shapes and device with a zero noise estimate at every step, at no model's cost."""
+
+    def __init__(self, denoiser: Denoiser):
+        vars(self).update(vars(denoiser))
+        self._device = denoiser.device
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def __call__(self, sample: Tensor, timestep: Tensor, cond: Any) -> Tensor:
+        return torch.zeros_like(sample)
+
+    def noise_channels(self, output: Tensor) -> Tensor:
+        return output
+
+
+def advance_generator(
+    model_or_denoiser: nn.Module | Denoiser,
+    scheduler: Any,
+    *,
+    batch_size: int,
+    num_inference_steps: int,
+    conditioning: Conditioning | None = None,
+    generator: torch.Generator | list[torch.Generator] | None,
+    eta: float = 0.0,
+    sample_shape: Sequence[int] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """Leave ``generator`` in the state :func:`sample` with these arguments (and no hooks) leaves it, without
+    running the model: what a sampling loop draws depends on the shapes only, so the loop runs on a zero noise
+    estimate. A process that samples the later of a sequence of batches drawn from one generator skips the
+    earlier ones with it (:func:`dmquant.calib.record.record_calibration` over several processes)."""
+    sample(
+        _ZeroNoiseEstimate(as_denoiser(model_or_denoiser)),
+        scheduler,
+        batch_size=batch_size,
+        num_inference_steps=num_inference_steps,
+        conditioning=conditioning,
+        generator=generator,
+        eta=eta,
+        sample_shape=sample_shape,
+        device=device,
+        dtype=dtype,
+        progress=False,
+    )

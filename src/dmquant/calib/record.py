@@ -21,12 +21,13 @@ from safetensors.torch import save
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from dmquant import distributed
 from dmquant.atomic import write_atomically
 from dmquant.calib.strategies import PerTrajectorySteps
 from dmquant.calib.tdac import FeatureAllocatedSteps
 from dmquant.denoiser import Denoiser, flatten_conditioning
 from dmquant.errors import CalibrationError, ConfigError
-from dmquant.sampling import Conditioning, StepContext, StepHook, prepare_scheduler, sample
+from dmquant.sampling import Conditioning, StepContext, StepHook, advance_generator, prepare_scheduler, sample
 
 
 def _described(value: Any) -> str:
@@ -325,7 +326,13 @@ def record_calibration(
         generator: random source of the trajectories, consumed batch after batch.
         eta: DDIM's ``eta``.
         device: where to sample; defaults to the model's device. Records are kept on the CPU.
-        progress: show a progress bar over the batches.
+        progress: show a progress bar over the batches (on the main process).
+
+    Under a launcher of several processes (``accelerate launch``) each process records every N-th batch,
+    taking ``generator`` past the others' batches without the model
+    (:func:`dmquant.sampling.advance_generator`), and every process returns the whole set, identical to
+    the one a single process records (:mod:`dmquant.distributed`). With fewer batches than processes, the
+    processes past the last batch record nothing and wait.
 
     Raises:
         ConfigError: a step index outside the trajectory, or inconsistent sizes.
@@ -344,27 +351,34 @@ def record_calibration(
         probe = _batch_conditioning(conditioning, 0, min(num_trajectories, steps.probe_trajectories))
         steps = steps.resolve(model_or_denoiser, scheduler, num_inference_steps, probe, generator, eta)
     if isinstance(steps, PerTrajectorySteps):
-        assignment = steps.assign(prepared.timesteps, prepared.config.num_train_timesteps, num_trajectories)
+        assignment = distributed.broadcast(
+            steps.assign(prepared.timesteps, prepared.config.num_train_timesteps, num_trajectories)
+        )
         recorder = _Recorder(sorted(set(assignment)), num_inference_steps, assignment)
     else:
         recorder = _Recorder(_selected_steps(steps, len(prepared.timesteps)), num_inference_steps)
     starts = range(0, num_trajectories, batch_size)
-    for start in tqdm(starts, desc="recording calibration data", disable=not progress):
+    mine = distributed.shard(len(starts), "recording", idle=True)  # the processes past the last batch wait
+    records: dict[int, list[CalibrationSet]] = {}
+    show = progress and distributed.is_main_process()
+    for index, start in enumerate(tqdm(starts, desc="recording calibration data", disable=not show)):
         size = min(batch_size, num_trajectories - start)
-        recorder.start_batch(start, size)
-        sample(
-            model_or_denoiser,
-            scheduler,
+        options = dict(
             batch_size=size,
             num_inference_steps=num_inference_steps,
             conditioning=_batch_conditioning(conditioning, start, size),
             generator=generator,
             eta=eta,
-            hooks=[recorder],
             device=device,
-            progress=False,
         )
-    calibration = CalibrationSet.concatenate(recorder.records)
+        if index not in mine:  # another process's batch: the generator taken past it
+            advance_generator(model_or_denoiser, scheduler, **options)
+            continue
+        recorder.start_batch(start, size)
+        recorder.records = records[index] = []
+        sample(model_or_denoiser, scheduler, **options, hooks=[recorder], progress=False)
+    gathered = distributed.gather(records, len(starts))
+    calibration = CalibrationSet.concatenate([record for batch in gathered for record in batch])
     if not torch.isfinite(calibration.samples).all():
         raise CalibrationError("the FP model's trajectories hold non-finite values at the recorded steps")
     return calibration

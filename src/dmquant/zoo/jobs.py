@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..atomic import check_output
 from ..errors import ModelError
 from ..eval.features import FeatureExtractor
@@ -114,7 +115,12 @@ def evaluate_zoo_model(
     GlyphNet for the distribution metrics (e.g. the standard Inception network); the card then
     records them under ``quality_<extractor name>``. ``grid`` gets a PNG of the first 64 samples
     at the first guidance scale.
+
+    Under a launcher of several processes the samples are spread over them as :func:`dmquant.jobs.generate`
+    spreads them, every process judges them all, and the main process alone shows progress and writes.
     """
+    main_process = distributed.is_main_process()
+    progress = progress and main_process
     directory = Path(model_dir) if model_dir is not None else zoo_entry(name).directory
     resolution = zoo_entry(name).plan.resolution
     model = load_model(directory).to(device)
@@ -134,7 +140,7 @@ def evaluate_zoo_model(
         )
         quality = references.judge(images, requests.labels, colours=requests.colours, progress=progress)
         results.append({"guidance_scale": scale, **quality.as_dict()})
-        if grid is not None and scale == guidance_scales[0]:
+        if grid is not None and scale == guidance_scales[0] and main_process:
             save_image_grid(images[:64].cpu(), grid, nrow=8)
     card = read_model_card(directory)
     section = "quality" if features is None else f"quality_{features.name}"
@@ -150,5 +156,6 @@ def evaluate_zoo_model(
         "results": results,
         **environment(),
     }
-    write_model_card(directory, card)
+    if main_process:
+        write_model_card(directory, card)
     return card
