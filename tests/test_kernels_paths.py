@@ -172,4 +172,6 @@ def test_the_report_lists_each_layer_with_its_candidates_times():
     assert rows[1] == {"name": "b", "path": "bf16", "input": "4x8; 2x8", "cublas ms": "—", "triton ms": "3.0000",
                        "bf16 ms": "2.5000"}  # fmt: skip
     assert "3.500 ms against 4.000 ms in bf16" in report.summary()
+    int4 = paths.PathReport("GPU", [paths.PathChoice("c", "triton", {"triton": 1.0}, [[4, 8]])])
+    assert int4.summary().endswith("time per call 1.000 ms")
     assert report.to_dict()["layers"][1]["cached"] is True

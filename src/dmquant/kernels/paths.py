@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ..atomic import write_atomically
 from .layers import LowBitConv2d, LowBitLinear
@@ -79,11 +80,10 @@ class PathReport:
     def summary(self) -> str:
         chosen = ", ".join(f"{count} {path}" for path, count in sorted(self.counts().items()))
         best = sum(min(choice.times_ms.values()) for choice in self.choices)
-        dense = sum(choice.times_ms.get("bf16", float("nan")) for choice in self.choices)
-        return (
-            f"paths measured on {self.device}: {chosen}; the converted layers' time per call {best:.3f} ms "
-            f"against {dense:.3f} ms in bf16"
-        )
+        text = f"paths measured on {self.device}: {chosen}; the converted layers' time per call {best:.3f} ms"
+        if all("bf16" in choice.times_ms for choice in self.choices):  # int4 layers are not timed in bf16
+            text += f" against {sum(choice.times_ms['bf16'] for choice in self.choices):.3f} ms in bf16"
+        return text
 
     def rows(self) -> list[dict[str, Any]]:
         """One table row per layer: its path and each candidate's time."""
@@ -302,8 +302,6 @@ def select_paths(
     cache_file = cache_path()
     cache = _read_cache(cache_file) if use_cache else {}
     report = PathReport(device=environment["gpu"])
-    from tqdm.auto import tqdm
-
     for name in tqdm(list(inputs), desc="measuring kernel paths", disable=not progress, unit="layer"):
         layer, entries, cached = layers[name], [], True
         for meta in inputs[name]:
