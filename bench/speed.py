@@ -35,7 +35,9 @@ Rows (``--rows``), each measured in the execution settings it lists (the first i
   calibrated on 2 random rows shaped like the inputs, then ``dmquant.kernels.convert.convert_model``
   (real low-bit kernels): ``dmquant-w8a8-fp8`` (fp8 e4m3 weights per channel and activations per
   tensor), ``dmquant-w8a8-fp8-fast`` (the same, its fp8 GEMMs on cuBLASLt with fast accumulation,
-  as torchao's fp8 row), ``dmquant-w8a8-fp8-linear-fast`` (that on the nn.Linear layers only, the
+  as torchao's fp8 row), ``dmquant-w8a8-fp8-attention`` (that with the attention matmuls of diffusers
+  ``Attention`` modules in fp8 too: FP8 attention on cuDNN where it takes the head dimension),
+  ``dmquant-w8a8-fp8-linear-fast`` (that on the nn.Linear layers only, the
   convolutions left in bfloat16 as torchao leaves them), ``dmquant-w8a8-int8`` (int8 symmetric
   per-channel weights, asymmetric per-tensor activations), ``dmquant-w4a8`` and ``dmquant-w4a16``
   (packed int4 weights per output channel, which every layer takes, where torchao's int4 row groups
@@ -532,6 +534,8 @@ class Row:
         measured_paths: a dmquant row's converted layers take the path measured fastest on the device
             (cuBLASLt, Triton or bf16: :mod:`dmquant.kernels.paths`), as ``dmquant convert`` does by default;
             without it, every layer runs on its low-bit kernel.
+        fp8_attention: a dmquant row quantizes the attention matmuls of diffusers ``Attention`` modules for FP8
+            attention (:mod:`dmquant.kernels.fp8_attention`) instead of leaving them in the compute dtype.
     """
 
     name: str
@@ -544,6 +548,7 @@ class Row:
     linear_only: bool = False
     compute: str | None = None
     measured_paths: bool = True
+    fp8_attention: bool = False
 
     @property
     def compute_format(self) -> str:
@@ -555,10 +560,11 @@ class Row:
 
 
 _DMQUANT = (
-    "dmquant.quantize with the minmax recipe (first/last layer at 8 bits), attention matmuls off, {what}, "
+    "dmquant.quantize with the minmax recipe (first/last layer at 8 bits), {attention}, {what}, "
     "calibrated on 2 random input rows; then dmquant.kernels.convert.convert_model; the model but its low-bit "
     "layers (codes, float32 scales) cast to the compute dtype"
 )
+_NO_ATTENTION = "attention matmuls off"
 #: How a row with ``measured_paths`` ends (appended to its description).
 _MEASURED_PATHS = (
     "; on CUDA each converted W8A8 layer then takes the path measured fastest there (cuBLASLt, Triton, or bf16 with "
@@ -582,28 +588,33 @@ ROWS: dict[str, Row] = {
         Row("int4-weight-only", "torchao", QUANTIZED_SETTINGS, peers.PEERS["torchao-int4-weight-only"].description,
             peer="torchao-int4-weight-only"),
         Row("dmquant-w8a8-fp8", "dmquant", QUANTIZED_SETTINGS,
-            _DMQUANT.format(what="fp8 e4m3 weights per output channel and activations per tensor"),
+            _DMQUANT.format(attention=_NO_ATTENTION, what="fp8 e4m3 weights per output channel and activations per tensor"),
             formats=("fp8_e4m3", "fp8_e4m3", "channel")),
         Row("dmquant-w8a8-fp8-every-layer", "dmquant", QUANTIZED_SETTINGS,
-            _DMQUANT.format(what="fp8 as dmquant-w8a8-fp8-fast, every converted layer on its fp8 kernel (no "
+            _DMQUANT.format(attention=_NO_ATTENTION, what="fp8 as dmquant-w8a8-fp8-fast, every converted layer on its fp8 kernel (no "
                             "measured choice of paths)"),
             formats=("fp8_e4m3", "fp8_e4m3", "channel"), fast_accumulation=True, measured_paths=False),
         Row("dmquant-w8a8-fp8-fast", "dmquant", QUANTIZED_SETTINGS,
-            _DMQUANT.format(what="fp8 as dmquant-w8a8-fp8, its fp8 GEMMs on cuBLASLt with fast accumulation "
+            _DMQUANT.format(attention=_NO_ATTENTION, what="fp8 as dmquant-w8a8-fp8, its fp8 GEMMs on cuBLASLt with fast accumulation "
                             "(use_fast_accum=True, as torchao's fp8 rows)"),
             formats=("fp8_e4m3", "fp8_e4m3", "channel"), fast_accumulation=True),
+        Row("dmquant-w8a8-fp8-attention", "dmquant", QUANTIZED_SETTINGS,
+            _DMQUANT.format(attention="Q, K, V and the softmax output of diffusers Attention modules in fp8 e4m3 (FP8 "
+                            "attention: cuDNN's FP8 SDPA where it takes the head dimension, the simulated attention "
+                            "elsewhere)", what="fp8 as dmquant-w8a8-fp8-fast"),
+            formats=("fp8_e4m3", "fp8_e4m3", "channel"), fast_accumulation=True, fp8_attention=True),
         Row("dmquant-w8a8-fp8-linear-fast", "dmquant", QUANTIZED_SETTINGS,
-            _DMQUANT.format(what="fp8 as dmquant-w8a8-fp8-fast on the nn.Linear layers only, the convolutions left "
+            _DMQUANT.format(attention=_NO_ATTENTION, what="fp8 as dmquant-w8a8-fp8-fast on the nn.Linear layers only, the convolutions left "
                             "in bfloat16 on cuDNN (torchao's layer coverage, with static activation scales)"),
             formats=("fp8_e4m3", "fp8_e4m3", "channel"), fast_accumulation=True, linear_only=True),
         Row("dmquant-w8a8-int8", "dmquant", QUANTIZED_SETTINGS,
-            _DMQUANT.format(what="int8 symmetric per-channel weights, int8 asymmetric per-tensor activations"),
+            _DMQUANT.format(attention=_NO_ATTENTION, what="int8 symmetric per-channel weights, int8 asymmetric per-tensor activations"),
             formats=(8, 8, "channel")),
         Row("dmquant-w4a8", "dmquant", QUANTIZED_SETTINGS,
-            _DMQUANT.format(what="int4 weights per output channel, int8 per-tensor activations"),
+            _DMQUANT.format(attention=_NO_ATTENTION, what="int4 weights per output channel, int8 per-tensor activations"),
             formats=(4, 8, "channel")),
         Row("dmquant-w4a16", "dmquant", QUANTIZED_SETTINGS,
-            _DMQUANT.format(what="int4 weights per output channel, 16-bit activations"),
+            _DMQUANT.format(attention=_NO_ATTENTION, what="int4 weights per output channel, 16-bit activations"),
             formats=(4, 16, "channel")),
     )
 }  # fmt: skip
@@ -834,12 +845,14 @@ def build_torchao(bench: ModelBench, row: Row) -> Built:
 
 
 def dmquant_config(row: Row, model: nn.Module) -> QuantConfig:
-    """minmax at the row's formats (the weight granularity included), attention matmuls off; for a
-    ``linear_only`` row, a first rule that keeps ``model``'s convolutions in full precision."""
+    """minmax at the row's formats (the weight granularity included), attention matmuls off (in fp8 for an
+    ``fp8_attention`` row); for a ``linear_only`` row, a first rule that keeps ``model``'s convolutions in full
+    precision."""
     weight_bits, activation_bits, granularity = row.formats
     config = load_recipe("minmax").with_bits(weight_bits, activation_bits)
     config.weight = dataclasses.replace(config.weight, granularity=granularity)
-    config.attention = dataclasses.replace(config.attention, enabled=False)
+    attention = {"bits": "fp8_e4m3", "softmax_bits": "fp8_e4m3"} if row.fp8_attention else {"enabled": False}
+    config.attention = dataclasses.replace(config.attention, **attention)
     if isinstance(weight_bits, str):  # a float format: the recipe's 8-bit first/last layers use it too
         config.rules = [
             dataclasses.replace(rule, weight_bits=weight_bits, activation_bits=activation_bits) for rule in config.rules

@@ -345,3 +345,12 @@ def test_the_fp8_rows_differ_only_in_accumulation_and_paths():
     assert default.fast_accumulation and default.measured_paths
     assert every.fast_accumulation and not every.measured_paths
     assert not exact.fast_accumulation and default.formats == every.formats == exact.formats
+
+
+def test_the_fp8_attention_row_is_the_fast_row_with_its_attention_matmuls_in_fp8():
+    model = nn.Sequential(nn.Linear(4, 4))
+    row, fast = speed.ROWS["dmquant-w8a8-fp8-attention"], speed.ROWS["dmquant-w8a8-fp8-fast"]
+    config = speed.dmquant_config(row, model)
+    assert config.attention.enabled and config.attention.bits == config.attention.softmax_bits == "fp8_e4m3"
+    assert not speed.dmquant_config(fast, model).attention.enabled
+    assert (row.formats, row.fast_accumulation, row.measured_paths) == (fast.formats, True, True)

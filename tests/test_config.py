@@ -349,11 +349,15 @@ def test_symmetric_float_format_is_accepted():
     assert QuantConfig.from_dict({"weight": {"bits": "fp4_e2m1"}}).weight.format.name == "fp4_e2m1"
 
 
-@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp4"])
-def test_softmax_bits_as_float_format_is_refused(fmt):
+@pytest.mark.parametrize("fmt", ["fp8_e5m2", "fp4"])
+def test_softmax_bits_as_other_float_format_is_refused(fmt):
     message = _error({"attention": {"softmax_bits": fmt}})
     assert message.startswith("attention.softmax_bits:")
-    assert "unsigned integers" in message
+    assert "unsigned integers or fp8_e4m3" in message
+
+
+def test_softmax_bits_fp8_e4m3_is_accepted_for_fp8_attention():
+    assert AttentionConfig(bits="fp8_e4m3", softmax_bits="fp8_e4m3").softmax_bits == "fp8_e4m3"
 
 
 def test_softmax_bits_16_is_accepted():

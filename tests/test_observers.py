@@ -239,7 +239,7 @@ def test_make_observer_options_and_errors():
     assert make_observer("ema", "tensor", 8, False, momentum=0.5).momentum == 0.5
     assert make_observer("percentile", "group:4", "fp8_e4m3", True, percentile=99.9).percentile == 99.9
 
-    with pytest.raises(ConfigError, match=r"'histogram'.*\['ema', 'minmax', 'mse', 'percentile'\]"):
+    with pytest.raises(ConfigError, match=r"'histogram'.*\['ema', 'minmax', 'mse', 'percentile', 'unit'\]"):
         make_observer("histogram", "tensor", 8, True)
     with pytest.raises(ConfigError, match=r"\['momentum'\].*'minmax'.*valid options: \[\]"):
         make_observer("minmax", "tensor", 8, True, momentum=0.9)

@@ -84,6 +84,7 @@ class QuantizerConfig:
         """The options of this config that its observer takes."""
         per_observer = {
             "minmax": {},
+            "unit": {},
             "ema": {"momentum": self.momentum},
             "percentile": {"percentile": self.percentile, "max_elements": self.max_elements},
             "mse": {"p": self.p, "num_candidates": self.num_candidates, "max_elements": self.max_elements},
@@ -116,7 +117,9 @@ class AttentionConfig:
     """Quantization of the two activation-activation matmuls of attention (Q·Kᵀ and softmax·V).
 
     Q, K and V are quantized with the activation config at ``bits``; the softmax output with an
-    unsigned quantizer at ``softmax_bits`` (Q-Diffusion, Li et al. 2023, uses 8 or 16).
+    unsigned quantizer at ``softmax_bits`` (Q-Diffusion, Li et al. 2023, uses 8 or 16), or in ``fp8_e4m3``
+    on the fixed range [0, 1] of a probability: FP8 attention (``bits: fp8_e4m3`` too), which converted
+    models run on cuDNN's FP8 flash attention (:mod:`dmquant.kernels.fp8_attention`).
     """
 
     enabled: bool = True
@@ -127,8 +130,10 @@ class AttentionConfig:
         if self.bits is not None:
             _keyed("bits", lambda: parse_format(self.bits))
         fmt = _keyed("softmax_bits", lambda: parse_format(self.softmax_bits))
-        if fmt.is_float:
-            raise ConfigError(f"softmax_bits: the softmax output uses unsigned integers, got {fmt.name}")
+        if fmt.is_float and fmt.name != "fp8_e4m3":
+            raise ConfigError(
+                f"softmax_bits: the softmax output uses unsigned integers or fp8_e4m3 (FP8 attention), got {fmt.name}"
+            )
 
 
 @dataclass

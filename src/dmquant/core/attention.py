@@ -6,6 +6,13 @@ activations, as Q-Diffusion (Li et al. 2023, Sec. 4.3) does: the inputs Q, K, V 
 matmuls, and the softmax output — non-negative, so it gets an unsigned quantizer, at 8 or 16
 bits.
 
+With ``softmax_bits: fp8_e4m3`` (and Q, K, V in fp8 e4m3: FP8 attention) the computation is the one
+FP8 flash-attention kernels perform, so that a converted model can run on them and still match this
+simulated one: the softmax output is quantized on the fixed range [0, 1] (``unit`` observer: the
+kernel quantizes it before the final normalisation, where it reaches 1), and the output ``P·V`` is
+rounded to fp8 on V's scale, as Hopper's kernels write it (each row of the output is a convex
+combination of V's rows, so V's scale never clips it).
+
 The quantizers live in an :class:`AttentionQuantizers` submodule registered on the
 ``Attention`` module as ``quant_matmul`` (so they are in its state dict), and a stateless
 :class:`QuantAttnProcessor` runs the attention with them.
@@ -20,6 +27,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from ..config import QuantizerConfig
+from .primitives import fake_quant
 from .quantizer import Quantizer
 
 MATMUL_ATTRIBUTE = "quant_matmul"
@@ -34,7 +42,23 @@ class AttentionQuantizers(nn.Module):
         self.key = Quantizer(operand, num_steps=num_steps)
         self.value = Quantizer(operand, num_steps=num_steps)
         probs = dataclasses.replace(operand, bits=softmax_bits, symmetric=True, unsigned=True, granularity="tensor")
+        if probs.format.is_float:
+            probs = dataclasses.replace(probs, unsigned=False, observer="unit")
         self.probs = Quantizer(probs, num_steps=num_steps)
+
+    @property
+    def fp8_attention(self) -> bool:
+        """Whether the softmax output is in a float format: FP8 attention, whose output is rounded too."""
+        return self.probs.enabled and self.probs.fmt.is_float
+
+    def round_output(self, output: torch.Tensor) -> torch.Tensor:
+        """``P·V`` as an FP8 attention kernel writes it: rounded to V's format on V's scale (``output`` itself
+        unless :attr:`fp8_attention`, and while V is being calibrated)."""
+        value = self.value
+        if not (self.fp8_attention and value.enabled and value.calibrated) or value.observing:
+            return output
+        scale, zero_point = value.qparams(output.shape)
+        return fake_quant(output, scale, zero_point, value.fmt)
 
 
 class QuantAttnProcessor:
@@ -82,13 +106,7 @@ class QuantAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        dtype = query.dtype  # the quantizers answer in float32: back to the model's dtype
-        query = quant.query(attn.head_to_batch_dim(query)).to(dtype)
-        key = quant.key(attn.head_to_batch_dim(key)).to(dtype)
-        value = quant.value(attn.head_to_batch_dim(value)).to(dtype)
-
-        probs = quant.probs(attn.get_attention_scores(query, key, attention_mask)).to(dtype)
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = self.attend(attn, quant, query, key, value, attention_mask)
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -97,6 +115,24 @@ class QuantAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+    def attend(
+        self,
+        attn: Attention,
+        quant: AttentionQuantizers,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``softmax(Q·Kᵀ·scale)·V`` on the quantized operands, from and to ``(batch, tokens, heads·dim)``."""
+        dtype = query.dtype  # the quantizers answer in float32: back to the model's dtype
+        query = quant.query(attn.head_to_batch_dim(query)).to(dtype)
+        key = quant.key(attn.head_to_batch_dim(key)).to(dtype)
+        value = quant.value(attn.head_to_batch_dim(value)).to(dtype)
+        probs = quant.probs(attn.get_attention_scores(query, key, attention_mask)).to(dtype)
+        return attn.batch_to_head_dim(quant.round_output(torch.bmm(probs, value)).to(dtype))
 
 
 def quantize_attention(

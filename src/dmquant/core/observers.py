@@ -33,6 +33,7 @@ __all__ = [
     "SampledRangeObserver",
     "PercentileObserver",
     "MSEObserver",
+    "UnitRangeObserver",
     "OBSERVERS",
     "make_observer",
 ]
@@ -246,11 +247,26 @@ class MSEObserver(SampledRangeObserver):
         return best_min, best_max
 
 
+class UnitRangeObserver(RangeObserver):
+    """The fixed range [0, 1] of a probability, whatever the batches hold: a softmax output in a float
+    format (FP8 attention). The kernels quantize the softmax of a flash attention before its final
+    normalisation, where values reach 1 even when no normalised probability does; a range observed on
+    the normalised probabilities would clip those. A float format loses no relative precision to the
+    wider range."""
+
+    def _observe(self, blocks: Tensor) -> None:
+        self._zeros = blocks.new_zeros(blocks.shape[0])
+
+    def _range(self) -> tuple[Tensor, Tensor]:
+        return self._zeros, self._zeros + 1.0
+
+
 OBSERVERS: dict[str, type[RangeObserver]] = {
     "minmax": MinMaxObserver,
     "ema": EMAMinMaxObserver,
     "percentile": PercentileObserver,
     "mse": MSEObserver,
+    "unit": UnitRangeObserver,
 }
 
 

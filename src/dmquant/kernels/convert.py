@@ -5,7 +5,9 @@
 :class:`~dmquant.kernels.layers.LowBitConv2d` that keeps the weight only as codes, and records
 what it did in a :class:`ConversionReport` (``model.dmquant_conversion``). A layer whose weight
 format no layout stores keeps its simulated form, with the reason in the report: conversion
-never fails a model for one layer. Attention matmul quantizers (Q·Kᵀ, softmax·V) stay simulated.
+never fails a model for one layer. Attention matmuls (Q·Kᵀ, softmax·V) quantized for FP8 attention run on
+cuDNN's FP8 attention where it takes them (:mod:`~dmquant.kernels.fp8_attention`); other attention matmul
+quantizers stay simulated.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..core.layers import QuantConv2d, QuantLinear
+from .fp8_attention import convert_attention
 from .layers import KernelActivation, LowBitConv2d, LowBitLinear
 from .weights import LowBitWeight, UnsupportedWeight
 
@@ -31,6 +34,7 @@ class ConversionReport:
     converted: Counter = field(default_factory=Counter)  # weight layout -> weights
     layers: list[dict] = field(default_factory=list)  # per converted weight: name, kind, layout, group, activation
     kept: dict[str, str] = field(default_factory=dict)  # layer name -> reason
+    fp8_attention: list[str] = field(default_factory=list)  # attention modules on FP8 attention kernels
     weight_bytes_before: int = 0  # the float weights of the converted layers
     weight_bytes_after: int = 0  # their codes, scales and zero points
 
@@ -38,6 +42,7 @@ class ConversionReport:
         layouts = ", ".join(f"{count} {layout}" for layout, count in sorted(self.converted.items())) or "none"
         ratio = self.weight_bytes_after / self.weight_bytes_before if self.weight_bytes_before else float("nan")
         text = f"converted {len(self.layers)} weights ({layouts}) into {ratio:.2f}x the bytes of their float32 form"
+        text += f"; {len(self.fp8_attention)} attention modules on FP8 attention" if self.fp8_attention else ""
         return text + (f"; {len(self.kept)} kept simulated" if self.kept else "")
 
 
@@ -106,5 +111,6 @@ def convert_model(
                 }
             )
         report.weight_bytes_before += layer.weight.numel() * layer.weight.element_size()
+    report.fp8_attention = convert_attention(model)
     setattr(model, REPORT_ATTRIBUTE, report)
     return model

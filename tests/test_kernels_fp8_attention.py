@@ -1,0 +1,151 @@
+"""FP8 attention: the simulated computation against a direct one, conversion, and cuDNN's kernel on a GPU."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention
+
+from dmquant import api
+from dmquant.config import QuantizerConfig, load_recipe
+from dmquant.core.attention import MATMUL_ATTRIBUTE, QuantAttnProcessor, quantize_attention
+from dmquant.core.observers import make_observer
+from dmquant.denoiser import Denoiser
+from dmquant.kernels import fp8_attention
+from dmquant.kernels.convert import REPORT_ATTRIBUTE, convert_model
+
+FP8 = QuantizerConfig(bits="fp8_e4m3", symmetric=True, granularity="tensor", observer="minmax")
+
+
+def _e4m3(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` on a per-tensor fp8 e4m3 grid, by torch's own float8 cast (not dmquant's quantizer)."""
+    return (x / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale
+
+
+def test_the_unit_observer_keeps_the_range_of_a_probability_whatever_it_sees():
+    observer = make_observer("unit", "tensor", "fp8_e4m3", True)
+    observer.update(torch.rand(4, 8) * 0.2)
+    low, high = observer.compute()
+    assert low.item() == 0.0 and high.item() == 1.0
+
+
+def _calibrated_attention(heads=2, head_dim=16, tokens=24, seed=0):
+    torch.manual_seed(seed)
+    attn = Attention(query_dim=heads * head_dim, heads=heads, dim_head=head_dim)
+    quantize_attention(attn, FP8, "fp8_e4m3")
+    quant = getattr(attn, MATMUL_ATTRIBUTE)
+    for quantizer in (quant.query, quant.key, quant.value, quant.probs):
+        quantizer.observing = True
+    hidden = torch.randn(2, tokens, heads * head_dim)
+    with torch.no_grad():
+        attn(hidden)
+    for quantizer in (quant.query, quant.key, quant.value, quant.probs):
+        quantizer.finalize()
+    return attn, hidden
+
+
+def test_simulated_fp8_attention_is_the_direct_computation():
+    """Q, K, V on their fp8 grids, softmax on the grid of [0, 1], the output on V's grid: by hand, with torch's cast."""
+    attn, hidden = _calibrated_attention()
+    quant = getattr(attn, MATMUL_ATTRIBUTE)
+    assert quant.fp8_attention and quant.probs.scale.item() == pytest.approx(1 / 448)
+    with torch.no_grad():
+        q, k, v = (attn.head_to_batch_dim(layer(hidden)) for layer in (attn.to_q, attn.to_k, attn.to_v))
+        s_q, s_k, s_v = (quantizer.scale.item() for quantizer in (quant.query, quant.key, quant.value))
+        q, k, v = _e4m3(q, s_q), _e4m3(k, s_k), _e4m3(v, s_v)
+        probs = _e4m3(torch.softmax(q @ k.transpose(1, 2) * attn.scale, dim=-1), 1 / 448)
+        output = attn.to_out[0](attn.batch_to_head_dim(_e4m3(probs @ v, s_v)))
+        expected = attn.to_out[1](output)
+        torch.testing.assert_close(attn(hidden), expected, rtol=1e-5, atol=1e-6)
+        # the output's rounding is the only step FP8 attention adds to 8-bit operand quantization
+        rounded = quant.round_output(probs @ v)
+        assert not torch.equal(rounded, probs @ v) and torch.equal(rounded, _e4m3(probs @ v, s_v))
+
+
+def test_integer_softmax_attention_keeps_its_output_unrounded():
+    attn = Attention(query_dim=32, heads=2, dim_head=16)
+    quantize_attention(attn, QuantizerConfig(bits=8, symmetric=False), 16)
+    quant = getattr(attn, MATMUL_ATTRIBUTE)
+    output = torch.randn(4, 8, 16)
+    assert not quant.fp8_attention and quant.round_output(output) is output
+
+
+@pytest.fixture(scope="module")
+def fp8_attention_model(unet, calibration):
+    """tiny-unet at W8A8-FP8 with FP8 attention (its self-attention has 16-wide heads)."""
+    config = load_recipe("minmax").with_bits("fp8_e4m3", "fp8_e4m3")
+    config = dataclasses.replace(
+        config, attention=dataclasses.replace(config.attention, enabled=True, softmax_bits="fp8_e4m3")
+    )
+    return api.quantize(unet.denoiser, config, calibration, progress=False)
+
+
+def _outputs(model, calibration):
+    x, t, cond, _ = next(calibration.batches(4))
+    with torch.no_grad():
+        return Denoiser(model)(x, t, cond)
+
+
+def test_conversion_puts_fp8_attention_on_its_processor_and_computes_the_simulated_model(
+    fp8_attention_model, calibration
+):
+    converted = convert_model(fp8_attention_model)
+    report = getattr(converted, REPORT_ATTRIBUTE)
+    attentions = [m for m in converted.modules() if isinstance(m, Attention)]
+    assert attentions and len(report.fp8_attention) == len(attentions)
+    assert all(isinstance(m.processor, fp8_attention.Fp8AttnProcessor) for m in attentions)
+    assert "attention modules on FP8 attention" in report.summary()
+    assert all(isinstance(m.processor, QuantAttnProcessor) for m in fp8_attention_model.modules() if m in attentions)
+    # on CPU the processor computes the simulated attention: bit for bit
+    assert torch.equal(_outputs(converted, calibration), _outputs(fp8_attention_model, calibration))
+
+
+def test_the_kernel_declines_what_cudnn_does_not_take():
+    query = torch.zeros(1, 8, 64)
+    assert not fp8_attention.takes(query, query, 4, None)  # a CPU tensor
+    assert not fp8_attention._head_dim_fits(72)  # PixArt's and DiT-XL/2's heads: not a multiple of 16
+    assert not fp8_attention._head_dim_fits(160) and fp8_attention._head_dim_fits(128)
+
+
+needs_cudnn_fp8 = pytest.mark.skipif(
+    not (torch.cuda.is_available() and fp8_attention.CUDNN_FRONTEND_AVAILABLE)
+    or torch.cuda.get_device_capability()[0] != 9,
+    reason="needs a Hopper GPU and nvidia-cudnn-frontend",
+)
+
+
+def _psnr(reference: torch.Tensor, other: torch.Tensor) -> float:
+    error = (reference.float() - other.float()).pow(2).mean()
+    return float(10 * torch.log10(reference.float().pow(2).amax() / error))
+
+
+@pytest.mark.gpu
+@needs_cudnn_fp8
+@pytest.mark.parametrize(("heads", "head_dim", "tokens"), [(2, 64, 1024), (4, 128, 300)])
+def test_cudnn_fp8_attention_matches_the_simulated_attention(heads, head_dim, tokens):
+    attn, hidden = _calibrated_attention(heads=heads, head_dim=head_dim, tokens=tokens)
+    attn = attn.cuda().to(torch.bfloat16)
+    hidden = hidden.cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        simulated = attn(hidden)
+        fp8_attention.convert_attention(attn)
+        on_kernel = attn(hidden)
+    assert not torch.equal(on_kernel, simulated)  # the kernel ran: a flash softmax rounds differently
+    assert _psnr(simulated, on_kernel) > 30
+
+
+@pytest.mark.gpu
+@needs_cudnn_fp8
+def test_cudnn_fp8_attention_compiles_and_replays_in_a_cuda_graph():
+    attn, hidden = _calibrated_attention(heads=2, head_dim=64, tokens=256)
+    attn = attn.cuda().to(torch.bfloat16)
+    hidden = hidden.cuda().to(torch.bfloat16)
+    fp8_attention.convert_attention(attn)
+    with torch.no_grad():
+        eager = attn(hidden)
+        compiled = torch.compile(attn, mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):
+            graphed = compiled(hidden)
+    torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
