@@ -564,7 +564,12 @@ _DMQUANT = (
     "calibrated on 2 random input rows; then dmquant.kernels.convert.convert_model; the model but its low-bit "
     "layers (codes, float32 scales) cast to the compute dtype"
 )
-_NO_ATTENTION = "attention matmuls off"
+
+
+def _dmquant(what: str, attention: str = "attention matmuls off") -> str:
+    return _DMQUANT.format(what=what, attention=attention)
+
+
 #: How a row with ``measured_paths`` ends (appended to its description).
 _MEASURED_PATHS = (
     "; on CUDA each converted W8A8 layer then takes the path measured fastest there (cuBLASLt, Triton, or bf16 with "
@@ -588,33 +593,34 @@ ROWS: dict[str, Row] = {
         Row("int4-weight-only", "torchao", QUANTIZED_SETTINGS, peers.PEERS["torchao-int4-weight-only"].description,
             peer="torchao-int4-weight-only"),
         Row("dmquant-w8a8-fp8", "dmquant", QUANTIZED_SETTINGS,
-            _DMQUANT.format(attention=_NO_ATTENTION, what="fp8 e4m3 weights per output channel and activations per tensor"),
+            _dmquant("fp8 e4m3 weights per output channel and activations per tensor"),
             formats=("fp8_e4m3", "fp8_e4m3", "channel")),
         Row("dmquant-w8a8-fp8-every-layer", "dmquant", QUANTIZED_SETTINGS,
-            _DMQUANT.format(attention=_NO_ATTENTION, what="fp8 as dmquant-w8a8-fp8-fast, every converted layer on its fp8 kernel (no "
+            _dmquant("fp8 as dmquant-w8a8-fp8-fast, every converted layer on its fp8 kernel (no "
                             "measured choice of paths)"),
             formats=("fp8_e4m3", "fp8_e4m3", "channel"), fast_accumulation=True, measured_paths=False),
         Row("dmquant-w8a8-fp8-fast", "dmquant", QUANTIZED_SETTINGS,
-            _DMQUANT.format(attention=_NO_ATTENTION, what="fp8 as dmquant-w8a8-fp8, its fp8 GEMMs on cuBLASLt with fast accumulation "
+            _dmquant("fp8 as dmquant-w8a8-fp8, its fp8 GEMMs on cuBLASLt with fast accumulation "
                             "(use_fast_accum=True, as torchao's fp8 rows)"),
             formats=("fp8_e4m3", "fp8_e4m3", "channel"), fast_accumulation=True),
         Row("dmquant-w8a8-fp8-attention", "dmquant", QUANTIZED_SETTINGS,
-            _DMQUANT.format(attention="Q, K, V and the softmax output of diffusers Attention modules in fp8 e4m3 (FP8 "
-                            "attention: cuDNN's FP8 SDPA where it takes the head dimension, the simulated attention "
-                            "elsewhere)", what="fp8 as dmquant-w8a8-fp8-fast"),
+            _dmquant("fp8 as dmquant-w8a8-fp8-fast",
+                     attention="Q, K, V and the softmax output of diffusers Attention modules in fp8 e4m3 (FP8 "
+                     "attention: cuDNN's FP8 SDPA where it takes the head dimension, the simulated attention "
+                     "elsewhere)"),
             formats=("fp8_e4m3", "fp8_e4m3", "channel"), fast_accumulation=True, fp8_attention=True),
         Row("dmquant-w8a8-fp8-linear-fast", "dmquant", QUANTIZED_SETTINGS,
-            _DMQUANT.format(attention=_NO_ATTENTION, what="fp8 as dmquant-w8a8-fp8-fast on the nn.Linear layers only, the convolutions left "
+            _dmquant("fp8 as dmquant-w8a8-fp8-fast on the nn.Linear layers only, the convolutions left "
                             "in bfloat16 on cuDNN (torchao's layer coverage, with static activation scales)"),
             formats=("fp8_e4m3", "fp8_e4m3", "channel"), fast_accumulation=True, linear_only=True),
         Row("dmquant-w8a8-int8", "dmquant", QUANTIZED_SETTINGS,
-            _DMQUANT.format(attention=_NO_ATTENTION, what="int8 symmetric per-channel weights, int8 asymmetric per-tensor activations"),
+            _dmquant("int8 symmetric per-channel weights, int8 asymmetric per-tensor activations"),
             formats=(8, 8, "channel")),
         Row("dmquant-w4a8", "dmquant", QUANTIZED_SETTINGS,
-            _DMQUANT.format(attention=_NO_ATTENTION, what="int4 weights per output channel, int8 per-tensor activations"),
+            _dmquant("int4 weights per output channel, int8 per-tensor activations"),
             formats=(4, 8, "channel")),
         Row("dmquant-w4a16", "dmquant", QUANTIZED_SETTINGS,
-            _DMQUANT.format(attention=_NO_ATTENTION, what="int4 weights per output channel, 16-bit activations"),
+            _dmquant("int4 weights per output channel, 16-bit activations"),
             formats=(4, 16, "channel")),
     )
 }  # fmt: skip

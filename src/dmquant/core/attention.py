@@ -116,7 +116,6 @@ class QuantAttnProcessor:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
-
     def attend(
         self,
         attn: Attention,
