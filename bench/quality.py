@@ -15,7 +15,9 @@ Methods:
 - dmquant recipes (``minmax``, ``mse``, any other shipped recipe; ``q-diffusion-no-recon``:
   a reconstructing recipe with its reconstruction off) at each bit setting:
   ``W8A8``, ``W4A8``, ``W4A4`` (attention matmuls in full precision), ``W8A8+attn8`` (Q·Kᵀ and
-  softmax·V quantized too, softmax at 8 bits unsigned). The recipe's range estimation and
+  softmax·V quantized too, softmax at 8 bits unsigned), ``W8A8-FP8`` (fp8 e4m3 weights and
+  activations, attention matmuls in full precision) and ``W8A8-FP8+attn-fp8`` (FP8 attention too:
+  Q, K, V and the softmax output in fp8 e4m3, as cuDNN's FP8 attention runs them). The recipe's range estimation and
   calibration set are kept; its bits and attention switch are the cell's; calibration runs at
   the model's sampling guidance scale. Recipes that quantize alike (``q-diffusion``, ``ptqd``
   and PTQD's ablation steps ``ptqd-cnc``, ``ptqd-cnc-bc``) share one quantized model per run,
@@ -93,12 +95,15 @@ import peers  # noqa: E402  (bench/ is a folder of scripts, not a package)
 SCHEMA_VERSION = 1
 MODELS = ("ddpm-glyphs32", "ldm-glyphs64", "dit-glyphs")
 FP_METHODS = ("fp", "fp-seed1")
-#: Bit settings of recipe cells: (weight bits, activation bits, attention matmuls quantized).
+#: Bit settings of recipe cells: (weight bits, activation bits, the softmax output's format where the attention
+#: matmuls are quantized — their Q, K, V at the activation bits — else None).
 BIT_SETTINGS = {
-    "W8A8": (8, 8, False),
-    "W8A8+attn8": (8, 8, True),
-    "W4A8": (4, 8, False),
-    "W4A4": (4, 4, False),
+    "W8A8": (8, 8, None),
+    "W8A8+attn8": (8, 8, 8),
+    "W4A8": (4, 8, None),
+    "W4A4": (4, 4, None),
+    "W8A8-FP8": ("fp8_e4m3", "fp8_e4m3", None),
+    "W8A8-FP8+attn-fp8": ("fp8_e4m3", "fp8_e4m3", "fp8_e4m3"),
 }
 DEFAULT_METHODS = (*FP_METHODS, "minmax", "mse", *peers.PEERS)
 DEFAULT_BITS = ("W8A8", "W4A8")
@@ -336,7 +341,7 @@ def recipe_methods() -> list[str]:
 
 def _recipe_config(bench: ModelBench, cell: Cell) -> QuantConfig:
     """The cell's recipe at its bit setting, with its variant (``-no-recon``, an ablation step) applied."""
-    weight_bits, activation_bits, attention = BIT_SETTINGS[cell.bits]
+    weight_bits, activation_bits, softmax = BIT_SETTINGS[cell.bits]
     name, step = cell.method, None
     for suffix in (NO_RECONSTRUCTION, *CORRECTION_STEPS):
         if cell.method.endswith(suffix):
@@ -357,7 +362,9 @@ def _recipe_config(bench: ModelBench, cell: Cell) -> QuantConfig:
         )
     return dataclasses.replace(
         config,
-        attention=dataclasses.replace(config.attention, enabled=attention, bits=None, softmax_bits=8),
+        attention=dataclasses.replace(
+            config.attention, enabled=softmax is not None, bits=None, softmax_bits=softmax or 8
+        ),
         calibration=dataclasses.replace(config.calibration, guidance_scale=bench.model.guidance_scale),
         correction=dataclasses.replace(config.correction, num_inference_steps=bench.args.steps),
         step_precision=dataclasses.replace(config.step_precision, num_inference_steps=bench.args.steps),

@@ -74,7 +74,19 @@ SCHEMA_VERSION = 1
 #: The zoo models in the order their tables appear; others follow alphabetically.
 ZOO_MODELS = ("ddpm-glyphs32", "ldm-glyphs64", "dit-glyphs")
 #: Bit settings in table and plot order; others follow alphabetically.
-BITS_ORDER = ("FP32", "FP16", "BF16", "W8A8", "W8A8+attn8", "W4A8", "W4A16", "W4A4", "FP8")
+BITS_ORDER = (
+    "FP32",
+    "FP16",
+    "BF16",
+    "W8A8",
+    "W8A8+attn8",
+    "W8A8-FP8",
+    "W8A8-FP8+attn-fp8",
+    "W4A8",
+    "W4A16",
+    "W4A4",
+    "FP8",
+)
 #: dmquant baselines first, in this order; other recipes follow alphabetically.
 BASELINE_RECIPES = ("minmax", "mse")
 KINDS = ("fp", "recipe", "peer")
