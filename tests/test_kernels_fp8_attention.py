@@ -149,3 +149,50 @@ def test_cudnn_fp8_attention_compiles_and_replays_in_a_cuda_graph():
         for _ in range(3):
             graphed = compiled(hidden)
     torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+
+
+def _flux_attention(joint: bool):
+    from diffusers.models.transformers.transformer_flux import FluxAttention
+
+    torch.manual_seed(0)
+    options = {"added_kv_proj_dim": 32, "context_pre_only": False} if joint else {"pre_only": True}
+    return FluxAttention(query_dim=32, heads=2, dim_head=16, out_dim=32, bias=True, eps=1e-6, **options)
+
+
+def _flux_call(attn, joint: bool):
+    generator = torch.Generator().manual_seed(1)
+    image = torch.randn(2, 12, 32, generator=generator)
+    text = torch.randn(2, 5, 32, generator=generator) if joint else None
+    tokens = 17 if joint else 12
+    angles = torch.randn(tokens, 8, generator=generator)
+    rotary = (angles.cos().repeat_interleave(2, dim=-1), angles.sin().repeat_interleave(2, dim=-1))
+    with torch.no_grad():
+        output = attn(image, encoder_hidden_states=text, image_rotary_emb=rotary)
+    return output if joint else (output,)  # (image, text) of a joint block
+
+
+@pytest.mark.parametrize("joint", [True, False], ids=["double-stream", "single-stream"])
+def test_the_flux_processor_with_its_quantizers_off_is_diffusers_flux_attention(joint):
+    attn = _flux_attention(joint)
+    expected = _flux_call(attn, joint)
+    quantize_attention(attn, dataclasses.replace(FP8, enabled=False), "fp8_e4m3")
+    getattr(attn, MATMUL_ATTRIBUTE).probs.enabled = False
+    for got, want in zip(_flux_call(attn, joint), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("joint", [True, False], ids=["double-stream", "single-stream"])
+def test_flux_attention_converts_to_fp8_attention_and_computes_the_simulated_one_on_cpu(joint):
+    attn = _flux_attention(joint)
+    quantize_attention(attn, FP8, "fp8_e4m3")
+    quant = getattr(attn, MATMUL_ATTRIBUTE)
+    for quantizer in (quant.query, quant.key, quant.value, quant.probs):
+        quantizer.observing = True
+    _flux_call(attn, joint)
+    for quantizer in (quant.query, quant.key, quant.value, quant.probs):
+        quantizer.finalize()
+    simulated = _flux_call(attn, joint)
+    assert fp8_attention.convert_attention(attn) == [""]
+    assert isinstance(attn.processor, fp8_attention.Fp8FluxAttnProcessor)
+    for got, want in zip(_flux_call(attn, joint), simulated, strict=True):
+        assert torch.equal(got, want)

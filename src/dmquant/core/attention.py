@@ -14,8 +14,9 @@ rounded to fp8 on V's scale, as Hopper's kernels write it (each row of the outpu
 combination of V's rows, so V's scale never clips it).
 
 The quantizers live in an :class:`AttentionQuantizers` submodule registered on the
-``Attention`` module as ``quant_matmul`` (so they are in its state dict), and a stateless
-:class:`QuantAttnProcessor` runs the attention with them.
+attention module as ``quant_matmul`` (so they are in its state dict), and a stateless processor
+runs the attention with them: :class:`QuantAttnProcessor` for diffusers' ``Attention``,
+:class:`QuantFluxAttnProcessor` for FLUX's ``FluxAttention`` (joint text-image attention).
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ import dataclasses
 
 import torch
 from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
+
+try:  # FLUX's attention module (diffusers ≥ 0.35)
+    from diffusers.models.transformers.transformer_flux import FluxAttention
+except ImportError:
+    FluxAttention = None
 
 from ..config import QuantizerConfig
 from .primitives import fake_quant
@@ -118,7 +125,7 @@ class QuantAttnProcessor:
 
     def attend(
         self,
-        attn: Attention,
+        attn: nn.Module,
         quant: AttentionQuantizers,
         query: torch.Tensor,
         key: torch.Tensor,
@@ -126,24 +133,96 @@ class QuantAttnProcessor:
         attention_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """``softmax(Q·Kᵀ·scale)·V`` on the quantized operands, from and to ``(batch, tokens, heads·dim)``."""
-        dtype = query.dtype  # the quantizers answer in float32: back to the model's dtype
-        query = quant.query(attn.head_to_batch_dim(query)).to(dtype)
-        key = quant.key(attn.head_to_batch_dim(key)).to(dtype)
-        value = quant.value(attn.head_to_batch_dim(value)).to(dtype)
-        probs = quant.probs(attn.get_attention_scores(query, key, attention_mask)).to(dtype)
-        return attn.batch_to_head_dim(quant.round_output(torch.bmm(probs, value)).to(dtype))
+        dtype, heads = query.dtype, attn.heads  # the quantizers answer in float32: back to the model's dtype
+        query = quant.query(_heads_to_batch(query, heads)).to(dtype)
+        key = quant.key(_heads_to_batch(key, heads)).to(dtype)
+        value = quant.value(_heads_to_batch(value, heads)).to(dtype)
+        probs = quant.probs(_attention_probs(attn, query, key, attention_mask)).to(dtype)
+        return _batch_to_heads(quant.round_output(torch.bmm(probs, value)).to(dtype), heads)
+
+
+class QuantFluxAttnProcessor(QuantAttnProcessor):
+    """Diffusers' ``FluxAttnProcessor`` (FLUX's joint double-stream and single-stream attention) with quantized
+    Q·Kᵀ and softmax·V: its projections, per-head RMSNorm, text tokens first, rotary embedding and output
+    projections as diffusers computes them, the attention itself by :meth:`QuantAttnProcessor.attend` (softmax in
+    float32) in place of ``dispatch_attention_fn``, which dmquant cannot route a quantized attention through."""
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        def heads(x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+            x = x.unflatten(-1, (-1, attn.head_dim))
+            return x if norm is None else norm(x)
+
+        query, key = heads(attn.to_q(hidden_states), attn.norm_q), heads(attn.to_k(hidden_states), attn.norm_k)
+        value = heads(attn.to_v(hidden_states))
+        if attn.added_kv_proj_dim is not None and encoder_hidden_states is not None:
+            query = torch.cat([heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q), query], dim=1)
+            key = torch.cat([heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k), key], dim=1)
+            value = torch.cat([heads(attn.add_v_proj(encoder_hidden_states)), value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        quant: AttentionQuantizers = getattr(attn, MATMUL_ATTRIBUTE)
+        hidden_states = self.attend(attn, quant, query.flatten(2), key.flatten(2), value.flatten(2), attention_mask)
+        hidden_states = hidden_states.to(query.dtype)
+        if encoder_hidden_states is None:
+            return hidden_states
+        text, image = hidden_states.split_with_sizes(
+            [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+        )
+        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
+        return image, attn.to_add_out(text.contiguous())
+
+
+def softmax_scale(attn: nn.Module) -> float:
+    """The factor of Q·Kᵀ: ``Attention.scale``; ``1/√head_dim`` for FLUX's attention (``dispatch_attention_fn``'s)."""
+    return attn.scale if isinstance(attn, Attention) else attn.head_dim**-0.5
+
+
+def _heads_to_batch(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(batch, tokens, heads·dim)`` to ``(batch·heads, tokens, dim)``, as ``Attention.head_to_batch_dim``."""
+    batch, tokens, width = x.shape
+    return x.reshape(batch, tokens, heads, width // heads).permute(0, 2, 1, 3).reshape(batch * heads, tokens, -1)
+
+
+def _batch_to_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of :func:`_heads_to_batch`, as ``Attention.batch_to_head_dim``."""
+    batch_heads, tokens, dim = x.shape
+    return x.reshape(batch_heads // heads, heads, tokens, dim).permute(0, 2, 1, 3).reshape(-1, tokens, heads * dim)
+
+
+def _attention_probs(
+    attn: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """``softmax(Q·Kᵀ·scale + mask)``: ``Attention.get_attention_scores`` where ``attn`` has it, else the same in
+    float32 (FLUX's attention, computed by a fused kernel in diffusers)."""
+    if isinstance(attn, Attention):
+        return attn.get_attention_scores(query, key, attention_mask)
+    scores = torch.bmm(query.float(), key.float().transpose(-1, -2)) * softmax_scale(attn)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    return scores.softmax(dim=-1).to(query.dtype)
 
 
 def quantize_attention(
-    attn: Attention, operand: QuantizerConfig, softmax_bits: int | str, *, num_steps: int = 1
+    attn: nn.Module, operand: QuantizerConfig, softmax_bits: int | str, *, num_steps: int = 1
 ) -> None:
-    """Give ``attn`` matmul quantizers and the processor that uses them."""
+    """Give ``attn`` matmul quantizers and the processor of its family that uses them."""
     setattr(attn, MATMUL_ATTRIBUTE, AttentionQuantizers(operand, softmax_bits, num_steps=num_steps))
-    attn.set_processor(QuantAttnProcessor())
+    attn.set_processor(QuantAttnProcessor() if isinstance(attn, Attention) else QuantFluxAttnProcessor())
 
 
 def is_quantizable_attention(module: nn.Module) -> bool:
-    """Diffusers attention modules whose computation the quantized processor reproduces."""
+    """Diffusers attention modules whose computation a quantized processor reproduces: ``Attention`` without added
+    key/value projections (UNets, DiT, PixArt), and FLUX's ``FluxAttention`` with unfused projections."""
+    if FluxAttention is not None and isinstance(module, FluxAttention):
+        return not module.fused_projections
     return (
         isinstance(module, Attention)
         and not getattr(module, "is_cross_attention_with_added_kv", False)

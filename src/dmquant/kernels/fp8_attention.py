@@ -1,8 +1,9 @@
 """FP8 attention: a converted model's Q·Kᵀ and softmax·V on cuDNN's FP8 flash attention (Hopper).
 
-A diffusers ``Attention`` quantized for FP8 attention (``attention: {bits: fp8_e4m3, softmax_bits:
-fp8_e4m3}``: Q, K and V in fp8 e4m3 with calibrated per-tensor scales, Q-Diffusion's attention
-quantizers, Li et al. 2023, Sec. 4.3) computes, simulated (:mod:`dmquant.core.attention`)::
+A diffusers ``Attention`` (or FLUX's ``FluxAttention``) quantized for FP8 attention (``attention: {bits:
+fp8_e4m3, softmax_bits: fp8_e4m3}``: Q, K and V in fp8 e4m3 with calibrated per-tensor scales,
+Q-Diffusion's attention quantizers, Li et al. 2023, Sec. 4.3) computes, simulated
+(:mod:`dmquant.core.attention`)::
 
     S = Q_q · K_qᵀ · scale        P = fp8(softmax(S))  on [0, 1]        O = fp8(P · V_q)  on V's scale
 
@@ -32,10 +33,15 @@ import functools
 import importlib.util
 
 import torch
-from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
-from ..core.attention import MATMUL_ATTRIBUTE, AttentionQuantizers, QuantAttnProcessor
+from ..core.attention import (
+    MATMUL_ATTRIBUTE,
+    AttentionQuantizers,
+    QuantAttnProcessor,
+    QuantFluxAttnProcessor,
+    softmax_scale,
+)
 from ..core.primitives import FP8_E4M3
 from .layers import KernelActivation
 
@@ -76,7 +82,7 @@ class Fp8AttentionScales(nn.Module):
 def is_fp8_attention(attn: nn.Module) -> bool:
     """Whether ``attn`` is a quantized attention whose matmuls are FP8 attention (fp8 softmax output)."""
     quant = getattr(attn, MATMUL_ATTRIBUTE, None)
-    return isinstance(attn, Attention) and isinstance(quant, AttentionQuantizers) and quant.fp8_attention
+    return isinstance(quant, AttentionQuantizers) and quant.fp8_attention
 
 
 def _head_dim_fits(head_dim: int) -> bool:
@@ -189,13 +195,13 @@ def _(q, k, v, descale_q, descale_k, descale_v, descale_s, heads, attn_scale):
     return torch.empty_like(q)
 
 
-class Fp8AttnProcessor(QuantAttnProcessor):
-    """:class:`~dmquant.core.attention.QuantAttnProcessor` with the matmuls on cuDNN's FP8 attention where it takes
-    the call (:func:`takes`), reading the scales of ``attn.fp8_attention``; the simulated attention elsewhere."""
+class _Fp8Attend:
+    """A quantized processor's attention on cuDNN's FP8 attention where it takes the call (:func:`takes`), reading
+    the scales of ``attn.fp8_attention``; the simulated attention elsewhere."""
 
     def attend(
         self,
-        attn: Attention,
+        attn: nn.Module,
         quant: AttentionQuantizers,
         query: Tensor,
         key: Tensor,
@@ -209,16 +215,28 @@ class Fp8AttnProcessor(QuantAttnProcessor):
 
         (s_q, _), (s_k, _), (s_v, _), (s_p, _) = (operand.parameters_now() for operand in scales.operands)
         codes = [quantize_activations(x, s, None, "fp8") for x, s in ((query, s_q), (key, s_k), (value, s_v))]
-        out = torch.ops.dmquant.fp8_sdpa(*codes, s_q, s_k, s_v, s_p, attn.heads, float(attn.scale))
+        out = torch.ops.dmquant.fp8_sdpa(*codes, s_q, s_k, s_v, s_p, attn.heads, float(softmax_scale(attn)))
         return (out.float() * s_v).to(query.dtype)
 
 
+class Fp8AttnProcessor(_Fp8Attend, QuantAttnProcessor):
+    """:class:`~dmquant.core.attention.QuantAttnProcessor` on FP8 attention."""
+
+
+class Fp8FluxAttnProcessor(_Fp8Attend, QuantFluxAttnProcessor):
+    """:class:`~dmquant.core.attention.QuantFluxAttnProcessor` on FP8 attention."""
+
+
+#: The FP8 attention processor of each quantized processor.
+FP8_PROCESSORS = {QuantAttnProcessor: Fp8AttnProcessor, QuantFluxAttnProcessor: Fp8FluxAttnProcessor}
+
+
 def convert_attention(model: nn.Module) -> list[str]:
-    """Give every FP8-attention module of ``model`` its kernel scales and :class:`Fp8AttnProcessor`; their names."""
+    """Give every FP8-attention module of ``model`` its kernel scales and FP8 attention processor; their names."""
     names = []
     for name, module in model.named_modules():
         if is_fp8_attention(module):
             setattr(module, SCALES_ATTRIBUTE, Fp8AttentionScales(getattr(module, MATMUL_ATTRIBUTE)))
-            module.set_processor(Fp8AttnProcessor())
+            module.set_processor(FP8_PROCESSORS[type(module.processor)]())
             names.append(name)
     return names
