@@ -5,6 +5,6 @@ Entry scripts (``python bench/<name>.py ...`` or ``python -m bench.<name> ...`` 
 ``fidelity`` (converted against simulated models), ``layer_speed``, ``block_kernels``, ``recon_speed``, and
 ``report``, which writes BENCHMARKS.md from the results. The modules they share: ``common`` (result cells,
 the git commit, timing, markdown tables), ``configs`` (the dmquant configurations the benchmarks quantize
-with), ``peers`` (torchao and optimum-quanto), ``speed_*`` (the speed benchmark by job) and ``report_*``
-(BENCHMARKS.md by section).
+with), ``peers`` (torchao and optimum-quanto) and ``speed_*`` (the speed benchmark by job: workloads, rows,
+measurement, running, table).
 """
