@@ -30,14 +30,14 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+if not __package__:  # run as a file, `python bench/attention_speed.py`: make the bench package importable
+    import _package  # noqa: F401
+
+from bench.common import docstring_parser, git_commit, write_cell
+from bench.speed_measure import capture_graph
 from dmquant.deployment import median_call_ms
 from dmquant.kernels import fp8_attention
-from dmquant.kernels.triton_quantize import quantize
 from dmquant.provenance import environment
-
-sys.path.insert(0, str(Path(__file__).parent))
-from quality import docstring_parser, git_commit, write_cell  # noqa: E402
-from speed import capture_graph  # noqa: E402
 
 #: name -> (batch, heads, query tokens, key/value tokens, head dim)
 SHAPES = {
@@ -71,6 +71,8 @@ def shape_rows(name: str, shape: tuple[int, ...], repeats: int) -> list[dict[str
 
     def bf16() -> torch.Tensor:
         return F.scaled_dot_product_attention(heads_first(query), heads_first(key), heads_first(value))
+
+    from dmquant.kernels.triton_quantize import quantize  # Triton: imported where a GPU run needs it
 
     codes = [quantize(x, s, None, "fp8") for x, s in zip((query, key, value), scales, strict=True)]
 

@@ -1,6 +1,6 @@
 """The kernels of one compiled DiT-XL/2 block, bf16 against W8A8-FP8: where a converted block's time goes.
 
-Builds block 0 of DiT-XL/2 (``speed.DIT_XL_2_256``, random weights) at ``--batches`` (256 tokens per image),
+Builds block 0 of DiT-XL/2 (``DIT_XL_2_256``, random weights) at ``--batches`` (256 tokens per image),
 compiles it with ``torch.compile`` (default mode, ``dynamic=False``) in three forms — bf16; dmquant W8A8-FP8 as
 ``speed.py``'s ``dmquant-w8a8-fp8-fast`` row converts it (minmax, attention matmuls in bf16, fast accumulation)
 with every converted layer on its fp8 kernel; and that with each layer's path measured
@@ -23,14 +23,19 @@ import torch
 import triton.testing
 from diffusers import DiTTransformer2DModel
 
+if not __package__:  # run as a file, `python bench/block_kernels.py`: make the bench package importable
+    import _package  # noqa: F401
+
+from bench.common import command_line, git_commit, write_cell
+from bench.configs import dmquant_config
+from bench.speed_measure import configure_compiler, kernel_category, kernel_times_us
+from bench.speed_rows import ROWS, convert_for
+from bench.speed_run import run_environment
+from bench.speed_workloads import DIT_XL_2_256
 from dmquant import api
 from dmquant.calib.record import CalibrationSet
 from dmquant.kernels.dispatch import load_kernels
 from dmquant.kernels.paths import select_paths
-
-sys.path.insert(0, str(Path(__file__).parent))
-import speed  # noqa: E402  (bench/ is a folder of scripts, not a package)
-from quality import git_commit, write_cell  # noqa: E402
 
 
 class FirstBlock(torch.nn.Module):
@@ -55,21 +60,21 @@ def _profile(model, args: tuple) -> dict:
     with torch.no_grad():
         kernels = _inductor_kernels(model, *args)
         model(*args)
-        times = speed.kernel_times_us(lambda: model(*args), torch.device("cuda"))
+        times = kernel_times_us(lambda: model(*args), torch.device("cuda"))
         median = triton.testing.do_bench_cudagraph(lambda: model(*args), rep=50, return_mode="median")
     listed = sorted(times.items(), key=lambda item: -item[1])
     return {
         "inductor_triton_kernels": kernels,
         "cuda_graph_median_ms": median,
         "kernel_time_ms": sum(times.values()) / 1000,
-        "kernels": [{"name": name[:160], "us": us, "category": speed.kernel_category(name)} for name, us in listed],
+        "kernels": [{"name": name[:160], "us": us, "category": kernel_category(name)} for name, us in listed],
     }
 
 
 def run(batch: int, seed: int) -> dict:
     torch.manual_seed(seed)
     with torch.device("cuda"):
-        dit = DiTTransformer2DModel(**speed.DIT_XL_2_256).eval()
+        dit = DiTTransformer2DModel(**DIT_XL_2_256).eval()
     block = FirstBlock(dit)
     del dit
     tokens = torch.randn(batch, 256, 1152, device="cuda")
@@ -83,14 +88,14 @@ def run(batch: int, seed: int) -> dict:
         cond={"class_labels": labels[:rows]},
         num_inference_steps=1,
     )
-    row = speed.ROWS["dmquant-w8a8-fp8-fast"]  # the default conversion: fast accumulation, attention matmuls in bf16
-    quantized = api.quantize(copy.deepcopy(block), speed.dmquant_config(row, block), calibration, progress=False)
+    row = ROWS["dmquant-w8a8-fp8-fast"]  # the default conversion: fast accumulation, attention matmuls in bf16
+    quantized = api.quantize(copy.deepcopy(block), dmquant_config(row, block), calibration, progress=False)
     args = (tokens.to(torch.bfloat16), timestep, labels)
     forms = {
         "bf16": block.to(torch.bfloat16),
-        "fp8-every-layer": speed.convert_for(row, quantized).to(torch.bfloat16),
+        "fp8-every-layer": convert_for(row, quantized).to(torch.bfloat16),
     }
-    measured = speed.convert_for(row, quantized).to(torch.bfloat16)
+    measured = convert_for(row, quantized).to(torch.bfloat16)
     with torch.no_grad():
         report = select_paths(measured, lambda: measured(*args))
     forms["fp8-measured-paths"] = measured
@@ -109,11 +114,11 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     load_kernels()
-    speed.configure_compiler()
+    configure_compiler()
     record = {"benchmark": "block-kernels", "model": "dit-xl-2-256, transformer_blocks[0], random weights"}
     record["runs"] = [run(batch, args.seed) for batch in args.batches]
-    record |= {"command": "python bench/block_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),
-               "environment": speed.run_environment(), "git_commit": git_commit()}  # fmt: skip
+    record |= {"command": command_line("block_kernels", argv),
+               "environment": run_environment(), "git_commit": git_commit()}  # fmt: skip
     write_cell(Path(args.output), record)
     for run_ in record["runs"]:
         cells = ", ".join(

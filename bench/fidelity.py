@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -43,6 +42,13 @@ from typing import Any
 import torch
 from torch import nn
 
+if not __package__:  # run as a file, `python bench/fidelity.py`: make the bench package importable
+    import _package  # noqa: F401
+
+from bench.common import command_line, docstring_parser, git_commit, write_cell
+from bench.configs import dmquant_config
+from bench.speed_rows import ROWS, conversion_summary, convert_for
+from bench.speed_workloads import ZOO_MODELS
 from dmquant.api import quantize
 from dmquant.calib.record import CalibrationSet
 from dmquant.core.quantizer import set_step
@@ -52,10 +58,6 @@ from dmquant.jobs import generate, record_for
 from dmquant.kernels.convert import REPORT_ATTRIBUTE
 from dmquant.models import DiffusionModel, load_model
 from dmquant.provenance import environment
-
-sys.path.insert(0, str(Path(__file__).parent))
-from quality import docstring_parser, git_commit, write_cell  # noqa: E402
-from speed import ROWS, ZOO_MODELS, conversion_summary, convert_for, dmquant_config  # noqa: E402
 
 #: The formats: speed.py's dmquant rows (without their ``dmquant-`` prefix), and fp8 with per-token scales.
 FORMATS = {row.removeprefix("dmquant-"): (row, False) for row in ROWS if row.startswith("dmquant-")}
@@ -179,7 +181,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "python bench/fidelity.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    command = command_line("fidelity", argv)
     return 1 if run(args, command) else 0
 
 

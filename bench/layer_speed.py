@@ -33,12 +33,13 @@ from unittest import mock
 import torch
 from torch.nn import functional as F
 
+if not __package__:  # run as a file, `python bench/layer_speed.py`: make the bench package importable
+    import _package  # noqa: F401
+
+from bench.common import docstring_parser, git_commit, write_cell
+from bench.speed_measure import capture_graph
 from dmquant.deployment import median_call_ms
 from dmquant.provenance import environment
-
-sys.path.insert(0, str(Path(__file__).parent))
-from quality import docstring_parser, git_commit, write_cell  # noqa: E402
-from speed import capture_graph  # noqa: E402
 
 #: ((batch, channels, height, width), kernel size) of SD-1.5's 3×3 convs at each resolution and of its 1×1
 #: convs at the largest and smallest transformer resolutions; output channels = input.

@@ -45,9 +45,9 @@ H100 with torch 2.11 + CUDA (all peers). torchao 0.18 needs torch >= 2.11 for it
 extensions, which none of these peers uses (int4 goes through ``aten._weight_int4pack_mm``, fp8
 through ``torch._scaled_mm``, int8 through ``torch._int_mm``).
 
-Usage (``bench/`` on ``sys.path``)::
+Usage (from the repository root)::
 
-    from peers import PEERS, PeerUnavailable, apply_peer, cast_floating
+    from bench.peers import PEERS, PeerUnavailable, apply_peer, cast_floating
 
     try:
         result = apply_peer("quanto-w8a8", unet, calibrate=run_calibration_batches)

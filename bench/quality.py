@@ -60,13 +60,10 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
-import shlex
 import shutil
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,10 +71,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+if not __package__:  # run as a file, `python bench/quality.py`: make the bench package importable
+    import _package  # noqa: F401
+
+from bench import peers
+from bench.common import by_model, command_line, git_commit, pending, write_cell
+from bench.configs import BIT_SETTINGS, recipe_config, recipe_methods
 from dmquant import distributed
 from dmquant.api import info, load, measure_noise, sampling_hooks, save
 from dmquant.atomic import write_atomically
-from dmquant.config import CorrectionConfig, QuantConfig, available_recipes, load_recipe
+from dmquant.catalog import REFERENCE_MODELS
+from dmquant.config import CorrectionConfig, QuantConfig, load_recipe
 from dmquant.eval.images import psnr, ssim, to_unit_range
 from dmquant.eval.noise import noise_estimate_error
 from dmquant.jobs import forward_cost, quantize_model, record_for
@@ -89,39 +93,11 @@ from dmquant.zoo.jobs import sample_requests, shipped_glyphnet
 from dmquant.zoo.quality import ReferenceSet, Requests, held_out_requests
 from dmquant.zoo.reference import ZOO
 
-sys.path.insert(0, str(Path(__file__).parent))
-import peers  # noqa: E402  (bench/ is a folder of scripts, not a package)
-
 SCHEMA_VERSION = 1
-MODELS = ("ddpm-glyphs32", "ldm-glyphs64", "dit-glyphs")
+MODELS = REFERENCE_MODELS
 FP_METHODS = ("fp", "fp-seed1")
-#: Bit settings of recipe cells: (weight bits, activation bits, the softmax output's format where the attention
-#: matmuls are quantized — their Q, K, V at the activation bits — else None).
-BIT_SETTINGS = {
-    "W8A8": (8, 8, None),
-    "W8A8+attn8": (8, 8, 8),
-    "W4A8": (4, 8, None),
-    "W4A4": (4, 4, None),
-    "W8A8-FP8": ("fp8_e4m3", "fp8_e4m3", None),
-    "W8A8-FP8+attn-fp8": ("fp8_e4m3", "fp8_e4m3", "fp8_e4m3"),
-}
 DEFAULT_METHODS = (*FP_METHODS, "minmax", "mse", *peers.PEERS)
 DEFAULT_BITS = ("W8A8", "W4A8")
-#: Suffix of a reconstructing recipe run without its reconstruction (what reconstruction buys).
-NO_RECONSTRUCTION = "-no-recon"
-#: PTQD's ablation: suffix of a correcting recipe -> (CNC, BC, VSC); the recipe itself has all three,
-#: and its ``base`` without correction (q-diffusion for ptqd) is the first step, on the same model.
-CORRECTION_STEPS = {"-cnc": (True, False, False), "-cnc-bc": (True, True, False)}
-#: Calibration ablation: method -> (recipe whose calibration strategy it uses, trajectories), each
-#: on q-diffusion's ranges without reconstruction and about CALIBRATION_SIZE samples: uniform
-#: records every trajectory at 25 steps (25 × 41 = 1,025), the others one step per trajectory.
-CALIBRATION_SIZE = 1024
-CALIBRATION_ABLATION = {
-    "calib-uniform": ("q-diffusion", 41),
-    "calib-ndtc": ("ptq4dm", CALIBRATION_SIZE),
-    "calib-tdac": ("eda-dm", CALIBRATION_SIZE),
-    "calib-single-step": ("sqnr-hybrid", CALIBRATION_SIZE),
-}
 #: Seed of the ``fp-seed1`` samples (far from the ``seed + batch index`` seeds of the others).
 OTHER_SEED = 1_000_000
 #: FP trajectories along which the per-step SQNR of the noise estimate is measured.
@@ -168,17 +144,6 @@ def plan_cells(
                 else:
                     cells.extend(Cell(model, method, setting, eta, real_kernels) for setting in bits)
     return cells
-
-
-def git_commit() -> str | None:
-    """``DMQUANT_GIT_COMMIT`` when set (a copied tree whose ``.git`` may be stale), else the checked-out commit."""
-    if os.environ.get("DMQUANT_GIT_COMMIT"):
-        return os.environ["DMQUANT_GIT_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout.strip()
 
 
 class PeerDenoiser(nn.Module):
@@ -331,44 +296,9 @@ def run_fp(bench: ModelBench, cell: Cell) -> dict[str, Any]:
     return {"metrics": bench.judge(images), "sampling": bench.sampling(seed, cell.eta)}
 
 
-def recipe_methods() -> list[str]:
-    """Shipped recipes; ``<recipe>-no-recon`` for each that reconstructs; the PTQD and calibration ablations."""
-    names = available_recipes()
-    variants = [name + NO_RECONSTRUCTION for name in names if load_recipe(name).reconstruction.enabled]
-    ablation = [name + step for name in names if load_recipe(name).correction.enabled for step in CORRECTION_STEPS]
-    return names + variants + ablation + list(CALIBRATION_ABLATION)
-
-
 def _recipe_config(bench: ModelBench, cell: Cell) -> QuantConfig:
-    """The cell's recipe at its bit setting, with its variant (``-no-recon``, an ablation step) applied."""
-    weight_bits, activation_bits, softmax = BIT_SETTINGS[cell.bits]
-    name, step = cell.method, None
-    for suffix in (NO_RECONSTRUCTION, *CORRECTION_STEPS):
-        if cell.method.endswith(suffix):
-            name, step = cell.method.removesuffix(suffix), suffix
-    if cell.method in CALIBRATION_ABLATION:
-        name, step = "q-diffusion", NO_RECONSTRUCTION
-    config = load_recipe(name).with_bits(weight_bits, activation_bits)
-    if cell.method in CALIBRATION_ABLATION:
-        source, trajectories = CALIBRATION_ABLATION[cell.method]
-        config.name = cell.method
-        config.calibration = dataclasses.replace(load_recipe(source).calibration, num_trajectories=trajectories)
-    if step == NO_RECONSTRUCTION:
-        config.reconstruction.enabled = False
-    elif step is not None:
-        correlation, bias, variance = CORRECTION_STEPS[step]
-        config.correction = dataclasses.replace(
-            config.correction, correlation=correlation, bias=bias, variance=variance
-        )
-    return dataclasses.replace(
-        config,
-        attention=dataclasses.replace(
-            config.attention, enabled=softmax is not None, bits=None, softmax_bits=softmax or 8
-        ),
-        calibration=dataclasses.replace(config.calibration, guidance_scale=bench.model.guidance_scale),
-        correction=dataclasses.replace(config.correction, num_inference_steps=bench.args.steps),
-        step_precision=dataclasses.replace(config.step_precision, num_inference_steps=bench.args.steps),
-    )
+    """The cell's recipe at its bit setting, with its variant applied, at the model's guidance and the bench's steps."""
+    return recipe_config(cell.method, cell.bits, bench.model.guidance_scale, bench.args.steps)
 
 
 def quantization_key(config: QuantConfig) -> str:
@@ -518,32 +448,6 @@ def run_cell(bench: ModelBench, cell: Cell, command: str) -> dict[str, Any]:
     return record
 
 
-def docstring_parser(doc: str) -> argparse.ArgumentParser:
-    """An argument parser whose description is the first paragraph of a bench script's docstring and whose
-    epilog is the rest, as written."""
-    return argparse.ArgumentParser(
-        description=doc.split("\n\n")[0],
-        epilog=doc.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-
-
-def write_cell(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(record, indent=2)  # an SQNR of inf (identical estimates) is written as Infinity
-    write_atomically(path, lambda f: f.write(text.encode()))
-
-
-def pending(cells: Sequence[Cell], results: Path, force: bool) -> list[Cell]:
-    """Cells still to run: missing, failed, or all of them with ``force``."""
-
-    def done(cell: Cell) -> bool:
-        path = cell.path(results)
-        return path.exists() and json.loads(path.read_text()).get("status") in ("ok", "unsupported")
-
-    return [cell for cell in cells if force or not done(cell)]
-
-
 def run_matrix(args: argparse.Namespace, command: str) -> int:
     """Run the pending cells, model by model, within ``--max-minutes``; returns how many are left."""
     results = Path(args.results)
@@ -558,7 +462,7 @@ def run_matrix(args: argparse.Namespace, command: str) -> int:
         elapsed = time.monotonic() - started
         return distributed.broadcast(args.max_minutes is not None and elapsed + longest > 60 * args.max_minutes)
 
-    for model, cells in _by_model(todo):
+    for model, cells in by_model(todo):
         if out_of_time():
             break
         bench = ModelBench(model, args)
@@ -579,11 +483,6 @@ def run_matrix(args: argparse.Namespace, command: str) -> int:
     if todo and main_process:
         print(f"{len(todo)} cells left (time limit); run the same command again to resume")
     return len(todo)
-
-
-def _by_model(cells: list[Cell]) -> Iterator[tuple[str, list[Cell]]]:
-    for model in dict.fromkeys(cell.model for cell in cells):
-        yield model, [cell for cell in cells if cell.model == model]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -637,7 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit("--state-dir: kept by one process; run without it on several, or on one")
         args.device = str(distributed.device(args.device))
         args.progress = args.progress and distributed.is_main_process()
-    command = "python bench/quality.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    command = command_line("quality", argv)
     run_matrix(args, command)
     return 0
 

@@ -24,18 +24,20 @@ from typing import Any
 
 import torch
 
+if not __package__:  # run as a file, `python bench/recon_speed.py`: make the bench package importable
+    import _package  # noqa: F401
+
+from bench.common import command_line, docstring_parser, git_commit, write_cell
 from dmquant import api
+from dmquant.catalog import REFERENCE_MODELS
 from dmquant.config import load_recipe
 from dmquant.core.layers import activation_quantizers
 from dmquant.jobs import record_for
-from dmquant.models import REFERENCE_MODELS, load_model
+from dmquant.models import load_model
 from dmquant.provenance import environment
 from dmquant.recon.blocks import reconstruction_units
 from dmquant.recon.brecq import reconstruct
 from dmquant.recon.cache import PairedBlockIO, calibration_runner, capture_paired_io
-
-sys.path.insert(0, str(Path(__file__).parent))
-from quality import docstring_parser, git_commit, write_cell  # noqa: E402
 
 
 def _timed_reconstruction(unit: torch.nn.Module, pairs: PairedBlockIO, iterations: int, graphed: bool) -> dict:
@@ -89,11 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench/recon_speed.py needs a CUDA device", file=sys.stderr)
         return 2
     env = environment()
-    command = "python bench/recon_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("recon_speed", argv)
     rows: list[dict[str, Any]] = []
     for name in args.models:  # written after each model: a run cut short keeps what it measured
         rows += model_rows(name, args.trajectories, args.iterations)
-        record = {"rows": rows, "environment": env, "git_commit": git_commit(), "command": command.strip()}
+        record = {"rows": rows, "environment": env, "git_commit": git_commit(), "command": command}
         write_cell(args.results / f"{env['device'].replace(' ', '-')}.json", record)
     return 0
 

@@ -68,11 +68,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+if not __package__:  # run as a file, `python bench/report.py`: make the bench package importable
+    import _package  # noqa: F401
+
+from bench.common import markdown_table
 from dmquant.atomic import write_atomically
+from dmquant.catalog import REFERENCE_MODELS
 
 SCHEMA_VERSION = 1
 #: The zoo models in the order their tables appear; others follow alphabetically.
-ZOO_MODELS = ("ddpm-glyphs32", "ldm-glyphs64", "dit-glyphs")
+ZOO_MODELS = REFERENCE_MODELS
 #: Bit settings in table and plot order; others follow alphabetically.
 BITS_ORDER = (
     "FP32",
@@ -354,15 +359,6 @@ def coverage_note(coverage: Mapping[str, Any] | None) -> str | None:
         inputs = ", ".join(f"{count} {name}" for name, count in float_inputs)
         note = (note + "; " if note else "") + f"inputs of {inputs} not quantized (weight-only)"
     return note
-
-
-def _escape(text: str) -> str:
-    return text.replace("|", r"\|").replace("\n", " ")
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = [header, ["---"] * len(header), *rows]
-    return "\n".join("| " + " | ".join(_escape(cell) for cell in line) + " |" for line in lines)
 
 
 # --- one model's table ---------------------------------------------------------------------
@@ -969,8 +965,7 @@ def speed_section(results: Path, subtables: Sequence[tuple[Path, str, str]] = ()
     (folder, title, introduction) that has cells, with its own notes."""
     if not any(results.glob("*/*.json")):
         return None
-    sys.path.insert(0, str(Path(__file__).parent))
-    import speed  # noqa: PLC0415  (torch and dmquant load only when there are speed cells to show)
+    from bench import speed_table as speed  # torch and dmquant load only when there are speed cells to show
 
     lines = ["## Speed", "", speed.speed_table(results), ""]
     reading = reading_notes(results / NOTES_FOLDER, "all")

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-
-import fidelity  # noqa: E402
-
-from dmquant.api import quantize  # noqa: E402
-from dmquant.config import load_recipe  # noqa: E402
-from dmquant.denoiser import Denoiser  # noqa: E402
-from dmquant.kernels.convert import convert_model  # noqa: E402
+from bench import fidelity
+from dmquant.api import quantize
+from dmquant.config import load_recipe
+from dmquant.denoiser import Denoiser
+from dmquant.kernels.convert import convert_model
 
 
 def test_single_call_error_is_zero_on_the_reference_path_and_the_norm_ratio_otherwise(unet, calibration):

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 from collections import namedtuple
 from pathlib import Path
 
 import pytest
 import torch
 
+from bench import peers
+from bench.peers import PEERS, PeerUnavailable, apply_peer, cast_floating, count_layers
 from dmquant.denoiser import Denoiser
 from dmquant.zoo import tiny
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-import peers  # noqa: E402
-from peers import PEERS, PeerUnavailable, apply_peer, cast_floating, count_layers  # noqa: E402
 
 BUILDERS = {
     "unet2d": tiny.tiny_unet2d,

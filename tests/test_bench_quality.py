@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-
-import quality  # noqa: E402
-import report  # noqa: E402
-from report import validate_cell  # noqa: E402
+from bench import quality, report
+from bench.configs import CALIBRATION_ABLATION, CALIBRATION_SIZE
+from bench.report import validate_cell
 
 
 def test_matrix_lists_fp_rows_recipe_bits_and_peers_with_their_own_bits():
@@ -156,7 +153,7 @@ def test_calibration_ablation_compares_strategies_at_equal_size_on_one_quantizer
     bench = SimpleNamespace(model=SimpleNamespace(guidance_scale=1.0), args=SimpleNamespace(steps=50))
     configs = {
         method: quality._recipe_config(bench, quality.Cell("ddpm-glyphs32", method, "W4A8"))
-        for method in quality.CALIBRATION_ABLATION
+        for method in CALIBRATION_ABLATION
     }
     strategies = {method: config.calibration.strategy for method, config in configs.items()}
     assert strategies == {
@@ -169,7 +166,7 @@ def test_calibration_ablation_compares_strategies_at_equal_size_on_one_quantizer
     steps = get_strategy(uniform.strategy, **uniform.strategy_options)(uniform.num_inference_steps)
     sizes = {method: config.calibration.num_trajectories for method, config in configs.items()}
     sizes["calib-uniform"] *= len(steps)
-    assert all(abs(size - quality.CALIBRATION_SIZE) <= 1 for size in sizes.values()), sizes
+    assert all(abs(size - CALIBRATION_SIZE) <= 1 for size in sizes.values()), sizes
     for config in configs.values():  # everything but the calibration data is q-diffusion's, ranges only
         assert not config.reconstruction.enabled
         assert config.weight == configs["calib-tdac"].weight and config.activation.observer == "mse"

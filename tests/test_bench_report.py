@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-import report as bench_report  # noqa: E402  (bench/ is a folder of scripts, not a package)
+from bench import report as bench_report
 
 MODEL = "ddpm-glyphs32"
 ENVIRONMENT = {

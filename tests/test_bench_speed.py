@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-
-import speed  # noqa: E402
-
-from dmquant.api import info, quantize  # noqa: E402
-from dmquant.calib.record import CalibrationSet  # noqa: E402
-from dmquant.kernels.convert import convert_model  # noqa: E402
+from bench import common, configs, peers, speed, speed_measure, speed_rows, speed_run, speed_table, speed_workloads
+from dmquant.api import info, quantize
+from dmquant.calib.record import CalibrationSet
+from dmquant.config import load_recipe
+from dmquant.kernels.convert import convert_model
 
 
 def test_cells_are_named_by_model_and_row_and_run_in_row_order():
-    cells = speed.plan_cells(["dit-glyphs", "sd15-unet"], ["dmquant-w4a8", "bf16-eager"])
+    cells = speed_run.plan_cells(["dit-glyphs", "sd15-unet"], ["dmquant-w4a8", "bf16-eager"])
     assert [(cell.model, cell.row) for cell in cells] == [
         ("dit-glyphs", "bf16-eager"),
         ("dit-glyphs", "dmquant-w4a8"),
@@ -33,34 +30,38 @@ def test_cells_are_named_by_model_and_row_and_run_in_row_order():
 
 def test_a_row_whose_settings_are_all_deselected_is_left_out():
     rows = ["bf16-eager", "bf16-compiled", "bf16-compiled-cudagraphs", "int8-dynamic"]
-    cells = speed.plan_cells(["dit-glyphs"], rows, settings=["eager"])
+    cells = speed_run.plan_cells(["dit-glyphs"], rows, settings=["eager"])
     assert [cell.row for cell in cells] == ["bf16-eager", "int8-dynamic"]
 
 
 def test_pending_skips_finished_cells_and_retries_failed_ones(tmp_path):
-    cells = speed.plan_cells(["dit-glyphs"], ["bf16-eager", "int8-dynamic", "dmquant-w8a8-int8"])
+    cells = speed_run.plan_cells(["dit-glyphs"], ["bf16-eager", "int8-dynamic", "dmquant-w8a8-int8"])
     for cell, status in zip(cells, ["ok", "unsupported", "failed"], strict=True):
-        speed.write_cell(cell.path(tmp_path), {"status": status})
-    assert speed.pending(cells, tmp_path, force=False) == cells[2:]
-    assert speed.pending(cells, tmp_path, force=True) == cells
+        common.write_cell(cell.path(tmp_path), {"status": status})
+    assert common.pending(cells, tmp_path, force=False) == cells[2:]
+    assert common.pending(cells, tmp_path, force=True) == cells
 
 
 def _time_limited(tmp_path, monkeypatch, models: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Args for ``models`` with one minute, estimates of 1 s per model but 10,000 s for SDXL, cells that
     run at once; and the list of the rows run."""
     ran = []
-    monkeypatch.setattr(speed, "ESTIMATED_SECONDS", dict.fromkeys(speed.MODELS, 1) | {"sdxl-unet": 10_000})
-    monkeypatch.setattr(speed, "write_peaks", lambda args, command: None)
-    monkeypatch.setattr(speed, "ModelBench", lambda model, args, rows: None)
+    monkeypatch.setattr(
+        speed_run, "ESTIMATED_SECONDS", dict.fromkeys(speed_workloads.MODELS, 1) | {"sdxl-unet": 10_000}
+    )
+    monkeypatch.setattr(speed_run, "write_peaks", lambda args, command: None)
+    monkeypatch.setattr(speed_run, "ModelBench", lambda model, args, rows: None)
     record = {"status": "ok", "reason": None, "metrics": {"median_ms": 1.0}}
-    monkeypatch.setattr(speed, "run_cell", lambda bench, cell, *rest: ran.append(f"{cell.model}/{cell.row}") or record)
+    monkeypatch.setattr(
+        speed_run, "run_cell", lambda bench, cell, *rest: ran.append(f"{cell.model}/{cell.row}") or record
+    )
     argv = ["--models", *models, "--rows", "bf16-eager", "int8-dynamic", "--max-minutes", "1"]
     return speed.parse_args([*argv, "--results", str(tmp_path)]), ran
 
 
 def test_a_model_that_would_not_finish_in_time_is_left_whole_for_the_next_run(tmp_path, monkeypatch, capsys):
     args, ran = _time_limited(tmp_path, monkeypatch, ["dit-glyphs", "sdxl-unet", "ldm-glyphs64"])
-    assert speed.run_matrix(args, "cmd") == 2
+    assert speed_run.run_matrix(args, "cmd") == 2
     assert ran == ["dit-glyphs/bf16-eager", "dit-glyphs/int8-dynamic", "ldm-glyphs64/bf16-eager",
                    "ldm-glyphs64/int8-dynamic"]  # fmt: skip
     out = capsys.readouterr().out
@@ -69,11 +70,11 @@ def test_a_model_that_would_not_finish_in_time_is_left_whole_for_the_next_run(tm
 
 def test_a_first_model_too_long_for_any_run_is_split_by_rows(tmp_path, monkeypatch, capsys):
     args, ran = _time_limited(tmp_path, monkeypatch, ["sdxl-unet", "dit-glyphs"])
-    assert speed.run_matrix(args, "cmd") == 1
+    assert speed_run.run_matrix(args, "cmd") == 1
     assert ran == ["sdxl-unet/bf16-eager", "dit-glyphs/bf16-eager", "dit-glyphs/int8-dynamic"]
     assert "sdxl-unet: 1 rows left for the next run" in capsys.readouterr().out
-    assert speed.pending(speed.plan_cells(["sdxl-unet"], ["bf16-eager", "int8-dynamic"]), tmp_path, False) == [
-        speed.Cell("sdxl-unet", "int8-dynamic")
+    assert common.pending(speed_run.plan_cells(["sdxl-unet"], ["bf16-eager", "int8-dynamic"]), tmp_path, False) == [
+        speed_run.Cell("sdxl-unet", "int8-dynamic")
     ]
 
 
@@ -92,7 +93,7 @@ class ConvThenLinear(nn.Module):
 
 def test_flop_counter_matches_a_hand_count_of_convs_and_a_linear():
     model, x = ConvThenLinear(), torch.randn(2, 3, 8, 8)
-    count = speed.count_flops(model, lambda: model(x, None))
+    count = speed_measure.count_flops(model, lambda: model(x, None))
     conv = 2 * (2 * 8 * 4 * 4) * (3 * 3 * 3)  # 2 · output elements · (in / groups) · k²
     grouped = 2 * (2 * 8 * 4 * 4) * (2 * 3 * 3)
     linear = 2 * 2 * 128 * 10  # 2 · rows · in · out
@@ -106,7 +107,7 @@ def test_attention_flops_are_both_matmuls_of_every_head():
 
     attention = Attention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8)
     hidden, context = torch.randn(3, 10, 16), torch.randn(3, 7, 12)
-    count = speed.count_flops(attention, lambda: attention(hidden, encoder_hidden_states=context))
+    count = speed_measure.count_flops(attention, lambda: attention(hidden, encoder_hidden_states=context))
     assert count.attention == 2 * (2 * 3 * 10 * 7 * 16)  # Q·Kᵀ and P·V, each 2·B·N·M·(heads·dim_head)
 
 
@@ -122,7 +123,7 @@ def test_flop_counter_agrees_with_torch_on_whole_diffusers_models(build):
     x, t = torch.randn(2, config.in_channels, config.sample_size, config.sample_size), torch.tensor([1, 900])
     labels = torch.tensor([0, 1])
     cond = {"encoder_hidden_states": torch.randn(2, 4, 32)} if "condition" in build else {"class_labels": labels}
-    ours = speed.count_flops(model, lambda: model(x, t, **cond))
+    ours = speed_measure.count_flops(model, lambda: model(x, t, **cond))
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as torch_count:
         model(x, t, **cond)  # the math backend runs attention as bmm, which torch counts
     assert ours.total == torch_count.get_total_flops() and ours.attention > 0
@@ -132,7 +133,7 @@ def _converted(bits: int | str) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     """ConvThenLinear, and a copy quantized by minmax at ``bits`` and converted to low-bit layers."""
     torch.manual_seed(0)
     model, x = ConvThenLinear(), torch.randn(2, 3, 8, 8)
-    config = speed.load_recipe("minmax").with_bits(bits, bits)
+    config = load_recipe("minmax").with_bits(bits, bits)
     calibration = CalibrationSet(x, torch.zeros(2), torch.zeros(2, dtype=torch.long), {}, 1)
     quantized = quantize(model, config, calibration, progress=False)
     return model, convert_model(quantized), x
@@ -140,25 +141,25 @@ def _converted(bits: int | str) -> tuple[nn.Module, nn.Module, torch.Tensor]:
 
 def test_converted_low_bit_layers_are_counted_as_the_layers_they_replace():
     model, converted, x = _converted(8)
-    fp = speed.count_flops(model, lambda: model(x, None))
-    low_bit = speed.count_flops(converted, lambda: converted(x, None))
+    fp = speed_measure.count_flops(model, lambda: model(x, None))
+    low_bit = speed_measure.count_flops(converted, lambda: converted(x, None))
     assert {name: layer.flops for name, layer in low_bit.layers.items()} == {
         name: layer.flops for name, layer in fp.layers.items()
     }
     assert {layer.precision for layer in low_bit.layers.values()} == {"low-bit"}
     assert low_bit.summary()["full_precision_layer_fraction"] == 0.0
-    assert speed.weight_bytes(converted) < speed.weight_bytes(model) / 2
+    assert speed_measure.weight_bytes(converted) < speed_measure.weight_bytes(model) / 2
 
 
 def test_casting_a_converted_model_keeps_the_low_bit_layers_as_their_kernels_take_them():
     _, converted, _ = _converted("fp8_e4m3")
     converted.head = nn.LayerNorm(10)
-    speed.cast_outside_low_bit_layers(converted, torch.bfloat16)
+    speed_rows.cast_outside_low_bit_layers(converted, torch.bfloat16)
     assert converted.head.weight.dtype == torch.bfloat16
     assert converted.linear.weight.stored.dtype == torch.float8_e4m3fn
     assert converted.linear.weight.scale.dtype == torch.float32
     assert converted.linear.bias.dtype == torch.bfloat16  # every floating parameter: the model's dtype is bf16
-    assert speed.conversion_summary(converted)["converted"] == {"fp8": 3}
+    assert speed_rows.conversion_summary(converted)["converted"] == {"fp8": 3}
     x = torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)
     assert converted(x, None).dtype == torch.bfloat16  # the reference path takes a bf16 bias
 
@@ -167,7 +168,7 @@ def test_weight_bytes_count_a_torchao_tensor_subclass_at_its_real_storage():
     torchao = pytest.importorskip("torchao.quantization")
     linear = nn.Sequential(nn.Linear(128, 64))
     torchao.quantize_(linear, torchao.Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
-    stored = speed.weight_bytes(linear)
+    stored = speed_measure.weight_bytes(linear)
     assert 128 * 64 + 64 * 4 <= stored < 128 * 64 + 64 * 4 + 1024  # int8 codes, fp32 bias, row scales
 
 
@@ -177,46 +178,46 @@ def test_torchao_rows_leave_out_the_linears_whose_products_the_int8_kernel_refus
 
     model = tiny.tiny_dit()
     size, labels = model.config.sample_size, torch.tensor([0, 1])
-    workload = speed.Workload(model, torch.randn(2, 4, size, size), torch.tensor([1, 900]), {"class_labels": labels},
-                              "tiny DiT")  # fmt: skip
+    inputs = torch.randn(2, 4, size, size), torch.tensor([1, 900]), {"class_labels": labels}
+    workload = speed_workloads.Workload(model, *inputs, "tiny DiT")
     bench = argparse.Namespace(workload=workload, dtype=torch.float32, device=torch.device("cpu"))
     # the copy taken for a CUDA model, where torch._int_mm refuses 16 rows or fewer
-    monkeypatch.setattr(speed.peers, "_device", lambda module: torch.device("cuda"))
-    details = speed.build_torchao(bench, speed.ROWS["int8-dynamic"]).details
+    monkeypatch.setattr(peers, "_device", lambda module: torch.device("cuda"))
+    details = speed_rows.build_torchao(bench, speed_rows.ROWS["int8-dynamic"]).details
     pooled = 3 * model.config.num_layers + 1  # per block: timestep embedder (2) and adaLN; proj_out_1
     reason = "torch._int_mm needs more than 16 rows on CUDA; this layer sees M=2"
     assert {"layers": pooled, "reason": reason} in details["exclusions"]
     assert details["coverage"]["skipped"]["Linear"] == pooled
-    assert details["coverage"]["quantized"]["Linear"] == speed.peers.count_layers(model)["Linear"] - pooled
+    assert details["coverage"]["quantized"]["Linear"] == peers.count_layers(model)["Linear"] - pooled
 
 
 def test_w4_rows_quantize_weights_per_output_channel_which_every_layer_takes():
     model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Flatten(), nn.LazyLinear(4))
-    config = speed.dmquant_config(speed.ROWS["dmquant-w4a8"], model)
+    config = configs.dmquant_config(speed_rows.ROWS["dmquant-w4a8"], model)
     assert config.weight.granularity_spec.kind == "channel"
     assert config.weight.bits == 4 and config.activation.bits == 8 and not config.attention.enabled
-    fp8 = speed.dmquant_config(speed.ROWS["dmquant-w8a8-fp8"], model)
+    fp8 = configs.dmquant_config(speed_rows.ROWS["dmquant-w8a8-fp8"], model)
     assert {rule.weight_bits for rule in fp8.rules} == {"fp8_e4m3"}
 
 
 def test_the_linear_only_row_keeps_the_convolutions_in_full_precision_and_accumulates_fast():
-    row = speed.ROWS["dmquant-w8a8-fp8-linear-fast"]
+    row = speed_rows.ROWS["dmquant-w8a8-fp8-linear-fast"]
     torch.manual_seed(0)
     model, x = ConvThenLinear(), torch.randn(2, 3, 8, 8)
     calibration = CalibrationSet(x, torch.zeros(2), torch.zeros(2, dtype=torch.long), {}, 1)
-    quantized = quantize(model, speed.dmquant_config(row, model), calibration, progress=False)
-    assert {(layer.kind, layer.quantized) for layer in speed.info(quantized).report.layers} == {
+    quantized = quantize(model, configs.dmquant_config(row, model), calibration, progress=False)
+    assert {(layer.kind, layer.quantized) for layer in info(quantized).report.layers} == {
         ("Linear", True),
         ("Conv2d", False),
     }
-    converted = speed.convert_for(row, quantized)
+    converted = speed_rows.convert_for(row, quantized)
     assert isinstance(converted.conv, nn.Conv2d) and converted.linear.fast_accumulation
-    assert not speed.convert_for(speed.ROWS["dmquant-w8a8-fp8"], quantized).linear.fast_accumulation
+    assert not speed_rows.convert_for(speed_rows.ROWS["dmquant-w8a8-fp8"], quantized).linear.fast_accumulation
 
 
 def _fake_cell(results: Path, model: str, row: str, **fields) -> None:
-    cell = {"model": model, "row": row, "kind": speed.ROWS[row].kind, "status": "ok", "representative": True}
-    speed.write_cell(results / model / f"{row}.json", cell | fields)
+    cell = {"model": model, "row": row, "kind": speed_rows.ROWS[row].kind, "status": "ok", "representative": True}
+    common.write_cell(results / model / f"{row}.json", cell | fields)
 
 
 def test_table_lists_cells_in_model_and_row_order_with_reasons_for_the_rest(tmp_path):
@@ -227,7 +228,7 @@ def test_table_lists_cells_in_model_and_row_order_with_reasons_for_the_rest(tmp_
                settings={"headline": "compiled"})  # fmt: skip
     _fake_cell(tmp_path, "sd15-unet", "fp8-dynamic-row", status="unsupported", reason="needs sm >= 8.9 | CUDA")
     _fake_cell(tmp_path, "sd15-unet", "bf16-eager", metrics={"median_ms": 40.0}, settings={"headline": "eager"})
-    lines = speed.speed_table(tmp_path).splitlines()
+    lines = speed_table.speed_table(tmp_path).splitlines()
     assert lines[0].startswith("| model | row | median ms | speed-up vs bf16 (same compile) |")
     rows = [line.split(" | ")[:2] for line in lines[2:]]
     assert rows == [["| sd15-unet", "bf16-eager"], ["| sd15-unet", "fp8-dynamic-row"], ["| dit-glyphs", "int8-dynamic"]]
@@ -237,12 +238,12 @@ def test_table_lists_cells_in_model_and_row_order_with_reasons_for_the_rest(tmp_
 
 
 def test_table_compares_gemm_throughput_with_the_peak_of_the_rows_compute_format(tmp_path):
-    speed.write_cell(tmp_path / "peaks.json", {"size": 8192, "bf16_tflops": 800.0, "fp8_rowwise_tflops": 1250.0,
+    common.write_cell(tmp_path / "peaks.json", {"size": 8192, "bf16_tflops": 800.0, "fp8_rowwise_tflops": 1250.0,
                                                "int8_tops": 1000.0})  # fmt: skip
     for row, tflops in [("bf16-compiled", 400.0), ("dmquant-w8a8-fp8", 250.0), ("dmquant-w4a8", 100.0),
                         ("dmquant-w4a16", 200.0), ("int8-dynamic", None)]:  # fmt: skip
         _fake_cell(tmp_path, "sd15-unet", row, metrics={"median_ms": 1.0, "gemm_conv_tflops": tflops})
-    lines = speed.speed_table(tmp_path).splitlines()
+    lines = speed_table.speed_table(tmp_path).splitlines()
     throughput = {line.split(" | ")[1]: line.split(" | ")[7] for line in lines[2:7]}
     assert throughput == {
         "bf16-compiled": "400 (50% of bf16)",
@@ -266,7 +267,7 @@ def dit_run(tmp_path_factory):
         return convert_model(model, **options)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(speed, "convert_model", convert_all_but_int4)
+        patch.setattr(speed_rows, "convert_model", convert_all_but_int4)
         argv = ["--models", "dit-glyphs", "--rows", "bf16-eager", "fp8-dynamic-row", "dmquant-w8a8-int8"]
         argv += ["dmquant-w4a8", "--settings", "eager", "--tiny", "--repeats", "2", "--warmup", "1"]
         speed.main([*argv, "--device", "cpu", "--results", str(results), "-q"])
@@ -300,8 +301,8 @@ def test_cpu_run_measures_bf16_and_the_converted_model(dit_run):
 
 def test_rows_that_cannot_run_here_are_unsupported_with_their_reason(dit_run):
     _, cells = dit_run
-    with pytest.raises(speed.peers.PeerUnavailable) as why:  # no CUDA here, or no torchao
-        speed.peers.check_available("torchao-fp8-dynamic", "cpu")
+    with pytest.raises(peers.PeerUnavailable) as why:  # no CUDA here, or no torchao
+        peers.check_available("torchao-fp8-dynamic", "cpu")
     assert cells["fp8-dynamic-row"]["status"] == "unsupported" and cells["fp8-dynamic-row"]["reason"] == str(why.value)
     w4 = cells["dmquant-w4a8"]
     assert w4["status"] == "unsupported"
@@ -320,7 +321,7 @@ def test_the_deployment_transformers_run_as_denoisers_and_quantize(model):
     """The FLUX, SD3 and PixArt-Σ workloads (``--tiny``) are called as ``f(sample, timestep, **cond)``, quantize
     and convert like every other model; FLUX and SD3 are rebuilt per row from their seed, to the same weights."""
     args = speed.parse_args(["--tiny", "--device", "cpu", "--models", model])
-    workload = speed.WORKLOADS[model](args, torch.device("cpu"))
+    workload = speed_workloads.WORKLOADS[model](args, torch.device("cpu"))
     (sample, timestep), cond = workload.inputs(torch.float32)
     with torch.no_grad():
         expected = workload.model(sample, timestep, **cond).sample
@@ -331,8 +332,8 @@ def test_the_deployment_transformers_run_as_denoisers_and_quantize(model):
             torch.equal(a, b)
             for a, b in zip(rebuilt.state_dict().values(), workload.model.state_dict().values(), strict=True)
         )
-    row = speed.ROWS["dmquant-w8a8-int8"]
-    quantized = quantize(workload.master(), speed.dmquant_config(row, workload.model), workload.calibration(),
+    row = speed_rows.ROWS["dmquant-w8a8-int8"]
+    quantized = quantize(workload.master(), configs.dmquant_config(row, workload.model), workload.calibration(),
                          progress=False)  # fmt: skip
     converted = convert_model(quantized)
     with torch.no_grad():
@@ -340,7 +341,7 @@ def test_the_deployment_transformers_run_as_denoisers_and_quantize(model):
 
 
 def test_the_fp8_rows_differ_only_in_accumulation_and_paths():
-    default, every, exact = (speed.ROWS[name] for name in
+    default, every, exact = (speed_rows.ROWS[name] for name in
                              ("dmquant-w8a8-fp8-fast", "dmquant-w8a8-fp8-every-layer", "dmquant-w8a8-fp8"))  # fmt: skip
     assert default.fast_accumulation and default.measured_paths
     assert every.fast_accumulation and not every.measured_paths
@@ -349,8 +350,8 @@ def test_the_fp8_rows_differ_only_in_accumulation_and_paths():
 
 def test_the_fp8_attention_row_is_the_fast_row_with_its_attention_matmuls_in_fp8():
     model = nn.Sequential(nn.Linear(4, 4))
-    row, fast = speed.ROWS["dmquant-w8a8-fp8-attention"], speed.ROWS["dmquant-w8a8-fp8-fast"]
-    config = speed.dmquant_config(row, model)
+    row, fast = speed_rows.ROWS["dmquant-w8a8-fp8-attention"], speed_rows.ROWS["dmquant-w8a8-fp8-fast"]
+    config = configs.dmquant_config(row, model)
     assert config.attention.enabled and config.attention.bits == config.attention.softmax_bits == "fp8_e4m3"
-    assert not speed.dmquant_config(fast, model).attention.enabled
+    assert not configs.dmquant_config(fast, model).attention.enabled
     assert (row.formats, row.fast_accumulation, row.measured_paths) == (fast.formats, True, True)

@@ -82,3 +82,58 @@ def test_bops_of_attention_matmuls():
     each = 1 * 5 * 3 * 16  # batch x queries x keys x inner dim (heads x dim_head)
     assert matmul["macs"] == 2 * each
     assert matmul["bops"] == each * 8 * 8 + each * 16 * 8  # Q·Kᵀ at 8x8, softmax(16) · V(8)
+
+
+def _converted_pair(bits):
+    """ConvLinear quantized by minmax at ``bits`` (simulated) and that model converted to low-bit layers."""
+    from dmquant.api import quantize
+    from dmquant.calib.record import CalibrationSet
+    from dmquant.config import load_recipe
+    from dmquant.kernels.convert import convert_model
+
+    torch.manual_seed(0)
+    model, x = ConvLinear(), torch.randn(2, 3, 6, 6)
+    calibration = CalibrationSet(x, torch.zeros(2), torch.zeros(2, dtype=torch.long), {}, 1)
+
+    class Called(nn.Module):  # quantize calibrates a denoiser, f(x, t)
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x, t):
+            return self.model(x)
+
+    simulated = quantize(Called(), load_recipe("minmax").with_bits(bits, bits), calibration, progress=False)
+    return simulated, convert_model(simulated), x
+
+
+def test_op_calls_count_the_macs_of_conv_linear_and_attention_as_torch_does():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dmquant.eval.cost import op_calls
+    from dmquant.zoo import tiny
+
+    model = tiny.tiny_dit()
+    config = model.config
+    x, t = torch.randn(2, config.in_channels, config.sample_size, config.sample_size), torch.tensor([1, 900])
+    labels = torch.tensor([0, 1])
+    calls = op_calls(model, lambda: model(x, t, class_labels=labels))
+    with torch.no_grad(), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        with FlopCounterMode(display=False) as counted:
+            model(x, t, class_labels=labels)
+    assert 2 * sum(sum(call.macs) for call in calls) == counted.get_total_flops()
+    assert {call.kind for call in calls} == {"linear", "conv", "attention"}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_converted_low_bit_layers_cost_what_the_simulated_layers_they_replace_cost(bits):
+    from dmquant.eval.cost import layer_kind, op_calls
+
+    simulated, converted, x = _converted_pair(bits)
+    t = torch.zeros(2)
+    assert [layer_kind(m) for m in (converted.model.conv, converted.model.linear)] == ["conv", "linear"]
+    assert type(converted.model.linear).__module__ == "dmquant.kernels.layers"
+    assert [(c.name, c.kind, c.macs) for c in op_calls(converted, lambda: converted(x, t))] == [
+        (c.name, c.kind, c.macs) for c in op_calls(simulated, lambda: simulated(x, t))
+    ]
+    assert bops(converted, lambda: converted(x, t)) == bops(simulated, lambda: simulated(x, t))

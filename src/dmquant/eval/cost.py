@@ -4,7 +4,11 @@ BOPs count each multiply-accumulate of a layer as ``weight bits × activation bi
 convention of the quantization literature, e.g. van Baalen et al. 2020, "Bayesian Bits",
 and the LDM quantization strategies paper): a Linear/Conv2d contributes
 ``MACs × b_w × b_a``, an attention module ``MACs(Q·Kᵀ) × b_q × b_k + MACs(P·V) × b_p × b_v``.
-Full-precision operands count with their dtype's bit width.
+Full-precision operands count with their dtype's bit width. Converted low-bit layers
+(:mod:`dmquant.kernels`) count as the layers they replace, at their storage's bits.
+
+:func:`op_calls` is the one walk over a forward pass that finds the layer and attention calls;
+BOPs here and the FLOPs of the speed benchmark (``2 × MACs``) are both read from it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch import nn
 from ..core.attention import MATMUL_ATTRIBUTE
 from ..core.layers import QUANT_LAYERS
 from ..core.quantizer import Quantizer
+from ..kernels.layers import LowBitConv2d, LowBitLinear
 
 
 def _bits(quantizer: Quantizer | None, dtype: torch.dtype) -> int:
@@ -68,6 +73,20 @@ def model_size(model: nn.Module) -> SizeReport:
     return SizeReport(-(-total_bits // 8), fp_bits // 8, quantized_params, fp_params)
 
 
+#: Weight bits of each storage layout of :mod:`dmquant.kernels`' low-bit layers.
+LAYOUT_BITS = {"fp8": 8, "int8": 8, "int4": 4}
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """``"conv"`` or ``"linear"`` for a Conv2d or Linear layer (dmquant's simulated ones included) or a
+    converted low-bit layer of :mod:`dmquant.kernels`; None for any other module."""
+    if isinstance(module, (nn.Conv2d, LowBitConv2d)):
+        return "conv"
+    if isinstance(module, (nn.Linear, LowBitLinear)):
+        return "linear"
+    return None
+
+
 def layer_macs(module: nn.Module, output: torch.Tensor) -> int:
     """Multiply-accumulates of one call of a Linear or Conv2d layer (or a converted low-bit one):
     ``outputs · in_features`` and ``outputs · (in_channels / groups) · kh · kw``."""
@@ -92,44 +111,39 @@ def attention_macs(module: Attention, args: tuple, kwargs: dict) -> tuple[int, i
     return pairs * module.inner_dim, pairs * module.inner_kv_dim
 
 
-def _layer_bops(module: nn.Module, inputs: tuple, output: torch.Tensor) -> tuple[int, int, int]:
-    quantized = isinstance(module, QUANT_LAYERS)
-    w_bits = _bits(module.weight_quantizer if quantized else None, module.weight.dtype)
-    a_bits = _bits(module.input_quantizer if quantized else None, inputs[0].dtype)
-    return layer_macs(module, output), w_bits, a_bits
+@dataclass(frozen=True)
+class OpCall:
+    """One call of a layer (:func:`layer_kind`) or of an attention module's matmuls in a forward pass.
 
+    ``kind`` is ``"linear"``, ``"conv"`` or ``"attention"``; ``macs`` the layer's multiply-accumulates, or the
+    attention's ``(Q·Kᵀ, P·V)``; ``dtype`` that of the call's input (its hidden states for attention).
+    """
 
-def _attention_bops(module: Attention, args: tuple, kwargs: dict) -> tuple[int, int]:
-    macs_qk, macs_pv = attention_macs(module, args, kwargs)
-    quant = getattr(module, MATMUL_ATTRIBUTE, None)
-    dtype = (args[0] if args else kwargs["hidden_states"]).dtype
-    bits_qk = _bits(quant and quant.query, dtype) * _bits(quant and quant.key, dtype)
-    bits_pv = _bits(quant and quant.probs, dtype) * _bits(quant and quant.value, dtype)
-    return macs_qk + macs_pv, bits_qk * macs_qk + bits_pv * macs_pv
+    name: str
+    module: nn.Module
+    kind: str
+    macs: tuple[int, ...]
+    dtype: torch.dtype
 
 
 @torch.no_grad()
-def bops(model: nn.Module, run_forward: Callable[[], Any]) -> dict[str, Any]:
-    """BOPs and MACs of one forward pass (``run_forward`` calls the model once), per layer and total."""
-    rows: list[dict[str, Any]] = []
+def op_calls(model: nn.Module, run_forward: Callable[[], Any]) -> list[OpCall]:
+    """The layer and attention calls of one forward pass (``run_forward`` calls ``model`` once), in call order."""
+    calls: list[OpCall] = []
     handles = []
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        kind = layer_kind(module)
+        if kind is not None:
 
-            def layer_hook(m, inputs, output, name=name):
-                macs, w_bits, a_bits = _layer_bops(m, inputs, output)
-                rows.append(
-                    {"name": name, "macs": macs, "bops": macs * w_bits * a_bits, "w_bits": w_bits, "a_bits": a_bits}
-                )
+            def layer_hook(m, inputs, output, name=name, kind=kind):
+                calls.append(OpCall(name, m, kind, (layer_macs(m, output),), inputs[0].dtype))
 
             handles.append(module.register_forward_hook(layer_hook))
         elif isinstance(module, Attention):
 
             def attention_hook(m, args, kwargs, output, name=name):
-                macs, bit_ops = _attention_bops(m, args, kwargs)
-                rows.append(
-                    {"name": f"{name} (matmuls)", "macs": macs, "bops": bit_ops, "w_bits": None, "a_bits": None}
-                )
+                dtype = (args[0] if args else kwargs["hidden_states"]).dtype
+                calls.append(OpCall(name, m, "attention", attention_macs(m, args, kwargs), dtype))
 
             handles.append(module.register_forward_hook(attention_hook, with_kwargs=True))
     try:
@@ -137,4 +151,39 @@ def bops(model: nn.Module, run_forward: Callable[[], Any]) -> dict[str, Any]:
     finally:
         for handle in handles:
             handle.remove()
+    return calls
+
+
+def _layer_bits(module: nn.Module, dtype: torch.dtype) -> tuple[int, int]:
+    """Weight and activation bits of a layer: its quantizers' (simulated), its storage layout's and activation
+    quantizer's (converted; a convolution's first input part stands for all), else the dtypes' widths."""
+    if isinstance(module, (LowBitLinear, LowBitConv2d)):
+        part = module.parts[0] if isinstance(module, LowBitConv2d) else module
+        return LAYOUT_BITS[part.weight.layout], _bits(part.input_quantizer, dtype)
+    quantized = isinstance(module, QUANT_LAYERS)
+    w_bits = _bits(module.weight_quantizer if quantized else None, module.weight.dtype)
+    return w_bits, _bits(module.input_quantizer if quantized else None, dtype)
+
+
+def _attention_bits(module: Attention, dtype: torch.dtype) -> tuple[int, int]:
+    """``b_q · b_k`` and ``b_p · b_v`` of an attention module's two matmuls."""
+    quant = getattr(module, MATMUL_ATTRIBUTE, None)
+    return (
+        _bits(quant and quant.query, dtype) * _bits(quant and quant.key, dtype),
+        _bits(quant and quant.probs, dtype) * _bits(quant and quant.value, dtype),
+    )
+
+
+def bops(model: nn.Module, run_forward: Callable[[], Any]) -> dict[str, Any]:
+    """BOPs and MACs of one forward pass (``run_forward`` calls the model once), per layer and total."""
+    rows: list[dict[str, Any]] = []
+    for call in op_calls(model, run_forward):
+        if call.kind == "attention":
+            (macs_qk, macs_pv), (bits_qk, bits_pv) = call.macs, _attention_bits(call.module, call.dtype)
+            name, macs, w_bits, a_bits = f"{call.name} (matmuls)", macs_qk + macs_pv, None, None
+            bit_ops = bits_qk * macs_qk + bits_pv * macs_pv
+        else:
+            (macs,), (w_bits, a_bits) = call.macs, _layer_bits(call.module, call.dtype)
+            name, bit_ops = call.name, macs * w_bits * a_bits
+        rows.append({"name": name, "macs": macs, "bops": bit_ops, "w_bits": w_bits, "a_bits": a_bits})
     return {"macs": sum(r["macs"] for r in rows), "bops": sum(r["bops"] for r in rows), "layers": rows}
