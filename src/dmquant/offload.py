@@ -7,7 +7,8 @@ the GPU as a whole: with an :class:`Offload`, its parameters and buffers stay in
   block's inputs in reconstruction) :meth:`Offload.running` puts hooks on the model's blocks: each block
   moves to the execution device when it is called and back to host memory when it returns; its inputs
   follow it to the device, and the model's output returns to where its input was (so a sampling loop on
-  the host drives it unchanged);
+  the host drives it unchanged). At most one call's blocks are on the device at a time: the one running
+  and those enclosing it;
 - the unit being reconstructed (its quantizers and AdaRound's rounding with it) and its FP twin stay on
   the execution device while they are optimised, :meth:`Offload.holding`, then go back.
 
@@ -16,7 +17,7 @@ the blocks a diffusers model declares as repeated (``_repeated_blocks``: FLUX's 
 blocks, SD's ``BasicTransformerBlock``), and every Linear / Conv2d layer outside those. Any other module with
 tensors of its own (norms, embeddings, a parameter of the model itself) moves just those. A forward stopped
 inside a block (the capture stops after the block it records) leaves the enclosing block on the device until
-the next call or the end of :meth:`~Offload.running`, which returns every tensor to host memory.
+the model's next call or the end of :meth:`~Offload.running`, which returns every tensor to host memory.
 
 Only the place of the arithmetic changes, never its order or precision: results equal those of the model
 held on the execution device bit for bit (and, with a CPU execution device, those of no offloading at all).
@@ -83,22 +84,36 @@ def moved_modules(model: nn.Module) -> list[tuple[nn.Module, bool]]:
     return found
 
 
-class _OnDeviceWhileCalled(ModelHook):
-    """Moves its module to ``device`` for the call (inputs with it) and back to ``host`` after."""
+#: The modules on the execution device now, by id, with whether they moved whole.
+Loaded = dict[int, tuple[nn.Module, bool]]
 
-    def __init__(self, device: torch.device, host: torch.device, whole: bool, outputs_back: bool):
-        self.device, self.host, self.whole, self.outputs_back = device, host, whole, outputs_back
+
+class _OnDeviceWhileCalled(ModelHook):
+    """Moves its module to ``device`` for the call (inputs with it) and back to ``host`` after.
+
+    The hook of the model itself (``root``) returns the output to the input's device, and first sends back
+    to ``host`` whatever an interrupted call left in ``loaded`` (a forward stopped inside a block skips the
+    enclosing blocks' return), so one call's blocks at most are on the device at any time.
+    """
+
+    def __init__(self, device: torch.device, host: torch.device, whole: bool, root: bool, loaded: Loaded):
+        self.device, self.host, self.whole, self.root, self.loaded = device, host, whole, root, loaded
         self.input_device: torch.device | None = None
 
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        if self.outputs_back:
+        if self.root:
             self.input_device = find_device([args, kwargs])
+            for left, whole in self.loaded.values():
+                _move(left, self.host, whole)
+            self.loaded.clear()
         _move(module, self.device, self.whole)
+        self.loaded[id(module)] = (module, self.whole)
         return send_to_device(args, self.device), send_to_device(kwargs, self.device)
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
         _move(module, self.host, self.whole)
-        if self.outputs_back and self.input_device is not None:
+        self.loaded.pop(id(module), None)
+        if self.root and self.input_device is not None:
             output = send_to_device(output, self.input_device)
         return output
 
@@ -137,11 +152,13 @@ class Offload:
         for model in models:
             self.check_hosted(model)
         hooked: list[tuple[nn.Module, bool, bool]] = []
+        loaded: Loaded = {}
         try:
             for model in models:
                 for module, whole in moved_modules(model):
                     own_forward = "forward" in vars(module)
-                    add_hook_to_module(module, _OnDeviceWhileCalled(self.device, self.host, whole, module is model))
+                    hook = _OnDeviceWhileCalled(self.device, self.host, whole, module is model, loaded)
+                    add_hook_to_module(module, hook)
                     hooked.append((module, whole, own_forward))
             yield
         finally:
