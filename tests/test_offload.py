@@ -1,6 +1,7 @@
 """Offloading (:mod:`dmquant.offload`): the weights wait in host memory and only the running block's are on the
-execution device; quantizing with it gives the model quantizing without it gives, bit for bit; a model elsewhere
-is refused; on a GPU, reconstruction's peak memory stays below the model's weights."""
+execution device; quantizing with it (calibration recording included) gives the model quantizing without it
+gives, bit for bit; a model elsewhere, and recipe parts it does not cover, are refused; on a GPU, reconstruction's
+peak memory stays below the model's weights."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from torch import nn
 import dmquant.offload as offload_module
 from dmquant import api
 from dmquant.calib.record import CalibrationSet
+from dmquant.cli import main
 from dmquant.config import CalibrationConfig, ReconstructionConfig, load_recipe
 from dmquant.core.quantizer import Quantizer
 from dmquant.denoiser import Denoiser
 from dmquant.errors import ConfigError
-from dmquant.jobs import record_for
+from dmquant.jobs import quantize_model, record_for
 from dmquant.offload import Offload, moved_modules
 from dmquant.recon.cache import capture_block_io
 
@@ -143,3 +145,22 @@ def test_offloaded_reconstruction_holds_less_than_the_model_on_the_gpu():
     peak = torch.cuda.max_memory_allocated()
     assert peak < weights, (peak, weights)
     assert _untouched(quantized)
+
+
+def test_an_offloaded_job_records_its_calibration_block_by_block_too(unet):
+    """``quantize_model`` samples the calibration trajectories with the hooks on (the sampling loop on the host,
+    the model's output returned there): the same calibration set and model as without offloading."""
+    config = dataclasses.replace(_config(num_samples=8, iterations=4, activation_iterations=2), calibration=SMALL)
+    resident = quantize_model(unet, config, progress=False)
+    offloaded = quantize_model(unet, config, progress=False, offload="cpu")
+    one, two = resident.denoiser.state_dict(), offloaded.denoiser.state_dict()
+    assert all(torch.equal(one[key], two[key]) for key in one)
+    assert _untouched(offloaded.denoiser) and _untouched(unet.denoiser)
+
+
+def test_what_offloading_does_not_cover_is_refused(unet, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="uses correction .* which offloading does not cover yet"):
+        quantize_model(unet, load_recipe("ptqd"), progress=False, offload="cpu")
+    assert main(["quantize", "tiny-unet", "-o", str(tmp_path / "q"), "--offload", "-q"]) != 0
+    assert "--offload moves the denoiser's blocks to --device: give a GPU" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
@@ -42,6 +42,9 @@ from accelerate.utils import find_device, send_to_device
 from torch import nn
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import QuantConfig
 
 HOST = torch.device("cpu")
 
@@ -198,6 +201,26 @@ def offload_for(request: bool | str | torch.device | None, model: nn.Module) -> 
     offload = Offload(device(request))
     offload.check_hosted(model)
     return offload
+
+
+def refuse_unoffloaded_probes(config: QuantConfig) -> None:
+    """Raise :class:`~dmquant.errors.ConfigError` for a recipe whose job also samples with the model besides
+    calibrating and reconstructing it: an offloaded job covers those two only, and would run the rest with
+    every weight in host memory, on the CPU."""
+    probes = {
+        "step_precision without a switch_step (measured by sampling)": (
+            config.step_precision.enabled and config.step_precision.switch_step is None
+        ),
+        "smoothing.most_sensitive (measured by sampling)": config.smoothing.enabled and config.smoothing.most_sensitive,
+        "hybrid (planned by sampling)": config.hybrid.enabled,
+        "correction (PTQD's noise statistics, measured by sampling)": config.correction.enabled,
+    }
+    found = [name for name, used in probes.items() if used]
+    if found:
+        raise ConfigError(
+            f"recipe {config.name!r} uses {', '.join(found)}, which offloading does not cover yet (only calibration "
+            "and reconstruction run block by block): quantize without offloading, or drop those sections"
+        )
 
 
 def running(offload: Offload | None, *models: nn.Module) -> AbstractContextManager[None]:
