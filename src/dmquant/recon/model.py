@@ -224,10 +224,12 @@ def reconstruct_model(
     model.eval()
     data = _calibration_subset(calibration, config)
     device = offload.device if offload is not None else next(model.parameters()).device
-    key = fingerprint(
-        {"reconstruction": asdict(config), "quantizers": [repr(q) for q in activation_quantizers(model)]},
-        [*data.named_tensors().items(), *fp_model.state_dict().items()],
-    )
+    key = ""  # no state directory to match: a large model's weights are not hashed for nothing
+    if state_dir is not None:
+        key = fingerprint(
+            {"reconstruction": asdict(config), "quantizers": [repr(q) for q in activation_quantizers(model)]},
+            [*data.named_tensors().items(), *fp_model.state_dict().items()],
+        )
     state = ReconstructionState(state_dir, key)
     passes = plan_passes(config)
     records: list[UnitRecord] = []
