@@ -142,7 +142,7 @@ def _reconstruct_unit(
             fp_model,
             model,
             unit.name,
-            data.rows(share.rows),
+            data if share.count == 1 else data.rows(share.rows),
             batch_size=capture_batch_size,
             device=device,
             memory_budget_bytes=budget,
