@@ -421,7 +421,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     offload = args.device if args.offload else None
     if (Path(args.model) / "model_index.json").exists():
         if args.offload:
-            raise DmquantError(f"{args.model}: --offload quantizes a model or checkpoint, not a pipeline directory")
+            raise DmquantError(
+                f"{args.model}: --offload quantizes a denoiser (a model directory, a built-in model), "
+                "not a pipeline directory"
+            )
         if num_processes() > 1:
             raise DmquantError(f"{args.model}: a pipeline directory is quantized by one process; launch one")
         return _quantize_pipeline(args, config, prompts)
