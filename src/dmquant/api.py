@@ -27,6 +27,7 @@ from .correct.step import NoiseCorrection
 from .denoiser import Denoiser
 from .errors import CalibrationError, CheckpointError, ConfigError, ModelError
 from .manifest import CODES_PER_BYTE
+from .offload import offload_for, running
 from .precision.smoothquant import input_absmax, smooth, smoothed_layers
 from .recon.cache import calibration_runner
 from .recon.model import reconstruct_model
@@ -65,6 +66,7 @@ def quantize(
     progress: bool = True,
     source: str | None = None,
     state_dir: str | Path | None = None,
+    offload: bool | str | torch.device = False,
 ) -> nn.Module:
     """Quantize ``model`` after training.
 
@@ -77,17 +79,22 @@ def quantize(
     activation ranges on the calibration data, then — if ``config.reconstruction.enabled`` — block reconstruction
     (:func:`dmquant.recon.model.reconstruct_model`; with ``state_dir`` a killed run resumes
     from the last finished block when called again with the same arguments).
+    ``offload`` (``True``: this process's GPU; or a device) keeps the weights of a ``model`` given on the
+    CPU in host memory and runs one block at a time on that device (:mod:`dmquant.offload`): for models
+    larger than the GPU; the same result, the quantized model returned on the CPU.
     Returns the quantized model (a copy unless ``inplace``), with ``model.dmquant_info``.
     """
     if isinstance(config, (str, Path)):
         config = load_recipe(config)
     refuse_unfused_adapters(model, "quantizing it")
+    place = offload_for(offload, model)
     if not isinstance(calibration, CalibrationSet):
         if not callable(calibration):
             raise CalibrationError(
                 f"calibration: expected a CalibrationSet or a forward_loop(model), got {type(calibration).__name__}"
             )
-        calibration = record_forward_loop(model, calibration)
+        with running(place, model):
+            calibration = record_forward_loop(model, calibration)
     elif len(calibration) > 0:  # a recorded forward loop holds what the model itself was fed: it fits
         calibration.check_fits(Denoiser(model))
     if len(calibration) == 0:
@@ -100,7 +107,7 @@ def quantize(
     if config.split_shortcut:
         denoiser = Denoiser(model)
         x, t, cond, _ = next(calibration.to(denoiser.device).batches(min(batch_size, 2)))
-        with torch.no_grad():
+        with torch.no_grad(), running(place, model):
             splits = find_shortcut_splits(model, lambda: denoiser(x, t, cond))
     num_steps = calibration.num_inference_steps if config.per_step_activations else 1
     report = attach_quantizers(model, config, splits=splits, num_steps=num_steps)
@@ -108,11 +115,17 @@ def quantize(
         raise ModelError(f"{type(model).__name__} has no Linear, Conv2d or attention layer left to quantize")
     name_quantizers(model)
     if config.smoothing.enabled:
-        _smooth(model, config, calibration, batch_size)
+        with running(place, model):
+            _smooth(model, config, calibration, batch_size)
     calibrate_weights(model, progress=progress)
+
+    def calibrate() -> None:
+        with running(place, model):
+            calibrate_activations(model, calibration, batch_size=batch_size, progress=progress)
+
     # Q-Diffusion's order estimates activation ranges only once the weights are reconstructed
     if fp_model is None or config.reconstruction.activation_scales != "after":
-        calibrate_activations(model, calibration, batch_size=batch_size, progress=progress)
+        calibrate()
     extra: dict[str, Any] = {}
     if fp_model is not None:
         records = reconstruct_model(
@@ -120,10 +133,11 @@ def quantize(
             model,
             calibration,
             config.reconstruction,
-            recalibrate=lambda: calibrate_activations(model, calibration, batch_size=batch_size, progress=progress),
+            recalibrate=calibrate,
             state_dir=state_dir,
             capture_batch_size=batch_size,
             progress=progress,
+            offload=place,
         )
         extra["reconstruction"] = [asdict(record) for record in records]
     mark_quantized(model, QuantizationInfo(config, report, splits, num_steps, source=source, extra=extra))

@@ -150,7 +150,7 @@ def _prepared(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel
     if converting:
         model = model.with_denoiser(convert_model(model.denoiser, inplace=True))
         print(getattr(model.denoiser, REPORT_ATTRIBUTE).summary())
-    model = model.to(args.device)
+    model = model.to("cpu" if getattr(args, "offload", False) else args.device)  # offloaded: run on --device
     if converting:
         _choose_kernel_paths(model, args)
     scheduler = getattr(args, "scheduler", None)
@@ -416,20 +416,30 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     config = _recipe(args)
     prompts = _calibration_prompts(args)
+    if args.offload and args.device == "cpu":
+        raise DmquantError("--offload moves the denoiser's blocks to --device: give a GPU, e.g. --device cuda")
+    offload = args.device if args.offload else None
     if (Path(args.model) / "model_index.json").exists():
+        if args.offload:
+            raise DmquantError(
+                f"{args.model}: --offload quantizes a denoiser (a model directory, a built-in model), "
+                "not a pipeline directory"
+            )
         if num_processes() > 1:
             raise DmquantError(f"{args.model}: a pipeline directory is quantized by one process; launch one")
         return _quantize_pipeline(args, config, prompts)
     model = _prepared(open_model(args.model), args).with_defaults(prompts=prompts, labels=args.labels)
     if not is_main_process():  # records its share of the calibration trajectories; the main process saves
-        quantize_model(model, config, progress=False)
+        quantize_model(model, config, progress=False, offload=offload)
         return 0
     output = check_target(args.output, overwrite=args.overwrite)
     with output_lock(output):  # held until saved: a second run on OUT fails now, not after calibrating
-        return _quantize_and_save(model, config, output, args)
+        return _quantize_and_save(model, config, output, args, offload)
 
 
-def _quantize_and_save(model: DiffusionModel, config: QuantConfig, output: Path, args: argparse.Namespace) -> int:
+def _quantize_and_save(
+    model: DiffusionModel, config: QuantConfig, output: Path, args: argparse.Namespace, offload: str | None
+) -> int:
     """Calibrate, quantize (resuming a reconstruction from its saved progress) and save to ``output``."""
     from .api import info, save
     from .jobs import quantize_model
@@ -441,7 +451,7 @@ def _quantize_and_save(model: DiffusionModel, config: QuantConfig, output: Path,
     state_dir = _reconstruction_state(config, output, args)
     started = time.perf_counter()
     try:
-        quantized = quantize_model(model, config, progress=not args.quiet, state_dir=state_dir)
+        quantized = quantize_model(model, config, progress=not args.quiet, state_dir=state_dir, offload=offload)
     except KeyboardInterrupt:
         if config.reconstruction.enabled and state_dir.exists():
             print(f"the finished blocks are kept in {state_dir}: rerun the same command to resume", file=sys.stderr)
@@ -879,9 +889,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_reconstruction_options(p)
     p.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep the denoiser's weights in host memory and move one block at a time to --device while "
+        "calibrating and reconstructing: for a denoiser larger than the GPU (FLUX's 12 B parameters on one 80 GB "
+        "GPU), or one that leaves no room for reconstruction's caches. The same result, slower (every model call "
+        "copies each block to the GPU and back); needs a GPU --device and at least the denoiser's size twice in "
+        "host memory (the FP copy reconstruction compares against). A model that fits the GPU runs faster without",
+    )
+    p.add_argument(
         "--scheduler", choices=sorted(SCHEDULER_NAMES), help="sampler for calibration instead of the model's own"
     )
-    _add_processes_option(p, "each recording a share of the calibration batches (the rest runs on each)")
+    _add_processes_option(
+        p, "each recording a share of the calibration batches and reconstructing on a share of the samples"
+    )
 
     p = _command(
         commands,

@@ -23,6 +23,7 @@ from .eval.cost import model_size
 from .eval.images import psnr, ssim, to_unit_range
 from .eval.noise import noise_estimate_error
 from .models import DiffusionModel, from_pipeline, load_model
+from .offload import offload_for, refuse_unoffloaded_probes, running
 from .precision.hybrid import plan_hybrid, promotion_rules
 from .precision.sqnr import analyze_sensitivity
 from .precision.step_schedule import choose_switch_step, trajectory_bops
@@ -89,7 +90,12 @@ def most_sensitive_modules(
 
 
 def quantize_model(
-    model: DiffusionModel, config: QuantConfig, *, progress: bool = True, state_dir: str | Path | None = None
+    model: DiffusionModel,
+    config: QuantConfig,
+    *,
+    progress: bool = True,
+    state_dir: str | Path | None = None,
+    offload: str | None = None,
 ) -> DiffusionModel:
     """Calibrate on ``model``'s trajectories and quantize its denoiser; returns the quantized bundle.
 
@@ -97,10 +103,15 @@ def quantize_model(
     step-aware precision schedule without a switch step gets one from
     :func:`choose_precision_switch` first (saved in the checkpoint's recipe); hybrid precision
     first plans its promotions (:func:`dmquant.precision.hybrid.plan_hybrid`), added to the
-    recipe's rules and kept in the model's info.
+    recipe's rules and kept in the model's info. ``offload`` (an execution device) keeps the denoiser's
+    weights in host memory while calibration is recorded and the model quantized (:mod:`dmquant.offload`).
     """
     started = time.perf_counter()
-    calibration = record_for(model, config.calibration, progress=progress)
+    place = offload_for(offload, model.denoiser)
+    if place is not None:
+        refuse_unoffloaded_probes(config)
+    with running(place, model.denoiser):
+        calibration = record_for(model, config.calibration, progress=progress)
     schedule = config.step_precision
     if schedule.enabled and schedule.switch_step is None:
         switch = choose_precision_switch(model, config, calibration)
@@ -133,6 +144,7 @@ def quantize_model(
         progress=progress,
         source=model.source or model.name,
         state_dir=state_dir,
+        offload=offload or False,
     )
     if config.correction.enabled:  # on the estimate sampling uses: at the model's own guidance scale
         guidance = model.guidance_scale

@@ -32,6 +32,7 @@ from .adaround import AdaRoundWeights, BetaSchedule, reconstruction_loss
 from .cache import block_output
 from .graphed import ReplayedIteration, graphs_available
 from .objectives import InnerLayerLoss
+from .parallel import SampleShare
 from .qdrop import dropped_activations
 
 #: ``sample(indices) -> (args, kwargs, target)`` for the unit's forward.
@@ -76,13 +77,14 @@ def _channel_dim(output: Tensor) -> int:
 
 
 @torch.no_grad()
-def _output_mse(unit: nn.Module, sample: Sampler, count: int, chunk: int) -> float:
+def _output_mse(unit: nn.Module, sample: Sampler, share: SampleShare, chunk: int) -> float:
     total, elements = 0.0, 0
-    for start in range(0, count, chunk):
-        args, kwargs, target = sample(torch.arange(start, min(start + chunk, count)))
+    for start in range(0, len(share), chunk):
+        args, kwargs, target = sample(torch.arange(start, min(start + chunk, len(share))))
         output = block_output(unit(*args, **kwargs)).float()
         total += float((output - target.float()).pow(2).sum())
         elements += output.numel()
+    total, elements = share.sum([total, elements])
     return total / elements
 
 
@@ -124,6 +126,7 @@ def reconstruct(
     inner_loss: InnerLayerLoss | None = None,
     generator: torch.Generator | None = None,
     cuda_graph: bool = True,
+    share: SampleShare | None = None,
     progress: bool = True,
     desc: str = "reconstruct",
 ) -> ReconstructionResult:
@@ -153,9 +156,16 @@ def reconstruct(
     On a CUDA device with ``cuda_graph`` the iteration is captured once and replayed
     (:class:`~dmquant.recon.graphed.ReplayedIteration`): the same computation with a fraction of
     the host's launch work, which bounds small models; ``False`` runs it eagerly.
+
+    ``share`` spreads the ``count`` samples over the processes of a launch (data-parallel,
+    :mod:`dmquant.recon.parallel`): ``sample`` and ``train_sample`` then take positions in this
+    process's share, and the gradients are summed over the processes before each step.
     """
     if count < 1:
         raise ValueError("reconstruction needs at least one sample")
+    share = share if share is not None else SampleShare(count)
+    if share.total != count:
+        raise ValueError(f"the share is of {share.total} samples, the unit has {count}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if not (learn_rounding or learn_activation_scales):
@@ -171,9 +181,9 @@ def reconstruct(
     scaled = [q for q in activation_quantizers(unit) if q.calibrated] if learn_activation_scales else []
     if learn_activation_scales and not scaled:
         raise ConfigError(f"{type(unit).__name__} has no calibrated activation quantizer whose step size to learn")
-    initial_mse = _output_mse(unit, sample, count, chunk)
+    initial_mse = _output_mse(unit, sample, share, chunk)
     own = [(p, p.requires_grad) for p in unit.parameters()]  # before the step sizes become parameters
-    graphed = cuda_graph and graphs_available(device)
+    graphed = cuda_graph and graphs_available(device) and share.count == 1  # shares vary in size
     optimizers: list[torch.optim.Optimizer] = []
     if roundings:
         logits = [p for r in roundings for p in r.parameters()]
@@ -183,16 +193,26 @@ def reconstruct(
         scale_rate = torch.tensor(activation_learning_rate, device=device) if graphed else activation_learning_rate
         optimizers.append(torch.optim.Adam(scales, lr=scale_rate, capturable=graphed))
 
-    def step(batch: Batch, beta: Tensor | float, weight: Tensor | float) -> Tensor:
-        args, kwargs, target, fp_inputs = batch
-        with inner_loss.term(*fp_inputs) if inner_loss else nullcontext(lambda: 0.0) as inner_term:
-            output = block_output(unit(*args, **kwargs))
-            loss = reconstruction_loss(output, target, _channel_dim(output)) + inner_term()
+    learned = [p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
+    fraction = 1.0  # of the iteration's batch held by this process (set per iteration below)
+
+    def step(batch: Batch | None, beta: Tensor | float, weight: Tensor | float) -> Tensor:
+        loss = torch.zeros((), device=device)
+        if batch is not None:  # None: this process holds none of the batch's samples
+            args, kwargs, target, fp_inputs = batch
+            with inner_loss.term(*fp_inputs) if inner_loss else nullcontext(lambda: 0.0) as inner_term:
+                output = block_output(unit(*args, **kwargs))
+                loss = reconstruction_loss(output, target, _channel_dim(output)) + inner_term()
+        if share.count > 1:  # this process's part of the batch's mean
+            loss = loss * fraction
         if roundings:  # weight is 0 during the warm-up: the term then adds exact zeros
-            loss = loss + regularizer_scale * weight * sum(rounding.regularizer(beta) for rounding in roundings)
+            regularizer = regularizer_scale * weight * sum(rounding.regularizer(beta) for rounding in roundings)
+            loss = loss + (regularizer / share.count if share.count > 1 else regularizer)
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if loss.requires_grad:
+            loss.backward()
+        share.sum_gradients(learned)
         for optimizer in optimizers:
             optimizer.step()
         with torch.no_grad():
@@ -218,9 +238,9 @@ def reconstruct(
             for t in range(iterations):
                 if scales:
                     _set_learning_rate(optimizers[-1], _cosine_annealed(activation_learning_rate, t, iterations))
-                index = torch.randperm(count, generator=generator)[:batch_size]
+                index, fraction = share.local(torch.randperm(count, generator=generator)[:batch_size])
                 weight = schedule.regularizer_weight(t) if roundings else 0.0
-                loss = iteration(batch(index), schedule.beta(t), weight)
+                loss = iteration(batch(index) if len(index) else None, schedule.beta(t), weight)
                 bar.update()
                 if progress and (t % report_every == 0 or t == iterations - 1):
                     bar.set_postfix(loss=f"{loss.item():.4g}", beta=f"{schedule.beta(t):.3g}")
@@ -236,7 +256,7 @@ def reconstruct(
         changed = sum(fraction * size for fraction, size in counts) / sum(size for _, size in counts)
         for rounding in roundings:
             rounding.harden()
-    final_mse = _output_mse(unit, sample, count, chunk)
+    final_mse = _output_mse(unit, sample, share, chunk)
     return ReconstructionResult(initial_mse, final_mse, changed, len(scaled), iterations)
 
 

@@ -17,7 +17,10 @@ quantized and randomly dropped. :func:`reconstruct_model` runs either as
 3. a unit already finished in the state directory is restored instead, so a killed run resumes.
 
 Each unit's optimisation is seeded from ``seed``, the pass and the unit's index, so a resumed run
-gives the same model as an uninterrupted one.
+gives the same model as an uninterrupted one. With an :class:`~dmquant.offload.Offload` the models'
+weights stay in host memory: the captures run them block by block on the execution device, and the
+unit being reconstructed is held there meanwhile. Under a launch of several processes each captures
+and holds its share of the samples and the gradients are summed over them (:mod:`dmquant.recon.parallel`).
 """
 
 from __future__ import annotations
@@ -36,10 +39,12 @@ from tqdm.auto import tqdm
 from ..calib.record import CalibrationSet
 from ..config import ReconstructionConfig
 from ..core.layers import QUANT_LAYERS, activation_quantizers
+from ..offload import Offload, holding, running
 from .blocks import ReconUnit, reconstruction_units
 from .brecq import reconstruct
 from .cache import calibration_runner, capture_paired_io
 from .objectives import InnerLayerLoss
+from .parallel import SampleShare
 from .qdrop import mix_inputs
 from .state import ReconstructionState, fingerprint
 
@@ -128,11 +133,20 @@ def _reconstruct_unit(
     capture_batch_size: int,
     progress: bool,
     desc: str,
+    offload: Offload | None,
 ) -> dict[str, Any]:
     budget = config.memory_budget_mb * 2**20 // 2  # the FP and the quantized-input cache share it
-    pairs = capture_paired_io(
-        fp_model, model, unit.name, data, batch_size=capture_batch_size, device=device, memory_budget_bytes=budget
-    )
+    share = SampleShare.of_this_process(len(data))
+    with running(offload, fp_model, model):
+        pairs = capture_paired_io(
+            fp_model,
+            model,
+            unit.name,
+            data if share.count == 1 else data.rows(share.rows),
+            batch_size=capture_batch_size,
+            device=device,
+            memory_budget_bytes=budget,
+        )
     mixing = torch.Generator(device=device)
     mixing.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
 
@@ -152,28 +166,30 @@ def _reconstruct_unit(
     inner_loss = None
     if config.inner_loss_weight > 0:
         inner_loss = InnerLayerLoss(unit.module, fp_model.get_submodule(unit.name), fp_inputs, config.inner_loss_weight)
-    result = reconstruct(
-        unit.module,
-        pairs.quantized_batch,
-        len(pairs),
-        train_sample=train_sample if config.drop_probability > 0 else None,
-        inner_loss=inner_loss,
-        iterations=step.iterations,
-        batch_size=config.batch_size,
-        learn_rounding=step.learn_rounding,
-        learn_activation_scales=step.learn_activation_scales,
-        learning_rate=config.learning_rate,
-        activation_learning_rate=config.activation_learning_rate,
-        regularizer_scale=config.regularizer_scale,
-        warmup=config.warmup,
-        beta_start=config.beta_start,
-        beta_end=config.beta_end,
-        drop_probability=config.drop_probability,
-        generator=generator,
-        cuda_graph=config.cuda_graphs,
-        progress=progress,
-        desc=desc,
-    )
+    with holding(offload, unit.module, *([inner_loss.fp_unit] if inner_loss else [])):
+        result = reconstruct(
+            unit.module,
+            pairs.quantized_batch,
+            share.total,
+            train_sample=train_sample if config.drop_probability > 0 else None,
+            inner_loss=inner_loss,
+            iterations=step.iterations,
+            batch_size=config.batch_size,
+            learn_rounding=step.learn_rounding,
+            learn_activation_scales=step.learn_activation_scales,
+            learning_rate=config.learning_rate,
+            activation_learning_rate=config.activation_learning_rate,
+            regularizer_scale=config.regularizer_scale,
+            warmup=config.warmup,
+            beta_start=config.beta_start,
+            beta_end=config.beta_end,
+            drop_probability=config.drop_probability,
+            generator=generator,
+            cuda_graph=config.cuda_graphs,
+            share=share,
+            progress=progress,
+            desc=desc,
+        )
     return asdict(result)
 
 
@@ -187,6 +203,9 @@ def reconstruct_model(
     state_dir: str | Path | None = None,
     capture_batch_size: int = 128,
     progress: bool = True,
+    offload: Offload | None = None,
+    max_units: int | None = None,
+    on_unit: Callable[[UnitRecord], None] | None = None,
 ) -> list[UnitRecord]:
     """Reconstruct every unit of ``model`` (quantizers attached, ranges calibrated) against ``fp_model``.
 
@@ -196,16 +215,21 @@ def reconstruct_model(
     finished unit is saved there and a rerun with the same model, recipe and calibration data
     restores the finished units instead of redoing them; the directory is kept (delete it once
     the quantized model is saved). Block inputs and outputs are captured running the models on
-    ``capture_batch_size`` rows at a time. Returns one record per unit and pass, restored ones included.
+    ``capture_batch_size`` rows at a time. With ``offload`` the models' weights stay in host memory
+    (:mod:`dmquant.offload`). ``max_units`` reconstructs only the first units of each pass (a partial
+    reconstruction, to time a large model); ``on_unit(record)`` is called after each unit. Returns one
+    record per unit and pass, restored ones included.
     """
     fp_model.eval()
     model.eval()
     data = _calibration_subset(calibration, config)
-    device = next(model.parameters()).device
-    key = fingerprint(
-        {"reconstruction": asdict(config), "quantizers": [repr(q) for q in activation_quantizers(model)]},
-        [*data.named_tensors().items(), *fp_model.state_dict().items()],
-    )
+    device = offload.device if offload is not None else next(model.parameters()).device
+    key = ""  # no state directory to match: a large model's weights are not hashed for nothing
+    if state_dir is not None:
+        key = fingerprint(
+            {"reconstruction": asdict(config), "quantizers": [repr(q) for q in activation_quantizers(model)]},
+            [*data.named_tensors().items(), *fp_model.state_dict().items()],
+        )
     state = ReconstructionState(state_dir, key)
     passes = plan_passes(config)
     records: list[UnitRecord] = []
@@ -214,7 +238,9 @@ def reconstruct_model(
             recalibrate()
         with _activations_disabled(model, not step.activations_quantized):
             runner = calibration_runner(model, data.rows(torch.arange(min(len(data), 2))), batch_size=2)
-            units = [unit for unit in reconstruction_units(model, runner) if _has_work(unit.module, step)]
+            with running(offload, model):
+                units = [unit for unit in reconstruction_units(model, runner) if _has_work(unit.module, step)]
+            units = units[:max_units]
             outer = tqdm(units, desc=f"reconstruction ({step.name})", unit="unit", disable=not progress)
             for index, unit in enumerate(outer):
                 unit_id = state.unit_id(step.name, index)
@@ -227,7 +253,18 @@ def reconstruct_model(
                     generator = _unit_generator(config, pass_index, index)
                     desc = f"{unit.name} ({unit.kind})"
                     result = _reconstruct_unit(
-                        fp_model, model, unit, step, data, config, generator, device, capture_batch_size, progress, desc
+                        fp_model,
+                        model,
+                        unit,
+                        step,
+                        data,
+                        config,
+                        generator,
+                        device,
+                        capture_batch_size,
+                        progress,
+                        desc,
+                        offload,
                     )
                     record = {
                         "pass_name": step.name,
@@ -239,6 +276,8 @@ def reconstruct_model(
                     }
                     state.finish(unit_id, unit.module, record)
                 records.append(UnitRecord(**record, restored=restored))
+                if on_unit is not None:
+                    on_unit(records[-1])
                 if progress:
                     outer.set_postfix(unit=unit.name, mse=f"{record['initial_mse']:.3g}->{record['final_mse']:.3g}")
     if config.activation_scales == "after" and not config.activation_iterations:

@@ -1,0 +1,166 @@
+"""Offloading (:mod:`dmquant.offload`): the weights wait in host memory and only the running block's are on the
+execution device; quantizing with it (calibration recording included) gives the model quantizing without it
+gives, bit for bit; a model elsewhere, and recipe parts it does not cover, are refused; on a GPU, reconstruction's
+peak memory stays below the model's weights."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import dmquant.offload as offload_module
+from dmquant import api
+from dmquant.calib.record import CalibrationSet
+from dmquant.cli import main
+from dmquant.config import CalibrationConfig, ReconstructionConfig, load_recipe
+from dmquant.core.quantizer import Quantizer
+from dmquant.denoiser import Denoiser
+from dmquant.errors import ConfigError
+from dmquant.jobs import quantize_model, record_for
+from dmquant.offload import Offload, moved_modules
+from dmquant.recon.cache import capture_block_io
+
+SMALL = CalibrationConfig(num_inference_steps=4, num_trajectories=4, batch_size=4)
+FAST = ReconstructionConfig(enabled=True, num_samples=16, iterations=12, activation_iterations=6, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def calibration(unet):
+    return record_for(unet, SMALL, progress=False)
+
+
+def _config(**reconstruction):
+    return dataclasses.replace(
+        load_recipe("minmax").with_bits(4, 8), reconstruction=dataclasses.replace(FAST, **reconstruction)
+    )
+
+
+def _untouched(model: nn.Module) -> bool:
+    """No hook, no forward attribute left behind, every tensor in host memory."""
+    return not any(hasattr(m, "_hf_hook") or "forward" in vars(m) for m in model.modules()) and all(
+        t.device.type == "cpu" for t in (*model.parameters(), *model.buffers())
+    )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"activation_scales": "after"},
+        {"activation_scales": "jointly", "drop_probability": 0.5, "inner_loss_weight": 0.8},
+    ],
+    ids=["q-diffusion", "qdrop-fbr"],
+)
+def test_offloaded_quantization_is_the_resident_one_bit_for_bit(unet, calibration, options):
+    config = dataclasses.replace(_config(**options), split_shortcut=True)
+    resident = api.quantize(unet.denoiser, config, calibration, progress=False)
+    offloaded = api.quantize(unet.denoiser, config, calibration, progress=False, offload="cpu")
+    one, two = resident.state_dict(), offloaded.state_dict()
+    assert one.keys() == two.keys() and all(torch.equal(one[key], two[key]) for key in one)
+    assert (
+        api.info(offloaded).extra["reconstruction"][0]["final_mse"]
+        == (api.info(resident).extra["reconstruction"][0]["final_mse"])
+    )
+    assert _untouched(offloaded) and _untouched(unet.denoiser)
+
+
+def test_only_the_running_blocks_weights_are_on_the_device(unet, calibration, monkeypatch):
+    """Every quantizer call checks where the parameters are: its own layer's on the execution device, and
+    none outside the outermost moved block around it (the model's own tensors excepted); a capture stopped
+    inside a block leaves nothing behind for the next call."""
+    model = api.quantize(unet.denoiser, load_recipe("minmax").with_bits(4, 8), calibration, progress=False)
+    offload = Offload(torch.device("cpu", 0))  # another device's name for host memory: the moves can be told apart
+    where: dict[int, torch.device] = {}
+    move = offload_module._move
+
+    def recorded_move(module: nn.Module, device: torch.device, whole: bool) -> None:
+        move(module, device, whole)
+        for owner in module.modules() if whole else (module,):
+            where.update({id(p): device for p in owner.parameters(recurse=False)})
+
+    monkeypatch.setattr(offload_module, "_move", recorded_move)
+    names = {id(m): name for name, m in model.named_modules()}
+    whole = [names[id(m)] for m, moved_whole in moved_modules(model) if moved_whole]
+    checked = []
+
+    def check(quantizer: Quantizer, args: tuple) -> None:
+        layer = quantizer.name.rsplit(".", 1)[0]  # the quantized layer or attention the quantizer hangs off
+        block = next(name for name in whole if layer == name or layer.startswith(name + "."))
+        on_device = {name for name, p in model.named_parameters() if where.get(id(p)) == offload.device}
+        assert {name for name, _ in model.get_submodule(layer).named_parameters(prefix=layer)} <= on_device
+        assert all(name.startswith(block + ".") or "." not in name for name in on_device), (layer, on_device)
+        checked.append(layer)
+
+    denoiser = Denoiser(model)
+    x, t, cond, _ = next(calibration.batches(4))
+    expected = denoiser(x, t, cond)
+    handles = [m.register_forward_pre_hook(check) for m in model.modules() if isinstance(m, Quantizer)]
+    try:
+        with offload.running(model):
+            stopped_in = model.get_submodule("mid_block.attentions.0.to_q")
+            capture_block_io(model, stopped_in, lambda: denoiser(x, t, cond))
+            assert any(where[id(p)] == offload.device for p in model.mid_block.attentions[0].parameters())
+            assert torch.equal(denoiser(x, t, cond), expected)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert {"conv_in", "mid_block.attentions.0.to_q", "conv_out"} <= set(checked)
+    assert all(device == offload.host for device in where.values()) and _untouched(model)
+
+
+def test_a_model_not_in_host_memory_is_refused(unet, calibration):
+    meta = copy.deepcopy(unet.denoiser).to("meta")
+    with pytest.raises(ConfigError, match="keeps the UNet2DModel's weights in host memory, but some are on meta"):
+        api.quantize(meta, _config(), calibration, progress=False, offload="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available; name an execution device"):
+            api.quantize(unet.denoiser, _config(), calibration, progress=False, offload=True)
+
+
+@pytest.mark.gpu
+def test_offloaded_reconstruction_holds_less_than_the_model_on_the_gpu():
+    """A DiT of 12 blocks of width 1024 (about 0.9 GB of float32 weights) reconstructed with its weights in host
+    memory: the GPU holds one block, its cached inputs and outputs, and the optimiser's state at a time."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(
+        num_attention_heads=16, attention_head_dim=64, in_channels=4, num_layers=12, sample_size=8, patch_size=2
+    ).eval()
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    rows = 8
+    calibration = CalibrationSet(
+        samples=torch.randn(rows, 4, 8, 8),
+        timesteps=torch.randint(0, 1000, (rows,)),
+        step_indices=torch.zeros(rows, dtype=torch.long),
+        cond={"class_labels": torch.randint(0, 1000, (rows,))},
+        num_inference_steps=1,
+    )
+    config = _config(num_samples=rows, iterations=4, activation_iterations=2, batch_size=4)
+    torch.cuda.reset_peak_memory_stats()
+    quantized = api.quantize(model, config, calibration, inplace=True, progress=False, offload=True)
+    peak = torch.cuda.max_memory_allocated()
+    assert peak < weights, (peak, weights)
+    assert _untouched(quantized)
+
+
+def test_an_offloaded_job_records_its_calibration_block_by_block_too(unet):
+    """``quantize_model`` samples the calibration trajectories with the hooks on (the sampling loop on the host,
+    the model's output returned there): the same calibration set and model as without offloading."""
+    config = dataclasses.replace(_config(num_samples=8, iterations=4, activation_iterations=2), calibration=SMALL)
+    resident = quantize_model(unet, config, progress=False)
+    offloaded = quantize_model(unet, config, progress=False, offload="cpu")
+    one, two = resident.denoiser.state_dict(), offloaded.denoiser.state_dict()
+    assert all(torch.equal(one[key], two[key]) for key in one)
+    assert _untouched(offloaded.denoiser) and _untouched(unet.denoiser)
+
+
+def test_what_offloading_does_not_cover_is_refused(unet, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="uses correction .* which offloading does not cover yet"):
+        quantize_model(unet, load_recipe("ptqd"), progress=False, offload="cpu")
+    assert main(["quantize", "tiny-unet", "-o", str(tmp_path / "q"), "--offload", "-q"]) != 0
+    assert "--offload moves the denoiser's blocks to --device: give a GPU" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
