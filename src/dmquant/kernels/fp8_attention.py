@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -89,13 +90,29 @@ def _head_dim_fits(head_dim: int) -> bool:
     return head_dim % HEAD_DIM_MULTIPLE == 0 and head_dim <= MAX_HEAD_DIM
 
 
-def takes(query: Tensor, key: Tensor, heads: int, attention_mask: Tensor | None) -> bool:
-    """Whether cuDNN's FP8 attention computes this call: ``(batch, tokens, heads·dim)`` CUDA operands on Hopper."""
+def takes(query: Tensor, key: Tensor, heads: int, attention_mask: Tensor | None, attn_scale: float) -> bool:
+    """Whether cuDNN's FP8 attention computes this call: ``(batch, tokens, heads·dim)`` CUDA operands on Hopper, of a
+    shape whose graph cuDNN builds (tried once per shape)."""
     if not (CUDNN_FRONTEND_AVAILABLE and query.is_cuda and attention_mask is None):
         return False
     if query.dim() != 3 or key.shape[-1] != query.shape[-1] or query.shape[-1] % heads:
         return False
-    return torch.cuda.get_device_capability(query.device)[0] == 9 and _head_dim_fits(query.shape[-1] // heads)
+    if torch.cuda.get_device_capability(query.device)[0] != 9 or not _head_dim_fits(query.shape[-1] // heads):
+        return False
+    batch, q_tokens, width = query.shape
+    device = query.device.index if query.device.index is not None else torch.cuda.current_device()
+    return _builds(batch, heads, q_tokens, key.shape[1], width // heads, attn_scale, device)
+
+
+@torch._dynamo.assume_constant_result  # compiled, answered at trace time: the shape is fixed in the graph
+def _builds(*shape) -> bool:
+    """Whether cuDNN builds the graph of this shape (some shapes have no engine); the refusal is warned once."""
+    try:
+        _graph(*shape)
+    except Exception as error:  # cudnn raises its own error types for unsupported graphs
+        warnings.warn(f"cuDNN's FP8 attention refused {shape[:5]}: {error}; the simulated attention runs", stacklevel=2)
+        return False
+    return True
 
 
 @functools.cache
@@ -209,13 +226,14 @@ class _Fp8Attend:
         attention_mask: Tensor | None,
     ) -> Tensor:
         scales: Fp8AttentionScales = getattr(attn, SCALES_ATTRIBUTE)
-        if not (takes(query, key, attn.heads, attention_mask) and scales.runs_on_kernel):
+        attn_scale = float(softmax_scale(attn))
+        if not (takes(query, key, attn.heads, attention_mask, attn_scale) and scales.runs_on_kernel):
             return super().attend(attn, quant, query, key, value, attention_mask)
         from .triton_gemm import quantize_activations  # Triton: imported where a GPU call needs it
 
         (s_q, _), (s_k, _), (s_v, _), (s_p, _) = (operand.parameters_now() for operand in scales.operands)
         codes = [quantize_activations(x, s, None, "fp8") for x, s in ((query, s_q), (key, s_k), (value, s_v))]
-        out = torch.ops.dmquant.fp8_sdpa(*codes, s_q, s_k, s_v, s_p, attn.heads, float(softmax_scale(attn)))
+        out = torch.ops.dmquant.fp8_sdpa(*codes, s_q, s_k, s_v, s_p, attn.heads, attn_scale)
         return (out.float() * s_v).to(query.dtype)
 
 
