@@ -44,11 +44,11 @@ import torch
 from torch import nn
 
 from dmquant.api import quantize
-from dmquant.calib.record import CalibrationSet
+from dmquant.calib.record import CalibrationSet, record_for
 from dmquant.core.quantizer import set_step
 from dmquant.denoiser import Denoiser
 from dmquant.eval.images import psnr, to_unit_range
-from dmquant.jobs import generate, record_for
+from dmquant.jobs import generate
 from dmquant.kernels.convert import REPORT_ATTRIBUTE
 from dmquant.models import DiffusionModel, load_model
 from dmquant.provenance import environment

@@ -74,18 +74,20 @@ from torch import Tensor, nn
 
 from dmquant import distributed
 from dmquant.api import info, load, measure_noise, sampling_hooks, save
+from dmquant.api import quantize as quantize_model
 from dmquant.atomic import write_atomically
-from dmquant.config import CorrectionConfig, QuantConfig, available_recipes, load_recipe
+from dmquant.calib.record import record_for
+from dmquant.config import CorrectionConfig, QuantConfig, available_recipes, load_recipe, with_overrides
 from dmquant.eval.images import psnr, ssim, to_unit_range
 from dmquant.eval.noise import noise_estimate_error
-from dmquant.jobs import forward_cost, quantize_model, record_for
+from dmquant.jobs import forward_cost
 from dmquant.kernels.convert import REPORT_ATTRIBUTE, convert_model
 from dmquant.models import DiffusionModel, load_model
 from dmquant.provenance import environment
 from dmquant.sampling import Conditioning
-from dmquant.zoo.jobs import sample_requests, shipped_glyphnet
 from dmquant.zoo.quality import ReferenceSet, Requests, held_out_requests
 from dmquant.zoo.reference import ZOO
+from dmquant.zoo_jobs import sample_requests, shipped_glyphnet
 
 sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402  (bench/ is a folder of scripts, not a package)
@@ -344,17 +346,17 @@ def _recipe_config(bench: ModelBench, cell: Cell) -> QuantConfig:
     if cell.method in CALIBRATION_ABLATION:
         name, step = "q-diffusion", NO_RECONSTRUCTION
     config = load_recipe(name).with_bits(weight_bits, activation_bits)
+    overrides: dict[str, Any] = {}
     if cell.method in CALIBRATION_ABLATION:
         source, trajectories = CALIBRATION_ABLATION[cell.method]
-        config.name = cell.method
-        config.calibration = dataclasses.replace(load_recipe(source).calibration, num_trajectories=trajectories)
+        calibration = dataclasses.replace(load_recipe(source).calibration, num_trajectories=trajectories)
+        overrides |= {"name": cell.method, "calibration": dataclasses.asdict(calibration)}
     if step == NO_RECONSTRUCTION:
-        config.reconstruction.enabled = False
+        overrides["reconstruction.enabled"] = False
     elif step is not None:
         correlation, bias, variance = CORRECTION_STEPS[step]
-        config.correction = dataclasses.replace(
-            config.correction, correlation=correlation, bias=bias, variance=variance
-        )
+        overrides |= {"correction.correlation": correlation, "correction.bias": bias, "correction.variance": variance}
+    config = with_overrides(config, overrides)
     return dataclasses.replace(
         config,
         attention=dataclasses.replace(config.attention, enabled=attention, bits=None, softmax_bits=8),
@@ -422,7 +424,7 @@ def run_recipe(bench: ModelBench, cell: Cell) -> dict[str, Any]:
         return quantize_model(bench.model, quantizing, progress=bench.args.progress, state_dir=state_dir).denoiser
 
     quantized, cost = _built_resumably(bench, build, key)
-    info(quantized).config.correction = config.correction
+    info(quantized).config = dataclasses.replace(info(quantized).config, correction=config.correction)
     if config.correction.enabled:
         cost = cost | _noise_statistics(bench, key, quantized, config.correction)
     sampled = convert_model(quantized) if cell.real_kernels else quantized

@@ -25,14 +25,15 @@ from typing import Any
 import torch
 
 from dmquant import api
+from dmquant.calib.record import calibration_runner, record_for
 from dmquant.config import load_recipe
 from dmquant.core.layers import activation_quantizers
-from dmquant.jobs import record_for
 from dmquant.models import REFERENCE_MODELS, load_model
 from dmquant.provenance import environment
 from dmquant.recon.blocks import reconstruction_units
 from dmquant.recon.brecq import reconstruct
-from dmquant.recon.cache import PairedBlockIO, calibration_runner, capture_paired_io
+from dmquant.recon.cache import PairedBlockIO
+from dmquant.recon.capture import capture_paired_io
 
 sys.path.insert(0, str(Path(__file__).parent))
 from quality import docstring_parser, git_commit, write_cell  # noqa: E402

@@ -103,7 +103,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from dmquant.api import info, quantize
 from dmquant.calib.record import CalibrationSet
-from dmquant.config import LayerRule, QuantConfig, load_recipe
+from dmquant.config import LayerRule, QuantConfig, load_recipe, with_overrides
 from dmquant.core.layers import QUANT_LAYERS
 from dmquant.eval.cost import attention_macs, layer_macs
 from dmquant.kernels.convert import REPORT_ATTRIBUTE, convert_model
@@ -838,17 +838,15 @@ def dmquant_config(row: Row, model: nn.Module) -> QuantConfig:
     ``linear_only`` row, a first rule that keeps ``model``'s convolutions in full precision."""
     weight_bits, activation_bits, granularity = row.formats
     config = load_recipe("minmax").with_bits(weight_bits, activation_bits)
-    config.weight = dataclasses.replace(config.weight, granularity=granularity)
-    config.attention = dataclasses.replace(config.attention, enabled=False)
+    rules = config.rules
     if isinstance(weight_bits, str):  # a float format: the recipe's 8-bit first/last layers use it too
-        config.rules = [
-            dataclasses.replace(rule, weight_bits=weight_bits, activation_bits=activation_bits) for rule in config.rules
-        ]
+        rules = [dataclasses.replace(rule, weight_bits=weight_bits, activation_bits=activation_bits) for rule in rules]
     if row.linear_only:
         convolutions = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
         if convolutions:
-            config.rules = [LayerRule("|".join(convolutions), keep_fp=True), *config.rules]
-    return config
+            rules = [LayerRule("|".join(convolutions), keep_fp=True), *rules]
+    rules = [dataclasses.asdict(rule) for rule in rules]
+    return with_overrides(config, {"weight.granularity": granularity, "attention.enabled": False, "rules": rules})
 
 
 def convert_for(row: Row, model: nn.Module, **options) -> nn.Module:

@@ -6,8 +6,9 @@ import contextlib
 import copy
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,21 +16,29 @@ import diffusers
 import torch
 from torch import nn
 
-from . import __version__
-from .calib.record import CalibrationSet, record_forward_loop
-from .calibrate import calibrate_activations, calibrate_weights, name_quantizers
+from . import __version__, passes
+from .calib.record import CalibrationSet, record_for, record_forward_loop
 from .checkpoint import CONFIG_FILE, MANIFEST_FILE, read_checkpoint, restore_weights, state_for_saving, write_checkpoint
-from .config import CorrectionConfig, QuantConfig, load_recipe
-from .core.attach import QuantReport, attach_quantizers, find_shortcut_splits
+from .config import (
+    CorrectionConfig,
+    HybridConfig,
+    QuantConfig,
+    ReconstructionConfig,
+    SmoothingConfig,
+    StepPrecisionConfig,
+    load_recipe,
+)
+from .core.attach import QuantReport
 from .core.quantizer import STEPS_DRIVEN, Quantizer, quantizers, set_step
 from .correct.statistics import NoiseStatistics, collect_noise_statistics
 from .correct.step import NoiseCorrection
 from .denoiser import Denoiser
 from .errors import CalibrationError, CheckpointError, ConfigError, ModelError
 from .manifest import CODES_PER_BYTE
-from .precision.smoothquant import input_absmax, smooth, smoothed_layers
-from .recon.cache import calibration_runner
-from .recon.model import reconstruct_model
+from .models import DiffusionModel
+from .passes import Attached, attach_recorded
+from .precision.hybrid import plan_hybrid, promotion_rules
+from .precision.planning import plan_smoothed_layers, plan_switch_step
 from .sampling import Conditioning, StepContext, StepHook
 
 INFO_ATTRIBUTE = "dmquant_info"
@@ -56,78 +65,256 @@ def info(model: nn.Module) -> QuantizationInfo:
 
 
 def quantize(
-    model: nn.Module,
+    model: nn.Module | DiffusionModel,
     config: QuantConfig | str | Path,
-    calibration: CalibrationSet | Callable[[nn.Module], Any],
+    calibration: CalibrationSet | Callable[[nn.Module], Any] | None = None,
     *,
     inplace: bool = False,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     progress: bool = True,
     source: str | None = None,
     state_dir: str | Path | None = None,
-) -> nn.Module:
-    """Quantize ``model`` after training.
+) -> nn.Module | DiffusionModel:
+    """Quantize ``model`` after training: the one interpreter of a recipe.
 
-    ``config`` is a :class:`~dmquant.config.QuantConfig` or a recipe name/path; ``calibration``
+    ``model`` is a denoiser (``nn.Module``) or a :class:`~dmquant.models.DiffusionModel` (a denoiser with its
+    sampler and conditioning, as :func:`dmquant.models.load_model` gives), which is returned with its denoiser
+    quantized. ``config`` is a :class:`~dmquant.config.QuantConfig` or a recipe name/path; ``calibration``
     holds (x_t, t, conditioning) recorded from the FP model's own trajectories (see
     :func:`dmquant.calib.record_calibration`), or is a ``forward_loop(model)`` that runs the model on
     representative inputs — e.g. ``lambda unet: pipe(prompts, num_inference_steps=20)`` with ``pipe.unet``
-    being ``model`` — whose calls are recorded (:func:`dmquant.calib.record.record_forward_loop`).
-    Steps: find split shortcuts, attach quantizers (rules decide per layer), set weight ranges, then
-    activation ranges on the calibration data, then — if ``config.reconstruction.enabled`` — block reconstruction
-    (:func:`dmquant.recon.model.reconstruct_model`; with ``state_dir`` a killed run resumes
-    from the last finished block when called again with the same arguments).
+    being ``model`` — whose calls are recorded (:func:`dmquant.calib.record.record_forward_loop`); left out, a
+    DiffusionModel's own trajectories are recorded as ``config.calibration`` says.
+
+    The passes of :data:`PASSES` then run in order, each when its config section asks for it: plan (the
+    switch step of a bit schedule, the most sensitive layers to smooth, hybrid precision's promotions —
+    these sample with the model, so they need a DiffusionModel), attach quantizers, smooth, set ranges,
+    reconstruct (with ``state_dir`` a killed run resumes from the last finished block when called again
+    with the same arguments), measure PTQD's noise statistics (a bare denoiser's are measured by
+    :func:`measure_noise`). ``batch_size`` rows run per forward pass while calibrating (default: the
+    recipe's ``calibration.batch_size`` for a DiffusionModel, else 32).
     Returns the quantized model (a copy unless ``inplace``), with ``model.dmquant_info``.
     """
+    started = time.perf_counter()
     if isinstance(config, (str, Path)):
         config = load_recipe(config)
-    refuse_unfused_adapters(model, "quantizing it")
-    if not isinstance(calibration, CalibrationSet):
+    bundle = model if isinstance(model, DiffusionModel) else None
+    denoiser = bundle.denoiser if bundle is not None else model
+    planned = [p.asks for p in wanted_passes(config) if p.samples and not p.deferrable]
+    if bundle is None and planned:
+        raise ConfigError(
+            f"recipe {config.name!r} uses {planned}, which sample with the model: "
+            f"pass a DiffusionModel (dmquant.models.load_model), not a {type(denoiser).__name__} alone"
+        )
+    refuse_unfused_adapters(denoiser, "quantizing it")
+    if calibration is None:
+        if bundle is None:
+            raise CalibrationError("calibration: a denoiser alone needs a CalibrationSet or a forward_loop(model)")
+        calibration = record_for(bundle, config.calibration, progress=progress)
+    elif not isinstance(calibration, CalibrationSet):
         if not callable(calibration):
             raise CalibrationError(
                 f"calibration: expected a CalibrationSet or a forward_loop(model), got {type(calibration).__name__}"
             )
-        calibration = record_forward_loop(model, calibration)
+        calibration = record_forward_loop(denoiser, calibration)
     elif len(calibration) > 0:  # a recorded forward loop holds what the model itself was fed: it fits
-        calibration.check_fits(Denoiser(model))
+        calibration.check_fits(Denoiser(denoiser))
     if len(calibration) == 0:
         raise CalibrationError("the calibration set is empty: record at least one sample")
-    fp_model = copy.deepcopy(model).eval() if config.reconstruction.enabled else None
-    if not inplace:
-        model = copy.deepcopy(model)
-    model.eval()
-    splits: dict[str, int] = {}
-    if config.split_shortcut:
-        denoiser = Denoiser(model)
-        x, t, cond, _ = next(calibration.to(denoiser.device).batches(min(batch_size, 2)))
-        with torch.no_grad():
-            splits = find_shortcut_splits(model, lambda: denoiser(x, t, cond))
-    num_steps = calibration.num_inference_steps if config.per_step_activations else 1
-    report = attach_quantizers(model, config, splits=splits, num_steps=num_steps)
-    if report.num_quantized == 0:
-        raise ModelError(f"{type(model).__name__} has no Linear, Conv2d or attention layer left to quantize")
-    name_quantizers(model)
-    if config.smoothing.enabled:
-        _smooth(model, config, calibration, batch_size)
-    calibrate_weights(model, progress=progress)
-    # Q-Diffusion's order estimates activation ranges only once the weights are reconstructed
-    if fp_model is None or config.reconstruction.activation_scales != "after":
-        calibrate_activations(model, calibration, batch_size=batch_size, progress=progress)
-    extra: dict[str, Any] = {}
-    if fp_model is not None:
-        records = reconstruct_model(
-            fp_model,
-            model,
-            calibration,
-            config.reconstruction,
-            recalibrate=lambda: calibrate_activations(model, calibration, batch_size=batch_size, progress=progress),
-            state_dir=state_dir,
-            capture_batch_size=batch_size,
-            progress=progress,
-        )
-        extra["reconstruction"] = [asdict(record) for record in records]
-    mark_quantized(model, QuantizationInfo(config, report, splits, num_steps, source=source, extra=extra))
-    return model
+    if batch_size is None:
+        batch_size = config.calibration.batch_size if bundle is not None else 32
+    if bundle is not None and source is None:
+        source = bundle.source or bundle.name
+    copy_fp = config.reconstruction.enabled or (inplace and config.correction.enabled)
+    run = QuantizationRun(
+        fp_model=copy.deepcopy(denoiser).eval() if copy_fp else denoiser,
+        model=(denoiser if inplace else copy.deepcopy(denoiser)).eval(),
+        sampler=bundle,
+        config=config,
+        calibration=calibration,
+        batch_size=batch_size,
+        progress=progress,
+        state_dir=state_dir,
+    )
+    for quantization_pass in PASSES:  # planners may change the recipe: each pass reads it when its turn comes
+        if quantization_pass.wanted(run.config):
+            quantization_pass.run(run)
+    run.extra.update(
+        {"calibration_samples": len(calibration), "calibration_seconds": round(time.perf_counter() - started, 2)}
+    )
+    attached = run.attached
+    quant = QuantizationInfo(run.config, attached.report, attached.splits, attached.num_steps, source, run.extra)
+    mark_quantized(run.model, quant)
+    return bundle.with_denoiser(run.model) if bundle is not None else run.model
+
+
+@dataclass
+class QuantizationRun:
+    """What the passes of one :func:`quantize` call share: the model being quantized (and an FP copy where
+    reconstruction needs one), the recipe (planners fill in what it left open), the calibration data, the
+    sampling model planners and the noise measurement sample with, and what is kept in ``dmquant_info``."""
+
+    fp_model: nn.Module
+    model: nn.Module
+    sampler: DiffusionModel | None
+    config: QuantConfig
+    calibration: CalibrationSet
+    batch_size: int
+    progress: bool
+    state_dir: str | Path | None
+    attached: Attached | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class QuantizationPass:
+    """One step of :func:`quantize`, registered for the config section whose settings ask for it.
+
+    ``asks`` names those settings (for messages); ``samples``: it samples with the model, so it needs a
+    DiffusionModel; ``deferrable``: for a denoiser given alone it is left to a public function instead.
+    """
+
+    name: str
+    section: type
+    asks: str
+    wants: Callable[[Any], bool]
+    run: Callable[[QuantizationRun], None]
+    samples: bool = False
+    deferrable: bool = False
+
+    def wanted(self, config: QuantConfig) -> bool:
+        return self.wants(_section(config, self.section))
+
+
+def _section(config: QuantConfig, section: type) -> Any:
+    """The part of ``config`` of type ``section`` (the recipe itself for :class:`QuantConfig`)."""
+    if isinstance(config, section):
+        return config
+    return next(getattr(config, f.name) for f in fields(config) if isinstance(getattr(config, f.name), section))
+
+
+#: The passes of a recipe, in the order :func:`quantize` runs them (see :func:`quantization_pass`).
+PASSES: list[QuantizationPass] = []
+
+
+def quantization_pass(
+    section: type,
+    asks: str,
+    *,
+    when: Callable[[Any], bool] = lambda section: section.enabled,
+    samples: bool = False,
+    deferrable: bool = False,
+) -> Callable[[Callable[[QuantizationRun], None]], Callable[[QuantizationRun], None]]:
+    """Register the decorated function as the next pass of :func:`quantize`, run when ``when`` holds for the
+    recipe's ``section`` (its ``enabled`` by default); see :class:`QuantizationPass` for the rest."""
+
+    def register(run: Callable[[QuantizationRun], None]) -> Callable[[QuantizationRun], None]:
+        PASSES.append(QuantizationPass(run.__name__, section, asks, when, run, samples, deferrable))
+        return run
+
+    return register
+
+
+def wanted_passes(config: QuantConfig) -> list[QuantizationPass]:
+    """The passes ``config`` asks for, in order (planners may add to them as they fill the recipe in)."""
+    return [p for p in PASSES if p.wanted(config)]
+
+
+@quantization_pass(
+    StepPrecisionConfig, "step_precision", when=lambda s: s.enabled and s.switch_step is None, samples=True
+)
+def plan_switch(run: QuantizationRun) -> None:
+    """PTQD's switch step of a bit schedule left open (:func:`dmquant.precision.planning.plan_switch_step`)."""
+    schedule = run.config.step_precision
+    switch = plan_switch_step(run.sampler, run.config, run.calibration, batch_size=run.batch_size)
+    run.config = replace(run.config, step_precision=replace(schedule, switch_step=switch))
+
+
+@quantization_pass(
+    SmoothingConfig, "smoothing.most_sensitive", when=lambda s: s.enabled and s.most_sensitive > 0, samples=True
+)
+def plan_smoothing(run: QuantizationRun) -> None:
+    """The most sensitive layers join the smoothed ones (:func:`dmquant.precision.planning.plan_smoothed_layers`)."""
+    smoothing = run.config.smoothing
+    flagged = plan_smoothed_layers(
+        run.sampler, run.config, run.calibration, batch_size=run.batch_size, progress=run.progress
+    )
+    patterns = [*smoothing.patterns, *flagged]
+    run.config = replace(run.config, smoothing=replace(smoothing, patterns=patterns, most_sensitive=0))
+
+
+@quantization_pass(HybridConfig, "hybrid", samples=True)
+def plan_promotions(run: QuantizationRun) -> None:
+    """Hybrid precision's promoted blocks (:func:`dmquant.precision.hybrid.plan_hybrid`), added as rules."""
+    hybrid, sampler = run.config.hybrid, run.sampler
+    plan = plan_hybrid(
+        sampler.denoiser,
+        run.config,
+        run.calibration,
+        sampler.scheduler,
+        sampler.make_conditioning(hybrid.num_samples, guidance_scale=sampler.guidance_scale),
+        seed=run.config.calibration.seed,
+        batch_size=run.batch_size,
+        progress=run.progress,
+    )
+    rules = promotion_rules(plan["promoted"], hybrid.weight_bits, hybrid.activation_bits)
+    run.config = replace(run.config, rules=[*run.config.rules, *rules])
+    run.extra["hybrid"] = plan
+
+
+@quantization_pass(QuantConfig, "rules", when=lambda config: True)
+def attach(run: QuantizationRun) -> None:
+    """Quantizers attached by the recipe's rules (:func:`dmquant.passes.attach`)."""
+    run.attached = passes.attach(run.model, run.config, run.calibration, batch_size=run.batch_size)
+
+
+@quantization_pass(SmoothingConfig, "smoothing")
+def smooth(run: QuantizationRun) -> None:
+    """SmoothQuant's scales on the chosen layers (:func:`dmquant.passes.smooth`)."""
+    passes.smooth(run.model, run.config, run.calibration, batch_size=run.batch_size)
+
+
+@quantization_pass(QuantConfig, "weight, activation", when=lambda config: True)
+def ranges(run: QuantizationRun) -> None:
+    """Weight and activation ranges (:func:`dmquant.passes.calibrate_ranges`)."""
+    passes.calibrate_ranges(run.model, run.config, run.calibration, batch_size=run.batch_size, progress=run.progress)
+
+
+@quantization_pass(ReconstructionConfig, "reconstruction")
+def reconstruct(run: QuantizationRun) -> None:
+    """Block reconstruction (:func:`dmquant.passes.reconstruct`), its records kept in the info."""
+    records = passes.reconstruct(
+        run.fp_model,
+        run.model,
+        run.config,
+        run.calibration,
+        batch_size=run.batch_size,
+        progress=run.progress,
+        state_dir=run.state_dir,
+    )
+    run.extra["reconstruction"] = [asdict(record) for record in records]
+
+
+@quantization_pass(CorrectionConfig, "correction", samples=True, deferrable=True)
+def measure_correction(run: QuantizationRun) -> None:
+    """PTQD's noise statistics, on the noise estimate sampling uses: at the model's own guidance scale.
+    A denoiser given alone has no sampler: its statistics are measured by :func:`measure_noise`."""
+    sampler = run.sampler
+    if sampler is None:
+        return
+    guidance = sampler.guidance_scale
+    per_step = run.config.step_precision.enabled or run.attached.num_steps > 1
+    selectors = [_step_selector(run.config, run.attached.num_steps, run.model)] if per_step else []
+    statistics = _noise_statistics(
+        run.model,
+        run.fp_model,
+        sampler.scheduler,
+        lambda n: sampler.make_conditioning(n, guidance_scale=guidance),
+        run.config.correction,
+        selectors,
+        progress=run.progress,
+    )
+    run.extra[NOISE_STATISTICS] = statistics.to_json()
 
 
 def mark_quantized(model: nn.Module, quant: QuantizationInfo) -> None:
@@ -203,16 +390,6 @@ def _refuse_save_pretrained(*args: Any, **kwargs: Any) -> None:
     )
 
 
-def _smooth(model: nn.Module, config: QuantConfig, calibration: CalibrationSet, batch_size: int) -> None:
-    """SmoothQuant on the layers ``config.smoothing.patterns`` select, from their FP input ranges."""
-    layers = smoothed_layers(model, config.smoothing.patterns)
-    if not layers:
-        raise ModelError(f"smoothing.patterns {config.smoothing.patterns} match no quantized layer")
-    ranges = input_absmax(model, layers, calibration_runner(model, calibration, batch_size=batch_size))
-    for name, layer in layers.items():
-        smooth(layer, ranges[name], config.smoothing.alpha)
-
-
 class StepSelector(StepHook):
     """Selects each sampling step's activation parameters (per-step ranges, or a step-aware bit schedule).
 
@@ -256,15 +433,20 @@ def required_steps(model: nn.Module) -> int | None:
 
 
 def _range_hooks(model: nn.Module) -> list[StepHook]:
-    """A :class:`StepSelector` for a model with per-step parts, checking the trajectory length that a bit
-    schedule or per-step ranges were made for (noise statistics check their own)."""
+    """A :class:`StepSelector` for a quantized model with per-step parts (see :func:`_step_selector`)."""
     if required_steps(model) is None:
         return []
     quant = info(model)
-    schedule = quant.config.step_precision
+    return [_step_selector(quant.config, quant.num_steps, model)]
+
+
+def _step_selector(config: QuantConfig, num_steps: int, model: nn.Module) -> StepSelector:
+    """A :class:`StepSelector` checking the trajectory length that a bit schedule or per-step ranges were made
+    for (noise statistics check their own)."""
+    schedule = config.step_precision
     if schedule.enabled:
-        return [StepSelector(model, schedule.num_inference_steps)]
-    return [StepSelector(model, quant.num_steps if quant.num_steps > 1 else None)]
+        return StepSelector(model, schedule.num_inference_steps)
+    return StepSelector(model, num_steps if num_steps > 1 else None)
 
 
 def sampling_hooks(model: nn.Module) -> list[StepHook]:
@@ -309,11 +491,29 @@ def measure_noise(
     ``config.num_inference_steps``), ``conditioning(n)`` the conditioning of ``n`` samples with
     the guidance scale of sampling. ``config`` defaults to the recipe's ``correction`` section.
     The statistics are saved with the model by :func:`save`, and :func:`sampling_hooks` corrects
-    with them.
+    with them. :func:`quantize` of a DiffusionModel measures them itself.
     """
     quant = info(model)
     config = config or quant.config.correction
-    statistics = collect_noise_statistics(
+    statistics = _noise_statistics(
+        model, fp_model, scheduler, conditioning, config, _range_hooks(model), progress=progress
+    )
+    quant.extra[NOISE_STATISTICS] = statistics.to_json()
+    return statistics
+
+
+def _noise_statistics(
+    model: nn.Module,
+    fp_model: nn.Module,
+    scheduler: Any,
+    conditioning: Callable[[int], Conditioning],
+    config: CorrectionConfig,
+    hooks: list[StepHook],
+    *,
+    progress: bool,
+) -> NoiseStatistics:
+    """PTQD's statistics of ``model`` against ``fp_model`` along the trajectories ``config`` asks for."""
+    return collect_noise_statistics(
         fp_model,
         model,
         scheduler,
@@ -322,11 +522,9 @@ def measure_noise(
         conditioning=conditioning,
         batch_size=config.batch_size,
         generator=torch.Generator().manual_seed(config.seed),
-        quantized_hooks=_range_hooks(model),
+        quantized_hooks=hooks,
         progress=progress,
     )
-    quant.extra[NOISE_STATISTICS] = statistics.to_json()
-    return statistics
 
 
 def _json_roundtrip(value: Any) -> Any:
@@ -510,8 +708,7 @@ def load(directory: str | Path, *, model: nn.Module | None = None) -> nn.Module:
         raise CheckpointError(f"dmquant.json: recipe.{error}") from None
     base = _build_base(manifest, model).eval()
     _check_splits(base, manifest["splits"])
-    attach_quantizers(base, config, splits=manifest["splits"], num_steps=manifest["num_steps"], warn=False)
-    name_quantizers(base)
+    attach_recorded(base, config, manifest["splits"], manifest["num_steps"], warn=False)
     layout = manifest["weight_codes"]
     expected = set(base.state_dict())
     stored = (set(tensors) - set(layout)) | {entry["weight"] for entry in layout.values()}

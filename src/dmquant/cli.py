@@ -7,7 +7,6 @@ importing torch (the names the options offer come from :mod:`dmquant.catalog`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -192,34 +191,24 @@ def _compiled(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel
 
 
 def _recipe(args: argparse.Namespace, bits: tuple = (None, None)) -> QuantConfig:
-    """The recipe with the command line's overrides (bits, calibration size) applied and validated."""
-    from .config import load_recipe
+    """The recipe with the command line's overrides (bits, calibration size, reconstruction) applied and validated."""
+    from .config import load_recipe, with_overrides
 
     weight_bits = bits[0] if bits[0] is not None else getattr(args, "w_bits", None)
     activation_bits = bits[1] if bits[1] is not None else getattr(args, "a_bits", None)
     config = load_recipe(args.recipe).with_bits(weight_bits, activation_bits)
     overrides = {
-        "num_trajectories": getattr(args, "calib_trajectories", None),
-        "num_inference_steps": getattr(args, "calib_steps", None),
-        "batch_size": getattr(args, "calib_batch_size", None),
+        "calibration.num_trajectories": getattr(args, "calib_trajectories", None),
+        "calibration.num_inference_steps": getattr(args, "calib_steps", None),
+        "calibration.batch_size": getattr(args, "calib_batch_size", None),
     }
-    overrides = {key: value for key, value in overrides.items() if value is not None}
-    try:
-        config.calibration = dataclasses.replace(config.calibration, **overrides)
-    except DmquantError as error:
-        raise DmquantError(f"calibration.{error}") from None
     if getattr(args, "no_reconstruction", False):
-        config.reconstruction.enabled = False
-    if getattr(args, "recon_iterations", None) is not None:
-        try:
-            steps = args.recon_iterations
-            second = steps if config.reconstruction.activation_iterations else 0
-            config.reconstruction = dataclasses.replace(
-                config.reconstruction, iterations=steps, activation_iterations=second
-            )
-        except DmquantError as error:
-            raise DmquantError(f"reconstruction.{error}") from None
-    return config
+        overrides["reconstruction.enabled"] = False
+    steps = getattr(args, "recon_iterations", None)
+    if steps is not None:
+        overrides["reconstruction.iterations"] = steps
+        overrides["reconstruction.activation_iterations"] = steps if config.reconstruction.activation_iterations else 0
+    return with_overrides(config, {key: value for key, value in overrides.items() if value is not None})
 
 
 def _add_real_kernels_option(parser: argparse.ArgumentParser) -> None:
@@ -410,9 +399,10 @@ def _quantize_and_save_pipeline(args: argparse.Namespace, config: QuantConfig, p
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from .api import quantize
     from .checkpoint import check_target
     from .distributed import is_main_process, num_processes
-    from .jobs import open_model, quantize_model
+    from .jobs import open_model
 
     config = _recipe(args)
     prompts = _calibration_prompts(args)
@@ -422,7 +412,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         return _quantize_pipeline(args, config, prompts)
     model = _prepared(open_model(args.model), args).with_defaults(prompts=prompts, labels=args.labels)
     if not is_main_process():  # records its share of the calibration trajectories; the main process saves
-        quantize_model(model, config, progress=False)
+        quantize(model, config, progress=False)
         return 0
     output = check_target(args.output, overwrite=args.overwrite)
     with output_lock(output):  # held until saved: a second run on OUT fails now, not after calibrating
@@ -431,8 +421,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def _quantize_and_save(model: DiffusionModel, config: QuantConfig, output: Path, args: argparse.Namespace) -> int:
     """Calibrate, quantize (resuming a reconstruction from its saved progress) and save to ``output``."""
-    from .api import info, save
-    from .jobs import quantize_model
+    from .api import info, quantize, save
 
     print(
         f"quantizing {model.name} with recipe {config.name}: weights {config.weight.describe()}, "
@@ -441,7 +430,7 @@ def _quantize_and_save(model: DiffusionModel, config: QuantConfig, output: Path,
     state_dir = _reconstruction_state(config, output, args)
     started = time.perf_counter()
     try:
-        quantized = quantize_model(model, config, progress=not args.quiet, state_dir=state_dir)
+        quantized = quantize(model, config, progress=not args.quiet, state_dir=state_dir)
     except KeyboardInterrupt:
         if config.reconstruction.enabled and state_dir.exists():
             print(f"the finished blocks are kept in {state_dir}: rerun the same command to resume", file=sys.stderr)
@@ -586,8 +575,9 @@ def _eval_verdict(fp: DiffusionModel, results: dict[str, Any], args: argparse.Na
 def cmd_analyze(args: argparse.Namespace) -> int:
     import torch
 
-    from .api import info, sampling_hooks
-    from .jobs import open_model, quantize_model, quantized_checkpoint
+    from .api import info, quantize, sampling_hooks
+    from .config import with_overrides
+    from .jobs import open_model, quantized_checkpoint
     from .precision.sqnr import analyze_sensitivity
     from .report import markdown_table, sensitivity_bars, sensitivity_heatmap
 
@@ -598,10 +588,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         what = f"checkpoint {args.model}"
     else:
         fp = _prepared(open_model(args.model), args)
-        config = _recipe(args)
-        config.reconstruction.enabled = False  # the analysis looks at the ranges the recipe gives
-        config.correction.enabled = False
-        quantized = quantize_model(fp, config, progress=not args.quiet)
+        # the analysis looks at the ranges the recipe gives
+        config = with_overrides(_recipe(args), {"reconstruction.enabled": False, "correction.enabled": False})
+        quantized = quantize(fp, config, progress=not args.quiet)
         what = f"{args.model} with recipe {config.name} ({config.weight.describe()}, {config.activation.describe()})"
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -633,6 +622,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import torch
 
     from .api import info
+    from .config import with_overrides
     from .core.attach import attach_quantizers, find_shortcut_splits
     from .denoiser import Denoiser
     from .jobs import open_model
@@ -651,7 +641,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 f"note: recipe {config.name} switches the activations to {schedule.late_bits} bits at a step chosen "
                 "while quantizing (from the measured SQNR); shown: the bits before the switch\n"
             )
-            config.step_precision = dataclasses.replace(schedule, enabled=False)
+            config = with_overrides(config, {"step_precision.enabled": False})
         denoiser = Denoiser(model.denoiser)
         conditioning = model.make_conditioning(1, guidance_scale=1.0)
         x = torch.zeros(1, denoiser.in_channels, denoiser.sample_size, denoiser.sample_size, device=denoiser.device)
@@ -774,7 +764,7 @@ def cmd_zoo_list(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo_train(args: argparse.Namespace) -> int:
-    from .zoo.jobs import train_zoo_model
+    from .zoo_jobs import train_zoo_model
 
     state = Path(args.state or f"runs/zoo/{args.name}")
     result = train_zoo_model(
@@ -795,7 +785,7 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
 def cmd_zoo_evaluate(args: argparse.Namespace) -> int:
     from .distributed import is_main_process
     from .report import markdown_table
-    from .zoo.jobs import evaluate_zoo_model
+    from .zoo_jobs import evaluate_zoo_model
 
     features = None
     if args.features == "inception":

@@ -33,12 +33,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calib.record import CalibrationSet
+from ..calib.record import CalibrationSet, calibration_runner
 from ..config import ReconstructionConfig
 from ..core.layers import QUANT_LAYERS, activation_quantizers
 from .blocks import ReconUnit, reconstruction_units
 from .brecq import reconstruct
-from .cache import calibration_runner, capture_paired_io
+from .capture import capture_paired_io
 from .objectives import InnerLayerLoss
 from .qdrop import mix_inputs
 from .state import ReconstructionState, fingerprint
@@ -241,6 +241,6 @@ def reconstruct_model(
                 records.append(UnitRecord(**record, restored=restored))
                 if progress:
                     outer.set_postfix(unit=unit.name, mse=f"{record['initial_mse']:.3g}->{record['final_mse']:.3g}")
-    if config.activation_scales == "after" and not config.activation_iterations:
-        recalibrate()  # the ranges were estimated with the weights before reconstruction
+    if config.ranges_after_weights and not any(step.recalibrate_first for step in passes):
+        recalibrate()  # no step-size pass re-estimated the ranges on the reconstructed weights
     return records
