@@ -10,7 +10,7 @@ a diffusion UNet; QDrop (Wei et al. 2022) mixes the quantized and the FP input a
 loop over the calibration data is therefore run once per block and model, and what the block
 sees is cached:
 
-- :func:`capture_block_io` hooks one block, runs the model over the calibration data
+- :func:`~dmquant.recon.capture.capture_block_io` hooks one block, runs the model over the calibration data
   (``run_batches``) and records *every call* of the block: its positional and keyword
   arguments and its output. Diffusion blocks take more than one tensor — a ``ResnetBlock2D``
   is called as ``(hidden_states, temb)``, a ``BasicTransformerBlock`` as ``hidden_states`` plus

@@ -12,7 +12,7 @@ quantized and randomly dropped. :func:`reconstruct_model` runs either as
 1. draw ``num_samples`` calibration rows (seeded);
 2. for each pass, for each unit of :func:`~dmquant.recon.blocks.reconstruction_units` in
    execution order: capture the FP model's inputs and output of the unit and the quantized
-   model's inputs (:mod:`dmquant.recon.cache`), reconstruct it (:func:`~dmquant.recon.brecq.reconstruct`),
+   model's inputs (:mod:`dmquant.recon.capture`), reconstruct it (:func:`~dmquant.recon.brecq.reconstruct`),
    and save the unit's state (:mod:`dmquant.recon.state`);
 3. a unit already finished in the state directory is restored instead, so a killed run resumes.
 
