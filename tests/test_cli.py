@@ -20,7 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dmquant.cli import _compiled, main
+from dmquant.cli import main
+from dmquant.cli_commands import _compiled
 from dmquant.config import QuantizerConfig
 from dmquant.core.quantizer import Quantizer
 from dmquant.report import LABEL_SIZE

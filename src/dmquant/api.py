@@ -8,7 +8,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,30 +16,32 @@ import diffusers
 import torch
 from torch import nn
 
-from . import __version__, passes
+from . import __version__
 from .calib.record import CalibrationSet, record_for, record_forward_loop
 from .checkpoint import CONFIG_FILE, MANIFEST_FILE, read_checkpoint, restore_weights, state_for_saving, write_checkpoint
 from .config import (
     CorrectionConfig,
-    HybridConfig,
     QuantConfig,
-    ReconstructionConfig,
-    SmoothingConfig,
-    StepPrecisionConfig,
     load_recipe,
 )
 from .core.attach import QuantReport
-from .core.quantizer import STEPS_DRIVEN, Quantizer, quantizers, set_step
-from .correct.statistics import NoiseStatistics, collect_noise_statistics
+from .core.quantizer import STEPS_DRIVEN, Quantizer, quantizers
+from .correct.statistics import NoiseStatistics
 from .correct.step import NoiseCorrection
 from .denoiser import Denoiser
 from .errors import CalibrationError, CheckpointError, ConfigError, ModelError
 from .manifest import CODES_PER_BYTE
 from .models import DiffusionModel
-from .passes import Attached, attach_recorded
-from .precision.hybrid import plan_hybrid, promotion_rules
-from .precision.planning import plan_smoothed_layers, plan_switch_step
-from .sampling import Conditioning, StepContext, StepHook
+from .passes import attach_recorded
+from .recipe_passes import (
+    NOISE_STATISTICS,
+    PASSES,
+    QuantizationRun,
+    noise_statistics,
+    step_selector,
+    wanted_passes,
+)
+from .sampling import Conditioning, StepHook
 
 INFO_ATTRIBUTE = "dmquant_info"
 
@@ -86,8 +88,9 @@ def quantize(
     being ``model`` — whose calls are recorded (:func:`dmquant.calib.record.record_forward_loop`); left out, a
     DiffusionModel's own trajectories are recorded as ``config.calibration`` says.
 
-    The passes of :data:`PASSES` then run in order, each when its config section asks for it: plan (the
-    switch step of a bit schedule, the most sensitive layers to smooth, hybrid precision's promotions —
+    The passes of :data:`~dmquant.recipe_passes.PASSES` then run in order, each when its config section
+    asks for it: plan (the switch step of a bit schedule, the most sensitive layers to smooth, hybrid
+    precision's promotions —
     these sample with the model, so they need a DiffusionModel), attach quantizers, smooth, set ranges,
     reconstruct (with ``state_dir`` a killed run resumes from the last finished block when called again
     with the same arguments), measure PTQD's noise statistics (a bare denoiser's are measured by
@@ -146,175 +149,6 @@ def quantize(
     quant = QuantizationInfo(run.config, attached.report, attached.splits, attached.num_steps, source, run.extra)
     mark_quantized(run.model, quant)
     return bundle.with_denoiser(run.model) if bundle is not None else run.model
-
-
-@dataclass
-class QuantizationRun:
-    """What the passes of one :func:`quantize` call share: the model being quantized (and an FP copy where
-    reconstruction needs one), the recipe (planners fill in what it left open), the calibration data, the
-    sampling model planners and the noise measurement sample with, and what is kept in ``dmquant_info``."""
-
-    fp_model: nn.Module
-    model: nn.Module
-    sampler: DiffusionModel | None
-    config: QuantConfig
-    calibration: CalibrationSet
-    batch_size: int
-    progress: bool
-    state_dir: str | Path | None
-    attached: Attached | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class QuantizationPass:
-    """One step of :func:`quantize`, registered for the config section whose settings ask for it.
-
-    ``asks`` names those settings (for messages); ``samples``: it samples with the model, so it needs a
-    DiffusionModel; ``deferrable``: for a denoiser given alone it is left to a public function instead.
-    """
-
-    name: str
-    section: type
-    asks: str
-    wants: Callable[[Any], bool]
-    run: Callable[[QuantizationRun], None]
-    samples: bool = False
-    deferrable: bool = False
-
-    def wanted(self, config: QuantConfig) -> bool:
-        return self.wants(_section(config, self.section))
-
-
-def _section(config: QuantConfig, section: type) -> Any:
-    """The part of ``config`` of type ``section`` (the recipe itself for :class:`QuantConfig`)."""
-    if isinstance(config, section):
-        return config
-    return next(getattr(config, f.name) for f in fields(config) if isinstance(getattr(config, f.name), section))
-
-
-#: The passes of a recipe, in the order :func:`quantize` runs them (see :func:`quantization_pass`).
-PASSES: list[QuantizationPass] = []
-
-
-def quantization_pass(
-    section: type,
-    asks: str,
-    *,
-    when: Callable[[Any], bool] = lambda section: section.enabled,
-    samples: bool = False,
-    deferrable: bool = False,
-) -> Callable[[Callable[[QuantizationRun], None]], Callable[[QuantizationRun], None]]:
-    """Register the decorated function as the next pass of :func:`quantize`, run when ``when`` holds for the
-    recipe's ``section`` (its ``enabled`` by default); see :class:`QuantizationPass` for the rest."""
-
-    def register(run: Callable[[QuantizationRun], None]) -> Callable[[QuantizationRun], None]:
-        PASSES.append(QuantizationPass(run.__name__, section, asks, when, run, samples, deferrable))
-        return run
-
-    return register
-
-
-def wanted_passes(config: QuantConfig) -> list[QuantizationPass]:
-    """The passes ``config`` asks for, in order (planners may add to them as they fill the recipe in)."""
-    return [p for p in PASSES if p.wanted(config)]
-
-
-@quantization_pass(
-    StepPrecisionConfig, "step_precision", when=lambda s: s.enabled and s.switch_step is None, samples=True
-)
-def plan_switch(run: QuantizationRun) -> None:
-    """PTQD's switch step of a bit schedule left open (:func:`dmquant.precision.planning.plan_switch_step`)."""
-    schedule = run.config.step_precision
-    switch = plan_switch_step(run.sampler, run.config, run.calibration, batch_size=run.batch_size)
-    run.config = replace(run.config, step_precision=replace(schedule, switch_step=switch))
-
-
-@quantization_pass(
-    SmoothingConfig, "smoothing.most_sensitive", when=lambda s: s.enabled and s.most_sensitive > 0, samples=True
-)
-def plan_smoothing(run: QuantizationRun) -> None:
-    """The most sensitive layers join the smoothed ones (:func:`dmquant.precision.planning.plan_smoothed_layers`)."""
-    smoothing = run.config.smoothing
-    flagged = plan_smoothed_layers(
-        run.sampler, run.config, run.calibration, batch_size=run.batch_size, progress=run.progress
-    )
-    patterns = [*smoothing.patterns, *flagged]
-    run.config = replace(run.config, smoothing=replace(smoothing, patterns=patterns, most_sensitive=0))
-
-
-@quantization_pass(HybridConfig, "hybrid", samples=True)
-def plan_promotions(run: QuantizationRun) -> None:
-    """Hybrid precision's promoted blocks (:func:`dmquant.precision.hybrid.plan_hybrid`), added as rules."""
-    hybrid, sampler = run.config.hybrid, run.sampler
-    plan = plan_hybrid(
-        sampler.denoiser,
-        run.config,
-        run.calibration,
-        sampler.scheduler,
-        sampler.make_conditioning(hybrid.num_samples, guidance_scale=sampler.guidance_scale),
-        seed=run.config.calibration.seed,
-        batch_size=run.batch_size,
-        progress=run.progress,
-    )
-    rules = promotion_rules(plan["promoted"], hybrid.weight_bits, hybrid.activation_bits)
-    run.config = replace(run.config, rules=[*run.config.rules, *rules])
-    run.extra["hybrid"] = plan
-
-
-@quantization_pass(QuantConfig, "rules", when=lambda config: True)
-def attach(run: QuantizationRun) -> None:
-    """Quantizers attached by the recipe's rules (:func:`dmquant.passes.attach`)."""
-    run.attached = passes.attach(run.model, run.config, run.calibration, batch_size=run.batch_size)
-
-
-@quantization_pass(SmoothingConfig, "smoothing")
-def smooth(run: QuantizationRun) -> None:
-    """SmoothQuant's scales on the chosen layers (:func:`dmquant.passes.smooth`)."""
-    passes.smooth(run.model, run.config, run.calibration, batch_size=run.batch_size)
-
-
-@quantization_pass(QuantConfig, "weight, activation", when=lambda config: True)
-def ranges(run: QuantizationRun) -> None:
-    """Weight and activation ranges (:func:`dmquant.passes.calibrate_ranges`)."""
-    passes.calibrate_ranges(run.model, run.config, run.calibration, batch_size=run.batch_size, progress=run.progress)
-
-
-@quantization_pass(ReconstructionConfig, "reconstruction")
-def reconstruct(run: QuantizationRun) -> None:
-    """Block reconstruction (:func:`dmquant.passes.reconstruct`), its records kept in the info."""
-    records = passes.reconstruct(
-        run.fp_model,
-        run.model,
-        run.config,
-        run.calibration,
-        batch_size=run.batch_size,
-        progress=run.progress,
-        state_dir=run.state_dir,
-    )
-    run.extra["reconstruction"] = [asdict(record) for record in records]
-
-
-@quantization_pass(CorrectionConfig, "correction", samples=True, deferrable=True)
-def measure_correction(run: QuantizationRun) -> None:
-    """PTQD's noise statistics, on the noise estimate sampling uses: at the model's own guidance scale.
-    A denoiser given alone has no sampler: its statistics are measured by :func:`measure_noise`."""
-    sampler = run.sampler
-    if sampler is None:
-        return
-    guidance = sampler.guidance_scale
-    per_step = run.config.step_precision.enabled or run.attached.num_steps > 1
-    selectors = [_step_selector(run.config, run.attached.num_steps, run.model)] if per_step else []
-    statistics = _noise_statistics(
-        run.model,
-        run.fp_model,
-        sampler.scheduler,
-        lambda n: sampler.make_conditioning(n, guidance_scale=guidance),
-        run.config.correction,
-        selectors,
-        progress=run.progress,
-    )
-    run.extra[NOISE_STATISTICS] = statistics.to_json()
 
 
 def mark_quantized(model: nn.Module, quant: QuantizationInfo) -> None:
@@ -390,35 +224,6 @@ def _refuse_save_pretrained(*args: Any, **kwargs: Any) -> None:
     )
 
 
-class StepSelector(StepHook):
-    """Selects each sampling step's activation parameters (per-step ranges, or a step-aware bit schedule).
-
-    ``num_steps`` (when given) is the trajectory length the parameters were made for; sampling
-    with another is an error rather than a silent mismatch of steps and parameters. After the last
-    step the model counts as undriven again (see :func:`mark_quantized`).
-    """
-
-    def __init__(self, model: nn.Module, num_steps: int | None = None):
-        self.model = model
-        self.num_steps = num_steps
-
-    def begin_step(self, ctx: StepContext) -> None:
-        if self.num_steps is not None and ctx.num_steps != self.num_steps:
-            raise CalibrationError(
-                f"this model's activation parameters are made for {self.num_steps} steps; "
-                f"sample with {self.num_steps} steps, not {ctx.num_steps}"
-            )
-        set_step(self.model, ctx.step_index)
-
-    def end_step(self, ctx: StepContext, prev_sample: torch.Tensor) -> None:
-        if ctx.step_index == ctx.num_steps - 1:
-            self.model.__dict__[STEPS_DRIVEN] = False
-
-
-#: ``info(model).extra`` key of the PTQD noise statistics.
-NOISE_STATISTICS = "noise_statistics"
-
-
 def required_steps(model: nn.Module) -> int | None:
     """The trajectory length a quantized model's per-step parts were made for (noise statistics,
     a bit schedule, per-step ranges), or ``None`` when it samples with any number of steps."""
@@ -433,20 +238,11 @@ def required_steps(model: nn.Module) -> int | None:
 
 
 def _range_hooks(model: nn.Module) -> list[StepHook]:
-    """A :class:`StepSelector` for a quantized model with per-step parts (see :func:`_step_selector`)."""
+    """A :class:`StepSelector` for a quantized model with per-step parts (see :func:`step_selector`)."""
     if required_steps(model) is None:
         return []
     quant = info(model)
-    return [_step_selector(quant.config, quant.num_steps, model)]
-
-
-def _step_selector(config: QuantConfig, num_steps: int, model: nn.Module) -> StepSelector:
-    """A :class:`StepSelector` checking the trajectory length that a bit schedule or per-step ranges were made
-    for (noise statistics check their own)."""
-    schedule = config.step_precision
-    if schedule.enabled:
-        return StepSelector(model, schedule.num_inference_steps)
-    return StepSelector(model, num_steps if num_steps > 1 else None)
+    return [step_selector(quant.config, quant.num_steps, model)]
 
 
 def sampling_hooks(model: nn.Module) -> list[StepHook]:
@@ -495,36 +291,11 @@ def measure_noise(
     """
     quant = info(model)
     config = config or quant.config.correction
-    statistics = _noise_statistics(
+    statistics = noise_statistics(
         model, fp_model, scheduler, conditioning, config, _range_hooks(model), progress=progress
     )
     quant.extra[NOISE_STATISTICS] = statistics.to_json()
     return statistics
-
-
-def _noise_statistics(
-    model: nn.Module,
-    fp_model: nn.Module,
-    scheduler: Any,
-    conditioning: Callable[[int], Conditioning],
-    config: CorrectionConfig,
-    hooks: list[StepHook],
-    *,
-    progress: bool,
-) -> NoiseStatistics:
-    """PTQD's statistics of ``model`` against ``fp_model`` along the trajectories ``config`` asks for."""
-    return collect_noise_statistics(
-        fp_model,
-        model,
-        scheduler,
-        num_inference_steps=config.num_inference_steps,
-        num_samples=config.num_samples,
-        conditioning=conditioning,
-        batch_size=config.batch_size,
-        generator=torch.Generator().manual_seed(config.seed),
-        quantized_hooks=hooks,
-        progress=progress,
-    )
 
 
 def _json_roundtrip(value: Any) -> Any:

@@ -26,7 +26,7 @@ import diffusers
 import torch
 from torch import nn
 
-from .api import info, load, quantize, sampling_hooks, save, wanted_passes
+from .api import info, load, quantize, sampling_hooks, save
 from .atomic import (
     check_output,
     directory_written_atomically,
@@ -41,6 +41,7 @@ from .checkpoint import MANIFEST_FILE
 from .config import QuantConfig, load_recipe
 from .errors import CheckpointError, ConfigError, ModelError
 from .models import from_pipeline
+from .recipe_passes import wanted_passes
 from .scheduler_hooks import HookedScheduler, plain_scheduler
 
 #: Pipeline components that hold the denoiser, in the order they are looked for.
