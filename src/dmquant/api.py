@@ -37,6 +37,7 @@ from .recipe_passes import (
     NOISE_STATISTICS,
     PASSES,
     QuantizationRun,
+    StepSelector,
     noise_statistics,
     step_selector,
     wanted_passes,
@@ -237,8 +238,9 @@ def required_steps(model: nn.Module) -> int | None:
     return quant.num_steps if quant.num_steps > 1 else None
 
 
-def _range_hooks(model: nn.Module) -> list[StepHook]:
-    """A :class:`StepSelector` for a quantized model with per-step parts (see :func:`step_selector`)."""
+def _range_hooks(model: nn.Module) -> list[StepSelector]:
+    """A :class:`~dmquant.recipe_passes.StepSelector` for a quantized model with per-step parts
+    (see :func:`~dmquant.recipe_passes.step_selector`)."""
     if required_steps(model) is None:
         return []
     quant = info(model)
