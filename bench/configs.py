@@ -3,18 +3,17 @@
 ``bench/quality.py``'s recipe cells (a shipped recipe at a bit setting, or one of its variants: without
 reconstruction, PTQD's ablation steps, the calibration ablation) and the dmquant rows of ``bench/speed.py``
 (minmax at a row's formats; ``bench/fidelity.py`` and ``bench/block_kernels.py`` quantize as those rows do)
-are both a loaded recipe with fields overridden, through :func:`with_overrides`.
+are both a loaded recipe with fields overridden, through :func:`dmquant.config.with_overrides`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any, Protocol
 
 from torch import nn
 
-from dmquant.config import LayerRule, QuantConfig, available_recipes, load_recipe
+from dmquant.config import LayerRule, QuantConfig, available_recipes, load_recipe, with_overrides
 
 #: Bit settings of recipe cells: (weight bits, activation bits, the softmax output's format where the attention
 #: matmuls are quantized — their Q, K, V at the activation bits — else None).
@@ -41,19 +40,6 @@ CALIBRATION_ABLATION = {
     "calib-tdac": ("eda-dm", CALIBRATION_SIZE),
     "calib-single-step": ("sqnr-hybrid", CALIBRATION_SIZE),
 }
-
-
-def with_overrides(config: QuantConfig, overrides: Mapping[str, Any]) -> QuantConfig:
-    """A copy of ``config`` with ``overrides`` applied in order: dotted field paths (``"attention.enabled"``,
-    ``"calibration"``) to their new values."""
-    for path, value in overrides.items():
-        config = _replaced(config, path.split("."), value)
-    return config
-
-
-def _replaced(node: Any, path: list[str], value: Any) -> Any:
-    head, *rest = path
-    return dataclasses.replace(node, **{head: _replaced(getattr(node, head), rest, value) if rest else value})
 
 
 def recipe_methods() -> list[str]:

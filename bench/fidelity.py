@@ -50,11 +50,11 @@ from bench.configs import dmquant_config
 from bench.speed_rows import ROWS, conversion_summary, convert_for
 from bench.speed_workloads import ZOO_MODELS
 from dmquant.api import quantize
-from dmquant.calib.record import CalibrationSet
+from dmquant.calib.record import CalibrationSet, record_for
 from dmquant.core.quantizer import set_step
 from dmquant.denoiser import Denoiser
 from dmquant.eval.images import psnr, to_unit_range
-from dmquant.jobs import generate, record_for
+from dmquant.jobs import generate
 from dmquant.kernels.convert import REPORT_ATTRIBUTE
 from dmquant.models import DiffusionModel, load_model
 from dmquant.provenance import environment

@@ -79,19 +79,21 @@ from bench.common import by_model, command_line, git_commit, pending, write_cell
 from bench.configs import BIT_SETTINGS, recipe_config, recipe_methods
 from dmquant import distributed
 from dmquant.api import info, load, measure_noise, sampling_hooks, save
+from dmquant.api import quantize as quantize_model
 from dmquant.atomic import write_atomically
+from dmquant.calib.record import record_for
 from dmquant.catalog import REFERENCE_MODELS
 from dmquant.config import CorrectionConfig, QuantConfig, load_recipe
 from dmquant.eval.images import psnr, ssim, to_unit_range
 from dmquant.eval.noise import noise_estimate_error
-from dmquant.jobs import forward_cost, quantize_model, record_for
+from dmquant.jobs import forward_cost
 from dmquant.kernels.convert import REPORT_ATTRIBUTE, convert_model
 from dmquant.models import DiffusionModel, load_model
 from dmquant.provenance import environment
 from dmquant.sampling import Conditioning
-from dmquant.zoo.jobs import sample_requests, shipped_glyphnet
 from dmquant.zoo.quality import ReferenceSet, Requests, held_out_requests
 from dmquant.zoo.reference import ZOO
+from dmquant.zoo_jobs import sample_requests, shipped_glyphnet
 
 SCHEMA_VERSION = 1
 MODELS = REFERENCE_MODELS
@@ -359,7 +361,7 @@ def run_recipe(bench: ModelBench, cell: Cell) -> dict[str, Any]:
         return quantize_model(bench.model, quantizing, progress=bench.args.progress, state_dir=state_dir).denoiser
 
     quantized, cost = _built_resumably(bench, build, key)
-    info(quantized).config.correction = config.correction
+    info(quantized).config = dataclasses.replace(info(quantized).config, correction=config.correction)
     if config.correction.enabled:
         cost = cost | _noise_statistics(bench, key, quantized, config.correction)
     sampled = convert_model(quantized) if cell.real_kernels else quantized

@@ -29,15 +29,16 @@ if not __package__:  # run as a file, `python bench/recon_speed.py`: make the be
 
 from bench.common import command_line, docstring_parser, git_commit, write_cell
 from dmquant import api
+from dmquant.calib.record import calibration_runner, record_for
 from dmquant.catalog import REFERENCE_MODELS
 from dmquant.config import load_recipe
 from dmquant.core.layers import activation_quantizers
-from dmquant.jobs import record_for
 from dmquant.models import load_model
 from dmquant.provenance import environment
 from dmquant.recon.blocks import reconstruction_units
 from dmquant.recon.brecq import reconstruct
-from dmquant.recon.cache import PairedBlockIO, calibration_runner, capture_paired_io
+from dmquant.recon.cache import PairedBlockIO
+from dmquant.recon.capture import capture_paired_io
 
 
 def _timed_reconstruction(unit: torch.nn.Module, pairs: PairedBlockIO, iterations: int, graphed: bool) -> dict:

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from dmquant.calib.record import record_for
 from dmquant.config import CalibrationConfig
-from dmquant.jobs import record_for
 from dmquant.models import load_model
 
 torch.set_num_threads(1)

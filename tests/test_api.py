@@ -30,7 +30,7 @@ def _outputs(model, calibration):
 @pytest.fixture(scope="module")
 def quantized(unet, calibration):
     config = load_recipe("minmax").with_bits(4, 8)
-    config.per_step_activations = True
+    config = dataclasses.replace(config, per_step_activations=True)
     return api.quantize(unet.denoiser, config, calibration, progress=False)
 
 
@@ -246,7 +246,7 @@ def test_a_packed_token_denoiser_takes_token_calibration_data_and_nothing_else()
 )
 def test_a_granularity_that_does_not_fit_a_layer_is_a_config_error(unet, calibration, granularity, message):
     config = load_recipe("minmax")
-    config.weight = dataclasses.replace(config.weight, granularity=granularity)
+    config = dataclasses.replace(config, weight=dataclasses.replace(config.weight, granularity=granularity))
     with pytest.raises(ConfigError, match=f"granularity: .* does not fit conv_in.weight_quantizer .*{message}"):
         api.quantize(unet.denoiser, config, calibration, progress=False)
 

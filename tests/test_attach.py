@@ -1,5 +1,7 @@
 """Attaching quantizers: shortcut-split discovery, rules, the layer report."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -81,7 +83,7 @@ def test_rule_that_matches_nothing_warns_and_is_reported():
 def test_attention_can_be_left_unquantized():
     model = tiny_dit()
     config = QuantConfig()
-    config.attention.enabled = False
+    config = dataclasses.replace(config, attention=dataclasses.replace(config.attention, enabled=False))
     report = attach_quantizers(model, config)
     assert not any(layer.kind == "Attention" for layer in report.layers)
     assert not hasattr(model.transformer_blocks[0].attn1, "quant_matmul")

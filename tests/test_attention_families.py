@@ -15,12 +15,12 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 
+from dmquant import api
 from dmquant.config import load_recipe
 from dmquant.core.attention import MATMUL_ATTRIBUTE
 from dmquant.core.quantizer import Quantizer, quantizers
 from dmquant.denoiser import Denoiser
 from dmquant.eval.noise import sqnr_db
-from dmquant.jobs import quantize_model
 from dmquant.models import load_model
 
 FAMILIES = ("ddpm-glyphs32", "ldm-glyphs64", "dit-glyphs")
@@ -39,7 +39,7 @@ def quantized(request):
         ),
     )
     torch.manual_seed(0)
-    return fp, quantize_model(fp, config, progress=False)
+    return fp, api.quantize(fp, config, progress=False)
 
 
 def _inputs(model):

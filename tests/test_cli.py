@@ -20,7 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dmquant.cli import _compiled, main
+from dmquant.cli import main
+from dmquant.cli_commands import _compiled
 from dmquant.config import QuantizerConfig
 from dmquant.core.quantizer import Quantizer
 from dmquant.report import LABEL_SIZE
@@ -784,11 +785,11 @@ def test_a_write_the_machine_refuses_is_a_one_line_error(w4_checkpoint, tmp_path
 
 
 def test_quantize_onto_an_output_another_process_is_writing_fails_before_calibrating(tmp_path, capsys, monkeypatch):
-    import dmquant.jobs as jobs  # the command imports quantize_model from there when it runs
+    import dmquant.api as api  # the command imports quantize from there when it runs
 
     output = tmp_path / "q"
     calibrated = []
-    monkeypatch.setattr(jobs, "quantize_model", lambda *args, **kwargs: calibrated.append(args))
+    monkeypatch.setattr(api, "quantize", lambda *args, **kwargs: calibrated.append(args))
     descriptor = os.open(tmp_path / ".q.lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(descriptor, fcntl.LOCK_EX)  # as another dmquant process holds it
     try:

@@ -16,6 +16,7 @@ from dmquant.config import (
     QuantizerConfig,
     available_recipes,
     load_recipe,
+    with_overrides,
 )
 from dmquant.errors import ConfigError, DmquantError
 
@@ -579,3 +580,23 @@ def test_a_duplicate_key_in_a_toml_recipe_is_a_config_error(tmp_path):
 def test_a_recipe_path_without_a_recipe_suffix_is_not_taken_for_a_name(name):
     with pytest.raises(ConfigError, match=f"{re.escape(name)}: not a recipe file"):
         load_recipe(name)
+
+
+def test_overrides_take_dotted_paths_whole_sections_and_the_name():
+    config = load_recipe("q-diffusion")
+    calibration = CalibrationConfig(num_inference_steps=4, num_trajectories=2)
+    changed = with_overrides(
+        config,
+        {
+            "name": "variant",
+            "calibration": calibration,
+            "calibration.guidance_scale": 3.0,
+            "reconstruction.enabled": False,
+            "rules": [LayerRule("conv_in", keep_fp=True)],
+        },
+    )
+    assert changed.name == "variant" and not changed.reconstruction.enabled
+    assert changed.calibration == dataclasses.replace(calibration, guidance_scale=3.0)
+    assert changed.rules == [LayerRule("conv_in", keep_fp=True)] and config.reconstruction.enabled
+    with pytest.raises(ConfigError, match="reconstruction.enabeld: unknown key"):
+        with_overrides(config, {"reconstruction.enabeld": False})

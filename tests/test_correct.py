@@ -10,11 +10,11 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from dmquant import api
+from dmquant.calib.record import record_for
 from dmquant.config import CalibrationConfig, CorrectionConfig, load_recipe
 from dmquant.correct.statistics import ErrorMoments, NoiseStatistics, collect_noise_statistics
 from dmquant.correct.step import MIN_CORRELATION, NoiseCorrection
 from dmquant.errors import CalibrationError, ModelError
-from dmquant.jobs import quantize_model, record_for
 from dmquant.models import load_model
 from dmquant.sampling import Conditioning, StepContext, StepHook, sample
 from dmquant.step_coefficients import eps_coefficient, noise_std
@@ -316,7 +316,9 @@ def test_sampling_loop_scales_the_injected_noise(name, eta):
 def test_measured_statistics_travel_with_the_checkpoint_and_drive_sampling(tmp_path):
     model = load_model("tiny-unet")
     config = load_recipe("minmax").with_bits(4, 8)
-    config.correction = CorrectionConfig(enabled=True, num_samples=4, num_inference_steps=5, batch_size=4)
+    config = dataclasses.replace(
+        config, correction=CorrectionConfig(enabled=True, num_samples=4, num_inference_steps=5, batch_size=4)
+    )
     calibration = record_for(model, CalibrationConfig(num_inference_steps=5, num_trajectories=2), progress=False)
     quantized = api.quantize(model.denoiser, config, calibration, progress=False)
     with pytest.raises(ModelError, match="no noise statistics were measured"):
@@ -351,10 +353,14 @@ def test_measured_statistics_travel_with_the_checkpoint_and_drive_sampling(tmp_p
 def test_the_ptqd_recipe_measures_while_quantizing():
     model = load_model("tiny-unet")
     config = load_recipe("ptqd").with_bits(4, 8)
-    config.calibration = CalibrationConfig(num_inference_steps=4, num_trajectories=2, batch_size=4)
-    config.reconstruction.enabled = False
-    config.correction = dataclasses.replace(config.correction, num_samples=2, num_inference_steps=4)
-    quantized = quantize_model(model, config, progress=False)
+    config = dataclasses.replace(
+        config, calibration=CalibrationConfig(num_inference_steps=4, num_trajectories=2, batch_size=4)
+    )
+    config = dataclasses.replace(config, reconstruction=dataclasses.replace(config.reconstruction, enabled=False))
+    config = dataclasses.replace(
+        config, correction=dataclasses.replace(config.correction, num_samples=2, num_inference_steps=4)
+    )
+    quantized = api.quantize(model, config, progress=False)
     stats = api.info(quantized.denoiser).extra["noise_statistics"]
     assert stats["num_inference_steps"] == 4 and stats["num_samples"] == 2
 

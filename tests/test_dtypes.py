@@ -9,9 +9,9 @@ import torch
 from diffusers import DiTPipeline, StableDiffusionPipeline
 
 from dmquant import api
+from dmquant.calib.record import record_for
 from dmquant.config import CalibrationConfig, load_recipe
 from dmquant.denoiser import Denoiser
-from dmquant.jobs import record_for
 from dmquant.models import load_model
 from dmquant.zoo import WEIGHTS_DIR
 

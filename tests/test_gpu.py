@@ -1,11 +1,13 @@
 """The same jobs on a CUDA device (skipped without one)."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from dmquant import api
 from dmquant.config import CalibrationConfig, load_recipe
-from dmquant.jobs import compare, open_model, quantize_model
+from dmquant.jobs import compare, open_model
 from dmquant.models import load_model
 
 pytestmark = pytest.mark.gpu
@@ -15,10 +17,13 @@ pytestmark = pytest.mark.gpu
 def test_quantize_sample_and_reload_on_cuda(name, tmp_path):
     fp = load_model(name).to("cuda")
     config = load_recipe("mse").with_bits(4, 8)
-    config.calibration = CalibrationConfig(
-        num_inference_steps=4, num_trajectories=4, batch_size=4, guidance_scale=fp.guidance_scale
+    config = dataclasses.replace(
+        config,
+        calibration=CalibrationConfig(
+            num_inference_steps=4, num_trajectories=4, batch_size=4, guidance_scale=fp.guidance_scale
+        ),
     )
-    quantized = quantize_model(fp, config, progress=False)
+    quantized = api.quantize(fp, config, progress=False)
     assert next(quantized.denoiser.parameters()).device.type == "cuda"
     results = compare(fp, quantized, num_samples=4, num_inference_steps=4, batch_size=4, progress=False)
     assert results["images"]["quantized"].device.type == "cuda"

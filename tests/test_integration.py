@@ -1,5 +1,6 @@
 """End to end on CPU for each model family: calibrate → quantize → save/load → sample → compare with FP."""
 
+import dataclasses
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from dmquant import api
 from dmquant.config import CalibrationConfig, load_recipe
-from dmquant.jobs import compare, generate, open_model, quantize_model
+from dmquant.jobs import compare, generate, open_model
 from dmquant.models import load_model
 
 STEPS = 5
@@ -20,10 +21,13 @@ FAMILIES = {
 
 def _quantize(fp, weight_bits, activation_bits):
     config = load_recipe("mse").with_bits(weight_bits, activation_bits)
-    config.calibration = CalibrationConfig(
-        num_inference_steps=STEPS, num_trajectories=4, batch_size=4, guidance_scale=fp.guidance_scale
+    config = dataclasses.replace(
+        config,
+        calibration=CalibrationConfig(
+            num_inference_steps=STEPS, num_trajectories=4, batch_size=4, guidance_scale=fp.guidance_scale
+        ),
     )
-    return quantize_model(fp, config, progress=False)
+    return api.quantize(fp, config, progress=False)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES), ids=list(FAMILIES))

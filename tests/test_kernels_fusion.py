@@ -51,7 +51,9 @@ def test_a_compiled_fp8_block_has_no_standalone_quantize_kernel():
     calibration = CalibrationSet(samples=x, timesteps=t, step_indices=torch.zeros(4, dtype=torch.long, device=DEVICE),
                                  cond={"class_labels": labels}, num_inference_steps=1)  # fmt: skip
     config = load_recipe("minmax").with_bits("fp8_e4m3", "fp8_e4m3")
-    config.attention = dataclasses.replace(config.attention, enabled=False)  # the projections only
+    config = dataclasses.replace(
+        config, attention=dataclasses.replace(config.attention, enabled=False)
+    )  # the projections only
     converted = convert_model(api.quantize(copy.deepcopy(model), config, calibration, progress=False))
     converted = converted.to(torch.bfloat16)
     dense = model.to(torch.bfloat16)

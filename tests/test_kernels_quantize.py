@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from dmquant.kernels import triton_quantize  # noqa: E402
-from dmquant.kernels.triton_gemm import quantize_activations  # noqa: E402
+from dmquant.kernels.operands import quantize_activations  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -98,7 +98,7 @@ def test_eager_cuda_calls_take_one_kernel_with_the_same_codes():
 def test_compiled_fp8_codes_by_the_reciprocal_differ_from_the_quotients_rarely_and_by_one_step():
     """fp8_codes_by_reciprocal against the correctly rounded quotient's codes on 4M random values and 4 scales: at
     most one element in 100,000 differs, and then by one e4m3 step."""
-    from dmquant.kernels.triton_gemm import fp8_codes_by_reciprocal
+    from dmquant.kernels.operands import fp8_codes_by_reciprocal
 
     generator = torch.Generator().manual_seed(4)
     differing = total = 0

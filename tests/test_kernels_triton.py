@@ -22,8 +22,9 @@ if not torch.cuda.is_available():
 from dmquant.core.packing import pack_codes  # noqa: E402
 from dmquant.kernels import triton_conv  # noqa: E402
 from dmquant.kernels.integer import Codes, integer_conv2d, integer_linear  # noqa: E402
+from dmquant.kernels.operands import quantize_activations  # noqa: E402
 from dmquant.kernels.triton_conv import fp8_conv2d, int4_conv2d, int8_conv2d  # noqa: E402
-from dmquant.kernels.triton_gemm import fp8_linear, int4_linear, int8_linear, quantize_activations  # noqa: E402
+from dmquant.kernels.triton_gemm import fp8_linear, int4_linear, int8_linear  # noqa: E402
 from dmquant.kernels.weights import weight_colsums  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -8,10 +8,10 @@ import torch
 from diffusers.models.lora import LoRACompatibleLinear, LoRALinearLayer
 
 from dmquant import api
+from dmquant.calib.record import record_for
 from dmquant.config import CalibrationConfig, load_recipe
 from dmquant.denoiser import Denoiser
 from dmquant.errors import ModelError
-from dmquant.jobs import record_for
 from dmquant.models import load_model
 
 

@@ -14,15 +14,14 @@ from torch import nn
 
 import dmquant.offload as offload_module
 from dmquant import api
-from dmquant.calib.record import CalibrationSet
-from dmquant.cli import main
+from dmquant.calib.record import CalibrationSet, record_for
+from dmquant.cli import build_parser, main
 from dmquant.config import CalibrationConfig, ReconstructionConfig, load_recipe
 from dmquant.core.quantizer import Quantizer
 from dmquant.denoiser import Denoiser
 from dmquant.errors import ConfigError
-from dmquant.jobs import quantize_model, record_for
 from dmquant.offload import Offload, moved_modules
-from dmquant.recon.cache import capture_block_io
+from dmquant.recon.capture import capture_block_io
 
 SMALL = CalibrationConfig(num_inference_steps=4, num_trajectories=4, batch_size=4)
 FAST = ReconstructionConfig(enabled=True, num_samples=16, iterations=12, activation_iterations=6, batch_size=8)
@@ -148,11 +147,11 @@ def test_offloaded_reconstruction_holds_less_than_the_model_on_the_gpu():
 
 
 def test_an_offloaded_job_records_its_calibration_block_by_block_too(unet):
-    """``quantize_model`` samples the calibration trajectories with the hooks on (the sampling loop on the host,
-    the model's output returned there): the same calibration set and model as without offloading."""
+    """``quantize`` of a DiffusionModel samples the calibration trajectories with the hooks on (the sampling loop on
+    the host, the model's output returned there): the same calibration set and model as without offloading."""
     config = dataclasses.replace(_config(num_samples=8, iterations=4, activation_iterations=2), calibration=SMALL)
-    resident = quantize_model(unet, config, progress=False)
-    offloaded = quantize_model(unet, config, progress=False, offload="cpu")
+    resident = api.quantize(unet, config, progress=False)
+    offloaded = api.quantize(unet, config, progress=False, offload="cpu")
     one, two = resident.denoiser.state_dict(), offloaded.denoiser.state_dict()
     assert all(torch.equal(one[key], two[key]) for key in one)
     assert _untouched(offloaded.denoiser) and _untouched(unet.denoiser)
@@ -160,7 +159,27 @@ def test_an_offloaded_job_records_its_calibration_block_by_block_too(unet):
 
 def test_what_offloading_does_not_cover_is_refused(unet, tmp_path, capsys):
     with pytest.raises(ConfigError, match="uses correction .* which offloading does not cover yet"):
-        quantize_model(unet, load_recipe("ptqd"), progress=False, offload="cpu")
+        api.quantize(unet, load_recipe("ptqd"), progress=False, offload="cpu")
     assert main(["quantize", "tiny-unet", "-o", str(tmp_path / "q"), "--offload", "-q"]) != 0
     assert "--offload moves the denoiser's blocks to --device: give a GPU" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+def test_the_commands_offload_reaches_the_interpreter(tmp_path, monkeypatch):
+    """``dmquant quantize --offload`` hands ``quantize`` the denoiser in host memory and --device to run blocks on."""
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def recorded(model, config, calibration=None, **kwargs):
+        seen.update(kwargs, hosted=all(t.device.type == "cpu" for t in model.denoiser.parameters()))
+        raise Stop
+
+    monkeypatch.setattr(api, "quantize", recorded)  # the command imports quantize from dmquant.api when it runs
+    args = build_parser().parse_args(
+        ["quantize", "tiny-unet", "-o", str(tmp_path / "q"), "--offload", "--device", "cuda:0"]
+    )
+    with pytest.raises(Stop):  # the command itself: main() first checks that the device exists
+        args.run(args)
+    assert seen["offload"] == "cuda:0" and seen["hosted"]

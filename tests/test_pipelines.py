@@ -4,6 +4,7 @@ methods applied inside ``pipe(...)``, and what would silently lose the quantizat
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fcntl
 import inspect
 import json
@@ -169,7 +170,7 @@ def test_forward_loop_calibrates_from_any_code_that_runs_the_model():
     pipe = tiny_pipeline("sdxl")
     pipe.set_progress_bar_config(disable=True)
     config = load_recipe("minmax")
-    config.per_step_activations = True
+    config = dataclasses.replace(config, per_step_activations=True)
     unet = dmquant.quantize(
         pipe.unet, config, lambda unet: pipe(PROMPTS, num_inference_steps=STEPS, output_type="latent"), progress=False
     )

@@ -8,7 +8,7 @@ from dmquant import api
 from dmquant.config import CalibrationConfig, HybridConfig, load_recipe
 from dmquant.core.layers import QUANT_LAYERS
 from dmquant.errors import ConfigError
-from dmquant.jobs import forward_cost, quantize_model
+from dmquant.jobs import forward_cost
 from dmquant.models import load_model
 from dmquant.precision.hybrid import BlockChoice, greedy_promotions, promotion_rules
 
@@ -37,9 +37,11 @@ def test_a_rule_covers_exactly_its_block():
 def test_hybrid_recipe_promotes_blocks_within_its_budget_and_saves_them(tmp_path):
     model = load_model("tiny-unet")
     config = load_recipe("minmax").with_bits(4, 8)
-    config.calibration = CalibrationConfig(num_inference_steps=3, num_trajectories=2)
-    config.hybrid = HybridConfig(enabled=True, max_bops_ratio=1.15, num_inference_steps=2, num_samples=2)
-    quantized = quantize_model(model, config, progress=False)
+    config = dataclasses.replace(config, calibration=CalibrationConfig(num_inference_steps=3, num_trajectories=2))
+    config = dataclasses.replace(
+        config, hybrid=HybridConfig(enabled=True, max_bops_ratio=1.15, num_inference_steps=2, num_samples=2)
+    )
+    quantized = api.quantize(model, config, progress=False)
     plan = api.info(quantized.denoiser).extra["hybrid"]
     assert plan["promoted"] and len(plan["promoted"]) < len(plan["blocks"])
     assert plan["bops"] < plan["bops_after"] <= 1.15 * plan["bops"]
@@ -50,7 +52,7 @@ def test_hybrid_recipe_promotes_blocks_within_its_budget_and_saves_them(tmp_path
 
     assert weight_bits(quantized.denoiser, first) == {8}
     cost = forward_cost(quantized, model.make_conditioning(1))["bops"]
-    plain = quantize_model(model, dataclasses.replace(config, hybrid=HybridConfig()), progress=False)
+    plain = api.quantize(model, dataclasses.replace(config, hybrid=HybridConfig()), progress=False)
     assert cost == pytest.approx(plan["bops_after"], rel=1e-9)
     assert forward_cost(plain, model.make_conditioning(1))["bops"] == pytest.approx(plan["bops"], rel=1e-9)
     api.save(quantized.denoiser, tmp_path / "hybrid")

@@ -1,5 +1,6 @@
 """SmoothQuant: the scales, the FP function unchanged, outliers flattened, saved and selected by SQNR."""
 
+import dataclasses
 import math
 
 import pytest
@@ -7,11 +8,11 @@ import torch
 from torch import nn
 
 from dmquant import api
+from dmquant.calib.record import record_for
 from dmquant.config import CalibrationConfig, QuantizerConfig, SmoothingConfig, load_recipe
 from dmquant.core.layers import QuantLinear
 from dmquant.core.quantizer import quantizers
 from dmquant.denoiser import Denoiser
-from dmquant.jobs import quantize_model, record_for
 from dmquant.models import load_model
 from dmquant.precision.smoothquant import smooth, smoothing_scales
 
@@ -66,7 +67,9 @@ def unet():
 def test_smoothed_model_is_the_fp_model_with_quantizers_off_and_round_trips(unet, tmp_path):
     calibration = record_for(unet, CalibrationConfig(num_inference_steps=3, num_trajectories=2), progress=False)
     config = load_recipe("minmax").with_bits(8, 8)
-    config.smoothing = SmoothingConfig(enabled=True, patterns=["*attentions*.to_*", "*resnets.0.conv1"])
+    config = dataclasses.replace(
+        config, smoothing=SmoothingConfig(enabled=True, patterns=["*attentions*.to_*", "*resnets.0.conv1"])
+    )
     quantized = api.quantize(unet.denoiser, config, calibration, progress=False)
     smoothed = [m for m in quantized.modules() if getattr(m, "smoothing", None) is not None]
     assert len(smoothed) > 4 and any(not torch.all(m.smoothing == 1) for m in smoothed)
@@ -89,9 +92,11 @@ def test_smoothed_model_is_the_fp_model_with_quantizers_off_and_round_trips(unet
 
 def test_the_most_sensitive_modules_are_chosen_by_their_sqnr(unet):
     config = load_recipe("minmax").with_bits(8, 4)
-    config.calibration = CalibrationConfig(num_inference_steps=3, num_trajectories=2)
-    config.smoothing = SmoothingConfig(enabled=True, most_sensitive=3, num_inference_steps=2, num_samples=2)
-    quantized = quantize_model(unet, config, progress=False)
+    config = dataclasses.replace(config, calibration=CalibrationConfig(num_inference_steps=3, num_trajectories=2))
+    config = dataclasses.replace(
+        config, smoothing=SmoothingConfig(enabled=True, most_sensitive=3, num_inference_steps=2, num_samples=2)
+    )
+    quantized = api.quantize(unet, config, progress=False)
     saved = api.info(quantized.denoiser).config.smoothing
     assert len(saved.patterns) == 3 and saved.most_sensitive == 0
     assert all(quantized.denoiser.get_submodule(name).smoothing is not None for name in saved.patterns)

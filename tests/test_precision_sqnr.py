@@ -1,13 +1,14 @@
 """SQNR sensitivity analysis: blocks quantized alone (global), modules on their own input (local)."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from dmquant import api
+from dmquant.calib.record import record_for
 from dmquant.config import CalibrationConfig, LayerRule, load_recipe
-from dmquant.jobs import record_for
 from dmquant.models import load_model
 from dmquant.precision.sqnr import Sensitivity, analyze_sensitivity, mean_sqnr_db
 from dmquant.sampling import Conditioning
@@ -37,7 +38,7 @@ def _analyze(unet, quantized):
 
 def test_blocks_and_modules_are_measured_at_every_step_in_execution_order(unet, calibration):
     config = load_recipe("minmax").with_bits(4, 8)
-    config.rules = [*config.rules, LayerRule("mid_block.attentions.0*", keep_fp=True)]
+    config = dataclasses.replace(config, rules=[*config.rules, LayerRule("mid_block.attentions.0*", keep_fp=True)])
     quantized = api.quantize(unet.denoiser, config, calibration, progress=False)
     result = _analyze(unet, quantized)
     assert len(result.timesteps) == 3 and all(len(v) == 3 for v in result.blocks.values())

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from dmquant import api
+from dmquant.calib.record import record_for
 from dmquant.config import CalibrationConfig, QuantizerConfig, StepPrecisionConfig, load_recipe
 from dmquant.core.quantizer import Quantizer, set_step
 from dmquant.denoiser import Denoiser
 from dmquant.errors import CalibrationError, ConfigError
-from dmquant.jobs import forward_cost, quantize_model, record_for
+from dmquant.jobs import forward_cost
 from dmquant.models import load_model
 from dmquant.precision.step_schedule import choose_switch_step, scheduled_quantizers
 from dmquant.sampling import Conditioning, sample
@@ -99,8 +100,9 @@ def calibration(unet):
 
 def _mixed_config(switch_step=2):
     config = load_recipe("minmax").with_bits(4, 4)
-    config.step_precision = StepPrecisionConfig(
-        enabled=True, num_inference_steps=4, late_bits=8, switch_step=switch_step
+    config = dataclasses.replace(
+        config,
+        step_precision=StepPrecisionConfig(enabled=True, num_inference_steps=4, late_bits=8, switch_step=switch_step),
     )
     return config
 
@@ -161,7 +163,9 @@ def test_a4_early_a8_late_on_a_unet(unet, calibration, tmp_path):
 
 def test_the_switch_is_chosen_from_the_measured_sqnr_when_not_given(unet):
     config = _mixed_config(switch_step=None)
-    config.calibration = CalibrationConfig(num_inference_steps=4, num_trajectories=2)
-    config.step_precision.snr_threshold_db = 1000.0  # unreachable: every step counts as late
-    quantized = quantize_model(unet, config, progress=False)
+    config = dataclasses.replace(config, calibration=CalibrationConfig(num_inference_steps=4, num_trajectories=2))
+    config = dataclasses.replace(
+        config, step_precision=dataclasses.replace(config.step_precision, snr_threshold_db=1000.0)
+    )  # unreachable: every step counts as late
+    quantized = api.quantize(unet, config, progress=False)
     assert api.info(quantized.denoiser).config.step_precision.switch_step == 0

@@ -75,7 +75,9 @@ def test_diffusers_example_runs_on_the_shipped_pipeline(tmp_path, monkeypatch):
 
     def smaller(name):  # only the calibration's size changes: 2 trajectories of 2 steps
         config = load_recipe(name)
-        config.calibration = dataclasses.replace(config.calibration, num_trajectories=2, num_inference_steps=2)
+        config = dataclasses.replace(
+            config, calibration=dataclasses.replace(config.calibration, num_trajectories=2, num_inference_steps=2)
+        )
         return config
 
     monkeypatch.setattr(pipelines, "load_recipe", smaller)

@@ -15,7 +15,7 @@ from dmquant.core.quantizer import quantizers
 from dmquant.denoiser import Denoiser
 from dmquant.errors import ConfigError
 from dmquant.recon.brecq import reconstruct
-from dmquant.recon.cache import capture_block_io
+from dmquant.recon.capture import capture_block_io
 from dmquant.zoo import tiny
 
 

@@ -11,18 +11,11 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from dmquant.calib.record import CalibrationSet
+from dmquant.calib.record import CalibrationSet, calibration_runner
 from dmquant.denoiser import Denoiser
 from dmquant.errors import CalibrationError, ModelError
-from dmquant.recon.cache import (
-    BlockIOCache,
-    SkippedForward,
-    block_output,
-    calibration_runner,
-    capture_block_io,
-    capture_paired_io,
-    paired,
-)
+from dmquant.recon.cache import BlockIOCache, block_output, paired
+from dmquant.recon.capture import SkippedForward, capture_block_io, capture_paired_io
 from dmquant.zoo.tiny import TINY_NUM_CLASSES, TINY_TEXT_DIM, tiny_dit, tiny_unet2d, tiny_unet2d_condition
 
 SIZES = (2, 3, 1)

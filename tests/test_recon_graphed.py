@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from dmquant import api
+from dmquant.calib.record import record_for
 from dmquant.config import CalibrationConfig, ReconstructionConfig, load_recipe
 from dmquant.denoiser import Denoiser
-from dmquant.jobs import record_for
 from dmquant.models import load_model
 from dmquant.recon.brecq import _cosine_annealed
 from dmquant.recon.graphed import ReplayedIteration

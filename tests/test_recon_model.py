@@ -7,11 +7,11 @@ import torch
 
 import dmquant.recon.model as recon_model
 from dmquant import api
+from dmquant.calib.record import record_for
 from dmquant.config import CalibrationConfig, ReconstructionConfig, load_recipe
 from dmquant.core.layers import activation_quantizers
 from dmquant.denoiser import Denoiser
 from dmquant.errors import CalibrationError, ConfigError
-from dmquant.jobs import record_for
 from dmquant.models import load_model
 from dmquant.recon.model import plan_passes
 from dmquant.recon.state import remove_state
@@ -217,7 +217,8 @@ def test_the_paper_recipes_load_and_run(unet, name):
             config.reconstruction, num_samples=16, iterations=4, activation_iterations=2
         ),
     )
-    small.calibration.strategy_options = {k: v for k, v in small.calibration.strategy_options.items() if k != "count"}
+    options = {k: v for k, v in small.calibration.strategy_options.items() if k != "count"}
+    small = dataclasses.replace(small, calibration=dataclasses.replace(small.calibration, strategy_options=options))
     calibration = record_for(unet, small.calibration, progress=False)
     model = api.quantize(unet.denoiser, small, calibration, progress=False)
     passes = {r["pass_name"] for r in api.info(model).extra["reconstruction"]}

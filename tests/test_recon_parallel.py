@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from dmquant import api, distributed
+from dmquant.calib.record import record_for
 from dmquant.config import CalibrationConfig, ReconstructionConfig, load_recipe
 from dmquant.core.layers import activation_quantizers
 from dmquant.errors import ConfigError
-from dmquant.jobs import record_for
 from dmquant.recon.parallel import SampleShare
 
 CONFIG = dataclasses.replace(

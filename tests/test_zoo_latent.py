@@ -247,7 +247,7 @@ def test_shipped_autoencoder_missing_is_a_clear_error(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def glyphnet():
-    from dmquant.zoo.jobs import shipped_glyphnet
+    from dmquant.zoo_jobs import shipped_glyphnet
 
     return shipped_glyphnet()
 
@@ -273,8 +273,8 @@ def test_shipped_latent_models_draw_what_they_are_asked_for(glyphnet, name, thre
 
     Measured on seeds 0 and 1: ldm-glyphs64 97-100 %, dit-glyphs 81-88 % (chance is 1/62).
     """
-    from dmquant.zoo.jobs import sample_requests
     from dmquant.zoo.quality import held_out_requests
+    from dmquant.zoo_jobs import sample_requests
 
     model = load_model(name)
     requests = held_out_requests(32, resolution=64, text=model.conditioning == "text")

@@ -21,7 +21,6 @@ from dmquant.zoo import reference
 from dmquant.zoo.datasets import NUM_CLASSES, GlyphDataset
 from dmquant.zoo.diffusion import CONDITION_DROPOUT
 from dmquant.zoo.glyphnet import FEATURE_DIM, SPATIAL_CHANNELS, GlyphNet, load_glyphnet
-from dmquant.zoo.jobs import shipped_glyphnet
 from dmquant.zoo.quality import ReferenceSet, classifier_accuracy
 from dmquant.zoo.reference import (
     GLYPHNET_FILE,
@@ -34,6 +33,7 @@ from dmquant.zoo.reference import (
     zoo_entry,
 )
 from dmquant.zoo.training import STATE_FILE
+from dmquant.zoo_jobs import shipped_glyphnet
 
 DDPM_DIR = WEIGHTS_DIR / "ddpm-glyphs32"
 GLYPHNET_PATH = WEIGHTS_DIR / "glyphnet" / GLYPHNET_FILE

@@ -6,8 +6,9 @@ import contextlib
 import copy
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +17,33 @@ import torch
 from torch import nn
 
 from . import __version__
-from .calib.record import CalibrationSet, record_forward_loop
-from .calibrate import calibrate_activations, calibrate_weights, name_quantizers
+from .calib.record import CalibrationSet, record_for, record_forward_loop
 from .checkpoint import CONFIG_FILE, MANIFEST_FILE, read_checkpoint, restore_weights, state_for_saving, write_checkpoint
-from .config import CorrectionConfig, QuantConfig, load_recipe
-from .core.attach import QuantReport, attach_quantizers, find_shortcut_splits
-from .core.quantizer import STEPS_DRIVEN, Quantizer, quantizers, set_step
-from .correct.statistics import NoiseStatistics, collect_noise_statistics
+from .config import (
+    CorrectionConfig,
+    QuantConfig,
+    load_recipe,
+)
+from .core.attach import QuantReport
+from .core.quantizer import STEPS_DRIVEN, Quantizer, quantizers
+from .correct.statistics import NoiseStatistics
 from .correct.step import NoiseCorrection
 from .denoiser import Denoiser
 from .errors import CalibrationError, CheckpointError, ConfigError, ModelError
 from .manifest import CODES_PER_BYTE
-from .offload import offload_for, running
-from .precision.smoothquant import input_absmax, smooth, smoothed_layers
-from .recon.cache import calibration_runner
-from .recon.model import reconstruct_model
-from .sampling import Conditioning, StepContext, StepHook
+from .models import DiffusionModel
+from .offload import offload_for, refuse_unoffloaded_probes, running
+from .passes import attach_recorded
+from .recipe_passes import (
+    NOISE_STATISTICS,
+    PASSES,
+    QuantizationRun,
+    StepSelector,
+    noise_statistics,
+    step_selector,
+    wanted_passes,
+)
+from .sampling import Conditioning, StepHook
 
 INFO_ATTRIBUTE = "dmquant_info"
 
@@ -57,91 +69,102 @@ def info(model: nn.Module) -> QuantizationInfo:
 
 
 def quantize(
-    model: nn.Module,
+    model: nn.Module | DiffusionModel,
     config: QuantConfig | str | Path,
-    calibration: CalibrationSet | Callable[[nn.Module], Any],
+    calibration: CalibrationSet | Callable[[nn.Module], Any] | None = None,
     *,
     inplace: bool = False,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     progress: bool = True,
     source: str | None = None,
     state_dir: str | Path | None = None,
-    offload: bool | str | torch.device = False,
-) -> nn.Module:
-    """Quantize ``model`` after training.
+    offload: bool | str | torch.device | None = False,
+) -> nn.Module | DiffusionModel:
+    """Quantize ``model`` after training: the one interpreter of a recipe.
 
-    ``config`` is a :class:`~dmquant.config.QuantConfig` or a recipe name/path; ``calibration``
+    ``model`` is a denoiser (``nn.Module``) or a :class:`~dmquant.models.DiffusionModel` (a denoiser with its
+    sampler and conditioning, as :func:`dmquant.models.load_model` gives), which is returned with its denoiser
+    quantized. ``config`` is a :class:`~dmquant.config.QuantConfig` or a recipe name/path; ``calibration``
     holds (x_t, t, conditioning) recorded from the FP model's own trajectories (see
     :func:`dmquant.calib.record_calibration`), or is a ``forward_loop(model)`` that runs the model on
     representative inputs — e.g. ``lambda unet: pipe(prompts, num_inference_steps=20)`` with ``pipe.unet``
-    being ``model`` — whose calls are recorded (:func:`dmquant.calib.record.record_forward_loop`).
-    Steps: find split shortcuts, attach quantizers (rules decide per layer), set weight ranges, then
-    activation ranges on the calibration data, then — if ``config.reconstruction.enabled`` — block reconstruction
-    (:func:`dmquant.recon.model.reconstruct_model`; with ``state_dir`` a killed run resumes
-    from the last finished block when called again with the same arguments).
-    ``offload`` (``True``: this process's GPU; or a device) keeps the weights of a ``model`` given on the
-    CPU in host memory and runs one block at a time on that device (:mod:`dmquant.offload`): for models
-    larger than the GPU; the same result, the quantized model returned on the CPU.
+    being ``model`` — whose calls are recorded (:func:`dmquant.calib.record.record_forward_loop`); left out, a
+    DiffusionModel's own trajectories are recorded as ``config.calibration`` says.
+
+    The passes of :data:`~dmquant.recipe_passes.PASSES` then run in order, each when its config section
+    asks for it: plan (the switch step of a bit schedule, the most sensitive layers to smooth, hybrid
+    precision's promotions —
+    these sample with the model, so they need a DiffusionModel), attach quantizers, smooth, set ranges,
+    reconstruct (with ``state_dir`` a killed run resumes from the last finished block when called again
+    with the same arguments), measure PTQD's noise statistics (a bare denoiser's are measured by
+    :func:`measure_noise`). ``batch_size`` rows run per forward pass while calibrating (default: the
+    recipe's ``calibration.batch_size`` for a DiffusionModel, else 32).
+
+    ``offload`` (``True``: this process's GPU; or a device) keeps the weights of a denoiser given on the CPU in
+    host memory and runs one block at a time on that device (:mod:`dmquant.offload`) while calibration is
+    recorded (a DiffusionModel's own trajectories, or a forward loop), ranges are set and blocks reconstructed:
+    for models larger than the GPU; the same result, the quantized model returned on the CPU. The passes that
+    sample with a DiffusionModel (planners, PTQD's noise statistics) are refused with it
+    (:func:`dmquant.offload.refuse_unoffloaded_probes`).
     Returns the quantized model (a copy unless ``inplace``), with ``model.dmquant_info``.
     """
+    started = time.perf_counter()
     if isinstance(config, (str, Path)):
         config = load_recipe(config)
-    refuse_unfused_adapters(model, "quantizing it")
-    place = offload_for(offload, model)
-    if not isinstance(calibration, CalibrationSet):
+    bundle = model if isinstance(model, DiffusionModel) else None
+    denoiser = bundle.denoiser if bundle is not None else model
+    planned = [p.asks for p in wanted_passes(config) if p.samples and not p.deferrable]
+    if bundle is None and planned:
+        raise ConfigError(
+            f"recipe {config.name!r} uses {planned}, which sample with the model: "
+            f"pass a DiffusionModel (dmquant.models.load_model), not a {type(denoiser).__name__} alone"
+        )
+    refuse_unfused_adapters(denoiser, "quantizing it")
+    place = offload_for(offload, denoiser)
+    if place is not None and bundle is not None:  # a denoiser alone runs no pass that samples
+        refuse_unoffloaded_probes(config)
+    if calibration is None:
+        if bundle is None:
+            raise CalibrationError("calibration: a denoiser alone needs a CalibrationSet or a forward_loop(model)")
+        with running(place, denoiser):
+            calibration = record_for(bundle, config.calibration, progress=progress)
+    elif not isinstance(calibration, CalibrationSet):
         if not callable(calibration):
             raise CalibrationError(
                 f"calibration: expected a CalibrationSet or a forward_loop(model), got {type(calibration).__name__}"
             )
-        with running(place, model):
-            calibration = record_forward_loop(model, calibration)
+        with running(place, denoiser):
+            calibration = record_forward_loop(denoiser, calibration)
     elif len(calibration) > 0:  # a recorded forward loop holds what the model itself was fed: it fits
-        calibration.check_fits(Denoiser(model))
+        calibration.check_fits(Denoiser(denoiser))
     if len(calibration) == 0:
         raise CalibrationError("the calibration set is empty: record at least one sample")
-    fp_model = copy.deepcopy(model).eval() if config.reconstruction.enabled else None
-    if not inplace:
-        model = copy.deepcopy(model)
-    model.eval()
-    splits: dict[str, int] = {}
-    if config.split_shortcut:
-        denoiser = Denoiser(model)
-        x, t, cond, _ = next(calibration.to(denoiser.device).batches(min(batch_size, 2)))
-        with torch.no_grad(), running(place, model):
-            splits = find_shortcut_splits(model, lambda: denoiser(x, t, cond))
-    num_steps = calibration.num_inference_steps if config.per_step_activations else 1
-    report = attach_quantizers(model, config, splits=splits, num_steps=num_steps)
-    if report.num_quantized == 0:
-        raise ModelError(f"{type(model).__name__} has no Linear, Conv2d or attention layer left to quantize")
-    name_quantizers(model)
-    if config.smoothing.enabled:
-        with running(place, model):
-            _smooth(model, config, calibration, batch_size)
-    calibrate_weights(model, progress=progress)
-
-    def calibrate() -> None:
-        with running(place, model):
-            calibrate_activations(model, calibration, batch_size=batch_size, progress=progress)
-
-    # Q-Diffusion's order estimates activation ranges only once the weights are reconstructed
-    if fp_model is None or config.reconstruction.activation_scales != "after":
-        calibrate()
-    extra: dict[str, Any] = {}
-    if fp_model is not None:
-        records = reconstruct_model(
-            fp_model,
-            model,
-            calibration,
-            config.reconstruction,
-            recalibrate=calibrate,
-            state_dir=state_dir,
-            capture_batch_size=batch_size,
-            progress=progress,
-            offload=place,
-        )
-        extra["reconstruction"] = [asdict(record) for record in records]
-    mark_quantized(model, QuantizationInfo(config, report, splits, num_steps, source=source, extra=extra))
-    return model
+    if batch_size is None:
+        batch_size = config.calibration.batch_size if bundle is not None else 32
+    if bundle is not None and source is None:
+        source = bundle.source or bundle.name
+    copy_fp = config.reconstruction.enabled or (inplace and config.correction.enabled)
+    run = QuantizationRun(
+        fp_model=copy.deepcopy(denoiser).eval() if copy_fp else denoiser,
+        model=(denoiser if inplace else copy.deepcopy(denoiser)).eval(),
+        sampler=bundle,
+        config=config,
+        calibration=calibration,
+        batch_size=batch_size,
+        progress=progress,
+        state_dir=state_dir,
+        offload=place,
+    )
+    for quantization_pass in PASSES:  # planners may change the recipe: each pass reads it when its turn comes
+        if quantization_pass.wanted(run.config):
+            quantization_pass.run(run)
+    run.extra.update(
+        {"calibration_samples": len(calibration), "calibration_seconds": round(time.perf_counter() - started, 2)}
+    )
+    attached = run.attached
+    quant = QuantizationInfo(run.config, attached.report, attached.splits, attached.num_steps, source, run.extra)
+    mark_quantized(run.model, quant)
+    return bundle.with_denoiser(run.model) if bundle is not None else run.model
 
 
 def mark_quantized(model: nn.Module, quant: QuantizationInfo) -> None:
@@ -217,45 +240,6 @@ def _refuse_save_pretrained(*args: Any, **kwargs: Any) -> None:
     )
 
 
-def _smooth(model: nn.Module, config: QuantConfig, calibration: CalibrationSet, batch_size: int) -> None:
-    """SmoothQuant on the layers ``config.smoothing.patterns`` select, from their FP input ranges."""
-    layers = smoothed_layers(model, config.smoothing.patterns)
-    if not layers:
-        raise ModelError(f"smoothing.patterns {config.smoothing.patterns} match no quantized layer")
-    ranges = input_absmax(model, layers, calibration_runner(model, calibration, batch_size=batch_size))
-    for name, layer in layers.items():
-        smooth(layer, ranges[name], config.smoothing.alpha)
-
-
-class StepSelector(StepHook):
-    """Selects each sampling step's activation parameters (per-step ranges, or a step-aware bit schedule).
-
-    ``num_steps`` (when given) is the trajectory length the parameters were made for; sampling
-    with another is an error rather than a silent mismatch of steps and parameters. After the last
-    step the model counts as undriven again (see :func:`mark_quantized`).
-    """
-
-    def __init__(self, model: nn.Module, num_steps: int | None = None):
-        self.model = model
-        self.num_steps = num_steps
-
-    def begin_step(self, ctx: StepContext) -> None:
-        if self.num_steps is not None and ctx.num_steps != self.num_steps:
-            raise CalibrationError(
-                f"this model's activation parameters are made for {self.num_steps} steps; "
-                f"sample with {self.num_steps} steps, not {ctx.num_steps}"
-            )
-        set_step(self.model, ctx.step_index)
-
-    def end_step(self, ctx: StepContext, prev_sample: torch.Tensor) -> None:
-        if ctx.step_index == ctx.num_steps - 1:
-            self.model.__dict__[STEPS_DRIVEN] = False
-
-
-#: ``info(model).extra`` key of the PTQD noise statistics.
-NOISE_STATISTICS = "noise_statistics"
-
-
 def required_steps(model: nn.Module) -> int | None:
     """The trajectory length a quantized model's per-step parts were made for (noise statistics,
     a bit schedule, per-step ranges), or ``None`` when it samples with any number of steps."""
@@ -269,16 +253,13 @@ def required_steps(model: nn.Module) -> int | None:
     return quant.num_steps if quant.num_steps > 1 else None
 
 
-def _range_hooks(model: nn.Module) -> list[StepHook]:
-    """A :class:`StepSelector` for a model with per-step parts, checking the trajectory length that a bit
-    schedule or per-step ranges were made for (noise statistics check their own)."""
+def _range_hooks(model: nn.Module) -> list[StepSelector]:
+    """A :class:`~dmquant.recipe_passes.StepSelector` for a quantized model with per-step parts
+    (see :func:`~dmquant.recipe_passes.step_selector`)."""
     if required_steps(model) is None:
         return []
     quant = info(model)
-    schedule = quant.config.step_precision
-    if schedule.enabled:
-        return [StepSelector(model, schedule.num_inference_steps)]
-    return [StepSelector(model, quant.num_steps if quant.num_steps > 1 else None)]
+    return [step_selector(quant.config, quant.num_steps, model)]
 
 
 def sampling_hooks(model: nn.Module) -> list[StepHook]:
@@ -323,21 +304,12 @@ def measure_noise(
     ``config.num_inference_steps``), ``conditioning(n)`` the conditioning of ``n`` samples with
     the guidance scale of sampling. ``config`` defaults to the recipe's ``correction`` section.
     The statistics are saved with the model by :func:`save`, and :func:`sampling_hooks` corrects
-    with them.
+    with them. :func:`quantize` of a DiffusionModel measures them itself.
     """
     quant = info(model)
     config = config or quant.config.correction
-    statistics = collect_noise_statistics(
-        fp_model,
-        model,
-        scheduler,
-        num_inference_steps=config.num_inference_steps,
-        num_samples=config.num_samples,
-        conditioning=conditioning,
-        batch_size=config.batch_size,
-        generator=torch.Generator().manual_seed(config.seed),
-        quantized_hooks=_range_hooks(model),
-        progress=progress,
+    statistics = noise_statistics(
+        model, fp_model, scheduler, conditioning, config, _range_hooks(model), progress=progress
     )
     quant.extra[NOISE_STATISTICS] = statistics.to_json()
     return statistics
@@ -524,8 +496,7 @@ def load(directory: str | Path, *, model: nn.Module | None = None) -> nn.Module:
         raise CheckpointError(f"dmquant.json: recipe.{error}") from None
     base = _build_base(manifest, model).eval()
     _check_splits(base, manifest["splits"])
-    attach_quantizers(base, config, splits=manifest["splits"], num_steps=manifest["num_steps"], warn=False)
-    name_quantizers(base)
+    attach_recorded(base, config, manifest["splits"], manifest["num_steps"], warn=False)
     layout = manifest["weight_codes"]
     expected = set(base.state_dict())
     stored = (set(tensors) - set(layout)) | {entry["weight"] for entry in layout.values()}

@@ -29,7 +29,7 @@ from .core.primitives import FloatFormat, Granularity, IntFormat, QFormat, parse
 from .errors import ConfigError
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuantizerConfig:
     """How one kind of tensor (weights, activations) is quantized.
 
@@ -112,7 +112,7 @@ def _default_activation() -> QuantizerConfig:
     return QuantizerConfig(bits=8, symmetric=False, granularity="tensor", observer="mse", p=2.4)
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttentionConfig:
     """Quantization of the two activation-activation matmuls of attention (Q·Kᵀ and softmax·V).
 
@@ -136,7 +136,7 @@ class AttentionConfig:
             )
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerRule:
     """Overrides for the layers whose qualified name matches ``pattern``.
 
@@ -166,7 +166,7 @@ class LayerRule:
         return any(fnmatch.fnmatchcase(name, glob.strip()) for glob in self.pattern.split("|"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class CalibrationConfig:
     """Where calibration data comes from: the FP model's own sampling trajectories.
 
@@ -199,7 +199,7 @@ class CalibrationConfig:
 ACTIVATION_SCALE_MODES = ("after", "jointly", "fixed")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReconstructionConfig:
     """Block reconstruction after range calibration (BRECQ, Li et al. 2021; AdaRound, Nagel et al. 2020).
 
@@ -272,8 +272,14 @@ class ReconstructionConfig:
         if self.inner_loss_weight < 0:
             raise ConfigError(f"inner_loss_weight: must be >= 0, got {self.inner_loss_weight}")
 
+    @property
+    def ranges_after_weights(self) -> bool:
+        """Q-Diffusion's order (``activation_scales: after``): activation ranges are estimated only once the
+        weights are reconstructed, not before the reconstruction."""
+        return self.enabled and self.activation_scales == "after"
 
-@dataclass
+
+@dataclass(frozen=True)
 class CorrectionConfig:
     """PTQD's corrections of the quantization noise (He et al. 2023), applied while sampling.
 
@@ -299,7 +305,7 @@ class CorrectionConfig:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepPrecisionConfig:
     """Step-aware mixed precision (PTQD, He et al. 2023, Sec. 4.3): more activation bits late.
 
@@ -334,7 +340,7 @@ class StepPrecisionConfig:
         return [early_bits] * self.switch_step + [self.late_bits] * late
 
 
-@dataclass
+@dataclass(frozen=True)
 class HybridConfig:
     """Hybrid precision from the SQNR analysis (efficient-LDM study, Yang et al. 2023): the blocks
     whose quantization noise matters most get ``weight_bits`` / ``activation_bits``.
@@ -363,7 +369,7 @@ class HybridConfig:
             raise ConfigError("num_inference_steps and num_samples: must be >= 1")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SmoothingConfig:
     """SmoothQuant (Xiao et al. 2023) on selected layers: activation outliers moved into the weights.
 
@@ -388,7 +394,7 @@ class SmoothingConfig:
             raise ConfigError("most_sensitive must be >= 0, num_inference_steps and num_samples >= 1")
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuantConfig:
     """A whole quantization recipe."""
 
@@ -443,6 +449,38 @@ class QuantConfig:
         return _build(cls, data, "")
 
 
+def with_overrides(config: QuantConfig, overrides: Mapping[str, object]) -> QuantConfig:
+    """A copy of ``config`` with the values at dotted key paths replaced (``{"weight.bits": 4,
+    "reconstruction.enabled": False}``), each checked as a recipe's value at that path and every section it
+    changes validated again (configs are frozen: :func:`dataclasses.replace` is the only way to change one).
+    ``weight.bits`` and ``activation.bits`` go through :meth:`QuantizerConfig.with_bits` (a float format
+    makes its quantizer symmetric). Errors name the full key path."""
+    for path, value in overrides.items():
+        config = _replaced(config, str(path).split("."), value, "")
+    return config
+
+
+def _replaced(section: Any, keys: list[str], value: Any, prefix: str) -> Any:
+    """``section`` with the value at ``keys`` (below ``prefix``) replaced."""
+    key, rest = keys[0], keys[1:]
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if key not in fields:
+        raise ConfigError(f"{prefix}{key}: unknown key; valid keys: {', '.join(fields)}")
+    current = getattr(section, key)
+    if rest:
+        if not dataclasses.is_dataclass(current):
+            raise ConfigError(f"{prefix}{key}: not a section, it holds no {'.'.join(rest)}")
+        new = _replaced(current, rest, value, f"{prefix}{key}.")
+    else:
+        new = _convert(typing.get_type_hints(type(section))[key], value, f"{prefix}{key}", current)
+    try:
+        if key == "bits" and isinstance(section, QuantizerConfig):
+            return section.with_bits(new)
+        return dataclasses.replace(section, **{key: new})
+    except ConfigError as error:
+        raise ConfigError(f"{prefix}{error}") from None
+
+
 def _keyed(key: str, check: Callable[[], Any]) -> Any:
     """Run ``check`` and prefix any ConfigError it raises with ``key``."""
     try:
@@ -492,6 +530,8 @@ def _field_default(f: dataclasses.Field) -> Any:
 
 def _convert(hint: Any, value: Any, path: str, default: Any = None) -> Any:
     origin = typing.get_origin(hint)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, hint):
+        return value  # a section given whole, {"calibration": CalibrationConfig(...)}: checked when it was made
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, path + ".", default if dataclasses.is_dataclass(default) else None)
     if origin is list:
@@ -637,4 +677,5 @@ __all__ = [
     "StepPrecisionConfig",
     "available_recipes",
     "load_recipe",
+    "with_overrides",
 ]

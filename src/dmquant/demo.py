@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from .api import save
+from .api import quantize, save
 from .atomic import directory_written_atomically, write_atomically
 from .config import QuantConfig
-from .jobs import compare, generate, open_model, quantize_model
+from .jobs import compare, generate, open_model
 from .models import REFERENCE_MODELS, DiffusionModel
 from .provenance import environment
 from .report import comparison_grid, markdown_table, save_image_grid, sqnr_plot, write_report
@@ -80,8 +80,8 @@ def glyph_judge(model: DiffusionModel, num_samples: int, device: str, progress: 
     """GlyphNet references for the zoo's glyph models; ``None`` for other models."""
     if model.name not in REFERENCE_MODELS:
         return None
-    from .zoo.jobs import shipped_glyphnet
     from .zoo.quality import ReferenceSet
+    from .zoo_jobs import shipped_glyphnet
 
     return ReferenceSet(shipped_glyphnet(device), num_samples, progress=progress)
 
@@ -182,7 +182,7 @@ def _run(
     for w_bits, a_bits in options.bit_settings:
         label = f"W{w_bits}A{a_bits}"
         quantized, quantize_seconds = _timed(
-            lambda w=w_bits, a=a_bits: quantize_model(fp, recipe(w, a), progress=options.progress)
+            lambda w=w_bits, a=a_bits: quantize(fp, recipe(w, a), progress=options.progress)
         )
         checkpoint = save(quantized.denoiser, output / label.lower())
         reloaded = open_model(str(checkpoint)).to(device)

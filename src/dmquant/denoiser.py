@@ -5,11 +5,34 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import diffusers
 import torch
 from diffusers import DiTTransformer2DModel, ModelMixin, UNet2DConditionModel, UNet2DModel
 from torch import Tensor, nn
 
 from dmquant.errors import ModelError
+
+#: Denoiser classes dmquant loads from a model directory.
+DENOISER_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
+#: Where diffusers defines its denoisers: the classes a pipeline's ``unet`` or ``transformer`` may be.
+_DENOISER_MODULES = ("diffusers.models.unets.", "diffusers.models.transformers.")
+
+
+def is_denoiser_class(name: str) -> bool:
+    """``name`` names a denoiser a quantized checkpoint may be built on: one of :data:`DENOISER_CLASSES`, or
+    (for :func:`dmquant.quantize_pipeline`'s SD3, FLUX, ... pipelines) another diffusers UNet or transformer
+    model class. Nothing else of diffusers (autoencoders, pipelines, the module's own attributes) is."""
+    if name in DENOISER_CLASSES:
+        return True
+    if not name.isidentifier() or name.startswith("_"):
+        return False
+    model_class = getattr(diffusers, name, None)
+    return (
+        isinstance(model_class, type)
+        and issubclass(model_class, diffusers.ModelMixin)
+        and model_class.__module__.startswith(_DENOISER_MODULES)
+    )
+
 
 #: Model families dmquant recognises, most specific first; anything else is ``"generic"``.
 _KINDS: tuple[tuple[type[nn.Module], str], ...] = (

@@ -1,8 +1,9 @@
-"""The end-to-end jobs behind the CLI, usable from Python: calibrate, quantize, generate, compare."""
+"""The jobs behind the CLI, usable from Python: generate, compare, and opening a model or a checkpoint to run them on.
+
+Quantizing is :func:`dmquant.api.quantize` itself."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -12,155 +13,16 @@ from typing import Any
 import torch
 
 from . import distributed
-from .api import info, load, measure_noise, quantize, same_architecture, sampling_hooks
-from .calib.record import CalibrationSet, record_calibration
-from .calib.strategies import get_strategy
+from .api import info, load, same_architecture, sampling_hooks
 from .checkpoint import MANIFEST_FILE
-from .config import CalibrationConfig, QuantConfig
 from .denoiser import Denoiser
 from .errors import CheckpointError, ModelError
 from .eval.cost import model_size
 from .eval.images import psnr, ssim, to_unit_range
 from .eval.noise import noise_estimate_error
 from .models import DiffusionModel, from_pipeline, load_model
-from .offload import offload_for, refuse_unoffloaded_probes, running
-from .precision.hybrid import plan_hybrid, promotion_rules
-from .precision.sqnr import analyze_sensitivity
-from .precision.step_schedule import choose_switch_step, trajectory_bops
+from .precision.step_schedule import trajectory_bops
 from .sampling import Conditioning, sample
-
-
-def record_for(model: DiffusionModel, config: CalibrationConfig, *, progress: bool = True) -> CalibrationSet:
-    """Record calibration data from ``model``'s own FP trajectories as ``config`` says."""
-    strategy = get_strategy(config.strategy, **config.strategy_options)
-    return record_calibration(
-        model.denoiser,
-        model.scheduler,
-        num_inference_steps=config.num_inference_steps,
-        steps=strategy,
-        num_trajectories=config.num_trajectories,
-        conditioning=lambda n: model.make_conditioning(n, guidance_scale=config.guidance_scale),
-        batch_size=config.batch_size,
-        generator=torch.Generator().manual_seed(config.seed),
-        eta=config.eta,
-        progress=progress,
-    )
-
-
-#: FP trajectories along which the SQNR that chooses the step-aware precision switch is measured.
-SWITCH_TRAJECTORIES = 16
-
-
-def choose_precision_switch(model: DiffusionModel, config: QuantConfig, calibration: CalibrationSet) -> int:
-    """PTQD's switch step: quantize at the early bits everywhere (ranges only, no reconstruction)
-    and find where the per-step SQNR of the noise estimate drops below the threshold for good."""
-    schedule = config.step_precision
-    early = config.ranges_only()
-    probe = quantize(model.denoiser, early, calibration, batch_size=config.calibration.batch_size, progress=False)
-    rows = noise_estimate_error(
-        model.denoiser,
-        probe,
-        model.scheduler,
-        num_inference_steps=schedule.num_inference_steps,
-        batch_size=SWITCH_TRAJECTORIES,
-        conditioning=model.make_conditioning(SWITCH_TRAJECTORIES, guidance_scale=model.guidance_scale),
-        generator=torch.Generator().manual_seed(config.calibration.seed),
-        progress=False,
-    )
-    return choose_switch_step([row["sqnr_db"] for row in rows], schedule.snr_threshold_db)
-
-
-def most_sensitive_modules(
-    model: DiffusionModel, config: QuantConfig, calibration: CalibrationSet, *, progress: bool = True
-) -> list[str]:
-    """The ``config.smoothing.most_sensitive`` layers with the lowest SQNR on their own input
-    (:func:`dmquant.precision.sqnr.analyze_sensitivity` of the recipe's ranges)."""
-    smoothing = config.smoothing
-    probe = quantize(model.denoiser, config.ranges_only(), calibration, progress=False)
-    sensitivity = analyze_sensitivity(
-        model.denoiser,
-        probe,
-        model.scheduler,
-        num_inference_steps=smoothing.num_inference_steps,
-        conditioning=model.make_conditioning(smoothing.num_samples, guidance_scale=model.guidance_scale),
-        generator=torch.Generator().manual_seed(config.calibration.seed),
-        progress=progress,
-    )
-    return [name for name, _ in sensitivity.module_ranking()[: smoothing.most_sensitive]]
-
-
-def quantize_model(
-    model: DiffusionModel,
-    config: QuantConfig,
-    *,
-    progress: bool = True,
-    state_dir: str | Path | None = None,
-    offload: str | None = None,
-) -> DiffusionModel:
-    """Calibrate on ``model``'s trajectories and quantize its denoiser; returns the quantized bundle.
-
-    ``state_dir`` keeps the reconstruction's progress (see :func:`dmquant.api.quantize`). A
-    step-aware precision schedule without a switch step gets one from
-    :func:`choose_precision_switch` first (saved in the checkpoint's recipe); hybrid precision
-    first plans its promotions (:func:`dmquant.precision.hybrid.plan_hybrid`), added to the
-    recipe's rules and kept in the model's info. ``offload`` (an execution device) keeps the denoiser's
-    weights in host memory while calibration is recorded and the model quantized (:mod:`dmquant.offload`).
-    """
-    started = time.perf_counter()
-    place = offload_for(offload, model.denoiser)
-    if place is not None:
-        refuse_unoffloaded_probes(config)
-    with running(place, model.denoiser):
-        calibration = record_for(model, config.calibration, progress=progress)
-    schedule = config.step_precision
-    if schedule.enabled and schedule.switch_step is None:
-        switch = choose_precision_switch(model, config, calibration)
-        config = dataclasses.replace(config, step_precision=dataclasses.replace(schedule, switch_step=switch))
-    smoothing = config.smoothing
-    if smoothing.enabled and smoothing.most_sensitive:
-        flagged = most_sensitive_modules(model, config, calibration, progress=progress)
-        config = dataclasses.replace(
-            config, smoothing=dataclasses.replace(smoothing, patterns=[*smoothing.patterns, *flagged], most_sensitive=0)
-        )
-    hybrid = None
-    if config.hybrid.enabled:
-        conditioning = model.make_conditioning(config.hybrid.num_samples, guidance_scale=model.guidance_scale)
-        hybrid = plan_hybrid(
-            model.denoiser,
-            config,
-            calibration,
-            model.scheduler,
-            conditioning,
-            seed=config.calibration.seed,
-            progress=progress,
-        )
-        rules = promotion_rules(hybrid["promoted"], config.hybrid.weight_bits, config.hybrid.activation_bits)
-        config = dataclasses.replace(config, rules=[*config.rules, *rules])
-    denoiser = quantize(
-        model.denoiser,
-        config,
-        calibration,
-        batch_size=config.calibration.batch_size,
-        progress=progress,
-        source=model.source or model.name,
-        state_dir=state_dir,
-        offload=offload or False,
-    )
-    if config.correction.enabled:  # on the estimate sampling uses: at the model's own guidance scale
-        guidance = model.guidance_scale
-        measure_noise(
-            denoiser,
-            model.denoiser,
-            model.scheduler,
-            lambda n: model.make_conditioning(n, guidance_scale=guidance),
-            progress=progress,
-        )
-    info(denoiser).extra.update(
-        {"calibration_samples": len(calibration), "calibration_seconds": round(time.perf_counter() - started, 2)}
-    )
-    if hybrid is not None:
-        info(denoiser).extra["hybrid"] = hybrid
-    return model.with_denoiser(denoiser)
 
 
 def generate(

@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
+from .denoiser import DENOISER_CLASSES, is_denoiser_class
 from .errors import CheckpointError
-from .models import DENOISER_CLASSES, is_denoiser_class
 
 #: The trajectory lengths a checkpoint's per-step parameters may be made for.
 MAX_STEPS = 10_000

@@ -22,34 +22,14 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import nn
 
 from .catalog import REFERENCE_MODELS, SCHEDULER_NAMES, TINY_MODELS
+from .denoiser import DENOISER_CLASSES
 from .errors import ModelError
 from .sampling import Conditioning, copy_scheduler
+from .scheduler_hooks import plain_scheduler
 from .zoo import WEIGHTS_DIR, tiny
 
 #: Scheduler names accepted by ``--scheduler``; each is built from the model's own scheduler config.
 SCHEDULERS = dict(zip(SCHEDULER_NAMES, (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler), strict=True))
-#: Denoiser classes dmquant loads from a model directory.
-DENOISER_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
-#: Where diffusers defines its denoisers: the classes a pipeline's ``unet`` or ``transformer`` may be.
-_DENOISER_MODULES = ("diffusers.models.unets.", "diffusers.models.transformers.")
-
-
-def is_denoiser_class(name: str) -> bool:
-    """``name`` names a denoiser a quantized checkpoint may be built on: one of :data:`DENOISER_CLASSES`, or
-    (for :func:`dmquant.quantize_pipeline`'s SD3, FLUX, ... pipelines) another diffusers UNet or transformer
-    model class. Nothing else of diffusers (autoencoders, pipelines, the module's own attributes) is."""
-    if name in DENOISER_CLASSES:
-        return True
-    if not name.isidentifier() or name.startswith("_"):
-        return False
-    model_class = getattr(diffusers, name, None)
-    return (
-        isinstance(model_class, type)
-        and issubclass(model_class, diffusers.ModelMixin)
-        and model_class.__module__.startswith(_DENOISER_MODULES)
-    )
-
-
 #: Prompts used for calibration and sampling of text-to-image pipelines when none are given.
 GENERIC_PROMPTS = (
     "a photograph of a red car on a street",
@@ -284,8 +264,6 @@ def from_pipeline(pipe: diffusers.DiffusionPipeline, name: str) -> DiffusionMode
         raise ModelError(f"{name}: the pipeline has no unet or transformer to quantize")
     if type(denoiser).__name__ not in DENOISER_CLASSES or getattr(denoiser.config, "addition_embed_type", None):
         raise ModelError(f"{name}: dmquant's sampling loop does not condition a {type(denoiser).__name__} of this kind")
-    from .pipelines import plain_scheduler  # pipelines imports the API, which imports this module
-
     scheduler = plain_scheduler(pipe.scheduler)
     vae = getattr(pipe, "vae", None)
     if getattr(pipe, "text_encoder", None) is not None and hasattr(pipe, "encode_prompt"):

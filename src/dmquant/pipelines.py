@@ -17,16 +17,13 @@ noise estimate the corrections adjust).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import diffusers
 import torch
-from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from torch import nn
 
 from .api import info, load, quantize, sampling_hooks, save
@@ -43,7 +40,9 @@ from .calib.strategies import get_strategy
 from .checkpoint import MANIFEST_FILE
 from .config import QuantConfig, load_recipe
 from .errors import CheckpointError, ConfigError, ModelError
-from .sampling import StepContext, StepHook, _step_with_scaled_noise
+from .models import from_pipeline
+from .recipe_passes import wanted_passes
+from .scheduler_hooks import HookedScheduler, plain_scheduler
 
 #: Pipeline components that hold the denoiser, in the order they are looked for.
 DENOISER_COMPONENTS = ("unet", "transformer")
@@ -57,95 +56,6 @@ def denoiser_component(pipe: diffusers.DiffusionPipeline) -> str:
         if isinstance(getattr(pipe, name, None), nn.Module):
             return name
     raise ModelError(f"{type(pipe).__name__} has no {' or '.join(DENOISER_COMPONENTS)} to quantize")
-
-
-class HookedScheduler:
-    """A diffusers scheduler that runs dmquant's step hooks inside a pipeline's own loop.
-
-    It stands in for ``scheduler`` (every other attribute is the wrapped scheduler's, and ``step`` /
-    ``set_timesteps`` keep its signature, so a pipeline passes them ``eta`` and ``generator`` as it would).
-    ``set_timesteps`` starts a trajectory at step 0 (``begin_step``); ``step`` hands the noise estimate to
-    ``noise_estimate``, scales the injected noise by ``noise_scale``, calls ``end_step`` and begins the next
-    step. Pipelines do not expose what the model is fed, so the contexts carry the scheduler's sample and
-    timestep there and no conditioning: recording hooks belong to dmquant's own loop.
-    """
-
-    def __init__(self, scheduler: Any, hooks: Sequence[StepHook]):
-        self.__dict__.update(scheduler=scheduler, hooks=list(hooks), step_index_=0)
-
-    @property
-    def set_timesteps(self) -> Callable[..., Any]:
-        """The scheduler's ``set_timesteps`` (its signature kept), then step 0 begins."""
-        return functools.update_wrapper(
-            functools.partial(HookedScheduler._set_timesteps, self), self.scheduler.set_timesteps
-        )
-
-    @property
-    def step(self) -> Callable[..., Any]:
-        """The scheduler's ``step`` (its signature kept, so pipelines pass ``eta`` and ``generator``), hooked."""
-        return functools.update_wrapper(functools.partial(HookedScheduler._step, self), self.scheduler.step)
-
-    def _set_timesteps(self, *args: Any, **kwargs: Any) -> Any:
-        result = self.scheduler.set_timesteps(*args, **kwargs)
-        self.__dict__["step_index_"] = 0
-        self._begin(None, 0.0)
-        return result
-
-    def __getattr__(self, name: str) -> Any:
-        if "scheduler" not in self.__dict__:  # a copy being built (copy.deepcopy) has no state yet
-            raise AttributeError(name)
-        return getattr(self.__dict__["scheduler"], name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self.scheduler, name, value)
-
-    def _context(self, sample: torch.Tensor | None, eta: float) -> StepContext:
-        timesteps = self.scheduler.timesteps
-        timestep = timesteps[self.step_index_]
-        return StepContext(
-            step_index=self.step_index_,
-            num_steps=len(timesteps),
-            timestep=timestep,
-            sample=sample,
-            model_input=sample,
-            model_timestep=timestep,
-            model_cond={},
-            guidance_scale=1.0,
-            scheduler=self.scheduler,
-            eta=eta,
-        )
-
-    def _begin(self, sample: torch.Tensor | None, eta: float) -> None:
-        ctx = self._context(sample, eta)
-        for hook in self.hooks:
-            hook.begin_step(ctx)
-
-    def _step(self, eps: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        eta = float(kwargs.get("eta", 0.0))
-        ctx = self._context(sample, eta)
-        for hook in self.hooks:
-            eps = hook.noise_estimate(ctx, eps)
-        scale = math.prod(hook.noise_scale(ctx) for hook in self.hooks)
-        if scale == 1.0:
-            output = self.scheduler.step(eps, timestep, sample, *args, **kwargs)
-            prev = output[0] if isinstance(output, tuple) else output.prev_sample
-        else:
-            return_dict = kwargs.pop("return_dict", True)
-            prev = _step_with_scaled_noise(
-                self.scheduler, eps, timestep, sample, scale, kwargs.get("generator"), kwargs
-            )
-            output = SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
-        for hook in self.hooks:
-            hook.end_step(ctx, prev)
-        self.__dict__["step_index_"] += 1
-        if self.step_index_ < len(self.scheduler.timesteps):
-            self._begin(prev, eta)
-        return output
-
-
-def plain_scheduler(scheduler: Any) -> Any:
-    """The diffusers scheduler itself, out of a :class:`HookedScheduler` if it is in one."""
-    return scheduler.scheduler if isinstance(scheduler, HookedScheduler) else scheduler
 
 
 def hook_pipeline(pipe: diffusers.DiffusionPipeline) -> diffusers.DiffusionPipeline:
@@ -188,17 +98,14 @@ def quantize_pipeline(
 ) -> diffusers.DiffusionPipeline:
     """Quantize ``pipe``'s denoiser in place, calibrated on the user's ``prompts`` (or class ``labels``).
 
-    Pipelines dmquant's own loop drives (DDPM/DDIM, DiT, Stable-Diffusion-style) go through
-    :func:`dmquant.jobs.quantize_model`, so every recipe works (PTQD's noise statistics and bit-schedule
-    switch included); the prompts or labels replace the model's defaults for calibration. Any other
-    text-to-image pipeline (SDXL, SD3, FLUX) calibrates by running itself on the prompts
-    (``config.calibration``'s trajectories and steps) while its denoiser's calls are recorded; recipes that
+    Pipelines dmquant's own loop drives (DDPM/DDIM, DiT, Stable-Diffusion-style) are quantized as a
+    :class:`~dmquant.models.DiffusionModel` by :func:`dmquant.api.quantize`, so every recipe works (PTQD's
+    noise statistics and bit-schedule switch included); the prompts or labels replace the model's defaults
+    for calibration. Any other text-to-image pipeline (SDXL, SD3, FLUX) calibrates by running itself on the
+    prompts (``config.calibration``'s trajectories and steps) while its denoiser's calls are recorded; recipes that
     sample with dmquant's loop (corrections, bit schedules, hybrid precision, sensitivity-chosen smoothing)
     are refused there. The pipeline is then hooked (:func:`hook_pipeline`).
     """
-    from .jobs import quantize_model  # jobs imports the sampling stack: only when a pipeline is quantized
-    from .models import from_pipeline
-
     if isinstance(config, (str, Path)):
         config = load_recipe(config)
     name = denoiser_component(pipe)
@@ -208,13 +115,11 @@ def quantize_pipeline(
         model = None
     if model is not None:
         model = dataclasses.replace(model.with_defaults(prompts=prompts, labels=labels), source=_source(pipe))
-        quantized = quantize_model(model, config, progress=progress, state_dir=state_dir).denoiser
+        quantized = quantize(model, config, progress=progress, state_dir=state_dir).denoiser
     else:
-        needs_loop = [
-            section for section in ("correction", "step_precision", "hybrid") if getattr(config, section).enabled
-        ]
-        if config.smoothing.enabled and config.smoothing.most_sensitive:
-            needs_loop.append("smoothing.most_sensitive")
+        needs_loop = [p.asks for p in wanted_passes(config) if p.samples]
+        if config.step_precision.enabled and "step_precision" not in needs_loop:
+            needs_loop.append("step_precision")  # its formats are calibrated on the steps of dmquant's loop
         if needs_loop:
             raise ConfigError(
                 f"recipe {config.name!r} uses {needs_loop}, which sample with dmquant's own loop; "

@@ -13,7 +13,7 @@ import operator
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -23,11 +23,15 @@ from tqdm.auto import tqdm
 
 from dmquant import distributed
 from dmquant.atomic import write_atomically
-from dmquant.calib.strategies import PerTrajectorySteps
+from dmquant.calib.strategies import PerTrajectorySteps, get_strategy
 from dmquant.calib.tdac import FeatureAllocatedSteps
 from dmquant.denoiser import Denoiser, flatten_conditioning
 from dmquant.errors import CalibrationError, ConfigError
 from dmquant.sampling import Conditioning, StepContext, StepHook, advance_generator, prepare_scheduler, sample
+
+if TYPE_CHECKING:
+    from dmquant.config import CalibrationConfig
+    from dmquant.models import DiffusionModel
 
 
 def _described(value: Any) -> str:
@@ -434,4 +438,45 @@ def record_forward_loop(model: nn.Module, forward_loop: Callable[[nn.Module], An
         step_indices=step_indices,
         cond={name: torch.cat([cond[name] for _, _, cond in calls]) for name in calls[0][2]},
         num_inference_steps=len(distinct),
+    )
+
+
+def calibration_runner(
+    model: nn.Module,
+    calibration: Any,
+    *,
+    batch_size: int = 32,
+    device: torch.device | str | None = None,
+) -> Callable[[], None]:
+    """The model over a ``CalibrationSet``, in order: the forward loop that captures, range and smoothing
+    statistics run (e.g. :func:`~dmquant.recon.capture.capture_block_io`'s ``run_batches``).
+
+    Each batch ``(x, t, cond)`` of ``calibration.batches(batch_size)`` is moved to ``device``
+    (default: the model's) and fed as ``Denoiser(model)(x, t, cond)``; outputs are discarded.
+    """
+    denoiser = Denoiser(model)
+
+    def run() -> None:
+        target = denoiser.device if device is None else torch.device(device)
+        for x, t, cond, _ in calibration.batches(batch_size):
+            denoiser(x.to(target), t.to(target), {name: value.to(target) for name, value in cond.items()})
+
+    return run
+
+
+def record_for(model: DiffusionModel, config: CalibrationConfig, *, progress: bool = True) -> CalibrationSet:
+    """Record calibration data from ``model``'s own FP trajectories as ``config`` (a recipe's
+    ``calibration`` section) says."""
+    strategy = get_strategy(config.strategy, **config.strategy_options)
+    return record_calibration(
+        model.denoiser,
+        model.scheduler,
+        num_inference_steps=config.num_inference_steps,
+        steps=strategy,
+        num_trajectories=config.num_trajectories,
+        conditioning=lambda n: model.make_conditioning(n, guidance_scale=config.guidance_scale),
+        batch_size=config.batch_size,
+        generator=torch.Generator().manual_seed(config.seed),
+        eta=config.eta,
+        progress=progress,
     )

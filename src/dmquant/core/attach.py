@@ -16,8 +16,6 @@ from typing import Any
 from torch import nn
 
 from ..config import LayerRule, QuantConfig, QuantizerConfig
-from ..precision.smoothquant import smoothed_layers
-from ..precision.step_schedule import apply_step_precision
 from .attention import is_quantizable_attention, quantize_attention
 from .layers import QuantConv2d, QuantLinear
 
@@ -82,8 +80,8 @@ def attach_quantizers(
 
     ``splits`` maps conv names to the channel where their input's skip half starts (see
     :func:`find_shortcut_splits`). ``num_steps > 1`` gives activation quantizers one set of
-    parameters per sampling step; ``config.step_precision`` gives the activation quantizers at the
-    default bits a per-step bit schedule. ``warn`` reports rule patterns that match no layer.
+    parameters per sampling step. ``warn`` reports rule patterns that match no layer. A recipe's
+    bit schedule and smoothing scales are attached by :func:`dmquant.passes.attach_recorded`.
     """
     splits = splits or {}
     used_rules: set[str] = set()
@@ -129,11 +127,6 @@ def attach_quantizers(
                     rule=rule.pattern if rule else None,
                 )
             )
-    if config.step_precision.enabled:
-        apply_step_precision(model, config)
-    if config.smoothing.enabled:
-        for layer in smoothed_layers(model, config.smoothing.patterns).values():
-            layer.enable_smoothing()
     unmatched = [rule.pattern for rule in config.rules if rule.pattern not in used_rules]
     for pattern in unmatched if warn else ():
         warnings.warn(f"rule pattern {pattern!r} matches no quantizable layer", stacklevel=2)

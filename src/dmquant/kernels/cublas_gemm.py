@@ -3,7 +3,7 @@
 Where one of them takes a call, it is the fastest Linear path we have on Hopper: at 8192³ on an H100,
 ``_scaled_mm`` ran 2.5× and ``_int_mm`` 2.2× faster than the Triton kernels of
 :mod:`~dmquant.kernels.triton_gemm` (``bench/results/layer-speed/NVIDIA-H100-80GB-HBM3.json``). They take the
-A operand those kernels take (:func:`~dmquant.kernels.triton_gemm.quantize_activations`), so a layer computes
+A operand those kernels take (:func:`~dmquant.kernels.operands.quantize_activations`), so a layer computes
 the same function on either path; the Triton kernels keep the calls the vendor GEMMs refuse (``M ≤ 16`` for int8,
 widths that are not multiples of 8 or 16) and the formats they lack (packed int4, W4A16).
 
@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from .triton_gemm import GemmOperands
+    from .operands import GemmOperands
 
 
 def vendor_takes(operands: GemmOperands) -> bool:

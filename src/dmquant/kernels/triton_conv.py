@@ -11,7 +11,7 @@ the tile's addresses are their sum. Everything else — the four modes (W8A8-INT
 int32/fp32 accumulation and the epilogue with the zero-point corrections of Jacob et al. 2018, eq. 7 — is the
 shared code of :func:`dmquant.kernels.triton_gemm.quantized_gemm_tile`.
 
-The input is quantized once, elementwise, before the kernel (:func:`~dmquant.kernels.triton_gemm.quantize_activations`)
+The input is quantized once, elementwise, before the kernel (:func:`~dmquant.kernels.operands.quantize_activations`)
 into an NHWC buffer of 8-bit codes with C contiguous; each input then enters up to KH·KW A tiles as one byte
 instead of being requantized in each. Zero padding: taps outside the image take the code ``z_x`` in the kernel,
 exactly the code of the real value 0 (:func:`dmquant.kernels.integer.integer_conv2d` pads with it for the same
@@ -277,7 +277,7 @@ def quantized_conv2d(
     bias: Tensor | None, x_zero: Tensor | None, act: str, weight: str, group_size: int, depth: int,
     out_dtype: torch.dtype, window: list[int],
 ) -> Tensor:  # fmt: skip
-    """``_conv2d_kernel`` on :class:`~dmquant.kernels.triton_gemm.GemmOperands` whose ``a`` is the (B, H, W, Cin)
+    """``_conv2d_kernel`` on :class:`~dmquant.kernels.operands.GemmOperands` whose ``a`` is the (B, H, W, Cin)
     input (NHWC; any strides, C contiguous reads best), as a custom op (see ``quantized_linear``). ``window`` is
     ``[kh, kw, sh, sw, ph, pw, dh, dw]``. Returns the (B, Ho, Wo, Cout) output, contiguous."""
     kh, kw, sh, sw, ph, pw, dh, dw = window

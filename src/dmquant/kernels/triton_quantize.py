@@ -1,6 +1,6 @@
 """One-pass activation quantization for eager CUDA calls: a float tensor to the 8-bit A operand of a kernel.
 
-:func:`~dmquant.kernels.triton_gemm.quantize_activations` is written as plain torch operations so that
+:func:`~dmquant.kernels.operands.quantize_activations` is written as plain torch operations so that
 ``torch.compile`` fuses it into the kernel that produces the activation. Run eagerly, those operations are five
 kernels (upcast, divide, round, clamp, cast), each a pass over the tensor in float32: for an 8192×1280 input they
 took 0.12 ms on an H100 where the FP8 GEMM after them took 0.016 ms (``bench/results/layer-speed``). No library

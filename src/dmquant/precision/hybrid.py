@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import quantize
 from ..calib.record import CalibrationSet
 from ..config import LayerRule, QuantConfig
 from ..denoiser import Denoiser
 from ..eval.cost import bops
+from ..passes import range_calibrated
 from ..sampling import Conditioning
 from .sqnr import analyze_sensitivity, mean_sqnr_db
 
@@ -81,20 +81,21 @@ def plan_hybrid(
     conditioning: Conditioning,
     *,
     seed: int = 0,
+    batch_size: int = 32,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Analyse ``config``'s precision and ``config.hybrid``'s higher one and choose the promotions.
 
-    Both are range-calibrated only (:meth:`~dmquant.config.QuantConfig.ranges_only`: the other
-    methods refine a precision, they do not change which blocks need one). Returns the plan: the
-    promoted blocks, every block's gain and cost, the budget and the BOPs before and after.
+    Both are range-calibrated only (:func:`dmquant.passes.range_calibrated`, over ``batch_size`` rows at a
+    time: the other methods refine a precision, they do not change which blocks need one). Returns the plan:
+    the promoted blocks, every block's gain and cost, the budget and the BOPs before and after.
     """
     hybrid = config.hybrid
     plain = config.ranges_only()
     settings = {"low": plain, "high": plain.with_bits(hybrid.weight_bits, hybrid.activation_bits)}
     sensitivity, cost, total = {}, {}, {}
     for key, setting in settings.items():
-        quantized = quantize(fp_model, setting, calibration, progress=False)
+        quantized = range_calibrated(fp_model, setting, calibration, batch_size=batch_size)
         call = _one_call(quantized, calibration)
         sensitivity[key] = analyze_sensitivity(
             fp_model,

@@ -32,7 +32,7 @@ from ..core.quantizer import quantizers
 from ..denoiser import Denoiser
 from ..eval.noise import SideBySide, sqnr_db
 from ..recon.blocks import candidate_units
-from ..recon.cache import recorded_outputs
+from ..recon.capture import recorded_outputs
 from ..sampling import Conditioning, StepContext, StepHook, sample
 
 

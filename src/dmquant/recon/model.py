@@ -12,7 +12,7 @@ quantized and randomly dropped. :func:`reconstruct_model` runs either as
 1. draw ``num_samples`` calibration rows (seeded);
 2. for each pass, for each unit of :func:`~dmquant.recon.blocks.reconstruction_units` in
    execution order: capture the FP model's inputs and output of the unit and the quantized
-   model's inputs (:mod:`dmquant.recon.cache`), reconstruct it (:func:`~dmquant.recon.brecq.reconstruct`),
+   model's inputs (:mod:`dmquant.recon.capture`), reconstruct it (:func:`~dmquant.recon.brecq.reconstruct`),
    and save the unit's state (:mod:`dmquant.recon.state`);
 3. a unit already finished in the state directory is restored instead, so a killed run resumes.
 
@@ -36,13 +36,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calib.record import CalibrationSet
+from ..calib.record import CalibrationSet, calibration_runner
 from ..config import ReconstructionConfig
 from ..core.layers import QUANT_LAYERS, activation_quantizers
 from ..offload import Offload, holding, running
 from .blocks import ReconUnit, reconstruction_units
 from .brecq import reconstruct
-from .cache import calibration_runner, capture_paired_io
+from .capture import capture_paired_io
 from .objectives import InnerLayerLoss
 from .parallel import SampleShare
 from .qdrop import mix_inputs
@@ -280,6 +280,6 @@ def reconstruct_model(
                     on_unit(records[-1])
                 if progress:
                     outer.set_postfix(unit=unit.name, mse=f"{record['initial_mse']:.3g}->{record['final_mse']:.3g}")
-    if config.activation_scales == "after" and not config.activation_iterations:
-        recalibrate()  # the ranges were estimated with the weights before reconstruction
+    if config.ranges_after_weights and not any(step.recalibrate_first for step in passes):
+        recalibrate()  # no step-size pass re-estimated the ranges on the reconstructed weights
     return records

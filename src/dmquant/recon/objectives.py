@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .adaround import reconstruction_loss
-from .cache import recorded_outputs
+from .capture import recorded_outputs
 
 #: ``fp_inputs(indices) -> (args, kwargs)``: the FP model's inputs of the unit for those samples.
 InputSampler = Callable[[Tensor], tuple[Sequence[Any], dict[str, Any]]]

@@ -7,18 +7,18 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed
-from ..atomic import check_output
-from ..errors import ModelError
-from ..eval.features import FeatureExtractor
-from ..jobs import generate
-from ..models import DiffusionModel, load_model
-from ..provenance import environment
-from ..report import save_image_grid
-from ..sampling import Conditioning
-from .glyphnet import GlyphNet, load_glyphnet
-from .quality import ReferenceSet, Requests, held_out_requests
-from .reference import (
+from . import distributed
+from .atomic import check_output
+from .errors import ModelError
+from .eval.features import FeatureExtractor
+from .jobs import generate
+from .models import DiffusionModel, load_model
+from .provenance import environment
+from .report import save_image_grid
+from .sampling import Conditioning
+from .zoo.glyphnet import GlyphNet, load_glyphnet
+from .zoo.quality import ReferenceSet, Requests, held_out_requests
+from .zoo.reference import (
     GLYPHNET_FILE,
     ZOO,
     read_model_card,
@@ -26,7 +26,7 @@ from .reference import (
     write_model_card,
     zoo_entry,
 )
-from .training import TrainingResult, TrainingTask, train
+from .zoo.training import TrainingResult, TrainingTask, train
 
 
 def shipped_glyphnet(device: torch.device | str = "cpu") -> GlyphNet:
