@@ -229,7 +229,7 @@ class _Fp8Attend:
         attn_scale = float(softmax_scale(attn))
         if not (takes(query, key, attn.heads, attention_mask, attn_scale) and scales.runs_on_kernel):
             return super().attend(attn, quant, query, key, value, attention_mask)
-        from .triton_gemm import quantize_activations  # Triton: imported where a GPU call needs it
+        from .operands import quantize_activations  # Triton: imported where a GPU call needs it
 
         (s_q, _), (s_k, _), (s_v, _), (s_p, _) = (operand.parameters_now() for operand in scales.operands)
         codes = [quantize_activations(x, s, None, "fp8") for x, s in ((query, s_q), (key, s_k), (value, s_v))]
