@@ -437,9 +437,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .api import info
     from .config import with_overrides
     from .core.attach import attach_quantizers, find_shortcut_splits
-    from .denoiser import Denoiser
     from .jobs import open_model
     from .report import markdown_table
+    from .sampling import probe_call
 
     model = _prepared(open_model(args.model), args)
     if getattr(model.denoiser, "dmquant_info", None) is not None:
@@ -455,13 +455,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 "while quantizing (from the measured SQNR); shown: the bits before the switch\n"
             )
             config = with_overrides(config, {"step_precision.enabled": False})
-        denoiser = Denoiser(model.denoiser)
-        conditioning = model.make_conditioning(1, guidance_scale=1.0)
-        x = torch.zeros(1, denoiser.in_channels, denoiser.sample_size, denoiser.sample_size, device=denoiser.device)
-        t = torch.tensor([500], device=denoiser.device)
-        cond = conditioning.to(denoiser.device).model_cond()
+        call = probe_call(model.denoiser, model.make_conditioning(1, guidance_scale=1.0))
         with torch.no_grad():
-            splits = find_shortcut_splits(model.denoiser, lambda: denoiser(x, t, cond)) if config.split_shortcut else {}
+            splits = find_shortcut_splits(model.denoiser, call) if config.split_shortcut else {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             report = attach_quantizers(model.denoiser, config, splits=splits)
