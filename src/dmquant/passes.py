@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .calib.record import CalibrationSet, calibration_runner
+from .calib.record import CalibrationSet, calibration_runner, first_rows_runner
 from .calibrate import calibrate_activations, calibrate_weights, name_quantizers
 from .config import QuantConfig
 from .core.attach import QuantReport, attach_quantizers, find_shortcut_splits
-from .denoiser import Denoiser
 from .errors import ModelError
 from .offload import Offload, running
 from .precision.smoothquant import input_absmax, smoothed_layers
@@ -52,10 +51,8 @@ def attach(
     as ``config`` says."""
     splits: dict[str, int] = {}
     if config.split_shortcut:
-        denoiser = Denoiser(model)
-        x, t, cond, _ = next(calibration.to(denoiser.device).batches(min(batch_size, 2)))
         with torch.no_grad(), running(offload, model):
-            splits = find_shortcut_splits(model, lambda: denoiser(x, t, cond))
+            splits = find_shortcut_splits(model, first_rows_runner(model, calibration, min(batch_size, 2)))
     num_steps = calibration.num_inference_steps if config.per_step_activations else 1
     report = attach_recorded(model, config, splits, num_steps)
     if report.num_quantized == 0:

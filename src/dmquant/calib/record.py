@@ -416,12 +416,15 @@ def calibration_runner(
     *,
     batch_size: int = 32,
     device: torch.device | str | None = None,
+    after_batch: Callable[[], Any] | None = None,
 ) -> Callable[[], None]:
-    """The model over a ``CalibrationSet``, in order: the forward loop that captures, range and smoothing
-    statistics run (e.g. :func:`~dmquant.recon.capture.capture_block_io`'s ``run_batches``).
+    """The model over a ``CalibrationSet``, in order: the one forward loop over calibration data, which
+    captures, range and smoothing statistics run (e.g. :func:`~dmquant.recon.capture.capture_block_io`'s
+    ``run_batches``).
 
     Each batch ``(x, t, cond)`` of ``calibration.batches(batch_size)`` is moved to ``device``
     (default: the model's) and fed as ``Denoiser(model)(x, t, cond)``; outputs are discarded.
+    ``after_batch`` is called after each batch (a progress bar's update).
     """
     denoiser = Denoiser(model)
 
@@ -429,8 +432,17 @@ def calibration_runner(
         target = denoiser.device if device is None else torch.device(device)
         for x, t, cond, _ in calibration.batches(batch_size):
             denoiser(x.to(target), t.to(target), {name: value.to(target) for name, value in cond.items()})
+            if after_batch is not None:
+                after_batch()
 
     return run
+
+
+def first_rows_runner(model: nn.Module, calibration: CalibrationSet, rows: int) -> Callable[[], None]:
+    """One call of the model on the first ``rows`` rows of ``calibration`` (:func:`calibration_runner`): the
+    forward pass that traces what a model does (its split shortcuts, reconstruction units, BOPs)."""
+    first = calibration.rows(torch.arange(min(len(calibration), rows)))
+    return calibration_runner(model, first, batch_size=rows)
 
 
 def record_for(model: DiffusionModel, config: CalibrationConfig, *, progress: bool = True) -> CalibrationSet:
