@@ -13,11 +13,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
 
-from dmquant.atomic import write_atomically
 from dmquant.errors import CalibrationError
 from dmquant.recon.cache import BlockIOCache, CallLayout, Slot
+from dmquant.tensor_files import write_tensors
 
 #: ``metadata["format"]`` of a saved block cache.
 BLOCK_IO_FORMAT = "dmquant.block_io/1"
@@ -85,8 +84,7 @@ def layout_from_json(data: Any) -> CallLayout:
 def save_cache(cache: BlockIOCache, path: str | os.PathLike[str]) -> None:
     """Write ``cache`` to one safetensors file (layout as JSON in its metadata), atomically."""
     metadata = {"format": BLOCK_IO_FORMAT, "layout": json.dumps(layout_to_json(cache.layout))}
-    tensors = {key: tensor.detach().cpu().contiguous() for key, tensor in cache.tensors.items()}
-    write_atomically(path, lambda file: file.write(save(tensors, metadata=metadata)))
+    write_tensors(path, cache.tensors, metadata=metadata)
 
 
 def load_cache(

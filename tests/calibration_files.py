@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
 
-from dmquant.atomic import write_atomically
 from dmquant.calib.record import CalibrationSet
 from dmquant.errors import CalibrationError
+from dmquant.tensor_files import write_tensors
 
 #: ``metadata["format"]`` of a saved calibration set.
 CALIBRATION_FORMAT = "dmquant.calibration/1"
@@ -18,9 +17,8 @@ _FIELDS = ("samples", "timesteps", "step_indices")
 
 def save_calibration(calibration: CalibrationSet, path: str | os.PathLike[str]) -> None:
     """Write the set to one safetensors file, atomically (a temporary file renamed into place)."""
-    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in calibration.named_tensors().items()}
     metadata = {"format": CALIBRATION_FORMAT, "num_inference_steps": str(calibration.num_inference_steps)}
-    write_atomically(path, lambda file: file.write(save(tensors, metadata=metadata)))
+    write_tensors(path, calibration.named_tensors(), metadata=metadata)
 
 
 def load_calibration(path: str | os.PathLike[str]) -> CalibrationSet:
