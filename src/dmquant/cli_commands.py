@@ -11,7 +11,6 @@ import json
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -432,12 +431,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    import torch
-
     from .api import info
     from .config import with_overrides
-    from .core.attach import attach_quantizers, find_shortcut_splits
     from .jobs import open_model
+    from .passes import attach_traced
     from .report import markdown_table
     from .sampling import probe_call
 
@@ -456,11 +453,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             )
             config = with_overrides(config, {"step_precision.enabled": False})
         call = probe_call(model.denoiser, model.make_conditioning(1, guidance_scale=1.0))
-        with torch.no_grad():
-            splits = find_shortcut_splits(model.denoiser, call) if config.split_shortcut else {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            report = attach_quantizers(model.denoiser, config, splits=splits)
+        report = attach_traced(model.denoiser, config, call, warn=False).report
         title = f"{args.model}: what recipe {config.name} would do (not calibrated)"
     print(title + "\n")
     print(markdown_table(report.rows(), ["name", "kind", "weight", "activation", "granularity", "split", "rule"]))
