@@ -81,7 +81,7 @@ from dmquant import distributed
 from dmquant.api import info, load, measure_noise, sampling_hooks, save
 from dmquant.api import quantize as quantize_model
 from dmquant.atomic import write_atomically
-from dmquant.calib.record import record_for
+from dmquant.calib.record import calibration_runner, record_for
 from dmquant.catalog import REFERENCE_MODELS
 from dmquant.config import CorrectionConfig, QuantConfig, load_recipe
 from dmquant.eval.images import psnr, ssim, to_unit_range
@@ -403,9 +403,7 @@ def run_peer(bench: ModelBench, cell: Cell) -> dict[str, Any]:
 
     def calibrate(model: nn.Module) -> None:
         calibration = record_for(bench.model, config, progress=False).to(bench.args.device)
-        denoiser = PeerDenoiser(model)
-        for x, t, cond, _ in calibration.batches(config.batch_size):
-            denoiser(x, t, **cond)
+        calibration_runner(PeerDenoiser(model), calibration, batch_size=config.batch_size)()
 
     def build() -> nn.Module:
         result.append(peers.apply_peer(cell.method, bench.model.denoiser, calibrate if spec.calibrates else None))

@@ -1,14 +1,14 @@
-"""kernels/integer.py: the integer-domain product of codes equals the simulated layer."""
+"""tests/integer_reference.py: the integer-domain product of codes equals the simulated layer."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from integer_reference import Codes, integer_linear, layer_reference
 from torch import nn
 
 from dmquant.config import QuantizerConfig
 from dmquant.core.layers import QuantConv2d, QuantLinear
-from dmquant.kernels.integer import Codes, integer_linear, layer_reference
 
 
 def _config(bits: int, symmetric: bool, granularity: str) -> QuantizerConfig:

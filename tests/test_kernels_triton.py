@@ -19,9 +19,10 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+from integer_reference import Codes, integer_conv2d, integer_linear  # noqa: E402
+
 from dmquant.core.packing import pack_codes  # noqa: E402
 from dmquant.kernels import triton_conv  # noqa: E402
-from dmquant.kernels.integer import Codes, integer_conv2d, integer_linear  # noqa: E402
 from dmquant.kernels.operands import quantize_activations  # noqa: E402
 from dmquant.kernels.triton_conv import fp8_conv2d, int4_conv2d, int8_conv2d  # noqa: E402
 from dmquant.kernels.triton_gemm import fp8_linear, int4_linear, int8_linear  # noqa: E402

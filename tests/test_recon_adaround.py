@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from layer_reconstruction import reconstruct_layer
 from torch import nn
 
 from dmquant.calibrate import calibrate_weights
@@ -30,7 +31,6 @@ from dmquant.recon.adaround import (
     rounding_regularizer,
     soft_quantized,
 )
-from dmquant.recon.brecq import reconstruct_layer
 
 W4 = QuantizerConfig(bits=4, symmetric=True, granularity="channel", observer="minmax")
 W3_ASYM = QuantizerConfig(bits=3, symmetric=False, granularity="channel", observer="minmax")

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 
+from dmquant.catalog import REFERENCE_MODELS
 from dmquant.config import load_recipe
 from dmquant.core.attach import attach_quantizers
 from dmquant.core.layers import QUANT_LAYERS
 from dmquant.core.quantizer import quantizers
-from dmquant.denoiser import Denoiser
 from dmquant.errors import ModelError
 from dmquant.models import load_model
 from dmquant.recon.blocks import reconstruction_units
+from dmquant.sampling import probe_call
 
 
 def _units(name: str):
@@ -23,14 +23,13 @@ def _units(name: str):
     attach_quantizers(model.denoiser, load_recipe("minmax"), warn=False)
     for quantizer in quantizers(model.denoiser):  # uncalibrated: trace the order in full precision
         quantizer.enabled = False
-    denoiser = Denoiser(model.denoiser)
-    x = torch.randn(1, denoiser.in_channels, denoiser.sample_size, denoiser.sample_size)
-    cond = model.make_conditioning(1, guidance_scale=1.0).cond
-    units = reconstruction_units(model.denoiser, lambda: denoiser(x, torch.tensor([500]), cond))
+    units = reconstruction_units(
+        model.denoiser, probe_call(model.denoiser, model.make_conditioning(1, guidance_scale=1.0))
+    )
     return model.denoiser, units
 
 
-@pytest.mark.parametrize("name", ["ddpm-glyphs32", "ldm-glyphs64", "dit-glyphs"])
+@pytest.mark.parametrize("name", REFERENCE_MODELS)
 def test_every_quantized_layer_belongs_to_exactly_one_unit(name):
     model, units = _units(name)
     owners: dict[int, str] = {}

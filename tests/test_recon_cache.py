@@ -7,6 +7,8 @@ import itertools
 
 import pytest
 import torch
+from block_io_files import load_cache, save_cache
+from calibration_files import save_calibration
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
@@ -354,37 +356,37 @@ def test_sample_batches_are_deterministic_epochs(resnet_cache):
 
 def test_save_load_round_trip(resnet_cache, tmp_path):
     path = tmp_path / "cache.safetensors"
-    resnet_cache.save(path)
+    save_cache(resnet_cache, path)
     assert [p.name for p in tmp_path.iterdir()] == ["cache.safetensors"]
-    loaded = BlockIOCache.load(path)
+    loaded = load_cache(path)
     assert loaded.layout == resnet_cache.layout and loaded.nbytes == resnet_cache.nbytes
     assert loaded.tensors.keys() == resnet_cache.tensors.keys()
     for key, tensor in resnet_cache.tensors.items():
         assert torch.equal(loaded.tensors[key], tensor) and loaded.tensors[key].dtype == tensor.dtype
-    spilled = BlockIOCache.load(path, memory_budget_bytes=1)
+    spilled = load_cache(path, memory_budget_bytes=1)
     assert spilled.spilled and torch.equal(spilled.batch([2, 3])[2], resnet_cache.batch([2, 3])[2])
 
 
 def test_round_trip_of_constants(models, tmp_path):
     model = models["unet2d_condition"]
     cache = capture_block_io(model, model.down_blocks[0].attentions[0], _runner(model, _batches("unet2d_condition")))
-    cache.save(tmp_path / "c.safetensors")
-    loaded = BlockIOCache.load(tmp_path / "c.safetensors")
+    save_cache(cache, tmp_path / "c.safetensors")
+    loaded = load_cache(tmp_path / "c.safetensors")
     assert loaded.layout == cache.layout
 
 
 def test_unreadable_files_give_clear_errors(resnet_cache, tmp_path):
     with pytest.raises(CalibrationError, match="no block cache"):
-        BlockIOCache.load(tmp_path / "missing.safetensors")
+        load_cache(tmp_path / "missing.safetensors")
     path = tmp_path / "cache.safetensors"
-    resnet_cache.save(path)
+    save_cache(resnet_cache, path)
     data = path.read_bytes()
     (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CalibrationError, match="truncated.safetensors"):
-        BlockIOCache.load(tmp_path / "truncated.safetensors")
+        load_cache(tmp_path / "truncated.safetensors")
     (tmp_path / "garbage.safetensors").write_bytes(b"\x07not a safetensors file at all")
     with pytest.raises(CalibrationError, match="not a readable safetensors"):
-        BlockIOCache.load(tmp_path / "garbage.safetensors")
+        load_cache(tmp_path / "garbage.safetensors")
     calibration = CalibrationSet(  # a valid calibration set: a safetensors file of dmquant's, but no block cache
         samples=torch.zeros(1, 1, 1, 1),
         timesteps=torch.zeros(1),
@@ -392,9 +394,9 @@ def test_unreadable_files_give_clear_errors(resnet_cache, tmp_path):
         cond={},
         num_inference_steps=1,
     )
-    calibration.save(tmp_path / "calibration.safetensors")
+    save_calibration(calibration, tmp_path / "calibration.safetensors")
     with pytest.raises(CalibrationError, match="not a dmquant block cache"):
-        BlockIOCache.load(tmp_path / "calibration.safetensors")
+        load_cache(tmp_path / "calibration.safetensors")
 
 
 def test_paired_caches(models):

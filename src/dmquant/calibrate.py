@@ -8,10 +8,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calib.record import CalibrationSet
+from .calib.record import CalibrationSet, calibration_runner
 from .core.layers import QUANT_LAYERS, activation_quantizers
 from .core.quantizer import Quantizer, set_step
-from .denoiser import Denoiser
 
 
 def name_quantizers(model: nn.Module) -> None:
@@ -44,17 +43,13 @@ def calibrate_activations(
         return
     for quantizer in targets:
         quantizer.observing = True
-    denoiser = Denoiser(model)
-    device = denoiser.device
     per_step = {step: calibration.select_steps([step]) for step in calibration.steps()}
     num_batches = sum(-(-len(subset) // batch_size) for subset in per_step.values())
     bar = tqdm(total=num_batches, desc="calibrating activations", unit="batch", disable=not progress)
     try:
         for step, subset in per_step.items():
             set_step(model, step)
-            for x, t, cond, _ in subset.batches(batch_size):
-                denoiser(x.to(device), t.to(device), {k: v.to(device) for k, v in cond.items()})
-                bar.update()
+            calibration_runner(model, subset, batch_size=batch_size, after_batch=bar.update)()
     finally:
         bar.close()
         for quantizer in targets:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-#: Trained reference models that ship with dmquant (see ``dmquant zoo list``).
+#: Trained reference models that ship with dmquant (see ``dmquant zoo list``): the one list of their names, which
+#: the zoo's registry (:data:`dmquant.zoo.reference.ZOO`), the built-in models and the benchmarks take.
 REFERENCE_MODELS = ("ddpm-glyphs32", "ldm-glyphs64", "dit-glyphs")
 #: Random-initialised models built in code, to exercise the machinery (not to judge quality).
 TINY_MODELS = ("tiny-unet", "tiny-unet-text", "tiny-dit")

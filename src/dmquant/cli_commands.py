@@ -11,7 +11,6 @@ import json
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -432,14 +431,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    import torch
-
     from .api import info
     from .config import with_overrides
-    from .core.attach import attach_quantizers, find_shortcut_splits
-    from .denoiser import Denoiser
     from .jobs import open_model
+    from .passes import attach_traced
     from .report import markdown_table
+    from .sampling import probe_call
 
     model = _prepared(open_model(args.model), args)
     if getattr(model.denoiser, "dmquant_info", None) is not None:
@@ -455,16 +452,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 "while quantizing (from the measured SQNR); shown: the bits before the switch\n"
             )
             config = with_overrides(config, {"step_precision.enabled": False})
-        denoiser = Denoiser(model.denoiser)
-        conditioning = model.make_conditioning(1, guidance_scale=1.0)
-        x = torch.zeros(1, denoiser.in_channels, denoiser.sample_size, denoiser.sample_size, device=denoiser.device)
-        t = torch.tensor([500], device=denoiser.device)
-        cond = conditioning.to(denoiser.device).model_cond()
-        with torch.no_grad():
-            splits = find_shortcut_splits(model.denoiser, lambda: denoiser(x, t, cond)) if config.split_shortcut else {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            report = attach_quantizers(model.denoiser, config, splits=splits)
+        call = probe_call(model.denoiser, model.make_conditioning(1, guidance_scale=1.0))
+        report = attach_traced(model.denoiser, config, call, warn=False).report
         title = f"{args.model}: what recipe {config.name} would do (not calibrated)"
     print(title + "\n")
     print(markdown_table(report.rows(), ["name", "kind", "weight", "activation", "granularity", "split", "rule"]))

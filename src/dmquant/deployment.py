@@ -17,30 +17,15 @@ from torch import Tensor
 from .denoiser import Denoiser
 from .kernels.paths import PathReport, select_paths
 from .models import DiffusionModel
-
-
-def _dtype(model: DiffusionModel) -> torch.dtype:
-    parameter = next((p for p in model.denoiser.parameters() if p.is_floating_point()), None)
-    return torch.float32 if parameter is None else parameter.dtype
+from .sampling import probe_call
 
 
 def representative_call(
     model: DiffusionModel, batch_size: int, guidance_scale: float | None = None
 ) -> Callable[[], Tensor]:
     """One denoiser call on random inputs shaped as sampling ``batch_size`` samples makes them, on the denoiser's
-    device and in its dtype."""
-    denoiser = Denoiser(model.denoiser)
-    device = denoiser.device
-    conditioning = model.make_conditioning(batch_size, guidance_scale=guidance_scale).to(device)
-    rows = batch_size * (2 if conditioning.guided else 1)
-    size = denoiser.sample_size
-    height, width = size if isinstance(size, (tuple, list)) else (size, size)
-    generator = torch.Generator(device=device).manual_seed(0)
-    sample = torch.randn(rows, denoiser.in_channels, height, width, device=device, generator=generator)
-    sample = sample.to(_dtype(model))
-    timestep = torch.full((rows,), 500, device=device)
-    cond = conditioning.model_cond()
-    return lambda: denoiser(sample, timestep, cond)
+    device and in its dtype (:func:`dmquant.sampling.probe_call`)."""
+    return probe_call(model.denoiser, model.make_conditioning(batch_size, guidance_scale=guidance_scale), batch_size)
 
 
 @torch.no_grad()

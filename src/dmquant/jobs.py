@@ -15,14 +15,13 @@ import torch
 from . import distributed
 from .api import info, load, same_architecture, sampling_hooks
 from .checkpoint import MANIFEST_FILE
-from .denoiser import Denoiser
 from .errors import CheckpointError, ModelError
 from .eval.cost import model_size
 from .eval.images import psnr, ssim, to_unit_range
 from .eval.noise import noise_estimate_error
 from .models import DiffusionModel, from_pipeline, load_model
 from .precision.step_schedule import trajectory_bops
-from .sampling import Conditioning, sample
+from .sampling import Conditioning, probe_call, sample
 
 
 def generate(
@@ -73,14 +72,7 @@ def forward_cost(model: DiffusionModel, conditioning: Conditioning, num_steps: i
     ``bops`` is the mean over a trajectory of ``num_steps`` steps (they differ between steps under
     step-aware mixed precision); ``trajectory_bops`` their sum.
     """
-    denoiser = Denoiser(model.denoiser)
-    one = conditioning.slice(0, 1)
-    copies = 2 if one.guided else 1
-    device = denoiser.device
-    x = torch.zeros(copies, denoiser.in_channels, denoiser.sample_size, denoiser.sample_size, device=device)
-    t = torch.full((copies,), 500, device=device)
-    cond = one.to(device).model_cond()
-    call = lambda: denoiser(x, t, cond)  # noqa: E731
+    call = probe_call(model.denoiser, conditioning.slice(0, 1))
     trajectory = trajectory_bops(model.denoiser, call, num_steps)
     return trajectory["first_step"] | {
         "bops": trajectory["trajectory_bops"] / num_steps,

@@ -11,17 +11,18 @@ copy of the model instead, the cheap model whose precision they analyse.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from .calib.record import CalibrationSet, calibration_runner
+from .calib.record import CalibrationSet, calibration_runner, first_rows_runner
 from .calibrate import calibrate_activations, calibrate_weights, name_quantizers
 from .config import QuantConfig
 from .core.attach import QuantReport, attach_quantizers, find_shortcut_splits
-from .denoiser import Denoiser
 from .errors import ModelError
 from .offload import Offload, running
 from .precision.smoothquant import input_absmax, smoothed_layers
@@ -50,17 +51,31 @@ def attach(
     """Find split shortcuts (Q-Diffusion's split quantization of concatenated skips, on one forward pass of
     the first calibration rows, block by block with ``offload``) and attach quantizers to ``model`` in place
     as ``config`` says."""
+    num_steps = calibration.num_inference_steps if config.per_step_activations else 1
+    run_forward = first_rows_runner(model, calibration, min(batch_size, 2))
+    attached = attach_traced(model, config, run_forward, num_steps, offload=offload)
+    if attached.report.num_quantized == 0:
+        raise ModelError(f"{type(model).__name__} has no Linear, Conv2d or attention layer left to quantize")
+    return attached
+
+
+def attach_traced(
+    model: nn.Module,
+    config: QuantConfig,
+    run_forward: Callable[[], Any],
+    num_steps: int = 1,
+    *,
+    offload: Offload | None = None,
+    warn: bool = True,
+) -> Attached:
+    """:func:`attach` with the split shortcuts found on ``run_forward`` (one forward pass of ``model``, e.g.
+    :func:`dmquant.sampling.probe_call`; block by block with ``offload``) and no check that anything was
+    quantized: what ``dmquant inspect`` shows."""
     splits: dict[str, int] = {}
     if config.split_shortcut:
-        denoiser = Denoiser(model)
-        x, t, cond, _ = next(calibration.to(denoiser.device).batches(min(batch_size, 2)))
         with torch.no_grad(), running(offload, model):
-            splits = find_shortcut_splits(model, lambda: denoiser(x, t, cond))
-    num_steps = calibration.num_inference_steps if config.per_step_activations else 1
-    report = attach_recorded(model, config, splits, num_steps)
-    if report.num_quantized == 0:
-        raise ModelError(f"{type(model).__name__} has no Linear, Conv2d or attention layer left to quantize")
-    return Attached(report, splits, num_steps)
+            splits = find_shortcut_splits(model, run_forward)
+    return Attached(attach_recorded(model, config, splits, num_steps, warn=warn), splits, num_steps)
 
 
 def attach_recorded(

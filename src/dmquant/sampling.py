@@ -230,6 +230,26 @@ def _sample_shape(denoiser: Denoiser, batch_size: int, sample_shape: Sequence[in
     return (batch_size, denoiser.in_channels, height, width)
 
 
+def probe_call(model: nn.Module, conditioning: Conditioning, batch_size: int = 1) -> Callable[[], Tensor]:
+    """One call of the denoiser ``model`` as sampling ``batch_size`` samples makes it: a random sample (drawn from
+    seed 0) at timestep 500, ``conditioning`` (for those samples) as the model is fed it — both copies under
+    classifier-free guidance —, on the model's device and in its dtype.
+
+    The input a model is probed with where only the call's shapes (split shortcuts, BOPs) or its speed (kernel
+    paths) matter, not its values.
+    """
+    denoiser = Denoiser(model)
+    device = denoiser.device
+    parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = torch.float32 if parameter is None else parameter.dtype
+    rows = batch_size * (2 if conditioning.guided else 1)
+    generator = torch.Generator(device=device).manual_seed(0)
+    sample = torch.randn(_sample_shape(denoiser, rows, None), device=device, generator=generator).to(dtype)
+    timestep = torch.full((rows,), 500, device=device)
+    cond = conditioning.to(device).model_cond()
+    return lambda: denoiser(sample, timestep, cond)
+
+
 def _check_conditioning(conditioning: Conditioning | None, batch_size: int) -> Conditioning:
     conditioning = conditioning if conditioning is not None else Conditioning.unconditional()
     if conditioning.batch_size not in (None, batch_size):

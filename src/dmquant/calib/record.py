@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import inspect
 import operator
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dmquant import distributed
-from dmquant.atomic import write_atomically
 from dmquant.calib.strategies import PerTrajectorySteps, get_strategy
 from dmquant.calib.tdac import FeatureAllocatedSteps
 from dmquant.denoiser import Denoiser, flatten_conditioning
@@ -40,8 +36,6 @@ def _described(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-#: ``metadata["format"]`` of a saved calibration set.
-CALIBRATION_FORMAT = "dmquant.calibration/1"
 _COND_PREFIX = "cond."
 _FIELDS = ("samples", "timesteps", "step_indices")
 
@@ -123,13 +117,13 @@ class CalibrationSet:
             raise CalibrationError(f"samples: {tuple(self.samples.shape[2:])} pixels, the model takes {size}x{size}")
 
     def named_tensors(self) -> dict[str, Tensor]:
-        """Every tensor of the set by its file key (conditioning keys prefixed with ``cond.``)."""
+        """Every tensor of the set by its key (conditioning keys prefixed with ``cond.``)."""
         fields = {name: getattr(self, name) for name in _FIELDS}
         return fields | {_COND_PREFIX + name: tensor for name, tensor in self.cond.items()}
 
     @classmethod
-    def _from_tensors(cls, tensors: Mapping[str, Tensor], num_inference_steps: int) -> CalibrationSet:
-        """The inverse of :meth:`_tensors`."""
+    def from_named_tensors(cls, tensors: Mapping[str, Tensor], num_inference_steps: int) -> CalibrationSet:
+        """The inverse of :meth:`named_tensors`."""
         return cls(
             **{name: tensors[name] for name in _FIELDS},
             cond={
@@ -143,7 +137,7 @@ class CalibrationSet:
     def _map(self, fn: Callable[[Tensor], Tensor]) -> CalibrationSet:
         """A set of ``fn`` applied to every tensor."""
         tensors = {name: fn(tensor) for name, tensor in self.named_tensors().items()}
-        return self._from_tensors(tensors, self.num_inference_steps)
+        return self.from_named_tensors(tensors, self.num_inference_steps)
 
     def __len__(self) -> int:
         return self.samples.shape[0]
@@ -192,32 +186,7 @@ class CalibrationSet:
             )
         parts = [part.named_tensors() for part in sets]
         tensors = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
-        return cls._from_tensors(tensors, sets[0].num_inference_steps)
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the set to one safetensors file, atomically (a temporary file renamed into place)."""
-        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.named_tensors().items()}
-        metadata = {"format": CALIBRATION_FORMAT, "num_inference_steps": str(self.num_inference_steps)}
-        write_atomically(path, lambda file: file.write(save(tensors, metadata=metadata)))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> CalibrationSet:
-        """Read a set written by :meth:`save`."""
-        try:
-            with safe_open(os.fspath(path), framework="pt") as file:
-                metadata = file.metadata() or {}
-                tensors = {name: file.get_tensor(name) for name in file.keys()}
-        except SafetensorError as error:
-            raise CalibrationError(f"{path} is not a readable safetensors file: {error}") from None
-        if metadata.get("format") != CALIBRATION_FORMAT:
-            raise CalibrationError(
-                f"{path} is not a dmquant calibration set (format {metadata.get('format')!r}, "
-                f"expected {CALIBRATION_FORMAT!r})"
-            )
-        missing = [name for name in _FIELDS if name not in tensors]
-        if missing or not metadata.get("num_inference_steps", "").isdigit():
-            raise CalibrationError(f"{path} is incomplete: missing {missing or ['num_inference_steps']}")
-        return cls._from_tensors(tensors, int(metadata["num_inference_steps"]))
+        return cls.from_named_tensors(tensors, sets[0].num_inference_steps)
 
 
 class _Recorder(StepHook):
@@ -447,12 +416,15 @@ def calibration_runner(
     *,
     batch_size: int = 32,
     device: torch.device | str | None = None,
+    after_batch: Callable[[], Any] | None = None,
 ) -> Callable[[], None]:
-    """The model over a ``CalibrationSet``, in order: the forward loop that captures, range and smoothing
-    statistics run (e.g. :func:`~dmquant.recon.capture.capture_block_io`'s ``run_batches``).
+    """The model over a ``CalibrationSet``, in order: the one forward loop over calibration data, which
+    captures, range and smoothing statistics run (e.g. :func:`~dmquant.recon.capture.capture_block_io`'s
+    ``run_batches``).
 
     Each batch ``(x, t, cond)`` of ``calibration.batches(batch_size)`` is moved to ``device``
     (default: the model's) and fed as ``Denoiser(model)(x, t, cond)``; outputs are discarded.
+    ``after_batch`` is called after each batch (a progress bar's update).
     """
     denoiser = Denoiser(model)
 
@@ -460,8 +432,17 @@ def calibration_runner(
         target = denoiser.device if device is None else torch.device(device)
         for x, t, cond, _ in calibration.batches(batch_size):
             denoiser(x.to(target), t.to(target), {name: value.to(target) for name, value in cond.items()})
+            if after_batch is not None:
+                after_batch()
 
     return run
+
+
+def first_rows_runner(model: nn.Module, calibration: CalibrationSet, rows: int) -> Callable[[], None]:
+    """One call of the model on the first ``rows`` rows of ``calibration`` (:func:`calibration_runner`): the
+    forward pass that traces what a model does (its split shortcuts, reconstruction units, BOPs)."""
+    first = calibration.rows(torch.arange(min(len(calibration), rows)))
+    return calibration_runner(model, first, batch_size=rows)
 
 
 def record_for(model: DiffusionModel, config: CalibrationConfig, *, progress: bool = True) -> CalibrationSet:

@@ -14,7 +14,7 @@ shared code of :func:`dmquant.kernels.triton_gemm.quantized_gemm_tile`.
 The input is quantized once, elementwise, before the kernel (:func:`~dmquant.kernels.operands.quantize_activations`)
 into an NHWC buffer of 8-bit codes with C contiguous; each input then enters up to KH·KW A tiles as one byte
 instead of being requantized in each. Zero padding: taps outside the image take the code ``z_x`` in the kernel,
-exactly the code of the real value 0 (:func:`dmquant.kernels.integer.integer_conv2d` pads with it for the same
+exactly the code of the real value 0 (``integer_conv2d`` of ``tests/integer_reference.py`` pads with it for the same
 reason), and enter the activation row sums like any other input. fp8 and bf16/fp16 activations get 0.
 
 Stride-1 W8A8 convolutions (int8 with symmetric per-channel weights, or fp8) over channels that whole K tiles

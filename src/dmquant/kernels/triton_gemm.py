@@ -34,7 +34,7 @@ Efficient Integer-Arithmetic-Only Inference", eq. 7, per group ``g`` of ``G`` in
 
 The weight column sums ``Σ_{k∈g} c_w[n, k]`` are constants (:func:`weight_colsums`, computed once at conversion);
 the activation row sums are reduced in-kernel from the code tile already in registers, and only when the
-weights carry zero points. fp8: ``y = acc · s_x[m] · s_w[n] + b[n]``. See :mod:`dmquant.kernels.integer` for the
+weights carry zero points. fp8: ``y = acc · s_x[m] · s_w[n] + b[n]``. See ``tests/integer_reference.py`` for the
 exact reference these kernels are tested against.
 
 Operand layouts: ``x`` (M, K) with any strides, float32/bf16/fp16 (bf16/fp16 only for W4A16); int8/fp8 weights

@@ -63,7 +63,7 @@ def group_size_of(params: Tensor) -> int:
 def weight_colsums(stored: Tensor, group_size: int | None = None) -> Tensor:
     """``Σ_{k∈g} q_w[n, k]`` over each group of ``group_size`` inputs (None: the whole row), int32
     ``(N, K / G)``: of int8 codes ``(N, K)`` or of the nibbles of packed int4 weights ``(N, K / 2)``
-    uint8. The term that corrects for the activations' zero point (see :mod:`dmquant.kernels.integer`);
+    uint8. The term that corrects for the activations' zero point (see ``tests/integer_reference.py``);
     computed once when a layer is converted."""
     if stored.dtype == torch.uint8:
         codes = unpack_codes(stored.flatten(), 4, 0, (stored.shape[0], 2 * stored.shape[1]))

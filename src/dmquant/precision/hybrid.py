@@ -20,9 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calib.record import CalibrationSet
+from ..calib.record import CalibrationSet, first_rows_runner
 from ..config import LayerRule, QuantConfig
-from ..denoiser import Denoiser
 from ..eval.cost import bops
 from ..passes import range_calibrated
 from ..sampling import Conditioning
@@ -66,13 +65,6 @@ def promotion_rules(blocks: Sequence[str], weight_bits: int | str, activation_bi
     return [LayerRule(f"{name}.*", weight_bits=weight_bits, activation_bits=activation_bits) for name in blocks]
 
 
-def _one_call(model: nn.Module, calibration: CalibrationSet) -> Callable[[], Any]:
-    """A forward pass of ``model`` on the first calibration row, for counting BOPs."""
-    denoiser = Denoiser(model)
-    x, t, cond, _ = next(calibration.to(denoiser.device).batches(1))
-    return lambda: denoiser(x, t, cond)
-
-
 def plan_hybrid(
     fp_model: nn.Module,
     config: QuantConfig,
@@ -96,7 +88,7 @@ def plan_hybrid(
     sensitivity, cost, total = {}, {}, {}
     for key, setting in settings.items():
         quantized = range_calibrated(fp_model, setting, calibration, batch_size=batch_size)
-        call = _one_call(quantized, calibration)
+        call = first_rows_runner(quantized, calibration, 1)
         sensitivity[key] = analyze_sensitivity(
             fp_model,
             quantized,

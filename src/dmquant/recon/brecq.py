@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..core.layers import QUANT_LAYERS, QuantConv2d, QuantLinear, activation_quantizers
+from ..core.layers import QUANT_LAYERS, activation_quantizers
 from ..errors import ConfigError
 from .adaround import AdaRoundWeights, BetaSchedule, reconstruction_loss
 from .cache import block_output
@@ -258,25 +258,3 @@ def reconstruct(
             rounding.harden()
     final_mse = _output_mse(unit, sample, share, chunk)
     return ReconstructionResult(initial_mse, final_mse, changed, len(scaled), iterations)
-
-
-def reconstruct_layer(
-    layer: QuantLinear | QuantConv2d, inputs: Tensor, targets: Tensor, **options: Any
-) -> ReconstructionResult:
-    """AdaRound's layer-wise reconstruction: :func:`reconstruct` on one layer's ``inputs`` → ``targets``.
-
-    Targets are typically the FP layer's output on the same inputs (or, as in BRECQ / Q-Diffusion,
-    on the FP model's inputs while ``inputs`` come from the quantized model).
-    """
-    if not isinstance(layer, QUANT_LAYERS):
-        raise TypeError(f"reconstruct_layer needs a QuantLinear or QuantConv2d, got {type(layer).__name__}")
-    if inputs.shape[0] != targets.shape[0] or inputs.shape[0] == 0:
-        raise ValueError(
-            f"need as many targets as inputs, at least one: got {inputs.shape[0]} inputs, {targets.shape[0]} targets"
-        )
-    device = layer.weight.device
-
-    def sample(index: Tensor) -> tuple[tuple[Tensor], dict, Tensor]:
-        return (inputs[index].to(device),), {}, targets[index].to(device)
-
-    return reconstruct(layer, sample, inputs.shape[0], desc="adaround", **options)

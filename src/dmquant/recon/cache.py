@@ -18,8 +18,7 @@ sees is cached:
   so the cache stores whatever the block was called with, and replays it.
 - :class:`BlockIOCache` holds the recorded calls concatenated along the batch dimension, on
   the compute device while they fit a memory budget, else in (pinned) host memory moved there
-  batch by batch; it saves to and loads from one safetensors file so reconstruction can resume
-  without capturing again.
+  batch by batch.
 - :func:`paired` joins the cache of the FP model (its output is the target) and that of the
   quantized model (its inputs are the block's inputs) into one batch source.
 
@@ -30,9 +29,8 @@ What is stored per argument (positional by index, keyword by name):
 - any other tensor (a 0-d timestep, a mask shared by the batch) is *shared*: it must be equal
   in every call and is stored once;
 - anything else (``None``, ``return_dict=False``, a dict of options) is a *constant*: it must be
-  equal in every call and is stored once; to be saved it must be ``None``, a bool, int, float,
-  str, or a list/tuple/dict (string keys) of those. Tensors nested in containers are not
-  supported (an error says which argument).
+  equal in every call and is stored once. Tensors nested in containers are not supported (an
+  error says which argument).
 
 The block's output is its return value if that is a tensor, the first element if it is a
 tuple/list (diffusers' ``return_dict=False``), else its ``.sample`` (diffusers output objects);
@@ -44,23 +42,17 @@ delivers them), so this module is written by hand.
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
 from torch import Tensor
 
-from ..atomic import write_atomically
 from ..errors import CalibrationError, ConfigError, ModelError
 
 __all__ = [
-    "BLOCK_IO_FORMAT",
     "Slot",
     "CallLayout",
     "BlockIOCache",
@@ -69,8 +61,6 @@ __all__ = [
     "paired",
 ]
 
-#: ``metadata["format"]`` of a saved block cache.
-BLOCK_IO_FORMAT = "dmquant.block_io/1"
 TARGET_KEY = "target"
 
 SlotKind = Literal["batched", "shared", "const"]
@@ -118,66 +108,6 @@ class CallLayout:
         if self.has_target:
             keys[TARGET_KEY] = "batched"
         return keys
-
-    # JSON (tagged so that tuples and dicts round-trip)
-
-    def to_json(self) -> dict[str, Any]:
-        def slot(where: str, item: Slot) -> dict[str, Any]:
-            return {"kind": item.kind, "value": _encode_const(item.value, where)}
-
-        return {
-            "args": [slot(f"positional argument {i}", item) for i, item in enumerate(self.args)],
-            "kwargs": [[name, slot(f"keyword argument {name!r}", item)] for name, item in self.kwargs],
-            "has_target": self.has_target,
-            "call_sizes": list(self.call_sizes),
-        }
-
-    @classmethod
-    def from_json(cls, data: Any) -> CallLayout:
-        def slot(item: Any) -> Slot:
-            if not isinstance(item, dict) or item.get("kind") not in ("batched", "shared", "const"):
-                raise ValueError(f"bad slot {item!r}")
-            return Slot(item["kind"], _decode_const(item.get("value")))
-
-        sizes = data["call_sizes"]
-        if not isinstance(sizes, list) or not sizes or not all(type(s) is int and s > 0 for s in sizes):
-            raise ValueError(f"bad call_sizes {sizes!r}")
-        if not isinstance(data["has_target"], bool):
-            raise ValueError("bad has_target")
-        return cls(
-            args=tuple(slot(item) for item in data["args"]),
-            kwargs=tuple((str(name), slot(item)) for name, item in data["kwargs"]),
-            has_target=data["has_target"],
-            call_sizes=tuple(sizes),
-        )
-
-
-def _encode_const(value: Any, where: str) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, tuple):
-        return {"tuple": [_encode_const(item, where) for item in value]}
-    if isinstance(value, list):
-        return {"list": [_encode_const(item, where) for item in value]}
-    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
-        return {"dict": {key: _encode_const(item, where) for key, item in value.items()}}
-    raise CalibrationError(
-        f"the block's {where} is a {type(value).__name__}, which a block cache cannot save "
-        "(constants must be None, bool, int, float, str or lists/tuples/dicts of those)"
-    )
-
-
-def _decode_const(value: Any) -> Any:
-    if isinstance(value, dict):
-        ((tag, inner),) = value.items()
-        if tag == "tuple":
-            return tuple(_decode_const(item) for item in inner)
-        if tag == "list":
-            return [_decode_const(item) for item in inner]
-        if tag == "dict":
-            return {key: _decode_const(item) for key, item in inner.items()}
-        raise ValueError(f"unknown constant tag {tag!r}")
-    return value
 
 
 def same_const(a: Any, b: Any) -> bool:
@@ -395,51 +325,6 @@ class BlockIOCache:
                     break
                 yield index
             epoch += 1
-
-    # ----------------------------------------------------------------------------------
-    # Files
-    # ----------------------------------------------------------------------------------
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the cache to one safetensors file (layout as JSON in its metadata), atomically."""
-        metadata = {"format": BLOCK_IO_FORMAT, "layout": json.dumps(self.layout.to_json())}
-        tensors = {key: tensor.detach().cpu().contiguous() for key, tensor in self._tensors.items()}
-        write_atomically(path, lambda file: file.write(save(tensors, metadata=metadata)))
-
-    @classmethod
-    def load(
-        cls,
-        path: str | os.PathLike[str],
-        *,
-        device: torch.device | str = "cpu",
-        memory_budget_bytes: int | None = None,
-    ) -> BlockIOCache:
-        """Read a cache written by :meth:`save`, placed on ``device`` within ``memory_budget_bytes``.
-
-        Raises:
-            CalibrationError: the file is missing, unreadable, truncated, not a block cache, or
-                its tensors do not match its layout.
-        """
-        try:
-            with safe_open(os.fspath(path), framework="pt") as file:
-                metadata = file.metadata() or {}
-                tensors = {name: file.get_tensor(name) for name in file.keys()}
-        except FileNotFoundError:
-            raise CalibrationError(f"no block cache at {path}") from None
-        except (SafetensorError, OSError, RuntimeError) as error:
-            raise CalibrationError(f"{path} is not a readable safetensors file: {error}") from None
-        if metadata.get("format") != BLOCK_IO_FORMAT:
-            raise CalibrationError(
-                f"{path} is not a dmquant block cache (format {metadata.get('format')!r}, expected {BLOCK_IO_FORMAT!r})"
-            )
-        try:
-            layout = CallLayout.from_json(json.loads(metadata["layout"]))
-        except (KeyError, TypeError, ValueError) as error:
-            raise CalibrationError(f"{path}: the block cache's layout is missing or malformed ({error!r})") from None
-        try:
-            return cls(tensors, layout, device=device, memory_budget_bytes=memory_budget_bytes)
-        except CalibrationError as error:
-            raise CalibrationError(f"{path}: {error}") from None
 
     def _signature(self) -> tuple:
         """What must agree between an FP and a quantized-input cache of the same block."""

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calib.record import CalibrationSet, calibration_runner
+from ..calib.record import CalibrationSet, first_rows_runner
 from ..config import ReconstructionConfig
 from ..core.layers import QUANT_LAYERS, activation_quantizers
 from ..offload import Offload, holding, running
@@ -237,7 +237,7 @@ def reconstruct_model(
         if step.recalibrate_first:
             recalibrate()
         with _activations_disabled(model, not step.activations_quantized):
-            runner = calibration_runner(model, data.rows(torch.arange(min(len(data), 2))), batch_size=2)
+            runner = first_rows_runner(model, data, 2)
             with running(offload, model):
                 units = [unit for unit in reconstruction_units(model, runner) if _has_work(unit.module, step)]
             units = units[:max_units]

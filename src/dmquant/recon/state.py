@@ -22,11 +22,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..atomic import write_atomically
 from ..errors import CalibrationError
+from ..tensor_files import write_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -137,9 +138,7 @@ class ReconstructionState:
         self.records[unit_id] = record
         if self.directory is None:
             return
-        tensors = {name: value.detach().cpu().contiguous() for name, value in module.state_dict().items()}
-        data = save(tensors)
-        write_atomically(self.directory / f"{unit_id}.safetensors", lambda file: file.write(data))
+        data = write_tensors(self.directory / f"{unit_id}.safetensors", module.state_dict())
         self.checksums[unit_id] = hashlib.sha256(data).hexdigest()
         progress = {"format": STATE_FORMAT, "key": self.key, "units": self.records, "checksums": self.checksums}
         text = json.dumps(progress, indent=1).encode()

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..atomic import write_atomically
+from ..catalog import REFERENCE_MODELS
 from ..errors import ModelError
 from ..provenance import environment
 from . import WEIGHTS_DIR
@@ -177,6 +178,10 @@ LATENT_PLAN = TrainingPlan(
     steps=40_000, batch_size=256, learning_rate=3e-4, warmup_steps=500, ema_decay=0.9995, resolution=64, save_every=2000
 )
 
+#: The diffusion models' names are :data:`dmquant.catalog.REFERENCE_MODELS` (torch-free, for the command line);
+#: their entries are here.
+DDPM_GLYPHS32, LDM_GLYPHS64, DIT_GLYPHS = REFERENCE_MODELS
+
 ZOO: dict[str, ZooEntry] = {
     entry.name: entry
     for entry in (
@@ -192,7 +197,7 @@ ZOO: dict[str, ZooEntry] = {
             measure=measure_glyphnet,
         ),
         ZooEntry(
-            name="ddpm-glyphs32",
+            name=DDPM_GLYPHS32,
             description="class-conditional pixel-space DDPM (UNet2DModel) on 32×32 glyphs",
             plan=TrainingPlan(
                 steps=40_000, batch_size=256, learning_rate=3e-4, warmup_steps=500, ema_decay=0.9995, save_every=2000
@@ -213,7 +218,7 @@ ZOO: dict[str, ZooEntry] = {
             measure=measure_autoencoder,
         ),
         ZooEntry(
-            name="ldm-glyphs64",
+            name=LDM_GLYPHS64,
             description="latent text-to-image (CLIP text encoder + UNet2DConditionModel) on 64×64 glyphs",
             plan=LATENT_PLAN,
             build=TextToImage,
@@ -221,7 +226,7 @@ ZOO: dict[str, ZooEntry] = {
             export=export_text_to_image,
         ),
         ZooEntry(
-            name="dit-glyphs",
+            name=DIT_GLYPHS,
             description="class-conditional latent DiT (DiTTransformer2DModel) on 64×64 glyphs",
             plan=LATENT_PLAN,
             build=dit_glyphs,

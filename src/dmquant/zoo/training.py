@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..atomic import write_atomically
 from ..errors import CheckpointError
+from ..tensor_files import write_tensors
 from .datasets import GlyphBatch, GlyphDataset
 
 STATE_FILE = "state.safetensors"
@@ -113,11 +113,11 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor]
 
 
 def _save_state(directory: Path, task: TrainingTask, ema, optimizer, plan: TrainingPlan, step: int, elapsed: float):
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in task.model.state_dict().items()}
+    tensors = {f"model.{k}": v for k, v in task.model.state_dict().items()}
     if ema is not None:
-        tensors |= {f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
-    tensors |= {k: v.cpu().contiguous() for k, v in _optimizer_tensors(optimizer).items()}
-    write_atomically(directory / STATE_FILE, lambda f: f.write(safetensors_bytes(tensors)))
+        tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
+    tensors |= _optimizer_tensors(optimizer)
+    write_tensors(directory / STATE_FILE, tensors)
     manifest = {"task": task.name, "step": step, "elapsed_s": elapsed, "plan": asdict(plan)}
     write_atomically(directory / MANIFEST_FILE, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
 

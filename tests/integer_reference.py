@@ -1,5 +1,8 @@
 """The integer-domain reference of a quantized layer: codes multiplied, scales applied once.
 
+The tests' reference for the real kernels (``dmquant.kernels``): what a W8A8 / W4A8 integer kernel computes
+from the codes and scales of a calibrated layer, on any device.
+
 A quantizer maps ``x`` to codes ``q = clamp(round(x / s) + z, qmin, qmax)`` that stand for
 ``s · (q − z)`` (Jacob et al. 2018, "Quantization and Training of Neural Networks for Efficient
 Integer-Arithmetic-Only Inference", eq. 1). A simulated layer multiplies the dequantized tensors
@@ -27,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..core.layers import QuantConv2d, QuantLinear
-from ..core.quantizer import Quantizer
+from dmquant.core.layers import QuantConv2d, QuantLinear
+from dmquant.core.quantizer import Quantizer
 
 
 @dataclass(frozen=True)
