@@ -44,7 +44,8 @@ and PixArt-Σ (1024², batch 2), SDXL's and SD-1.5's UNets at batch 8, random we
 bench/results/speed-deployment`, the notes below say which are not yet): every row compiled and
 captured in one CUDA graph, each against the bf16 row of its own process. `dmquant-w8a8-fp8-fast` is what
 `convert_model` does by default (fast fp8 accumulation, each layer's path measured on the GPU: `kernels/paths.py`);
-`dmquant-w8a8-fp8-every-layer` keeps every converted layer on its fp8 kernel."""
+`dmquant-w8a8-fp8-every-layer` keeps every converted layer on its fp8 kernel; `dmquant-w8a8-fp8-attention` adds FP8
+attention (Q, K, V and the softmax output in fp8 e4m3 on cuDNN's fused FP8 SDPA: `kernels/fp8_attention.py`)."""
 
 SPEED_ONE_H100_TITLE = "The specification's rows on one H100"
 SPEED_ONE_H100_INTRO = """\
