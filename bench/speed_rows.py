@@ -50,9 +50,9 @@ class Row:
         measured_paths: a dmquant row's converted layers take the path measured fastest on the device
             (cuBLASLt, Triton or bf16: :mod:`dmquant.kernels.paths`), as ``dmquant convert`` does by default;
             without it, every layer runs on its low-bit kernel.
-        fp8_attention: a dmquant row quantizes the attention matmuls of diffusers ``Attention`` and FLUX's
-            ``FluxAttention`` for FP8 attention (:mod:`dmquant.kernels.fp8_attention`) instead of leaving them in
-            the compute dtype.
+        fp8_attention: a dmquant row quantizes the attention matmuls of diffusers ``Attention`` (SD3's joint
+            attention included) and FLUX's ``FluxAttention`` for FP8 attention (:mod:`dmquant.kernels.fp8_attention`)
+            instead of leaving them in the compute dtype.
     """
 
     name: str
@@ -122,9 +122,9 @@ ROWS: dict[str, Row] = {
             formats=("fp8_e4m3", "fp8_e4m3", "channel"), fast_accumulation=True),
         Row("dmquant-w8a8-fp8-attention", "dmquant", QUANTIZED_SETTINGS,
             _dmquant("fp8 as dmquant-w8a8-fp8-fast",
-                     attention="Q, K, V and the softmax output of diffusers Attention and FLUX's FluxAttention in fp8 "
-                     "e4m3 (FP8 attention: cuDNN's FP8 SDPA where it takes the head dimension, the simulated "
-                     "attention elsewhere)"),
+                     attention="Q, K, V and the softmax output of diffusers Attention (SD3's joint one too) and "
+                     "FLUX's FluxAttention in fp8 e4m3 (FP8 attention: cuDNN's FP8 SDPA where it takes the head "
+                     "dimension, the simulated attention elsewhere)"),
             formats=("fp8_e4m3", "fp8_e4m3", "channel"), fast_accumulation=True, fp8_attention=True),
         Row("dmquant-w8a8-fp8-linear-fast", "dmquant", QUANTIZED_SETTINGS,
             _dmquant("fp8 as dmquant-w8a8-fp8-fast on the nn.Linear layers only, the convolutions left "

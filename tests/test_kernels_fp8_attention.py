@@ -193,6 +193,46 @@ def test_flux_attention_converts_to_fp8_attention_and_computes_the_simulated_one
         quantizer.finalize()
     simulated = _flux_call(attn, joint)
     assert fp8_attention.convert_attention(attn) == [""]
-    assert isinstance(attn.processor, fp8_attention.Fp8FluxAttnProcessor)
+    assert isinstance(attn.processor, fp8_attention.Fp8JointAttnProcessor)
     for got, want in zip(_flux_call(attn, joint), simulated, strict=True):
         assert torch.equal(got, want)
+
+
+def _sd3_attention(context_pre_only: bool):
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    torch.manual_seed(0)
+    return Attention(
+        query_dim=32, added_kv_proj_dim=32, dim_head=16, heads=2, out_dim=32, context_pre_only=context_pre_only,
+        bias=True, processor=JointAttnProcessor2_0(), qk_norm="rms_norm", eps=1e-6,
+    )  # fmt: skip
+
+
+def _sd3_call(attn):
+    generator = torch.Generator().manual_seed(1)
+    image, text = torch.randn(2, 12, 32, generator=generator), torch.randn(2, 5, 32, generator=generator)
+    with torch.no_grad():
+        return attn(image, encoder_hidden_states=text)
+
+
+@pytest.mark.parametrize("context_pre_only", [False, True])
+def test_sd3_joint_attention_is_quantizable_and_its_processor_off_is_diffusers(context_pre_only):
+    from dmquant.core.attention import QuantJointAttnProcessor, is_quantizable_attention
+
+    attn = _sd3_attention(context_pre_only)
+    assert is_quantizable_attention(attn)
+    expected = _sd3_call(attn)
+    quantize_attention(attn, dataclasses.replace(FP8, enabled=False), "fp8_e4m3")
+    getattr(attn, MATMUL_ATTRIBUTE).probs.enabled = False
+    assert isinstance(attn.processor, QuantJointAttnProcessor)
+    for got, want in zip(_sd3_call(attn), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_other_attention_with_added_projections_stays_unquantized():
+    from diffusers.models.attention_processor import AttnAddedKVProcessor
+
+    from dmquant.core.attention import is_quantizable_attention
+
+    attn = Attention(query_dim=32, added_kv_proj_dim=32, heads=2, dim_head=16, processor=AttnAddedKVProcessor())
+    assert not is_quantizable_attention(attn)

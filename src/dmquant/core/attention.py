@@ -16,7 +16,7 @@ combination of V's rows, so V's scale never clips it).
 The quantizers live in an :class:`AttentionQuantizers` submodule registered on the
 attention module as ``quant_matmul`` (so they are in its state dict), and a stateless processor
 runs the attention with them: :class:`QuantAttnProcessor` for diffusers' ``Attention``,
-:class:`QuantFluxAttnProcessor` for FLUX's ``FluxAttention`` (joint text-image attention).
+:class:`QuantJointAttnProcessor` for the joint text-image attention of SD3 and FLUX.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
@@ -141,11 +141,14 @@ class QuantAttnProcessor:
         return _batch_to_heads(quant.round_output(torch.bmm(probs, value)).to(dtype), heads)
 
 
-class QuantFluxAttnProcessor(QuantAttnProcessor):
-    """Diffusers' ``FluxAttnProcessor`` (FLUX's joint double-stream and single-stream attention) with quantized
-    Q·Kᵀ and softmax·V: its projections, per-head RMSNorm, text tokens first, rotary embedding and output
-    projections as diffusers computes them, the attention itself by :meth:`QuantAttnProcessor.attend` (softmax in
-    float32) in place of ``dispatch_attention_fn``, which dmquant cannot route a quantized attention through."""
+class QuantJointAttnProcessor(QuantAttnProcessor):
+    """Joint text-image attention with quantized Q·Kᵀ and softmax·V, one processor for the two families diffusers
+    writes separately: FLUX's ``FluxAttnProcessor`` (``FluxAttention``: per-head RMSNorm, text tokens first, rotary
+    embedding; single-stream blocks return the attention without an output projection) and SD3's
+    ``JointAttnProcessor2_0`` (an ``Attention`` with added key/value projections: image tokens first, the text's
+    output projection unless ``context_pre_only``). Projections, norms, token order and output projections are
+    computed as diffusers computes them; the attention itself by :meth:`QuantAttnProcessor.attend`, in place of the
+    fused SDPA call diffusers makes, which cannot quantize its operands."""
 
     def __call__(
         self,
@@ -156,28 +159,37 @@ class QuantFluxAttnProcessor(QuantAttnProcessor):
         image_rotary_emb: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         def heads(x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
-            x = x.unflatten(-1, (-1, attn.head_dim))
+            x = x.unflatten(-1, (attn.heads, -1))
             return x if norm is None else norm(x)
 
+        text_first = FluxAttention is not None and isinstance(attn, FluxAttention)
+        image_tokens = hidden_states.shape[1]
         query, key = heads(attn.to_q(hidden_states), attn.norm_q), heads(attn.to_k(hidden_states), attn.norm_k)
         value = heads(attn.to_v(hidden_states))
         if attn.added_kv_proj_dim is not None and encoder_hidden_states is not None:
-            query = torch.cat([heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q), query], dim=1)
-            key = torch.cat([heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k), key], dim=1)
-            value = torch.cat([heads(attn.add_v_proj(encoder_hidden_states)), value], dim=1)
+            text = (
+                heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q),
+                heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k),
+                heads(attn.add_v_proj(encoder_hidden_states)),
+            )
+            query, key, value = (
+                torch.cat([joined, own] if text_first else [own, joined], dim=1)
+                for joined, own in zip(text, (query, key, value), strict=True)
+            )
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         quant: AttentionQuantizers = getattr(attn, MATMUL_ATTRIBUTE)
-        hidden_states = self.attend(attn, quant, query.flatten(2), key.flatten(2), value.flatten(2), attention_mask)
-        hidden_states = hidden_states.to(query.dtype)
+        output = self.attend(attn, quant, query.flatten(2), key.flatten(2), value.flatten(2), attention_mask)
+        output = output.to(query.dtype)
         if encoder_hidden_states is None:
-            return hidden_states
-        text, image = hidden_states.split_with_sizes(
-            [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
-        )
+            return output if getattr(attn, "pre_only", False) else attn.to_out[1](attn.to_out[0](output))
+        if text_first:
+            text, image = output.split_with_sizes([output.shape[1] - image_tokens, image_tokens], dim=1)
+        else:
+            image, text = output.split_with_sizes([image_tokens, output.shape[1] - image_tokens], dim=1)
         image = attn.to_out[1](attn.to_out[0](image.contiguous()))
-        return image, attn.to_add_out(text.contiguous())
+        return image, text if getattr(attn, "context_pre_only", False) else attn.to_add_out(text.contiguous())
 
 
 def softmax_scale(attn: nn.Module) -> float:
@@ -215,16 +227,18 @@ def quantize_attention(
 ) -> None:
     """Give ``attn`` matmul quantizers and the processor of its family that uses them."""
     setattr(attn, MATMUL_ATTRIBUTE, AttentionQuantizers(operand, softmax_bits, num_steps=num_steps))
-    attn.set_processor(QuantAttnProcessor() if isinstance(attn, Attention) else QuantFluxAttnProcessor())
+    plain = isinstance(attn, Attention) and getattr(attn, "added_kv_proj_dim", None) is None
+    attn.set_processor(QuantAttnProcessor() if plain else QuantJointAttnProcessor())
 
 
 def is_quantizable_attention(module: nn.Module) -> bool:
     """Diffusers attention modules whose computation a quantized processor reproduces: ``Attention`` without added
-    key/value projections (UNets, DiT, PixArt), and FLUX's ``FluxAttention`` with unfused projections."""
+    key/value projections (UNets, DiT, PixArt), SD3's joint ``Attention`` (``JointAttnProcessor2_0``), and FLUX's
+    ``FluxAttention``, each with unfused projections."""
+    if getattr(module, "fused_projections", False):
+        return False
     if FluxAttention is not None and isinstance(module, FluxAttention):
-        return not module.fused_projections
-    return (
-        isinstance(module, Attention)
-        and not getattr(module, "is_cross_attention_with_added_kv", False)
-        and (getattr(module, "added_kv_proj_dim", None) is None)
-    )
+        return True
+    if not isinstance(module, Attention) or getattr(module, "is_cross_attention_with_added_kv", False):
+        return False
+    return module.added_kv_proj_dim is None or isinstance(module.processor, JointAttnProcessor2_0)

@@ -1,8 +1,8 @@
 """FP8 attention: a converted model's Q·Kᵀ and softmax·V on cuDNN's FP8 flash attention (Hopper).
 
-A diffusers ``Attention`` (or FLUX's ``FluxAttention``) quantized for FP8 attention (``attention: {bits:
-fp8_e4m3, softmax_bits: fp8_e4m3}``: Q, K and V in fp8 e4m3 with calibrated per-tensor scales,
-Q-Diffusion's attention quantizers, Li et al. 2023, Sec. 4.3) computes, simulated
+A diffusers ``Attention`` (SD3's joint one and FLUX's ``FluxAttention`` too) quantized for FP8 attention
+(``attention: {bits: fp8_e4m3, softmax_bits: fp8_e4m3}``: Q, K and V in fp8 e4m3 with calibrated per-tensor
+scales, Q-Diffusion's attention quantizers, Li et al. 2023, Sec. 4.3) computes, simulated
 (:mod:`dmquant.core.attention`)::
 
     S = Q_q · K_qᵀ · scale        P = fp8(softmax(S))  on [0, 1]        O = fp8(P · V_q)  on V's scale
@@ -40,7 +40,7 @@ from ..core.attention import (
     MATMUL_ATTRIBUTE,
     AttentionQuantizers,
     QuantAttnProcessor,
-    QuantFluxAttnProcessor,
+    QuantJointAttnProcessor,
     softmax_scale,
 )
 from ..core.primitives import FP8_E4M3
@@ -241,12 +241,12 @@ class Fp8AttnProcessor(_Fp8Attend, QuantAttnProcessor):
     """:class:`~dmquant.core.attention.QuantAttnProcessor` on FP8 attention."""
 
 
-class Fp8FluxAttnProcessor(_Fp8Attend, QuantFluxAttnProcessor):
-    """:class:`~dmquant.core.attention.QuantFluxAttnProcessor` on FP8 attention."""
+class Fp8JointAttnProcessor(_Fp8Attend, QuantJointAttnProcessor):
+    """:class:`~dmquant.core.attention.QuantJointAttnProcessor` on FP8 attention."""
 
 
 #: The FP8 attention processor of each quantized processor.
-FP8_PROCESSORS = {QuantAttnProcessor: Fp8AttnProcessor, QuantFluxAttnProcessor: Fp8FluxAttnProcessor}
+FP8_PROCESSORS = {QuantAttnProcessor: Fp8AttnProcessor, QuantJointAttnProcessor: Fp8JointAttnProcessor}
 
 
 def convert_attention(model: nn.Module) -> list[str]:
