@@ -109,6 +109,22 @@ def test_the_kernel_declines_what_cudnn_does_not_take():
     assert not fp8_attention._head_dim_fits(160) and fp8_attention._head_dim_fits(128)
 
 
+def test_a_shape_cudnn_refuses_is_tried_and_warned_once(monkeypatch):
+    attempts = []
+
+    def refuse(*shape):
+        attempts.append(shape)
+        raise RuntimeError("no engine")
+
+    monkeypatch.setattr(fp8_attention, "_graph", refuse)
+    fp8_attention._builds.cache_clear()
+    shape = (1, 2, 300, 300, 16, 0.25, 0)
+    with pytest.warns(UserWarning, match="refused"):
+        assert not fp8_attention._builds(*shape)
+    assert not fp8_attention._builds(*shape) and len(attempts) == 1
+    fp8_attention._builds.cache_clear()
+
+
 needs_cudnn_fp8 = pytest.mark.skipif(
     not (torch.cuda.is_available() and fp8_attention.CUDNN_FRONTEND_AVAILABLE)
     or torch.cuda.get_device_capability()[0] != 9,

@@ -100,11 +100,15 @@ def takes(query: Tensor, key: Tensor, heads: int, attention_mask: Tensor | None,
     if torch.cuda.get_device_capability(query.device)[0] != 9 or not _head_dim_fits(query.shape[-1] // heads):
         return False
     batch, q_tokens, width = query.shape
-    device = query.device.index if query.device.index is not None else torch.cuda.current_device()
-    return _builds(batch, heads, q_tokens, key.shape[1], width // heads, attn_scale, device)
+    return _builds(batch, heads, q_tokens, key.shape[1], width // heads, attn_scale, _device_index(query))
+
+
+def _device_index(x: Tensor) -> int:
+    return x.device.index if x.device.index is not None else torch.cuda.current_device()
 
 
 @torch._dynamo.assume_constant_result  # compiled, answered at trace time: the shape is fixed in the graph
+@functools.cache  # eager, answered once per shape: a refused graph is not rebuilt (nor warned) per call
 def _builds(*shape) -> bool:
     """Whether cuDNN builds the graph of this shape (some shapes have no engine); the refusal is warned once."""
     try:
@@ -180,7 +184,7 @@ def fp8_sdpa(
     import cudnn
 
     batch, q_tokens, width = q.shape
-    device = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    device = _device_index(q)
     graph, (tq, tk, tv, tout, tamax_s, tamax_o), scales = _graph(
         batch, heads, q_tokens, k.shape[1], width // heads, attn_scale, device
     )
