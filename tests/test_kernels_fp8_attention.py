@@ -252,3 +252,75 @@ def test_other_attention_with_added_projections_stays_unquantized():
 
     attn = Attention(query_dim=32, added_kv_proj_dim=32, heads=2, dim_head=16, processor=AttnAddedKVProcessor())
     assert not is_quantizable_attention(attn)
+
+
+def _converted_calibrated_attention():
+    attn, hidden = _calibrated_attention()
+    fp8_attention.convert_attention(attn)
+    return attn, hidden
+
+
+def test_the_bf16_path_is_diffusers_attention_on_unquantized_operands():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    attn, hidden = _converted_calibrated_attention()
+    mask = torch.zeros(2, 1, hidden.shape[1])
+    mask[1, 0, -5:] = -10000.0  # the second sample's last tokens masked out
+    with torch.no_grad():
+        simulated = attn(hidden, attention_mask=mask)
+        attn.processor.path = "bf16"
+        full_precision = attn(hidden, attention_mask=mask)
+        attn.set_processor(AttnProcessor2_0())
+        expected = attn(hidden, attention_mask=mask)
+    torch.testing.assert_close(full_precision, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(simulated, expected, rtol=1e-5, atol=1e-6)  # the path changed what is computed
+
+
+@pytest.mark.parametrize("joint", [True, False], ids=["double-stream", "single-stream"])
+def test_the_bf16_path_of_flux_attention_is_diffusers_flux_attention(joint):
+    attn = _flux_attention(joint)
+    expected = _flux_call(attn, joint)
+    quantize_attention(attn, FP8, "fp8_e4m3")  # uncalibrated: the bf16 path never reads the quantizers
+    fp8_attention.convert_attention(attn)
+    attn.processor.path = "bf16"
+    for got, want in zip(_flux_call(attn, joint), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_recording_processor_lists_each_call_with_its_shape():
+    attn, hidden = _converted_calibrated_attention()
+    attn.processor.calls = []
+    with torch.no_grad():
+        attn(hidden)
+        attn(hidden[:1, :10])
+    first, second = attn.processor.calls
+    assert first == fp8_attention.AttentionCall(2, 2, 24, 24, 16, attn.scale, "float32", on_kernel=False)
+    assert (second.batch, second.q_tokens, second.kv_tokens) == (1, 10, 10)
+
+
+def test_path_selection_records_every_attention_call_beside_the_layers(fp8_attention_model, calibration):
+    from dmquant.kernels import paths
+
+    converted = convert_model(fp8_attention_model)
+    x, t, cond, _ = next(calibration.batches(4))
+    layers, attention = paths._record_calls(converted, lambda: Denoiser(converted)(x, t, cond))
+    assert set(attention) == set(getattr(converted, REPORT_ATTRIBUTE).fp8_attention) and layers
+    assert all(len(calls) == 1 and not calls[0].on_kernel and calls[0].batch == 4 for calls in attention.values())
+    assert all(m.processor.calls is None for m in converted.modules() if isinstance(m, Attention))
+
+
+@pytest.mark.gpu
+@needs_cudnn_fp8
+def test_path_selection_keeps_the_faster_attention_and_caches_it(tmp_path, monkeypatch):
+    from dmquant.kernels import paths
+
+    monkeypatch.setenv(paths.CACHE_VARIABLE, str(tmp_path))
+    attn, hidden = _calibrated_attention(heads=2, head_dim=64, tokens=1024)
+    attn, hidden = attn.cuda().to(torch.bfloat16), hidden.cuda().to(torch.bfloat16)
+    fp8_attention.convert_attention(attn)
+    report = paths.select_paths(attn, lambda: attn(hidden))
+    (choice,) = [c for c in report.choices if c.kind == "attention"]
+    assert set(choice.times_ms) == {"fp8", "bf16"} and choice.inputs == [[2, 2, 1024, 1024, 64]]
+    assert choice.path == min(choice.times_ms, key=choice.times_ms.get) == attn.processor.path
+    monkeypatch.setattr(paths, "measure_attention", lambda *args: pytest.fail("a cached shape was measured again"))
+    assert paths.select_paths(attn, lambda: attn(hidden)).choices[-1].cached

@@ -25,6 +25,11 @@ graphs capture the call.
 The kernel runs where cuDNN takes the call (a Hopper GPU, head dimension a multiple of 16 up to 128,
 no attention mask, a probability scale that keeps 1 representable); elsewhere, and on CPU, the
 processor computes the simulated attention, bit for bit.
+
+The kernel is not faster than bf16 everywhere (1.38× torch's bf16 SDPA at FLUX's 4,608 tokens, 0.88× at SDXL's
+1,024 on an H100, ``bench/results/attention-speed``), so a processor also has a ``"bf16"`` path: torch's SDPA on the
+unquantized Q, K and V, as diffusers computes it (:func:`full_precision_attention`).
+:func:`dmquant.kernels.paths.select_paths` times the two on the GPU for every call shape and keeps the faster.
 """
 
 from __future__ import annotations
@@ -32,9 +37,11 @@ from __future__ import annotations
 import functools
 import importlib.util
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..core.attention import (
     MATMUL_ATTRIBUTE,
@@ -216,9 +223,47 @@ def _(q, k, v, descale_q, descale_k, descale_v, descale_s, heads, attn_scale):
     return torch.empty_like(q)
 
 
+@dataclass(frozen=True)
+class AttentionCall:
+    """What the time of one attention call depends on: its shape, the softmax scale, the dtype, and whether cuDNN's
+    FP8 kernel takes it."""
+
+    batch: int
+    heads: int
+    q_tokens: int
+    kv_tokens: int
+    head_dim: int
+    attn_scale: float
+    dtype: str
+    on_kernel: bool
+
+
+def full_precision_attention(
+    query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, heads: int, attn_scale: float
+) -> Tensor:
+    """``softmax(Q·Kᵀ·attn_scale + mask)·V`` by torch's SDPA on unquantized ``(batch, tokens, heads·dim)`` operands,
+    as diffusers' processors compute it: the ``"bf16"`` path. A mask comes prepared for ``baddbmm``,
+    ``(batch·heads, 1 or q_tokens, kv_tokens)``."""
+    batch = query.shape[0]
+    q, k, v = (x.unflatten(-1, (heads, -1)).transpose(1, 2) for x in (query, key, value))
+    if attention_mask is not None:
+        attention_mask = attention_mask.view(batch, heads, -1, attention_mask.shape[-1])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn_scale)
+    return out.transpose(1, 2).flatten(2).to(query.dtype)
+
+
 class _Fp8Attend:
     """A quantized processor's attention on cuDNN's FP8 attention where it takes the call (:func:`takes`), reading
-    the scales of ``attn.fp8_attention``; the simulated attention elsewhere."""
+    the scales of ``attn.fp8_attention``; the simulated attention elsewhere.
+
+    ``path`` is ``"fp8"`` (the above) or ``"bf16"`` (:func:`full_precision_attention`, set by
+    :func:`dmquant.kernels.paths.select_paths` where it is the faster). While ``calls`` is a list, each call appends
+    its :class:`AttentionCall`.
+    """
+
+    def __init__(self) -> None:
+        self.path = "fp8"
+        self.calls: list[AttentionCall] | None = None
 
     def attend(
         self,
@@ -231,7 +276,15 @@ class _Fp8Attend:
     ) -> Tensor:
         scales: Fp8AttentionScales = getattr(attn, SCALES_ATTRIBUTE)
         attn_scale = float(softmax_scale(attn))
-        if not (takes(query, key, attn.heads, attention_mask, attn_scale) and scales.runs_on_kernel):
+        on_kernel = takes(query, key, attn.heads, attention_mask, attn_scale) and scales.runs_on_kernel
+        if self.calls is not None:
+            (batch, q_tokens, width), kv_tokens = query.shape, key.shape[1]
+            dtype = str(query.dtype).removeprefix("torch.")
+            shape = (batch, attn.heads, q_tokens, kv_tokens, width // attn.heads, attn_scale, dtype, on_kernel)
+            self.calls.append(AttentionCall(*shape))
+        if self.path == "bf16":
+            return full_precision_attention(query, key, value, attention_mask, attn.heads, attn_scale)
+        if not on_kernel:
             return super().attend(attn, quant, query, key, value, attention_mask)
         from .operands import quantize_activations  # Triton: imported where a GPU call needs it
 

@@ -87,7 +87,7 @@ class KernelActivation(KeepsDtypes):
         shifted = [
             int(zero) - (128 if fmt.qmax > 127 else 0) if not fmt.is_float and fmt.bits == 8 else 0
             for zero, fmt in zip(zeros, quantizer.slot_formats, strict=True)
-        ]
+        ] if per_tensor else []  # fmt: skip
         self.has_zero = any(shifted)
         zero_point = (
             torch.tensor(shifted, dtype=torch.int32, device=quantizer.zero_point.device) if per_tensor else None

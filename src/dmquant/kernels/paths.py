@@ -20,6 +20,15 @@ although under ``torch.compile`` that pass fuses into the op producing the input
 so that a model never runs slower for being converted. Times are medians of CUDA-graph replays
 (``triton.testing.do_bench_cudagraph``), the first call excluded (it autotunes the Triton tiles).
 
+An FP8-attention module (:mod:`~dmquant.kernels.fp8_attention`) has two paths, timed for every attention shape of
+the call: ``"fp8"``, cuDNN's FP8 attention on fp8 codes, and ``"bf16"``, torch's SDPA on the unquantized Q, K and V
+(then no longer the simulated twin's function either; the report says which). The fp8 candidate is timed without
+the quantization of Q, K and V: unlike a layer's input, which the choice above times quantized, those passes are
+what ``torch.compile`` fuses into the norms, rotary embeddings and projections producing them (FP8 attention with
+them unfused is slower than bf16 at every measured shape, ``bench/results/attention-speed``), so the choice
+assumes the compiled deployment it is made for. A call cuDNN does not take runs the simulated attention, which
+materialises the probabilities and is never faster than torch's fused SDPA: it takes ``"bf16"`` unmeasured against.
+
 Decisions are cached in a JSON file (:func:`cache_path`) keyed by the GPU, the torch/Triton/dmquant versions and
 the layer's signature (kind, shape, formats, input shape, dtype and layout), so a shape is measured once per
 device: the blocks of a model that repeat one shape share one measurement, and a second conversion measures
@@ -28,7 +37,9 @@ nothing.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import itertools
 import json
 import os
 from collections.abc import Callable
@@ -41,10 +52,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..atomic import write_atomically
+from .fp8_attention import AttentionCall, _Fp8Attend, full_precision_attention
 from .layers import LowBitConv2d, LowBitLinear
 
-#: The paths a layer may take, in the order they are tried.
-PATHS = ("cublas", "triton", "bf16")
+#: The paths a converted layer may take, then an FP8-attention module's kernel: the report's columns.
+PATHS = ("cublas", "triton", "fp8", "bf16")
 #: The environment variable that moves the decision cache (default: ``$XDG_CACHE_HOME/dmquant``).
 CACHE_VARIABLE = "DMQUANT_CACHE_DIR"
 CACHE_FILE = "kernel-paths.json"
@@ -62,6 +74,7 @@ class PathChoice:
     times_ms: dict[str, float]
     inputs: list[list[int]]
     cached: bool = False
+    kind: str = "layer"  # or "attention"
 
 
 @dataclass
@@ -74,13 +87,14 @@ class PathReport:
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for choice in self.choices:
-            counts[choice.path] = counts.get(choice.path, 0) + 1
+            key = choice.path if choice.kind == "layer" else f"{choice.path} {choice.kind}"
+            counts[key] = counts.get(key, 0) + 1
         return counts
 
     def summary(self) -> str:
         chosen = ", ".join(f"{count} {path}" for path, count in sorted(self.counts().items()))
         best = sum(min(choice.times_ms.values()) for choice in self.choices)
-        text = f"paths measured on {self.device}: {chosen}; the converted layers' time per call {best:.3f} ms"
+        text = f"paths measured on {self.device}: {chosen}; the converted modules' time per call {best:.3f} ms"
         if all("bf16" in choice.times_ms for choice in self.choices):  # int4 layers are not timed in bf16
             text += f" against {sum(choice.times_ms['bf16'] for choice in self.choices):.3f} ms in bf16"
         return text
@@ -252,8 +266,36 @@ def measure(layer: LowBitLayer, x: Tensor, dense_for_int4: bool = False) -> dict
     return times
 
 
-def _record_inputs(model: nn.Module, call: Callable[[], Any]) -> dict[str, list[Tensor]]:
-    """The input of every call of every converted layer of ``model`` during ``call()`` (as meta tensors)."""
+def measure_attention(shape: AttentionCall, device: torch.device) -> dict[str, float]:
+    """Median time (ms) of an FP8-attention call of ``shape`` on each path: ``"bf16"`` always, ``"fp8"`` where the
+    kernel takes the call (random operands, the codes given: module docstring)."""
+    dtype = getattr(torch, shape.dtype)
+    width = shape.heads * shape.head_dim
+    q = torch.randn(shape.batch, shape.q_tokens, width, device=device, dtype=dtype)
+    k, v = (torch.randn(shape.batch, shape.kv_tokens, width, device=device, dtype=dtype) for _ in range(2))
+    times = {"bf16": _median_ms(lambda: full_precision_attention(q, k, v, None, shape.heads, shape.attn_scale))}
+    if shape.on_kernel:
+        codes = [x.to(torch.float8_e4m3fn) for x in (q, k, v)]
+        one = torch.ones(1, device=device)
+        probs_scale = one / torch.finfo(torch.float8_e4m3fn).max
+        kernel = torch.ops.dmquant.fp8_sdpa
+        with contextlib.suppress(RuntimeError):
+            times["fp8"] = _median_ms(lambda: kernel(*codes, one, one, one, probs_scale, shape.heads, shape.attn_scale))
+    return times
+
+
+def _fp8_attention_processors(model: nn.Module) -> dict[str, Any]:
+    """The FP8-attention processor of each attention module of ``model`` that has one, by module name."""
+    return {
+        name: module.processor
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "processor", None), _Fp8Attend)
+    }
+
+
+def _record_calls(model: nn.Module, call: Callable[[], Any]) -> tuple[dict[str, list[Tensor]], dict[str, list]]:
+    """During ``call()``: the input of every call of every converted layer of ``model`` (as meta tensors), and the
+    :class:`~dmquant.kernels.fp8_attention.AttentionCall` of every call of every FP8-attention module."""
     seen: dict[str, list[Tensor]] = {}
     handles = []
     for name, module in model.named_modules():
@@ -264,13 +306,19 @@ def _record_inputs(model: nn.Module, call: Callable[[], Any]) -> dict[str, list[
                 seen.setdefault(name, []).append(torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta"))
 
             handles.append(module.register_forward_pre_hook(hook))
+    processors = _fp8_attention_processors(model)
+    for processor in processors.values():
+        processor.calls = []
     try:
         with torch.no_grad():
             call()
+        attention = {name: processor.calls for name, processor in processors.items() if processor.calls}
     finally:
         for handle in handles:
             handle.remove()
-    return seen
+        for processor in processors.values():
+            processor.calls = None
+    return seen, attention
 
 
 def _materialized(meta: Tensor, device: torch.device) -> Tensor:
@@ -286,33 +334,58 @@ def select_paths(
     dense_for_int4: bool = False,
     progress: bool = False,
 ) -> PathReport:
-    """Choose and set each converted layer's path (module docstring) from one ``call()`` of ``model`` on CUDA.
+    """Choose and set each converted layer's and FP8-attention module's path (module docstring) from one ``call()``
+    of ``model`` on CUDA.
 
     Layers whose fastest path is ``"bf16"`` are replaced in ``model`` by their :func:`dense_module`; the others get
     ``backend`` ``"triton"`` or ``"auto"`` (cuBLASLt where it takes the call, so a later call of another shape
-    still runs). A layer called several times per model call (several shapes) takes the path fastest over all of
-    them. Returns the :class:`PathReport`, also kept as ``model.dmquant_paths``.
+    still runs). An attention module's processor gets the ``path`` ``"fp8"`` or ``"bf16"``. A module called several
+    times per model call (several shapes) takes the path fastest over all of them. Returns the :class:`PathReport`,
+    also kept as ``model.dmquant_paths``.
     """
     layers = {name: m for name, m in model.named_modules() if isinstance(m, (LowBitLinear, LowBitConv2d))}
-    device = next((p.device for layer in layers.values() for p in layer.buffers()), None)
+    device = next((tensor.device for tensor in itertools.chain(model.buffers(), model.parameters())), None)
     if device is None or device.type != "cuda":
         raise ValueError("select_paths measures kernels on a CUDA device: move the converted model there first")
-    inputs = _record_inputs(model, call)
+    inputs, attention = _record_calls(model, call)
+    processors = _fp8_attention_processors(model)
     environment = _environment_key(device)
     cache_file = cache_path()
     cache = _read_cache(cache_file) if use_cache else {}
+
+    def timed(key: dict[str, Any], measure_now: Callable[[], dict[str, float]]) -> tuple[dict[str, float], bool]:
+        text = json.dumps(environment | key, sort_keys=True)
+        cached = text in cache
+        if not cached:
+            cache[text] = measure_now()
+        return cache[text], cached
+
     report = PathReport(device=environment["gpu"])
-    for name in tqdm(list(inputs), desc="measuring kernel paths", disable=not progress, unit="layer"):
-        layer, entries, cached = layers[name], [], True
-        for meta in inputs[name]:
-            key = json.dumps(environment | signature(layer, meta) | {"dense_for_int4": dense_for_int4}, sort_keys=True)
-            if key not in cache:
-                cache[key] = measure(layer, _materialized(meta, device), dense_for_int4)
-                cached = False
-            entries.append(cache[key])
-        path, totals = fastest(entries)
-        report.choices.append(PathChoice(name, path, totals, [list(m.shape) for m in inputs[name]], cached))
-        _apply(model, name, layer, path, inputs[name][0])
+    names = [*inputs, *attention]
+    for name in tqdm(names, desc="measuring kernel paths", disable=not progress, unit="module"):
+        if name in inputs:
+            layer = layers[name]
+            measured = [
+                timed(
+                    signature(layer, meta) | {"dense_for_int4": dense_for_int4},
+                    lambda meta=meta, layer=layer: measure(layer, _materialized(meta, device), dense_for_int4),
+                )
+                for meta in inputs[name]
+            ]
+            shapes, kind = [list(meta.shape) for meta in inputs[name]], "layer"
+        else:
+            calls = attention[name]
+            measured = [
+                timed({"kind": "attention"} | asdict(shape), lambda shape=shape: measure_attention(shape, device))
+                for shape in calls
+            ]
+            shapes, kind = [[c.batch, c.heads, c.q_tokens, c.kv_tokens, c.head_dim] for c in calls], "attention"
+        path, totals = fastest([times for times, _ in measured])
+        report.choices.append(PathChoice(name, path, totals, shapes, all(c for _, c in measured), kind))
+        if kind == "layer":
+            _apply(model, name, layer, path, inputs[name][0])
+        else:
+            processors[name].path = path
     if use_cache:
         _write_cache(cache_file, cache)
     setattr(model, REPORT_ATTRIBUTE, report)
@@ -320,7 +393,7 @@ def select_paths(
 
 
 def fastest(entries: list[dict[str, float]]) -> tuple[str, dict[str, float]]:
-    """The path of least total time over a layer's calls (one entry of times per call), among the paths every call
+    """The path of least total time over a module's calls (one entry of times per call), among the paths every call
     took, and those totals."""
     totals = {path: sum(entry[path] for entry in entries) for path in PATHS if all(path in e for e in entries)}
     return min(totals, key=totals.__getitem__), totals
