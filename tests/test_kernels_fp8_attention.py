@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -117,13 +118,59 @@ def test_a_shape_cudnn_refuses_is_tried_and_warned_once(monkeypatch):
         raise RuntimeError("no engine")
 
     monkeypatch.setattr(fp8_attention, "_graph", refuse)
-    fp8_attention._builds.cache_clear()
+    fp8_attention._builds_once.cache_clear()
     shape = (1, 2, 300, 300, 16, 0.25, 0)
     with pytest.warns(UserWarning, match="refused"):
         assert not fp8_attention._builds(*shape)
     assert not fp8_attention._builds(*shape) and len(attempts) == 1
-    fp8_attention._builds.cache_clear()
+    fp8_attention._builds_once.cache_clear()
 
+
+def test_whether_cudnn_builds_a_shape_is_a_constant_under_compile(monkeypatch):
+    """Answered at trace time, not traced: a graph build inside a compiled block would break its graph."""
+    import os
+
+    import torch._dynamo.testing
+
+    builds = []
+    monkeypatch.setattr(fp8_attention, "_graph", lambda *shape: builds.append(os.getpid()))  # untraceable
+    fp8_attention._builds_once.cache_clear()
+
+    def branch(x):
+        return x + 1 if fp8_attention._builds(1, 2, 64, 64, 16, 0.25, 0) else x - 1
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    assert torch.equal(torch.compile(branch, backend=counter, fullgraph=True)(torch.zeros(2)), torch.ones(2))
+    assert counter.frame_count == 1 and len(builds) == 1
+    fp8_attention._builds_once.cache_clear()
+
+
+
+@functools.cache
+def _fp8_sdpa_on_cpu() -> None:
+    """A CPU kernel for ``dmquant::fp8_sdpa`` (registered once): its function on dequantized codes."""
+
+    @fp8_attention.fp8_sdpa.register_kernel("cpu")
+    def _(q, k, v, descale_q, descale_k, descale_v, descale_s, heads, attn_scale):
+        q, k, v = (codes.float() * scale for codes, scale in ((q, descale_q), (k, descale_k), (v, descale_v)))
+        out = fp8_attention.full_precision_attention(q, k, v, None, heads, attn_scale)
+        return (out / descale_v).clamp(-448, 448).to(torch.float8_e4m3fn)
+
+
+def test_the_kernel_path_compiles_into_one_graph(monkeypatch):
+    """The processor's kernel path (quantize Q, K, V; the custom op; dequantize O) traces without a graph break."""
+    _fp8_sdpa_on_cpu()
+    attn, hidden = _calibrated_attention()
+    with torch.no_grad():
+        simulated = attn(hidden)
+    fp8_attention.convert_attention(attn)
+    monkeypatch.setattr(fp8_attention, "takes", lambda *args: True)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        on_kernel = torch.compile(attn, backend="eager", fullgraph=True)(hidden)
+    assert not torch.equal(on_kernel, simulated)  # the op ran: it leaves the probabilities unrounded
+    assert _psnr(simulated, on_kernel) > 30
 
 needs_cudnn_fp8 = pytest.mark.skipif(
     not (torch.cuda.is_available() and fp8_attention.CUDNN_FRONTEND_AVAILABLE)

@@ -114,14 +114,21 @@ def _device_index(x: Tensor) -> int:
     return x.device.index if x.device.index is not None else torch.cuda.current_device()
 
 
-@torch._dynamo.assume_constant_result  # compiled, answered at trace time: the shape is fixed in the graph
-@functools.cache  # eager, answered once per shape: a refused graph is not rebuilt (nor warned) per call
+@torch._dynamo.assume_constant_result  # compiled: answered at trace time, the shape is fixed in the graph
 def _builds(*shape) -> bool:
-    """Whether cuDNN builds the graph of this shape (some shapes have no engine); the refusal is warned once."""
+    """Whether cuDNN builds the graph of this shape (some shapes have no engine); the refusal is warned once.
+
+    A plain function around the cached one: dynamo looks through a ``functools.cache`` wrapper, and would then
+    trace the graph build (a graph break at every attention) instead of taking the answer as a constant."""
+    return _builds_once(*shape)
+
+
+@functools.cache  # eager, answered once per shape: a refused graph is not rebuilt (nor warned) per call
+def _builds_once(*shape) -> bool:
     try:
         _graph(*shape)
     except Exception as error:  # cudnn raises its own error types for unsupported graphs
-        warnings.warn(f"cuDNN's FP8 attention refused {shape[:5]}: {error}; the simulated attention runs", stacklevel=2)
+        warnings.warn(f"cuDNN's FP8 attention refused {shape[:5]}: {error}; the simulated attention runs", stacklevel=3)
         return False
     return True
 
