@@ -146,7 +146,6 @@ def test_whether_cudnn_builds_a_shape_is_a_constant_under_compile(monkeypatch):
     fp8_attention._builds_once.cache_clear()
 
 
-
 @functools.cache
 def _fp8_sdpa_on_cpu() -> None:
     """A CPU kernel for ``dmquant::fp8_sdpa`` (registered once): its function on dequantized codes."""
@@ -171,6 +170,7 @@ def test_the_kernel_path_compiles_into_one_graph(monkeypatch):
         on_kernel = torch.compile(attn, backend="eager", fullgraph=True)(hidden)
     assert not torch.equal(on_kernel, simulated)  # the op ran: it leaves the probabilities unrounded
     assert _psnr(simulated, on_kernel) > 30
+
 
 needs_cudnn_fp8 = pytest.mark.skipif(
     not (torch.cuda.is_available() and fp8_attention.CUDNN_FRONTEND_AVAILABLE)
