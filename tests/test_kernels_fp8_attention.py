@@ -341,7 +341,8 @@ def test_a_recording_processor_lists_each_call_with_its_shape():
         attn(hidden)
         attn(hidden[:1, :10])
     first, second = attn.processor.calls
-    assert first == fp8_attention.AttentionCall(2, 2, 24, 24, 16, attn.scale, "float32", on_kernel=False)
+    standalone = ("query", "key", "value")  # no norm between the projections and the attention
+    assert first == fp8_attention.AttentionCall(2, 2, 24, 24, 16, attn.scale, "float32", False, standalone)
     assert (second.batch, second.q_tokens, second.kv_tokens) == (1, 10, 10)
 
 
@@ -371,3 +372,27 @@ def test_path_selection_keeps_the_faster_attention_and_caches_it(tmp_path, monke
     assert choice.path == min(choice.times_ms, key=choice.times_ms.get) == attn.processor.path
     monkeypatch.setattr(paths, "measure_attention", lambda *args: pytest.fail("a cached shape was measured again"))
     assert paths.select_paths(attn, lambda: attn(hidden)).choices[-1].cached
+
+
+def test_the_operands_whose_quantization_has_no_producer_to_fuse_into():
+    plain = Attention(query_dim=32, heads=2, dim_head=16)
+    normed = Attention(query_dim=32, heads=2, dim_head=16, qk_norm="rms_norm")
+    assert fp8_attention.standalone_operands(plain) == ("query", "key", "value")  # SDXL's, PixArt's
+    assert fp8_attention.standalone_operands(normed) == ("value",)
+    assert fp8_attention.standalone_operands(_sd3_attention(context_pre_only=False)) == ()  # tokens concatenated
+    assert fp8_attention.standalone_operands(_flux_attention(joint=True)) == ()
+    assert fp8_attention.standalone_operands(_flux_attention(joint=False)) == ("value",)  # single-stream
+
+
+def test_the_fp8_candidate_is_timed_with_its_standalone_quantizations(monkeypatch):
+    """Each call timed counts 1 ms (on CPU, through the op's CPU kernel): bf16 SDPA one call; fp8 the kernel and
+    the quantization of V."""
+    from dmquant.kernels import paths
+
+    _fp8_sdpa_on_cpu()
+    timed = []
+    monkeypatch.setattr(paths, "_median_ms", lambda call: (timed.append(call()), 1.0)[1])
+    shape = fp8_attention.AttentionCall(1, 2, 8, 8, 16, 0.25, "float32", True, ("value",))
+    assert paths.measure_attention(shape, torch.device("cpu")) == {"bf16": 1.0, "fp8": 2.0}
+    assert [t.dtype for t in timed] == [torch.float32, torch.float8_e4m3fn, torch.float8_e4m3fn]
+    assert paths.measure_attention(dataclasses.replace(shape, on_kernel=False), torch.device("cpu")) == {"bf16": 1.0}

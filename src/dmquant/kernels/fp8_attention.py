@@ -243,6 +243,19 @@ class AttentionCall:
     attn_scale: float
     dtype: str
     on_kernel: bool
+    standalone: tuple[str, ...] = ()  # the operands whose quantization is a pass of its own: standalone_operands
+
+
+def standalone_operands(attn: nn.Module) -> tuple[str, ...]:
+    """Which of ``query``, ``key``, ``value`` reach the attention straight from their projection's GEMM, so that
+    their fp8 quantization is a pass of its own even under ``torch.compile`` (a GEMM is not a kernel it fuses
+    into). Joint attention (SD3, FLUX's double-stream blocks: added key/value projections) concatenates text and
+    image tokens first, a kernel all three quantizations fuse into; otherwise a per-head norm (with FLUX's rotary
+    embedding) takes Q's or K's, and V has none (SDXL's self-attention: all three)."""
+    if getattr(attn, "added_kv_proj_dim", None) is not None:
+        return ()
+    norms = {"query": getattr(attn, "norm_q", None), "key": getattr(attn, "norm_k", None), "value": None}
+    return tuple(name for name, norm in norms.items() if norm is None)
 
 
 def full_precision_attention(
@@ -288,7 +301,7 @@ class _Fp8Attend:
             (batch, q_tokens, width), kv_tokens = query.shape, key.shape[1]
             dtype = str(query.dtype).removeprefix("torch.")
             shape = (batch, attn.heads, q_tokens, kv_tokens, width // attn.heads, attn_scale, dtype, on_kernel)
-            self.calls.append(AttentionCall(*shape))
+            self.calls.append(AttentionCall(*shape, standalone_operands(attn)))
         if self.path == "bf16":
             return full_precision_attention(query, key, value, attention_mask, attn.heads, attn_scale)
         if not on_kernel:

@@ -23,10 +23,12 @@ so that a model never runs slower for being converted. Times are medians of CUDA
 An FP8-attention module (:mod:`~dmquant.kernels.fp8_attention`) has two paths, timed for every attention shape of
 the call: ``"fp8"``, cuDNN's FP8 attention on fp8 codes, and ``"bf16"``, torch's SDPA on the unquantized Q, K and V
 (then no longer the simulated twin's function either; the report says which). The fp8 candidate is timed without
-the quantization of Q, K and V: unlike a layer's input, which the choice above times quantized, those passes are
-what ``torch.compile`` fuses into the norms, rotary embeddings and projections producing them (FP8 attention with
-them unfused is slower than bf16 at every measured shape, ``bench/results/attention-speed``), so the choice
-assumes the compiled deployment it is made for. A call cuDNN does not take runs the simulated attention, which
+the quantizations of Q, K and V that ``torch.compile`` fuses into the kernels producing them (norms, rotary
+embeddings, the concatenation of text and image tokens) and with those that stay passes of their own, an operand
+coming straight out of its projection's GEMM (:func:`~dmquant.kernels.fp8_attention.standalone_operands`: SDXL's
+Q, K and V, the V of FLUX's single-stream blocks); timed with every quantization unfused, FP8 attention is slower
+than bf16 at every measured shape (``bench/results/attention-speed``), so the choice assumes the compiled
+deployment it is made for. A call cuDNN does not take runs the simulated attention, which
 materialises the probabilities and is never faster than torch's fused SDPA: it takes ``"bf16"`` unmeasured against.
 
 Decisions are cached in a JSON file (:func:`cache_path`) keyed by the GPU, the torch/Triton/dmquant versions and
@@ -268,19 +270,25 @@ def measure(layer: LowBitLayer, x: Tensor, dense_for_int4: bool = False) -> dict
 
 def measure_attention(shape: AttentionCall, device: torch.device) -> dict[str, float]:
     """Median time (ms) of an FP8-attention call of ``shape`` on each path: ``"bf16"`` always, ``"fp8"`` where the
-    kernel takes the call (random operands, the codes given: module docstring)."""
+    kernel takes the call, with the quantization of its standalone operands (random operands: module docstring)."""
     dtype = getattr(torch, shape.dtype)
     width = shape.heads * shape.head_dim
     q = torch.randn(shape.batch, shape.q_tokens, width, device=device, dtype=dtype)
     k, v = (torch.randn(shape.batch, shape.kv_tokens, width, device=device, dtype=dtype) for _ in range(2))
     times = {"bf16": _median_ms(lambda: full_precision_attention(q, k, v, None, shape.heads, shape.attn_scale))}
     if shape.on_kernel:
+        from .operands import quantize_activations  # Triton: imported where a GPU call needs it
+
         codes = [x.to(torch.float8_e4m3fn) for x in (q, k, v)]
         one = torch.ones(1, device=device)
         probs_scale = one / torch.finfo(torch.float8_e4m3fn).max
         kernel = torch.ops.dmquant.fp8_sdpa
+        operands = {"query": q, "key": k, "value": v}
         with contextlib.suppress(RuntimeError):
-            times["fp8"] = _median_ms(lambda: kernel(*codes, one, one, one, probs_scale, shape.heads, shape.attn_scale))
+            fp8 = _median_ms(lambda: kernel(*codes, one, one, one, probs_scale, shape.heads, shape.attn_scale))
+            for name in shape.standalone:
+                fp8 += _median_ms(lambda x=operands[name]: quantize_activations(x, one, None, "fp8"))
+            times["fp8"] = fp8
     return times
 
 
