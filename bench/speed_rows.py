@@ -200,7 +200,8 @@ def build_dmquant(bench: ModelBench, row: Row) -> Built:
     """quantize the float32 master (a copy, or a fresh one for a rebuilt workload, quantized in place), convert it
     to real low-bit layers, cast the rest of the model to the compute dtype; then, for rows with
     ``measured_paths`` on CUDA, time each converted layer's paths on the workload's call and keep the fastest
-    (:func:`dmquant.kernels.paths.select_paths`)."""
+    (:func:`dmquant.kernels.paths.select_paths`; timed for compiled execution when a compiled setting is
+    measured)."""
     workload = bench.workload
     fresh = workload.model is None
     master = workload.master()
@@ -228,7 +229,8 @@ def build_dmquant(bench: ModelBench, row: Row) -> Built:
         args_, kwargs = workload.inputs(bench.dtype, memory_format)
         convs_in_memory_format(model, memory_format)
         began = time.perf_counter()
-        paths = select_paths(model, lambda: model(*args_, **kwargs), progress=bench.args.progress)
+        compiled = any(setting.startswith("compiled") for setting in bench.args.settings)
+        paths = select_paths(model, lambda: model(*args_, **kwargs), compiled=compiled, progress=bench.args.progress)
         details["paths"] = paths.to_dict() | {"seconds": time.perf_counter() - began, "summary": paths.summary()}
     return Built(model, details)
 

@@ -384,15 +384,18 @@ def test_the_operands_whose_quantization_has_no_producer_to_fuse_into():
     assert fp8_attention.standalone_operands(_flux_attention(joint=False)) == ("value",)  # single-stream
 
 
-def test_the_fp8_candidate_is_timed_with_its_standalone_quantizations(monkeypatch):
-    """Each call timed counts 1 ms (on CPU, through the op's CPU kernel): bf16 SDPA one call; fp8 the kernel and
-    the quantization of V."""
+def test_the_fp8_candidate_is_timed_with_the_quantizations_it_runs(monkeypatch):
+    """Each call timed counts 1 ms (on CPU, through the op's CPU kernel): bf16 SDPA one call; fp8 the kernel and the
+    quantization of Q, K and V eagerly, of V alone compiled (Q's and K's fuse into their norms)."""
     from dmquant.kernels import paths
 
     _fp8_sdpa_on_cpu()
     timed = []
     monkeypatch.setattr(paths, "_median_ms", lambda call: (timed.append(call()), 1.0)[1])
     shape = fp8_attention.AttentionCall(1, 2, 8, 8, 16, 0.25, "float32", True, ("value",))
-    assert paths.measure_attention(shape, torch.device("cpu")) == {"bf16": 1.0, "fp8": 2.0}
+    cpu = torch.device("cpu")
+    assert paths.measure_attention(shape, cpu) == {"bf16": 1.0, "fp8": 4.0}
+    timed.clear()
+    assert paths.measure_attention(shape, cpu, compiled=True) == {"bf16": 1.0, "fp8": 2.0}
     assert [t.dtype for t in timed] == [torch.float32, torch.float8_e4m3fn, torch.float8_e4m3fn]
-    assert paths.measure_attention(dataclasses.replace(shape, on_kernel=False), torch.device("cpu")) == {"bf16": 1.0}
+    assert paths.measure_attention(dataclasses.replace(shape, on_kernel=False), cpu) == {"bf16": 1.0}

@@ -149,6 +149,17 @@ def test_selection_on_the_gpu_keeps_the_fastest_path_and_measures_a_shape_once(t
     assert [c.path for c in second.choices] == [c.path for c in report.choices]
 
 
+@pytest.mark.gpu
+def test_paths_for_compiled_execution_are_measured_and_cached_apart(tmp_path, monkeypatch):
+    monkeypatch.setenv(paths.CACHE_VARIABLE, str(tmp_path))
+    x = torch.randn(64, 16, 32, 32, device=DEVICE, dtype=torch.bfloat16)
+    eager, compiled = (_converted(device=DEVICE).to(torch.bfloat16) for _ in range(2))
+    paths.select_paths(eager, lambda: eager(x, torch.zeros(64, device=DEVICE)))
+    report = paths.select_paths(compiled, lambda: compiled(x, torch.zeros(64, device=DEVICE)), compiled=True)
+    assert report.compiled and "for compiled execution" in report.summary()
+    assert not any(choice.cached for choice in report.choices)
+
+
 def test_a_converted_model_cast_to_bf16_keeps_its_codes_and_scales():
     model = _converted()
     before = {name: (t.dtype, t.clone()) for name, t in model.named_buffers() if t is not None}
@@ -177,3 +188,24 @@ def test_the_report_lists_each_module_with_its_candidates_times():
     int4 = paths.PathReport("GPU", [paths.PathChoice("c", "triton", {"triton": 1.0}, [[4, 8]])])
     assert int4.summary().endswith("time per call 1.000 ms")
     assert report.to_dict()["layers"][1]["cached"] is True
+
+
+def test_compiled_timing_leaves_out_the_input_quantization(monkeypatch):
+    """Compiled, the quantization fuses into the op producing the input: a quantized path's time is its call's less
+    the quantization's (here 1 ms); bf16's stays."""
+    layer = _converted().proj
+    monkeypatch.setattr(paths, "_candidates", lambda *args: {"cublas": "gemm", "bf16": "dense"})
+    times = {"gemm": 3.0, "dense": 2.5}
+    monkeypatch.setattr(paths, "_median_ms", lambda call: times[call] if isinstance(call, str) else (call(), 1.0)[1])
+    x = torch.randn(4, 32)
+    assert paths.measure(layer, x) == {"cublas": 3.0, "bf16": 2.5}
+    assert paths.measure(layer, x, compiled=True) == {"cublas": 2.0, "bf16": 2.5}
+
+
+def test_the_input_quantization_is_each_parts_codes():
+    model = _converted()
+    (codes,) = paths._input_quantization(model.proj, torch.randn(4, 32))()
+    assert codes.dtype == torch.float8_e4m3fn and codes.shape == (4, 32)
+    assert len(paths._input_quantization(model.conv, torch.randn(2, 16, 8, 8))()) == len(model.conv.parts)
+    model.proj.activation.dynamic = True  # per-row scales: a reduction, nothing to take apart
+    assert paths._input_quantization(model.proj, torch.randn(4, 32)) is None

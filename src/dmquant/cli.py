@@ -152,9 +152,10 @@ def _add_path_option(parser: argparse.ArgumentParser) -> None:
         "--every-layer-on-kernels",
         action="store_true",
         help="keep every converted layer on its low-bit kernel; by default, on CUDA, each layer's paths (cuBLASLt, "
-        "Triton, bf16 with its dequantized weight) are timed on calls shaped like this command's batches and the "
-        "fastest kept, so that no layer runs slower than in bf16 (decisions cached per GPU and shape in "
-        "$DMQUANT_CACHE_DIR, default ~/.cache/dmquant)",
+        "Triton, bf16 with its dequantized weight; cuDNN's FP8 attention or bf16 SDPA) are timed on calls shaped "
+        "like this command's batches and the fastest kept, so that no layer runs slower than in bf16 (with "
+        "--compile, timed as they run compiled: a layer's input quantization fuses into the op producing it; "
+        "decisions cached per GPU and shape in $DMQUANT_CACHE_DIR, default ~/.cache/dmquant)",
     )
 
 

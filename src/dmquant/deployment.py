@@ -30,11 +30,17 @@ def representative_call(
 
 @torch.no_grad()
 def choose_kernel_paths(
-    model: DiffusionModel, batch_size: int, guidance_scale: float | None = None, *, progress: bool = True
+    model: DiffusionModel,
+    batch_size: int,
+    guidance_scale: float | None = None,
+    *,
+    compiled: bool = False,
+    progress: bool = True,
 ) -> PathReport:
     """:func:`~dmquant.kernels.paths.select_paths` on a converted model's denoiser (on CUDA), with the calls
-    sampling ``batch_size`` samples makes."""
-    return select_paths(model.denoiser, representative_call(model, batch_size, guidance_scale), progress=progress)
+    sampling ``batch_size`` samples makes; ``compiled``: for a denoiser that will run under ``torch.compile``."""
+    call = representative_call(model, batch_size, guidance_scale)
+    return select_paths(model.denoiser, call, compiled=compiled, progress=progress)
 
 
 @torch.no_grad()

@@ -16,30 +16,34 @@ converted layer, times each candidate on an input of that shape and layout, and 
   memory (``dense_for_int4`` lifts that).
 
 A quantized candidate is timed with the quantization of its input (one pass, :mod:`~dmquant.kernels.triton_quantize`),
-although under ``torch.compile`` that pass fuses into the op producing the input: the choice errs towards bf16,
-so that a model never runs slower for being converted. Times are medians of CUDA-graph replays
-(``triton.testing.do_bench_cudagraph``), the first call excluded (it autotunes the Triton tiles).
+as an eager model runs it. A model that will run under ``torch.compile`` (``compiled=True``) has that quantization
+fused into the op producing the input (a norm, a modulation, an activation), so there its own time is measured
+apart and subtracted. That matters where the GEMM is small next to a pass of its own: on SD3's architecture
+(1024², batch 2, H100) the eager timing kept 172 of 341 layers in bf16 — the adaLN modulations at two rows, the text
+stream's projections at 333 (cuBLASLt with its quantization pass 0.0159 ms, bf16 0.0091) — and with them 1.1 GB of
+16-bit weights (how much of the 0.0159 ms the quantization takes was not measured then). Times are medians of
+CUDA-graph replays (``triton.testing.do_bench_cudagraph``), the first call excluded (it autotunes the Triton tiles).
 
 An FP8-attention module (:mod:`~dmquant.kernels.fp8_attention`) has two paths, timed for every attention shape of
 the call: ``"fp8"``, cuDNN's FP8 attention on fp8 codes, and ``"bf16"``, torch's SDPA on the unquantized Q, K and V
-(then no longer the simulated twin's function either; the report says which). The fp8 candidate is timed without
-the quantizations of Q, K and V that ``torch.compile`` fuses into the kernels producing them (norms, rotary
-embeddings, the concatenation of text and image tokens) and with those that stay passes of their own, an operand
-coming straight out of its projection's GEMM (:func:`~dmquant.kernels.fp8_attention.standalone_operands`: SDXL's
-Q, K and V, the V of FLUX's single-stream blocks); timed with every quantization unfused, FP8 attention is slower
-than bf16 at every measured shape (``bench/results/attention-speed``), so the choice assumes the compiled
-deployment it is made for. A call cuDNN does not take runs the simulated attention, which
-materialises the probabilities and is never faster than torch's fused SDPA: it takes ``"bf16"`` unmeasured against.
+(then no longer the simulated twin's function either; the report says which). The fp8 candidate is timed with the
+quantization of Q, K and V, all three eagerly; compiled, only those of the operands that come straight out of their
+projection's GEMM (:func:`~dmquant.kernels.fp8_attention.standalone_operands`: SDXL's Q, K and V, the V of FLUX's
+single-stream blocks), the others fusing into the norm, rotary embedding or concatenation that produces them.
+Eagerly, FP8 attention is slower than bf16 at every measured shape (``bench/results/attention-speed``). A call
+cuDNN does not take runs the simulated attention, which materialises the probabilities and is never faster than
+torch's fused SDPA: it takes ``"bf16"`` unmeasured against.
 
-Decisions are cached in a JSON file (:func:`cache_path`) keyed by the GPU, the torch/Triton/dmquant versions and
-the layer's signature (kind, shape, formats, input shape, dtype and layout), so a shape is measured once per
-device: the blocks of a model that repeat one shape share one measurement, and a second conversion measures
-nothing.
+Decisions are cached in a JSON file (:func:`cache_path`) keyed by the GPU, the torch/Triton/dmquant versions, the
+layer's signature (kind, shape, formats, input shape, dtype and layout) and ``compiled``, so a shape is measured
+once per device: the blocks of a model that repeat one shape share one measurement, and a second conversion
+measures nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import itertools
 import json
@@ -85,6 +89,7 @@ class PathReport:
 
     device: str
     choices: list[PathChoice] = field(default_factory=list)
+    compiled: bool = False  # timed for a model that runs under torch.compile
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -96,7 +101,8 @@ class PathReport:
     def summary(self) -> str:
         chosen = ", ".join(f"{count} {path}" for path, count in sorted(self.counts().items()))
         best = sum(min(choice.times_ms.values()) for choice in self.choices)
-        text = f"paths measured on {self.device}: {chosen}; the converted modules' time per call {best:.3f} ms"
+        timed = " for compiled execution" if self.compiled else ""
+        text = f"paths measured on {self.device}{timed}: {chosen}; the converted modules' time per call {best:.3f} ms"
         if all("bf16" in choice.times_ms for choice in self.choices):  # int4 layers are not timed in bf16
             text += f" against {sum(choice.times_ms['bf16'] for choice in self.choices):.3f} ms in bf16"
         return text
@@ -110,7 +116,8 @@ class PathReport:
         ]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"device": self.device, "counts": self.counts(), "layers": [asdict(c) for c in self.choices]}
+        layers = [asdict(c) for c in self.choices]
+        return {"device": self.device, "compiled": self.compiled, "counts": self.counts(), "layers": layers}
 
 
 #: The attribute of a model that holds its :class:`PathReport`.
@@ -252,8 +259,25 @@ def _median_ms(call: Callable[[], Tensor]) -> float:
     return float(triton.testing.do_bench_cudagraph(call, rep=25, return_mode="median"))
 
 
-def measure(layer: LowBitLayer, x: Tensor, dense_for_int4: bool = False) -> dict[str, float]:
-    """Median time (ms) of each candidate path of ``layer`` on a random input shaped and laid out like ``x``.
+def _input_quantization(layer: LowBitLayer, x: Tensor) -> Callable[[], Any] | None:
+    """The quantization of ``x`` that a quantized path of ``layer`` runs before its GEMM (each input part's slice of
+    a split convolution), as a call; None where the activations are not statically quantized (W4A16, dynamic fp8:
+    nothing, or a per-row reduction, to take apart)."""
+    from .operands import quantize_activations  # Triton: imported where a GPU call needs it
+
+    if isinstance(layer, LowBitLinear):
+        parts = [(layer.activation, x)]
+    else:
+        parts = [(part.activation, x[:, part.channels]) for part in layer.parts]
+    if any(activation.mode not in ("int8", "fp8") or activation.dynamic for activation, _ in parts):
+        return None
+    quantized = [(activation.mode, slice_, *activation.parameters_now()) for activation, slice_ in parts]
+    return lambda: [quantize_activations(slice_, scale, zero, mode) for mode, slice_, scale, zero in quantized]
+
+
+def measure(layer: LowBitLayer, x: Tensor, dense_for_int4: bool = False, compiled: bool = False) -> dict[str, float]:
+    """Median time (ms) of each candidate path of ``layer`` on a random input shaped and laid out like ``x``;
+    ``compiled``: a quantized path's time without its input's quantization (module docstring).
 
     A candidate that fails (a shape cuBLASLt refuses, a capture a kernel breaks) is left out; bf16 always runs.
     """
@@ -265,12 +289,17 @@ def measure(layer: LowBitLayer, x: Tensor, dense_for_int4: bool = False) -> dict
         except (RuntimeError, ValueError):
             if path == "bf16":
                 raise
+    quantization = _input_quantization(layer, probe) if compiled else None
+    if quantization is not None and any(path != "bf16" for path in times):
+        fused = _median_ms(quantization)
+        times = {path: t if path == "bf16" else max(t - fused, 0.0) for path, t in times.items()}
     return times
 
 
-def measure_attention(shape: AttentionCall, device: torch.device) -> dict[str, float]:
+def measure_attention(shape: AttentionCall, device: torch.device, compiled: bool = False) -> dict[str, float]:
     """Median time (ms) of an FP8-attention call of ``shape`` on each path: ``"bf16"`` always, ``"fp8"`` where the
-    kernel takes the call, with the quantization of its standalone operands (random operands: module docstring)."""
+    kernel takes the call, with the quantization of Q, K and V (``compiled``: of its standalone operands alone;
+    random operands: module docstring)."""
     dtype = getattr(torch, shape.dtype)
     width = shape.heads * shape.head_dim
     q = torch.randn(shape.batch, shape.q_tokens, width, device=device, dtype=dtype)
@@ -286,7 +315,7 @@ def measure_attention(shape: AttentionCall, device: torch.device) -> dict[str, f
         operands = {"query": q, "key": k, "value": v}
         with contextlib.suppress(RuntimeError):
             fp8 = _median_ms(lambda: kernel(*codes, one, one, one, probs_scale, shape.heads, shape.attn_scale))
-            for name in shape.standalone:
+            for name in shape.standalone if compiled else operands:
                 fp8 += _median_ms(lambda x=operands[name]: quantize_activations(x, one, None, "fp8"))
             times["fp8"] = fp8
     return times
@@ -340,6 +369,7 @@ def select_paths(
     *,
     use_cache: bool = True,
     dense_for_int4: bool = False,
+    compiled: bool = False,
     progress: bool = False,
 ) -> PathReport:
     """Choose and set each converted layer's and FP8-attention module's path (module docstring) from one ``call()``
@@ -348,8 +378,9 @@ def select_paths(
     Layers whose fastest path is ``"bf16"`` are replaced in ``model`` by their :func:`dense_module`; the others get
     ``backend`` ``"triton"`` or ``"auto"`` (cuBLASLt where it takes the call, so a later call of another shape
     still runs). An attention module's processor gets the ``path`` ``"fp8"`` or ``"bf16"``. A module called several
-    times per model call (several shapes) takes the path fastest over all of them. Returns the :class:`PathReport`,
-    also kept as ``model.dmquant_paths``.
+    times per model call (several shapes) takes the path fastest over all of them. ``compiled``: the model will run
+    under ``torch.compile``, where quantizations fuse into the ops producing their inputs (module docstring).
+    Returns the :class:`PathReport`, also kept as ``model.dmquant_paths``.
     """
     layers = {name: m for name, m in model.named_modules() if isinstance(m, (LowBitLinear, LowBitConv2d))}
     device = next((tensor.device for tensor in itertools.chain(model.buffers(), model.parameters())), None)
@@ -362,13 +393,13 @@ def select_paths(
     cache = _read_cache(cache_file) if use_cache else {}
 
     def timed(key: dict[str, Any], measure_now: Callable[[], dict[str, float]]) -> tuple[dict[str, float], bool]:
-        text = json.dumps(environment | key, sort_keys=True)
+        text = json.dumps(environment | key | {"compiled": compiled}, sort_keys=True)
         cached = text in cache
         if not cached:
             cache[text] = measure_now()
         return cache[text], cached
 
-    report = PathReport(device=environment["gpu"])
+    report = PathReport(device=environment["gpu"], compiled=compiled)
     names = [*inputs, *attention]
     for name in tqdm(names, desc="measuring kernel paths", disable=not progress, unit="module"):
         if name in inputs:
@@ -376,16 +407,18 @@ def select_paths(
             measured = [
                 timed(
                     signature(layer, meta) | {"dense_for_int4": dense_for_int4},
-                    lambda meta=meta, layer=layer: measure(layer, _materialized(meta, device), dense_for_int4),
+                    lambda meta=meta, layer=layer: measure(
+                        layer, _materialized(meta, device), dense_for_int4, compiled
+                    ),
                 )
                 for meta in inputs[name]
             ]
             shapes, kind = [list(meta.shape) for meta in inputs[name]], "layer"
         else:
             calls = attention[name]
+            measure_now = functools.partial(measure_attention, device=device, compiled=compiled)
             measured = [
-                timed({"kind": "attention"} | asdict(shape), lambda shape=shape: measure_attention(shape, device))
-                for shape in calls
+                timed({"kind": "attention"} | asdict(shape), functools.partial(measure_now, shape)) for shape in calls
             ]
             shapes, kind = [[c.batch, c.heads, c.q_tokens, c.kv_tokens, c.head_dim] for c in calls], "attention"
         path, totals = fastest([times for times, _ in measured])
