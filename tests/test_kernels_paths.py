@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from dmquant import api
 from dmquant.calib.record import CalibrationSet
 from dmquant.config import load_recipe
-from dmquant.kernels import paths
+from dmquant.kernels import cudnn_conv, paths
 from dmquant.kernels.convert import convert_model
 from dmquant.kernels.layers import LowBitConv2d, LowBitLinear
 from dmquant.kernels.weights import LowBitWeight
@@ -102,6 +102,8 @@ def test_the_bf16_path_replaces_the_layer_and_the_others_set_its_backend():
     assert type(model.proj) is nn.Linear
     paths._apply(model, "conv", model.conv, "triton", torch.randn(1, 16, 8, 8))
     assert isinstance(model.conv, LowBitConv2d) and model.conv.backend == "triton"
+    paths._apply(model, "conv", model.conv, "cudnn", torch.randn(1, 16, 8, 8))
+    assert model.conv.backend == "cudnn"
 
 
 def test_the_cache_location_follows_the_environment(tmp_path, monkeypatch):
@@ -135,6 +137,7 @@ def test_selection_on_the_gpu_keeps_the_fastest_path_and_measures_a_shape_once(t
     x = torch.randn(64, 16, 32, 32, device=DEVICE, dtype=torch.bfloat16)
     report = paths.select_paths(model, lambda: model(x, torch.zeros(64, device=DEVICE)))
     assert [choice.name for choice in report.choices] == ["conv", "proj"]
+    assert ("cudnn" in report.choices[0].times_ms) == cudnn_conv.takes(x, groups=1)  # W8A8-FP8: cuDNN's fp8 conv
     for choice in report.choices:
         assert choice.path == min(choice.times_ms, key=choice.times_ms.get)
         assert "bf16" in choice.times_ms and not choice.cached
@@ -182,7 +185,7 @@ def test_the_report_lists_each_module_with_its_candidates_times():
     assert report.counts() == {"cublas": 1, "bf16": 1, "fp8 attention": 1}
     rows = report.rows()
     assert rows[1] == {"name": "b", "path": "bf16", "input": "4x8; 2x8", "cublas ms": "—", "triton ms": "3.0000",
-                       "fp8 ms": "—", "bf16 ms": "2.5000"}  # fmt: skip
+                       "cudnn ms": "—", "fp8 ms": "—", "bf16 ms": "2.5000"}  # fmt: skip
     assert rows[2]["fp8 ms"] == "0.5000" and rows[2]["input"] == "1x2x64x64x16"
     assert "4.000 ms against 4.750 ms in bf16" in report.summary()
     int4 = paths.PathReport("GPU", [paths.PathChoice("c", "triton", {"triton": 1.0}, [[4, 8]])])

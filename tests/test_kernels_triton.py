@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
 from integer_reference import Codes, integer_conv2d, integer_linear  # noqa: E402
 
 from dmquant.core.packing import pack_codes  # noqa: E402
-from dmquant.kernels import triton_conv  # noqa: E402
+from dmquant.kernels import cudnn_conv, triton_conv  # noqa: E402
 from dmquant.kernels.operands import quantize_activations  # noqa: E402
 from dmquant.kernels.triton_conv import fp8_conv2d, int4_conv2d, int8_conv2d  # noqa: E402
 from dmquant.kernels.triton_gemm import fp8_linear, int4_linear, int8_linear  # noqa: E402
@@ -415,6 +415,55 @@ def test_stride_one_conv2d_over_whole_k_tiles_runs_the_shifted_window_kernel(win
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+def test_cudnn_runs_fp8_convolutions_only():
+    w, w_scale, _ = _int8_weight(4, 18, True, _generator(72))
+    with pytest.raises(ValueError, match="fp8 convolutions only"):
+        int8_conv2d(torch.randn(1, 2, 5, 5), 0.03, 0, w, w_scale, kernel_size=3, backend="cudnn")
+    assert not cudnn_conv.takes(torch.randn(1, 2, 5, 5), groups=1)  # a CPU tensor
+
+
+needs_cudnn_fp8 = pytest.mark.skipif(
+    not (torch.cuda.is_available() and cudnn_conv.CUDNN_FRONTEND_AVAILABLE)
+    or torch.cuda.get_device_capability()[0] != 9,
+    reason="needs a Hopper GPU and nvidia-cudnn-frontend",
+)
+
+
+@pytest.mark.gpu
+@needs_cudnn_fp8
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gpu_cudnn_fp8_conv2d_is_the_float_convolution_of_the_codes(stride):
+    conv = nn.Conv2d(320, 320, 3, stride=stride, padding=1)
+    x = (torch.randn(2, 320, 32, 32, device="cuda") + 0.5).to(torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w8, w8_scale = _on_device(*_fp8_weight(320, 2880, _generator(9)))
+    bias = torch.randn(320, device="cuda").to(torch.bfloat16)
+    window = {"kernel_size": 3, "stride": stride, "padding": 1}
+    y = fp8_conv2d(x, 0.03, w8, w8_scale, bias, backend="cudnn", **window)
+    weight = _nchw_order(w8.double() * w8_scale.double()[:, None], conv)
+    values = F.pad(_fp8_values(x, 0.03), (1, 1, 1, 1))
+    assert _relative_error(y, F.conv2d(values, weight, bias.double(), stride=stride)) < 1e-2
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    triton = fp8_conv2d(x, 0.03, w8, w8_scale, bias, backend="triton", **window)
+    assert _relative_error(y, triton) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_cudnn_fp8
+def test_gpu_cudnn_fp8_conv2d_compiles_and_replays_in_a_cuda_graph():
+    x = torch.randn(2, 64, 16, 16, device="cuda").to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    w8, w8_scale = _on_device(*_fp8_weight(64, 576, _generator(10)))
+
+    def conv(x):
+        return fp8_conv2d(torch.nn.functional.silu(x), 0.03, w8, w8_scale, backend="cudnn", kernel_size=3, padding=1)
+
+    eager = conv(x)
+    compiled = torch.compile(conv, mode="reduce-overhead")
+    for _ in range(3):
+        graphed = compiled(x)
+    torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
 
 
 @pytest.mark.gpu

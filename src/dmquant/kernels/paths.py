@@ -9,6 +9,8 @@ converted layer, times each candidate on an input of that shape and layout, and 
   (:mod:`~dmquant.kernels.cublas_gemm`);
 - ``"triton"``: dmquant's Triton GEMM / implicit-GEMM convolution (:mod:`~dmquant.kernels.triton_gemm`,
   :mod:`~dmquant.kernels.triton_conv`), which every layout takes;
+- ``"cudnn"``: cuDNN's FP8 convolution, its engine configuration autotuned per shape, for W8A8-FP8 Conv2d layers
+  on Hopper (:mod:`~dmquant.kernels.cudnn_conv`);
 - ``"bf16"``: the layer's weight dequantized once into the compute dtype and run as a plain ``nn.Linear`` /
   ``nn.Conv2d`` (cuBLAS, cuDNN), its input left unquantized. The layer then computes with the quantized weight but
   full-precision activations (weight-only quantization), no longer its simulated twin's function, and keeps
@@ -58,11 +60,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..atomic import write_atomically
+from . import cudnn_conv
 from .fp8_attention import AttentionCall, _Fp8Attend, full_precision_attention
 from .layers import LowBitConv2d, LowBitLinear
 
 #: The paths a converted layer may take, then an FP8-attention module's kernel: the report's columns.
-PATHS = ("cublas", "triton", "fp8", "bf16")
+PATHS = ("cublas", "triton", "cudnn", "fp8", "bf16")
 #: The environment variable that moves the decision cache (default: ``$XDG_CACHE_HOME/dmquant``).
 CACHE_VARIABLE = "DMQUANT_CACHE_DIR"
 CACHE_FILE = "kernel-paths.json"
@@ -233,6 +236,9 @@ def _candidates(layer: LowBitLayer, x: Tensor, dense_for_int4: bool) -> dict[str
         vendor = all(weight.layout in dispatch.VENDOR_LAYOUTS for weight in weights)
         for path in ("cublas", "triton") if vendor else ("triton",):
             candidates[path] = _with_backend(layer, x, "auto" if path == "cublas" else "triton")
+        fp8 = all(weight.layout == "fp8" for weight in weights) and set(modes) == {"fp8"}
+        if isinstance(layer, LowBitConv2d) and fp8 and cudnn_conv.takes(x, layer.groups):
+            candidates["cudnn"] = _with_backend(layer, x, "cudnn")
     if candidates and not dense_for_int4 and any(weight.layout == "int4" for weight in weights):
         return candidates
     dense = dense_module(layer, x.dtype, channels_last=_layout(x) == "channels_last")
@@ -448,7 +454,7 @@ def _apply(model: nn.Module, name: str, layer: LowBitLayer, path: str, example: 
         dense = dense_module(layer, example.dtype, channels_last=_layout(example) == "channels_last")
         setattr(model.get_submodule(parent), child, dense)
     else:
-        layer.backend = "triton" if path == "triton" else "auto"
+        layer.backend = "auto" if path == "cublas" else path
 
 
 def _write_cache(path: Path, entries: dict[str, dict[str, float]]) -> None:

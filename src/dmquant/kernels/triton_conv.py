@@ -44,6 +44,7 @@ from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .cublas_gemm import vendor_gemm
+from .cudnn_conv import cudnn_fp8_conv2d
 from .triton_gemm import (
     INTERPRETING,
     GemmOperands,
@@ -329,7 +330,10 @@ def _conv2d(x: Tensor, w: Tensor, kernel_size, stride, padding, dilation, backen
     batch, channels, height, width = x.shape
     if kh * kw * channels != depth:
         raise ValueError(f"a {kh}x{kw} kernel over {channels} channels has K={kh * kw * channels}, the weight {depth}")
-    check_backend(backend)
+    if backend == "cudnn" and arguments["act"] != "fp8":
+        raise ValueError("cuDNN runs the fp8 convolutions only (dmquant.kernels.cudnn_conv)")
+    if backend != "cudnn":
+        check_backend(backend)
     pointwise = (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0)
     if backend == "cublas" and not pointwise:
         raise ValueError("cuBLASLt runs only 1x1 convolutions of stride 1 without padding (a GEMM over pixels)")
@@ -337,6 +341,10 @@ def _conv2d(x: Tensor, w: Tensor, kernel_size, stride, padding, dilation, backen
     operands = gemm_operands(x.permute(0, 2, 3, 1), w=w, depth=depth, rows=1, **arguments)
     # the A operand in NHWC, C contiguous: a copy of the 8-bit codes unless x was channels_last already
     a = operands.a.contiguous()
+    if backend == "cudnn":
+        window = [kh, kw, sh, sw, ph, pw, dh, dw]
+        out = cudnn_fp8_conv2d(a, w, operands.x_scale, operands.w_scale, operands.bias, x.dtype, window)
+        return out.permute(0, 3, 1, 2)
     if pointwise:
         pixels = replace(operands, a=a.view(-1, channels))
         if uses_vendor_gemm(pixels, backend):
@@ -423,7 +431,8 @@ def fp8_conv2d(
 
     ``w_fp8``: (Cout, KH·KW·Cin) ``torch.float8_e4m3fn``, K ordered ``(kh, kw, cin)``; ``w_scale``: (Cout,).
     1×1 convolutions take ``backend`` and ``fast_accumulation`` as :func:`~dmquant.kernels.triton_gemm.fp8_linear`
-    does (``_scaled_mm``). Returns (B, Cout, Ho, Wo) in channels_last memory format, ``x.dtype``.
+    does (``_scaled_mm``); ``backend="cudnn"`` runs any of them on cuDNN's FP8 convolution
+    (:mod:`~dmquant.kernels.cudnn_conv`). Returns (B, Cout, Ho, Wo) in channels_last memory format, ``x.dtype``.
     """
     if x_scale is None:
         raise ValueError("fp8 convolutions take a static activation scale (a dynamic one per input would differ "

@@ -1,0 +1,195 @@
+"""W8A8-FP8 convolutions on cuDNN (Hopper), each shape's engine configuration autotuned.
+
+A converted Conv2d with fp8 e4m3 weights (per output channel) and a static per-tensor fp8 activation scale computes
+
+    y[b, n, oh, ow] = s_x · s_w[n] · Σ_{c, kh, kw} x_q[b, c, ·, ·] · W_q[n, c, kh, kw] + bias[n]
+
+(:mod:`~dmquant.kernels.triton_conv` writes the same sum as an implicit GEMM). This module runs it as one cuDNN
+graph: ``conv_fprop`` on the fp8 codes with float accumulation, then the two dequantization scales and the bias
+as pointwise epilogue nodes, the output written in the model's dtype. Input and output are NHWC (the A operand of
+:func:`~dmquant.kernels.operands.quantize_activations` and the channels_last output the Triton kernels write); the
+weight is read in place, since its (Cout, KH·KW·Cin) codes with K ordered ``(kh, kw, cin)`` are cuDNN's KRSC filter
+layout.
+
+Why by hand: torch has no fp8 convolution, and cuDNN's is reached only through the graph API of
+``nvidia-cudnn-frontend``. Its heuristic's first engine configuration is often not the fastest (the first picks
+ran at 0.19–1.09× of bf16 cuDNN on SDXL's shapes on an H200), so every plan cuDNN builds for a shape is timed once
+and the fastest kept (:func:`_plan`). :mod:`~dmquant.kernels.paths` then times that against the Triton kernel and
+bf16 for each layer, as for any candidate.
+
+The call is the torch custom op ``dmquant::cudnn_fp8_conv2d`` (compiled graphs keep it opaque; CUDA graphs capture
+it once the shape's plan exists: the first call of a shape builds and autotunes, outside any capture).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+from torch import Tensor
+
+#: Whether nvidia-cudnn-frontend is installed (read once: torch.compile cannot trace the lookup).
+CUDNN_FRONTEND_AVAILABLE = importlib.util.find_spec("cudnn") is not None
+#: Timed executions of each plan when autotuning a shape (after one untimed).
+AUTOTUNE_CALLS = 10
+
+
+def takes(x: Tensor, groups: int) -> bool:
+    """Whether cuDNN's FP8 convolution may run this call: CUDA input on Hopper, ``groups == 1``, the frontend
+    installed (whether cuDNN builds the shape is found when it is first planned)."""
+    return CUDNN_FRONTEND_AVAILABLE and x.is_cuda and groups == 1 and torch.cuda.get_device_capability(x.device)[0] == 9
+
+
+def _data_type(dtype: torch.dtype):
+    import cudnn
+
+    return {
+        torch.bfloat16: cudnn.data_type.BFLOAT16,
+        torch.float16: cudnn.data_type.HALF,
+        torch.float32: cudnn.data_type.FLOAT,
+        torch.float8_e4m3fn: cudnn.data_type.FP8_E4M3,
+    }[dtype]
+
+
+def _nhwc_strides(channels: int, height: int, width: int) -> list[int]:
+    """Strides of an NCHW-indexed tensor stored NHWC (channels_last), as cuDNN takes its dims and strides."""
+    return [height * width * channels, 1, width * channels, channels]
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+@functools.cache
+def _handle(device_index: int):
+    import cudnn
+
+    with torch.cuda.device(device_index):
+        return cudnn.create_handle()
+
+
+@functools.cache
+def _plan(
+    batch: int,
+    height: int,
+    width: int,
+    channels: int,
+    out_channels: int,
+    window: tuple[int, ...],
+    bias_dtype: torch.dtype | None,
+    out_dtype: torch.dtype,
+    device: int,
+):
+    """The graph of one shape, its tensors, the index of its fastest plan and that plan's workspace: every plan cuDNN
+    builds is executed once and timed over :data:`AUTOTUNE_CALLS` calls on random operands; one that fails to
+    execute is skipped. Raises RuntimeError where none builds or runs (the path measurement then leaves cuDNN out)."""
+    import cudnn
+
+    kh, kw, sh, sw, ph, pw, dh, dw = window
+    out_h, out_w = output_size(height, kh, sh, ph, dh), output_size(width, kw, sw, pw, dw)
+    handle = _handle(device)
+    graph = cudnn.pygraph(
+        io_data_type=_data_type(out_dtype),
+        intermediate_data_type=cudnn.data_type.FLOAT,
+        compute_data_type=cudnn.data_type.FLOAT,
+        handle=handle,
+    )
+    fp8 = cudnn.data_type.FP8_E4M3
+    x = graph.tensor(name="x", dim=[batch, channels, height, width],
+                     stride=_nhwc_strides(channels, height, width), data_type=fp8)  # fmt: skip
+    w = graph.tensor(name="w", dim=[out_channels, channels, kh, kw],
+                     stride=_nhwc_strides(channels, kh, kw), data_type=fp8)  # fmt: skip
+    per_channel = {"dim": [1, out_channels, 1, 1], "stride": [out_channels, 1, 1, 1]}
+    x_scale = graph.tensor(name="x_scale", dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=cudnn.data_type.FLOAT)
+    w_scale = graph.tensor(name="w_scale", **per_channel, data_type=cudnn.data_type.FLOAT)
+    y = graph.conv_fprop(image=x, weight=w, padding=[ph, pw], stride=[sh, sw], dilation=[dh, dw],
+                         compute_data_type=cudnn.data_type.FLOAT, name="conv")  # fmt: skip
+    y = graph.mul(a=graph.mul(a=y, b=x_scale, name="descale_x"), b=w_scale, name="descale_w")
+    bias = None
+    if bias_dtype is not None:
+        bias = graph.tensor(name="bias", **per_channel, data_type=_data_type(bias_dtype))
+        y = graph.add(a=y, b=bias, name="bias")
+    y.set_output(True).set_data_type(_data_type(out_dtype))
+    y.set_dim([batch, out_channels, out_h, out_w]).set_stride(_nhwc_strides(out_channels, out_h, out_w))
+    try:
+        graph.validate()
+        graph.build_operation_graph()
+        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        graph.check_support()
+        graph.build_plans(cudnn.build_plan_policy.ALL)
+    except Exception as error:  # cudnn raises its own error types for graphs it does not support
+        raise RuntimeError(f"cuDNN builds no FP8 convolution of this shape: {error}") from error
+    tensors = {"x": x, "w": w, "x_scale": x_scale, "w_scale": w_scale, "bias": bias, "y": y}
+
+    on = {"device": torch.device("cuda", device)}
+    probe = {
+        x: torch.randn(batch, height, width, channels, **on).to(torch.float8_e4m3fn),
+        w: torch.randn(out_channels, kh * kw * channels, **on).to(torch.float8_e4m3fn),
+        x_scale: torch.ones(1, **on),
+        w_scale: torch.ones(out_channels, **on),
+        y: torch.empty(batch, out_h, out_w, out_channels, dtype=out_dtype, **on),
+    } | ({bias: torch.zeros(out_channels, dtype=bias_dtype, **on)} if bias is not None else {})
+    best, best_ms, errors = -1, float("inf"), []
+    with torch.cuda.device(device):
+        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
+        for index in range(graph.get_execution_plan_count()):
+            try:
+                workspace = torch.empty(graph.get_workspace_size_plan_at_index(index), dtype=torch.uint8, **on)
+                graph.execute_plan_at_index(probe, workspace, index=index, handle=handle)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(AUTOTUNE_CALLS):
+                    graph.execute_plan_at_index(probe, workspace, index=index, handle=handle)
+                end.record()
+                end.synchronize()
+            except Exception as error:  # a plan may build and still refuse to run this shape
+                errors.append(f"plan {index}: {error}")
+                continue
+            if start.elapsed_time(end) < best_ms:
+                best, best_ms = index, start.elapsed_time(end)
+    if best < 0:
+        raise RuntimeError(f"no cuDNN plan runs this FP8 convolution: {'; '.join(errors) or 'none built'}")
+    workspace = torch.empty(graph.get_workspace_size_plan_at_index(best), dtype=torch.uint8, **on)
+    return graph, tensors, best, workspace
+
+
+@torch.library.custom_op("dmquant::cudnn_fp8_conv2d", mutates_args=())
+def cudnn_fp8_conv2d(
+    a: Tensor, w: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype,
+    window: list[int],
+) -> Tensor:  # fmt: skip
+    """The convolution of the (B, H, W, Cin) fp8 codes ``a`` (NHWC, contiguous) with the (Cout, KH·KW·Cin) fp8
+    weight codes ``w``, dequantized by the (1,) ``x_scale`` and (Cout,) ``w_scale`` (float32), plus ``bias``.
+    ``window`` is ``[kh, kw, sh, sw, ph, pw, dh, dw]``. Returns the (B, Ho, Wo, Cout) output, contiguous."""
+    import cudnn
+
+    batch, height, width, channels = a.shape
+    kh, kw, sh, sw, ph, pw, dh, dw = window
+    device = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    bias_dtype = None if bias is None else bias.dtype
+    shape = (batch, height, width, channels, w.shape[0], tuple(window), bias_dtype, out_dtype, device)
+    graph, tensors, best, workspace = _plan(*shape)
+    out = torch.empty(batch, output_size(height, kh, sh, ph, dh), output_size(width, kw, sw, pw, dw), w.shape[0],
+                      dtype=out_dtype, device=a.device)  # fmt: skip
+    pack = {
+        tensors["x"]: a.contiguous(),
+        tensors["w"]: w,
+        tensors["x_scale"]: x_scale.reshape(1).float(),
+        tensors["w_scale"]: w_scale.reshape(-1).float().contiguous(),
+        tensors["y"]: out,
+    }
+    if bias is not None:
+        pack[tensors["bias"]] = bias.contiguous()
+    handle = _handle(device)
+    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(a.device).cuda_stream)
+    graph.execute_plan_at_index(pack, workspace, index=best, handle=handle)
+    return out
+
+
+@cudnn_fp8_conv2d.register_fake
+def _(a, w, x_scale, w_scale, bias, out_dtype, window):
+    kh, kw, sh, sw, ph, pw, dh, dw = window
+    batch, height, width, _ = a.shape
+    out_h, out_w = output_size(height, kh, sh, ph, dh), output_size(width, kw, sw, pw, dw)
+    return a.new_empty(batch, out_h, out_w, w.shape[0], dtype=out_dtype)
