@@ -13,8 +13,8 @@ layout.
 
 Why by hand: torch has no fp8 convolution, and cuDNN's is reached only through the graph API of
 ``nvidia-cudnn-frontend``. Its heuristic's first engine configuration is often not the fastest (the first picks
-ran at 0.19–1.09× of bf16 cuDNN on SDXL's shapes on an H200), so every plan cuDNN builds for a shape is timed once
-and the fastest kept (:func:`_plan`). :mod:`~dmquant.kernels.paths` then times that against the Triton kernel and
+ran at 0.19–1.09× of bf16 cuDNN on SDXL's shapes on an H200), so the first plans of its ranking are timed once per
+shape and the fastest kept (:func:`_plan`). :mod:`~dmquant.kernels.paths` then times that against the Triton kernel and
 bf16 for each layer, as for any candidate.
 
 The call is the torch custom op ``dmquant::cudnn_fp8_conv2d`` (compiled graphs keep it opaque; CUDA graphs capture
@@ -31,6 +31,9 @@ from torch import Tensor
 
 #: Whether nvidia-cudnn-frontend is installed (read once: torch.compile cannot trace the lookup).
 CUDNN_FRONTEND_AVAILABLE = importlib.util.find_spec("cudnn") is not None
+#: Plans autotuned per shape: the first of cuDNN's ranking (its heuristics, then the fallback list). Building a
+#: runtime-fusion plan compiles a kernel, so all of them would cost seconds per shape at every process start.
+AUTOTUNE_PLANS = 8
 #: Timed executions of each plan when autotuning a shape (after one untimed).
 AUTOTUNE_CALLS = 10
 
@@ -69,42 +72,29 @@ def _handle(device_index: int):
         return cudnn.create_handle()
 
 
-@functools.cache
-def _plan(
-    batch: int,
-    height: int,
-    width: int,
-    channels: int,
-    out_channels: int,
-    window: tuple[int, ...],
-    bias_dtype: torch.dtype | None,
-    out_dtype: torch.dtype,
-    device: int,
-):
-    """The graph of one shape, its tensors, the index of its fastest plan and that plan's workspace: every plan cuDNN
-    builds is executed once and timed over :data:`AUTOTUNE_CALLS` calls on random operands; one that fails to
-    execute is skipped. Raises RuntimeError where none builds or runs (the path measurement then leaves cuDNN out)."""
+def _graph(batch, height, width, channels, out_channels, window, bias_dtype, out_dtype, handle):
+    """The cuDNN graph of one shape (validated, its plans ranked) and its tensors by role; RuntimeError where cuDNN
+    supports no such graph."""
     import cudnn
 
     kh, kw, sh, sw, ph, pw, dh, dw = window
     out_h, out_w = output_size(height, kh, sh, ph, dh), output_size(width, kw, sw, pw, dw)
-    handle = _handle(device)
     graph = cudnn.pygraph(
         io_data_type=_data_type(out_dtype),
         intermediate_data_type=cudnn.data_type.FLOAT,
         compute_data_type=cudnn.data_type.FLOAT,
         handle=handle,
     )
-    fp8 = cudnn.data_type.FP8_E4M3
+    fp8, fp32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
     x = graph.tensor(name="x", dim=[batch, channels, height, width],
                      stride=_nhwc_strides(channels, height, width), data_type=fp8)  # fmt: skip
     w = graph.tensor(name="w", dim=[out_channels, channels, kh, kw],
                      stride=_nhwc_strides(channels, kh, kw), data_type=fp8)  # fmt: skip
     per_channel = {"dim": [1, out_channels, 1, 1], "stride": [out_channels, 1, 1, 1]}
-    x_scale = graph.tensor(name="x_scale", dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=cudnn.data_type.FLOAT)
-    w_scale = graph.tensor(name="w_scale", **per_channel, data_type=cudnn.data_type.FLOAT)
+    x_scale = graph.tensor(name="x_scale", dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=fp32)
+    w_scale = graph.tensor(name="w_scale", **per_channel, data_type=fp32)
     y = graph.conv_fprop(image=x, weight=w, padding=[ph, pw], stride=[sh, sw], dilation=[dh, dw],
-                         compute_data_type=cudnn.data_type.FLOAT, name="conv")  # fmt: skip
+                         compute_data_type=fp32, name="conv")  # fmt: skip
     y = graph.mul(a=graph.mul(a=y, b=x_scale, name="descale_x"), b=w_scale, name="descale_w")
     bias = None
     if bias_dtype is not None:
@@ -117,30 +107,29 @@ def _plan(
         graph.build_operation_graph()
         graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
         graph.check_support()
-        graph.build_plans(cudnn.build_plan_policy.ALL)
     except Exception as error:  # cudnn raises its own error types for graphs it does not support
         raise RuntimeError(f"cuDNN builds no FP8 convolution of this shape: {error}") from error
-    tensors = {"x": x, "w": w, "x_scale": x_scale, "w_scale": w_scale, "bias": bias, "y": y}
+    return graph, {"x": x, "w": w, "x_scale": x_scale, "w_scale": w_scale, "bias": bias, "y": y}
 
-    on = {"device": torch.device("cuda", device)}
-    probe = {
-        x: torch.randn(batch, height, width, channels, **on).to(torch.float8_e4m3fn),
-        w: torch.randn(out_channels, kh * kw * channels, **on).to(torch.float8_e4m3fn),
-        x_scale: torch.ones(1, **on),
-        w_scale: torch.ones(out_channels, **on),
-        y: torch.empty(batch, out_h, out_w, out_channels, dtype=out_dtype, **on),
-    } | ({bias: torch.zeros(out_channels, dtype=bias_dtype, **on)} if bias is not None else {})
+
+def _fastest_plan(graph, pack: dict, handle, device: torch.device) -> tuple[int, Tensor]:
+    """The index of the fastest of the first :data:`AUTOTUNE_PLANS` ranked plans of ``graph``, each built, executed
+    once and timed over :data:`AUTOTUNE_CALLS` calls on ``pack``'s buffers, and its workspace; a plan that fails to
+    build or execute is skipped, RuntimeError where none runs."""
+    import cudnn
+
     best, best_ms, errors = -1, float("inf"), []
     with torch.cuda.device(device):
         cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
-        for index in range(graph.get_execution_plan_count()):
+        for index in range(min(graph.get_execution_plan_count(), AUTOTUNE_PLANS)):
             try:
-                workspace = torch.empty(graph.get_workspace_size_plan_at_index(index), dtype=torch.uint8, **on)
-                graph.execute_plan_at_index(probe, workspace, index=index, handle=handle)
+                graph.build_plan_at_index(index)
+                workspace = torch.empty(graph.get_workspace_size_plan_at_index(index), dtype=torch.uint8, device=device)
+                graph.execute_plan_at_index(pack, workspace, index=index, handle=handle)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 for _ in range(AUTOTUNE_CALLS):
-                    graph.execute_plan_at_index(probe, workspace, index=index, handle=handle)
+                    graph.execute_plan_at_index(pack, workspace, index=index, handle=handle)
                 end.record()
                 end.synchronize()
             except Exception as error:  # a plan may build and still refuse to run this shape
@@ -149,8 +138,39 @@ def _plan(
             if start.elapsed_time(end) < best_ms:
                 best, best_ms = index, start.elapsed_time(end)
     if best < 0:
-        raise RuntimeError(f"no cuDNN plan runs this FP8 convolution: {'; '.join(errors) or 'none built'}")
-    workspace = torch.empty(graph.get_workspace_size_plan_at_index(best), dtype=torch.uint8, **on)
+        raise RuntimeError(f"no cuDNN plan runs this FP8 convolution: {'; '.join(errors) or 'none ranked'}")
+    return best, torch.empty(graph.get_workspace_size_plan_at_index(best), dtype=torch.uint8, device=device)
+
+
+@functools.cache
+def _plan(
+    batch: int,
+    height: int,
+    width: int,
+    channels: int,
+    out_channels: int,
+    window: tuple[int, ...],
+    bias_dtype: torch.dtype | None,
+    out_dtype: torch.dtype,
+    device: int,
+):
+    """One shape's graph, its tensors, its fastest plan and that plan's workspace (:func:`_fastest_plan` on random
+    operands), made once per shape and device."""
+    handle = _handle(device)
+    graph, tensors = _graph(batch, height, width, channels, out_channels, window, bias_dtype, out_dtype, handle)
+    kh, kw, sh, sw, ph, pw, dh, dw = window
+    on = {"device": torch.device("cuda", device)}
+    out_h, out_w = output_size(height, kh, sh, ph, dh), output_size(width, kw, sw, pw, dw)
+    probe = {
+        tensors["x"]: torch.randn(batch, height, width, channels, **on).to(torch.float8_e4m3fn),
+        tensors["w"]: torch.randn(out_channels, kh * kw * channels, **on).to(torch.float8_e4m3fn),
+        tensors["x_scale"]: torch.ones(1, **on),
+        tensors["w_scale"]: torch.ones(out_channels, **on),
+        tensors["y"]: torch.empty(batch, out_h, out_w, out_channels, dtype=out_dtype, **on),
+    }
+    if bias_dtype is not None:
+        probe[tensors["bias"]] = torch.zeros(out_channels, dtype=bias_dtype, **on)
+    best, workspace = _fastest_plan(graph, probe, handle, on["device"])
     return graph, tensors, best, workspace
 
 
