@@ -360,9 +360,9 @@ def test_path_selection_records_every_attention_call_beside_the_layers(fp8_atten
 @pytest.mark.gpu
 @needs_cudnn_fp8
 def test_path_selection_keeps_the_faster_attention_and_caches_it(tmp_path, monkeypatch):
-    from dmquant.kernels import paths
+    from dmquant.kernels import decision_cache, paths
 
-    monkeypatch.setenv(paths.CACHE_VARIABLE, str(tmp_path))
+    monkeypatch.setenv(decision_cache.CACHE_VARIABLE, str(tmp_path))
     attn, hidden = _calibrated_attention(heads=2, head_dim=64, tokens=1024)
     attn, hidden = attn.cuda().to(torch.bfloat16), hidden.cuda().to(torch.bfloat16)
     fp8_attention.convert_attention(attn)

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from dmquant import api
 from dmquant.calib.record import CalibrationSet
 from dmquant.config import load_recipe
-from dmquant.kernels import cudnn_conv, paths
+from dmquant.kernels import cudnn_conv, decision_cache, paths
 from dmquant.kernels.convert import convert_model
 from dmquant.kernels.layers import LowBitConv2d, LowBitLinear
 from dmquant.kernels.weights import LowBitWeight
@@ -107,9 +107,9 @@ def test_the_bf16_path_replaces_the_layer_and_the_others_set_its_backend():
 
 
 def test_the_cache_location_follows_the_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv(paths.CACHE_VARIABLE, str(tmp_path / "c"))
+    monkeypatch.setenv(decision_cache.CACHE_VARIABLE, str(tmp_path / "c"))
     assert paths.cache_path() == tmp_path / "c" / paths.CACHE_FILE
-    monkeypatch.delenv(paths.CACHE_VARIABLE)
+    monkeypatch.delenv(decision_cache.CACHE_VARIABLE)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
     assert paths.cache_path() == tmp_path / "x" / "dmquant" / paths.CACHE_FILE
 
@@ -132,7 +132,7 @@ def test_selection_needs_a_cuda_model():
 
 @pytest.mark.gpu
 def test_selection_on_the_gpu_keeps_the_fastest_path_and_measures_a_shape_once(tmp_path, monkeypatch):
-    monkeypatch.setenv(paths.CACHE_VARIABLE, str(tmp_path))
+    monkeypatch.setenv(decision_cache.CACHE_VARIABLE, str(tmp_path))
     model = _converted(device=DEVICE).to(torch.bfloat16)
     x = torch.randn(64, 16, 32, 32, device=DEVICE, dtype=torch.bfloat16)
     report = paths.select_paths(model, lambda: model(x, torch.zeros(64, device=DEVICE)))
@@ -154,7 +154,7 @@ def test_selection_on_the_gpu_keeps_the_fastest_path_and_measures_a_shape_once(t
 
 @pytest.mark.gpu
 def test_paths_for_compiled_execution_are_measured_and_cached_apart(tmp_path, monkeypatch):
-    monkeypatch.setenv(paths.CACHE_VARIABLE, str(tmp_path))
+    monkeypatch.setenv(decision_cache.CACHE_VARIABLE, str(tmp_path))
     x = torch.randn(64, 16, 32, 32, device=DEVICE, dtype=torch.bfloat16)
     eager, compiled = (_converted(device=DEVICE).to(torch.bfloat16) for _ in range(2))
     paths.select_paths(eager, lambda: eager(x, torch.zeros(64, device=DEVICE)))

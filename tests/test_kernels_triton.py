@@ -421,7 +421,6 @@ def test_cudnn_runs_fp8_convolutions_only():
     w, w_scale, _ = _int8_weight(4, 18, True, _generator(72))
     with pytest.raises(ValueError, match="fp8 convolutions only"):
         int8_conv2d(torch.randn(1, 2, 5, 5), 0.03, 0, w, w_scale, kernel_size=3, backend="cudnn")
-    assert not cudnn_conv.takes(torch.randn(1, 2, 5, 5), groups=1)  # a CPU tensor
 
 
 needs_cudnn_fp8 = pytest.mark.skipif(

@@ -14,8 +14,8 @@ layout.
 Why by hand: torch has no fp8 convolution, and cuDNN's is reached only through the graph API of
 ``nvidia-cudnn-frontend``. Its heuristic's first engine configuration is often not the fastest (the first picks
 ran at 0.19–1.09× of bf16 cuDNN on SDXL's shapes on an H200), so the first plans of its ranking are timed once per
-shape and the fastest kept (:func:`_plan`). :mod:`~dmquant.kernels.paths` then times that against the Triton kernel and
-bf16 for each layer, as for any candidate.
+shape and device and the fastest kept, in the decision cache (:func:`_plan`). :mod:`~dmquant.kernels.paths` then
+times that against the Triton kernel and bf16 for each layer, as for any candidate.
 
 The call is the torch custom op ``dmquant::cudnn_fp8_conv2d`` (compiled graphs keep it opaque; CUDA graphs capture
 it once the shape's plan exists: the first call of a shape builds and autotunes, outside any capture).
@@ -24,16 +24,23 @@ it once the shape's plan exists: the first call of a shape builds and autotunes,
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
+import json
 
 import torch
 from torch import Tensor
 
+from .decision_cache import cache_dir, merge_entries, read_entries
+
 #: Whether nvidia-cudnn-frontend is installed (read once: torch.compile cannot trace the lookup).
 CUDNN_FRONTEND_AVAILABLE = importlib.util.find_spec("cudnn") is not None
 #: Plans autotuned per shape: the first of cuDNN's ranking (its heuristics, then the fallback list). Building a
-#: runtime-fusion plan compiles a kernel, so all of them would cost seconds per shape at every process start.
+#: runtime-fusion plan compiles a kernel, so all of them would cost seconds per shape.
 AUTOTUNE_PLANS = 8
+#: The decision cache's file (:mod:`~dmquant.kernels.decision_cache`) of the plan chosen for each shape, so that a
+#: later process builds that plan alone.
+PLAN_FILE = "cudnn-conv-plans.json"
 #: Timed executions of each plan when autotuning a shape (after one untimed).
 AUTOTUNE_CALLS = 10
 
@@ -142,6 +149,38 @@ def _fastest_plan(graph, pack: dict, handle, device: torch.device) -> tuple[int,
     return best, torch.empty(graph.get_workspace_size_plan_at_index(best), dtype=torch.uint8, device=device)
 
 
+def _is_index(value) -> bool:
+    return isinstance(value, int) and value >= 0
+
+
+def _chosen_plan(graph, pack: dict, handle, device: torch.device, key: str) -> tuple[int, Tensor]:
+    """The plan of ``graph`` to run and its workspace: the one the decision cache holds for ``key`` where it still
+    builds, else :func:`_fastest_plan`'s, which the cache then keeps."""
+    path = cache_dir() / PLAN_FILE
+    known = read_entries(path, _is_index).get(key)
+    if known is not None and known < graph.get_execution_plan_count():
+        try:
+            graph.build_plan_at_index(known)
+            return known, torch.empty(graph.get_workspace_size_plan_at_index(known), dtype=torch.uint8, device=device)
+        except Exception:  # a plan that no longer builds (another cuDNN behind the same versions): autotune again
+            pass
+    best, workspace = _fastest_plan(graph, pack, handle, device)
+    merge_entries(path, {key: best}, _is_index)
+    return best, workspace
+
+
+def _plan_key(shape: tuple, device: int) -> str:
+    """What a plan choice depends on: the shape, the GPU and the cuDNN libraries."""
+    import cudnn
+
+    try:
+        frontend = importlib.metadata.version("nvidia-cudnn-frontend")
+    except importlib.metadata.PackageNotFoundError:
+        frontend = "unknown"
+    versions = {"gpu": torch.cuda.get_device_name(device), "cudnn": cudnn.backend_version(), "frontend": frontend}
+    return json.dumps(versions | {"shape": [str(part) for part in shape]}, sort_keys=True)
+
+
 @functools.cache
 def _plan(
     batch: int,
@@ -154,8 +193,8 @@ def _plan(
     out_dtype: torch.dtype,
     device: int,
 ):
-    """One shape's graph, its tensors, its fastest plan and that plan's workspace (:func:`_fastest_plan` on random
-    operands), made once per shape and device."""
+    """One shape's graph, its tensors, its plan (:func:`_chosen_plan`, timed on random operands) and that plan's
+    workspace, made once per shape and device in a process."""
     handle = _handle(device)
     graph, tensors = _graph(batch, height, width, channels, out_channels, window, bias_dtype, out_dtype, handle)
     kh, kw, sh, sw, ph, pw, dh, dw = window
@@ -170,7 +209,8 @@ def _plan(
     }
     if bias_dtype is not None:
         probe[tensors["bias"]] = torch.zeros(out_channels, dtype=bias_dtype, **on)
-    best, workspace = _fastest_plan(graph, probe, handle, on["device"])
+    key = _plan_key((batch, height, width, channels, out_channels, window, bias_dtype, out_dtype), device)
+    best, workspace = _chosen_plan(graph, probe, handle, on["device"], key)
     return graph, tensors, best, workspace
 
 

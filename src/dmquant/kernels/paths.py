@@ -49,7 +49,6 @@ import functools
 import importlib.metadata
 import itertools
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,15 +58,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..atomic import write_atomically
 from . import cudnn_conv
+from .decision_cache import cache_dir, merge_entries, read_entries
 from .fp8_attention import AttentionCall, _Fp8Attend, full_precision_attention
 from .layers import LowBitConv2d, LowBitLinear
 
 #: The paths a converted layer may take, then an FP8-attention module's kernel: the report's columns.
 PATHS = ("cublas", "triton", "cudnn", "fp8", "bf16")
-#: The environment variable that moves the decision cache (default: ``$XDG_CACHE_HOME/dmquant``).
-CACHE_VARIABLE = "DMQUANT_CACHE_DIR"
+#: The file of the decision cache (:mod:`~dmquant.kernels.decision_cache`) that keeps the measured times.
 CACHE_FILE = "kernel-paths.json"
 
 LowBitLayer = LowBitLinear | LowBitConv2d
@@ -128,27 +126,18 @@ REPORT_ATTRIBUTE = "dmquant_paths"
 
 
 def cache_path() -> Path:
-    """Where decisions are cached: ``$DMQUANT_CACHE_DIR``, else ``$XDG_CACHE_HOME/dmquant``, else
-    ``~/.cache/dmquant``, file :data:`CACHE_FILE`."""
-    folder = os.environ.get(CACHE_VARIABLE)
-    if not folder:
-        folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dmquant")
-    return Path(folder) / CACHE_FILE
+    """Where decisions are cached: :data:`CACHE_FILE` in the decision cache's directory (``$DMQUANT_CACHE_DIR``,
+    else ``$XDG_CACHE_HOME/dmquant``, else ``~/.cache/dmquant``)."""
+    return cache_dir() / CACHE_FILE
+
+
+def _are_times(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values())
 
 
 def _read_cache(path: Path) -> dict[str, dict[str, float]]:
     """The cached times; an unreadable or malformed file counts as empty (it is only a cache) and is rewritten."""
-    try:
-        entries = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(entries, dict):
-        return {}
-    return {
-        key: value
-        for key, value in entries.items()
-        if isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values())
-    }
+    return read_entries(path, _are_times)
 
 
 def _environment_key(device: torch.device) -> dict[str, str]:
@@ -459,8 +448,4 @@ def _apply(model: nn.Module, name: str, layer: LowBitLayer, path: str, example: 
 
 def _write_cache(path: Path, entries: dict[str, dict[str, float]]) -> None:
     """Merge ``entries`` into the cache file (another process may have added its own meanwhile)."""
-    merged = _read_cache(path) | entries
-    try:
-        write_atomically(path, lambda file: file.write(json.dumps(merged, indent=1, sort_keys=True).encode()))
-    except OSError as error:  # an unwritable cache costs a later run its measurements, never this one's result
-        print(f"warning: kernel path cache not written to {path}: {error}")
+    merge_entries(path, entries, _are_times)
