@@ -10,32 +10,24 @@ import dataclasses
 
 import pytest
 import torch
+from reconstruction_settings import SMALL, reconstruction_config
 from torch import nn
 
 import dmquant.offload as offload_module
 from dmquant import api
 from dmquant.calib.record import CalibrationSet, record_for
 from dmquant.cli import build_parser, main
-from dmquant.config import CalibrationConfig, ReconstructionConfig, load_recipe
+from dmquant.config import load_recipe
 from dmquant.core.quantizer import Quantizer
 from dmquant.denoiser import Denoiser
 from dmquant.errors import ConfigError
 from dmquant.offload import Offload, moved_modules
 from dmquant.recon.capture import capture_block_io
 
-SMALL = CalibrationConfig(num_inference_steps=4, num_trajectories=4, batch_size=4)
-FAST = ReconstructionConfig(enabled=True, num_samples=16, iterations=12, activation_iterations=6, batch_size=8)
-
 
 @pytest.fixture(scope="module")
 def calibration(unet):
     return record_for(unet, SMALL, progress=False)
-
-
-def _config(**reconstruction):
-    return dataclasses.replace(
-        load_recipe("minmax").with_bits(4, 8), reconstruction=dataclasses.replace(FAST, **reconstruction)
-    )
 
 
 def _untouched(model: nn.Module) -> bool:
@@ -54,7 +46,7 @@ def _untouched(model: nn.Module) -> bool:
     ids=["q-diffusion", "qdrop-fbr"],
 )
 def test_offloaded_quantization_is_the_resident_one_bit_for_bit(unet, calibration, options):
-    config = dataclasses.replace(_config(**options), split_shortcut=True)
+    config = dataclasses.replace(reconstruction_config(**options), split_shortcut=True)
     resident = api.quantize(unet.denoiser, config, calibration, progress=False)
     offloaded = api.quantize(unet.denoiser, config, calibration, progress=False, offload="cpu")
     one, two = resident.state_dict(), offloaded.state_dict()
@@ -113,10 +105,10 @@ def test_only_the_running_blocks_weights_are_on_the_device(unet, calibration, mo
 def test_a_model_not_in_host_memory_is_refused(unet, calibration):
     meta = copy.deepcopy(unet.denoiser).to("meta")
     with pytest.raises(ConfigError, match="keeps the UNet2DModel's weights in host memory, but some are on meta"):
-        api.quantize(meta, _config(), calibration, progress=False, offload="cpu")
+        api.quantize(meta, reconstruction_config(), calibration, progress=False, offload="cpu")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available; name an execution device"):
-            api.quantize(unet.denoiser, _config(), calibration, progress=False, offload=True)
+            api.quantize(unet.denoiser, reconstruction_config(), calibration, progress=False, offload=True)
 
 
 @pytest.mark.gpu
@@ -138,7 +130,7 @@ def test_offloaded_reconstruction_holds_less_than_the_model_on_the_gpu():
         cond={"class_labels": torch.randint(0, 1000, (rows,))},
         num_inference_steps=1,
     )
-    config = _config(num_samples=rows, iterations=4, activation_iterations=2, batch_size=4)
+    config = reconstruction_config(num_samples=rows, iterations=4, activation_iterations=2, batch_size=4)
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     quantized = api.quantize(model, config, calibration, inplace=True, progress=False, offload=True)
@@ -152,7 +144,9 @@ def test_offloaded_reconstruction_holds_less_than_the_model_on_the_gpu():
 def test_an_offloaded_job_records_its_calibration_block_by_block_too(unet):
     """``quantize`` of a DiffusionModel samples the calibration trajectories with the hooks on (the sampling loop on
     the host, the model's output returned there): the same calibration set and model as without offloading."""
-    config = dataclasses.replace(_config(num_samples=8, iterations=4, activation_iterations=2), calibration=SMALL)
+    config = dataclasses.replace(
+        reconstruction_config(num_samples=8, iterations=4, activation_iterations=2), calibration=SMALL
+    )
     resident = api.quantize(unet, config, progress=False)
     offloaded = api.quantize(unet, config, progress=False, offload="cpu")
     one, two = resident.denoiser.state_dict(), offloaded.denoiser.state_dict()

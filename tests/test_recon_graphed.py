@@ -7,11 +7,12 @@ import warnings
 
 import pytest
 import torch
+from reconstruction_settings import SMALL
 from torch import nn
 
 from dmquant import api
 from dmquant.calib.record import record_for
-from dmquant.config import CalibrationConfig, ReconstructionConfig, load_recipe
+from dmquant.config import ReconstructionConfig, load_recipe
 from dmquant.denoiser import Denoiser
 from dmquant.models import load_model
 from dmquant.recon.brecq import _cosine_annealed
@@ -133,7 +134,6 @@ def test_a_replayed_step_refuses_a_batch_of_another_shape():
         iteration((batch[0][:4], batch[1][:4]), 2.0, 1.0)
 
 
-SMALL = CalibrationConfig(num_inference_steps=4, num_trajectories=4, batch_size=4)
 RECONSTRUCTIONS = {
     "q-diffusion": {"activation_scales": "after"},
     "qdrop-joint": {"activation_scales": "jointly", "drop_probability": 0.5},

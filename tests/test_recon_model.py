@@ -4,25 +4,17 @@ import dataclasses
 
 import pytest
 import torch
+from reconstruction_settings import FAST, SMALL, reconstruction_config
 
 import dmquant.recon.model as recon_model
 from dmquant import api
 from dmquant.calib.record import record_for
-from dmquant.config import CalibrationConfig, ReconstructionConfig, load_recipe
+from dmquant.config import ReconstructionConfig, load_recipe
 from dmquant.core.layers import activation_quantizers
 from dmquant.denoiser import Denoiser
 from dmquant.errors import CalibrationError, ConfigError
-from dmquant.models import load_model
 from dmquant.recon.model import plan_passes
 from dmquant.recon.state import remove_state
-
-SMALL = CalibrationConfig(num_inference_steps=4, num_trajectories=4, batch_size=4)
-FAST = ReconstructionConfig(enabled=True, num_samples=16, iterations=12, activation_iterations=6, batch_size=8)
-
-
-@pytest.fixture(scope="module")
-def unet():
-    return load_model("tiny-unet")
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +22,10 @@ def calibration(unet):
     return record_for(unet, SMALL, progress=False)
 
 
-def _config(**reconstruction):
-    return dataclasses.replace(
-        load_recipe("minmax").with_bits(4, 8), reconstruction=dataclasses.replace(FAST, **reconstruction)
-    )
-
-
 def _quantize(unet, calibration, state_dir=None, **reconstruction):
-    return api.quantize(unet.denoiser, _config(**reconstruction), calibration, progress=False, state_dir=state_dir)
+    return api.quantize(
+        unet.denoiser, reconstruction_config(**reconstruction), calibration, progress=False, state_dir=state_dir
+    )
 
 
 def _error(model, unet, calibration):
@@ -87,7 +75,7 @@ def test_reconstruction_lowers_the_output_error_of_round_to_nearest(unet, calibr
 
 def test_learned_step_sizes_are_kept_as_buffers_and_saved(unet, calibration, tmp_path):
     model = _quantize(unet, calibration, activation_scales="jointly")
-    calibrated = api.quantize(unet.denoiser, _config(enabled=False), calibration, progress=False)
+    calibrated = api.quantize(unet.denoiser, reconstruction_config(enabled=False), calibration, progress=False)
     moved = [
         not torch.equal(a.scale, b.scale)
         for a, b in zip(activation_quantizers(model), activation_quantizers(calibrated), strict=True)
@@ -203,7 +191,7 @@ def test_bad_reconstruction_settings_are_refused(field, value, message):
 
 def test_reconstruction_with_per_step_ranges_is_refused():
     with pytest.raises(ConfigError, match="per_step_activations"):
-        dataclasses.replace(_config(), per_step_activations=True)
+        dataclasses.replace(reconstruction_config(), per_step_activations=True)
 
 
 @pytest.mark.parametrize("name", ["q-diffusion", "ptq4dm"])
