@@ -42,7 +42,7 @@ def autotuned(tmp_path, monkeypatch):
 
 
 def _choose(graph: RankedPlans, key: str = "shape") -> int:
-    return cudnn_conv._chosen_plan(graph, {}, None, torch.device("cpu"), key)[0]
+    return cudnn_conv._chosen_plan(graph, dict, None, torch.device("cpu"), key)[0]
 
 
 def test_a_shape_is_autotuned_once_and_its_plan_built_alone_after(autotuned, tmp_path):

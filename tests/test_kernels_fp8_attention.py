@@ -351,7 +351,8 @@ def test_path_selection_records_every_attention_call_beside_the_layers(fp8_atten
 
     converted = convert_model(fp8_attention_model)
     x, t, cond, _ = next(calibration.batches(4))
-    layers, attention = paths._record_calls(converted, lambda: Denoiser(converted)(x, t, cond))
+    processors = paths._fp8_attention_processors(converted)
+    layers, attention = paths._record_calls(converted, lambda: Denoiser(converted)(x, t, cond), processors)
     assert set(attention) == set(getattr(converted, REPORT_ATTRIBUTE).fp8_attention) and layers
     assert all(len(calls) == 1 and not calls[0].on_kernel and calls[0].batch == 4 for calls in attention.values())
     assert all(m.processor.calls is None for m in converted.modules() if isinstance(m, Attention))

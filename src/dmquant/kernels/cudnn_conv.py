@@ -27,6 +27,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import json
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -153,9 +154,9 @@ def _is_index(value) -> bool:
     return isinstance(value, int) and value >= 0
 
 
-def _chosen_plan(graph, pack: dict, handle, device: torch.device, key: str) -> tuple[int, Tensor]:
+def _chosen_plan(graph, probe: Callable[[], dict], handle, device: torch.device, key: str) -> tuple[int, Tensor]:
     """The plan of ``graph`` to run and its workspace: the one the decision cache holds for ``key`` where it still
-    builds, else :func:`_fastest_plan`'s, which the cache then keeps."""
+    builds, else :func:`_fastest_plan`'s on the buffers ``probe()`` makes, which the cache then keeps."""
     path = cache_dir() / PLAN_FILE
     known = read_entries(path, _is_index).get(key)
     if known is not None and known < graph.get_execution_plan_count():
@@ -164,7 +165,7 @@ def _chosen_plan(graph, pack: dict, handle, device: torch.device, key: str) -> t
             return known, torch.empty(graph.get_workspace_size_plan_at_index(known), dtype=torch.uint8, device=device)
         except Exception:  # a plan that no longer builds (another cuDNN behind the same versions): autotune again
             pass
-    best, workspace = _fastest_plan(graph, pack, handle, device)
+    best, workspace = _fastest_plan(graph, probe(), handle, device)
     merge_entries(path, {key: best}, _is_index)
     return best, workspace
 
@@ -200,15 +201,20 @@ def _plan(
     kh, kw, sh, sw, ph, pw, dh, dw = window
     on = {"device": torch.device("cuda", device)}
     out_h, out_w = output_size(height, kh, sh, ph, dh), output_size(width, kw, sw, pw, dw)
-    probe = {
-        tensors["x"]: torch.randn(batch, height, width, channels, **on).to(torch.float8_e4m3fn),
-        tensors["w"]: torch.randn(out_channels, kh * kw * channels, **on).to(torch.float8_e4m3fn),
-        tensors["x_scale"]: torch.ones(1, **on),
-        tensors["w_scale"]: torch.ones(out_channels, **on),
-        tensors["y"]: torch.empty(batch, out_h, out_w, out_channels, dtype=out_dtype, **on),
-    }
-    if bias_dtype is not None:
-        probe[tensors["bias"]] = torch.zeros(out_channels, dtype=bias_dtype, **on)
+
+    def probe() -> dict:
+        """Random operands of the shape, to time plans on."""
+        pack = {
+            tensors["x"]: torch.randn(batch, height, width, channels, **on).to(torch.float8_e4m3fn),
+            tensors["w"]: torch.randn(out_channels, kh * kw * channels, **on).to(torch.float8_e4m3fn),
+            tensors["x_scale"]: torch.ones(1, **on),
+            tensors["w_scale"]: torch.ones(out_channels, **on),
+            tensors["y"]: torch.empty(batch, out_h, out_w, out_channels, dtype=out_dtype, **on),
+        }
+        if bias_dtype is not None:
+            pack[tensors["bias"]] = torch.zeros(out_channels, dtype=bias_dtype, **on)
+        return pack
+
     key = _plan_key((batch, height, width, channels, out_channels, window, bias_dtype, out_dtype), device)
     best, workspace = _chosen_plan(graph, probe, handle, on["device"], key)
     return graph, tensors, best, workspace

@@ -45,7 +45,6 @@ measures nothing.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.metadata
 import itertools
 import json
@@ -325,9 +324,11 @@ def _fp8_attention_processors(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def _record_calls(model: nn.Module, call: Callable[[], Any]) -> tuple[dict[str, list[Tensor]], dict[str, list]]:
+def _record_calls(
+    model: nn.Module, call: Callable[[], Any], processors: dict[str, _Fp8Attend]
+) -> tuple[dict[str, list[Tensor]], dict[str, list[AttentionCall]]]:
     """During ``call()``: the input of every call of every converted layer of ``model`` (as meta tensors), and the
-    :class:`~dmquant.kernels.fp8_attention.AttentionCall` of every call of every FP8-attention module."""
+    :class:`~dmquant.kernels.fp8_attention.AttentionCall` of every call of each of ``processors`` (by name)."""
     seen: dict[str, list[Tensor]] = {}
     handles = []
     for name, module in model.named_modules():
@@ -338,7 +339,6 @@ def _record_calls(model: nn.Module, call: Callable[[], Any]) -> tuple[dict[str, 
                 seen.setdefault(name, []).append(torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta"))
 
             handles.append(module.register_forward_pre_hook(hook))
-    processors = _fp8_attention_processors(model)
     for processor in processors.values():
         processor.calls = []
     try:
@@ -381,8 +381,8 @@ def select_paths(
     device = next((tensor.device for tensor in itertools.chain(model.buffers(), model.parameters())), None)
     if device is None or device.type != "cuda":
         raise ValueError("select_paths measures kernels on a CUDA device: move the converted model there first")
-    inputs, attention = _record_calls(model, call)
     processors = _fp8_attention_processors(model)
+    inputs, attention = _record_calls(model, call, processors)
     environment = _environment_key(device)
     cache_file = cache_path()
     cache = _read_cache(cache_file) if use_cache else {}
@@ -394,34 +394,36 @@ def select_paths(
             cache[text] = measure_now()
         return cache[text], cached
 
+    def layer_times(name: str):
+        """Each recorded call's (times, cached), the calls' shapes, and how to put a path in place."""
+        layer, metas = layers[name], inputs[name]
+        measured = [
+            timed(
+                signature(layer, meta) | {"dense_for_int4": dense_for_int4},
+                lambda meta=meta: measure(layer, _materialized(meta, device), dense_for_int4, compiled),
+            )
+            for meta in metas
+        ]
+        return measured, [list(meta.shape) for meta in metas], lambda path: _apply(model, name, layer, path, metas[0])
+
+    def attention_times(name: str):
+        """As :func:`layer_times`, for an FP8-attention module."""
+        calls = attention[name]
+        measured = [
+            timed({"kind": "attention"} | asdict(c), lambda c=c: measure_attention(c, device, compiled)) for c in calls
+        ]
+        shapes = [[c.batch, c.heads, c.q_tokens, c.kv_tokens, c.head_dim] for c in calls]
+        return measured, shapes, lambda path: setattr(processors[name], "path", path)
+
     report = PathReport(device=environment["gpu"], compiled=compiled)
-    names = [*inputs, *attention]
-    for name in tqdm(names, desc="measuring kernel paths", disable=not progress, unit="module"):
-        if name in inputs:
-            layer = layers[name]
-            measured = [
-                timed(
-                    signature(layer, meta) | {"dense_for_int4": dense_for_int4},
-                    lambda meta=meta, layer=layer: measure(
-                        layer, _materialized(meta, device), dense_for_int4, compiled
-                    ),
-                )
-                for meta in inputs[name]
-            ]
-            shapes, kind = [list(meta.shape) for meta in inputs[name]], "layer"
-        else:
-            calls = attention[name]
-            measure_now = functools.partial(measure_attention, device=device, compiled=compiled)
-            measured = [
-                timed({"kind": "attention"} | asdict(shape), functools.partial(measure_now, shape)) for shape in calls
-            ]
-            shapes, kind = [[c.batch, c.heads, c.q_tokens, c.kv_tokens, c.head_dim] for c in calls], "attention"
+    modules = [(name, "layer", layer_times) for name in inputs] + [
+        (name, "attention", attention_times) for name in attention
+    ]
+    for name, kind, times_of in tqdm(modules, desc="measuring kernel paths", disable=not progress, unit="module"):
+        measured, shapes, put_in_place = times_of(name)
         path, totals = fastest([times for times, _ in measured])
-        report.choices.append(PathChoice(name, path, totals, shapes, all(c for _, c in measured), kind))
-        if kind == "layer":
-            _apply(model, name, layer, path, inputs[name][0])
-        else:
-            processors[name].path = path
+        report.choices.append(PathChoice(name, path, totals, shapes, all(cached for _, cached in measured), kind))
+        put_in_place(path)
     if use_cache:
         _write_cache(cache_file, cache)
     setattr(model, REPORT_ATTRIBUTE, report)

@@ -46,6 +46,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .cublas_gemm import vendor_gemm
 from .cudnn_conv import cudnn_fp8_conv2d
 from .triton_gemm import (
+    BACKENDS,
     INTERPRETING,
     GemmOperands,
     activation_scale,
@@ -71,6 +72,9 @@ from .triton_gemm import (
     tile_suits,
     uses_vendor_gemm,
 )
+
+#: A convolution's backends: the GEMMs' (:data:`~dmquant.kernels.triton_gemm.BACKENDS`) and cuDNN's fp8 one.
+CONV_BACKENDS = (*BACKENDS, "cudnn")
 
 
 @triton.jit
@@ -330,10 +334,9 @@ def _conv2d(x: Tensor, w: Tensor, kernel_size, stride, padding, dilation, backen
     batch, channels, height, width = x.shape
     if kh * kw * channels != depth:
         raise ValueError(f"a {kh}x{kw} kernel over {channels} channels has K={kh * kw * channels}, the weight {depth}")
+    check_backend(backend, CONV_BACKENDS)
     if backend == "cudnn" and arguments["act"] != "fp8":
         raise ValueError("cuDNN runs the fp8 convolutions only (dmquant.kernels.cudnn_conv)")
-    if backend != "cudnn":
-        check_backend(backend)
     pointwise = (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0)
     if backend == "cublas" and not pointwise:
         raise ValueError("cuBLASLt runs only 1x1 convolutions of stride 1 without padding (a GEMM over pixels)")

@@ -485,9 +485,9 @@ def stored_depth(w: Tensor, weight: str, act: str) -> int:
 BACKENDS = ("auto", "triton", "cublas")
 
 
-def check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+def check_backend(backend: str, allowed: tuple[str, ...] = BACKENDS) -> None:
+    if backend not in allowed:
+        raise ValueError(f"backend must be one of {allowed}, got {backend!r}")
 
 
 def uses_vendor_gemm(operands: GemmOperands, backend: str) -> bool:
