@@ -273,14 +273,15 @@ def measure(layer: LowBitLayer, x: Tensor, dense_for_int4: bool = False, compile
     """Median time (ms) of each candidate path of ``layer`` on a random input shaped and laid out like ``x``;
     ``compiled``: a quantized path's time without its input's quantization (module docstring).
 
-    A candidate that fails (a shape cuBLASLt refuses, a capture a kernel breaks) is left out; bf16 always runs.
+    A candidate that fails (a shape cuBLASLt refuses, a capture a kernel breaks, cuDNN's own error types) is left
+    out; bf16 always runs.
     """
     probe = torch.randn_like(x)
     times = {}
     for path, call in _candidates(layer, probe, dense_for_int4).items():
         try:
             times[path] = _median_ms(call)
-        except (RuntimeError, ValueError):
+        except Exception:
             if path == "bf16":
                 raise
     quantization = _input_quantization(layer, probe) if compiled else None
