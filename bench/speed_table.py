@@ -36,11 +36,20 @@ def _table_notes(cell: dict[str, Any]) -> str:
     return "; ".join(note for note in notes if note)
 
 
-def _row_order(cell: dict[str, Any]) -> tuple[int, int, str]:
+def _model_label(cell: dict[str, Any], batches: dict[str, set]) -> str:
+    """The model's name, with its batch where the table holds that model at several batches."""
+    model = cell.get("model")
+    if len(batches.get(model, ())) < 2:
+        return str(model)
+    return f"{model} (batch {(cell.get('inputs') or {}).get('batch')})"
+
+
+def _row_order(cell: dict[str, Any]) -> tuple[int, int, int, str]:
     model, row = cell.get("model", ""), cell.get("row", "")
     model_rank = MODELS.index(model) if model in MODELS else len(MODELS)
     row_rank = list(ROWS).index(row) if row in ROWS else len(ROWS)
-    return model_rank, row_rank, f"{model}/{row}"
+    batch = (cell.get("inputs") or {}).get("batch") or 0
+    return model_rank, -batch, row_rank, f"{model}/{row}"
 
 
 def _gemm_conv_throughput(metrics: dict[str, Any], row: str, peaks: dict[str, Any]) -> str:
@@ -61,12 +70,15 @@ def speed_table(results_dir: str | Path) -> str:
     peaks = json.loads(peaks_file.read_text()) if peaks_file.exists() else {}
     header = ["model", "row", "median ms", "speed-up vs bf16 (same compile)", "peak GiB", "weight MiB", "TFLOP/s",
               "GEMM/conv TFLOP/s (of peak)", "notes"]  # fmt: skip
+    batches: dict[str, set] = {}
+    for cell in cells:
+        batches.setdefault(cell.get("model"), set()).add((cell.get("inputs") or {}).get("batch"))
     rows = []
     for cell in sorted(cells, key=_row_order):
         metrics = (cell.get("metrics") or {}) if cell.get("status") == "ok" else {}
         speedup = metrics.get("speedup_vs_bf16_same_compile")
         values = [
-            cell.get("model"),
+            _model_label(cell, batches),
             cell.get("row"),
             _number(metrics.get("median_ms"), ".2f"),
             "—" if speedup is None else f"{speedup:.2f}x",

@@ -237,6 +237,23 @@ def test_table_lists_cells_in_model_and_row_order_with_reasons_for_the_rest(tmp_
     assert all(line.count(" | ") == 8 for line in lines[2:])
 
 
+def test_table_names_the_batch_where_a_model_is_measured_at_several(tmp_path):
+    for folder, batch in [("sd3-medium", 2), ("sd3-medium-b1", 1)]:
+        for row in ("bf16-compiled-cudagraphs", "dmquant-w4a16"):
+            cell = {"model": "sd3-medium", "row": row, "kind": speed_rows.ROWS[row].kind, "status": "ok",
+                    "inputs": {"batch": batch}, "metrics": {"median_ms": float(batch)}}  # fmt: skip
+            common.write_cell(tmp_path / folder / f"{row}.json", cell)
+    _fake_cell(tmp_path, "flux-dev", "bf16-compiled-cudagraphs", inputs={"batch": 1})
+    rows = [line.split(" | ")[:3] for line in speed_table.speed_table(tmp_path).splitlines()[2:]]
+    assert rows == [
+        ["| flux-dev", "bf16-compiled-cudagraphs", "—"],
+        ["| sd3-medium (batch 2)", "bf16-compiled-cudagraphs", "2.00"],
+        ["| sd3-medium (batch 2)", "dmquant-w4a16", "2.00"],
+        ["| sd3-medium (batch 1)", "bf16-compiled-cudagraphs", "1.00"],
+        ["| sd3-medium (batch 1)", "dmquant-w4a16", "1.00"],
+    ]
+
+
 def test_table_compares_gemm_throughput_with_the_peak_of_the_rows_compute_format(tmp_path):
     common.write_cell(tmp_path / "peaks.json", {"size": 8192, "bf16_tflops": 800.0, "fp8_rowwise_tflops": 1250.0,
                                                "int8_tops": 1000.0})  # fmt: skip
