@@ -146,6 +146,24 @@ def test_whether_cudnn_builds_a_shape_is_a_constant_under_compile(monkeypatch):
     fp8_attention._builds_once.cache_clear()
 
 
+def test_symbolic_sizes_are_specialized_to_the_call_under_dynamic_shape_compilation():
+    """cuDNN's graph is planned per shape at trace time: a graph traced with symbolic sizes takes the sizes of its
+    call as constants (one graph per shape), with no graph break."""
+    seen = []
+
+    def branch(x):
+        sizes = fp8_attention.concrete(tuple(x.shape))
+        seen.append(sizes)  # at trace time: constants, not symbols
+        return x + 1 if sizes[0] == 4 else x - 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(branch, backend="eager", fullgraph=True, dynamic=True)
+    assert torch.equal(compiled(torch.zeros(4, 5)), torch.ones(4, 5))
+    assert torch.equal(compiled(torch.zeros(3, 5)), -torch.ones(3, 5))
+    assert seen == [(4, 5), (3, 5)] and all(type(size) is int for sizes in seen for size in sizes)
+    torch._dynamo.reset()
+
+
 @functools.cache
 def _fp8_sdpa_on_cpu() -> None:
     """A CPU kernel for ``dmquant::fp8_sdpa`` (registered once): its function on dequantized codes."""
@@ -208,7 +226,7 @@ def test_cudnn_fp8_attention_compiles_and_replays_in_a_cuda_graph():
     fp8_attention.convert_attention(attn)
     with torch.no_grad():
         eager = attn(hidden)
-        compiled = torch.compile(attn, mode="reduce-overhead")
+        compiled = torch.compile(attn, mode="reduce-overhead", dynamic=False)  # other tests compiled other shapes
         for _ in range(3):
             graphed = compiled(hidden)
     torch.testing.assert_close(graphed, eager, rtol=0, atol=0)

@@ -103,7 +103,9 @@ def _choose_kernel_paths(converted: DiffusionModel, args: argparse.Namespace):
 def _compiled(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel:
     """The model with its denoiser compiled in place under ``--compile`` (with CUDA graphs on CUDA). One graph per
     per-step parameter set, for the full batches and for a smaller last one: dynamo's recompile limit is raised to
-    twice the model's number of sets, so that no step falls back to eager."""
+    twice the model's number of sets, so that no step falls back to eager. Shapes stay static (``dynamic=False``):
+    the kernels are planned per shape (cuDNN's FP8 attention, the measured paths), so the smaller batch gets a
+    graph of its own rather than one with symbolic sizes."""
     import torch
 
     from .core.quantizer import quantizers
@@ -116,7 +118,7 @@ def _compiled(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel
         parameter_sets = max((quantizer.num_steps for quantizer in quantizers(model.denoiser)), default=1)
         limit = torch._dynamo.config.recompile_limit
         torch._dynamo.config.recompile_limit = max(limit, 2 * parameter_sets)
-        model.denoiser.compile(mode="reduce-overhead" if on_cuda else None)
+        model.denoiser.compile(mode="reduce-overhead" if on_cuda else None, dynamic=False)
     return model
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import operator
 import warnings
 from dataclasses import dataclass
 
@@ -107,7 +108,15 @@ def takes(query: Tensor, key: Tensor, heads: int, attention_mask: Tensor | None,
     if torch.cuda.get_device_capability(query.device)[0] != 9 or not _head_dim_fits(query.shape[-1] // heads):
         return False
     batch, q_tokens, width = query.shape
-    return _builds(batch, heads, q_tokens, key.shape[1], width // heads, attn_scale, _device_index(query))
+    shape = concrete((batch, heads, q_tokens, key.shape[1], width // heads))
+    return _builds(*shape, attn_scale, _device_index(query))
+
+
+def concrete(sizes: tuple) -> tuple[int, ...]:
+    """``sizes`` as plain ints. Under ``torch.compile`` with symbolic sizes (``dynamic=True``, or the automatic
+    dynamic shapes of a recompile for a new shape) this specializes the graph to the sizes of the call (dynamo
+    guards on them), since cuDNN's graph is planned per concrete shape at trace time; a new shape recompiles."""
+    return tuple(operator.index(size) for size in sizes)
 
 
 def _device_index(x: Tensor) -> int:
