@@ -240,6 +240,25 @@ def test_a_packed_token_denoiser_takes_token_calibration_data_and_nothing_else()
         packed.check_fits(Denoiser(tiny_unet2d()))  # tokens are no input of a UNet
 
 
+def test_a_module_of_its_own_that_states_no_layout_takes_the_samples_it_is_given():
+    class TokenBlock(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, x, t):
+            return self.proj(x)
+
+    fields = {"timesteps": torch.ones(2), "step_indices": torch.zeros(2, dtype=torch.long), "cond": {}}
+    fields["num_inference_steps"] = 1
+    tokens = CalibrationSet(samples=torch.randn(2, 5, 8), **fields)
+    tokens.check_fits(Denoiser(TokenBlock()))
+    quantized = api.quantize(TokenBlock(), "minmax", tokens, progress=False)
+    assert quantized(tokens.samples, tokens.timesteps).shape == (2, 5, 8)
+    with pytest.raises(CalibrationError, match=re.escape("samples: expected a float (N, C, H, W) tensor")):
+        tokens.check_fits(Denoiser(tiny_unet2d()))  # a model that states its layout still has it checked
+
+
 @pytest.mark.parametrize(
     ("granularity", "message"),
     [("channel:9", "channel axis 9 is out of range"), ("group:7", "group_size 7 does not divide")],

@@ -94,7 +94,8 @@ class CalibrationSet:
 
     def check_fits(self, denoiser: Denoiser) -> None:
         """The samples have the layout, channels (and square size, where the model states one) ``denoiser`` takes:
-        ``(N, C, H, W)``, or ``(N, L, C)`` tokens for a denoiser that takes those (``denoiser.takes_tokens``)."""
+        ``(N, C, H, W)``, or ``(N, L, C)`` tokens for a denoiser that takes those (``denoiser.takes_tokens``); any
+        layout for a module of its own that states neither channels nor size (it is called with what it was given)."""
         channels, size = denoiser.in_channels, denoiser.sample_size
         name = type(denoiser.model).__name__
         if denoiser.takes_tokens:
@@ -106,6 +107,8 @@ class CalibrationSet:
                 raise CalibrationError(
                     f"samples: {self.samples.shape[2]} channels per token, the model takes {channels}"
                 )
+            return
+        if channels is None and size is None and denoiser.kind == "generic":
             return
         if self.samples.dim() != 4:
             raise CalibrationError(
