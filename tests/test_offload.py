@@ -74,7 +74,7 @@ def test_only_the_running_blocks_weights_are_on_the_device(unet, calibration, mo
 
     monkeypatch.setattr(offload_module, "_move", recorded_move)
     names = {id(m): name for name, m in model.named_modules()}
-    whole = [names[id(m)] for m, moved_whole in moved_modules(model) if moved_whole]
+    whole = [names[id(moved.module)] for moved in moved_modules(model) if moved.whole]  # outermost first
     checked = []
 
     def check(quantizer: Quantizer, args: tuple) -> None:
@@ -99,6 +99,41 @@ def test_only_the_running_blocks_weights_are_on_the_device(unet, calibration, mo
         for handle in handles:
             handle.remove()
     assert {"conv_in", "mid_block.attentions.0.to_q", "conv_out"} <= set(checked)
+    assert all(device == offload.host for device in where.values()) and _untouched(model)
+
+
+def test_a_part_of_a_block_the_model_calls_outside_the_block_moves_for_its_call(monkeypatch):
+    """diffusers' DiT computes its conditioning with ``transformer_blocks[0].norm1.emb`` before it runs the blocks:
+    that embedding's layers come to the device for the call although their block is not there."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2,
+                                  sample_size=4, patch_size=2, num_embeds_ada_norm=10).eval()  # fmt: skip
+    offload = Offload(torch.device("cpu", 0))  # another device's name for host memory: the moves can be told apart
+    where: dict[int, torch.device] = {}
+    move = offload_module._move
+
+    def recorded_move(module: nn.Module, device: torch.device, whole: bool) -> None:
+        move(module, device, whole)
+        for owner in module.modules() if whole else (module,):
+            where.update({id(p): device for p in owner.parameters(recurse=False)})
+
+    monkeypatch.setattr(offload_module, "_move", recorded_move)
+    called = []
+    linear = nn.functional.linear
+
+    def linear_on_device(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        assert where.get(id(weight)) == offload.device, weight.shape  # checked inside the layer's forward
+        called.append(id(weight))
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(nn.functional, "linear", linear_on_device)
+    x, t, labels = torch.randn(2, 4, 4, 4), torch.tensor([3, 7]), torch.tensor([1, 2])
+    with torch.no_grad(), offload.running(model):
+        model(x, timestep=t, class_labels=labels)
+    assert id(model.transformer_blocks[0].norm1.emb.timestep_embedder.linear_1.weight) in called
+    assert id(model.transformer_blocks[1].ff.net[2].weight) in called
     assert all(device == offload.host for device in where.values()) and _untouched(model)
 
 

@@ -18,6 +18,9 @@ blocks, SD's ``BasicTransformerBlock``), and every Linear / Conv2d layer outside
 tensors of its own (norms, embeddings, a parameter of the model itself) moves just those. A forward stopped
 inside a block (the capture stops after the block it records) leaves the enclosing block on the device until
 the model's next call or the end of :meth:`~Offload.running`, which returns every tensor to host memory.
+The layers and modules with tensors inside a block are hooked too, and move when called while their block is
+not on the device: a model may call a part of a block outside the block's forward (diffusers' DiT computes its
+conditioning with ``transformer_blocks[0].norm1.emb`` before running the blocks).
 
 Only the place of the arithmetic changes, never its order or precision: results equal those of the model
 held on the execution device bit for bit (and, with a CPU execution device, those of no offloading at all).
@@ -34,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
@@ -62,28 +65,38 @@ def _has_own_tensors(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
 
 
-def moved_modules(model: nn.Module) -> list[tuple[nn.Module, bool]]:
-    """The modules :meth:`Offload.running` hooks, each with whether it moves whole (a block or a layer) or
-    only its own tensors; the model itself comes first (its output is returned where its input was)."""
+class Moved(NamedTuple):
+    """A module :meth:`Offload.running` hooks: whether it moves whole (a block or a layer) or only its own
+    tensors, and the ids of the hooked whole modules it lies in (it moves only when none of them is on the
+    device)."""
+
+    module: nn.Module
+    whole: bool
+    within: tuple[int, ...]
+
+
+def moved_modules(model: nn.Module) -> list[Moved]:
+    """The modules :meth:`Offload.running` hooks; the model itself comes first (its output is returned where its
+    input was)."""
     from .recon.blocks import BLOCK_KINDS  # here: diffusers loads only when a model is offloaded
 
     whole_types = (*(kind for kind, _ in BLOCK_KINDS), nn.Linear, nn.Conv2d)
     repeated = frozenset(getattr(model, "_repeated_blocks", None) or ())
-    found: list[tuple[nn.Module, bool]] = []
+    found: list[Moved] = []
     seen: set[int] = set()
 
-    def visit(module: nn.Module) -> None:
+    def visit(module: nn.Module, within: tuple[int, ...]) -> None:
         if id(module) in seen:  # a module shared by two parents is hooked once
             return
         seen.add(id(module))
         whole = isinstance(module, whole_types) or type(module).__name__ in repeated
         if whole or module is model or _has_own_tensors(module):
-            found.append((module, whole))
-        if not whole:
-            for child in module.children():
-                visit(child)
+            found.append(Moved(module, whole, within))
+        inner = (*within, id(module)) if whole else within
+        for child in module.children():
+            visit(child, inner)
 
-    visit(model)
+    visit(model, ())
     return found
 
 
@@ -92,16 +105,21 @@ Loaded = dict[int, tuple[nn.Module, bool]]
 
 
 class _OnDeviceWhileCalled(ModelHook):
-    """Moves its module to ``device`` for the call (inputs with it) and back to ``host`` after.
+    """Moves its module to ``device`` for the call (inputs with it) and back to ``host`` after, unless one of the
+    whole modules ``within`` which it lies is on the device already (it is then too).
 
     The hook of the model itself (``root``) returns the output to the input's device, and first sends back
     to ``host`` whatever an interrupted call left in ``loaded`` (a forward stopped inside a block skips the
     enclosing blocks' return), so one call's blocks at most are on the device at any time.
     """
 
-    def __init__(self, device: torch.device, host: torch.device, whole: bool, root: bool, loaded: Loaded):
-        self.device, self.host, self.whole, self.root, self.loaded = device, host, whole, root, loaded
+    def __init__(
+        self, device: torch.device, host: torch.device, moved: Moved, root: bool, loaded: Loaded
+    ) -> None:  # fmt: skip
+        self.device, self.host, self.whole, self.within = device, host, moved.whole, moved.within
+        self.root, self.loaded = root, loaded
         self.input_device: torch.device | None = None
+        self.calls_moved: list[bool] = []  # per call under way (a module may run inside itself): whether it moved
 
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         if self.root:
@@ -109,13 +127,17 @@ class _OnDeviceWhileCalled(ModelHook):
             for left, whole in self.loaded.values():
                 _move(left, self.host, whole)
             self.loaded.clear()
-        _move(module, self.device, self.whole)
-        self.loaded[id(module)] = (module, self.whole)
+        moves = not any(block in self.loaded for block in self.within)
+        self.calls_moved.append(moves)
+        if moves:
+            _move(module, self.device, self.whole)
+            self.loaded[id(module)] = (module, self.whole)
         return send_to_device(args, self.device), send_to_device(kwargs, self.device)
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
-        _move(module, self.host, self.whole)
-        self.loaded.pop(id(module), None)
+        if self.calls_moved.pop():
+            _move(module, self.host, self.whole)
+            self.loaded.pop(id(module), None)
         if self.root and self.input_device is not None:
             output = send_to_device(output, self.input_device)
         return output
@@ -158,11 +180,12 @@ class Offload:
         loaded: Loaded = {}
         try:
             for model in models:
-                for module, whole in moved_modules(model):
+                for moved in moved_modules(model):
+                    module = moved.module
                     own_forward = "forward" in vars(module)
-                    hook = _OnDeviceWhileCalled(self.device, self.host, whole, module is model, loaded)
+                    hook = _OnDeviceWhileCalled(self.device, self.host, moved, module is model, loaded)
                     add_hook_to_module(module, hook)
-                    hooked.append((module, whole, own_forward))
+                    hooked.append((module, moved.whole, own_forward))
             yield
         finally:
             for module, whole, own_forward in reversed(hooked):
