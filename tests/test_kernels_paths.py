@@ -106,6 +106,27 @@ def test_the_bf16_path_replaces_the_layer_and_the_others_set_its_backend():
     assert model.conv.backend == "cudnn"
 
 
+def test_w4a16_layers_may_dequantize_per_call_onto_the_16_bit_kernels_keeping_their_codes():
+    """The ``"dequant"`` path: the int4 weight dequantized per call into the input's dtype, a plain 16-bit GEMM or
+    convolution; the W4A16 kernels' function (16-bit activations as they come) up to bf16 rounding, the stored
+    codes untouched."""
+    model = _converted(bits=(4, 16)).to(torch.bfloat16)
+    image = torch.randn(3, 16, 8, 8).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    hidden = torch.randn(5, 32).to(torch.bfloat16)
+    for name, x in (("conv", image), ("proj", hidden)):
+        layer = model.get_submodule(name)
+        candidates = paths._candidates(layer, x, dense_for_int4=False)
+        assert "dequant" in candidates and "bf16" not in candidates  # the codes stay: no 16-bit copy is kept
+        stored = layer.state_dict()
+        paths._apply(model, name, layer, "dequant", x)
+        out = layer(x)
+        assert layer.backend == "dequant" and out.dtype == torch.bfloat16
+        expected = paths.dense_module(layer, torch.float32)(x.float())  # W4A16 kernels leave the input unrounded
+        torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+        assert all(torch.equal(stored[key], value) for key, value in layer.state_dict().items())
+    assert "dequant" not in paths._candidates(_converted().proj, torch.randn(5, 32), dense_for_int4=False)  # W8A8
+
+
 def test_the_cache_location_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv(decision_cache.CACHE_VARIABLE, str(tmp_path / "c"))
     assert paths.cache_path() == tmp_path / "c" / paths.CACHE_FILE
@@ -185,7 +206,7 @@ def test_the_report_lists_each_module_with_its_candidates_times():
     assert report.counts() == {"cublas": 1, "bf16": 1, "fp8 attention": 1}
     rows = report.rows()
     assert rows[1] == {"name": "b", "path": "bf16", "input": "4x8; 2x8", "cublas ms": "—", "triton ms": "3.0000",
-                       "cudnn ms": "—", "fp8 ms": "—", "bf16 ms": "2.5000"}  # fmt: skip
+                       "cudnn ms": "—", "dequant ms": "—", "fp8 ms": "—", "bf16 ms": "2.5000"}  # fmt: skip
     assert rows[2]["fp8 ms"] == "0.5000" and rows[2]["input"] == "1x2x64x64x16"
     assert "4.000 ms against 4.750 ms in bf16" in report.summary()
     int4 = paths.PathReport("GPU", [paths.PathChoice("c", "triton", {"triton": 1.0}, [[4, 8]])])

@@ -11,7 +11,14 @@ ways:
 - otherwise with the *reference path*: the activation fake-quantized by its own quantizer, the
   weight dequantized from its codes, then ``F.linear`` / ``F.conv2d`` — the simulated layer's
   computation, so its output equals the simulated layer's bit for bit. This is what runs on
-  CPU, for shapes or formats no kernel takes, and in the tests.
+  CPU, for shapes or formats no kernel takes, and in the tests;
+- for W4A16 (int4 weights, float activations) with ``backend = "dequant"`` (chosen by
+  :mod:`~dmquant.kernels.paths` where it measures faster): the weight dequantized per call into the
+  input's dtype, then ``F.linear`` / ``F.conv2d`` on the vendor's 16-bit GEMM or convolution. The
+  weight stays 4-bit in memory (its 16-bit form lives for the call only); the output is the simulated
+  layer's up to the 16-bit rounding of the dequantized weight and the order of accumulation. Under
+  ``torch.compile`` the dequantization is one pointwise kernel over the N·K codes, which at thousands
+  of rows costs little next to the GEMM.
 
 Per-step activation parameters (``per_step_activations``, or a bit schedule) are chosen in Python
 from the quantizer's current step. A captured CUDA graph therefore holds the parameters of the
@@ -59,6 +66,14 @@ def activation_mode(quantizer: Quantizer) -> str | None:
 def _float(bias: Tensor | None) -> Tensor | None:
     """A bias in float32, as the reference path computes (a model cast for inference may hold it in bf16)."""
     return None if bias is None else bias.float()
+
+
+#: The ``backend`` of a W4A16 layer that dequantizes its weight per call and runs the 16-bit vendor kernel.
+DEQUANTIZED = "dequant"
+
+
+def _in_dtype(tensor: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if tensor is None else tensor.to(dtype)
 
 
 class KernelActivation(KeepsDtypes):
@@ -153,6 +168,8 @@ class LowBitLinear(_Smoothing):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.unsmoothed(x, -1)
+        if self.backend == DEQUANTIZED and self.activation.mode == "none":
+            return F.linear(x, self.weight.dequantize().to(x.dtype), _in_dtype(self.bias, x.dtype))
         kernel = dispatch.linear_kernel(self.activation.mode, self.weight, x)
         if kernel is None:
             return self.reference(x)
@@ -216,8 +233,19 @@ class LowBitConv2d(_Smoothing):
         output = F.conv2d(inputs, weight, _float(self.bias), self.stride, self.padding, self.dilation, self.groups)
         return output.to(x.dtype)
 
+    def dequantized(self, x: Tensor) -> Tensor:
+        """The W4A16 ``"dequant"`` path (module docstring): the parts' weights dequantized into ``x``'s dtype and
+        layout, one 16-bit convolution."""
+        weight = torch.cat([part.weight_4d(self.kernel_size) for part in self.parts], dim=1).to(x.dtype)
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        bias = _in_dtype(self.bias, x.dtype)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.unsmoothed(x, 1)
+        if self.backend == DEQUANTIZED and all(part.activation.mode == "none" for part in self.parts):
+            return self.dequantized(x)
         kernels = [dispatch.conv2d_kernel(part.activation.mode, part.weight, x, self.groups) for part in self.parts]
         if None in kernels:
             return self.reference(x)

@@ -11,6 +11,12 @@ converted layer, times each candidate on an input of that shape and layout, and 
   :mod:`~dmquant.kernels.triton_conv`), which every layout takes;
 - ``"cudnn"``: cuDNN's FP8 convolution, its engine configuration autotuned per shape, for W8A8-FP8 Conv2d layers
   on Hopper (:mod:`~dmquant.kernels.cudnn_conv`);
+- ``"dequant"``: for W4A16 layers (int4 weights, float activations), the weight dequantized per call into the
+  compute dtype and run on the 16-bit vendor GEMM / convolution (:class:`~dmquant.kernels.layers.LowBitLinear`),
+  the weight kept 4-bit in memory. The Triton W4A16 kernel dequantizes inside its main loop and is the faster at a
+  few rows; at thousands of rows the GEMM is compute-bound and that kernel ran at 0.53× of bf16 (SD3's
+  architecture at batch 1 on an H100, ``bench/results/speed-deployment``), where this path adds one pointwise
+  pass over the codes to bf16's GEMM;
 - ``"bf16"``: the layer's weight dequantized once into the compute dtype and run as a plain ``nn.Linear`` /
   ``nn.Conv2d`` (cuBLAS, cuDNN), its input left unquantized. The layer then computes with the quantized weight but
   full-precision activations (weight-only quantization), no longer its simulated twin's function, and keeps
@@ -60,10 +66,10 @@ from tqdm.auto import tqdm
 from . import cudnn_conv
 from .decision_cache import cache_dir, merge_entries, read_entries
 from .fp8_attention import AttentionCall, _Fp8Attend, full_precision_attention
-from .layers import LowBitConv2d, LowBitLinear
+from .layers import DEQUANTIZED, LowBitConv2d, LowBitLinear
 
 #: The paths a converted layer may take, then an FP8-attention module's kernel: the report's columns.
-PATHS = ("cublas", "triton", "cudnn", "fp8", "bf16")
+PATHS = ("cublas", "triton", "cudnn", DEQUANTIZED, "fp8", "bf16")
 #: The file of the decision cache (:mod:`~dmquant.kernels.decision_cache`) that keeps the measured times.
 CACHE_FILE = "kernel-paths.json"
 
@@ -139,14 +145,15 @@ def _read_cache(path: Path) -> dict[str, dict[str, float]]:
     return read_entries(path, _are_times)
 
 
-def _environment_key(device: torch.device) -> dict[str, str]:
+def _environment_key(device: torch.device) -> dict[str, Any]:
     versions = {}
     for distribution in ("dmquant", "triton"):
         try:
             versions[distribution] = importlib.metadata.version(distribution)
         except importlib.metadata.PackageNotFoundError:
             versions[distribution] = "none"
-    return {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__, **versions}
+    # the candidate set too: a cache written before a path existed would never time it
+    return {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__, **versions, "paths": list(PATHS)}
 
 
 def _layout(x: Tensor) -> str:
@@ -209,7 +216,8 @@ def dense_module(layer: LowBitLayer, dtype: torch.dtype, channels_last: bool = F
 
 def _candidates(layer: LowBitLayer, x: Tensor, dense_for_int4: bool) -> dict[str, Callable[[], Tensor]]:
     """Each path's call on ``x``. A quantized path whose kernel the input does not reach (the reference path on this
-    input) is left out; so is ``"bf16"`` for int4 weights unless ``dense_for_int4`` (or no kernel takes them)."""
+    input) is left out; so is ``"bf16"`` for int4 weights unless ``dense_for_int4`` (or no other path takes them:
+    W4A8 on a shape no kernel takes)."""
     from . import dispatch
 
     weights = [layer.weight] if isinstance(layer, LowBitLinear) else [part.weight for part in layer.parts]
@@ -227,6 +235,8 @@ def _candidates(layer: LowBitLayer, x: Tensor, dense_for_int4: bool) -> dict[str
         fp8 = all(weight.layout == "fp8" for weight in weights) and set(modes) == {"fp8"}
         if isinstance(layer, LowBitConv2d) and fp8 and cudnn_conv.takes(x, layer.groups):
             candidates["cudnn"] = _with_backend(layer, x, "cudnn")
+    if set(modes) == {"none"} and all(weight.layout == "int4" for weight in weights):
+        candidates[DEQUANTIZED] = _with_backend(layer, x, DEQUANTIZED)
     if candidates and not dense_for_int4 and any(weight.layout == "int4" for weight in weights):
         return candidates
     dense = dense_module(layer, x.dtype, channels_last=_layout(x) == "channels_last")
