@@ -58,12 +58,10 @@ def test_offloaded_quantization_is_the_resident_one_bit_for_bit(unet, calibratio
     assert _untouched(offloaded) and _untouched(unet.denoiser)
 
 
-def test_only_the_running_blocks_weights_are_on_the_device(unet, calibration, monkeypatch):
-    """Every quantizer call checks where the parameters are: its own layer's on the execution device, and
-    none outside the outermost moved block around it (the model's own tensors excepted); a capture stopped
-    inside a block leaves nothing behind for the next call."""
-    model = api.quantize(unet.denoiser, load_recipe("minmax").with_bits(4, 8), calibration, progress=False)
-    offload = Offload(torch.device("cpu", 0))  # another device's name for host memory: the moves can be told apart
+def _recorded_offload(monkeypatch) -> tuple[Offload, dict[int, torch.device]]:
+    """An offload whose moves are recorded: where each parameter (by id) was last moved. Its execution device is
+    another name for host memory, so the moves can be told apart without a GPU."""
+    offload = Offload(torch.device("cpu", 0))
     where: dict[int, torch.device] = {}
     move = offload_module._move
 
@@ -73,6 +71,15 @@ def test_only_the_running_blocks_weights_are_on_the_device(unet, calibration, mo
             where.update({id(p): device for p in owner.parameters(recurse=False)})
 
     monkeypatch.setattr(offload_module, "_move", recorded_move)
+    return offload, where
+
+
+def test_only_the_running_blocks_weights_are_on_the_device(unet, calibration, monkeypatch):
+    """Every quantizer call checks where the parameters are: its own layer's on the execution device, and
+    none outside the outermost moved block around it (the model's own tensors excepted); a capture stopped
+    inside a block leaves nothing behind for the next call."""
+    model = api.quantize(unet.denoiser, load_recipe("minmax").with_bits(4, 8), calibration, progress=False)
+    offload, where = _recorded_offload(monkeypatch)
     names = {id(m): name for name, m in model.named_modules()}
     whole = [names[id(moved.module)] for moved in moved_modules(model) if moved.whole]  # outermost first
     checked = []
@@ -110,16 +117,7 @@ def test_a_part_of_a_block_the_model_calls_outside_the_block_moves_for_its_call(
     torch.manual_seed(0)
     model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2,
                                   sample_size=4, patch_size=2, num_embeds_ada_norm=10).eval()  # fmt: skip
-    offload = Offload(torch.device("cpu", 0))  # another device's name for host memory: the moves can be told apart
-    where: dict[int, torch.device] = {}
-    move = offload_module._move
-
-    def recorded_move(module: nn.Module, device: torch.device, whole: bool) -> None:
-        move(module, device, whole)
-        for owner in module.modules() if whole else (module,):
-            where.update({id(p): device for p in owner.parameters(recurse=False)})
-
-    monkeypatch.setattr(offload_module, "_move", recorded_move)
+    offload, where = _recorded_offload(monkeypatch)
     called = []
     linear = nn.functional.linear
 
