@@ -106,8 +106,22 @@ def test_conversion_puts_fp8_attention_on_its_processor_and_computes_the_simulat
 def test_the_kernel_declines_what_cudnn_does_not_take():
     query = torch.zeros(1, 8, 64)
     assert not fp8_attention.takes(query, query, 4, None, 0.25)  # a CPU tensor
-    assert not fp8_attention._head_dim_fits(72)  # PixArt's and DiT-XL/2's heads: not a multiple of 16
-    assert not fp8_attention._head_dim_fits(160) and fp8_attention._head_dim_fits(128)
+    assert fp8_attention.padded_head_dim(72) == 80  # PixArt's and DiT-XL/2's heads run padded
+    assert fp8_attention.padded_head_dim(40) == 48 and fp8_attention.padded_head_dim(128) == 128
+    assert fp8_attention.padded_head_dim(160) is None  # SD-1.5's widest heads: above cuDNN's 128
+
+
+def test_zero_padded_heads_give_the_attention_of_the_unpadded_ones():
+    """Q·Kᵀ is unchanged by zero channels, and V's zero channels give zero outputs, dropped after."""
+    torch.manual_seed(0)
+    heads, head_dim, scale = 3, 24, 24**-0.5
+    q, k, v = torch.randn(2, 10, heads * head_dim), torch.randn(2, 7, heads * head_dim), torch.randn(2, 7, 72)
+    padded = [fp8_attention.pad_heads(x, heads, 32) for x in (q, k, v)]
+    assert padded[0].shape == (2, 10, 96) and not padded[0].unflatten(-1, (heads, 32))[..., head_dim:].any()
+    assert torch.equal(fp8_attention.unpad_heads(padded[0], heads, head_dim), q)
+    out = fp8_attention.full_precision_attention(*padded, None, heads, scale)
+    expected = fp8_attention.full_precision_attention(q, k, v, None, heads, scale)
+    torch.testing.assert_close(fp8_attention.unpad_heads(out, heads, head_dim), expected)
 
 
 def test_a_shape_cudnn_refuses_is_tried_and_warned_once(monkeypatch):
@@ -165,20 +179,27 @@ def test_symbolic_sizes_are_specialized_to_the_call_under_dynamic_shape_compilat
 
 
 @functools.cache
-def _fp8_sdpa_on_cpu() -> None:
-    """A CPU kernel for ``dmquant::fp8_sdpa`` (registered once): its function on dequantized codes."""
+def _fp8_sdpa_on_cpu() -> list[int]:
+    """A CPU kernel for ``dmquant::fp8_sdpa`` (registered once): its function on dequantized codes. Returns the list
+    of the widths (heads · head dimension) of the operands it was called on."""
+    widths: list[int] = []
 
     @fp8_attention.fp8_sdpa.register_kernel("cpu")
     def _(q, k, v, descale_q, descale_k, descale_v, descale_s, heads, attn_scale):
+        widths.append(q.shape[-1])
         q, k, v = (codes.float() * scale for codes, scale in ((q, descale_q), (k, descale_k), (v, descale_v)))
         out = fp8_attention.full_precision_attention(q, k, v, None, heads, attn_scale)
         return (out / descale_v).clamp(-448, 448).to(torch.float8_e4m3fn)
 
+    return widths
 
-def test_the_kernel_path_compiles_into_one_graph(monkeypatch):
-    """The processor's kernel path (quantize Q, K, V; the custom op; dequantize O) traces without a graph break."""
-    _fp8_sdpa_on_cpu()
-    attn, hidden = _calibrated_attention()
+
+@pytest.mark.parametrize("head_dim", [16, 24], ids=["cudnn-width", "padded"])
+def test_the_kernel_path_compiles_into_one_graph(monkeypatch, head_dim):
+    """The processor's kernel path (pad and quantize Q, K, V; the custom op; unpad and dequantize O) traces without
+    a graph break and computes the simulated attention up to the unrounded probabilities."""
+    widths = _fp8_sdpa_on_cpu()
+    attn, hidden = _calibrated_attention(head_dim=head_dim)
     with torch.no_grad():
         simulated = attn(hidden)
     fp8_attention.convert_attention(attn)
@@ -188,6 +209,7 @@ def test_the_kernel_path_compiles_into_one_graph(monkeypatch):
         on_kernel = torch.compile(attn, backend="eager", fullgraph=True)(hidden)
     assert not torch.equal(on_kernel, simulated)  # the op ran: it leaves the probabilities unrounded
     assert _psnr(simulated, on_kernel) > 30
+    assert widths[-1] == attn.heads * 16 * -(-head_dim // 16)  # on heads padded to a multiple of 16
 
 
 needs_cudnn_fp8 = pytest.mark.skipif(
@@ -204,7 +226,7 @@ def _psnr(reference: torch.Tensor, other: torch.Tensor) -> float:
 
 @pytest.mark.gpu
 @needs_cudnn_fp8
-@pytest.mark.parametrize(("heads", "head_dim", "tokens"), [(2, 64, 1024), (4, 128, 300)])
+@pytest.mark.parametrize(("heads", "head_dim", "tokens"), [(2, 64, 1024), (4, 128, 300), (2, 72, 1024)])
 def test_cudnn_fp8_attention_matches_the_simulated_attention(heads, head_dim, tokens):
     attn, hidden = _calibrated_attention(heads=heads, head_dim=head_dim, tokens=tokens)
     attn = attn.cuda().to(torch.bfloat16)

@@ -22,9 +22,12 @@ built once and kept, executed on the current stream as a torch custom op (``dmqu
 that ``torch.compile`` fuses the quantization of Q, K, V into the operations producing them and CUDA
 graphs capture the call.
 
-The kernel runs where cuDNN takes the call (a Hopper GPU, head dimension a multiple of 16 up to 128,
-no attention mask, a probability scale that keeps 1 representable); elsewhere, and on CPU, the
-processor computes the simulated attention, bit for bit.
+The kernel runs where cuDNN takes the call (a Hopper GPU, head dimension up to 128, no attention mask, a
+probability scale that keeps 1 representable); elsewhere, and on CPU, the processor computes the simulated
+attention, bit for bit. cuDNN takes head dimensions that are multiples of 16: other widths (PixArt's and
+DiT-XL/2's 72, SD-1.5's 40) run with each head zero-padded to the next multiple (:func:`pad_heads`), which leaves
+Q·Kᵀ unchanged and gives V's padded columns a zero output, dropped after; the padding fuses into the
+quantization of Q, K and V under ``torch.compile``.
 
 The kernel is not faster than bf16 everywhere (1.38× torch's bf16 SDPA at FLUX's 4,608 tokens, 0.88× at SDXL's
 1,024 on an H100, ``bench/results/attention-speed``), so a processor also has a ``"bf16"`` path: torch's SDPA on the
@@ -56,7 +59,7 @@ from .layers import KernelActivation
 
 #: The attribute of a converted ``Attention`` that holds its :class:`Fp8AttentionScales`.
 SCALES_ATTRIBUTE = "fp8_attention"
-#: Head dimensions cuDNN's FP8 attention takes on Hopper: multiples of 16 up to 128.
+#: Head dimensions cuDNN's FP8 attention takes on Hopper: multiples of 16 up to 128 (others are padded up).
 HEAD_DIM_MULTIPLE, MAX_HEAD_DIM = 16, 128
 #: Whether nvidia-cudnn-frontend is installed (read once: torch.compile cannot trace the lookup).
 CUDNN_FRONTEND_AVAILABLE = importlib.util.find_spec("cudnn") is not None
@@ -94,8 +97,28 @@ def is_fp8_attention(attn: nn.Module) -> bool:
     return isinstance(quant, AttentionQuantizers) and quant.fp8_attention
 
 
-def _head_dim_fits(head_dim: int) -> bool:
-    return head_dim % HEAD_DIM_MULTIPLE == 0 and head_dim <= MAX_HEAD_DIM
+def padded_head_dim(head_dim: int) -> int | None:
+    """The head dimension cuDNN's kernel runs a head of ``head_dim`` at: the next multiple of
+    :data:`HEAD_DIM_MULTIPLE`; None above :data:`MAX_HEAD_DIM`."""
+    if head_dim > MAX_HEAD_DIM:
+        return None
+    return -(-head_dim // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
+
+
+def pad_heads(x: Tensor, heads: int, padded: int) -> Tensor:
+    """``(batch, tokens, heads·dim)`` rows as ``(batch, tokens, heads·padded)``, each head's channels followed by
+    zeros (``x`` itself where ``dim == padded``)."""
+    head_dim = x.shape[-1] // heads
+    if head_dim == padded:
+        return x
+    return F.pad(x.unflatten(-1, (heads, head_dim)), (0, padded - head_dim)).flatten(-2)
+
+
+def unpad_heads(x: Tensor, heads: int, head_dim: int) -> Tensor:
+    """The inverse of :func:`pad_heads`: each head's first ``head_dim`` channels."""
+    if x.shape[-1] == heads * head_dim:
+        return x
+    return x.unflatten(-1, (heads, -1))[..., :head_dim].flatten(-2)
 
 
 def takes(query: Tensor, key: Tensor, heads: int, attention_mask: Tensor | None, attn_scale: float) -> bool:
@@ -105,10 +128,11 @@ def takes(query: Tensor, key: Tensor, heads: int, attention_mask: Tensor | None,
         return False
     if query.dim() != 3 or key.shape[-1] != query.shape[-1] or query.shape[-1] % heads:
         return False
-    if torch.cuda.get_device_capability(query.device)[0] != 9 or not _head_dim_fits(query.shape[-1] // heads):
+    padded = padded_head_dim(query.shape[-1] // heads)
+    if torch.cuda.get_device_capability(query.device)[0] != 9 or padded is None:
         return False
-    batch, q_tokens, width = query.shape
-    shape = concrete((batch, heads, q_tokens, key.shape[1], width // heads))
+    batch, q_tokens, _ = query.shape
+    shape = concrete((batch, heads, q_tokens, key.shape[1], padded))
     return _builds(*shape, attn_scale, _device_index(query))
 
 
@@ -318,9 +342,12 @@ class _Fp8Attend:
         from .operands import quantize_activations  # Triton: imported where a GPU call needs it
 
         (s_q, _), (s_k, _), (s_v, _), (s_p, _) = (operand.parameters_now() for operand in scales.operands)
-        codes = [quantize_activations(x, s, None, "fp8") for x, s in ((query, s_q), (key, s_k), (value, s_v))]
+        head_dim = query.shape[-1] // attn.heads
+        padded = padded_head_dim(head_dim)
+        operands = ((query, s_q), (key, s_k), (value, s_v))
+        codes = [quantize_activations(pad_heads(x, attn.heads, padded), s, None, "fp8") for x, s in operands]
         out = torch.ops.dmquant.fp8_sdpa(*codes, s_q, s_k, s_v, s_p, attn.heads, attn_scale)
-        return (out.float() * s_v).to(query.dtype)
+        return (unpad_heads(out, attn.heads, head_dim).float() * s_v).to(query.dtype)
 
 
 class Fp8AttnProcessor(_Fp8Attend, QuantAttnProcessor):

@@ -65,7 +65,7 @@ from tqdm.auto import tqdm
 
 from . import cudnn_conv
 from .decision_cache import cache_dir, merge_entries, read_entries
-from .fp8_attention import AttentionCall, _Fp8Attend, full_precision_attention
+from .fp8_attention import AttentionCall, _Fp8Attend, full_precision_attention, pad_heads, padded_head_dim
 from .layers import DEQUANTIZED, LowBitConv2d, LowBitLinear
 
 #: The paths a converted layer may take, then an FP8-attention module's kernel: the report's columns.
@@ -313,11 +313,12 @@ def measure_attention(shape: AttentionCall, device: torch.device, compiled: bool
     if shape.on_kernel:
         from .operands import quantize_activations  # Triton: imported where a GPU call needs it
 
-        codes = [x.to(torch.float8_e4m3fn) for x in (q, k, v)]
+        padded = padded_head_dim(shape.head_dim)  # the padding fuses into the quantization: timed as one pass
+        operands = {name: pad_heads(x, shape.heads, padded) for name, x in (("query", q), ("key", k), ("value", v))}
+        codes = [x.to(torch.float8_e4m3fn) for x in operands.values()]
         one = torch.ones(1, device=device)
         probs_scale = one / torch.finfo(torch.float8_e4m3fn).max
         kernel = torch.ops.dmquant.fp8_sdpa
-        operands = {"query": q, "key": k, "value": v}
         with contextlib.suppress(RuntimeError):
             fp8 = _median_ms(lambda: kernel(*codes, one, one, one, probs_scale, shape.heads, shape.attn_scale))
             for name in shape.standalone if compiled else operands:
