@@ -4,8 +4,10 @@ Where ``speed.py`` times whole denoiser calls, this times the attention alone, s
 a model can be read from its attention share. Shapes ``(batch, heads, tokens, head dim)`` are those of the
 deployment workloads: FLUX.1-dev at 1024² (4,096 image + 512 text tokens, 24 heads of 128), SD3-medium at
 1024² batch 2 (4,096 + 333 tokens, 24 × 64), SDXL's UNet at 1024² batch 2 (4,096 tokens × 10 heads, 1,024 ×
-20, heads of 64) and SD-1.5's at 512² batch 8 (its 80-wide heads at 1,024 tokens; its 40- and 160-wide heads
-are not taken by cuDNN's FP8 attention, and stay in bf16). Each shape is run as
+20, heads of 64), PixArt-Σ at 1024² batch 2 (4,096 tokens × 16 heads of 72) and SD-1.5's at 512² batch 8 (its
+40-wide heads at 4,096 tokens and 80-wide ones at 1,024; its 160-wide heads are above what cuDNN's FP8 attention
+takes, and stay in bf16). Heads whose width is not a multiple of 16 (72, 40) run zero-padded to the next one, as
+the processor runs them (:func:`dmquant.kernels.fp8_attention.pad_heads`). Each shape is run as
 
 * ``bf16``: ``F.scaled_dot_product_attention`` on bf16 ``(batch, heads, tokens, dim)`` views of
   ``(batch, tokens, heads·dim)`` projections, as diffusers calls it (torch picks its fastest backend);
@@ -45,6 +47,8 @@ SHAPES = {
     "sd3-medium": (2, 24, 4429, 4429, 64),
     "sdxl-unet 64x64": (2, 10, 4096, 4096, 64),
     "sdxl-unet 32x32": (2, 20, 1024, 1024, 64),
+    "pixart-sigma": (2, 16, 4096, 4096, 72),
+    "sd15-unet-b8 64x64": (8, 8, 4096, 4096, 40),
     "sd15-unet-b8 32x32": (8, 8, 1024, 1024, 80),
 }
 
@@ -74,14 +78,20 @@ def shape_rows(name: str, shape: tuple[int, ...], repeats: int) -> list[dict[str
 
     from dmquant.kernels.triton_quantize import quantize  # Triton: imported where a GPU run needs it
 
-    codes = [quantize(x, s, None, "fp8") for x, s in zip((query, key, value), scales, strict=True)]
+    padded = fp8_attention.padded_head_dim(dim)
+
+    def quantized(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return quantize(fp8_attention.pad_heads(x, heads, padded), scale, None, "fp8")
+
+    codes = [quantized(x, s) for x, s in zip((query, key, value), scales, strict=True)]
 
     def kernel(operands: list[torch.Tensor]) -> torch.Tensor:
         return torch.ops.dmquant.fp8_sdpa(*operands, *scales, probs_scale, heads, attn_scale)
 
     def fp8() -> torch.Tensor:
-        operands = [quantize(x, s, None, "fp8") for x, s in zip((query, key, value), scales, strict=True)]
-        return (kernel(operands).float() * scales[2]).to(torch.bfloat16)
+        operands = [quantized(x, s) for x, s in zip((query, key, value), scales, strict=True)]
+        out = fp8_attention.unpad_heads(kernel(operands), heads, dim)
+        return (out.float() * scales[2]).to(torch.bfloat16)
 
     flops = 4 * batch * heads * q_tokens * kv_tokens * dim
     rows = []
