@@ -119,7 +119,6 @@ class _OnDeviceWhileCalled(ModelHook):
         self.device, self.host, self.whole, self.within = device, host, moved.whole, moved.within
         self.root, self.loaded = root, loaded
         self.input_device: torch.device | None = None
-        self.calls_moved: list[bool] = []  # per call under way (a module may run inside itself): whether it moved
 
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         if self.root:
@@ -127,17 +126,14 @@ class _OnDeviceWhileCalled(ModelHook):
             for left, whole in self.loaded.values():
                 _move(left, self.host, whole)
             self.loaded.clear()
-        moves = not any(block in self.loaded for block in self.within)
-        self.calls_moved.append(moves)
-        if moves:
+        if not any(block in self.loaded for block in self.within):
             _move(module, self.device, self.whole)
             self.loaded[id(module)] = (module, self.whole)
         return send_to_device(args, self.device), send_to_device(kwargs, self.device)
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
-        if self.calls_moved.pop():
+        if self.loaded.pop(id(module), None) is not None:  # it moved for this call (its block was not there)
             _move(module, self.host, self.whole)
-            self.loaded.pop(id(module), None)
         if self.root and self.input_device is not None:
             output = send_to_device(output, self.input_device)
         return output

@@ -63,17 +63,14 @@ def activation_mode(quantizer: Quantizer) -> str | None:
     return "int8" if not fmt.is_float and fmt.bits == 8 else None
 
 
-def _float(bias: Tensor | None) -> Tensor | None:
-    """A bias in float32, as the reference path computes (a model cast for inference may hold it in bf16)."""
-    return None if bias is None else bias.float()
+def _in_dtype(bias: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A bias in the dtype of the computation: float32 for the reference path, as the quantizers compute (a model
+    cast for inference may hold it in bf16), the input's for the ``"dequant"`` path."""
+    return None if bias is None else bias.to(dtype)
 
 
 #: The ``backend`` of a W4A16 layer that dequantizes its weight per call and runs the 16-bit vendor kernel.
 DEQUANTIZED = "dequant"
-
-
-def _in_dtype(tensor: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if tensor is None else tensor.to(dtype)
 
 
 class KernelActivation(KeepsDtypes):
@@ -164,7 +161,8 @@ class LowBitLinear(_Smoothing):
 
     def reference(self, x: Tensor) -> Tensor:
         """The simulated layer's computation (in float32, as the quantizers compute), in ``x``'s dtype."""
-        return F.linear(self.activation.fake_quant(x), self.weight.dequantize(), _float(self.bias)).to(x.dtype)
+        bias = _in_dtype(self.bias, torch.float32)
+        return F.linear(self.activation.fake_quant(x), self.weight.dequantize(), bias).to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.unsmoothed(x, -1)
@@ -229,14 +227,18 @@ class LowBitConv2d(_Smoothing):
         """The simulated layer's computation: the parts' quantized inputs and weights concatenated, one conv
         (in float32, as the quantizers compute), in ``x``'s dtype."""
         inputs = torch.cat([part.input_quantizer(x[:, part.channels]) for part in self.parts], dim=1)
-        weight = torch.cat([part.weight_4d(self.kernel_size) for part in self.parts], dim=1)
-        output = F.conv2d(inputs, weight, _float(self.bias), self.stride, self.padding, self.dilation, self.groups)
+        bias = _in_dtype(self.bias, torch.float32)
+        output = F.conv2d(inputs, self.weight_4d(), bias, self.stride, self.padding, self.dilation, self.groups)
         return output.to(x.dtype)
+
+    def weight_4d(self) -> Tensor:
+        """The parts' dequantized weights as one float32 ``(Cout, Cin, kh, kw)`` convolution weight."""
+        return torch.cat([part.weight_4d(self.kernel_size) for part in self.parts], dim=1)
 
     def dequantized(self, x: Tensor) -> Tensor:
         """The W4A16 ``"dequant"`` path (module docstring): the parts' weights dequantized into ``x``'s dtype and
         layout, one 16-bit convolution."""
-        weight = torch.cat([part.weight_4d(self.kernel_size) for part in self.parts], dim=1).to(x.dtype)
+        weight = self.weight_4d().to(x.dtype)
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             weight = weight.contiguous(memory_format=torch.channels_last)
         bias = _in_dtype(self.bias, x.dtype)

@@ -198,7 +198,7 @@ def dense_module(layer: LowBitLayer, dtype: torch.dtype, channels_last: bool = F
             weight = weight / smoothing.reshape(1, -1)
         dense: nn.Module = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
     else:
-        weight = torch.cat([part.weight_4d(layer.kernel_size) for part in layer.parts], dim=1)
+        weight = layer.weight_4d()
         if smoothing is not None:
             weight = weight / smoothing.reshape(1, -1, 1, 1)
         dense = nn.Conv2d(
