@@ -69,6 +69,15 @@ def _in_dtype(bias: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if bias is None else bias.to(dtype)
 
 
+def memory_layout(x: Tensor) -> str:
+    """How ``x`` lies in memory: ``"contiguous"``, ``"channels_last"`` (a 4-d NHWC tensor) or ``"strided"``."""
+    if x.is_contiguous():
+        return "contiguous"
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return "strided"
+
+
 #: The ``backend`` of a W4A16 layer that dequantizes its weight per call and runs the 16-bit vendor kernel.
 DEQUANTIZED = "dequant"
 
@@ -239,7 +248,7 @@ class LowBitConv2d(_Smoothing):
         """The W4A16 ``"dequant"`` path (module docstring): the parts' weights dequantized into ``x``'s dtype and
         layout, one 16-bit convolution."""
         weight = self.weight_4d().to(x.dtype)
-        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        if memory_layout(x) == "channels_last":
             weight = weight.contiguous(memory_format=torch.channels_last)
         bias = _in_dtype(self.bias, x.dtype)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)

@@ -66,7 +66,7 @@ from tqdm.auto import tqdm
 from . import cudnn_conv
 from .decision_cache import cache_dir, merge_entries, read_entries
 from .fp8_attention import AttentionCall, _Fp8Attend, full_precision_attention, pad_heads, padded_head_dim
-from .layers import DEQUANTIZED, LowBitConv2d, LowBitLinear
+from .layers import DEQUANTIZED, LowBitConv2d, LowBitLinear, memory_layout
 
 #: The paths a converted layer may take, then an FP8-attention module's kernel: the report's columns.
 PATHS = ("cublas", "triton", "cudnn", DEQUANTIZED, "fp8", "bf16")
@@ -156,14 +156,6 @@ def _environment_key(device: torch.device) -> dict[str, Any]:
     return {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__, **versions, "paths": list(PATHS)}
 
 
-def _layout(x: Tensor) -> str:
-    if x.is_contiguous():
-        return "contiguous"
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return "channels_last"
-    return "strided"
-
-
 def signature(layer: LowBitLayer, x: Tensor) -> dict[str, Any]:
     """What a layer's time on ``x`` depends on: kind, shape, weight layouts, activation modes, options and the
     input's shape, dtype and layout (never its name or values)."""
@@ -180,7 +172,7 @@ def signature(layer: LowBitLayer, x: Tensor) -> dict[str, Any]:
         "fast_accumulation": layer.fast_accumulation,
         "input": list(x.shape),
         "dtype": str(x.dtype),
-        "layout": _layout(x),
+        "layout": memory_layout(x),
     }
     if isinstance(layer, LowBitConv2d):
         key |= {"conv": [layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups]}
@@ -239,7 +231,7 @@ def _candidates(layer: LowBitLayer, x: Tensor, dense_for_int4: bool) -> dict[str
         candidates[DEQUANTIZED] = _with_backend(layer, x, DEQUANTIZED)
     if candidates and not dense_for_int4 and any(weight.layout == "int4" for weight in weights):
         return candidates
-    dense = dense_module(layer, x.dtype, channels_last=_layout(x) == "channels_last")
+    dense = dense_module(layer, x.dtype, channels_last=memory_layout(x) == "channels_last")
     candidates["bf16"] = lambda: dense(x)
     return candidates
 
@@ -454,7 +446,7 @@ def _apply(model: nn.Module, name: str, layer: LowBitLayer, path: str, example: 
     layout)."""
     if path == "bf16":
         parent, _, child = name.rpartition(".")
-        dense = dense_module(layer, example.dtype, channels_last=_layout(example) == "channels_last")
+        dense = dense_module(layer, example.dtype, channels_last=memory_layout(example) == "channels_last")
         setattr(model.get_submodule(parent), child, dense)
     else:
         layer.backend = "auto" if path == "cublas" else path
