@@ -176,7 +176,7 @@ class LowBitLinear(_Smoothing):
     def forward(self, x: Tensor) -> Tensor:
         x = self.unsmoothed(x, -1)
         if self.backend == DEQUANTIZED and self.activation.mode == "none":
-            return F.linear(x, self.weight.dequantize().to(x.dtype), _in_dtype(self.bias, x.dtype))
+            return F.linear(x, self.weight.dequantize(x.dtype), _in_dtype(self.bias, x.dtype))
         kernel = dispatch.linear_kernel(self.activation.mode, self.weight, x)
         if kernel is None:
             return self.reference(x)
@@ -201,12 +201,17 @@ class _ConvPart(nn.Module):
     def input_quantizer(self) -> Quantizer:
         return self.activation.quantizer
 
-    def weight_4d(self, kernel_size: tuple[int, int]) -> Tensor:
-        """The dequantized weight back in ``(Cout, Cin, kh, kw)``, laid out as a simulated layer's (so
+    def weight_4d(
+        self, kernel_size: tuple[int, int], dtype: torch.dtype = torch.float32,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> Tensor:  # fmt: skip
+        """The dequantized weight back in ``(Cout, Cin, kh, kw)``, by default laid out as a simulated layer's (so
         that ``F.conv2d`` takes the same path and gives the same bits)."""
         out_channels, (kh, kw) = self.weight.shape[0], kernel_size
-        weight = self.weight.dequantize().reshape(out_channels, kh, kw, -1).permute(0, 3, 1, 2)
-        return weight.clone(memory_format=torch.contiguous_format)
+        weight = self.weight.dequantize(dtype).reshape(out_channels, kh, kw, -1).permute(0, 3, 1, 2)
+        if memory_format == torch.channels_last:
+            return weight.contiguous(memory_format=memory_format)  # the codes' order already: no copy
+        return weight.clone(memory_format=memory_format)  # the standard strides (a 1×1 permuted view has others)
 
 
 class LowBitConv2d(_Smoothing):
@@ -240,16 +245,18 @@ class LowBitConv2d(_Smoothing):
         output = F.conv2d(inputs, self.weight_4d(), bias, self.stride, self.padding, self.dilation, self.groups)
         return output.to(x.dtype)
 
-    def weight_4d(self) -> Tensor:
-        """The parts' dequantized weights as one float32 ``(Cout, Cin, kh, kw)`` convolution weight."""
-        return torch.cat([part.weight_4d(self.kernel_size) for part in self.parts], dim=1)
+    def weight_4d(
+        self, dtype: torch.dtype = torch.float32, memory_format: torch.memory_format = torch.contiguous_format
+    ) -> Tensor:
+        """The parts' dequantized weights as one ``(Cout, Cin, kh, kw)`` convolution weight (float32 by default)."""
+        parts = [part.weight_4d(self.kernel_size, dtype, memory_format) for part in self.parts]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).contiguous(memory_format=memory_format)
 
     def dequantized(self, x: Tensor) -> Tensor:
         """The W4A16 ``"dequant"`` path (module docstring): the parts' weights dequantized into ``x``'s dtype and
         layout, one 16-bit convolution."""
-        weight = self.weight_4d().to(x.dtype)
-        if memory_layout(x) == "channels_last":
-            weight = weight.contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if memory_layout(x) == "channels_last" else torch.contiguous_format
+        weight = self.weight_4d(x.dtype, layout)
         bias = _in_dtype(self.bias, x.dtype)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 

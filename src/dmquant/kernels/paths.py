@@ -16,7 +16,9 @@ converted layer, times each candidate on an input of that shape and layout, and 
   the weight kept 4-bit in memory. The Triton W4A16 kernel dequantizes inside its main loop and is the faster at a
   few rows; at thousands of rows the GEMM is compute-bound and that kernel ran at 0.53× of bf16 (SD3's
   architecture at batch 1 on an H100, ``bench/results/speed-deployment``), where this path adds one pointwise
-  pass over the codes to bf16's GEMM;
+  pass over the codes to bf16's GEMM (eagerly :mod:`~dmquant.kernels.triton_dequantize`, compiled one fused
+  kernel: the measured call is that pass, not the chain of torch operations it replaces, which made the path
+  5–40× slower than the Triton kernel in the first measurement);
 - ``"bf16"``: the layer's weight dequantized once into the compute dtype and run as a plain ``nn.Linear`` /
   ``nn.Conv2d`` (cuBLAS, cuDNN), its input left unquantized. The layer then computes with the quantized weight but
   full-precision activations (weight-only quantization), no longer its simulated twin's function, and keeps

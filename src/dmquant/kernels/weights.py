@@ -144,17 +144,25 @@ class LowBitWeight(KeepsDtypes):
         return self.shape[1] // self.scale.shape[1]
 
     def codes(self) -> Tensor:
-        """The stored codes as an ``(N, K)`` tensor (nibbles unpacked; fp8 as float32)."""
-        if self.layout == "int4":
-            return unpack_codes(self.stored.flatten(), 4, 0, self.shape)
+        """The stored codes as an ``(N, K)`` tensor (nibbles unpacked, int32; fp8 as float32)."""
+        if self.layout == "int4":  # K is even: each row's codes fill whole bytes, the even one in the low nibble
+            nibbles = torch.stack((self.stored & 15, self.stored >> 4), dim=-1)
+            return nibbles.reshape(self.shape).to(torch.int32)
         return self.stored.float() if self.layout == "fp8" else self.stored
 
-    def dequantize(self) -> Tensor:
-        """``scale · (codes − zero)`` as float32 ``(N, K)``, equal to the simulated quantized weight."""
-        expand = self.group_size
-        scale = self.scale.repeat_interleave(expand, dim=1)
-        zero = self.zero.repeat_interleave(expand, dim=1)
-        return (self.codes().float() - zero) * scale
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``scale · (codes − zero)`` as ``(N, K)``, computed in float32 (equal to the simulated quantized weight)
+        and rounded once to ``dtype``. An int4 weight on CUDA, outside ``torch.compile``, is dequantized in one
+        pass (:mod:`~dmquant.kernels.triton_dequantize`, the same values); compiled, these operations fuse into
+        one kernel."""
+        if self.layout == "int4" and self.stored.is_cuda and not torch.compiler.is_compiling():
+            from . import triton_dequantize  # Triton: imported where a GPU call needs it
+
+            return triton_dequantize.dequantize_int4(self.stored, self.scale, self.zero, self.group_size, dtype)
+        rows, groups = self.scale.shape
+        codes = self.codes().float().reshape(rows, groups, -1)
+        weight = (codes - self.zero.unsqueeze(-1)) * self.scale.unsqueeze(-1)
+        return weight.reshape(self.shape).to(dtype)
 
     def _kernel_zero(self) -> Tensor:
         """Zero points as the integer kernels take them: int32 ``(N,)`` per channel for int8, the
