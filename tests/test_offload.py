@@ -174,6 +174,37 @@ def test_offloaded_reconstruction_holds_less_than_the_model_on_the_gpu():
     assert _untouched(quantized)
 
 
+def test_an_offloaded_quantization_leaves_no_model_for_the_garbage_collector():
+    """After ``quantize(..., offload=...)`` returns, nothing of the job holds a model through a reference cycle: the
+    FP copy that reconstruction compares against is freed when the job ends, not when the collector next runs (a
+    recursive closure in the walk over the blocks kept it, and with it a model's worth of memory)."""
+    import gc
+
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=2, sample_size=8, patch_size=2
+    ).eval()
+    rows = 4
+    calibration = CalibrationSet(
+        samples=torch.randn(rows, 4, 8, 8),
+        timesteps=torch.randint(0, 1000, (rows,)),
+        step_indices=torch.zeros(rows, dtype=torch.long),
+        cond={"class_labels": torch.randint(0, 1000, (rows,))},
+        num_inference_steps=1,
+    )
+    config = reconstruction_config(num_samples=rows, iterations=2, activation_iterations=1, batch_size=2)
+    gc.collect()
+    gc.disable()
+    try:
+        quantized = api.quantize(model, config, calibration, inplace=True, progress=False, offload="cpu")
+        others = [o for o in gc.get_objects() if isinstance(o, DiTTransformer2DModel) and o is not quantized]
+    finally:
+        gc.enable()
+    assert not others, f"{len(others)} other DiT model(s) alive until the garbage collector runs"
+
+
 def test_an_offloaded_job_records_its_calibration_block_by_block_too(unet):
     """``quantize`` of a DiffusionModel samples the calibration trajectories with the hooks on (the sampling loop on
     the host, the model's output returned there): the same calibration set and model as without offloading."""

@@ -84,19 +84,17 @@ def moved_modules(model: nn.Module) -> list[Moved]:
     repeated = frozenset(getattr(model, "_repeated_blocks", None) or ())
     found: list[Moved] = []
     seen: set[int] = set()
-
-    def visit(module: nn.Module, within: tuple[int, ...]) -> None:
+    pending: list[tuple[nn.Module, tuple[int, ...]]] = [(model, ())]  # a stack, not a recursive closure: that
+    while pending:  # would be a reference cycle holding every module (a model copy) until the garbage collector ran
+        module, within = pending.pop()
         if id(module) in seen:  # a module shared by two parents is hooked once
-            return
+            continue
         seen.add(id(module))
         whole = isinstance(module, whole_types) or type(module).__name__ in repeated
         if whole or module is model or _has_own_tensors(module):
             found.append(Moved(module, whole, within))
         inner = (*within, id(module)) if whole else within
-        for child in module.children():
-            visit(child, inner)
-
-    visit(model, ())
+        pending.extend((child, inner) for child in reversed(list(module.children())))
     return found
 
 
