@@ -39,7 +39,8 @@ SPEED_DEPLOYMENT_FOLDER = "speed-deployment"
 SPEED_DEPLOYMENT_TITLE = "Deployment shapes"
 SPEED_DEPLOYMENT_INTRO = """\
 FLUX.1-dev's transformer (1024², 4,096 image + 512 text tokens, batch 1, with its guidance embedding), SD3-medium
-and PixArt-Σ (1024², batch 2), SDXL's and SD-1.5's UNets at batch 8, random weights; the table lists those measured
+and PixArt-Σ (1024², batch 2), SDXL's UNet at 1024² (batch 2 and 8) and SD-1.5's at 512² (batch 2 and 8), random
+weights; the table lists those measured
 (`python bench/speed.py --models <model> --settings compiled+cudagraph --results
 bench/results/speed-deployment`, the notes below say which are not yet): every row compiled and
 captured in one CUDA graph, each against the bf16 row of its own process. `dmquant-w8a8-fp8-fast` is what
