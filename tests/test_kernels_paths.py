@@ -106,6 +106,35 @@ def test_the_bf16_path_replaces_the_layer_and_the_others_set_its_backend():
     assert model.conv.backend == "cudnn"
 
 
+def test_for_compiled_execution_a_convolutions_16_bit_paths_are_timed_and_built_channels_last(monkeypatch):
+    """Inductor's layout optimization runs compiled convolutions channels-last, whatever layout the eager input had:
+    the bf16 candidate is timed on a channels-last copy of a contiguous recorded input and the kept dense layer gets
+    a channels-last weight; eagerly, and for a quantized candidate, the recorded layout stays."""
+    import torch._inductor.config as inductor_config
+
+    model = _converted()
+    conv, x = model.conv, torch.randn(3, 16, 8, 8)
+    seen = []
+    original = paths.dense_module
+
+    def recording(*args, **kwargs):
+        dense = original(*args, **kwargs)
+        dense.register_forward_pre_hook(lambda module, inputs: seen.append(paths.memory_layout(inputs[0])))
+        return dense
+
+    monkeypatch.setattr(paths, "dense_module", recording)
+    for compiled, layout in ((False, "contiguous"), (True, "channels_last")):
+        seen.clear()
+        paths._candidates(conv, x, dense_for_int4=False, compiled=compiled)["bf16"]()
+        assert seen == [layout]
+    monkeypatch.setattr(inductor_config, "layout_optimization", False)
+    assert not paths.dense_input_channels_last(conv, x, compiled=True)
+    monkeypatch.setattr(inductor_config, "layout_optimization", True)
+    assert not paths.dense_input_channels_last(model.proj, torch.randn(5, 32), compiled=True)  # a Linear: as it comes
+    paths._apply(model, "conv", conv, "bf16", x.to("meta"), compiled=True)
+    assert model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_w4a16_layers_may_dequantize_per_call_onto_the_16_bit_kernels_keeping_their_codes():
     """The ``"dequant"`` path: the int4 weight dequantized per call into the input's dtype, a plain 16-bit GEMM or
     convolution; the W4A16 kernels' function (16-bit activations as they come) up to bf16 rounding, the stored

@@ -33,6 +33,8 @@ apart and subtracted. That matters where the GEMM is small next to a pass of its
 stream's projections at 333 (cuBLASLt with its quantization pass 0.0159 ms, bf16 0.0091) — and with them 1.1 GB of
 16-bit weights (how much of the 0.0159 ms the quantization takes was not measured then). Times are medians of
 CUDA-graph replays (``triton.testing.do_bench_cudagraph``), the first call excluded (it autotunes the Triton tiles).
+Each candidate is timed on an input laid out as it will be at that call: the recorded one, except that a compiled
+model's convolutions run their 16-bit paths channels-last (:func:`dense_input_channels_last`).
 
 An FP8-attention module (:mod:`~dmquant.kernels.fp8_attention`) has two paths, timed for every attention shape of
 the call: ``"fp8"``, cuDNN's FP8 attention on fp8 codes, and ``"bf16"``, torch's SDPA on the unquantized Q, K and V
@@ -208,11 +210,35 @@ def dense_module(layer: LowBitLayer, dtype: torch.dtype, channels_last: bool = F
     return dense.eval().requires_grad_(False)
 
 
-def _candidates(layer: LowBitLayer, x: Tensor, dense_for_int4: bool) -> dict[str, Callable[[], Tensor]]:
-    """Each path's call on ``x``. A quantized path whose kernel the input does not reach (the reference path on this
-    input) is left out; so is ``"bf16"`` for int4 weights unless ``dense_for_int4`` (or no other path takes them:
-    W4A8 on a shape no kernel takes)."""
+def dense_input_channels_last(layer: LowBitLayer, x: Tensor, compiled: bool) -> bool:
+    """Whether the layer's 16-bit paths (``"bf16"``, ``"dequant"``) take ``x`` channels-last: as it comes eagerly;
+    under ``torch.compile``, always for a convolution while inductor's layout optimization is on (its default:
+    ``torch._inductor.config.layout_optimization``), which runs the graph's convolutions channels-last whatever
+    layout eager code gives their inputs. A diffusers ResNet block's 3×3 convolutions get contiguous inputs eagerly
+    (GroupNorm's output); timed so, bf16 cuDNN took 0.198 ms for 2,560 → 1,280 channels at 8×8 on an H100, and the
+    bf16 times of SD-1.5's converted layers added up to 7.2 ms where the compiled bf16 model's GEMM and convolution
+    kernels take 3.9 ms in all (``bench/results/speed-deployment``, SD-1.5 at batch 2). The quantized paths keep the
+    recorded layout: their kernels are custom operators, whose inputs inductor gives eager strides."""
+    if memory_layout(x) == "channels_last":
+        return True
+    if not (compiled and isinstance(layer, LowBitConv2d) and x.dim() == 4):
+        return False
+    import torch._inductor.config as inductor_config
+
+    return bool(inductor_config.layout_optimization)
+
+
+def _candidates(
+    layer: LowBitLayer, x: Tensor, dense_for_int4: bool, compiled: bool = False
+) -> dict[str, Callable[[], Tensor]]:
+    """Each path's call on ``x``, the 16-bit paths' in the layout they will see (:func:`dense_input_channels_last`).
+    A quantized path whose kernel the input does not reach (the reference path on this input) is left out; so is
+    ``"bf16"`` for int4 weights unless ``dense_for_int4`` (or no other path takes them: W4A8 on a shape no kernel
+    takes)."""
     from . import dispatch
+
+    channels_last = dense_input_channels_last(layer, x, compiled)
+    dense_x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
     weights = [layer.weight] if isinstance(layer, LowBitLinear) else [part.weight for part in layer.parts]
     modes = [layer.activation.mode] if isinstance(layer, LowBitLinear) else [p.activation.mode for p in layer.parts]
@@ -230,11 +256,11 @@ def _candidates(layer: LowBitLayer, x: Tensor, dense_for_int4: bool) -> dict[str
         if isinstance(layer, LowBitConv2d) and fp8 and cudnn_conv.takes(x, layer.groups):
             candidates["cudnn"] = _with_backend(layer, x, "cudnn")
     if set(modes) == {"none"} and all(weight.layout == "int4" for weight in weights):
-        candidates[DEQUANTIZED] = _with_backend(layer, x, DEQUANTIZED)
+        candidates[DEQUANTIZED] = _with_backend(layer, dense_x, DEQUANTIZED)
     if candidates and not dense_for_int4 and any(weight.layout == "int4" for weight in weights):
         return candidates
-    dense = dense_module(layer, x.dtype, channels_last=memory_layout(x) == "channels_last")
-    candidates["bf16"] = lambda: dense(x)
+    dense = dense_module(layer, x.dtype, channels_last=channels_last)
+    candidates["bf16"] = lambda: dense(dense_x)
     return candidates
 
 
@@ -282,7 +308,7 @@ def measure(layer: LowBitLayer, x: Tensor, dense_for_int4: bool = False, compile
     """
     probe = torch.randn_like(x)
     times = {}
-    for path, call in _candidates(layer, probe, dense_for_int4).items():
+    for path, call in _candidates(layer, probe, dense_for_int4, compiled).items():
         try:
             times[path] = _median_ms(call)
         except Exception:
@@ -405,12 +431,20 @@ def select_paths(
         layer, metas = layers[name], inputs[name]
         measured = [
             timed(
-                signature(layer, meta) | {"dense_for_int4": dense_for_int4},
+                signature(layer, meta)
+                | {
+                    "dense_for_int4": dense_for_int4,
+                    "dense_channels_last": dense_input_channels_last(layer, meta, compiled),
+                },
                 lambda meta=meta: measure(layer, _materialized(meta, device), dense_for_int4, compiled),
             )
             for meta in metas
         ]
-        return measured, [list(meta.shape) for meta in metas], lambda path: _apply(model, name, layer, path, metas[0])
+        return (
+            measured,
+            [list(meta.shape) for meta in metas],
+            lambda path: _apply(model, name, layer, path, metas[0], compiled),
+        )
 
     def attention_times(name: str):
         """As :func:`layer_times`, for an FP8-attention module."""
@@ -443,12 +477,12 @@ def fastest(entries: list[dict[str, float]]) -> tuple[str, dict[str, float]]:
     return min(totals, key=totals.__getitem__), totals
 
 
-def _apply(model: nn.Module, name: str, layer: LowBitLayer, path: str, example: Tensor) -> None:
+def _apply(model: nn.Module, name: str, layer: LowBitLayer, path: str, example: Tensor, compiled: bool = False) -> None:
     """Put ``path`` in place for ``layer`` (``example``: its first recorded input, for the dense layer's dtype and
-    layout)."""
+    layout, :func:`dense_input_channels_last`)."""
     if path == "bf16":
         parent, _, child = name.rpartition(".")
-        dense = dense_module(layer, example.dtype, channels_last=memory_layout(example) == "channels_last")
+        dense = dense_module(layer, example.dtype, channels_last=dense_input_channels_last(layer, example, compiled))
         setattr(model.get_submodule(parent), child, dense)
     else:
         layer.backend = "auto" if path == "cublas" else path
