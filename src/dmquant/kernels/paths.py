@@ -219,7 +219,7 @@ def dense_input_channels_last(layer: LowBitLayer, x: Tensor, compiled: bool) -> 
     bf16 times of SD-1.5's converted layers added up to 7.2 ms where the compiled bf16 model's GEMM and convolution
     kernels take 3.9 ms in all (``bench/results/speed-deployment``, SD-1.5 at batch 2). The quantized paths keep the
     recorded layout: cuDNN's and Triton's convolutions are custom operators, whose inputs inductor gives eager
-    strides (the 1×1 convolutions on cuBLASLt are not; in the zoo and SD/SDXL UNets their inputs, the blocks'
+    strides (the 1×1 convolutions on cuBLASLt are not; in the SD-1.5 and SDXL UNets their inputs, the blocks'
     inputs, were recorded channels-last already)."""
     if memory_layout(x) == "channels_last":
         return True
