@@ -144,18 +144,15 @@ def test_a_model_not_in_host_memory_is_refused(unet, calibration):
             api.quantize(unet.denoiser, reconstruction_config(), calibration, progress=False, offload=True)
 
 
-@pytest.mark.gpu
-def test_offloaded_reconstruction_holds_less_than_the_model_on_the_gpu():
-    """A DiT of 12 blocks of width 1024 (about 0.9 GB of float32 weights) reconstructed with its weights in host
-    memory: the GPU holds one block, its cached inputs and outputs, and the optimiser's state at a time."""
+def _dit_job(heads: int, head_dim: int, layers: int, rows: int) -> tuple[nn.Module, CalibrationSet]:
+    """A class-conditional DiT on 8×8 latents in host memory and ``rows`` random calibration rows for it."""
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(0)
     model = DiTTransformer2DModel(
-        num_attention_heads=16, attention_head_dim=64, in_channels=4, num_layers=12, sample_size=8, patch_size=2
-    ).eval()
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    rows = 8
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, num_layers=layers, sample_size=8,
+        patch_size=2,
+    ).eval()  # fmt: skip
     calibration = CalibrationSet(
         samples=torch.randn(rows, 4, 8, 8),
         timesteps=torch.randint(0, 1000, (rows,)),
@@ -163,6 +160,16 @@ def test_offloaded_reconstruction_holds_less_than_the_model_on_the_gpu():
         cond={"class_labels": torch.randint(0, 1000, (rows,))},
         num_inference_steps=1,
     )
+    return model, calibration
+
+
+@pytest.mark.gpu
+def test_offloaded_reconstruction_holds_less_than_the_model_on_the_gpu():
+    """A DiT of 12 blocks of width 1024 (about 0.9 GB of float32 weights) reconstructed with its weights in host
+    memory: the GPU holds one block, its cached inputs and outputs, and the optimiser's state at a time."""
+    rows = 8
+    model, calibration = _dit_job(heads=16, head_dim=64, layers=12, rows=rows)
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     config = reconstruction_config(num_samples=rows, iterations=4, activation_iterations=2, batch_size=4)
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -182,18 +189,8 @@ def test_an_offloaded_quantization_leaves_no_model_for_the_garbage_collector():
 
     from diffusers import DiTTransformer2DModel
 
-    torch.manual_seed(0)
-    model = DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=2, sample_size=8, patch_size=2
-    ).eval()
     rows = 4
-    calibration = CalibrationSet(
-        samples=torch.randn(rows, 4, 8, 8),
-        timesteps=torch.randint(0, 1000, (rows,)),
-        step_indices=torch.zeros(rows, dtype=torch.long),
-        cond={"class_labels": torch.randint(0, 1000, (rows,))},
-        num_inference_steps=1,
-    )
+    model, calibration = _dit_job(heads=2, head_dim=16, layers=2, rows=rows)
     config = reconstruction_config(num_samples=rows, iterations=2, activation_iterations=1, batch_size=2)
     gc.collect()
     gc.disable()
