@@ -25,7 +25,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..core.packing import pack_codes, unpack_codes
+from ..core.packing import pack_codes
 from ..core.primitives import FP8_E4M3
 from ..core.quantizer import Quantizer
 
@@ -60,13 +60,19 @@ def group_size_of(params: Tensor) -> int:
     return size
 
 
+def unpacked_nibbles(stored: Tensor) -> Tensor:
+    """Packed int4 codes ``(N, K / 2)`` uint8 as int32 ``(N, K)``: each byte's low nibble, then its high one
+    (:func:`~dmquant.core.packing.unpack_codes` with 4 bits, for rows that fill whole bytes)."""
+    return torch.stack((stored & 15, stored >> 4), dim=-1).flatten(-2).to(torch.int32)
+
+
 def weight_colsums(stored: Tensor, group_size: int | None = None) -> Tensor:
     """``Σ_{k∈g} q_w[n, k]`` over each group of ``group_size`` inputs (None: the whole row), int32
     ``(N, K / G)``: of int8 codes ``(N, K)`` or of the nibbles of packed int4 weights ``(N, K / 2)``
     uint8. The term that corrects for the activations' zero point (see ``tests/integer_reference.py``);
     computed once when a layer is converted."""
     if stored.dtype == torch.uint8:
-        codes = unpack_codes(stored.flatten(), 4, 0, (stored.shape[0], 2 * stored.shape[1]))
+        codes = unpacked_nibbles(stored)
     elif stored.dtype == torch.int8:
         codes = stored
     else:
@@ -145,9 +151,8 @@ class LowBitWeight(KeepsDtypes):
 
     def codes(self) -> Tensor:
         """The stored codes as an ``(N, K)`` tensor (nibbles unpacked, int32; fp8 as float32)."""
-        if self.layout == "int4":  # K is even: each row's codes fill whole bytes, the even one in the low nibble
-            nibbles = torch.stack((self.stored & 15, self.stored >> 4), dim=-1)
-            return nibbles.reshape(self.shape).to(torch.int32)
+        if self.layout == "int4":  # K is even: each row's codes fill whole bytes
+            return unpacked_nibbles(self.stored)
         return self.stored.float() if self.layout == "fp8" else self.stored
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
