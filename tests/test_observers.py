@@ -15,6 +15,9 @@ from dmquant.core.primitives import FP8_E4M3, Granularity, IntFormat, choose_qpa
 from dmquant.errors import ConfigError
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -165,11 +168,13 @@ def test_mse_observer_float_format_and_clean_data_keeps_full_range():
     assert obs.compute()[1].item() <= x.max().item()
 
 
-def test_subsample_bound_columns_and_later_batches():
+@pytest.mark.parametrize("device", DEVICES)
+def test_subsample_bound_columns_and_later_batches(device):
     obs = PercentileObserver(Granularity.per_channel(1), max_elements=1024)
     for value in (1.0, 2.0, 3.0, 4.0):  # equal-sized batches, each a constant value
-        obs.update(torch.full((50, 16, 8), value))
+        obs.update(torch.full((50, 16, 8), value, device=device))
     sample = obs.sample
+    assert sample.device.type == device  # sampled where the data is
     assert sample.shape == (16, 64)  # 1024 // 16 whole columns
     # whole columns: every channel sees the same positions, so each column is constant
     assert bool((sample == sample[:1]).all())
@@ -186,8 +191,9 @@ def test_subsample_bound_columns_and_later_batches():
     assert tiny.sample.shape == (5, 1)  # at least one column per parameter
 
 
-def test_subsample_is_seeded_and_does_not_alias_input():
-    x = torch.randn(64, 100, generator=_gen(9))
+@pytest.mark.parametrize("device", DEVICES)
+def test_subsample_is_seeded_and_does_not_alias_input(device):
+    x = torch.randn(64, 100, generator=_gen(9)).to(device)
 
     def sample(seed):
         obs = PercentileObserver(max_elements=256, seed=seed)
@@ -197,7 +203,7 @@ def test_subsample_is_seeded_and_does_not_alias_input():
     assert torch.equal(sample(0), sample(0))
     assert not torch.equal(sample(0), sample(1))
 
-    y = torch.randn(4, 8, generator=_gen(10))
+    y = torch.randn(4, 8, generator=_gen(10)).to(device)
     obs = PercentileObserver(percentile=100.0)
     obs.update(y)
     expected_hi = y.max().item()

@@ -129,7 +129,10 @@ class SampledRangeObserver(RangeObserver):
 
     Sampling is bottom-k over uniform random keys (each column seen gets a key from a
     generator seeded with ``seed``, the columns with the smallest keys are kept), which is a
-    uniform sample without replacement over every batch seen, later ones included.
+    uniform sample without replacement over every batch seen, later ones included. The keys
+    are drawn on the data's device: drawn on the CPU for GPU activations, the keys and their
+    top-k took about 0.2 s per quantizer and batch of 8M values, most of the activation
+    calibration's time. A sample is therefore reproducible per device type, not across them.
     """
 
     def __init__(self, granularity: Granularity = Granularity(), *, max_elements: int = 2**18, seed: int = 0) -> None:
@@ -141,7 +144,7 @@ class SampledRangeObserver(RangeObserver):
 
     def reset(self) -> None:
         super().reset()
-        self._generator = torch.Generator().manual_seed(self.seed)
+        self._generator: torch.Generator | None = None
         self._keys: Tensor | None = None
         self._sample: Tensor | None = None
 
@@ -152,7 +155,9 @@ class SampledRangeObserver(RangeObserver):
 
     def _observe(self, blocks: Tensor) -> None:
         budget = max(1, self.max_elements // blocks.shape[0])
-        keys = torch.rand(blocks.shape[1], generator=self._generator)
+        if self._generator is None:
+            self._generator = torch.Generator(device=blocks.device).manual_seed(self.seed)
+        keys = torch.rand(blocks.shape[1], generator=self._generator, device=blocks.device)
         keys, blocks = _bottom_k(keys, blocks, budget)
         if self._sample is not None:
             keys = torch.cat([self._keys, keys])
@@ -167,7 +172,7 @@ def _bottom_k(keys: Tensor, columns: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if keys.numel() <= k:
         return keys, columns
     keys, keep = keys.topk(k, largest=False, sorted=False)
-    return keys, columns[:, keep.to(columns.device)]
+    return keys, columns[:, keep]
 
 
 class PercentileObserver(SampledRangeObserver):
