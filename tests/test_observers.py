@@ -14,7 +14,6 @@ from dmquant.core.observers import (
 from dmquant.core.primitives import FP8_E4M3, Granularity, IntFormat, choose_qparams, fake_quant
 from dmquant.errors import ConfigError
 
-
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
