@@ -1,7 +1,11 @@
-"""Under torch.compile a converted layer's activation quantization fuses into the kernel that produces its input:
-a compiled DiT block converted to W8A8-FP8 generates at most one Triton kernel more than the same block in bf16
-(a standalone quantize pass would be one more per quantized input). The one: the attention output's quantization
-for ``to_out``, whose producer, the fused SDPA, is not a Triton kernel (in bf16 its transpose back is a view)."""
+"""Under torch.compile a converted layer's activation quantization fuses into the kernel that produces its input.
+
+Read from the Triton kernels inductor generates for a DiT block converted to W8A8-FP8: a kernel that stores float8
+and fuses no operation but the quantization's own (scale, clamp, cast, views) is a standalone quantize pass that
+rereads a bf16 activation. There is at most one: the attention output's for ``to_out``, whose producer, the fused
+SDPA, is not a Triton kernel. Every other quantization sits in its producer: the adaLN LayerNorm and modulation,
+GELU, SiLU. (A kernel that only broadcasts the static scale to the GEMM's row-wise scale vector stores no float8.)
+"""
 
 from __future__ import annotations
 
@@ -33,16 +37,29 @@ class Block(torch.nn.Module):
         return self.block(x, timestep=t, class_labels=class_labels)
 
 
-def _inductor_kernels(model, *args) -> list[str]:
-    """The names of the Triton kernels inductor generates for ``model`` (one per ``@triton.jit`` named ``triton_*``;
-    a Triton kernel of dmquant's that the graph calls, a GEMM on a path measured faster, keeps its own name)."""
+#: ATen operations of a quantize pass itself: the scale's reciprocal, the multiply, the clamp, the cast, and the views
+#: and scale preparation inductor lists with the ``_scaled_mm`` it feeds.
+QUANTIZE_OPS = {"_to_copy", "reciprocal", "mul", "clamp", "t", "expand", "clone", "select", "_scaled_mm", "view",
+                "transpose", "permute", "reshape", "unsqueeze", "squeeze"}  # fmt: skip
+
+_KERNEL = re.compile(
+    r"Original ATen: \[([^\]]*)\]\n(?:#[^\n]*\n|[ \t]*\n)*(triton_\w+) = async_compile\.triton\('\w+', '''(.*?)'''",
+    re.S,
+)
+
+
+def _inductor_kernels(model, *args) -> dict[str, tuple[set[str], bool]]:
+    """Each Triton kernel inductor generates for ``model``: its ATen operations, and whether it stores float8."""
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
     compiled = torch.compile(model, dynamic=False)
     _, sources = run_and_get_code(compiled, *args)
-    names = [name for source in sources for name in re.findall(r"@triton\.jit\s*\ndef (\w+)", source)]
-    return [name for name in names if name.startswith("triton_")]
+    kernels = {}
+    for source in sources:
+        for ops, name, body in _KERNEL.findall(source):
+            kernels[name] = ({op.strip().removeprefix("aten.") for op in ops.split(",")}, "float8" in body)
+    return kernels
 
 
 @pytest.mark.gpu
@@ -61,10 +78,12 @@ def test_a_compiled_fp8_block_has_no_standalone_quantize_kernel():
     )  # the projections only
     converted = convert_model(api.quantize(copy.deepcopy(model), config, calibration, progress=False))
     converted = converted.to(torch.bfloat16)
-    dense = model.to(torch.bfloat16)
     x = x.to(torch.bfloat16)
     with torch.no_grad():
-        bf16_kernels = _inductor_kernels(dense, x, t, labels)
-        fp8_kernels = _inductor_kernels(converted, x, t, labels)
-    listing = "\n".join(["fp8:", *fp8_kernels, "bf16:", *bf16_kernels])  # in full: pytest shortens a tuple's repr
-    assert len(fp8_kernels) <= len(bf16_kernels) + 1, listing
+        kernels = _inductor_kernels(converted, x, t, labels)
+    listing = "\n".join(f"{name}: {sorted(ops)}{' -> fp8' if fp8 else ''}" for name, (ops, fp8) in kernels.items())
+    quantizing = {name: ops for name, (ops, fp8) in kernels.items() if fp8}
+    standalone = [name for name, ops in quantizing.items() if ops <= QUANTIZE_OPS]
+    assert len(standalone) <= 1, listing
+    for producer in ("native_layer_norm", "gelu", "silu"):
+        assert any(producer in ops for ops in quantizing.values()), f"no quantization fused into {producer}:\n{listing}"
