@@ -172,14 +172,18 @@ def configure_compiler() -> dict[str, Any]:
     return {"inductor": INDUCTOR_SETTINGS, "dynamo": DYNAMO_SETTINGS, "cudnn_benchmark": True}
 
 
+def compiled_regions(model: nn.Module, scope: str) -> list[nn.Module]:
+    """The modules ``--compile-scope`` compiles one by one: the whole model, or its outermost blocks."""
+    if scope == "model":
+        return [model]
+    return list(outermost(model, lambda module: type(module).__name__ in COMPILED_BLOCKS).values())
+
+
 def compile_in_place(model: nn.Module, scope: str) -> int:
     """torch.compile (default mode, ``dynamic=False``) the whole model or its outermost blocks; how many regions."""
     torch._dynamo.reset()
-    if scope == "model":
-        model.compile(dynamic=False)
-        return 1
-    regions = outermost(model, lambda module: type(module).__name__ in COMPILED_BLOCKS)
-    for module in regions.values():
+    regions = compiled_regions(model, scope)
+    for module in regions:
         module.compile(dynamic=False)
     return len(regions)
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from bench import peers
 from bench.configs import dmquant_config
-from bench.speed_measure import MEMORY_FORMATS, convs_in_memory_format, free_memory, outermost
+from bench.speed_measure import MEMORY_FORMATS, compiled_regions, convs_in_memory_format, free_memory, outermost
 from dmquant.api import info, quantize
 from dmquant.kernels.convert import REPORT_ATTRIBUTE, convert_model
 from dmquant.kernels.paths import select_paths
@@ -200,8 +200,8 @@ def build_dmquant(bench: ModelBench, row: Row) -> Built:
     """quantize the float32 master (a copy, or a fresh one for a rebuilt workload, quantized in place), convert it
     to real low-bit layers, cast the rest of the model to the compute dtype; then, for rows with
     ``measured_paths`` on CUDA, time each converted layer's paths on the workload's call and keep the fastest
-    (:func:`dmquant.kernels.paths.select_paths`; timed for compiled execution when a compiled setting is
-    measured)."""
+    (:func:`dmquant.kernels.paths.select_paths`; timed for compiled execution when a compiled setting is measured,
+    with ``--compile-scope``'s regions as the compiled graphs)."""
     workload = bench.workload
     fresh = workload.model is None
     master = workload.master()
@@ -230,7 +230,13 @@ def build_dmquant(bench: ModelBench, row: Row) -> Built:
         convs_in_memory_format(model, memory_format)
         began = time.perf_counter()
         compiled = any(setting.startswith("compiled") for setting in bench.args.settings)
-        paths = select_paths(model, lambda: model(*args_, **kwargs), compiled=compiled, progress=bench.args.progress)
+        paths = select_paths(
+            model,
+            lambda: model(*args_, **kwargs),
+            compiled=compiled,
+            regions=compiled_regions(model, bench.args.compile_scope),
+            progress=bench.args.progress,
+        )
         details["paths"] = paths.to_dict() | {"seconds": time.perf_counter() - began, "summary": paths.summary()}
     return Built(model, details)
 

@@ -262,3 +262,58 @@ def test_the_input_quantization_is_each_parts_codes():
     assert len(paths._input_quantization(model.conv, torch.randn(2, 16, 8, 8))()) == len(model.conv.parts)
     model.proj.activation.dynamic = True  # per-row scales: a reduction, nothing to take apart
     assert paths._input_quantization(model.proj, torch.randn(4, 32)) is None
+
+
+def test_compiled_timing_keeps_the_quantization_of_an_input_from_outside_the_graph(monkeypatch):
+    """An input that enters the compiled graph from outside has no producer to fuse into: its quantization stays."""
+    layer = _converted().proj
+    monkeypatch.setattr(paths, "_candidates", lambda *args: {"cublas": "gemm", "bf16": "dense"})
+    times = {"gemm": 3.0, "dense": 2.5}
+    monkeypatch.setattr(paths, "_median_ms", lambda call: times[call] if isinstance(call, str) else (call(), 1.0)[1])
+    x = torch.randn(4, 32)
+    assert paths.measure(layer, x, compiled=True, fuses_quantization=False) == {"cublas": 3.0, "bf16": 2.5}
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.shortcut = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.silu(x)) + self.shortcut(x)
+
+
+class StemAndBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(8, 8)
+        self.block = ResidualBlock()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.block(self.stem(x))
+
+
+@pytest.mark.parametrize(
+    ("compiled", "expected"),
+    [
+        ("block", {"stem": False, "block.shortcut": False, "block.proj": True}),  # regional compilation
+        ("model", {"stem": False, "block.shortcut": True, "block.proj": True}),  # the model as one graph
+        (None, {"stem": False, "block.shortcut": False, "block.proj": False}),  # eager
+    ],
+)
+def test_each_recorded_input_says_whether_its_producer_is_in_the_layers_compiled_graph(compiled, expected):
+    """On (batch, tokens, channels) inputs. The stem's input is the model's input; the shortcut takes the block's
+    input; ``proj`` takes SiLU's output, computed inside the block."""
+    torch.manual_seed(0)
+    calibration = CalibrationSet(
+        samples=torch.randn(4, 3, 8), timesteps=torch.zeros(4), step_indices=torch.zeros(4, dtype=torch.long), cond={},
+        num_inference_steps=1,
+    )  # fmt: skip
+    config = load_recipe("minmax").with_bits("fp8_e4m3", "fp8_e4m3")
+    model = convert_model(api.quantize(StemAndBlock(), config, calibration, progress=False))
+    regions = {"block": [model.block], "model": [model], None: []}[compiled]
+    x = torch.randn(2, 3, 8)
+    recorded, _ = paths._record_calls(model, lambda: model(x, torch.zeros(2)), {}, regions)
+    assert {name: calls[0].produced_in_graph for name, calls in recorded.items()} == expected
+    assert all(calls[0].meta.shape == (2, 3, 8) for calls in recorded.values())

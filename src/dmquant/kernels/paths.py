@@ -31,10 +31,23 @@ fused into the op producing the input (a norm, a modulation, an activation), so 
 apart and subtracted. That matters where the GEMM is small next to a pass of its own: on SD3's architecture
 (1024², batch 2, H100) the eager timing kept 172 of 341 layers in bf16 — the adaLN modulations at two rows, the text
 stream's projections at 333 (cuBLASLt with its quantization pass 0.0159 ms, bf16 0.0091) — and with them 1.1 GB of
-16-bit weights (how much of the 0.0159 ms the quantization takes was not measured then). Times are medians of
-CUDA-graph replays (``triton.testing.do_bench_cudagraph``), the first call excluded (it autotunes the Triton tiles).
-Each candidate is timed on an input laid out as it will be at that call: the recorded one, except that a compiled
-model's convolutions run their 16-bit paths channels-last (:func:`dense_input_channels_last`).
+16-bit weights (how much of the 0.0159 ms the quantization takes was not measured then).
+
+It is subtracted only where the producer runs in the same compiled graph as the layer. An input that enters the
+graph from outside keeps its quantization pass and is timed with it: an input of the compiled region the layer runs
+in (``regions``: the modules compiled one by one, by default the whole model), such as the block input a ResNet
+block's 1×1 shortcut takes, the concatenation a UNet up-block feeds its ResNet blocks, or the text states of a
+cross-attention's K and V projections; and the input of a layer outside every compiled region, such as a diffusers
+UNet's down- and upsampling convolutions under regional compilation. Subtracted everywhere, on SD-1.5 at batch 2
+(H100, regional compilation) the measurement kept 14 shortcuts, 5 resampling convolutions and ``conv_in`` on fp8
+for gains of 0.001–0.04 ms each, their quantization passes not counted, and the model ran at 0.95× of bf16
+(``bench/results/speed-deployment``). The producer's kind is not seen: an input straight out of another GEMM or of
+the attention kernel (``to_out``'s) counts as fused although inductor does not fuse into those.
+
+Times are medians of CUDA-graph replays (``triton.testing.do_bench_cudagraph``), the first call excluded (it
+autotunes the Triton tiles). Each candidate is timed on an input laid out as it will be at that call: the recorded
+one, except that a compiled model's convolutions run their 16-bit paths channels-last
+(:func:`dense_input_channels_last`).
 
 An FP8-attention module (:mod:`~dmquant.kernels.fp8_attention`) has two paths, timed for every attention shape of
 the call: ``"fp8"``, cuDNN's FP8 attention on fp8 codes, and ``"bf16"``, torch's SDPA on the unquantized Q, K and V
@@ -58,13 +71,14 @@ import contextlib
 import importlib.metadata
 import itertools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from . import cudnn_conv
@@ -301,9 +315,16 @@ def _input_quantization(layer: LowBitLayer, x: Tensor) -> Callable[[], Any] | No
     return lambda: [quantize_activations(slice_, scale, zero, mode) for mode, slice_, scale, zero in quantized]
 
 
-def measure(layer: LowBitLayer, x: Tensor, dense_for_int4: bool = False, compiled: bool = False) -> dict[str, float]:
+def measure(
+    layer: LowBitLayer,
+    x: Tensor,
+    dense_for_int4: bool = False,
+    compiled: bool = False,
+    fuses_quantization: bool | None = None,
+) -> dict[str, float]:
     """Median time (ms) of each candidate path of ``layer`` on a random input shaped and laid out like ``x``;
-    ``compiled``: a quantized path's time without its input's quantization (module docstring).
+    ``compiled``: for a model run under ``torch.compile``, where ``fuses_quantization`` (default: ``compiled``)
+    times a quantized path without its input's quantization (module docstring).
 
     A candidate that fails (a shape cuBLASLt refuses, a capture a kernel breaks, cuDNN's own error types) is left
     out; bf16 always runs.
@@ -316,7 +337,8 @@ def measure(layer: LowBitLayer, x: Tensor, dense_for_int4: bool = False, compile
         except Exception:
             if path == "bf16":
                 raise
-    quantization = _input_quantization(layer, probe) if compiled else None
+    fuses_quantization = compiled if fuses_quantization is None else fuses_quantization
+    quantization = _input_quantization(layer, probe) if compiled and fuses_quantization else None
     if quantization is not None and any(path != "bf16" for path in times):
         fused = _median_ms(quantization)
         times = {path: t if path == "bf16" else max(t - fused, 0.0) for path, t in times.items()}
@@ -358,19 +380,41 @@ def _fp8_attention_processors(model: nn.Module) -> dict[str, Any]:
     }
 
 
+class RecordedInput(NamedTuple):
+    """One call's input of a converted layer: its shape, dtype and strides (a meta tensor), and whether its
+    producer runs in the same compiled graph as the layer (its quantization can fuse into it)."""
+
+    meta: Tensor
+    produced_in_graph: bool
+
+
+def _tensor_addresses(*trees: Any) -> set[int]:
+    return {leaf.data_ptr() for leaf in tree_leaves(trees) if isinstance(leaf, Tensor)}
+
+
 def _record_calls(
-    model: nn.Module, call: Callable[[], Any], processors: dict[str, _Fp8Attend]
-) -> tuple[dict[str, list[Tensor]], dict[str, list[AttentionCall]]]:
-    """During ``call()``: the input of every call of every converted layer of ``model`` (as meta tensors), and the
+    model: nn.Module, call: Callable[[], Any], processors: dict[str, _Fp8Attend], regions: Iterable[nn.Module]
+) -> tuple[dict[str, list[RecordedInput]], dict[str, list[AttentionCall]]]:
+    """During ``call()``: the input of every call of every converted layer of ``model``, with whether it was produced
+    inside the call of the compiled region (of ``regions``) the layer runs in, not passed into it; and the
     :class:`~dmquant.kernels.fp8_attention.AttentionCall` of every call of each of ``processors`` (by name)."""
-    seen: dict[str, list[Tensor]] = {}
+    seen: dict[str, list[RecordedInput]] = {}
+    entered: list[set[int]] = []  # the tensor inputs of each region call in progress, innermost last
     handles = []
+    for region in regions:
+        handles.append(
+            region.register_forward_pre_hook(lambda _, args, kwargs: entered.append(_tensor_addresses(args, kwargs)),
+                                             with_kwargs=True)
+        )  # fmt: skip
+        handles.append(region.register_forward_hook(lambda *_: entered.pop(), always_call=True))
     for name, module in model.named_modules():
         if isinstance(module, (LowBitLinear, LowBitConv2d)):
 
             def hook(module: nn.Module, args: tuple, name: str = name) -> None:
                 x = args[0]
-                seen.setdefault(name, []).append(torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta"))
+                meta = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+                inside = bool(entered) and x.data_ptr() not in entered[-1]
+                seen.setdefault(name, []).append(RecordedInput(meta, inside))
 
             handles.append(module.register_forward_pre_hook(hook))
     for processor in processors.values():
@@ -399,6 +443,7 @@ def select_paths(
     use_cache: bool = True,
     dense_for_int4: bool = False,
     compiled: bool = False,
+    regions: Iterable[nn.Module] | None = None,
     progress: bool = False,
 ) -> PathReport:
     """Choose and set each converted layer's and FP8-attention module's path (module docstring) from one ``call()``
@@ -408,7 +453,9 @@ def select_paths(
     ``backend`` ``"triton"`` or ``"auto"`` (cuBLASLt where it takes the call, so a later call of another shape
     still runs). An attention module's processor gets the ``path`` ``"fp8"`` or ``"bf16"``. A module called several
     times per model call (several shapes) takes the path fastest over all of them. ``compiled``: the model will run
-    under ``torch.compile``, where quantizations fuse into the ops producing their inputs (module docstring).
+    under ``torch.compile``, where quantizations fuse into the ops producing their inputs when those run in the same
+    compiled graph (module docstring): ``regions`` are the modules compiled one by one (regional compilation), by
+    default the whole ``model`` as one graph.
     Returns the :class:`PathReport`, also kept as ``model.dmquant_paths``.
     """
     layers = {name: m for name, m in model.named_modules() if isinstance(m, (LowBitLinear, LowBitConv2d))}
@@ -416,7 +463,8 @@ def select_paths(
     if device is None or device.type != "cuda":
         raise ValueError("select_paths measures kernels on a CUDA device: move the converted model there first")
     processors = _fp8_attention_processors(model)
-    inputs, attention = _record_calls(model, call, processors)
+    graphs = (model,) if regions is None else tuple(regions)
+    inputs, attention = _record_calls(model, call, processors, graphs if compiled else ())
     environment = _environment_key(device)
     cache_file = cache_path()
     cache = _read_cache(cache_file) if use_cache else {}
@@ -430,17 +478,21 @@ def select_paths(
 
     def layer_times(name: str):
         """Each recorded call's (times, cached), the calls' shapes, and how to put a path in place."""
-        layer, metas = layers[name], inputs[name]
+        layer, recorded = layers[name], inputs[name]
+        metas = [meta for meta, _ in recorded]
         measured = [
             timed(
                 signature(layer, meta)
                 | {
                     "dense_for_int4": dense_for_int4,
                     "dense_channels_last": dense_input_channels_last(layer, meta, compiled),
+                    "fuses_quantization": fused,
                 },
-                lambda meta=meta: measure(layer, _materialized(meta, device), dense_for_int4, compiled),
+                lambda meta=meta, fused=fused: measure(
+                    layer, _materialized(meta, device), dense_for_int4, compiled, fused
+                ),
             )
-            for meta in metas
+            for meta, fused in recorded
         ]
         return (
             measured,
