@@ -41,10 +41,12 @@ WARMUP_ITERATIONS = 3
 def side_stream(device: torch.device) -> torch.cuda.Stream:
     """The one stream every :class:`ReplayedIteration` on ``device`` warms up on.
 
-    One per device, not one per iteration: cuBLAS keeps a workspace per stream it has run on
-    for the life of the process (about 65 MiB on an H100, cuBLAS's and cuBLASLt's together), so
-    a new stream per reconstructed unit held one more workspace for every unit (65 MiB per
-    block of a 12-block DiT, 1.9 GB after the job, measured on an H100).
+    One per device, not one per iteration. With a new stream per iteration (torch hands them out
+    from a pool of 32 per device), the GPU memory allocated after an offloaded reconstruction grew
+    by 65 MiB per unit, whatever the unit's size (a 1024→2048 Linear as much as a DiT block), to
+    1.9 GB after 30 units on an H100, with no tensor left that Python could see; the memory trace
+    placed it in the first GEMM each new stream ran. That is cuBLAS's workspace: torch keeps one
+    per stream cuBLAS has run on, for the life of the process (cuBLAS's and cuBLASLt's).
     """
     return torch.cuda.Stream(device)
 
