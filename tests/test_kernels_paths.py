@@ -203,6 +203,19 @@ def test_selection_on_the_gpu_keeps_the_fastest_path_and_measures_a_shape_once(t
 
 
 @pytest.mark.gpu
+def test_a_timing_is_positive_and_leaves_nothing_allocated_behind():
+    """Timings warm up on one side stream: the cuBLAS workspace of a new stream per timing would stay allocated."""
+    a = torch.randn(512, 512, device="cuda", dtype=torch.bfloat16)
+    assert 0 < paths._median_ms(lambda: a @ a) < 1.0
+    torch.cuda.synchronize()
+    first = torch.cuda.memory_allocated()
+    for _ in range(8):
+        paths._median_ms(lambda: a @ a)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == first
+
+
+@pytest.mark.gpu
 def test_paths_for_compiled_execution_are_measured_and_cached_apart(tmp_path, monkeypatch):
     monkeypatch.setenv(decision_cache.CACHE_VARIABLE, str(tmp_path))
     x = torch.randn(64, 16, 32, 32, device=DEVICE, dtype=torch.bfloat16)

@@ -44,9 +44,9 @@ for gains of 0.001–0.04 ms each, their quantization passes not counted, and th
 (``bench/results/speed-deployment``). The producer's kind is not seen: an input straight out of another GEMM or of
 the attention kernel (``to_out``'s) counts as fused although inductor does not fuse into those.
 
-Times are medians of CUDA-graph replays (``triton.testing.do_bench_cudagraph``), the first call excluded (it
-autotunes the Triton tiles). Each candidate is timed on an input laid out as it will be at that call: the recorded
-one, except that a compiled model's convolutions run their 16-bit paths channels-last
+Times are medians of CUDA-graph replays (``triton.testing.do_bench_cudagraph``'s procedure, :func:`_median_ms`),
+the first call excluded (it autotunes the Triton tiles). Each candidate is timed on an input laid out as it will be
+at that call: the recorded one, except that a compiled model's convolutions run their 16-bit paths channels-last
 (:func:`dense_input_channels_last`).
 
 An FP8-attention module (:mod:`~dmquant.kernels.fp8_attention`) has two paths, timed for every attention shape of
@@ -68,9 +68,11 @@ measures nothing.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.metadata
 import itertools
 import json
+import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -81,6 +83,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
+from ..streams import side_stream
 from . import cudnn_conv
 from .decision_cache import cache_dir, merge_entries, read_entries
 from .fp8_attention import AttentionCall, _Fp8Attend, full_precision_attention, pad_heads, padded_head_dim
@@ -291,12 +294,49 @@ def _with_backend(layer: LowBitLayer, x: Tensor, backend: str) -> Callable[[], T
     return call
 
 
-def _median_ms(call: Callable[[], Tensor]) -> float:
-    import triton.testing
+#: A timing replays one CUDA graph this many times and takes the median; the graph repeats the call to run about
+#: :data:`GRAPH_MS` milliseconds (``triton.testing.do_bench_cudagraph``'s procedure, with its 25 ms as used here).
+REPLAYS = 10
+GRAPH_MS = 25.0
 
-    call()  # the first call autotunes Triton tiles and picks cuBLAS heuristics: not part of a call's time
-    torch.cuda.synchronize()
-    return float(triton.testing.do_bench_cudagraph(call, rep=25, return_mode="median"))
+
+def _median_ms(call: Callable[[], Tensor]) -> float:
+    """Median time (ms) of one ``call``, the first call excluded (it autotunes the Triton tiles and picks cuBLAS's
+    heuristics): ``triton.testing.do_bench_cudagraph``'s procedure, written here because that function takes a new
+    stream from torch's pool for every timing, and cuBLAS keeps a workspace per stream it has run on
+    (:mod:`dmquant.streams`); this one warms up on dmquant's one side stream and captures on torch's one capture
+    stream. The collector is off while capturing: a Triton kernel it finalizes would unload its module mid-capture."""
+    stream = side_stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            call()
+        end.record()
+        end.synchronize()
+        estimate = start.elapsed_time(end) / 5
+        repeats = max(1, int(GRAPH_MS / estimate)) if estimate > 0 else 1000
+        graph = torch.cuda.CUDAGraph()
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph):
+                for _ in range(repeats):
+                    call()
+        finally:
+            if collecting:
+                gc.enable()
+        times = []
+        for _ in range(REPLAYS):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / repeats)
+    torch.cuda.current_stream().wait_stream(stream)
+    return statistics.median(times)
 
 
 def _input_quantization(layer: LowBitLayer, x: Tensor) -> Callable[[], Any] | None:

@@ -19,7 +19,6 @@ runs eagerly from there on, with a warning.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,6 +27,8 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..streams import side_stream
+
 #: ``step(batch, beta, weight) -> loss``: one optimisation step on ``batch`` at AdaRound's ``beta``
 #: and regulariser ``weight`` (floats when eager, 0-d device tensors when captured).
 Step = Callable[[Any, "Tensor | float", "Tensor | float"], Tensor]
@@ -35,20 +36,6 @@ Step = Callable[[Any, "Tensor | float", "Tensor | float"], Tensor]
 #: Eager iterations on a side stream before the capture: they allocate the optimizer's state and
 #: let cuBLAS / cuDNN set up, as ``torch.cuda.graph``'s documentation asks.
 WARMUP_ITERATIONS = 3
-
-
-@functools.cache
-def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The one stream every :class:`ReplayedIteration` on ``device`` warms up on.
-
-    One per device, not one per iteration. With a new stream per iteration (torch hands them out
-    from a pool of 32 per device), the GPU memory allocated after an offloaded reconstruction grew
-    by 65 MiB per unit, whatever the unit's size (a 1024→2048 Linear as much as a DiT block), to
-    1.9 GB after 30 units on an H100, with no tensor left that Python could see; the memory trace
-    placed it in the first GEMM each new stream ran. That is cuBLAS's workspace: torch keeps one
-    per stream cuBLAS has run on, for the life of the process (cuBLAS's and cuBLASLt's).
-    """
-    return torch.cuda.Stream(device)
 
 
 def graphs_available(device: torch.device) -> bool:
@@ -91,8 +78,7 @@ class ReplayedIteration:
         if self.graphed:
             self._beta = torch.zeros((), device=device)
             self._weight = torch.zeros((), device=device)
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            self._side = side_stream(torch.device("cuda", index))
+            self._side = side_stream(device)  # one per device: a stream per unit kept a cuBLAS workspace each
 
     def __call__(self, batch: Any, beta: float, weight: float) -> Tensor:
         """The iteration's loss (detached; read it with ``.item()`` only when needed: that waits)."""
