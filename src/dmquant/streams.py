@@ -4,9 +4,8 @@ torch hands out streams from a pool of 32 per device, and keeps a cuBLAS workspa
 on, for the life of the process (cuBLAS's and cuBLASLt's). Code that takes a new stream per task holds one more
 workspace per task until all 32 are used: an offloaded reconstruction that warmed each unit up on a stream of its
 own grew by 65 MiB per unit on an H200 and left 1.9 GB allocated after 30 units on an H100 (``recon/graphed.py``),
-and timing each
-layer's paths with ``triton.testing.do_bench_cudagraph``, which takes a new stream per timing, likely left the
-workspaces of all 32 (``kernels/paths.py``). One stream per device holds one.
+and timing each layer's paths with ``triton.testing.do_bench_cudagraph``, which takes a new stream per timing,
+likely left the workspaces of all 32 (``kernels/paths.py``). One stream per device holds one.
 """
 
 from __future__ import annotations
