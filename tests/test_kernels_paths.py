@@ -327,6 +327,8 @@ def test_each_recorded_input_says_whether_its_producer_is_in_the_layers_compiled
     model = convert_model(api.quantize(StemAndBlock(), config, calibration, progress=False))
     regions = {"block": [model.block], "model": [model], None: []}[compiled]
     x = torch.randn(2, 3, 8)
-    recorded, _ = paths._record_calls(model, lambda: model(x, torch.zeros(2)), {}, regions)
+    outputs = []
+    recorded, _ = paths._record_calls(model, lambda: outputs.append(model(x, torch.zeros(2))), {}, regions)
+    torch.testing.assert_close(outputs[0], model(x, torch.zeros(2)), rtol=0, atol=0)  # the call runs unchanged
     assert {name: calls[0].produced_in_graph for name, calls in recorded.items()} == expected
     assert all(calls[0].meta.shape == (2, 3, 8) for calls in recorded.values())

@@ -441,12 +441,16 @@ def _record_calls(
     seen: dict[str, list[RecordedInput]] = {}
     entered: list[set[int]] = []  # the tensor inputs of each region call in progress, innermost last
     handles = []
+
+    def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        entered.append(_tensor_addresses(args, kwargs))
+
+    def leave(*_: Any) -> None:  # returns None: a forward hook's return value would replace the output
+        entered.pop()
+
     for region in regions:
-        handles.append(
-            region.register_forward_pre_hook(lambda _, args, kwargs: entered.append(_tensor_addresses(args, kwargs)),
-                                             with_kwargs=True)
-        )  # fmt: skip
-        handles.append(region.register_forward_hook(lambda *_: entered.pop(), always_call=True))
+        handles.append(region.register_forward_pre_hook(enter, with_kwargs=True))
+        handles.append(region.register_forward_hook(leave, always_call=True))
     for name, module in model.named_modules():
         if isinstance(module, (LowBitLinear, LowBitConv2d)):
 
