@@ -433,10 +433,10 @@ def _tensor_addresses(*trees: Any) -> set[int]:
 
 
 def _record_calls(
-    model: nn.Module, call: Callable[[], Any], processors: dict[str, _Fp8Attend], regions: Iterable[nn.Module]
+    model: nn.Module, call: Callable[[], Any], processors: dict[str, _Fp8Attend], regions: Iterable[nn.Module] = ()
 ) -> tuple[dict[str, list[RecordedInput]], dict[str, list[AttentionCall]]]:
     """During ``call()``: the input of every call of every converted layer of ``model``, with whether it was produced
-    inside the call of the compiled region (of ``regions``) the layer runs in, not passed into it; and the
+    inside the call of the compiled region (of ``regions``; none: eager) the layer runs in, not passed into it; and the
     :class:`~dmquant.kernels.fp8_attention.AttentionCall` of every call of each of ``processors`` (by name)."""
     seen: dict[str, list[RecordedInput]] = {}
     entered: list[set[int]] = []  # the tensor inputs of each region call in progress, innermost last
