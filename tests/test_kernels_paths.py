@@ -307,6 +307,28 @@ class StemAndBlock(nn.Module):
         return self.block(self.stem(x))
 
 
+def _converted_on_tokens(model: nn.Module) -> nn.Module:
+    """``model`` quantized to W8A8-FP8 on (batch, 3 tokens, 8 channels) inputs and converted."""
+    torch.manual_seed(0)
+    calibration = CalibrationSet(
+        samples=torch.randn(4, 3, 8), timesteps=torch.zeros(4), step_indices=torch.zeros(4, dtype=torch.long), cond={},
+        num_inference_steps=1,
+    )  # fmt: skip
+    config = load_recipe("minmax").with_bits("fp8_e4m3", "fp8_e4m3")
+    return convert_model(api.quantize(model, config, calibration, progress=False))
+
+
+def _fusing(model: nn.Module, regions: list[nn.Module]) -> dict[str, bool]:
+    """Each converted layer's ``quantization_fuses`` for its first call on a random input, after checking that the
+    recorded call gives the model's output."""
+    x = torch.randn(2, 3, 8)
+    outputs = []
+    recorded, _ = paths._record_calls(model, lambda: outputs.append(model(x, torch.zeros(2))), {}, regions)
+    torch.testing.assert_close(outputs[0], model(x, torch.zeros(2)), rtol=0, atol=0)  # the call runs unchanged
+    assert all(calls[0].meta.shape[0] == 2 for calls in recorded.values())
+    return {name: calls[0].quantization_fuses for name, calls in recorded.items()}
+
+
 @pytest.mark.parametrize(
     ("compiled", "expected"),
     [
@@ -316,19 +338,27 @@ class StemAndBlock(nn.Module):
     ],
 )
 def test_each_recorded_input_says_whether_its_producer_is_in_the_layers_compiled_graph(compiled, expected):
-    """On (batch, tokens, channels) inputs. The stem's input is the model's input; the shortcut takes the block's
-    input; ``proj`` takes SiLU's output, computed inside the block."""
-    torch.manual_seed(0)
-    calibration = CalibrationSet(
-        samples=torch.randn(4, 3, 8), timesteps=torch.zeros(4), step_indices=torch.zeros(4, dtype=torch.long), cond={},
-        num_inference_steps=1,
-    )  # fmt: skip
-    config = load_recipe("minmax").with_bits("fp8_e4m3", "fp8_e4m3")
-    model = convert_model(api.quantize(StemAndBlock(), config, calibration, progress=False))
-    regions = {"block": [model.block], "model": [model], None: []}[compiled]
-    x = torch.randn(2, 3, 8)
-    outputs = []
-    recorded, _ = paths._record_calls(model, lambda: outputs.append(model(x, torch.zeros(2))), {}, regions)
-    torch.testing.assert_close(outputs[0], model(x, torch.zeros(2)), rtol=0, atol=0)  # the call runs unchanged
-    assert {name: calls[0].produced_in_graph for name, calls in recorded.items()} == expected
-    assert all(calls[0].meta.shape == (2, 3, 8) for calls in recorded.values())
+    """The stem's input is the model's input; the shortcut takes the block's input; ``proj`` takes SiLU's output,
+    computed inside the block."""
+    model = _converted_on_tokens(StemAndBlock())
+    assert _fusing(model, {"block": [model.block], "model": [model], None: []}[compiled]) == expected
+
+
+class NormAndAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from diffusers.models.attention_processor import Attention
+
+        self.norm = nn.LayerNorm(8)
+        self.attn = Attention(query_dim=8, heads=2, dim_head=4)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.norm(x))
+
+
+def test_the_attention_output_projection_keeps_its_quantization_pass():
+    """Q, K and V come out of the LayerNorm, which their quantization fuses into; ``to_out`` takes the attention
+    kernel's output, which it does not."""
+    model = _converted_on_tokens(NormAndAttention())
+    fusing = _fusing(model, [model])
+    assert fusing == {"attn.to_q": True, "attn.to_k": True, "attn.to_v": True, "attn.to_out.0": False}

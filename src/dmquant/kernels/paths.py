@@ -41,8 +41,9 @@ cross-attention's K and V projections; and the input of a layer outside every co
 UNet's down- and upsampling convolutions under regional compilation. Subtracted everywhere, on SD-1.5 at batch 2
 (H100, regional compilation) the measurement kept 14 shortcuts, 5 resampling convolutions and ``conv_in`` on fp8
 for gains of 0.001–0.04 ms each, their quantization passes not counted, and the model ran at 0.95× of bf16
-(``bench/results/speed-deployment``). The producer's kind is not seen: an input straight out of another GEMM or of
-the attention kernel (``to_out``'s) counts as fused although inductor does not fuse into those.
+(``bench/results/speed-deployment``). The attention kernel's output, which a diffusers ``Attention``'s ``to_out``
+(and ``to_add_out``) takes, is no producer to fuse into either. Other producers' kinds are not seen: an input straight
+out of another GEMM counts as fused, although inductor does not fuse into a vendor GEMM.
 
 Times are medians of CUDA-graph replays (``triton.testing.do_bench_cudagraph``'s procedure, :func:`_median_ms`),
 the first call excluded (it autotunes the Triton tiles). Each candidate is timed on an input laid out as it will be
@@ -422,10 +423,25 @@ def _fp8_attention_processors(model: nn.Module) -> dict[str, Any]:
 
 class RecordedInput(NamedTuple):
     """One call's input of a converted layer: its shape, dtype and strides (a meta tensor), and whether its
-    producer runs in the same compiled graph as the layer (its quantization can fuse into it)."""
+    quantization fuses into its producer: the producer runs in the same compiled graph as the layer and is not the
+    attention kernel."""
 
     meta: Tensor
-    produced_in_graph: bool
+    quantization_fuses: bool
+
+
+def _attention_output_layers(model: nn.Module) -> set[int]:
+    """The converted layers (by ``id``) that take an attention kernel's output: each diffusers ``Attention``'s
+    ``to_out[0]``, and ``to_add_out`` (the text stream's in joint attention). Inductor does not fuse into the fused
+    SDPA (nor cuDNN's FP8 kernel), so their input's quantization is a pass of its own, as the fusion test's kernel
+    list shows (``tests/test_kernels_fusion.py``)."""
+    found = set()
+    for module in model.modules():
+        to_out = getattr(module, "to_out", None)
+        candidates = [to_out[0] if isinstance(to_out, (nn.ModuleList, nn.Sequential)) else None]
+        candidates.append(getattr(module, "to_add_out", None))
+        found |= {id(layer) for layer in candidates if isinstance(layer, (LowBitLinear, LowBitConv2d))}
+    return found
 
 
 def _tensor_addresses(*trees: Any) -> set[int]:
@@ -435,10 +451,12 @@ def _tensor_addresses(*trees: Any) -> set[int]:
 def _record_calls(
     model: nn.Module, call: Callable[[], Any], processors: dict[str, _Fp8Attend], regions: Iterable[nn.Module] = ()
 ) -> tuple[dict[str, list[RecordedInput]], dict[str, list[AttentionCall]]]:
-    """During ``call()``: the input of every call of every converted layer of ``model``, with whether it was produced
-    inside the call of the compiled region (of ``regions``; none: eager) the layer runs in, not passed into it; and the
+    """During ``call()``: the input of every call of every converted layer of ``model``, with whether its quantization
+    fuses into its producer: an op inside the call of the compiled region (of ``regions``; none: eager) the layer runs
+    in, not passed into it, and not the attention kernel (:func:`_attention_output_layers`); and the
     :class:`~dmquant.kernels.fp8_attention.AttentionCall` of every call of each of ``processors`` (by name)."""
     seen: dict[str, list[RecordedInput]] = {}
+    after_attention = _attention_output_layers(model)
     entered: list[set[int]] = []  # the tensor inputs of each region call in progress, innermost last
     handles = []
 
@@ -457,8 +475,8 @@ def _record_calls(
             def hook(module: nn.Module, args: tuple, name: str = name) -> None:
                 x = args[0]
                 meta = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
-                inside = bool(entered) and x.data_ptr() not in entered[-1]
-                seen.setdefault(name, []).append(RecordedInput(meta, inside))
+                fuses = bool(entered) and x.data_ptr() not in entered[-1] and id(module) not in after_attention
+                seen.setdefault(name, []).append(RecordedInput(meta, fuses))
 
             handles.append(module.register_forward_pre_hook(hook))
     for processor in processors.values():
