@@ -242,14 +242,17 @@ def test_a_converted_model_cast_to_bf16_keeps_its_codes_and_scales():
 def test_the_report_lists_each_module_with_its_candidates_times():
     report = paths.PathReport("GPU", [
         paths.PathChoice("a", "cublas", {"cublas": 1.0, "triton": 2.0, "bf16": 1.5}, [[4, 8]]),
-        paths.PathChoice("b", "bf16", {"triton": 3.0, "bf16": 2.5}, [[4, 8], [2, 8]], cached=True),
+        paths.PathChoice("b", "bf16", {"triton": 3.0, "bf16": 2.5}, [[4, 8], [2, 8]], cached=True,
+                         quantization_timed=False),
         paths.PathChoice("attn", "fp8", {"fp8": 0.5, "bf16": 0.75}, [[1, 2, 64, 64, 16]], kind="attention"),
     ])  # fmt: skip
     assert report.counts() == {"cublas": 1, "bf16": 1, "fp8 attention": 1}
     rows = report.rows()
     assert rows[1] == {"name": "b", "path": "bf16", "input": "4x8; 2x8", "cublas ms": "—", "triton ms": "3.0000",
-                       "cudnn ms": "—", "dequant ms": "—", "fp8 ms": "—", "bf16 ms": "2.5000"}  # fmt: skip
+                       "cudnn ms": "—", "dequant ms": "—", "fp8 ms": "—", "bf16 ms": "2.5000",
+                       "input quantization": "fused"}  # fmt: skip
     assert rows[2]["fp8 ms"] == "0.5000" and rows[2]["input"] == "1x2x64x64x16"
+    assert rows[2]["input quantization"] == "—"  # an attention module's operands are timed otherwise
     assert "4.000 ms against 4.750 ms in bf16" in report.summary()
     int4 = paths.PathReport("GPU", [paths.PathChoice("c", "triton", {"triton": 1.0}, [[4, 8]])])
     assert int4.summary().endswith("time per call 1.000 ms")

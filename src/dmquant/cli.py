@@ -154,7 +154,9 @@ def _add_path_option(parser: argparse.ArgumentParser) -> None:
         help="keep every converted layer on its low-bit kernel; by default, on CUDA, each layer's paths (cuBLASLt, "
         "Triton, bf16 with its dequantized weight; cuDNN's FP8 attention or bf16 SDPA) are timed on calls shaped "
         "like this command's batches and the fastest kept, so that no layer runs slower than in bf16 (with "
-        "--compile, timed as they run compiled: a layer's input quantization fuses into the op producing it; "
+        "--compile, timed as they run compiled: a layer's input quantization fuses into the op producing it, "
+        "except where none in the compiled graph does (the model's inputs, an attention's output; the table's "
+        "'input quantization' column says which); "
         "decisions cached per GPU and shape in $DMQUANT_CACHE_DIR, default ~/.cache/dmquant)",
     )
 

@@ -109,6 +109,9 @@ class PathChoice:
     inputs: list[list[int]]
     cached: bool = False
     kind: str = "layer"  # or "attention"
+    #: A layer's quantized candidates were timed with its input's quantization pass: eagerly, or compiled where the
+    #: pass does not fuse into the input's producer (module docstring); None for an attention module.
+    quantization_timed: bool | None = None
 
 
 @dataclass
@@ -136,10 +139,13 @@ class PathReport:
         return text
 
     def rows(self) -> list[dict[str, Any]]:
-        """One table row per layer: its path and each candidate's time."""
+        """One table row per layer: its path, each candidate's time, and whether the quantized candidates' times
+        include the input's quantization ("own pass") or leave it to the producer it fuses into ("fused")."""
+        passes = {True: "own pass", False: "fused", None: "—"}
         return [
             {"name": c.name, "path": c.path, "input": "; ".join("x".join(map(str, s)) for s in c.inputs)}
             | {f"{path} ms": f"{c.times_ms[path]:.4f}" if path in c.times_ms else "—" for path in PATHS}
+            | {"input quantization": passes[c.quantization_timed]}
             for c in self.choices
         ]
 
@@ -539,7 +545,8 @@ def select_paths(
         return cache[text], cached
 
     def layer_times(name: str):
-        """Each recorded call's (times, cached), the calls' shapes, and how to put a path in place."""
+        """Each recorded call's (times, cached), the calls' shapes, how to put a path in place, and whether the
+        quantized candidates' times include the input's quantization pass."""
         layer, recorded = layers[name], inputs[name]
         metas = [meta for meta, _ in recorded]
         measured = [
@@ -560,6 +567,7 @@ def select_paths(
             measured,
             [list(meta.shape) for meta in metas],
             lambda path: _apply(model, name, layer, path, metas[0], compiled),
+            not (compiled and all(fused for _, fused in recorded)),
         )
 
     def attention_times(name: str):
@@ -569,16 +577,17 @@ def select_paths(
             timed({"kind": "attention"} | asdict(c), lambda c=c: measure_attention(c, device, compiled)) for c in calls
         ]
         shapes = [[c.batch, c.heads, c.q_tokens, c.kv_tokens, c.head_dim] for c in calls]
-        return measured, shapes, lambda path: setattr(processors[name], "path", path)
+        return measured, shapes, lambda path: setattr(processors[name], "path", path), None
 
     report = PathReport(device=environment["gpu"], compiled=compiled)
     modules = [(name, "layer", layer_times) for name in inputs] + [
         (name, "attention", attention_times) for name in attention
     ]
     for name, kind, times_of in tqdm(modules, desc="measuring kernel paths", disable=not progress, unit="module"):
-        measured, shapes, put_in_place = times_of(name)
+        measured, shapes, put_in_place, quantization_timed = times_of(name)
         path, totals = fastest([times for times, _ in measured])
-        report.choices.append(PathChoice(name, path, totals, shapes, all(cached for _, cached in measured), kind))
+        cached = all(cached for _, cached in measured)
+        report.choices.append(PathChoice(name, path, totals, shapes, cached, kind, quantization_timed))
         put_in_place(path)
     if use_cache:
         _write_cache(cache_file, cache)
