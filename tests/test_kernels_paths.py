@@ -31,11 +31,13 @@ class TwoLayers(nn.Module):
         return self.proj(F.silu(self.conv(x)).mean(dim=(2, 3)))
 
 
-def _converted(bits=("fp8_e4m3", "fp8_e4m3"), device="cpu") -> nn.Module:
+def _converted(bits=("fp8_e4m3", "fp8_e4m3"), device="cpu", model=None, sample=(16, 8, 8)) -> nn.Module:
+    """``model`` (by default :class:`TwoLayers`) quantized with the minmax recipe at ``bits`` on random calibration
+    rows shaped ``sample``, and converted."""
     torch.manual_seed(0)
-    model = TwoLayers().to(device)
+    model = (model if model is not None else TwoLayers()).to(device)
     calibration = CalibrationSet(
-        samples=torch.randn(4, 16, 8, 8, device=device),
+        samples=torch.randn(4, *sample, device=device),
         timesteps=torch.zeros(4, device=device),
         step_indices=torch.zeros(4, dtype=torch.long, device=device),
         cond={},
@@ -310,17 +312,6 @@ class StemAndBlock(nn.Module):
         return self.block(self.stem(x))
 
 
-def _converted_on_tokens(model: nn.Module) -> nn.Module:
-    """``model`` quantized to W8A8-FP8 on (batch, 3 tokens, 8 channels) inputs and converted."""
-    torch.manual_seed(0)
-    calibration = CalibrationSet(
-        samples=torch.randn(4, 3, 8), timesteps=torch.zeros(4), step_indices=torch.zeros(4, dtype=torch.long), cond={},
-        num_inference_steps=1,
-    )  # fmt: skip
-    config = load_recipe("minmax").with_bits("fp8_e4m3", "fp8_e4m3")
-    return convert_model(api.quantize(model, config, calibration, progress=False))
-
-
 def _fusing(model: nn.Module, regions: list[nn.Module]) -> dict[str, bool]:
     """Each converted layer's ``quantization_fuses`` for its first call on a random input, after checking that the
     recorded call gives the model's output."""
@@ -343,7 +334,7 @@ def _fusing(model: nn.Module, regions: list[nn.Module]) -> dict[str, bool]:
 def test_each_recorded_input_says_whether_its_producer_is_in_the_layers_compiled_graph(compiled, expected):
     """The stem's input is the model's input; the shortcut takes the block's input; ``proj`` takes SiLU's output,
     computed inside the block."""
-    model = _converted_on_tokens(StemAndBlock())
+    model = _converted(model=StemAndBlock(), sample=(3, 8))
     assert _fusing(model, {"block": [model.block], "model": [model], None: []}[compiled]) == expected
 
 
@@ -362,6 +353,6 @@ class NormAndAttention(nn.Module):
 def test_the_attention_output_projection_keeps_its_quantization_pass():
     """Q, K and V come out of the LayerNorm, which their quantization fuses into; ``to_out`` takes the attention
     kernel's output, which it does not."""
-    model = _converted_on_tokens(NormAndAttention())
+    model = _converted(model=NormAndAttention(), sample=(3, 8))
     fusing = _fusing(model, [model])
     assert fusing == {"attn.to_q": True, "attn.to_k": True, "attn.to_v": True, "attn.to_out.0": False}

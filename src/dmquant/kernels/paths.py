@@ -367,11 +367,11 @@ def measure(
     x: Tensor,
     dense_for_int4: bool = False,
     compiled: bool = False,
-    fuses_quantization: bool | None = None,
+    fuses_quantization: bool = True,
 ) -> dict[str, float]:
     """Median time (ms) of each candidate path of ``layer`` on a random input shaped and laid out like ``x``;
-    ``compiled``: for a model run under ``torch.compile``, where ``fuses_quantization`` (default: ``compiled``)
-    times a quantized path without its input's quantization (module docstring).
+    ``compiled``: for a model run under ``torch.compile``, where, if ``fuses_quantization`` (the input's producer is
+    one the quantization fuses into), a quantized path is timed without its input's quantization (module docstring).
 
     A candidate that fails (a shape cuBLASLt refuses, a capture a kernel breaks, cuDNN's own error types) is left
     out; bf16 always runs.
@@ -384,7 +384,6 @@ def measure(
         except Exception:
             if path == "bf16":
                 raise
-    fuses_quantization = compiled if fuses_quantization is None else fuses_quantization
     quantization = _input_quantization(layer, probe) if compiled and fuses_quantization else None
     if quantization is not None and any(path != "bf16" for path in times):
         fused = _median_ms(quantization)
