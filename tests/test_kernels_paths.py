@@ -193,6 +193,7 @@ def test_selection_on_the_gpu_keeps_the_fastest_path_and_measures_a_shape_once(t
     for choice in report.choices:
         assert choice.path == min(choice.times_ms, key=choice.times_ms.get)
         assert "bf16" in choice.times_ms and not choice.cached
+        assert choice.quantization_timed and choice.quantization_ms > 0  # eagerly: with the pass, its time apart
         layer = model.get_submodule(choice.name)
         assert (type(layer) in (nn.Conv2d, nn.Linear)) == (choice.path == "bf16")
     model(x, torch.zeros(64, device=DEVICE))
@@ -202,6 +203,7 @@ def test_selection_on_the_gpu_keeps_the_fastest_path_and_measures_a_shape_once(t
     second = paths.select_paths(again, lambda: again(x, torch.zeros(64, device=DEVICE)))
     assert all(choice.cached for choice in second.choices)
     assert [c.path for c in second.choices] == [c.path for c in report.choices]
+    assert [c.quantization_ms for c in second.choices] == [c.quantization_ms for c in report.choices]
 
 
 @pytest.mark.gpu
@@ -245,16 +247,16 @@ def test_the_report_lists_each_module_with_its_candidates_times():
     report = paths.PathReport("GPU", [
         paths.PathChoice("a", "cublas", {"cublas": 1.0, "triton": 2.0, "bf16": 1.5}, [[4, 8]]),
         paths.PathChoice("b", "bf16", {"triton": 3.0, "bf16": 2.5}, [[4, 8], [2, 8]], cached=True,
-                         quantization_timed=False),
+                         quantization_timed=False, quantization_ms=0.25),
         paths.PathChoice("attn", "fp8", {"fp8": 0.5, "bf16": 0.75}, [[1, 2, 64, 64, 16]], kind="attention"),
     ])  # fmt: skip
     assert report.counts() == {"cublas": 1, "bf16": 1, "fp8 attention": 1}
     rows = report.rows()
     assert rows[1] == {"name": "b", "path": "bf16", "input": "4x8; 2x8", "cublas ms": "—", "triton ms": "3.0000",
                        "cudnn ms": "—", "dequant ms": "—", "fp8 ms": "—", "bf16 ms": "2.5000",
-                       "input quantization": "fused"}  # fmt: skip
+                       "input quantization": "fused", "quantization ms": "0.2500"}  # fmt: skip
     assert rows[2]["fp8 ms"] == "0.5000" and rows[2]["input"] == "1x2x64x64x16"
-    assert rows[2]["input quantization"] == "—"  # an attention module's operands are timed otherwise
+    assert rows[2]["input quantization"] == rows[2]["quantization ms"] == "—"  # its operands are timed otherwise
     assert "4.000 ms against 4.750 ms in bf16" in report.summary()
     int4 = paths.PathReport("GPU", [paths.PathChoice("c", "triton", {"triton": 1.0}, [[4, 8]])])
     assert int4.summary().endswith("time per call 1.000 ms")
@@ -269,8 +271,10 @@ def test_compiled_timing_leaves_out_the_input_quantization(monkeypatch):
     times = {"gemm": 3.0, "dense": 2.5}
     monkeypatch.setattr(paths, "_median_ms", lambda call: times[call] if isinstance(call, str) else (call(), 1.0)[1])
     x = torch.randn(4, 32)
-    assert paths.measure(layer, x) == {"cublas": 3.0, "bf16": 2.5}
-    assert paths.measure(layer, x, compiled=True) == {"cublas": 2.0, "bf16": 2.5}
+    assert paths.measure(layer, x) == {"cublas": 3.0, "bf16": 2.5, paths.QUANTIZATION: 1.0}
+    assert paths.measure(layer, x, compiled=True) == {"cublas": 2.0, "bf16": 2.5, paths.QUANTIZATION: 1.0}
+    layer.activation.dynamic = True  # no static pass to time apart
+    assert paths.measure(layer, x, compiled=True) == {"cublas": 3.0, "bf16": 2.5}
 
 
 def test_the_input_quantization_is_each_parts_codes():
@@ -289,7 +293,8 @@ def test_compiled_timing_keeps_the_quantization_of_an_input_from_outside_the_gra
     times = {"gemm": 3.0, "dense": 2.5}
     monkeypatch.setattr(paths, "_median_ms", lambda call: times[call] if isinstance(call, str) else (call(), 1.0)[1])
     x = torch.randn(4, 32)
-    assert paths.measure(layer, x, compiled=True, fuses_quantization=False) == {"cublas": 3.0, "bf16": 2.5}
+    times = paths.measure(layer, x, compiled=True, fuses_quantization=False)
+    assert times == {"cublas": 3.0, "bf16": 2.5, paths.QUANTIZATION: 1.0}
 
 
 class ResidualBlock(nn.Module):

@@ -31,7 +31,9 @@ fused into the op producing the input (a norm, a modulation, an activation), so 
 apart and subtracted. That matters where the GEMM is small next to a pass of its own: on SD3's architecture
 (1024², batch 2, H100) the eager timing kept 172 of 341 layers in bf16 — the adaLN modulations at two rows, the text
 stream's projections at 333 (cuBLASLt with its quantization pass 0.0159 ms, bf16 0.0091) — and with them 1.1 GB of
-16-bit weights (how much of the 0.0159 ms the quantization takes was not measured then).
+16-bit weights (how much of the 0.0159 ms the quantization takes was not measured then). Now the report keeps that
+pass's own time either way (:attr:`PathChoice.quantization_ms`), so each decision reads as what the quantization
+costs against what the GEMM gains.
 
 It is subtracted only where the producer runs in the same compiled graph as the layer. An input that enters the
 graph from outside keeps its quantization pass and is timed with it: an input of the compiled region the layer runs
@@ -94,6 +96,9 @@ from .layers import DEQUANTIZED, LowBitConv2d, LowBitLinear, memory_layout
 PATHS = ("cublas", "triton", "cudnn", DEQUANTIZED, "fp8", "bf16")
 #: The file of the decision cache (:mod:`~dmquant.kernels.decision_cache`) that keeps the measured times.
 CACHE_FILE = "kernel-paths.json"
+#: The key of a layer's measured times under which :func:`measure` keeps its input's quantization pass alone (ms),
+#: beside the paths' times; no path of its own.
+QUANTIZATION = "input quantization"
 
 LowBitLayer = LowBitLinear | LowBitConv2d
 
@@ -112,6 +117,10 @@ class PathChoice:
     #: A layer's quantized candidates were timed with its input's quantization pass: eagerly, or compiled where the
     #: pass does not fuse into the input's producer (module docstring); None for an attention module.
     quantization_timed: bool | None = None
+    #: That quantization pass alone (ms, summed over the calls), included in or subtracted from the quantized
+    #: candidates' times as ``quantization_timed`` says; None where no pass was timed (16-bit or dynamically
+    #: quantized activations, an attention module, times cached before it was recorded).
+    quantization_ms: float | None = None
 
 
 @dataclass
@@ -139,13 +148,15 @@ class PathReport:
         return text
 
     def rows(self) -> list[dict[str, Any]]:
-        """One table row per layer: its path, each candidate's time, and whether the quantized candidates' times
-        include the input's quantization ("own pass") or leave it to the producer it fuses into ("fused")."""
+        """One table row per layer: its path, each candidate's time, whether the quantized candidates' times
+        include the input's quantization ("own pass") or leave it to the producer it fuses into ("fused"), and that
+        pass's own time."""
         passes = {True: "own pass", False: "fused", None: "—"}
         return [
             {"name": c.name, "path": c.path, "input": "; ".join("x".join(map(str, s)) for s in c.inputs)}
             | {f"{path} ms": f"{c.times_ms[path]:.4f}" if path in c.times_ms else "—" for path in PATHS}
             | {"input quantization": passes[c.quantization_timed]}
+            | {"quantization ms": "—" if c.quantization_ms is None else f"{c.quantization_ms:.4f}"}
             for c in self.choices
         ]
 
@@ -372,6 +383,7 @@ def measure(
     """Median time (ms) of each candidate path of ``layer`` on a random input shaped and laid out like ``x``;
     ``compiled``: for a model run under ``torch.compile``, where, if ``fuses_quantization`` (the input's producer is
     one the quantization fuses into), a quantized path is timed without its input's quantization (module docstring).
+    Where the input is quantized with static scales, that quantization's own time is kept under :data:`QUANTIZATION`.
 
     A candidate that fails (a shape cuBLASLt refuses, a capture a kernel breaks, cuDNN's own error types) is left
     out; bf16 always runs.
@@ -384,11 +396,13 @@ def measure(
         except Exception:
             if path == "bf16":
                 raise
-    quantization = _input_quantization(layer, probe) if compiled and fuses_quantization else None
-    if quantization is not None and any(path != "bf16" for path in times):
-        fused = _median_ms(quantization)
-        times = {path: t if path == "bf16" else max(t - fused, 0.0) for path, t in times.items()}
-    return times
+    quantization = _input_quantization(layer, probe) if any(path != "bf16" for path in times) else None
+    if quantization is None:
+        return times
+    pass_ms = _median_ms(quantization)
+    if compiled and fuses_quantization:
+        times = {path: t if path == "bf16" else max(t - pass_ms, 0.0) for path, t in times.items()}
+    return times | {QUANTIZATION: pass_ms}
 
 
 def measure_attention(shape: AttentionCall, device: torch.device, compiled: bool = False) -> dict[str, float]:
@@ -586,7 +600,10 @@ def select_paths(
         measured, shapes, put_in_place, quantization_timed = times_of(name)
         path, totals = fastest([times for times, _ in measured])
         cached = all(cached for _, cached in measured)
-        report.choices.append(PathChoice(name, path, totals, shapes, cached, kind, quantization_timed))
+        passes = [times.get(QUANTIZATION) for times, _ in measured]
+        quantization_ms = None if None in passes else sum(passes)
+        choice = PathChoice(name, path, totals, shapes, cached, kind, quantization_timed, quantization_ms)
+        report.choices.append(choice)
         put_in_place(path)
     if use_cache:
         _write_cache(cache_file, cache)
