@@ -263,13 +263,20 @@ def test_the_report_lists_each_module_with_its_candidates_times():
     assert report.to_dict()["layers"][1]["cached"] is True
 
 
-def test_compiled_timing_leaves_out_the_input_quantization(monkeypatch):
+@pytest.fixture
+def timed_layer(monkeypatch) -> LowBitLinear:
+    """A converted Linear whose timings are made up: cuBLASLt 3 ms, bf16 2.5 ms, its input's quantization 1 ms
+    (that call is run, so it must work on CPU)."""
+    monkeypatch.setattr(paths, "_candidates", lambda *args: {"cublas": "gemm", "bf16": "dense"})
+    made_up = {"gemm": 3.0, "dense": 2.5}
+    monkeypatch.setattr(paths, "_median_ms", lambda call: made_up[call] if isinstance(call, str) else (call(), 1.0)[1])
+    return _converted().proj
+
+
+def test_compiled_timing_leaves_out_the_input_quantization(timed_layer):
     """Compiled, the quantization fuses into the op producing the input: a quantized path's time is its call's less
     the quantization's (here 1 ms); bf16's stays."""
-    layer = _converted().proj
-    monkeypatch.setattr(paths, "_candidates", lambda *args: {"cublas": "gemm", "bf16": "dense"})
-    times = {"gemm": 3.0, "dense": 2.5}
-    monkeypatch.setattr(paths, "_median_ms", lambda call: times[call] if isinstance(call, str) else (call(), 1.0)[1])
+    layer = timed_layer
     x = torch.randn(4, 32)
     assert paths.measure(layer, x) == {"cublas": 3.0, "bf16": 2.5, paths.QUANTIZATION: 1.0}
     assert paths.measure(layer, x, compiled=True) == {"cublas": 2.0, "bf16": 2.5, paths.QUANTIZATION: 1.0}
@@ -286,14 +293,9 @@ def test_the_input_quantization_is_each_parts_codes():
     assert paths._input_quantization(model.proj, torch.randn(4, 32)) is None
 
 
-def test_compiled_timing_keeps_the_quantization_of_an_input_from_outside_the_graph(monkeypatch):
+def test_compiled_timing_keeps_the_quantization_of_an_input_from_outside_the_graph(timed_layer):
     """An input that enters the compiled graph from outside has no producer to fuse into: its quantization stays."""
-    layer = _converted().proj
-    monkeypatch.setattr(paths, "_candidates", lambda *args: {"cublas": "gemm", "bf16": "dense"})
-    times = {"gemm": 3.0, "dense": 2.5}
-    monkeypatch.setattr(paths, "_median_ms", lambda call: times[call] if isinstance(call, str) else (call(), 1.0)[1])
-    x = torch.randn(4, 32)
-    times = paths.measure(layer, x, compiled=True, fuses_quantization=False)
+    times = paths.measure(timed_layer, torch.randn(4, 32), compiled=True, fuses_quantization=False)
     assert times == {"cublas": 3.0, "bf16": 2.5, paths.QUANTIZATION: 1.0}
 
 

@@ -580,7 +580,7 @@ def select_paths(
             measured,
             [list(meta.shape) for meta in metas],
             lambda path: _apply(model, name, layer, path, metas[0], compiled),
-            not (compiled and all(fused for _, fused in recorded)),
+            not all(fused for _, fused in recorded),  # eagerly none fuses (recorded without regions)
         )
 
     def attention_times(name: str):
