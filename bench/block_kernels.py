@@ -62,12 +62,15 @@ def _profile(model, args: tuple) -> dict:
         model(*args)
         times = kernel_times_us(lambda: model(*args), torch.device("cuda"))
         median = triton.testing.do_bench_cudagraph(lambda: model(*args), rep=50, return_mode="median")
-    listed = sorted(times.items(), key=lambda item: -item[1])
+    listed = sorted(times.items(), key=lambda item: -item[1].us)
     return {
         "inductor_triton_kernels": kernels,
         "cuda_graph_median_ms": median,
-        "kernel_time_ms": sum(times.values()) / 1000,
-        "kernels": [{"name": name[:160], "us": us, "category": kernel_category(name)} for name, us in listed],
+        "kernel_time_ms": sum(time.us for time in times.values()) / 1000,
+        "kernels": [
+            {"name": name[:160], "us": time.us, "calls": time.calls, "category": kernel_category(name)}
+            for name, time in listed
+        ],
     }
 
 

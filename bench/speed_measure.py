@@ -10,7 +10,7 @@ import statistics
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -242,44 +242,59 @@ def kernel_category(name: str) -> str:
     return next((category for category, pattern in KERNEL_CATEGORIES if pattern.search(name)), "other")
 
 
-def kernel_times_us(call: Callable[[], Any], device: torch.device) -> dict[str, float]:
-    """Self time of each kernel of one call (CUDA kernels on CUDA; aten ops on the CPU), in µs."""
+class KernelTime(NamedTuple):
+    """One kernel's self time over a profiled call, in µs, and how many times it ran."""
+
+    us: float
+    calls: int
+
+
+def kernel_times_us(call: Callable[[], Any], device: torch.device) -> dict[str, KernelTime]:
+    """Self time and launch count of each kernel of one call (CUDA kernels on CUDA; aten ops on the CPU)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    kind = DeviceType.CUDA if device.type == "cuda" else DeviceType.CPU
     with profile(activities=[activity]) as profiler:
         call()
         synchronize(device)
-    times: dict[str, float] = {}
+    times: dict[str, KernelTime] = {}
     for event in profiler.key_averages():
-        if device.type == "cuda" and event.device_type == DeviceType.CUDA:
-            times[event.key] = times.get(event.key, 0.0) + event.self_device_time_total
-        elif device.type != "cuda" and event.device_type == DeviceType.CPU:
-            times[event.key] = times.get(event.key, 0.0) + event.self_cpu_time_total
-    return {name: us for name, us in times.items() if us > 0}
+        if event.device_type == kind:
+            us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+            before = times.get(event.key, KernelTime(0.0, 0))
+            times[event.key] = KernelTime(before.us + us, before.calls + event.count)
+    return {name: time for name, time in times.items() if time.us > 0}
 
 
-def kernel_summary(times_us: dict[str, float], flops: FlopCount, top: int = 40) -> dict[str, Any]:
-    """Time per kernel category, achieved TFLOP/s of the GEMM/conv and attention kernels, the top kernels (40: enough
-    to set two rows' lists side by side and see which kernels one of them adds, where 8 were not)."""
-    total = sum(times_us.values())
+def kernel_summary(times: dict[str, KernelTime], flops: FlopCount) -> dict[str, Any]:
+    """Time per kernel category, achieved TFLOP/s of the GEMM/conv and attention kernels, and every kernel, slowest
+    first, with its launch count (``by_kernel``: all of them, so that two rows' lists set side by side account for
+    the whole difference, ``bench/kernel_diff.py``; older results kept the 40 slowest, as ``top``)."""
+    total = sum(time.us for time in times.values())
     by_category: dict[str, float] = {}
-    for name, us in times_us.items():
-        by_category[kernel_category(name)] = by_category.get(kernel_category(name), 0.0) + us
+    for name, time in times.items():
+        by_category[kernel_category(name)] = by_category.get(kernel_category(name), 0.0) + time.us
 
     def tflops(flop: int, us: float) -> float | None:
         return flop / (us * 1e-6) / 1e12 if us else None
 
-    ranked = sorted(times_us.items(), key=lambda item: -item[1])[:top]
+    ranked = sorted(times.items(), key=lambda item: -item[1].us)
     return {
         "kernel_time_ms": total / 1000,
         "time_share": {category: us / total for category, us in by_category.items()} if total else {},
         "gemm_conv_tflops": tflops(flops.layer_total, by_category.get("gemm/conv", 0.0)),
         "attention_tflops": tflops(flops.attention, by_category.get("attention", 0.0)),
-        "top": [
-            {"name": name[:160], "ms": us / 1000, "share": us / total, "category": kernel_category(name)}
-            for name, us in ranked
+        "by_kernel": [
+            {
+                "name": name[:160],
+                "ms": time.us / 1000,
+                "calls": time.calls,
+                "share": time.us / total,
+                "category": kernel_category(name),
+            }
+            for name, time in ranked
         ],
     }
 

@@ -313,7 +313,7 @@ def test_cpu_run_measures_bf16_and_the_converted_model(dit_run):
     assert int8["flops"]["total"] == int8["flops"]["fp_model_total"] == bf16["flops"]["total"]
     assert int8["metrics"]["full_precision_layer_flop_fraction"] == 0.0
     assert int8["conversion"]["converted"]["int8"] == 57 and int8["weight_bytes"] < bf16["weight_bytes"] / 2
-    assert int8["kernels"]["top"] and int8["recipe"]["attention"]["enabled"] is False
+    assert int8["kernels"]["by_kernel"] and int8["recipe"]["attention"]["enabled"] is False
 
 
 def test_rows_that_cannot_run_here_are_unsupported_with_their_reason(dit_run):
