@@ -41,14 +41,15 @@ in (``regions``: the modules compiled one by one, by default the whole model), s
 block's 1×1 shortcut takes, the concatenation a UNet up-block feeds its ResNet blocks, or the text states of a
 cross-attention's K and V projections; and the input of a layer outside every compiled region, such as a diffusers
 UNet's down- and upsampling convolutions under regional compilation. Subtracted everywhere, on SD-1.5 at batch 2
-(H100, regional compilation) the measurement kept 14 shortcuts, 5 resampling convolutions and ``conv_in`` on fp8
-for gains of 0.001–0.04 ms each, their quantization passes not counted, and the model ran at 0.95× of bf16;
-subtracted only where it fuses, two shortcuts, four resampling convolutions and ``conv_in`` stayed, and it ran at
-0.98× (``bench/results/speed-deployment``). A fusion is not free either, which this measurement does not see: the
-producer still writes its 16-bit output where another op takes it, and one fp8 copy per quantized consumer (a norm
-before Q, K and V with their own scales writes three). The attention kernel's output, which a diffusers
-``Attention``'s ``to_out`` (and ``to_add_out``) takes, is no producer to fuse into either. Other producers' kinds are
-not seen: an input straight out of another GEMM counts as fused, although inductor does not fuse into a vendor GEMM.
+(H100, regional compilation) the measurement kept 14 shortcuts, 5 resampling convolutions and ``conv_in`` on fp8 for
+gains of 0.001–0.04 ms each, their quantization passes not counted, and the model ran at 0.95× of bf16; subtracted
+only where it fuses, two shortcuts, four resampling convolutions and ``conv_in`` stayed low-bit, and it ran at 0.98×
+(``bench/results/speed-deployment``). Where it fuses, the quantization is not free either, which this measurement
+does not see: the producer still writes its 16-bit output where another op takes it, and one fp8 copy per quantized
+consumer (a norm before Q, K and V with their own scales writes three). The attention kernel's output, which a
+diffusers ``Attention``'s ``to_out`` (and ``to_add_out``) takes, is no producer to fuse into either. Other producers'
+kinds are not seen: an input straight out of another GEMM counts as fused, although inductor does not fuse into a
+vendor GEMM.
 
 Times are medians of CUDA-graph replays (``triton.testing.do_bench_cudagraph``'s procedure, :func:`_median_ms`),
 the first call excluded (it autotunes the Triton tiles). Each candidate is timed on an input laid out as it will be
