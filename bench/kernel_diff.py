@@ -7,8 +7,10 @@ set side by side.
 Prints, as Markdown, each kernel category's time in both rows (GEMM/conv, attention, "other": inductor's fused
 pointwise and reduction kernels and eager copies) and the kernels whose time differs most: those one row runs and
 the other does not, and those both run for a different time or number of launches. Kernels are matched by name;
-inductor names a fused kernel after the ops it fuses, so a kernel that fuses one more op (a quantization into the
-norm before it) shows as one kernel gone and another come.
+inductor names a fused kernel after the ops it fuses and a number within its graph
+(``triton_red_fused_native_layer_norm_3``), so the number is dropped and kernels fusing the same ops are counted as
+one (``--keep-numbers`` keeps them apart). A kernel that fuses one more op (a quantization into the norm before it)
+shows as one kernel gone and another come.
 
 Older results list only their 40 slowest kernels (``top``) where newer ones list every kernel
 (``by_kernel``, :func:`bench.speed_measure.kernel_summary`). With such a row the category times stay exact (they
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,8 +69,19 @@ class KernelDifference:
         return abs(delta) if delta is not None else max(ms for ms in self.ms if ms is not None)
 
 
-def kernel_list(record: dict[str, Any]) -> KernelList:
-    """The kernels of a ``bench/speed.py`` result; a ValueError where the row was not profiled."""
+#: Inductor's generated kernels: their kind, the ops they fuse, and their number within the graph.
+_INDUCTOR_NAME = re.compile(r"^(triton_(?:poi|red|per|tem)_.+)_\d+$")
+
+
+def ops_name(name: str) -> str:
+    """``name`` without inductor's kernel number, so that kernels fusing the same ops share one name."""
+    match = _INDUCTOR_NAME.match(name)
+    return match.group(1) if match else name
+
+
+def kernel_list(record: dict[str, Any], keep_numbers: bool = False) -> KernelList:
+    """The kernels of a ``bench/speed.py`` result, inductor's kernels fusing the same ops counted as one unless
+    ``keep_numbers``; a ValueError where the row was not profiled."""
     kernels = record.get("kernels") or {}
     listed = kernels.get("by_kernel", kernels.get("top"))
     if listed is None:
@@ -76,8 +90,8 @@ def kernel_list(record: dict[str, Any]) -> KernelList:
     ms: dict[str, float] = {}
     calls: dict[str, int | None] = {}
     category_of: dict[str, str] = {}
-    for kernel in listed:  # names cut at 160 characters may coincide: their times add up
-        name = kernel["name"]
+    for kernel in listed:  # names cut at 160 characters may coincide too: their times add up
+        name = kernel["name"] if keep_numbers else ops_name(kernel["name"])
         ms[name] = ms.get(name, 0.0) + kernel["ms"]
         count = kernel.get("calls")
         calls[name] = None if count is None or calls.get(name, 0) is None else calls.get(name, 0) + count
@@ -151,6 +165,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("before", type=Path, help="the reference row's result JSON (usually the bf16 row)")
     parser.add_argument("after", type=Path, help="the row to set against it")
     parser.add_argument("--rows", type=int, default=25, help="how many kernels to list (default 25)")
+    parser.add_argument(
+        "--keep-numbers", action="store_true",
+        help="keep inductor's kernel numbers (triton_..._3), listing each generated kernel apart; by default kernels "
+        "fusing the same ops are counted as one",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -159,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lists = []
     for path in (args.before, args.after):
         try:
-            lists.append(kernel_list(json.loads(path.read_text())))
+            lists.append(kernel_list(json.loads(path.read_text()), args.keep_numbers))
         except (OSError, ValueError, KeyError) as error:  # JSONDecodeError is a ValueError
             print(f"bench/kernel_diff.py: {path}: not a profiled bench/speed.py result ({error})", file=sys.stderr)
             return 2

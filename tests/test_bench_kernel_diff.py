@@ -45,7 +45,7 @@ def test_the_difference_of_two_complete_lists():
     gone, come = found["nvjet_sm90_tst_bf16_gemm"], found["nvjet_sm90_qqtst_fp8_gemm"]
     assert (gone.ms, gone.calls, gone.delta_ms) == ((0.3, 0.0), (4, 0), pytest.approx(-0.3))
     assert (come.ms, come.calls, come.delta_ms) == ((0.0, 0.2), (0, 4), pytest.approx(0.2))
-    assert found["triton_red_fused_native_layer_norm_0"].delta_ms == pytest.approx(0.01)
+    assert found["triton_red_fused_native_layer_norm"].delta_ms == pytest.approx(0.01)  # inductor's number dropped
     assert [d.name for d in kernel_diff.differences(before, after)][:2] == [gone.name, come.name]
     table = kernel_diff.render(before, after, rows=2)
     # gemm/conv 0.300 -> 0.200; other (gelu + norm) 0.196 -> 0.180; attention unchanged; all 0.596 -> 0.480
@@ -63,7 +63,7 @@ def test_a_kernel_below_a_partial_lists_cut_is_unknown_not_absent():
     ]
     before, after = kernel_diff.kernel_list(old), kernel_diff.kernel_list(_record("fp8", FP8))
     found = {d.name: d for d in kernel_diff.differences(before, after)}
-    norm = found["triton_red_fused_native_layer_norm_0"]  # below the cut of the old list
+    norm = found["triton_red_fused_native_layer_norm"]  # below the cut of the old list
     assert norm.ms == (None, 0.06) and norm.delta_ms is None and norm.size == pytest.approx(0.06)
     assert found["nvjet_sm90_tst_bf16_gemm"].calls == (None, 0)
     table = kernel_diff.render(before, after)
@@ -82,3 +82,16 @@ def test_the_command_prints_the_tables_and_refuses_a_result_without_kernels(tmp_
     unprofiled.write_text(json.dumps({"model": "m", "row": "r", "kernels": {"error": "torch.profiler failed: CUPTI"}}))
     assert kernel_diff.main([str(paths[0]), str(unprofiled)]) == 2
     assert "torch.profiler failed: CUPTI" in capsys.readouterr().err
+
+
+def test_inductor_kernels_fusing_the_same_ops_count_as_one_unless_their_numbers_are_kept():
+    assert kernel_diff.ops_name("triton_red_fused_native_layer_norm_12") == "triton_red_fused_native_layer_norm"
+    assert kernel_diff.ops_name("nvjet_sm90_tst_80x64_64x11_1x2_h_bz_TNN") == "nvjet_sm90_tst_80x64_64x11_1x2_h_bz_TNN"
+    assert kernel_diff.ops_name("cudnn_generated_kernel0_0") == "cudnn_generated_kernel0_0"  # not inductor's
+    record = _record("fp8", FP8 | {"triton_red_fused_native_layer_norm_3": KernelTime(40.0, 1)})
+    merged = kernel_diff.kernel_list(record)
+    assert merged.ms["triton_red_fused_native_layer_norm"] == pytest.approx(0.1)
+    assert merged.calls["triton_red_fused_native_layer_norm"] == 3
+    kept = kernel_diff.kernel_list(record, keep_numbers=True)
+    assert kept.ms["triton_red_fused_native_layer_norm_3"] == pytest.approx(0.04)
+    assert "triton_red_fused_native_layer_norm" not in kept.ms
