@@ -14,8 +14,8 @@ shows as one kernel gone and another come.
 
 Older results list only their 40 slowest kernels (``top``) where newer ones list every kernel
 (``by_kernel``, :func:`bench.speed_measure.kernel_summary`). With such a row the category times stay exact (they
-come from the whole profile), a kernel below its list's cut reads as not run, and the table says the lists are
-partial.
+come from the whole profile), a kernel below its list's cut reads "not listed" (unknown, not 0), and the table
+says the lists are partial.
 """
 
 from __future__ import annotations
