@@ -45,7 +45,8 @@ weights; the table lists those measured
 bench/results/speed-deployment`, the notes below say which are not yet): every row compiled and
 captured in one CUDA graph, each against the bf16 row of its own process. `dmquant-w8a8-fp8-fast` is what
 `convert_model` does by default (fast fp8 accumulation, each layer's path measured on the GPU: `kernels/paths.py`);
-`dmquant-w8a8-fp8-every-layer` keeps every converted layer on its fp8 kernel; `dmquant-w8a8-fp8-attention` adds FP8
+`dmquant-w8a8-fp8-every-layer` keeps every converted layer on its fp8 kernel; `dmquant-w8a8-fp8-any-gain` keeps a
+measured path over bf16 however little it saves (the default asks 5%); `dmquant-w8a8-fp8-attention` adds FP8
 attention (Q, K, V and the softmax output in fp8 e4m3 on cuDNN's fused FP8 SDPA: `kernels/fp8_attention.py`)."""
 
 SPEED_ONE_H100_TITLE = "The specification's rows on one H100"

@@ -19,7 +19,7 @@ from bench.configs import dmquant_config
 from bench.speed_measure import MEMORY_FORMATS, compiled_regions, convs_in_memory_format, free_memory, outermost
 from dmquant.api import info, quantize
 from dmquant.kernels.convert import REPORT_ATTRIBUTE, convert_model
-from dmquant.kernels.paths import select_paths
+from dmquant.kernels.paths import MIN_GAIN, select_paths
 
 if TYPE_CHECKING:
     from bench.speed_run import ModelBench
@@ -50,6 +50,8 @@ class Row:
         measured_paths: a dmquant row's converted layers take the path measured fastest on the device
             (cuBLASLt, Triton or bf16: :mod:`dmquant.kernels.paths`), as ``dmquant convert`` does by default;
             without it, every layer runs on its low-bit kernel.
+        path_min_gain: a dmquant row with ``measured_paths`` keeps a quantized path over bf16 only if it saves
+            this fraction of bf16's time (None: :data:`dmquant.kernels.paths.MIN_GAIN`, as ``dmquant convert``).
         fp8_attention: a dmquant row quantizes the attention matmuls of diffusers ``Attention`` (SD3's joint
             attention included) and FLUX's ``FluxAttention`` for FP8 attention (:mod:`dmquant.kernels.fp8_attention`)
             instead of leaving them in the compute dtype.
@@ -66,6 +68,7 @@ class Row:
     compute: str | None = None
     measured_paths: bool = True
     fp8_attention: bool = False
+    path_min_gain: float | None = None
 
     @property
     def compute_format(self) -> str:
@@ -90,7 +93,8 @@ def _dmquant(what: str, attention: str = "attention matmuls off") -> str:
 #: How the description of a row with ``measured_paths`` ends (appended to its description).
 MEASURED_PATHS = (
     "; on CUDA each converted W8A8 layer then takes the path measured fastest there (cuBLASLt, Triton, or bf16 with "
-    "its dequantized weight; dmquant.kernels.paths), int4 layers keep their kernel"
+    "its dequantized weight; dmquant.kernels.paths), a quantized path kept over bf16 only where it saves "
+    "dmquant.kernels.paths.MIN_GAIN of bf16's time unless the row says otherwise, int4 layers keep their kernel"
 )
 ROWS: dict[str, Row] = {
     row.name: row
@@ -120,6 +124,10 @@ ROWS: dict[str, Row] = {
             _dmquant("fp8 as dmquant-w8a8-fp8, its fp8 GEMMs on cuBLASLt with fast accumulation "
                             "(use_fast_accum=True, as torchao's fp8 rows)"),
             formats=("fp8_e4m3", "fp8_e4m3", "channel"), fast_accumulation=True),
+        Row("dmquant-w8a8-fp8-any-gain", "dmquant", QUANTIZED_SETTINGS,
+            _dmquant("fp8 as dmquant-w8a8-fp8-fast, each measured path kept over bf16 however little it saves "
+                     "(min_gain 0)"),
+            formats=("fp8_e4m3", "fp8_e4m3", "channel"), fast_accumulation=True, path_min_gain=0.0),
         Row("dmquant-w8a8-fp8-attention", "dmquant", QUANTIZED_SETTINGS,
             _dmquant("fp8 as dmquant-w8a8-fp8-fast",
                      attention="Q, K, V and the softmax output of diffusers Attention (SD3's joint one too) and "
@@ -235,6 +243,7 @@ def build_dmquant(bench: ModelBench, row: Row) -> Built:
             lambda: model(*args_, **kwargs),
             compiled=compiled,
             regions=compiled_regions(model, bench.args.compile_scope),
+            min_gain=MIN_GAIN if row.path_min_gain is None else row.path_min_gain,
             progress=bench.args.progress,
         )
         details["paths"] = paths.to_dict() | {"seconds": time.perf_counter() - began, "summary": paths.summary()}

@@ -94,6 +94,28 @@ def test_the_fastest_path_is_the_least_total_over_the_paths_every_call_took():
     assert paths.fastest([{"cublas": 0.2, "bf16": 0.3}]) == ("cublas", {"cublas": 0.2, "bf16": 0.3})
 
 
+def test_a_quantized_path_is_kept_over_bf16_only_if_it_saves_the_minimum_gain():
+    # over two calls: triton saves 0.1 of bf16's 2.0 ms (5%), cublas 0.04 (2%)
+    entries = [{"cublas": 0.98, "triton": 0.9, "bf16": 1.0}, {"cublas": 0.98, "triton": 1.0, "bf16": 1.0}]
+    assert paths.fastest(entries, min_gain=0.05)[0] == "triton"  # saves exactly 5%
+    assert paths.fastest(entries, min_gain=0.06)[0] == "bf16"
+    assert paths.fastest(entries, min_gain=0.0)[0] == "triton"
+    assert paths.fastest([{"fp8": 0.97, "bf16": 1.0}], min_gain=paths.MIN_GAIN)[0] == "bf16"  # attention alike
+    # int4 layers have no bf16 candidate: the margin has nothing to fall back to
+    assert paths.fastest([{"triton": 1.0, "dequant": 1.02}], min_gain=0.5)[0] == "triton"
+    report = paths.PathReport("GPU", [paths.PathChoice("a", "bf16", {"cublas": 0.98, "bf16": 1.0}, [[4, 8]])],
+                              min_gain=0.05)  # fmt: skip
+    assert "kept over bf16 only if it saved 5% of its time" in report.summary()
+    assert "time per call 1.000 ms" in report.summary()  # the path taken, not the fastest candidate
+    assert report.to_dict()["min_gain"] == 0.05
+
+
+@pytest.mark.parametrize("min_gain", [-0.1, 1.0])
+def test_selection_refuses_a_minimum_gain_outside_zero_to_one(min_gain):
+    with pytest.raises(ValueError, match="min_gain"):
+        paths.select_paths(_converted(), lambda: None, min_gain=min_gain)
+
+
 def test_the_bf16_path_replaces_the_layer_and_the_others_set_its_backend():
     model = _converted()
     image = torch.randn(1, 16, 8, 8).contiguous(memory_format=torch.channels_last)
