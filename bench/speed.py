@@ -37,7 +37,7 @@ Rows (``--rows``), each measured in the execution settings it lists (the first i
   tensor), ``dmquant-w8a8-fp8-fast`` (the same, its fp8 GEMMs on cuBLASLt with fast accumulation,
   as torchao's fp8 row), ``dmquant-w8a8-fp8-every-layer`` (that, every layer on its fp8 kernel, no paths
   measured), ``dmquant-w8a8-fp8-any-gain`` (that, each measured path kept over bf16 however little it saves, where
-  the default asks ``kernels.paths.MIN_GAIN``), ``dmquant-w8a8-fp8-attention`` (that with the attention matmuls
+  the default asks ``catalog.MIN_PATH_GAIN``), ``dmquant-w8a8-fp8-attention`` (that with the attention matmuls
   of diffusers ``Attention`` (SD3's joint one too) and FLUX's ``FluxAttention`` in fp8 too: FP8 attention on cuDNN
   where it takes the head dimension), ``dmquant-w8a8-fp8-linear-fast`` (that on the nn.Linear layers only, the
   convolutions left in bfloat16 as torchao leaves them), ``dmquant-w8a8-int8`` (int8 symmetric

@@ -18,8 +18,9 @@ from bench import peers
 from bench.configs import dmquant_config
 from bench.speed_measure import MEMORY_FORMATS, compiled_regions, convs_in_memory_format, free_memory, outermost
 from dmquant.api import info, quantize
+from dmquant.catalog import MIN_PATH_GAIN
 from dmquant.kernels.convert import REPORT_ATTRIBUTE, convert_model
-from dmquant.kernels.paths import MIN_GAIN, select_paths
+from dmquant.kernels.paths import select_paths
 
 if TYPE_CHECKING:
     from bench.speed_run import ModelBench
@@ -51,7 +52,7 @@ class Row:
             (cuBLASLt, Triton or bf16: :mod:`dmquant.kernels.paths`), as ``dmquant convert`` does by default;
             without it, every layer runs on its low-bit kernel.
         path_min_gain: a dmquant row with ``measured_paths`` keeps a quantized path over bf16 only if it saves
-            this fraction of bf16's time (None: :data:`dmquant.kernels.paths.MIN_GAIN`, as ``dmquant convert``).
+            this fraction of bf16's time (None: :data:`dmquant.catalog.MIN_PATH_GAIN`, as ``dmquant convert``).
         fp8_attention: a dmquant row quantizes the attention matmuls of diffusers ``Attention`` (SD3's joint
             attention included) and FLUX's ``FluxAttention`` for FP8 attention (:mod:`dmquant.kernels.fp8_attention`)
             instead of leaving them in the compute dtype.
@@ -94,7 +95,7 @@ def _dmquant(what: str, attention: str = "attention matmuls off") -> str:
 MEASURED_PATHS = (
     "; on CUDA each converted W8A8 layer then takes the path measured fastest there (cuBLASLt, Triton, or bf16 with "
     "its dequantized weight; dmquant.kernels.paths), a quantized path kept over bf16 only where it saves "
-    "dmquant.kernels.paths.MIN_GAIN of bf16's time unless the row says otherwise, int4 layers keep their kernel"
+    "dmquant.catalog.MIN_PATH_GAIN of bf16's time unless the row says otherwise, int4 layers keep their kernel"
 )
 ROWS: dict[str, Row] = {
     row.name: row
@@ -243,7 +244,7 @@ def build_dmquant(bench: ModelBench, row: Row) -> Built:
             lambda: model(*args_, **kwargs),
             compiled=compiled,
             regions=compiled_regions(model, bench.args.compile_scope),
-            min_gain=MIN_GAIN if row.path_min_gain is None else row.path_min_gain,
+            min_gain=MIN_PATH_GAIN if row.path_min_gain is None else row.path_min_gain,
             progress=bench.args.progress,
         )
         details["paths"] = paths.to_dict() | {"seconds": time.perf_counter() - began, "summary": paths.summary()}

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from dmquant import api
 from dmquant.calib.record import CalibrationSet
+from dmquant.catalog import MIN_PATH_GAIN
 from dmquant.config import load_recipe
 from dmquant.kernels import cudnn_conv, decision_cache, paths
 from dmquant.kernels.convert import convert_model
@@ -100,7 +101,7 @@ def test_a_quantized_path_is_kept_over_bf16_only_if_it_saves_the_minimum_gain():
     assert paths.fastest(entries, min_gain=0.05)[0] == "triton"  # saves exactly 5%
     assert paths.fastest(entries, min_gain=0.06)[0] == "bf16"
     assert paths.fastest(entries, min_gain=0.0)[0] == "triton"
-    assert paths.fastest([{"fp8": 0.97, "bf16": 1.0}], min_gain=paths.MIN_GAIN)[0] == "bf16"  # attention alike
+    assert paths.fastest([{"fp8": 0.97, "bf16": 1.0}], min_gain=MIN_PATH_GAIN)[0] == "bf16"  # attention alike
     # int4 layers have no bf16 candidate: the margin has nothing to fall back to
     assert paths.fastest([{"triton": 1.0, "dequant": 1.02}], min_gain=0.5)[0] == "triton"
     report = paths.PathReport("GPU", [paths.PathChoice("a", "bf16", {"cublas": 0.98, "bf16": 1.0}, [[4, 8]])],

@@ -1,4 +1,5 @@
-"""The names the command line offers — built-in models, samplers, shipped recipes — without importing torch.
+"""The names and defaults the command line offers — built-in models, samplers, shipped recipes — without importing
+torch.
 
 ``dmquant --help`` builds every subcommand's options from these; the modules that give the names a meaning
 (:mod:`dmquant.models`, :mod:`dmquant.config`) import them from here, so they are written once.
@@ -17,6 +18,9 @@ TINY_MODELS = ("tiny-unet", "tiny-unet-text", "tiny-dit")
 SCHEDULER_NAMES = ("ddim", "ddpm", "dpm-solver")
 #: Where the shipped recipes live, so that ``--recipe NAME`` works from any install.
 RECIPES_DIR = Path(__file__).parent / "recipes"
+#: The fraction of bf16's time a measured low-bit path must save to be kept over bf16 (:mod:`dmquant.kernels.paths`
+#: says why), the default of ``--min-path-gain``.
+MIN_PATH_GAIN = 0.05
 
 
 def available_recipes() -> list[str]:

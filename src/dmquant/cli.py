@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .catalog import REFERENCE_MODELS, SCHEDULER_NAMES, TINY_MODELS, available_recipes
+from .catalog import MIN_PATH_GAIN, REFERENCE_MODELS, SCHEDULER_NAMES, TINY_MODELS, available_recipes
 from .cli_commands import (
     DEFAULT_STEPS,
     check_device,
@@ -54,6 +54,14 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 def _bits(value: str) -> int | str:
     return int(value) if value.isascii() and value.isdigit() else value
+
+
+def _fraction(value: str) -> float:
+    """A number in [0, 1), for argparse."""
+    number = float(value)
+    if not 0.0 <= number < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {value}")
+    return number
 
 
 def _positive_int(value: str) -> int:
@@ -158,6 +166,15 @@ def _add_path_option(parser: argparse.ArgumentParser) -> None:
         "except where none in the compiled graph does (the model's inputs, an attention's output; the table's "
         "'input quantization' column says which); "
         "decisions cached per GPU and shape in $DMQUANT_CACHE_DIR, default ~/.cache/dmquant)",
+    )
+    parser.add_argument(
+        "--min-path-gain",
+        type=_fraction,
+        default=MIN_PATH_GAIN,
+        metavar="FRACTION",
+        help="a measured low-bit path replaces bf16 only where it saves this fraction of bf16's time (default: "
+        "%(default)s); a layer that saves a little alone can cost more in the model (the fp8 copies its "
+        "producer writes, a layout copy), so 0 keeps the fastest however close and can end slower than bf16",
     )
 
 

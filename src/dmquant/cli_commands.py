@@ -86,8 +86,8 @@ def _prepared(model: DiffusionModel, args: argparse.Namespace) -> DiffusionModel
 
 def _choose_kernel_paths(converted: DiffusionModel, args: argparse.Namespace):
     """On CUDA, unless ``--every-layer-on-kernels``: each converted layer's fastest path, measured on calls shaped
-    like this command's batches (``dmquant.kernels.paths``; as they run compiled with ``--compile``), with what was
-    chosen printed; the report, or None."""
+    like this command's batches (``dmquant.kernels.paths``; as they run compiled with ``--compile``), kept over bf16
+    where it saves ``--min-path-gain`` of bf16's time, with what was chosen printed; the report, or None."""
     import torch
 
     from .deployment import choose_kernel_paths
@@ -95,7 +95,14 @@ def _choose_kernel_paths(converted: DiffusionModel, args: argparse.Namespace):
     if torch.device(args.device).type != "cuda" or args.every_layer_on_kernels:
         return None
     compiled = getattr(args, "compile", False)
-    report = choose_kernel_paths(converted, args.batch_size, args.guidance, compiled=compiled, progress=not args.quiet)
+    report = choose_kernel_paths(
+        converted,
+        args.batch_size,
+        args.guidance,
+        compiled=compiled,
+        min_gain=args.min_path_gain,
+        progress=not args.quiet,
+    )
     print(report.summary())
     return report
 

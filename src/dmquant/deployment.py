@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .catalog import MIN_PATH_GAIN
 from .denoiser import Denoiser
 from .kernels.paths import PathReport, select_paths
 from .models import DiffusionModel
@@ -35,12 +36,14 @@ def choose_kernel_paths(
     guidance_scale: float | None = None,
     *,
     compiled: bool = False,
+    min_gain: float = MIN_PATH_GAIN,
     progress: bool = True,
 ) -> PathReport:
     """:func:`~dmquant.kernels.paths.select_paths` on a converted model's denoiser (on CUDA), with the calls
-    sampling ``batch_size`` samples makes; ``compiled``: for a denoiser that will run under ``torch.compile``."""
+    sampling ``batch_size`` samples makes; ``compiled``: for a denoiser that will run under ``torch.compile``;
+    ``min_gain``: the fraction of bf16's time a low-bit path must save to be kept."""
     call = representative_call(model, batch_size, guidance_scale)
-    return select_paths(model.denoiser, call, compiled=compiled, progress=progress)
+    return select_paths(model.denoiser, call, compiled=compiled, min_gain=min_gain, progress=progress)
 
 
 @torch.no_grad()

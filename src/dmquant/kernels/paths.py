@@ -66,13 +66,13 @@ Eagerly, FP8 attention is slower than bf16 at every measured shape (``bench/resu
 cuDNN does not take runs the simulated attention, which materialises the probabilities and is never faster than
 torch's fused SDPA: it takes ``"bf16"`` unmeasured against.
 
-A quantized path must beat ``"bf16"`` by :data:`MIN_GAIN` of bf16's time to be kept (``min_gain``): the
-isolated timing does not see what a low-bit layer costs the model around it (the fp8 copies its producer writes
-beside its 16-bit output, a layout copy of the codes, another layer's weights evicting its own from L2), and a
-layer that saves 2% alone can cost more than that in the model. On SD-1.5 at batch 2 (H100, compiled), 46 of the
-75 layers the measurement kept low-bit saved under 5% each (0.015 ms together, of 0.135 predicted) and the model ran
-at 0.98× of bf16; on FLUX, SD3, PixArt-Σ and SDXL the layers under 5% carry 0–0.006 ms of their predicted gain
-(``bench/results/speed-deployment``). The decision is made from the times, not cached: changing ``min_gain``
+A quantized path must beat ``"bf16"`` by :data:`~dmquant.catalog.MIN_PATH_GAIN` (5%) of bf16's time to be kept
+(``min_gain``): the isolated timing does not see what a low-bit layer costs the model around it (the fp8 copies its
+producer writes beside its 16-bit output, a layout copy of the codes, another layer's weights evicting its own from
+L2), and a layer that saves 2% alone can cost more than that in the model. On SD-1.5 at batch 2 (H100, compiled),
+46 of the 75 layers the measurement kept low-bit saved under 5% each (0.015 ms together, of 0.135 predicted) and the
+model ran at 0.98× of bf16; on FLUX, SD3, PixArt-Σ and SDXL the layers under 5% carry 0–0.006 ms of their predicted
+gain (``bench/results/speed-deployment``). The choice is made from the times, not cached: another ``min_gain``
 measures nothing again.
 
 Decisions are cached in a JSON file (:func:`cache_path`) keyed by the GPU, the torch/Triton/dmquant versions, the
@@ -99,6 +99,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
+from ..catalog import MIN_PATH_GAIN
 from ..streams import side_stream
 from . import cudnn_conv
 from .decision_cache import cache_dir, merge_entries, read_entries
@@ -112,9 +113,6 @@ CACHE_FILE = "kernel-paths.json"
 #: The key of a layer's measured times under which :func:`measure` keeps its input's quantization pass alone (ms),
 #: beside the paths' times; no path of its own.
 QUANTIZATION = "input quantization"
-
-#: The fraction of bf16's time a quantized path (or FP8 attention) must save to be kept over bf16 (module docstring).
-MIN_GAIN = 0.05
 
 LowBitLayer = LowBitLinear | LowBitConv2d
 
@@ -550,7 +548,7 @@ def select_paths(
     dense_for_int4: bool = False,
     compiled: bool = False,
     regions: Iterable[nn.Module] | None = None,
-    min_gain: float = MIN_GAIN,
+    min_gain: float = MIN_PATH_GAIN,
     progress: bool = False,
 ) -> PathReport:
     """Choose and set each converted layer's and FP8-attention module's path (module docstring) from one ``call()``
@@ -563,7 +561,7 @@ def select_paths(
     under ``torch.compile``, where quantizations fuse into the ops producing their inputs when those run in the same
     compiled graph (module docstring): ``regions`` are the modules compiled one by one (regional compilation), by
     default the whole ``model`` as one graph. ``min_gain``: the fraction of bf16's time a quantized path must save
-    to be kept (:data:`MIN_GAIN`; 0 keeps the fastest however close).
+    to be kept (:data:`~dmquant.catalog.MIN_PATH_GAIN`; 0 keeps the fastest however close).
     Returns the :class:`PathReport`, also kept as ``model.dmquant_paths``.
     """
     if not 0.0 <= min_gain < 1.0:
