@@ -95,6 +95,22 @@ def test_eager_cuda_calls_take_one_kernel_with_the_same_codes():
     assert torch.equal(codes, _torch_codes(x, scale, zero, "int8"))
 
 
+@pytest.mark.gpu
+def test_a_strided_eager_input_is_copied_once_then_quantized_in_one_pass():
+    """The NHWC view a convolution takes of an NCHW activation: one 16-bit copy and the one-pass kernel, not the
+    torch operations' float32 passes; the same codes, contiguous in the view's order (NHWC in memory)."""
+    x = torch.randn(2, 48, 6, 5, device=DEVICE, dtype=torch.bfloat16) * 3
+    view = x.permute(0, 2, 3, 1)
+    scale = torch.tensor([0.02], device=DEVICE)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        codes = quantize_activations(view, scale, None, "fp8")
+        torch.cuda.synchronize()
+    kernels = [event.name for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 2 and "_quantize_kernel" in kernels[1], kernels
+    assert codes.is_contiguous()
+    assert torch.equal(codes.view(torch.uint8), _torch_codes(view, scale, None, "fp8").view(torch.uint8))
+
+
 def test_compiled_fp8_codes_by_the_reciprocal_differ_from_the_quotients_rarely_and_by_one_step():
     """fp8_codes_by_reciprocal against the correctly rounded quotient's codes on 4M random values and 4 scales: at
     most one element in 100,000 differs, and then by one e4m3 step."""

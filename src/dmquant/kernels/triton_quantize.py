@@ -16,7 +16,8 @@ It computes exactly what the torch operations compute:
 * ``"fp8"``: ``clamp(x / s, ±448)`` cast to e4m3 with round-to-nearest-even (``cvt.rn.satfinite`` on the GPU).
 
 Dense tensors of any layout (contiguous, channels-last) are read in storage order, one scale (and zero point) per
-tensor. Other calls (strided views, per-row scales, CPU tensors) take the torch operations.
+tensor; :func:`~dmquant.kernels.operands.quantize_activations` makes a strided view contiguous before calling it.
+Per-row scales and CPU tensors take the torch operations.
 """
 
 from __future__ import annotations
