@@ -401,6 +401,7 @@ def test_path_selection_records_every_attention_call_beside_the_layers(fp8_atten
 @pytest.mark.gpu
 @needs_cudnn_fp8
 def test_path_selection_keeps_the_faster_attention_and_caches_it(tmp_path, monkeypatch):
+    from dmquant.catalog import MIN_PATH_GAIN
     from dmquant.kernels import decision_cache, paths
 
     monkeypatch.setenv(decision_cache.CACHE_VARIABLE, str(tmp_path))
@@ -410,7 +411,7 @@ def test_path_selection_keeps_the_faster_attention_and_caches_it(tmp_path, monke
     report = paths.select_paths(attn, lambda: attn(hidden))
     (choice,) = [c for c in report.choices if c.kind == "attention"]
     assert set(choice.times_ms) == {"fp8", "bf16"} and choice.inputs == [[2, 2, 1024, 1024, 64]]
-    assert choice.path == min(choice.times_ms, key=choice.times_ms.get) == attn.processor.path
+    assert choice.path == paths.fastest([choice.times_ms], MIN_PATH_GAIN)[0] == attn.processor.path
     monkeypatch.setattr(paths, "measure_attention", lambda *args: pytest.fail("a cached shape was measured again"))
     assert paths.select_paths(attn, lambda: attn(hidden)).choices[-1].cached
 

@@ -75,6 +75,16 @@ model ran at 0.98× of bf16; on FLUX, SD3, PixArt-Σ and SDXL the layers under 5
 gain (``bench/results/speed-deployment``). The choice is made from the times, not cached: another ``min_gain``
 measures nothing again.
 
+An input's layout can depend on the path the layer producing it takes. A converted convolution writes its output
+channels-last whatever its input's layout; the dense convolution that replaces it where bf16 is faster, given an
+NCHW input (a diffusers ``Transformer2DModel`` makes its tokens NCHW-contiguous before ``proj_out``), writes NCHW.
+On SD-1.5 at batch 8 (H100) the resampling convolutions after the transformers were timed on the channels-last
+inputs of the all-converted call, ran on NCHW ones once their ``proj_out`` had gone to bf16, and their input
+quantization took 0.67 ms the timing had not seen (``bench/results/speed-deployment``). So once the paths are set,
+the call is recorded again, and every layer still converted whose input changed layout (or fusion) is measured and
+decided again, up to :data:`RECORDING_ROUNDS` recordings. A layer outside every compiled region runs eagerly, so
+its 16-bit path is timed on its input's layout as it comes (:func:`dense_input_channels_last`).
+
 Decisions are cached in a JSON file (:func:`cache_path`) keyed by the GPU, the torch/Triton/dmquant versions, the
 layer's signature (kind, shape, formats, input shape, dtype and layout) and ``compiled``, so a shape is measured
 once per device: the blocks of a model that repeat one shape share one measurement, and a second conversion
@@ -113,6 +123,10 @@ CACHE_FILE = "kernel-paths.json"
 #: The key of a layer's measured times under which :func:`measure` keeps its input's quantization pass alone (ms),
 #: beside the paths' times; no path of its own.
 QUANTIZATION = "input quantization"
+
+#: How many times :func:`select_paths` records the model's call: after a round of decisions, once more to find the
+#: layers whose input a dense replacement upstream laid out anew (module docstring), and once to confirm.
+RECORDING_ROUNDS = 3
 
 LowBitLayer = LowBitLinear | LowBitConv2d
 
@@ -269,8 +283,9 @@ def dense_module(layer: LowBitLayer, dtype: torch.dtype, channels_last: bool = F
 
 
 def dense_input_channels_last(layer: LowBitLayer, x: Tensor, compiled: bool) -> bool:
-    """Whether the layer's 16-bit paths (``"bf16"``, ``"dequant"``) take ``x`` channels-last: as it comes eagerly;
-    under ``torch.compile``, always for a convolution while inductor's layout optimization is on (its default:
+    """Whether the layer's 16-bit paths (``"bf16"``, ``"dequant"``) take ``x`` channels-last: as it comes eagerly
+    (also for a layer outside the compiled regions of a compiled model); in a graph ``torch.compile`` compiles
+    (``compiled``), always for a convolution while inductor's layout optimization is on (its default:
     ``torch._inductor.config.layout_optimization``), which runs the graph's convolutions channels-last whatever
     layout eager code gives their inputs. A diffusers ResNet block's 3×3 convolutions get contiguous inputs eagerly
     (GroupNorm's output); timed so, bf16 cuDNN took 0.198 ms for 2,560 → 1,280 channels at 8×8 on an H100, and the
@@ -464,12 +479,18 @@ def _fp8_attention_processors(model: nn.Module) -> dict[str, Any]:
 
 
 class RecordedInput(NamedTuple):
-    """One call's input of a converted layer: its shape, dtype and strides (a meta tensor), and whether its
-    quantization fuses into its producer: the producer runs in the same compiled graph as the layer and is not the
-    attention kernel."""
+    """One call's input of a converted layer: its shape, dtype and strides (a meta tensor); whether its
+    quantization fuses into its producer (the producer runs in the same compiled graph as the layer and is not the
+    attention kernel); and whether the layer runs inside a compiled region at all (outside one it runs eagerly, its
+    16-bit path on the input's layout as it comes, :func:`dense_input_channels_last`)."""
 
     meta: Tensor
     quantization_fuses: bool
+    in_compiled_region: bool = False
+
+    def layout_key(self) -> tuple:
+        """What the timing of this call depends on beyond the layer: shape, strides, dtype and fusion."""
+        return (tuple(self.meta.shape), self.meta.stride(), self.meta.dtype, *self[1:])
 
 
 def _attention_output_layers(model: nn.Module) -> set[int]:
@@ -518,7 +539,7 @@ def _record_calls(
                 x = args[0]
                 meta = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
                 fuses = bool(entered) and x.data_ptr() not in entered[-1] and id(module) not in after_attention
-                seen.setdefault(name, []).append(RecordedInput(meta, fuses))
+                seen.setdefault(name, []).append(RecordedInput(meta, fuses, bool(entered)))
 
             handles.append(module.register_forward_pre_hook(hook))
     for processor in processors.values():
@@ -571,8 +592,8 @@ def select_paths(
     if device is None or device.type != "cuda":
         raise ValueError("select_paths measures kernels on a CUDA device: move the converted model there first")
     processors = _fp8_attention_processors(model)
-    graphs = (model,) if regions is None else tuple(regions)
-    inputs, attention = _record_calls(model, call, processors, graphs if compiled else ())
+    graphs = ((model,) if regions is None else tuple(regions)) if compiled else ()
+    inputs, attention = _record_calls(model, call, processors, graphs)
     environment = _environment_key(device)
     cache_file = cache_path()
     cache = _read_cache(cache_file) if use_cache else {}
@@ -588,26 +609,26 @@ def select_paths(
         """Each recorded call's (times, cached), the calls' shapes, how to put a path in place, and whether the
         quantized candidates' times include the input's quantization pass."""
         layer, recorded = layers[name], inputs[name]
-        metas = [meta for meta, _ in recorded]
         measured = [
             timed(
                 signature(layer, meta)
                 | {
                     "dense_for_int4": dense_for_int4,
-                    "dense_channels_last": dense_input_channels_last(layer, meta, compiled),
+                    "dense_channels_last": dense_input_channels_last(layer, meta, compiled and in_region),
                     "fuses_quantization": fused,
                 },
-                lambda meta=meta, fused=fused: measure(
-                    layer, _materialized(meta, device), dense_for_int4, compiled, fused
+                lambda meta=meta, fused=fused, in_region=in_region: measure(
+                    layer, _materialized(meta, device), dense_for_int4, compiled and in_region, fused
                 ),
             )
-            for meta, fused in recorded
+            for meta, fused, in_region in recorded
         ]
+        first = recorded[0]
         return (
             measured,
-            [list(meta.shape) for meta in metas],
-            lambda path: _apply(model, name, layer, path, metas[0], compiled),
-            not all(fused for _, fused in recorded),  # eagerly none fuses (recorded without regions)
+            [list(call.meta.shape) for call in recorded],
+            lambda path: _apply(model, name, layer, path, first.meta, compiled and first.in_compiled_region),
+            not all(call.quantization_fuses for call in recorded),  # eagerly none fuses (recorded without regions)
         )
 
     def attention_times(name: str):
@@ -619,23 +640,44 @@ def select_paths(
         shapes = [[c.batch, c.heads, c.q_tokens, c.kv_tokens, c.head_dim] for c in calls]
         return measured, shapes, lambda path: setattr(processors[name], "path", path), None
 
+    def decide(modules: list[tuple[str, str, Callable]], round_: int) -> None:
+        """Measure (or read from the cache) and set each of ``modules``' paths, its choice replacing an earlier
+        round's."""
+        label = "measuring kernel paths" + (f" (round {round_ + 1}: inputs laid out anew)" if round_ else "")
+        for name, kind, times_of in tqdm(modules, desc=label, disable=not progress, unit="module"):
+            measured, shapes, put_in_place, quantization_timed = times_of(name)
+            path, totals = fastest([times for times, _ in measured], min_gain)
+            cached = all(cached for _, cached in measured)
+            passes = [times.get(QUANTIZATION) for times, _ in measured]
+            quantization_ms = None if None in passes else sum(passes)
+            choices[name] = PathChoice(name, path, totals, shapes, cached, kind, quantization_timed, quantization_ms)
+            put_in_place(path)
+
+    choices: dict[str, PathChoice] = {}
+    decide([(name, "layer", layer_times) for name in inputs], 0)
+    decide([(name, "attention", attention_times) for name in attention], 0)
+    for round_ in range(1, RECORDING_ROUNDS):
+        previous, (inputs, _) = inputs, _record_calls(model, call, {}, graphs)
+        relaid = relaid_out(previous, inputs)
+        if not relaid:
+            break
+        decide([(name, "layer", layer_times) for name in relaid], round_)
     report = PathReport(device=environment["gpu"], compiled=compiled, min_gain=min_gain)
-    modules = [(name, "layer", layer_times) for name in inputs] + [
-        (name, "attention", attention_times) for name in attention
-    ]
-    for name, kind, times_of in tqdm(modules, desc="measuring kernel paths", disable=not progress, unit="module"):
-        measured, shapes, put_in_place, quantization_timed = times_of(name)
-        path, totals = fastest([times for times, _ in measured], min_gain)
-        cached = all(cached for _, cached in measured)
-        passes = [times.get(QUANTIZATION) for times, _ in measured]
-        quantization_ms = None if None in passes else sum(passes)
-        choice = PathChoice(name, path, totals, shapes, cached, kind, quantization_timed, quantization_ms)
-        report.choices.append(choice)
-        put_in_place(path)
+    report.choices = list(choices.values())
     if use_cache:
         _write_cache(cache_file, cache)
     setattr(model, REPORT_ATTRIBUTE, report)
     return report
+
+
+def relaid_out(before: dict[str, list[RecordedInput]], after: dict[str, list[RecordedInput]]) -> list[str]:
+    """The layers recorded in both rounds whose calls' inputs changed layout (strides, dtype) or fusion between
+    them: those to measure again. Layers gone from ``after`` took the bf16 path and are no longer converted."""
+    return [
+        name
+        for name, calls in after.items()
+        if name in before and [c.layout_key() for c in calls] != [c.layout_key() for c in before[name]]
+    ]
 
 
 def fastest(entries: list[dict[str, float]], min_gain: float = 0.0) -> tuple[str, dict[str, float]]:
