@@ -179,6 +179,13 @@ def test_subcommand_help(capsys, command, options):
     assert err == ""
 
 
+@pytest.mark.parametrize("value", ["1", "-0.1", "fast"])
+def test_a_minimum_path_gain_outside_zero_to_one_is_a_usage_error(capsys, value):
+    code, _, err = run(["convert", "ckpt", "out", "--min-path-gain", value], capsys)
+    assert code == 2
+    assert f"--min-path-gain: expected a fraction in [0, 1), got {value}" in err
+
+
 def test_missing_subcommand_is_a_usage_error(capsys):
     code, _, err = run([], capsys)
     assert code == 2

@@ -58,7 +58,10 @@ def _bits(value: str) -> int | str:
 
 def _fraction(value: str) -> float:
     """A number in [0, 1), for argparse."""
-    number = float(value)
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan  # refused below, with the same message
     if not 0.0 <= number < 1.0:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {value}")
     return number
