@@ -152,10 +152,11 @@ def test_for_compiled_execution_a_convolutions_16_bit_paths_are_timed_and_built_
         seen.clear()
         paths._candidates(conv, x, dense_for_int4=False, compiled=compiled)["bf16"]()
         assert seen == [layout]
-    monkeypatch.setattr(inductor_config, "layout_optimization", False)
-    assert not paths.dense_input_channels_last(conv, x, compiled=True)
-    monkeypatch.setattr(inductor_config, "layout_optimization", True)
-    assert not paths.dense_input_channels_last(model.proj, torch.randn(5, 32), compiled=True)  # a Linear: as it comes
+    # inductor's own patch, not monkeypatch: its settings are context variables, which it restores itself
+    with inductor_config.patch(layout_optimization=False):
+        assert not paths.dense_input_channels_last(conv, x, compiled=True)
+    with inductor_config.patch(layout_optimization=True):
+        assert not paths.dense_input_channels_last(model.proj, torch.randn(5, 32), compiled=True)  # a Linear
     paths._apply(model, "conv", conv, "bf16", x.to("meta"), compiled=True)
     assert model.conv.weight.is_contiguous(memory_format=torch.channels_last)
 
