@@ -52,7 +52,7 @@ class Row:
             (cuBLASLt, Triton or bf16: :mod:`dmquant.kernels.paths`), as ``dmquant convert`` does by default;
             without it, every layer runs on its low-bit kernel.
         path_min_gain: a dmquant row with ``measured_paths`` keeps a quantized path over bf16 only if it saves
-            this fraction of bf16's time (None: :data:`dmquant.catalog.MIN_PATH_GAIN`, as ``dmquant convert``).
+            this fraction of bf16's time (by default :data:`dmquant.catalog.MIN_PATH_GAIN`, as ``dmquant convert``).
         fp8_attention: a dmquant row quantizes the attention matmuls of diffusers ``Attention`` (SD3's joint
             attention included) and FLUX's ``FluxAttention`` for FP8 attention (:mod:`dmquant.kernels.fp8_attention`)
             instead of leaving them in the compute dtype.
@@ -69,7 +69,7 @@ class Row:
     compute: str | None = None
     measured_paths: bool = True
     fp8_attention: bool = False
-    path_min_gain: float | None = None
+    path_min_gain: float = MIN_PATH_GAIN
 
     @property
     def compute_format(self) -> str:
@@ -244,7 +244,7 @@ def build_dmquant(bench: ModelBench, row: Row) -> Built:
             lambda: model(*args_, **kwargs),
             compiled=compiled,
             regions=compiled_regions(model, bench.args.compile_scope),
-            min_gain=MIN_PATH_GAIN if row.path_min_gain is None else row.path_min_gain,
+            min_gain=row.path_min_gain,
             progress=bench.args.progress,
         )
         details["paths"] = paths.to_dict() | {"seconds": time.perf_counter() - began, "summary": paths.summary()}
