@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.dmquant-installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test test-all lint install clean
 
 install: $(STAMP)
 
@@ -20,6 +20,9 @@ demo: $(STAMP)
 	$(VENV)/bin/dmquant demo
 
 test: $(STAMP)
+	$(PY) -m pytest -q -x --timeout=600 -m "not slow"
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q -x --timeout=600
 
 lint: $(STAMP)

@@ -30,6 +30,7 @@ def _quantize(fp, weight_bits, activation_bits):
     return api.quantize(fp, config, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(FAMILIES), ids=list(FAMILIES))
 def test_quantize_sample_compare(name, tmp_path):
     fp = load_model(name)
